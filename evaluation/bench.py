@@ -1,0 +1,124 @@
+"""Speed benchmark: our decode vs transformers `generate()` and the memory-bandwidth floor, in one run.
+
+Batch-1 decode is memory-bound: every token reads every weight it uses once, so
+tokens/s <= bandwidth / bytes-per-token. We print the measured rate, that floor and the share.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from runtime.engine import Engine, load_engine
+from runtime.generate import generate
+from runtime.model import Transformer
+
+
+@dataclass
+class BenchRow:
+    name: str
+    prefill_tps: float
+    decode_tps: float
+    bytes_per_token: int
+    floor_tps: float
+
+    @property
+    def share_of_floor(self) -> float:
+        return self.decode_tps / self.floor_tps if self.floor_tps else 0.0
+
+
+def measure_bandwidth(n_bytes: int = 256 << 20, repeats: int = 5, device: str = "cpu") -> float:
+    """Bytes moved per second (read + write) by a large tensor copy; the machine's practical limit."""
+    src = torch.empty(n_bytes, dtype=torch.uint8, device=device).fill_(1)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(repeats + 1):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return 2 * n_bytes / min(times[1:])
+
+
+def weight_bytes_per_token(model: Transformer) -> int:
+    """Bytes of weights a dense decode step reads: every parameter once (tied embeddings once, as the head)."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel() * p.element_size()
+    return total
+
+
+def floor_tps(bandwidth: float, bytes_per_token: int) -> float:
+    return bandwidth / bytes_per_token if bytes_per_token else 0.0
+
+
+def bench_ours(engine: Engine, prompt: list[int], new_tokens: int, repeats: int) -> tuple[float, float]:
+    """Median prefill and decode tokens/s of our runtime after one warm-up run."""
+    runs = [generate(engine.model, [prompt], new_tokens) for _ in range(repeats + 1)][1:]
+    return statistics.median(r.prefill_tps for r in runs), statistics.median(r.decode_tps for r in runs)
+
+
+def bench_transformers(engine: Engine, prompt: list[int], new_tokens: int, repeats: int) -> tuple[float, float]:
+    """transformers `generate()` on the same weights and dtype: decode = (t(N tokens) - t(1 token)) / (N - 1)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(engine.model_dir, dtype=engine.dtype).to(engine.device).eval()
+    ids = torch.tensor([prompt], device=engine.device)
+
+    def timed(n: int) -> float:
+        t0 = time.perf_counter()
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                       do_sample=False, pad_token_id=0)
+        return time.perf_counter() - t0
+
+    with torch.inference_mode():
+        timed(new_tokens)  # warm-up
+        first = statistics.median(timed(1) for _ in range(repeats))
+        full = statistics.median(timed(new_tokens) for _ in range(repeats))
+    del model
+    return len(prompt) / first, (new_tokens - 1) / max(full - first, 1e-9)
+
+
+def run_bench(
+    model: str | None = None, dtype: str = "bf16", device: str = "cpu", prompt_len: int = 64,
+    new_tokens: int = 64, repeats: int = 3, peers: bool = True,
+) -> dict:
+    """Measure everything in one process and return a JSON-able report."""
+    engine = load_engine(model, dtype, device)
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(100, engine.model.cfg.vocab_size - 100, (prompt_len,), generator=g).tolist()
+    bandwidth = measure_bandwidth(device=device)
+    dense_bytes = weight_bytes_per_token(engine.model)
+    rows = []
+    pre, dec = bench_ours(engine, prompt, new_tokens, repeats)
+    rows.append(BenchRow("partinfer dense", pre, dec, dense_bytes, floor_tps(bandwidth, dense_bytes)))
+    if peers:
+        pre, dec = bench_transformers(engine, prompt, new_tokens, repeats)
+        rows.append(BenchRow("transformers generate()", pre, dec, dense_bytes, floor_tps(bandwidth, dense_bytes)))
+    return {
+        "model": str(engine.model_dir), "dtype": dtype, "device": device, "threads": torch.get_num_threads(),
+        "prompt_len": prompt_len, "new_tokens": new_tokens, "repeats": repeats, "bandwidth_gbs": bandwidth / 1e9,
+        "rows": [asdict(r) | {"share_of_floor": r.share_of_floor} for r in rows],
+    }
+
+
+def format_bench(report: dict) -> str:
+    lines = [
+        f"model {report['model']}  {report['dtype']} on {report['device']} ({report['threads']} threads), "
+        f"prompt {report['prompt_len']}, {report['new_tokens']} new tokens, median of {report['repeats']}",
+        f"memory bandwidth (copy, read+write): {report['bandwidth_gbs']:.1f} GB/s",
+        f"{'method':<26}{'prefill tok/s':>14}{'decode tok/s':>14}{'MB/token':>10}{'floor tok/s':>13}{'of floor':>10}{'vs first':>10}",
+    ]
+    base = report["rows"][0]["decode_tps"]
+    for r in report["rows"]:
+        lines.append(
+            f"{r['name']:<26}{r['prefill_tps']:>14.1f}{r['decode_tps']:>14.1f}{r['bytes_per_token'] / 1e6:>10.1f}"
+            f"{r['floor_tps']:>13.1f}{r['share_of_floor']:>9.0%}{r['decode_tps'] / base:>9.2f}x"
+        )
+    return "\n".join(lines)

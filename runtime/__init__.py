@@ -1,0 +1,1 @@
+"""partinfer online runtime: model, partial loader, neuron selection, generation, chat."""

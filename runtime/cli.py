@@ -1,0 +1,114 @@
+"""The `partinfer` command line: thin typer commands over the library API.
+
+Every command turns a `PartinferError` into `error: <message>` on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from typer.core import TyperGroup
+
+from runtime.errors import PartinferError
+
+
+class ErrorHandlingGroup(TyperGroup):
+    """Maps our exceptions to a one-line message and exit code 2, for every (sub)command."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except PartinferError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2)
+
+
+app = typer.Typer(
+    cls=ErrorHandlingGroup,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="partinfer: run LLMs with a fraction of their FFN neurons loaded and computed (PartInfer + CoreInfer).",
+)
+
+ModelOpt = Annotated[
+    Optional[str],
+    typer.Option("--model", "-m", help="Hugging Face model directory or hub id; default: the embedded SmolLM2-135M-Instruct."),
+]
+DtypeOpt = Annotated[str, typer.Option("--dtype", help="Weight and compute dtype: bf16, fp32 or fp16.")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="cpu or cuda.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print a JSON object instead of text.")]
+
+
+@app.command()
+def prepare(
+    model: Annotated[Optional[str], typer.Argument(help="Local HF directory or hub id; omit for the default model.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Convert the default model again.")] = False,
+) -> None:
+    """Obtain a model (converting the embedded default GGUF to bf16 safetensors once) and print where it is."""
+    from runtime.prepare import prepare_default_model, resolve_model
+
+    path = prepare_default_model(force) if model is None else resolve_model(model)
+    typer.echo(str(path))
+
+
+@app.command("generate")
+def generate_cmd(
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="The prompt text.")],
+    model: ModelOpt = None,
+    chat_template: Annotated[bool, typer.Option("--chat-template/--raw", help="Wrap the prompt in the model's chat template.")] = True,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", min=1, help="Tokens to generate at most.")] = 128,
+    temperature: Annotated[float, typer.Option("--temperature", "-t", help="0 = greedy.")] = 0.0,
+    top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass.")] = 1.0,
+    seed: Annotated[int, typer.Option("--seed", help="Sampling seed.")] = 0,
+    dtype: DtypeOpt = "bf16",
+    device: DeviceOpt = "cpu",
+    as_json: JsonOpt = False,
+) -> None:
+    """Generate text for a prompt, streaming tokens as they come; --json adds prefill and decode tokens/s."""
+    from runtime.engine import load_engine
+    from runtime.generate import SamplingConfig
+
+    if not prompt.strip():
+        raise PartinferError("empty prompt; pass some text with --prompt")
+    sampling = SamplingConfig(temperature=temperature, top_p=top_p, seed=seed)
+    engine = load_engine(model, dtype, device)
+    on_text = None if as_json else (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+    texts, result = engine.generate_text([prompt], max_new_tokens, sampling, chat_template, on_text)
+    if as_json:
+        typer.echo(json.dumps({
+            "text": texts[0], "prompt_tokens": result.prompt_tokens, "new_tokens": len(result.tokens[0]),
+            "prefill_tokens_per_s": result.prefill_tps, "decode_tokens_per_s": result.decode_tps,
+        }, indent=2))
+    else:
+        typer.echo(f"\n[{result.prompt_tokens} prompt tokens, prefill {result.prefill_tps:.1f} tok/s, "
+                   f"{len(result.tokens[0])} new tokens, decode {result.decode_tps:.1f} tok/s]", err=True)
+
+
+@app.command()
+def bench(
+    model: ModelOpt = None,
+    prompt_len: Annotated[int, typer.Option("--prompt-len", min=1, help="Prompt tokens.")] = 64,
+    new_tokens: Annotated[int, typer.Option("--new-tokens", min=2, help="Tokens to decode per run.")] = 64,
+    repeats: Annotated[int, typer.Option("--repeats", min=1, help="Timed runs after one warm-up; the median is shown.")] = 3,
+    peers: Annotated[bool, typer.Option("--peers/--no-peers", help="Also time transformers generate() in the same run.")] = True,
+    dtype: DtypeOpt = "bf16",
+    device: DeviceOpt = "cpu",
+    as_json: JsonOpt = False,
+) -> None:
+    """Decode and prefill tokens/s against transformers and the memory-bandwidth floor, measured in one run."""
+    from evaluation.bench import format_bench, run_bench
+
+    report = run_bench(model, dtype, device, prompt_len, new_tokens, repeats, peers)
+    typer.echo(json.dumps(report, indent=2) if as_json else format_bench(report))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""An `Engine` bundles what a command needs to turn text into text: model, tokenizer, stop ids, device."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from runtime.errors import PartinferError
+from runtime.generate import GenerationResult, SamplingConfig, generate
+from runtime.loader import load_dense_model
+from runtime.model import KVCache, Transformer
+from runtime.prepare import resolve_model
+from runtime.text import TextStream, encode_prompt, load_tokenizer, stop_token_ids
+
+DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32,
+          "fp16": torch.float16, "float16": torch.float16}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise PartinferError(f"unknown dtype {name!r}; use bf16, fp32 or fp16")
+    return DTYPES[name]
+
+
+def parse_device(name: str) -> str:
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise PartinferError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
+    if not name.startswith(("cpu", "cuda")):
+        raise PartinferError(f"unknown device {name!r}; use cpu or cuda")
+    return name
+
+
+@dataclass
+class Engine:
+    model: Transformer
+    tokenizer: object
+    model_dir: Path
+    stop_ids: set[int]
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    def new_cache(self, batch: int = 1, max_len: int | None = None) -> KVCache:
+        return KVCache(self.model.cfg, batch, max_len or self.model.cfg.max_seq_len, self.dtype, self.device)
+
+    def encode(self, text: str, chat_template: bool = True, history: list[dict] | None = None) -> list[int]:
+        return encode_prompt(self.tokenizer, text, chat_template, history)
+
+    def generate_text(
+        self,
+        prompts: list[str],
+        max_new_tokens: int,
+        sampling: SamplingConfig = SamplingConfig(),
+        chat_template: bool = True,
+        on_text: Callable[[str], None] | None = None,
+    ) -> tuple[list[str], GenerationResult]:
+        """Generate for text prompts; `on_text` streams the first sequence's text as it grows."""
+        ids = [self.encode(p, chat_template) for p in prompts]
+        stream = TextStream(self.tokenizer, self.stop_ids)
+        on_token = None
+        if on_text is not None:
+            def on_token(tokens: torch.Tensor) -> None:
+                on_text(stream.push(int(tokens[0])))
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        result = generate(self.model, ids, max_new_tokens, sampling, self.stop_ids, on_token=on_token, pad_id=pad)
+        texts = [self.tokenizer.decode(t, skip_special_tokens=True) for t in result.tokens]
+        return texts, result
+
+
+def load_engine(model: str | None = None, dtype: str = "bf16", device: str = "cpu") -> Engine:
+    """Resolve `--model`, load weights and tokenizer."""
+    model_dir = resolve_model(model)
+    torch_model = load_dense_model(model_dir, parse_dtype(dtype), parse_device(device))
+    tokenizer = load_tokenizer(model_dir)
+    return Engine(torch_model, tokenizer, model_dir, stop_token_ids(tokenizer, model_dir))

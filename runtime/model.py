@@ -1,0 +1,333 @@
+"""A lean decoder-only transformer (Llama family) with a static KV cache, in the gpt-fast style.
+
+The configuration is a frozen dataclass read from a Hugging Face `config.json`; the model is plain
+modules named like transformers' so checkpoints load by name; `prefill()` and `decode_step()` are
+the whole forward API. The FFN is a module of its own (`FFN`) so that sparse variants can be
+swapped in without touching attention or the cache.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from runtime.errors import PartinferError
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything the runtime needs to know about a checkpoint's architecture."""
+
+    model_type: str
+    vocab_size: int
+    dim: int  # d, hidden size
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    ffn_dim: int  # n, FFN neurons per layer
+    norm_eps: float
+    max_seq_len: int
+    hidden_act: str = "silu"
+    rope_theta: float = 10000.0
+    rope_type: str = "default"  # default | linear | llama3
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_pos: int = 8192
+    tie_embeddings: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    qk_norm: bool = False
+    sliding_window: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.model_type not in SUPPORTED_MODEL_TYPES:
+            raise PartinferError(
+                f"unsupported architecture model_type={self.model_type!r}; "
+                f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
+        if self.hidden_act not in ACTIVATIONS:
+            raise PartinferError(f"unsupported FFN activation {self.hidden_act!r}; supported: {', '.join(ACTIVATIONS)}")
+        if self.rope_type not in ("default", "linear", "llama3"):
+            raise PartinferError(f"unsupported rope scaling {self.rope_type!r}; supported: default, linear, llama3")
+        if self.n_heads % self.n_kv_heads:
+            raise PartinferError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
+
+    @property
+    def fingerprint(self) -> str:
+        """Identifies the FFN geometry a neuron file or packed checkpoint was made for."""
+        return f"{self.model_type}-L{self.n_layers}-d{self.dim}-n{self.ffn_dim}-v{self.vocab_size}"
+
+    @classmethod
+    def from_dir(cls, model_dir: Path) -> "ModelConfig":
+        """Read `config.json` of a Hugging Face model directory."""
+        path = Path(model_dir) / "config.json"
+        if not path.is_file():
+            raise PartinferError(f"no config.json in {model_dir}; pass a Hugging Face model directory or run `partinfer prepare`")
+        return cls.from_hf_dict(json.loads(path.read_text()))
+
+    @classmethod
+    def from_hf_dict(cls, c: dict) -> "ModelConfig":
+        model_type = c.get("model_type", "<missing>")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise PartinferError(
+                f"unsupported architecture model_type={model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
+        if c.get("mlp_bias"):
+            raise PartinferError("FFN biases (mlp_bias=true) are not supported")
+        # transformers 5 writes `rope_parameters`; older files use rope_theta + rope_scaling.
+        rope = dict(c.get("rope_parameters") or {})
+        if not rope:
+            rope = dict(c.get("rope_scaling") or {})
+            rope.setdefault("rope_theta", c.get("rope_theta", 10000.0))
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        n_heads = c["num_attention_heads"]
+        sliding = None
+        if model_type == "mistral" or (model_type in ("qwen2", "qwen3") and c.get("use_sliding_window")):
+            sliding = c.get("sliding_window")
+        return cls(
+            model_type=model_type,
+            vocab_size=c["vocab_size"],
+            dim=c["hidden_size"],
+            n_layers=c["num_hidden_layers"],
+            n_heads=n_heads,
+            n_kv_heads=c.get("num_key_value_heads") or n_heads,
+            head_dim=c.get("head_dim") or c["hidden_size"] // n_heads,
+            ffn_dim=c["intermediate_size"],
+            norm_eps=c.get("rms_norm_eps", 1e-6),
+            max_seq_len=c.get("max_position_embeddings", 2048),
+            hidden_act=c.get("hidden_act", "silu"),
+            rope_theta=float(rope.get("rope_theta", 10000.0)),
+            rope_type=rope_type,
+            rope_factor=float(rope.get("factor", 1.0)),
+            rope_low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
+            rope_high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
+            rope_original_max_pos=int(rope.get("original_max_position_embeddings", 8192)),
+            tie_embeddings=bool(c.get("tie_word_embeddings", False)),
+            qkv_bias=model_type == "qwen2" or (model_type in ("llama", "qwen3") and bool(c.get("attention_bias"))),
+            o_bias=model_type in ("llama", "qwen3") and bool(c.get("attention_bias")),
+            qk_norm=model_type == "qwen3",
+            sliding_window=sliding,
+        )
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies [head_dim/2] in fp32, with linear or Llama-3 scaling as transformers does."""
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.int64).float() / cfg.head_dim))
+    if cfg.rope_type == "linear":
+        return inv_freq / cfg.rope_factor
+    if cfg.rope_type == "llama3":
+        old_len, factor = cfg.rope_original_max_pos, cfg.rope_factor
+        low_wavelen = old_len / cfg.rope_low_freq_factor
+        high_wavelen = old_len / cfg.rope_high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - cfg.rope_low_freq_factor) / (cfg.rope_high_freq_factor - cfg.rope_low_freq_factor)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        is_medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+        return torch.where(is_medium, smoothed, scaled)
+    return inv_freq
+
+
+class KVCache:
+    """Static, preallocated key/value cache for all layers of a batch.
+
+    Sequences are left-padded to a common length, so every sequence writes the same slot at each
+    step; `valid` marks slots that hold real tokens and `pad` gives each sequence's offset, so the
+    rope position of slot s in sequence b is s - pad[b].
+    """
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype, device: torch.device | str):
+        shape = (cfg.n_layers, batch, cfg.n_kv_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)  # [L, B, Hkv, S, hd]
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)  # [B, S]
+        self.pad = torch.zeros(batch, dtype=torch.long, device=device)  # [B]
+        self.length = 0  # slots used
+        self.max_len = max_len
+
+    @property
+    def batch(self) -> int:
+        return self.valid.shape[0]
+
+    def reset(self) -> None:
+        self.valid.zero_()
+        self.pad.zero_()
+        self.length = 0
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        q_dim, kv_dim = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+        self.q_proj = nn.Linear(cfg.dim, q_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.dim, kv_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.dim, kv_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(q_dim, cfg.dim, bias=cfg.o_bias)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [B, T, D]
+        cos: torch.Tensor,  # [B, 1, T, hd]
+        sin: torch.Tensor,
+        k_cache: torch.Tensor,  # [B, Hkv, S, hd] (this layer's slice)
+        v_cache: torch.Tensor,
+        start: int,
+        mask: torch.Tensor,  # [B, 1, T, start+T] bool
+    ) -> torch.Tensor:
+        cfg = self.cfg
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, cfg.n_heads, cfg.head_dim)
+        k = self.k_proj(x).view(B, T, cfg.n_kv_heads, cfg.head_dim)
+        v = self.v_proj(x).view(B, T, cfg.n_kv_heads, cfg.head_dim)
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, hd]
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        k_cache[:, :, start : start + T] = k
+        v_cache[:, :, start : start + T] = v
+        keys, values = k_cache[:, :, : start + T], v_cache[:, :, : start + T]
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=cfg.n_heads != cfg.n_kv_heads)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class FFN(nn.Module):
+    """Dense gated FFN over the neurons it holds: y = down(act(gate(x)) * up(x)).
+
+    Neuron i is row i of gate/up and column i of down. Sparse variants replace this module.
+    """
+
+    def __init__(self, cfg: ModelConfig, n_neurons: int | None = None):
+        super().__init__()
+        n = cfg.ffn_dim if n_neurons is None else n_neurons
+        self.gate_proj = nn.Linear(cfg.dim, n, bias=False)
+        self.up_proj = nn.Linear(cfg.dim, n, bias=False)
+        self.down_proj = nn.Linear(n, cfg.dim, bias=False)
+        self.act = ACTIVATIONS[cfg.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, D] -> [B, T, D]
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp: nn.Module = FFN(cfg)
+
+    def forward(self, x, cos, sin, k_cache, v_cache, start, mask):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, start, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    """Parameter names mirror transformers' `model.*` so checkpoints map one to one."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+
+    def init_buffers(self, device: torch.device | str) -> None:
+        """Recompute non-persistent buffers after the model was built on `meta` and weights assigned."""
+        self.inv_freq = rope_inv_freq(self.cfg).to(device)
+
+    def output_weight(self) -> torch.Tensor:
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def forward(self, tokens: torch.Tensor, cache: KVCache, start: int, logits_for: str = "all") -> torch.Tensor:
+        """tokens [B, T] written to cache slots start..start+T; returns logits [B, T, V] or [B, 1, V]."""
+        B, T = tokens.shape
+        L = start + T
+        slots = torch.arange(start, L, device=tokens.device)
+        positions = (slots[None, :] - cache.pad[:, None]).clamp(min=0)  # [B, T]
+        freqs = positions[:, :, None].float() * self.inv_freq[None, None, :]  # [B, T, hd/2]
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # [B, 1, T, hd]
+        x = self.embed_tokens(tokens)
+        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        key_slots = torch.arange(L, device=tokens.device)
+        allowed = key_slots[None, :] <= slots[:, None]  # [T, L] causal
+        if self.cfg.sliding_window:
+            allowed = allowed & (slots[:, None] - key_slots[None, :] < self.cfg.sliding_window)
+        mask = allowed[None, None] & cache.valid[:, None, None, :L]  # [B, 1, T, L]
+        # A left-pad query row sees no key at all; let it see itself so softmax stays finite.
+        mask = mask | (key_slots[None, :] == slots[:, None])[None, None]
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, cache.k[i], cache.v[i], start, mask)
+        if logits_for == "last":
+            x = x[:, -1:]
+        return F.linear(self.norm(x), self.output_weight())
+
+
+def prefill(
+    model: Transformer, tokens: torch.Tensor, cache: KVCache, attention_mask: torch.Tensor | None = None,
+    logits_for: str = "last",
+) -> torch.Tensor:
+    """Run a prompt chunk through the model, appending it to the cache.
+
+    tokens [B, T]; attention_mask [B, T] (1 = real token) marks left padding on the first chunk.
+    Returns logits [B, 1, V] (`logits_for="last"`) or [B, T, V] (`"all"`).
+    """
+    B, T = tokens.shape
+    start = cache.length
+    if start + T > cache.max_len:
+        raise PartinferError(
+            f"the input needs {start + T} positions but the context holds {cache.max_len}; "
+            "shorten the prompt, lower --max-new-tokens, or start a new conversation"
+        )
+    real = torch.ones(B, T, dtype=torch.bool, device=tokens.device) if attention_mask is None else attention_mask.bool()
+    cache.valid[:, start : start + T] = real
+    if start == 0:
+        cache.pad.copy_((~real).long().sum(dim=1))
+    logits = model(tokens, cache, start, logits_for)
+    cache.length = start + T
+    return logits
+
+
+def decode_step(model: Transformer, token: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """One token per sequence: token [B] -> logits [B, V]."""
+    return prefill(model, token[:, None], cache, logits_for="last")[:, -1]
