@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from runtime.errors import PartinferError
+from runtime.kernels import Linear, linear
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -194,10 +195,10 @@ class Attention(nn.Module):
         super().__init__()
         self.cfg = cfg
         q_dim, kv_dim = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-        self.q_proj = nn.Linear(cfg.dim, q_dim, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(cfg.dim, kv_dim, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(cfg.dim, kv_dim, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(q_dim, cfg.dim, bias=cfg.o_bias)
+        self.q_proj = Linear(cfg.dim, q_dim, bias=cfg.qkv_bias)
+        self.k_proj = Linear(cfg.dim, kv_dim, bias=cfg.qkv_bias)
+        self.v_proj = Linear(cfg.dim, kv_dim, bias=cfg.qkv_bias)
+        self.o_proj = Linear(q_dim, cfg.dim, bias=cfg.o_bias)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
@@ -238,9 +239,9 @@ class FFN(nn.Module):
     def __init__(self, cfg: ModelConfig, n_neurons: int | None = None):
         super().__init__()
         n = cfg.ffn_dim if n_neurons is None else n_neurons
-        self.gate_proj = nn.Linear(cfg.dim, n, bias=False)
-        self.up_proj = nn.Linear(cfg.dim, n, bias=False)
-        self.down_proj = nn.Linear(n, cfg.dim, bias=False)
+        self.gate_proj = Linear(cfg.dim, n, bias=False)
+        self.up_proj = Linear(cfg.dim, n, bias=False)
+        self.down_proj = Linear(n, cfg.dim, bias=False)
         self.act = ACTIVATIONS[cfg.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, D] -> [B, T, D]
@@ -300,7 +301,7 @@ class Transformer(nn.Module):
             x = layer(x, cos, sin, cache.k[i], cache.v[i], start, mask)
         if logits_for == "last":
             x = x[:, -1:]
-        return F.linear(self.norm(x), self.output_weight())
+        return linear(self.norm(x), self.output_weight())
 
 
 def prefill(

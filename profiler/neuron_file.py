@@ -1,0 +1,158 @@
+"""The neuron file format: per-layer activation statistics and rankings, as self-describing safetensors.
+
+Tensors per FFN layer i (n = neurons per layer):
+  layers.{i}.sum_abs     float64 [n]  sum over tokens of |a|   (mergeable)
+  layers.{i}.core_count  float64 [n]  tokens where the neuron was a token-wise core neuron (mergeable)
+  layers.{i}.mean_abs    float32 [n]  sum_abs / tokens         (PartInfer's ranking statistic)
+  layers.{i}.core_freq   float32 [n]  core_count / tokens      (CoreInfer's statistic)
+  layers.{i}.rank        int32   [n]  neuron indices, most important (largest mean_abs) first
+Metadata (strings): format, version, model, fingerprint, dtype, level (model|dataset), datasets,
+sequences, tokens, gen_tokens, token_sparsity, core_score, created.
+
+Because sums and counts are stored, files profiled separately merge exactly (`merge`), and a
+model-level file can be the merge of dataset-level ones.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from runtime.errors import PartinferError
+from runtime.model import ModelConfig
+
+FORMAT = "partinfer-neurons"
+VERSION = 1
+
+
+@dataclass(frozen=True)
+class NeuronFile:
+    """Statistics of every FFN layer for one model, from one data set (dataset level) or a mixture (model level)."""
+
+    sum_abs: list[torch.Tensor]  # per layer float64 [n]
+    core_count: list[torch.Tensor]  # per layer float64 [n]
+    tokens: int
+    model: str
+    fingerprint: str
+    level: str  # "model" | "dataset"
+    datasets: tuple[str, ...]
+    sequences: int
+    gen_tokens: int
+    token_sparsity: float
+    core_score: str
+    dtype: str = "bfloat16"
+    created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.sum_abs)
+
+    def mean_abs(self, layer: int) -> torch.Tensor:
+        return (self.sum_abs[layer] / max(self.tokens, 1)).float()
+
+    def core_freq(self, layer: int) -> torch.Tensor:
+        return (self.core_count[layer] / max(self.tokens, 1)).float()
+
+    def rank(self, layer: int) -> torch.Tensor:
+        """Neuron indices, largest mean |a| first (ties by index, so the order is deterministic)."""
+        return torch.sort(self.mean_abs(layer), descending=True, stable=True).indices.to(torch.int32)
+
+    def check_model(self, cfg: ModelConfig, path: Path | str = "neuron file") -> None:
+        """Refuse a file made for another model geometry."""
+        if self.fingerprint != cfg.fingerprint:
+            raise PartinferError(
+                f"{path} was made for {self.fingerprint} ({self.model}), not this model ({cfg.fingerprint}); "
+                "profile this model with `partinfer profile` or pass its own neuron file"
+            )
+
+    def save(self, path: Path) -> Path:
+        """Write atomically: a temporary file in the same directory, then rename."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors: dict[str, torch.Tensor] = {}
+        for i in range(self.n_layers):
+            tensors[f"layers.{i}.sum_abs"] = self.sum_abs[i].double().contiguous()
+            tensors[f"layers.{i}.core_count"] = self.core_count[i].double().contiguous()
+            tensors[f"layers.{i}.mean_abs"] = self.mean_abs(i).contiguous()
+            tensors[f"layers.{i}.core_freq"] = self.core_freq(i).contiguous()
+            tensors[f"layers.{i}.rank"] = self.rank(i).contiguous()
+        metadata = {
+            "format": FORMAT, "version": str(VERSION), "model": self.model, "fingerprint": self.fingerprint,
+            "dtype": self.dtype, "level": self.level, "datasets": json.dumps(list(self.datasets)),
+            "sequences": str(self.sequences), "tokens": str(self.tokens), "gen_tokens": str(self.gen_tokens),
+            "token_sparsity": str(self.token_sparsity), "core_score": self.core_score, "created": self.created,
+            "n_layers": str(self.n_layers),
+        }
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata=metadata)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return path
+
+    @classmethod
+    def load(cls, path: Path | str, cfg: ModelConfig | None = None) -> "NeuronFile":
+        """Read a neuron file; with `cfg`, also check it was made for that model."""
+        path = Path(path)
+        if not path.is_file():
+            raise PartinferError(f"neuron file {path} does not exist; make one with `partinfer profile` or fix the path")
+        try:
+            from safetensors import safe_open
+
+            with safe_open(path, "pt") as f:
+                meta = f.metadata() or {}
+            tensors = load_file(path)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise PartinferError(f"{path} is not a readable neuron file (truncated or corrupt: {e}); profile again") from e
+        if meta.get("format") != FORMAT:
+            raise PartinferError(f"{path} is not a partinfer neuron file (format={meta.get('format')!r})")
+        if meta.get("version") != str(VERSION):
+            raise PartinferError(
+                f"{path} has neuron file version {meta.get('version')}, this partinfer reads version {VERSION}; "
+                "profile again with this version"
+            )
+        n_layers = int(meta["n_layers"])
+        nf = cls(
+            sum_abs=[tensors[f"layers.{i}.sum_abs"] for i in range(n_layers)],
+            core_count=[tensors[f"layers.{i}.core_count"] for i in range(n_layers)],
+            tokens=int(meta["tokens"]), model=meta["model"], fingerprint=meta["fingerprint"], level=meta["level"],
+            datasets=tuple(json.loads(meta["datasets"])), sequences=int(meta["sequences"]),
+            gen_tokens=int(meta["gen_tokens"]), token_sparsity=float(meta["token_sparsity"]),
+            core_score=meta["core_score"], dtype=meta["dtype"], created=meta["created"],
+        )
+        if cfg is not None:
+            nf.check_model(cfg, path)
+        return nf
+
+
+def merge(files: list[NeuronFile], level: str = "model") -> NeuronFile:
+    """Token-weighted merge of files of the same model: sums and counts add, so the result is exact."""
+    if not files:
+        raise PartinferError("nothing to merge: no neuron files given")
+    first = files[0]
+    for f in files[1:]:
+        if f.fingerprint != first.fingerprint:
+            raise PartinferError(f"cannot merge neuron files of {first.fingerprint} and {f.fingerprint}")
+        if (f.token_sparsity, f.core_score) != (first.token_sparsity, first.core_score):
+            raise PartinferError("cannot merge neuron files profiled with different --token-sparsity or core score")
+    return replace(
+        first,
+        sum_abs=[sum(f.sum_abs[i] for f in files) for i in range(first.n_layers)],
+        core_count=[sum(f.core_count[i] for f in files) for i in range(first.n_layers)],
+        tokens=sum(f.tokens for f in files),
+        sequences=sum(f.sequences for f in files),
+        datasets=tuple(d for f in files for d in f.datasets),
+        level=level,
+        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    )

@@ -1,0 +1,115 @@
+"""`partinfer profile`: run data sets through the dense model and write neuron files.
+
+For every data set: prompts (truncated to their last `max_prompt_tokens`) in left-padded batches,
+then `gen_tokens` greedily generated tokens (PartInfer profiles the prompt plus what the model
+generates, because decode is where the neurons are used). One dataset-level file per data set,
+and a model-level file that merges them (sums add, so it equals one run over the mixture).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from profiler.data import load_texts
+from profiler.neuron_file import NeuronFile, merge
+from profiler.stats import ActivationStats, attach_recorders, detach_recorders
+from runtime.engine import Engine
+from runtime.errors import PartinferError
+from runtime.generate import left_pad
+from runtime.model import KVCache, decode_step, prefill
+from runtime.selection import CORE_SCORES
+
+
+@dataclass(frozen=True)
+class ProfileConfig:
+    num_samples: int = 64
+    gen_tokens: int = 32
+    batch_size: int = 8
+    max_prompt_tokens: int = 512
+    token_sparsity: float = 0.2
+    core_score: str = "abs"
+    split: str = "profile"
+    chat_template: bool = False
+
+    def __post_init__(self) -> None:
+        if self.num_samples < 1 or self.batch_size < 1 or self.max_prompt_tokens < 1:
+            raise PartinferError("--num-samples, --batch-size and --max-prompt-tokens must be >= 1")
+        if self.gen_tokens < 0:
+            raise PartinferError("--gen-tokens must be >= 0")
+        if not 0 < self.token_sparsity <= 1:
+            raise PartinferError("--token-sparsity must be in (0, 1]")
+        if self.core_score not in CORE_SCORES:
+            raise PartinferError(f"--core-score must be one of {', '.join(CORE_SCORES)}")
+
+
+@dataclass
+class ProfileReport:
+    files: dict[str, Path]  # data set name (or "model") -> written file
+    tokens: int
+    seconds: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+
+@torch.inference_mode()
+def profile_texts(engine: Engine, texts: list[str], cfg: ProfileConfig, desc: str = "profile") -> ActivationStats:
+    """Accumulate activation statistics of the dense model over `texts` (+ generated tokens)."""
+    model = engine.model
+    stats = ActivationStats(model.cfg.n_layers, model.cfg.ffn_dim, cfg.token_sparsity, cfg.core_score)
+    pad = engine.tokenizer.pad_token_id if engine.tokenizer.pad_token_id is not None else 0
+    prompts = [engine.encode(t, cfg.chat_template)[-cfg.max_prompt_tokens :] for t in texts]
+    attach_recorders(model, stats)
+    try:
+        with tqdm(total=len(prompts), desc=desc, unit="seq") as bar:
+            for start in range(0, len(prompts), cfg.batch_size):
+                tokens, mask = left_pad(prompts[start : start + cfg.batch_size], pad)
+                tokens, mask = tokens.to(engine.device), mask.to(engine.device)
+                cache = KVCache(model.cfg, tokens.shape[0], tokens.shape[1] + cfg.gen_tokens, engine.dtype, engine.device)
+                stats.token_mask = mask.bool()  # padding does not count
+                logits = prefill(model, tokens, cache, mask)[:, -1]
+                stats.token_mask = None
+                for _ in range(cfg.gen_tokens):
+                    logits = decode_step(model, logits.argmax(-1), cache)
+                bar.update(tokens.shape[0])
+                bar.set_postfix(tokens=stats.tokens)
+    finally:
+        detach_recorders(model)
+    return stats
+
+
+def to_neuron_file(stats: ActivationStats, engine: Engine, name: str, sequences: int, cfg: ProfileConfig) -> NeuronFile:
+    return NeuronFile(
+        sum_abs=stats.sum_abs, core_count=stats.core_count, tokens=stats.tokens, model=engine.model_dir.name,
+        fingerprint=engine.model.cfg.fingerprint, level="dataset", datasets=(name,), sequences=sequences,
+        gen_tokens=cfg.gen_tokens, token_sparsity=cfg.token_sparsity, core_score=cfg.core_score,
+        dtype=str(engine.dtype).removeprefix("torch."),
+    )
+
+
+def dataset_file_name(name: str) -> str:
+    """A file name for a data set name, a path or a hub id: dataset-<stem>.safetensors."""
+    return "dataset-" + "".join(c if c.isalnum() or c in "-_" else "_" for c in Path(name).stem) + ".safetensors"
+
+
+def run_profile(engine: Engine, datasets: list[str], out_dir: Path, cfg: ProfileConfig, **data_options) -> ProfileReport:
+    """Profile each data set, write dataset-level files and the model-level merge into `out_dir`."""
+    if not datasets:
+        raise PartinferError("no data set given; pass --dataset (e.g. --dataset truthfulqa --dataset squad)")
+    texts = {name: load_texts(name, cfg.num_samples, cfg.split, **data_options) for name in datasets}
+    t0 = time.perf_counter()
+    files, per_dataset = {}, []
+    for name, items in texts.items():
+        stats = profile_texts(engine, items, cfg, desc=name)
+        nf = to_neuron_file(stats, engine, name, len(items), cfg)
+        per_dataset.append(nf)
+        files[name] = nf.save(Path(out_dir) / dataset_file_name(name))
+    seconds = time.perf_counter() - t0
+    files["model"] = merge(per_dataset, level="model").save(Path(out_dir) / "model.safetensors")
+    return ProfileReport(files, sum(f.tokens for f in per_dataset), seconds)

@@ -1,0 +1,62 @@
+"""Streaming activation statistics: per layer and neuron, sum of |a| and core-neuron counts.
+
+`RecordingFFN` replaces a model's `FFN` during profiling; it computes the FFN as usual and adds the
+activations of real (non-padding) tokens to an `ActivationStats`. Memory is O(layers x neurons):
+no per-token activation is kept.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from runtime.model import FFN, Transformer
+from runtime.selection import token_core_mask
+
+
+class ActivationStats:
+    """Running sums over tokens for every FFN layer."""
+
+    def __init__(self, n_layers: int, n_neurons: int, token_sparsity: float = 0.2, core_score: str = "abs"):
+        self.sum_abs = [torch.zeros(n_neurons, dtype=torch.float64) for _ in range(n_layers)]
+        self.core_count = [torch.zeros(n_neurons, dtype=torch.float64) for _ in range(n_layers)]
+        self.tokens = 0
+        self.token_sparsity = token_sparsity
+        self.core_score = core_score
+        self.token_mask: torch.Tensor | None = None  # [B, T] bool, real tokens of the current forward
+
+    def add(self, layer: int, a: torch.Tensor) -> None:
+        """a [B, T, n] activations of one forward; only tokens in `token_mask` count."""
+        flat = a.reshape(-1, a.shape[-1])
+        if self.token_mask is not None:
+            flat = flat[self.token_mask.reshape(-1).to(flat.device)]
+        flat = flat.float()
+        self.sum_abs[layer] += flat.abs().sum(0).double().cpu()
+        self.core_count[layer] += token_core_mask(flat, self.token_sparsity, self.core_score).sum(0).double().cpu()
+        if layer == 0:
+            self.tokens += flat.shape[0]
+
+
+class RecordingFFN(nn.Module):
+    """The dense FFN, plus a report of its activations a = act(gate(x)) * up(x) to `stats`."""
+
+    def __init__(self, ffn: FFN, layer: int, stats: ActivationStats):
+        super().__init__()
+        self.ffn, self.layer, self.stats = ffn, layer, stats
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, D]
+        a = self.ffn.act(self.ffn.gate_proj(x)) * self.ffn.up_proj(x)  # [B, T, n]
+        self.stats.add(self.layer, a)
+        return self.ffn.down_proj(a)
+
+
+def attach_recorders(model: Transformer, stats: ActivationStats) -> None:
+    """Swap every layer's FFN for a RecordingFFN that feeds `stats`."""
+    for i, block in enumerate(model.layers):
+        block.mlp = RecordingFFN(block.mlp, i, stats)
+
+
+def detach_recorders(model: Transformer) -> None:
+    for block in model.layers:
+        if isinstance(block.mlp, RecordingFFN):
+            block.mlp = block.mlp.ffn
