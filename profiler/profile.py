@@ -21,7 +21,7 @@ from profiler.stats import ActivationStats, attach_recorders, detach_recorders
 from runtime.engine import Engine
 from runtime.errors import PartinferError
 from runtime.generate import left_pad
-from runtime.model import KVCache, decode_step, prefill
+from runtime.model import KVCache, Transformer, decode_step, prefill
 from runtime.selection import CORE_SCORES
 
 
@@ -58,20 +58,26 @@ class ProfileReport:
         return self.tokens / self.seconds if self.seconds else 0.0
 
 
-@torch.inference_mode()
 def profile_texts(engine: Engine, texts: list[str], cfg: ProfileConfig, desc: str = "profile") -> ActivationStats:
     """Accumulate activation statistics of the dense model over `texts` (+ generated tokens)."""
-    model = engine.model
-    stats = ActivationStats(model.cfg.n_layers, model.cfg.ffn_dim, cfg.token_sparsity, cfg.core_score)
     pad = engine.tokenizer.pad_token_id if engine.tokenizer.pad_token_id is not None else 0
     prompts = [engine.encode(t, cfg.chat_template)[-cfg.max_prompt_tokens :] for t in texts]
+    return profile_prompts(engine.model, prompts, cfg, pad, desc)
+
+
+@torch.inference_mode()
+def profile_prompts(model: Transformer, prompts: list[list[int]], cfg: ProfileConfig, pad_id: int = 0,
+                    desc: str = "profile") -> ActivationStats:
+    """Statistics over token-id prompts, each followed by `cfg.gen_tokens` greedy tokens."""
+    stats = ActivationStats(model.cfg.n_layers, model.cfg.ffn_dim, cfg.token_sparsity, cfg.core_score)
+    weight = model.embed_tokens.weight
     attach_recorders(model, stats)
     try:
         with tqdm(total=len(prompts), desc=desc, unit="seq") as bar:
             for start in range(0, len(prompts), cfg.batch_size):
-                tokens, mask = left_pad(prompts[start : start + cfg.batch_size], pad)
-                tokens, mask = tokens.to(engine.device), mask.to(engine.device)
-                cache = KVCache(model.cfg, tokens.shape[0], tokens.shape[1] + cfg.gen_tokens, engine.dtype, engine.device)
+                tokens, mask = left_pad(prompts[start : start + cfg.batch_size], pad_id)
+                tokens, mask = tokens.to(weight.device), mask.to(weight.device)
+                cache = KVCache(model.cfg, tokens.shape[0], tokens.shape[1] + cfg.gen_tokens, weight.dtype, weight.device)
                 stats.token_mask = mask.bool()  # padding does not count
                 logits = prefill(model, tokens, cache, mask)[:, -1]
                 stats.token_mask = None

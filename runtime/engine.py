@@ -10,9 +10,10 @@ import torch
 
 from runtime.errors import PartinferError
 from runtime.generate import GenerationResult, SamplingConfig, generate
-from runtime.loader import load_dense_model
+from runtime.loader import load_model
 from runtime.model import KVCache, Transformer
 from runtime.prepare import resolve_model
+from runtime.sparsity import SparsityConfig
 from runtime.text import TextStream, encode_prompt, load_tokenizer, stop_token_ids
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32,
@@ -75,9 +76,11 @@ class Engine:
         return texts, result
 
 
-def load_engine(model: str | None = None, dtype: str = "bf16", device: str = "cpu") -> Engine:
-    """Resolve `--model`, load weights and tokenizer."""
+def load_engine(
+    model: str | None = None, dtype: str = "bf16", device: str = "cpu", sparsity: SparsityConfig | None = None,
+) -> Engine:
+    """Resolve `--model`, load the weights that `sparsity` keeps (all by default) and the tokenizer."""
     model_dir = resolve_model(model)
-    torch_model = load_dense_model(model_dir, parse_dtype(dtype), parse_device(device))
+    torch_model = load_model(model_dir, parse_dtype(dtype), parse_device(device), sparsity)
     tokenizer = load_tokenizer(model_dir)
     return Engine(torch_model, tokenizer, model_dir, stop_token_ids(tokenizer, model_dir))

@@ -10,6 +10,7 @@ import torch
 
 from runtime.errors import PartinferError
 from runtime.model import KVCache, Transformer, decode_step, prefill
+from runtime.sparse_ffn import begin_prompt, end_prompt
 
 
 @dataclass(frozen=True)
@@ -104,7 +105,10 @@ def generate(
         )
     generator = torch.Generator(device=device).manual_seed(sampling.seed) if sampling.temperature else None
     t0 = time.perf_counter()
-    logits = prefill(model, tokens.to(device), cache, mask.to(device) if cache.length == 0 else None)[:, -1]
+    first_chunk = cache.length == 0
+    begin_prompt(model, mask.to(device) if first_chunk else None)  # sparse layers: compute all loaded, count core neurons
+    logits = prefill(model, tokens.to(device), cache, mask.to(device) if first_chunk else None)[:, -1]
+    end_prompt(model)  # select each sequence's active neurons; decode reads only those
     nxt = sample(logits, sampling, generator)
     if device.type == "cuda":
         torch.cuda.synchronize()

@@ -80,16 +80,120 @@ class CheckpointReader:
         return name in self.shards
 
 
-def load_dense_model(model_dir: Path, dtype: torch.dtype = torch.bfloat16, device: str = "cpu") -> Transformer:
-    """Build the model on `meta` and assign every weight from the checkpoint (no second copy)."""
+PACK_MANIFEST = "partinfer_pack.json"
+
+
+def is_packed(model_dir: Path) -> bool:
+    return (Path(model_dir) / PACK_MANIFEST).is_file()
+
+
+def contiguous_runs(sorted_positions: torch.Tensor) -> list[tuple[int, int]]:
+    """Sorted int positions -> [(start, stop)] half-open runs of consecutive values."""
+    pos = sorted_positions.tolist()
+    runs: list[tuple[int, int]] = []
+    for p in pos:
+        if runs and runs[-1][1] == p:
+            runs[-1] = (runs[-1][0], p + 1)
+        else:
+            runs.append((p, p + 1))
+    return runs
+
+
+def read_ffn_neurons(
+    reader: CheckpointReader, layer: int, neurons: torch.Tensor, dtype: torch.dtype, device: str,
+    expected_perm: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Read only `neurons` (original indices, in this order) of one FFN layer -> gate, up, down_t, each [k, d].
+
+    Packed checkpoint: coalesced contiguous reads of the [n, 3, d] bundle (one read for a hot-first prefix).
+    Plain checkpoint: row gathers of gate/up and a column gather of down from the memory map.
+    """
+    prefix = f"model.layers.{layer}.mlp"
+    if f"{prefix}.bundle" in reader:
+        perm = reader.get(f"{prefix}.perm").long()  # packed row j holds original neuron perm[j]
+        if expected_perm is not None and not torch.equal(perm, expected_perm):
+            raise PartinferError(
+                f"the packed checkpoint's layer {layer} permutation does not match the model-level neuron file; "
+                "pass the neuron file it was packed with, or pack again with `partinfer pack`"
+            )
+        inverse = torch.empty_like(perm)
+        inverse[perm] = torch.arange(perm.shape[0])
+        positions = inverse[neurons]  # packed row of each wanted neuron
+        order = torch.argsort(positions)
+        bundle = reader.slice(f"{prefix}.bundle")
+        d = bundle.get_shape()[2]
+        out = torch.empty(neurons.shape[0], 3, d, dtype=dtype, device=device)
+        filled = 0
+        for start, stop in contiguous_runs(positions[order]):
+            rows = order[filled : filled + stop - start]
+            out[rows.to(device)] = bundle[start:stop].to(device=device, dtype=dtype)
+            filled += stop - start
+        return out[:, 0].contiguous(), out[:, 1].contiguous(), out[:, 2].contiguous()
+    gate = reader.get(f"{prefix}.gate_proj.weight")
+    up = reader.get(f"{prefix}.up_proj.weight")
+    down = reader.get(f"{prefix}.down_proj.weight")  # [d, n]
+    # Advanced indexing already copies into owned memory; .to() is a no-op when dtype and device match.
+    return (
+        gate[neurons].to(device=device, dtype=dtype),
+        up[neurons].to(device=device, dtype=dtype),
+        down.t()[neurons].to(device=device, dtype=dtype),
+    )
+
+
+def load_model(
+    model_dir: Path, dtype: torch.dtype = torch.bfloat16, device: str = "cpu", sparsity: "SparsityConfig | None" = None,
+) -> Transformer:
+    """Build the model on `meta`, swap in SparseFFN for sparse layers, and read only the loaded weights.
+
+    Dense layers (outside --start-num..--end-num) and everything that is not an FFN load whole.
+    """
+    from runtime.sparse_ffn import SparseFFN
+    from runtime.sparsity import SparsityConfig, plan_layers
+
+    sparsity = sparsity or SparsityConfig(method="dense")
     cfg = ModelConfig.from_dir(model_dir)
+    plans = plan_layers(sparsity, cfg)
     with torch.device("meta"):
         model = Transformer(cfg)
+        for i, plan in plans.items():
+            model.layers[i].mlp = SparseFFN(cfg, plan, sparsity)
+    packed = is_packed(model_dir)
+    expected_perms = packed_perms_to_check(model_dir, sparsity, cfg)
     state: dict[str, torch.Tensor] = {}
     with CheckpointReader(model_dir) as reader:
+        for i in range(cfg.n_layers):
+            if i not in plans and not packed:
+                continue  # a dense layer of a plain checkpoint loads by name below
+            neurons = plans[i].loaded if i in plans else torch.arange(cfg.ffn_dim)
+            gate, up, down_t = read_ffn_neurons(reader, i, neurons, dtype, device, expected_perms.get(i))
+            if i in plans:
+                state.update({f"layers.{i}.mlp.gate": gate, f"layers.{i}.mlp.up": up, f"layers.{i}.mlp.down_t": down_t})
+            else:
+                state.update({f"layers.{i}.mlp.gate_proj.weight": gate, f"layers.{i}.mlp.up_proj.weight": up,
+                              f"layers.{i}.mlp.down_proj.weight": down_t.t().contiguous()})
+            del gate, up, down_t
         for name in model.state_dict():
-            hf_name = name if name.startswith("lm_head") else f"model.{name}"
-            state[name] = owned_copy(reader.get(hf_name), dtype, device)
+            if name not in state:
+                hf_name = name if name.startswith("lm_head") else f"model.{name}"
+                state[name] = owned_copy(reader.get(hf_name), dtype, device)
     model.load_state_dict(state, strict=True, assign=True)
     model.init_buffers(device)
+    for m in model.modules():
+        if isinstance(m, SparseFFN):
+            m.neuron_ids = m.neuron_ids.to(device)
     return model.eval()
+
+
+def packed_perms_to_check(model_dir: Path, sparsity: "SparsityConfig", cfg: ModelConfig) -> dict[int, torch.Tensor]:
+    """For a packed checkpoint read with a model-level neuron file: the permutation each layer must have."""
+    if not is_packed(model_dir) or sparsity.model_neurons is None:
+        return {}
+    from profiler.neuron_file import NeuronFile
+
+    nf = NeuronFile.load(sparsity.model_neurons, cfg)
+    return {i: nf.rank(i).long() for i in range(cfg.n_layers)}
+
+
+def load_dense_model(model_dir: Path, dtype: torch.dtype = torch.bfloat16, device: str = "cpu") -> Transformer:
+    """The whole model, every neuron (a packed checkpoint is un-permuted on the fly)."""
+    return load_model(model_dir, dtype, device)

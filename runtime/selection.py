@@ -23,3 +23,30 @@ def token_core_mask(a: torch.Tensor, token_sparsity: float, score: str = "abs") 
     k = max(1, round(token_sparsity * n))
     top = torch.topk(core_score(a.float(), score), k, dim=-1).indices
     return torch.zeros(a.shape, dtype=torch.bool, device=a.device).scatter_(-1, top, True)
+
+
+def loaded_order(base_rank: torch.Tensor, other_rank: torch.Tensor, n_base: int, k: int) -> torch.Tensor:
+    """The loaded set, in order: the first n_base of base_rank, then other_rank's order skipping those, up to k."""
+    base = base_rank[:n_base]
+    is_base = torch.zeros(base_rank.shape[0], dtype=torch.bool)
+    is_base[base] = True
+    rest = other_rank[~is_base[other_rank]]
+    return torch.cat([base, rest[: k - n_base]])
+
+
+def sentence_active(core_counts: torch.Tensor, mean_abs: torch.Tensor, n_base: int, n_active: int) -> torch.Tensor:
+    """Per sequence, positions (into the loaded set) of the active neurons: base, then the ε most stable.
+
+    core_counts, mean_abs [B, k] over a sentence's prompt tokens. Candidates are positions n_base..k-1,
+    ranked by how many tokens had them as core neurons, ties broken by larger mean |a| (CoreInfer's
+    stability-guided sentence-wise selection). Returns int64 [B, n_active], sorted ascending.
+    """
+    B, k = core_counts.shape
+    n_eps = n_active - n_base
+    base = torch.arange(n_base, device=core_counts.device).expand(B, n_base)
+    if n_eps <= 0:
+        return base[:, :n_active]
+    tie_order = torch.sort(mean_abs[:, n_base:], dim=1, descending=True, stable=True).indices
+    by_count = torch.sort(torch.gather(core_counts[:, n_base:], 1, tie_order), dim=1, descending=True, stable=True).indices
+    chosen = torch.gather(tie_order, 1, by_count[:, :n_eps]) + n_base
+    return torch.sort(torch.cat([base, chosen], dim=1), dim=1).values

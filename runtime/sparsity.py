@@ -1,0 +1,138 @@
+"""What to load and what to compute: `SparsityConfig` and the per-layer plan derived from neuron files.
+
+Fractions are of n = neurons per FFN layer, for sparse layers `start_num..end_num` (inclusive):
+  γ (gamma) loaded from disk, δ (delta) base neurons always computed, φ (phi) computed per sentence.
+Constraint 0 < δ <= φ <= γ <= 1. Methods (DESIGN.md "Methods"):
+  dense      everything loaded and computed
+  load-only  γ loaded, all loaded computed
+  static     γ loaded, the first φ·n of the loaded order computed at decode, same for every sentence
+  coreinfer  everything loaded, φ·n chosen per sentence among all neurons (no base)
+  partinfer  γ loaded, δ base + ε chosen per sentence among loaded ∖ base
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from runtime.errors import PartinferError
+from runtime.model import ModelConfig
+from runtime.selection import CORE_SCORES, loaded_order
+
+METHODS = ("dense", "load-only", "static", "coreinfer", "partinfer")
+
+
+def default_layer_range(n_layers: int) -> tuple[int, int]:
+    """PartInfer keeps the first and last few layers dense (3..25 of 28); scale that with depth."""
+    edge = max(1, round(0.1 * n_layers))
+    return min(edge, n_layers - 1), max(n_layers - 1 - edge, min(edge, n_layers - 1))
+
+
+@dataclass(frozen=True)
+class SparsityConfig:
+    method: str = "partinfer"
+    gamma: float = 0.7  # loaded fraction
+    delta: float = 0.3  # base fraction
+    phi: float = 0.4  # computed fraction (sparsity)
+    token_sparsity: float = 0.2  # α: a token's core neurons
+    core_score: str = "abs"
+    start_num: int | None = None  # first sparse layer; None = scaled default
+    end_num: int | None = None  # last sparse layer (inclusive)
+    base_neurons_type: str = "model"  # which neuron file ranks the base neurons
+    model_neurons: Path | None = None
+    dataset_neurons: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise PartinferError(f"unknown --method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if not 0 < self.gamma <= 1:
+            raise PartinferError(f"--gamma (loaded fraction) must be in (0, 1], got {self.gamma}")
+        if not 0 < self.phi <= 1:
+            raise PartinferError(f"--phi (sparsity, computed fraction) must be in (0, 1], got {self.phi}")
+        if not 0 < self.delta <= 1:
+            raise PartinferError(f"--delta (base fraction) must be in (0, 1], got {self.delta}")
+        if self.method in ("partinfer",) and self.delta > self.phi:
+            raise PartinferError(f"--delta {self.delta} > --phi {self.phi}: base neurons must fit in the computed set; lower --delta or raise --phi")
+        if self.method in ("partinfer", "load-only", "static") and self.delta > self.gamma:
+            raise PartinferError(f"--delta {self.delta} > --gamma {self.gamma}: base neurons must be loaded; lower --delta or raise --gamma")
+        if self.method in ("partinfer", "static") and self.phi > self.gamma:
+            raise PartinferError(f"--phi {self.phi} > --gamma {self.gamma}: cannot compute more neurons than are loaded; raise --gamma or lower --phi")
+        if not 0 < self.token_sparsity <= 1:
+            raise PartinferError(f"--token-sparsity must be in (0, 1], got {self.token_sparsity}")
+        if self.core_score not in CORE_SCORES:
+            raise PartinferError(f"--core-score must be one of {', '.join(CORE_SCORES)}")
+        if self.base_neurons_type not in ("model", "dataset"):
+            raise PartinferError("--base-neurons-type must be model or dataset")
+        if self.base_neurons_type == "dataset" and self.method != "dense" and self.dataset_neurons is None:
+            raise PartinferError("--base-neurons-type dataset needs --dataset-neurons FILE")
+
+    @property
+    def loaded_fraction(self) -> float:
+        return 1.0 if self.method in ("dense", "coreinfer") else self.gamma
+
+    def layer_range(self, n_layers: int) -> tuple[int, int]:
+        start, end = default_layer_range(n_layers)
+        start = start if self.start_num is None else self.start_num
+        end = end if self.end_num is None else self.end_num
+        if not 0 <= start <= end < n_layers:
+            raise PartinferError(
+                f"sparse layers --start-num {start} .. --end-num {end} must satisfy 0 <= start <= end < {n_layers} (layers of this model)"
+            )
+        return start, end
+
+    def sparse_layers(self, n_layers: int) -> list[int]:
+        if self.method == "dense":
+            return []
+        start, end = self.layer_range(n_layers)
+        return list(range(start, end + 1))
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """One sparse layer: which neurons are loaded (in order: base first) and how many are computed."""
+
+    loaded: torch.Tensor  # int64 [k] original neuron indices, base neurons first
+    n_base: int  # the first n_base of `loaded` are always computed
+    n_active: int  # neurons computed at decode (round(φ·n)); == k for load-only
+
+
+def fraction_count(fraction: float, n: int) -> int:
+    return max(1, min(n, round(fraction * n)))
+
+
+def plan_layers(sparsity: SparsityConfig, cfg: ModelConfig) -> dict[int, LayerPlan]:
+    """Decide, per sparse layer, the loaded set and counts from the neuron files (DESIGN.md §1 "Online")."""
+    from profiler.neuron_file import NeuronFile
+
+    layers = sparsity.sparse_layers(cfg.n_layers)
+    if not layers:
+        return {}
+    n = cfg.ffn_dim
+    model_nf = dataset_nf = None
+    if sparsity.model_neurons is not None:
+        model_nf = NeuronFile.load(sparsity.model_neurons, cfg)
+    if sparsity.dataset_neurons is not None:
+        dataset_nf = NeuronFile.load(sparsity.dataset_neurons, cfg)
+    if sparsity.method == "coreinfer":
+        return {i: LayerPlan(torch.arange(n), 0, fraction_count(sparsity.phi, n)) for i in layers}
+    if model_nf is None and dataset_nf is None:
+        if sparsity.method == "load-only" and sparsity.gamma == 1:
+            return {i: LayerPlan(torch.arange(n), 0, n) for i in layers}
+        raise PartinferError(
+            f"--method {sparsity.method} needs a neuron file: pass --model-neurons FILE "
+            "(see neuron_files/ or make one with `partinfer profile`)"
+        )
+    base_nf, other_nf = (model_nf, dataset_nf) if sparsity.base_neurons_type == "model" else (dataset_nf, model_nf)
+    other_nf = other_nf or base_nf
+    k = fraction_count(sparsity.gamma, n)
+    # The loaded set is the same for load-only, static and partinfer (base first, then the other ranking),
+    # so load-only is the ceiling of the other two; only partinfer treats the base as always computed.
+    n_base = min(fraction_count(sparsity.delta, n), k)
+    plans = {}
+    for i in layers:
+        loaded = loaded_order(base_nf.rank(i).long(), other_nf.rank(i).long(), n_base, k)
+        n_active = k if sparsity.method == "load-only" else fraction_count(sparsity.phi, n)
+        plans[i] = LayerPlan(loaded, n_base if sparsity.method == "partinfer" else 0, n_active)
+    return plans
