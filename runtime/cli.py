@@ -41,6 +41,32 @@ ModelOpt = Annotated[
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="Weight and compute dtype: bf16, fp32 or fp16.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu or cuda.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print a JSON object instead of text.")]
+MethodOpt = Annotated[str, typer.Option("--method", help="dense | load-only | static | coreinfer | partinfer.")]
+GammaOpt = Annotated[float, typer.Option("--loaded-neurons-percent", "--gamma", help="γ: fraction of each sparse FFN layer loaded from disk.")]
+DeltaOpt = Annotated[float, typer.Option("--base-neurons-percent", "--delta", help="δ: fraction always computed (base neurons from a neuron file).")]
+PhiOpt = Annotated[float, typer.Option("--sparsity", "--phi", help="φ: fraction computed per sentence (δ base + ε chosen at prefill).")]
+TokenSparsityOpt = Annotated[float, typer.Option("--token-sparsity", help="α: fraction of a token's neurons that are its core neurons.")]
+CoreScoreOpt = Annotated[str, typer.Option("--core-score", help="abs (signed SiLU/GELU activations) or positive (CoreInfer's ReLU rule).")]
+StartOpt = Annotated[Optional[int], typer.Option("--start-num", help="First sparse layer (default scales with depth).")]
+EndOpt = Annotated[Optional[int], typer.Option("--end-num", help="Last sparse layer, inclusive.")]
+ModelNeuronsOpt = Annotated[Optional[Path], typer.Option("--model-neurons", help="Model-level neuron file (default: the shipped one for the default model).")]
+DatasetNeuronsOpt = Annotated[Optional[Path], typer.Option("--dataset-neurons", help="Dataset-level neuron file.")]
+BaseTypeOpt = Annotated[str, typer.Option("--base-neurons-type", help="model | dataset: which neuron file gives the base neurons.")]
+CpuOnlyOpt = Annotated[bool, typer.Option("--cpu-only", help="Run on the CPU even when a GPU is present.")]
+
+
+def build_sparsity(model: Optional[str], method: str, gamma: float, delta: float, phi: float, token_sparsity: float,
+                   core_score: str, start_num: Optional[int], end_num: Optional[int], model_neurons: Optional[Path],
+                   dataset_neurons: Optional[Path], base_neurons_type: str):
+    """The SparsityConfig of the command-line options; the shipped neuron file is the default-model default."""
+    from runtime.defaults import shipped_model_neurons
+    from runtime.sparsity import SparsityConfig
+
+    return SparsityConfig(
+        method=method, gamma=gamma, delta=delta, phi=phi, token_sparsity=token_sparsity, core_score=core_score,
+        start_num=start_num, end_num=end_num, base_neurons_type=base_neurons_type,
+        model_neurons=model_neurons or shipped_model_neurons(model), dataset_neurons=dataset_neurons,
+    )
 
 
 @app.command()
@@ -57,8 +83,20 @@ def prepare(
 
 @app.command("generate")
 def generate_cmd(
-    prompt: Annotated[str, typer.Option("--prompt", "-p", help="The prompt text.")],
+    prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="The prompt text (--function normal).")] = None,
+    function: Annotated[str, typer.Option("--function", help="normal (one --prompt) or predefined-prompts (a built-in list).")] = "normal",
     model: ModelOpt = None,
+    method: MethodOpt = "partinfer",
+    gamma: GammaOpt = 0.7,
+    delta: DeltaOpt = 0.3,
+    phi: PhiOpt = 0.4,
+    token_sparsity: TokenSparsityOpt = 0.2,
+    core_score: CoreScoreOpt = "abs",
+    start_num: StartOpt = None,
+    end_num: EndOpt = None,
+    model_neurons: ModelNeuronsOpt = None,
+    dataset_neurons: DatasetNeuronsOpt = None,
+    base_neurons_type: BaseTypeOpt = "model",
     chat_template: Annotated[bool, typer.Option("--chat-template/--raw", help="Wrap the prompt in the model's chat template.")] = True,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", min=1, help="Tokens to generate at most.")] = 128,
     temperature: Annotated[float, typer.Option("--temperature", "-t", help="0 = greedy.")] = 0.0,
@@ -68,24 +106,125 @@ def generate_cmd(
     device: DeviceOpt = "cpu",
     as_json: JsonOpt = False,
 ) -> None:
-    """Generate text for a prompt, streaming tokens as they come; --json adds prefill and decode tokens/s."""
+    """Generate text, streaming tokens; each answer reports tokens/s and the fraction of FFN neurons computed."""
+    from runtime.chat import PREDEFINED_PROMPTS
+    from runtime.engine import load_engine
+    from runtime.generate import SamplingConfig
+    from runtime.sparse_ffn import sparsity_summary
+
+    if function == "predefined-prompts":
+        prompts = list(PREDEFINED_PROMPTS)
+    elif function == "normal":
+        if prompt is None or not prompt.strip():
+            raise PartinferError("empty prompt; pass some text with --prompt (or --function predefined-prompts)")
+        prompts = [prompt]
+    else:
+        raise PartinferError(f"unknown --function {function!r}; use normal or predefined-prompts")
+    sampling = SamplingConfig(temperature=temperature, top_p=top_p, seed=seed)
+    sparsity = build_sparsity(model, method, gamma, delta, phi, token_sparsity, core_score, start_num, end_num,
+                              model_neurons, dataset_neurons, base_neurons_type)
+    engine = load_engine(model, dtype, device, sparsity)
+    answers = []
+    for text in prompts:
+        if not as_json and len(prompts) > 1:
+            typer.echo(f"\n>>> {text}")
+        on_text = None if as_json else (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+        texts, result = engine.generate_text([text], max_new_tokens, sampling, chat_template, on_text)
+        summary = sparsity_summary(engine.model)
+        answers.append({
+            "prompt": text, "text": texts[0], "prompt_tokens": result.prompt_tokens, "new_tokens": len(result.tokens[0]),
+            "prefill_tokens_per_s": result.prefill_tps, "decode_tokens_per_s": result.decode_tps, **summary,
+        })
+        if not as_json:
+            typer.echo(f"\n[{method}: {result.prompt_tokens} prompt tokens, prefill {result.prefill_tps:.1f} tok/s, "
+                       f"{len(result.tokens[0])} new tokens, decode {result.decode_tps:.1f} tok/s, "
+                       f"FFN neurons loaded {summary['loaded_fraction']:.0%}, computed {summary['computed_fraction']:.0%}]")
+    if as_json:
+        typer.echo(json.dumps(answers[0] if function == "normal" else answers, indent=2))
+
+
+@app.command()
+def chat(
+    model: ModelOpt = None,
+    method: MethodOpt = "partinfer",
+    gamma: GammaOpt = 0.7,
+    delta: DeltaOpt = 0.3,
+    phi: PhiOpt = 0.4,
+    token_sparsity: TokenSparsityOpt = 0.2,
+    core_score: CoreScoreOpt = "abs",
+    start_num: StartOpt = None,
+    end_num: EndOpt = None,
+    model_neurons: ModelNeuronsOpt = None,
+    dataset_neurons: DatasetNeuronsOpt = None,
+    base_neurons_type: BaseTypeOpt = "model",
+    cpu_only: CpuOnlyOpt = False,
+    context: Annotated[int, typer.Option("--context", help="KV cache length in tokens.")] = 2048,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", min=1, help="Reply length limit.")] = 256,
+    temperature: Annotated[float, typer.Option("--temperature", "-t", help="0 = greedy.")] = 0.0,
+    dtype: DtypeOpt = "bf16",
+) -> None:
+    """Chat in the terminal. /reset starts over, /stats shows method, neurons, speed and memory, /exit quits.
+
+    Ctrl-C stops the current answer; end of input (Ctrl-D) exits. Each user turn re-selects ε from its prefill.
+    """
+    import torch
+
+    from runtime.chat import ChatSession
     from runtime.engine import load_engine
     from runtime.generate import SamplingConfig
 
-    if not prompt.strip():
-        raise PartinferError("empty prompt; pass some text with --prompt")
-    sampling = SamplingConfig(temperature=temperature, top_p=top_p, seed=seed)
-    engine = load_engine(model, dtype, device)
-    on_text = None if as_json else (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
-    texts, result = engine.generate_text([prompt], max_new_tokens, sampling, chat_template, on_text)
-    if as_json:
-        typer.echo(json.dumps({
-            "text": texts[0], "prompt_tokens": result.prompt_tokens, "new_tokens": len(result.tokens[0]),
-            "prefill_tokens_per_s": result.prefill_tps, "decode_tokens_per_s": result.decode_tps,
-        }, indent=2))
-    else:
-        typer.echo(f"\n[{result.prompt_tokens} prompt tokens, prefill {result.prefill_tps:.1f} tok/s, "
-                   f"{len(result.tokens[0])} new tokens, decode {result.decode_tps:.1f} tok/s]", err=True)
+    device = "cuda" if torch.cuda.is_available() and not cpu_only else "cpu"
+    sparsity = build_sparsity(model, method, gamma, delta, phi, token_sparsity, core_score, start_num, end_num,
+                              model_neurons, dataset_neurons, base_neurons_type)
+    engine = load_engine(model, dtype, device, sparsity)
+    session = ChatSession(engine, context, max_new_tokens, SamplingConfig(temperature=temperature))
+    typer.echo(f"partinfer chat ({method}, γ {gamma}, φ {phi}, {device}); /reset, /stats, /exit", err=True)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            typer.echo("", err=True)
+            break
+        except KeyboardInterrupt:
+            typer.echo("", err=True)
+            continue
+        text = line.strip()
+        if not text:
+            continue
+        if text == "/exit":
+            break
+        if text == "/reset":
+            session.reset()
+            typer.echo("(conversation reset)", err=True)
+            continue
+        if text == "/stats":
+            typer.echo(json.dumps(session.stats(method, gamma, phi), indent=2))
+            continue
+        try:
+            session.turn(text, on_text=lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+            r = session.last
+            typer.echo(f"\n[{r.decode_tps:.1f} tok/s]", err=True)
+        except KeyboardInterrupt:
+            typer.echo("\n(stopped)", err=True)
+        except PartinferError as e:
+            typer.echo(f"\nerror: {e}", err=True)
+
+
+@app.command()
+def pack(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the packed checkpoint.")],
+    model: ModelOpt = None,
+    model_neurons: ModelNeuronsOpt = None,
+) -> None:
+    """Write a packed checkpoint: FFN layers permuted hot-first and bundled per neuron ([n, 3, d]) for partial loads."""
+    from runtime.defaults import shipped_model_neurons
+    from runtime.pack import pack_checkpoint
+    from runtime.prepare import resolve_model
+
+    neurons = model_neurons or shipped_model_neurons(model)
+    if neurons is None:
+        raise PartinferError("pass --model-neurons FILE (a model-level neuron file from `partinfer profile`)")
+    typer.echo(str(pack_checkpoint(resolve_model(model), neurons, out)))
 
 
 @app.command()
@@ -185,6 +324,35 @@ def neurons_show(
         typer.echo(format_show(files, loaded, gamma))
     if plot is not None:
         typer.echo(f"plot: {plot_coverage({f.name: nf for f, nf in zip(files, loaded)}, plot)}", err=True)
+
+
+@app.command()
+def memory(
+    model: ModelOpt = None,
+    model_neurons: ModelNeuronsOpt = None,
+    gamma: Annotated[Optional[list[float]], typer.Option("--gamma", help="γ values to measure (repeat); default 0.9 0.8 0.7 0.5.")] = None,
+    methods: Annotated[str, typer.Option("--methods", help="Comma-separated sparse methods to measure besides dense.")] = "load-only,partinfer",
+    phi: PhiOpt = 0.4,
+    delta: DeltaOpt = 0.3,
+    packed: Annotated[bool, typer.Option("--packed/--plain", help="Read sparse configurations from a packed copy (made once in the cache).")] = True,
+    peers: Annotated[bool, typer.Option("--peers/--no-peers", help="Also measure transformers on the same weights.")] = True,
+    dtype: DtypeOpt = "bf16",
+    device: DeviceOpt = "cpu",
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="Write measured vs expected memory against γ to this PNG.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Measure resident memory per configuration, each in a fresh process, against the bytes it should keep."""
+    from evaluation.memory import DEFAULT_GAMMAS, format_memory, plot_memory, run_memory
+    from runtime.defaults import shipped_model_neurons
+    from runtime.prepare import resolve_model
+
+    method_list = tuple(m for m in methods.split(",") if m.strip() and m != "dense")
+    report = run_memory(resolve_model(model), model_neurons or shipped_model_neurons(model), tuple(gamma or DEFAULT_GAMMAS),
+                        method_list, phi, delta, dtype, device, packed, peers,
+                        progress=lambda name: typer.echo(f"measuring {name} ...", err=True))
+    typer.echo(json.dumps(report, indent=2) if as_json else format_memory(report))
+    if plot is not None:
+        typer.echo(f"plot: {plot_memory(report, plot)}", err=True)
 
 
 def main() -> None:

@@ -118,3 +118,25 @@ def end_prompt(model: Transformer) -> None:
     """After the prefill: select each sequence's active neurons and switch to compact decode."""
     for m in sparse_modules(model):
         m.end_prompt()
+
+
+def sparsity_summary(model: Transformer) -> dict:
+    """Fractions of all FFN neurons (every layer, dense ones included) that are loaded and computed at decode."""
+    n, L = model.cfg.ffn_dim, model.cfg.n_layers
+    loaded = computed = 0.0
+    for block in model.layers:
+        if isinstance(block.mlp, SparseFFN):
+            loaded += block.mlp.n_loaded
+            computed += block.mlp.n_loaded if block.mlp.active is None else block.mlp.active.shape[1]
+        else:
+            loaded += n
+            computed += n
+    sparse = sparse_modules(model)
+    return {
+        "sparse_layers": len(sparse),
+        "loaded_fraction": loaded / (n * L),
+        "computed_fraction": computed / (n * L),
+        "sparse_layer_computed_fraction": (
+            sum(m.n_loaded if m.active is None else m.active.shape[1] for m in sparse) / (n * len(sparse)) if sparse else 1.0
+        ),
+    }

@@ -1,0 +1,226 @@
+"""`partinfer memory`: resident memory of each configuration, each measured in a fresh process.
+
+Why a fresh process per configuration: RSS only grows within a process (freed pages often stay),
+and torch's code pages count as RssFile the first time a kernel runs. So every worker first imports
+torch and runs the same kinds of kernels on a tiny model-shaped input (the baseline), then loads the
+model (peak RSS during load = VmHWM), then generates a few tokens so that every loaded weight has
+been read, and reports RssAnon and RssFile from /proc/self/status. Model memory = RSS - baseline.
+
+Expected bytes are the weights the configuration keeps: non-FFN + loaded FFN neurons, plus the
+compact active copies that sparse decode gathers per sentence.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from runtime.errors import PartinferError
+
+MIB = 2**20
+DEFAULT_GAMMAS = (0.9, 0.8, 0.7, 0.5)
+
+
+def proc_status() -> dict[str, float]:
+    """VmRSS, RssAnon, RssFile, VmHWM of this process in MiB."""
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key = line.split(":")[0]
+            if key in ("VmRSS", "RssAnon", "RssFile", "VmHWM"):
+                out[key] = int(line.split()[1]) / 1024
+    return out
+
+
+@dataclass(frozen=True)
+class MemorySpec:
+    """One configuration to measure."""
+
+    name: str
+    model_dir: str
+    method: str = "dense"  # a runtime method, or "transformers" (the peer)
+    gamma: float = 1.0
+    delta: float = 0.3
+    phi: float = 0.4
+    model_neurons: str | None = None
+    dtype: str = "bf16"
+    device: str = "cpu"
+    new_tokens: int = 16
+
+
+def run_worker(spec: MemorySpec) -> dict:
+    """Runs inside the fresh process: baseline, load, generate, measure."""
+    import time
+
+    import torch
+
+    from runtime.engine import parse_dtype
+    from runtime.generate import generate
+    from runtime.model import ModelConfig
+
+    dtype = parse_dtype(spec.dtype)
+    cfg = ModelConfig.from_dir(Path(spec.model_dir))
+    # Baseline: the same kinds of kernels on tiny inputs, so torch's code pages are resident already.
+    with torch.inference_mode():
+        x = torch.randn(1, 4, cfg.dim, dtype=dtype)
+        w = torch.randn(cfg.dim, cfg.dim, dtype=dtype)
+        torch.nn.functional.scaled_dot_product_attention(x[:, None], x[:, None], x[:, None])
+        torch.bmm(x, w[None].transpose(1, 2)).float().topk(2)
+        torch.nn.functional.silu(torch.nn.functional.linear(x.float(), w.float())).sum()
+        torch.nn.functional.embedding(torch.tensor([[1]]), w)
+    baseline = proc_status()
+    t0 = time.perf_counter()
+    prompt = torch.randint(100, cfg.vocab_size - 100, (32,), generator=torch.Generator().manual_seed(0)).tolist()
+    if spec.method == "transformers":
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(spec.model_dir, dtype=dtype).eval()
+        load_s = time.perf_counter() - t0
+        after_load = proc_status()
+        ids = torch.tensor([prompt])
+        with torch.inference_mode():
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=spec.new_tokens,
+                           min_new_tokens=spec.new_tokens, do_sample=False, pad_token_id=0)
+        weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        expected = {"non_ffn": None, "ffn_loaded": None, "compact": 0, "weights": weights}
+    else:
+        from runtime.loader import load_model
+        from runtime.sparse_ffn import SparseFFN
+        from runtime.sparsity import SparsityConfig
+
+        sparsity = SparsityConfig(method=spec.method, gamma=spec.gamma, delta=min(spec.delta, spec.phi, spec.gamma),
+                                  phi=min(spec.phi, spec.gamma),
+                                  model_neurons=Path(spec.model_neurons) if spec.model_neurons else None)
+        model = load_model(Path(spec.model_dir), dtype, spec.device, sparsity)
+        load_s = time.perf_counter() - t0
+        after_load = proc_status()
+        generate(model, [prompt], spec.new_tokens)
+        expected = expected_bytes(model, SparseFFN)
+    after_gen = proc_status()
+    return {
+        "name": spec.name, "method": spec.method, "gamma": spec.gamma, "phi": spec.phi, "load_s": load_s,
+        "baseline": baseline, "after_load": after_load, "after_generate": after_gen, "expected_bytes": expected,
+        "model_mib_after_load": after_load["VmRSS"] - baseline["VmRSS"],
+        "model_mib": after_gen["VmRSS"] - baseline["VmRSS"],
+        "peak_load_mib": after_load["VmHWM"] - baseline["VmRSS"],
+        "peak_generate_mib": after_gen["VmHWM"] - baseline["VmRSS"],
+    }
+
+
+def expected_bytes(model, sparse_cls) -> dict:
+    """Weights kept by a runtime model: non-FFN, loaded FFN, and compact active copies."""
+    ffn = non_ffn = compact = 0
+    for name, p in model.named_parameters():
+        size = p.numel() * p.element_size()
+        if ".mlp." in name:
+            ffn += size
+        else:
+            non_ffn += size
+    for m in model.modules():
+        if isinstance(m, sparse_cls) and m.c_gate_up is not None:
+            compact += (m.c_gate_up.numel() + m.c_down_t.numel()) * m.c_gate_up.element_size()
+    return {"non_ffn": non_ffn, "ffn_loaded": ffn, "compact": compact, "weights": non_ffn + ffn + compact}
+
+
+def measure(spec: MemorySpec) -> dict:
+    """Run one configuration in a fresh interpreter and return its report."""
+    done = subprocess.run([sys.executable, "-m", "evaluation.memory", json.dumps(spec.__dict__)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        tail = done.stderr.strip().splitlines()[-1:] or ["no output"]
+        raise PartinferError(f"memory worker for {spec.name} failed: {tail[0]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def packed_dir_for(model_dir: Path, model_neurons: Path) -> Path:
+    """Where `partinfer memory` keeps the packed copy of a model for a given neuron file (packed once)."""
+    from runtime.pack import pack_checkpoint
+    from runtime.prepare import cache_home
+
+    digest = hashlib.sha1(Path(model_neurons).read_bytes()).hexdigest()[:10]
+    out = cache_home() / "packed" / f"{Path(model_dir).name}-{digest}"
+    if not (out / "partinfer_pack.json").is_file():
+        pack_checkpoint(model_dir, model_neurons, out)
+    return out
+
+
+def run_memory(model_dir: Path, model_neurons: Path | None, gammas=DEFAULT_GAMMAS, methods=("load-only", "partinfer"),
+               phi: float = 0.4, delta: float = 0.3, dtype: str = "bf16", device: str = "cpu", packed: bool = True,
+               peers: bool = True, progress=None) -> dict:
+    """Measure dense, each method at each γ, and the transformers peer; one fresh process each."""
+    specs = [MemorySpec("dense", str(model_dir), "dense", dtype=dtype, device=device)]
+    if methods:
+        if model_neurons is None:
+            raise PartinferError("sparse methods need --model-neurons FILE (a model-level neuron file)")
+        source = packed_dir_for(model_dir, model_neurons) if packed else model_dir
+        for method in methods:
+            for g in gammas:
+                specs.append(MemorySpec(f"{method} γ={g}", str(source), method, g, delta, phi, str(model_neurons), dtype, device))
+    if peers:
+        specs.append(MemorySpec("transformers", str(model_dir), "transformers", dtype=dtype, device=device))
+    rows = []
+    for spec in specs:
+        if progress:
+            progress(spec.name)
+        rows.append(measure(spec))
+    return {"model": str(model_dir), "packed": packed, "dtype": dtype, "rows": rows,
+            "ffn_layer_mib": ffn_layer_bytes(model_dir, dtype) / MIB}
+
+
+def ffn_layer_bytes(model_dir: Path, dtype: str) -> int:
+    from runtime.model import ModelConfig
+
+    cfg = ModelConfig.from_dir(Path(model_dir))
+    return 3 * cfg.dim * cfg.ffn_dim * (4 if dtype in ("fp32", "float32") else 2)
+
+
+def format_memory(report: dict) -> str:
+    lines = [f"model {report['model']} ({report['dtype']}, {'packed' if report['packed'] else 'plain'} checkpoint for sparse rows); "
+             "MiB; model = RSS - baseline (fresh process: interpreter + torch + tiny kernels)",
+             f"{'configuration':<22}{'expected':>9}{'model':>8}{'vs exp':>8}{'peak load':>10}{'peak gen':>9}"
+             f"{'RssAnon':>9}{'RssFile':>9}{'baseline':>9}"]
+    for r in report["rows"]:
+        exp = r["expected_bytes"]["weights"] / MIB
+        lines.append(
+            f"{r['name']:<22}{exp:>9.1f}{r['model_mib']:>8.1f}{r['model_mib'] / exp - 1:>+8.1%}{r['peak_load_mib']:>10.1f}"
+            f"{r['peak_generate_mib']:>9.1f}{r['after_generate']['RssAnon']:>9.1f}{r['after_generate']['RssFile']:>9.1f}"
+            f"{r['baseline']['VmRSS']:>9.1f}"
+        )
+    lines.append(f"one FFN layer = {report['ffn_layer_mib']:.1f} MiB; expected = non-FFN + loaded FFN + compact active copies")
+    return "\n".join(lines)
+
+
+def plot_memory(report: dict, out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    methods = sorted({r["method"] for r in report["rows"] if r["method"] not in ("dense", "transformers")})
+    for method in methods:
+        rows = sorted((r for r in report["rows"] if r["method"] == method), key=lambda r: r["gamma"])
+        g = [r["gamma"] for r in rows]
+        line, = ax.plot(g, [r["model_mib"] for r in rows], "o-", label=f"{method} measured")
+        ax.plot(g, [r["expected_bytes"]["weights"] / MIB for r in rows], "x--", color=line.get_color(), label=f"{method} expected")
+    for r in report["rows"]:
+        if r["method"] in ("dense", "transformers"):
+            ax.axhline(r["model_mib"], ls=":", color="k" if r["method"] == "dense" else "r", label=f"{r['name']} measured")
+    ax.set_xlabel("γ (fraction of FFN neurons loaded)")
+    ax.set_ylabel("model memory (MiB, RSS - baseline)")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+if __name__ == "__main__":
+    print(json.dumps(run_worker(MemorySpec(**json.loads(sys.argv[1])))))

@@ -1,0 +1,120 @@
+"""The online runtime: every method, selection invariants, batching, re-selection, chat."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from runtime.cli import app
+from runtime.errors import PartinferError
+from runtime.generate import generate
+from runtime.loader import load_dense_model, load_model
+from runtime.sparse_ffn import SparseFFN, sparse_modules
+from runtime.sparsity import METHODS, SparsityConfig, fraction_count
+from tests.helpers import make_neuron_file, tiny_prompts
+
+
+@pytest.fixture(scope="module")
+def neurons(tiny_llama_dir, tmp_path_factory):
+    return make_neuron_file(tiny_llama_dir, tmp_path_factory.mktemp("methods") / "model.safetensors")
+
+
+def load(model_dir, neurons, **kwargs):
+    return load_model(model_dir, torch.float32, "cpu", SparsityConfig(model_neurons=neurons, **kwargs))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_phi_gamma_one_gives_dense_tokens(tiny_llama_dir, neurons, method):
+    dense = load_dense_model(tiny_llama_dir, dtype=torch.float32)
+    model = load(tiny_llama_dir, neurons, method=method, gamma=1.0, phi=1.0, delta=0.3, start_num=0, end_num=3)
+    prompts = tiny_prompts(4, seed=3)
+    assert generate(model, prompts, 16).tokens == generate(dense, prompts, 16).tokens
+
+
+@pytest.mark.parametrize("method", ["partinfer", "coreinfer", "static"])
+def test_active_set_invariants(tiny_llama_dir, neurons, method):
+    model = load(tiny_llama_dir, neurons, method=method, gamma=0.7, delta=0.3, phi=0.4)
+    generate(model, tiny_prompts(3, seed=4), 4)
+    n = model.cfg.ffn_dim
+    layers = sparse_modules(model)
+    assert layers
+    for m in layers:
+        loaded = set(m.neuron_ids.tolist())
+        base = set(m.neuron_ids[: m.n_base].tolist())
+        for active in m.active_neuron_ids().tolist():
+            assert len(active) == len(set(active)) == fraction_count(0.4, n)
+            assert base <= set(active) <= loaded
+        if method == "partinfer":
+            assert len(base) == fraction_count(0.3, n)
+
+
+def test_batch_equals_one_by_one(tiny_llama_dir, neurons):
+    model = load(tiny_llama_dir, neurons, method="partinfer", gamma=0.7, delta=0.3, phi=0.4)
+    prompts = tiny_prompts(4, seed=7)
+    assert len({len(p) for p in prompts}) > 1  # different lengths: padding is exercised
+    batched = generate(model, prompts, 12)
+    batched_active = [m.active_neuron_ids().clone() for m in sparse_modules(model)]
+    for b, p in enumerate(prompts):
+        single = generate(model, [p], 12)
+        assert single.tokens[0] == batched.tokens[b]
+        for m, act in zip(sparse_modules(model), batched_active):
+            assert torch.equal(m.active_neuron_ids()[0], act[b])
+
+
+def test_different_prompts_select_different_neurons(tiny_llama_dir, neurons):
+    model = load(tiny_llama_dir, neurons, method="partinfer", gamma=0.7, delta=0.3, phi=0.4)
+    a, b = tiny_prompts(2, seed=11)
+    generate(model, [a], 2)
+    first = [m.active_neuron_ids().clone() for m in sparse_modules(model)]
+    generate(model, [b], 2)
+    second = [m.active_neuron_ids().clone() for m in sparse_modules(model)]
+    assert any(not torch.equal(x, y) for x, y in zip(first, second))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(gamma=0.5, phi=0.6, delta=0.3), "--phi 0.6 > --gamma 0.5"),
+    (dict(gamma=0.7, phi=0.4, delta=0.5), "--delta 0.5 > --phi 0.4"),
+    (dict(start_num=2, end_num=9), "--end-num 9"),
+    (dict(start_num=-1), "--start-num -1"),
+])
+def test_bad_configuration(tiny_llama_dir, neurons, kwargs, message):
+    with pytest.raises(PartinferError, match=message):
+        load(tiny_llama_dir, neurons, method="partinfer", **kwargs)
+
+
+def test_missing_neuron_file(tiny_llama_dir, tmp_path):
+    with pytest.raises(PartinferError, match="does not exist"):
+        load(tiny_llama_dir, tmp_path / "nope.safetensors", method="partinfer")
+
+
+def test_chat_reselects_between_turns(default_model_dir):
+    from runtime.chat import ChatSession
+    from runtime.engine import load_engine
+
+    engine = load_engine(sparsity=SparsityConfig(method="partinfer", model_neurons=_shipped()))
+    session = ChatSession(engine, context=1024, max_new_tokens=16)
+    session.turn("What is the capital of France?")
+    first = [m.active_neuron_ids().clone() for m in sparse_modules(engine.model)]
+    length_after_first = session.cache.length
+    reply = session.turn("Write one sentence about cooking pasta.")
+    second = [m.active_neuron_ids().clone() for m in sparse_modules(engine.model)]
+    assert reply and session.cache.length > length_after_first  # the cache was kept and extended
+    assert any(not torch.equal(x, y) for x, y in zip(first, second))
+
+
+def test_chat_cli_two_turns(default_model_dir):
+    result = CliRunner().invoke(app, ["chat", "-n", "12", "--context", "512"],
+                                input="Hello! Who are you?\nName a fruit.\n/stats\n/exit\n")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.count("tok/s") == 0  # speed goes to stderr
+    assert '"method": "partinfer"' in result.stdout and '"turns": 2' in result.stdout
+    assert result.stderr.count("tok/s]") == 2
+
+
+def _shipped():
+    from runtime.defaults import shipped_model_neurons
+
+    path = shipped_model_neurons(None)
+    assert path is not None, "neuron_files/model.safetensors is missing"
+    return path
