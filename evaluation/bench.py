@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from runtime.engine import Engine, load_engine
+from runtime.engine import Engine, load_engine, parse_device, parse_dtype
 from runtime.generate import generate
+from runtime.loader import load_model
 from runtime.model import Transformer
+from runtime.prepare import resolve_model
+from runtime.sparsity import SparsityConfig
 
 
 @dataclass
@@ -45,12 +48,25 @@ def measure_bandwidth(n_bytes: int = 256 << 20, repeats: int = 5, device: str = 
 
 
 def weight_bytes_per_token(model: Transformer) -> int:
-    """Bytes of weights a dense decode step reads: every parameter once (tied embeddings once, as the head)."""
-    seen, total = set(), 0
-    for p in model.parameters():
-        if p.data_ptr() not in seen:
-            seen.add(p.data_ptr())
-            total += p.numel() * p.element_size()
+    """Bytes of weights one batch-1 decode step reads.
+
+    Every non-FFN weight once (a tied embedding once, as the head; an untied input embedding only
+    reads one row, so it is not counted); per FFN layer, all its loaded weights, or for a sparse
+    layer with a selected active set only the compact active copies (φ of the layer).
+    """
+    from runtime.sparse_ffn import SparseFFN
+
+    total = 0
+    for name, p in model.named_parameters():
+        if ".mlp." in name or (name.startswith("embed_tokens") and model.lm_head is not None):
+            continue
+        total += p.numel() * p.element_size()
+    for block in model.layers:
+        ffn = block.mlp
+        if isinstance(ffn, SparseFFN) and ffn.c_gate_up is not None:
+            total += (ffn.c_gate_up[0].numel() + ffn.c_down_t[0].numel()) * ffn.c_gate_up.element_size()
+        else:
+            total += sum(p.numel() * p.element_size() for p in ffn.parameters())
     return total
 
 
@@ -58,9 +74,9 @@ def floor_tps(bandwidth: float, bytes_per_token: int) -> float:
     return bandwidth / bytes_per_token if bytes_per_token else 0.0
 
 
-def bench_ours(engine: Engine, prompt: list[int], new_tokens: int, repeats: int) -> tuple[float, float]:
+def bench_ours(model: Transformer, prompt: list[int], new_tokens: int, repeats: int) -> tuple[float, float]:
     """Median prefill and decode tokens/s of our runtime after one warm-up run."""
-    runs = [generate(engine.model, [prompt], new_tokens) for _ in range(repeats + 1)][1:]
+    runs = [generate(model, [prompt], new_tokens) for _ in range(repeats + 1)][1:]
     return statistics.median(r.prefill_tps for r in runs), statistics.median(r.decode_tps for r in runs)
 
 
@@ -86,24 +102,34 @@ def bench_transformers(engine: Engine, prompt: list[int], new_tokens: int, repea
 
 
 def run_bench(
-    model: str | None = None, dtype: str = "bf16", device: str = "cpu", prompt_len: int = 64,
-    new_tokens: int = 64, repeats: int = 3, peers: bool = True,
+    model: str | None = None, methods: tuple[str, ...] = ("dense", "partinfer"), sparsity: SparsityConfig | None = None,
+    dtype: str = "bf16", device: str = "cpu", prompt_len: int = 64, new_tokens: int = 64, repeats: int = 3,
+    peers: bool = True,
 ) -> dict:
-    """Measure everything in one process and return a JSON-able report."""
-    engine = load_engine(model, dtype, device)
+    """Measure every method and the peers in one process, on the same prompt, and return a JSON-able report."""
+    sparsity = sparsity or SparsityConfig()
+    model_dir = resolve_model(model)
+    engine = load_engine(model, dtype, device, SparsityConfig(method="dense"))
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(100, engine.model.cfg.vocab_size - 100, (prompt_len,), generator=g).tolist()
     bandwidth = measure_bandwidth(device=device)
-    dense_bytes = weight_bytes_per_token(engine.model)
     rows = []
-    pre, dec = bench_ours(engine, prompt, new_tokens, repeats)
-    rows.append(BenchRow("partinfer dense", pre, dec, dense_bytes, floor_tps(bandwidth, dense_bytes)))
+    for method in methods:
+        m = engine.model if method == "dense" else load_model(
+            model_dir, parse_dtype(dtype), parse_device(device), replace(sparsity, method=method))
+        pre, dec = bench_ours(m, prompt, new_tokens, repeats)
+        nbytes = weight_bytes_per_token(m)  # after a generation, so sparse layers hold their active sets
+        rows.append(BenchRow(method, pre, dec, nbytes, floor_tps(bandwidth, nbytes)))
+        if m is not engine.model:
+            del m
     if peers:
+        dense_bytes = weight_bytes_per_token(engine.model)
         pre, dec = bench_transformers(engine, prompt, new_tokens, repeats)
         rows.append(BenchRow("transformers generate()", pre, dec, dense_bytes, floor_tps(bandwidth, dense_bytes)))
     return {
         "model": str(engine.model_dir), "dtype": dtype, "device": device, "threads": torch.get_num_threads(),
         "prompt_len": prompt_len, "new_tokens": new_tokens, "repeats": repeats, "bandwidth_gbs": bandwidth / 1e9,
+        "gamma": sparsity.gamma, "delta": sparsity.delta, "phi": sparsity.phi,
         "rows": [asdict(r) | {"share_of_floor": r.share_of_floor} for r in rows],
     }
 
@@ -113,12 +139,16 @@ def format_bench(report: dict) -> str:
         f"model {report['model']}  {report['dtype']} on {report['device']} ({report['threads']} threads), "
         f"prompt {report['prompt_len']}, {report['new_tokens']} new tokens, median of {report['repeats']}",
         f"memory bandwidth (copy, read+write): {report['bandwidth_gbs']:.1f} GB/s",
-        f"{'method':<26}{'prefill tok/s':>14}{'decode tok/s':>14}{'MB/token':>10}{'floor tok/s':>13}{'of floor':>10}{'vs first':>10}",
+        f"{'method':<26}{'prefill tok/s':>14}{'decode tok/s':>14}{'MB/token':>10}{'floor tok/s':>13}{'of floor':>10}"
+        f"{'vs dense':>10}{'ideal':>8}{'of ideal':>10}",
     ]
-    base = report["rows"][0]["decode_tps"]
+    first = report["rows"][0]
     for r in report["rows"]:
+        ratio = r["decode_tps"] / first["decode_tps"]
+        ideal = first["bytes_per_token"] / r["bytes_per_token"]
         lines.append(
             f"{r['name']:<26}{r['prefill_tps']:>14.1f}{r['decode_tps']:>14.1f}{r['bytes_per_token'] / 1e6:>10.1f}"
-            f"{r['floor_tps']:>13.1f}{r['share_of_floor']:>9.0%}{r['decode_tps'] / base:>9.2f}x"
+            f"{r['floor_tps']:>13.1f}{r['share_of_floor']:>9.0%}{ratio:>9.2f}x{ideal:>7.2f}x{ratio / ideal:>9.0%}"
         )
+    lines.append(f"γ {report['gamma']}, δ {report['delta']}, φ {report['phi']}; ideal = dense bytes/token ÷ method bytes/token")
     return "\n".join(lines)

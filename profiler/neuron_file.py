@@ -95,6 +95,7 @@ class NeuronFile:
         os.close(fd)
         try:
             save_file(tensors, tmp, metadata=metadata)
+            os.chmod(tmp, 0o644)  # mkstemp makes files private; neuron files are meant to be shared
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):

@@ -230,6 +230,13 @@ def pack(
 @app.command()
 def bench(
     model: ModelOpt = None,
+    methods: Annotated[str, typer.Option("--methods", help="Comma-separated methods to time.")] = "dense,partinfer",
+    gamma: GammaOpt = 0.7,
+    delta: DeltaOpt = 0.3,
+    phi: PhiOpt = 0.4,
+    start_num: StartOpt = None,
+    end_num: EndOpt = None,
+    model_neurons: ModelNeuronsOpt = None,
     prompt_len: Annotated[int, typer.Option("--prompt-len", min=1, help="Prompt tokens.")] = 64,
     new_tokens: Annotated[int, typer.Option("--new-tokens", min=2, help="Tokens to decode per run.")] = 64,
     repeats: Annotated[int, typer.Option("--repeats", min=1, help="Timed runs after one warm-up; the median is shown.")] = 3,
@@ -238,10 +245,13 @@ def bench(
     device: DeviceOpt = "cpu",
     as_json: JsonOpt = False,
 ) -> None:
-    """Decode and prefill tokens/s against transformers and the memory-bandwidth floor, measured in one run."""
+    """Prefill and decode tokens/s per method and of transformers, beside the memory-bandwidth floor, in one run."""
     from evaluation.bench import format_bench, run_bench
 
-    report = run_bench(model, dtype, device, prompt_len, new_tokens, repeats, peers)
+    sparsity = build_sparsity(model, "partinfer", gamma, delta, phi, 0.2, "abs", start_num, end_num, model_neurons,
+                              None, "model")
+    method_list = tuple(m.strip() for m in methods.split(",") if m.strip())
+    report = run_bench(model, method_list, sparsity, dtype, device, prompt_len, new_tokens, repeats, peers)
     typer.echo(json.dumps(report, indent=2) if as_json else format_bench(report))
 
 
