@@ -64,7 +64,7 @@ def weight_bytes_per_token(model: Transformer) -> int:
     for block in model.layers:
         ffn = block.mlp
         if isinstance(ffn, SparseFFN) and ffn.c_gate_up is not None:
-            total += (ffn.c_gate_up[0].numel() + ffn.c_down_t[0].numel()) * ffn.c_gate_up.element_size()
+            total += (ffn.c_gate_up[0].numel() + ffn.c_down[0].numel()) * ffn.c_gate_up.element_size()
         else:
             total += sum(p.numel() * p.element_size() for p in ffn.parameters())
     return total

@@ -122,7 +122,7 @@ def expected_bytes(model, sparse_cls) -> dict:
             non_ffn += size
     for m in model.modules():
         if isinstance(m, sparse_cls) and m.c_gate_up is not None:
-            compact += (m.c_gate_up.numel() + m.c_down_t.numel()) * m.c_gate_up.element_size()
+            compact += (m.c_gate_up.numel() + m.c_down.numel()) * m.c_gate_up.element_size()
     return {"non_ffn": non_ffn, "ffn_loaded": ffn, "compact": compact, "weights": non_ffn + ffn + compact}
 
 

@@ -167,7 +167,8 @@ def load_model(
             neurons = plans[i].loaded if i in plans else torch.arange(cfg.ffn_dim)
             gate, up, down_t = read_ffn_neurons(reader, i, neurons, dtype, device, expected_perms.get(i))
             if i in plans:
-                state.update({f"layers.{i}.mlp.gate": gate, f"layers.{i}.mlp.up": up, f"layers.{i}.mlp.down_t": down_t})
+                state.update({f"layers.{i}.mlp.gate": gate, f"layers.{i}.mlp.up": up,
+                              f"layers.{i}.mlp.down": down_t.t().contiguous()})
             else:
                 state.update({f"layers.{i}.mlp.gate_proj.weight": gate, f"layers.{i}.mlp.up_proj.weight": up,
                               f"layers.{i}.mlp.down_proj.weight": down_t.t().contiguous()})
