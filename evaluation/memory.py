@@ -6,6 +6,9 @@ torch and runs the same kinds of kernels on a tiny model-shaped input (the basel
 model (peak RSS during load = VmHWM), then generates a few tokens so that every loaded weight has
 been read, and reports RssAnon and RssFile from /proc/self/status. Model memory = RSS - baseline.
 
+The baseline also builds a one-layer model on the `meta` device, because that imports torch's meta
+machinery (~67 MiB here) in any process that loads the way we do.
+
 Expected bytes are the weights the configuration keeps: non-FFN + loaded FFN neurons, plus the
 compact active copies that sparse decode gathers per sentence.
 """
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -72,6 +76,13 @@ def run_worker(spec: MemorySpec) -> dict:
         torch.bmm(x, w[None].transpose(1, 2)).float().topk(2)
         torch.nn.functional.silu(torch.nn.functional.linear(x.float(), w.float())).sum()
         torch.nn.functional.embedding(torch.tensor([[1]]), w)
+    # Building a module on the `meta` device imports torch's meta machinery once (~67 MiB here).
+    from dataclasses import replace
+
+    from runtime.model import Transformer
+
+    with torch.device("meta"):
+        Transformer(replace(cfg, n_layers=1, vocab_size=8, ffn_dim=8))
     baseline = proc_status()
     t0 = time.perf_counter()
     prompt = torch.randint(100, cfg.vocab_size - 100, (32,), generator=torch.Generator().manual_seed(0)).tolist()
@@ -126,10 +137,16 @@ def expected_bytes(model, sparse_cls) -> dict:
     return {"non_ffn": non_ffn, "ffn_loaded": ffn, "compact": compact, "weights": non_ffn + ffn + compact}
 
 
+# glibc raises its mmap threshold after large frees, after which freed transients (prefill activations,
+# fp32 weight upcasts) stay in the heap and count as RSS. A fixed threshold returns them to the system;
+# every worker, the transformers peer included, runs with it.
+WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+
+
 def measure(spec: MemorySpec) -> dict:
     """Run one configuration in a fresh interpreter and return its report."""
     done = subprocess.run([sys.executable, "-m", "evaluation.memory", json.dumps(spec.__dict__)],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, env={**os.environ, **WORKER_ENV})
     if done.returncode != 0:
         tail = done.stderr.strip().splitlines()[-1:] or ["no output"]
         raise PartinferError(f"memory worker for {spec.name} failed: {tail[0]}")

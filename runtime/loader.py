@@ -7,14 +7,13 @@ RSS reflects exactly the weights we keep (a tensor left memory-mapped only count
 from __future__ import annotations
 
 import json
-from contextlib import ExitStack
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from runtime.errors import PartinferError
 from runtime.model import ModelConfig, Transformer
+from runtime.safetensors_io import SafetensorsFile
 
 
 def checkpoint_shards(model_dir: Path) -> dict[str, Path]:
@@ -31,50 +30,39 @@ def checkpoint_shards(model_dir: Path) -> dict[str, Path]:
     single = model_dir / "model.safetensors"
     if not single.is_file():
         raise PartinferError(f"no model.safetensors (or index) in {model_dir}; pass a safetensors model directory")
-    with safe_open(single, "pt") as f:
-        return {name: single for name in f.keys()}
-
-
-def our_name(hf_name: str) -> str:
-    """transformers' `model.layers.0...` -> our `layers.0...`; `lm_head.weight` stays."""
-    return hf_name.removeprefix("model.")
-
-
-def owned_copy(t: torch.Tensor, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
-    """A copy in memory we own (not backed by the file mapping), converted to dtype/device."""
-    out = torch.empty(t.shape, dtype=dtype, device=device)
-    out.copy_(t)
-    return out
+    f = SafetensorsFile(single)
+    f.close()
+    return {name: single for name in f.keys()}
 
 
 class CheckpointReader:
-    """Opens each shard once; `get(name)` returns the memory-mapped tensor, `slice(name)` a lazy slice."""
+    """Opens each shard once; reads whole tensors or row runs into owned memory (see safetensors_io)."""
 
     def __init__(self, model_dir: Path):
         self.shards = checkpoint_shards(model_dir)
-        self._stack = ExitStack()
-        self._handles: dict[Path, object] = {}
+        self._files: dict[Path, SafetensorsFile] = {}
 
     def __enter__(self) -> "CheckpointReader":
         return self
 
     def __exit__(self, *exc) -> None:
-        self._handles.clear()
-        self._stack.close()
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
 
-    def _handle(self, name: str):
+    def file(self, name: str) -> SafetensorsFile:
         if name not in self.shards:
             raise PartinferError(f"tensor {name} is missing from the checkpoint; the model directory is incomplete")
         shard = self.shards[name]
-        if shard not in self._handles:
-            self._handles[shard] = self._stack.enter_context(safe_open(shard, "pt"))
-        return self._handles[shard]
+        if shard not in self._files:
+            self._files[shard] = SafetensorsFile(shard)
+        return self._files[shard]
 
     def get(self, name: str) -> torch.Tensor:
-        return self._handle(name).get_tensor(name)
+        return self.file(name).read(name)
 
-    def slice(self, name: str):
-        return self._handle(name).get_slice(name)
+    def read_rows(self, name: str, runs: list[tuple[int, int]]) -> torch.Tensor:
+        return self.file(name).read_rows(name, runs)
 
     def __contains__(self, name: str) -> bool:
         return name in self.shards
@@ -106,9 +94,10 @@ def read_ffn_neurons(
     """Read only `neurons` (original indices, in this order) of one FFN layer -> gate, up, down_t, each [k, d].
 
     Packed checkpoint: coalesced contiguous reads of the [n, 3, d] bundle (one read for a hot-first prefix).
-    Plain checkpoint: row gathers of gate/up and a column gather of down from the memory map.
+    Plain checkpoint: coalesced row runs of gate/up; down is read whole for its column gather (one layer).
     """
     prefix = f"model.layers.{layer}.mlp"
+    order = torch.argsort(neurons)  # read in ascending row order, put back in `neurons` order
     if f"{prefix}.bundle" in reader:
         perm = reader.get(f"{prefix}.perm").long()  # packed row j holds original neuron perm[j]
         if expected_perm is not None and not torch.equal(perm, expected_perm):
@@ -120,24 +109,16 @@ def read_ffn_neurons(
         inverse[perm] = torch.arange(perm.shape[0])
         positions = inverse[neurons]  # packed row of each wanted neuron
         order = torch.argsort(positions)
-        bundle = reader.slice(f"{prefix}.bundle")
-        d = bundle.get_shape()[2]
-        out = torch.empty(neurons.shape[0], 3, d, dtype=dtype, device=device)
-        filled = 0
-        for start, stop in contiguous_runs(positions[order]):
-            rows = order[filled : filled + stop - start]
-            out[rows.to(device)] = bundle[start:stop].to(device=device, dtype=dtype)
-            filled += stop - start
-        return out[:, 0].contiguous(), out[:, 1].contiguous(), out[:, 2].contiguous()
-    gate = reader.get(f"{prefix}.gate_proj.weight")
-    up = reader.get(f"{prefix}.up_proj.weight")
-    down = reader.get(f"{prefix}.down_proj.weight")  # [d, n]
-    # Advanced indexing already copies into owned memory; .to() is a no-op when dtype and device match.
-    return (
-        gate[neurons].to(device=device, dtype=dtype),
-        up[neurons].to(device=device, dtype=dtype),
-        down.t()[neurons].to(device=device, dtype=dtype),
-    )
+        rows = reader.read_rows(f"{prefix}.bundle", contiguous_runs(positions[order]))  # [k, 3, d] ascending
+        rows = rows if torch.equal(order, torch.arange(len(order))) else rows[torch.argsort(order)]
+        rows = rows.to(device=device, dtype=dtype)
+        return rows[:, 0].contiguous(), rows[:, 1].contiguous(), rows[:, 2].contiguous()
+    runs = contiguous_runs(neurons[order])
+    back = torch.argsort(order)
+    gate = reader.read_rows(f"{prefix}.gate_proj.weight", runs)[back]
+    up = reader.read_rows(f"{prefix}.up_proj.weight", runs)[back]
+    down_t = reader.get(f"{prefix}.down_proj.weight").t()[neurons]  # a column gather needs the whole [d, n]
+    return gate.to(device=device, dtype=dtype), up.to(device=device, dtype=dtype), down_t.to(device=device, dtype=dtype)
 
 
 def load_model(
@@ -176,7 +157,7 @@ def load_model(
         for name in model.state_dict():
             if name not in state:
                 hf_name = name if name.startswith("lm_head") else f"model.{name}"
-                state[name] = owned_copy(reader.get(hf_name), dtype, device)
+                state[name] = reader.get(hf_name).to(device=device, dtype=dtype)
     model.load_state_dict(state, strict=True, assign=True)
     model.init_buffers(device)
     for m in model.modules():

@@ -52,11 +52,11 @@ def pack_checkpoint(model_dir: Path, model_neurons: Path, out: Path) -> Path:
                 }
                 for name in names:
                     if name.startswith(prefix) and ".mlp." not in name:
-                        tensors[name] = reader.get(name).clone()
+                        tensors[name] = reader.get(name)
                 shard = f"layer-{i:03d}.safetensors"
                 save_file(tensors, tmp / shard, metadata={"format": "pt"})
                 weight_map.update({name: shard for name in tensors})
-            rest = {name: reader.get(name).clone() for name in names if not name.startswith("model.layers.")}
+            rest = {name: reader.get(name) for name in names if not name.startswith("model.layers.")}
             save_file(rest, tmp / "rest.safetensors", metadata={"format": "pt"})
             weight_map.update({name: "rest.safetensors" for name in rest})
         (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
