@@ -51,8 +51,8 @@ def weight_bytes_per_token(model: Transformer) -> int:
     """Bytes of weights one batch-1 decode step reads.
 
     Every non-FFN weight once (a tied embedding once, as the head; an untied input embedding only
-    reads one row, so it is not counted); per FFN layer, all its loaded weights, or for a sparse
-    layer with a selected active set only the compact active copies (φ of the layer).
+    reads one row, so it is not counted); per FFN layer, all its weights, or for a sparse layer
+    only its active neurons (φ of the layer; all loaded ones for load-only).
     """
     from runtime.sparse_ffn import SparseFFN
 
@@ -63,8 +63,8 @@ def weight_bytes_per_token(model: Transformer) -> int:
         total += p.numel() * p.element_size()
     for block in model.layers:
         ffn = block.mlp
-        if isinstance(ffn, SparseFFN) and ffn.c_gate_up is not None:
-            total += (ffn.c_gate_up[0].numel() + ffn.c_down[0].numel()) * ffn.c_gate_up.element_size()
+        if isinstance(ffn, SparseFFN):
+            total += ffn.decode_bytes()
         else:
             total += sum(p.numel() * p.element_size() for p in ffn.parameters())
     return total

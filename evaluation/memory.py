@@ -10,7 +10,8 @@ The baseline also builds a one-layer model on the `meta` device, because that im
 machinery (~67 MiB here) in any process that loads the way we do.
 
 Expected bytes are the weights the configuration keeps: non-FFN + loaded FFN neurons, plus the
-compact active copies that sparse decode gathers per sentence.
+per-sequence compact copies that a batch with several active sets gathers (none at batch 1, where
+selection reorders the loaded neurons in place).
 """
 
 from __future__ import annotations

@@ -118,5 +118,4 @@ def _active_count(engine: Engine) -> int | None:
     sparse = sparse_modules(engine.model)
     if not sparse:
         return None
-    m = sparse[0]
-    return m.n_loaded if m.active is None else int(m.active.shape[1])
+    return sparse[0].n_active

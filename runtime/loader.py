@@ -148,8 +148,10 @@ def load_model(
             neurons = plans[i].loaded if i in plans else torch.arange(cfg.ffn_dim)
             gate, up, down_t = read_ffn_neurons(reader, i, neurons, dtype, device, expected_perms.get(i))
             if i in plans:
-                state.update({f"layers.{i}.mlp.gate": gate, f"layers.{i}.mlp.up": up,
-                              f"layers.{i}.mlp.down": down_t.t().contiguous()})
+                h = plans[i].n_active
+                state.update({f"layers.{i}.mlp.gate_up": torch.stack([gate, up], dim=1),  # [k, 2, d]
+                              f"layers.{i}.mlp.down_head": down_t[:h].t().contiguous(),  # [d, h]
+                              f"layers.{i}.mlp.down_tail": down_t[h:].t().contiguous()})
             else:
                 state.update({f"layers.{i}.mlp.gate_proj.weight": gate, f"layers.{i}.mlp.up_proj.weight": up,
                               f"layers.{i}.mlp.down_proj.weight": down_t.t().contiguous()})

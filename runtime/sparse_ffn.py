@@ -3,15 +3,19 @@
 Life of a sentence (driven by `begin_prompt` / `end_prompt`, which `generate()` calls around prefill):
   prefill  every loaded neuron is computed; for methods that select per sentence, each sequence's
            token-wise core neurons are counted (padding excluded);
-  select   per sequence, active = base ∪ ε (`selection.sentence_active`), and the active neurons'
-           weights are gathered once into contiguous compact matrices;
-  decode   only the compact matrices are read: φ of the FFN bytes per token.
+  select   per sequence, active = base ∪ ε (`selection.sentence_active`);
+  decode   only the active neurons' weights are read: φ of the FFN bytes per token.
 A new prompt (a chat turn) calls `begin_prompt` again and re-selects; the KV cache is untouched.
 
-Weights keep the layout of `F.linear` ([out, in]): `gate`, `up` [k, d] and `down` [d, k]. Measured on
-the 2-core AVX2 CPU, a bf16 GEMV with the transposed layout (x @ W, W [in, out]) runs at 0.4-2.3 GB/s
-against 15-18 GB/s for F.linear, so no hot-path matmul here reads a transposed weight. Gathering the
-active set is a row gather of gate/up and a column gather of down, done once per sentence.
+Layout, chosen by measurement on the 2-core AVX2 CPU (bf16 GEMV: F.linear on a contiguous [out, in]
+weight 11-18 GB/s; a transposed weight, x @ W, 0.4-2.3 GB/s; a column-strided weight ~2x slower):
+  gate_up    [k, 2, d]  neuron i's gate row and up row side by side (one GEMV computes both),
+  down_head  [d, h]     down columns of the first h loaded positions (the active prefix),
+  down_tail  [d, k-h]   the other loaded columns.
+With one sequence, selection *reorders the loaded neurons in place* so that the active ones are the
+prefix: decode then reads `gate_up[:m]` (a contiguous prefix) and `down_head` (contiguous), and no
+compact copy exists — partinfer holds no more memory than load-only. Base neurons stay at positions
+0..n_base-1. A batch with different active sets per sequence gathers per-sequence compact copies.
 """
 
 from __future__ import annotations
@@ -31,9 +35,9 @@ class SparseFFN(nn.Module):
     def __init__(self, cfg: ModelConfig, plan: LayerPlan, sparsity: SparsityConfig):
         super().__init__()
         k, d = plan.loaded.shape[0], cfg.dim
-        self.gate = nn.Parameter(torch.empty(k, d))
-        self.up = nn.Parameter(torch.empty(k, d))
-        self.down = nn.Parameter(torch.empty(d, k))
+        self.gate_up = nn.Parameter(torch.empty(k, 2, d))
+        self.down_head = nn.Parameter(torch.empty(d, plan.n_active))
+        self.down_tail = nn.Parameter(torch.empty(d, k - plan.n_active))
         self.register_buffer("neuron_ids", plan.loaded.clone().to("cpu"), persistent=False)  # [k] original ids
         self.act = ACTIVATIONS[cfg.hidden_act]
         self.method = sparsity.method
@@ -46,38 +50,74 @@ class SparseFFN(nn.Module):
         self.core_counts: torch.Tensor | None = None  # [B, k]
         self.abs_sums: torch.Tensor | None = None  # [B, k]
         self.active: torch.Tensor | None = None  # [B, m] positions into the loaded set
-        self.c_gate_up: torch.Tensor | None = None  # [B, 2m, d]
+        self.c_gate_up: torch.Tensor | None = None  # [B, 2m, d] per-sequence copies (batches only)
         self.c_down: torch.Tensor | None = None  # [B, d, m]
 
     @property
     def n_loaded(self) -> int:
-        return self.gate.shape[0]
+        return self.gate_up.shape[0]
+
+    @property
+    def gate(self) -> torch.Tensor:  # [k, d] view
+        return self.gate_up[:, 0]
+
+    @property
+    def up(self) -> torch.Tensor:  # [k, d] view
+        return self.gate_up[:, 1]
+
+    @property
+    def down(self) -> torch.Tensor:  # [d, k], a copy
+        return torch.cat([self.down_head, self.down_tail], dim=1)
 
     def begin_prompt(self, token_mask: torch.Tensor | None) -> None:
         self.phase, self.token_mask = "prefill", token_mask
         self.core_counts = self.abs_sums = None
 
     def end_prompt(self) -> None:
-        """Choose the active set (per sequence) and gather the compact decode weights."""
+        """Choose the active set (per sequence) and lay the weights out for decode."""
         if self.selects and self.core_counts is not None:
             # abs_sums orders ties like mean |a| does: the token count is the same for every neuron of a sequence.
             self.set_active(sentence_active(self.core_counts, self.abs_sums, self.n_base, self.n_active))
-        elif self.method == "static" and self.active is None:
-            self.set_active(torch.arange(self.n_active, device=self.gate.device)[None])
         self.phase, self.token_mask = "decode", None
         self.core_counts = self.abs_sums = None
 
     def set_active(self, active: torch.Tensor) -> None:
-        """active [B, m] positions into the loaded set -> contiguous compact weights per sequence."""
+        """active [B, m] positions into the loaded set (sorted, base first)."""
+        self.c_gate_up = self.c_down = None
+        if active.shape[0] == 1:
+            self._move_to_front(active[0])
+            self.active = torch.arange(self.n_active, device=active.device)[None]
+            return
+        B, m = active.shape
+        down = self.down
         self.active = active
-        self.c_gate_up = torch.cat([self.gate[active], self.up[active]], dim=1)  # [B, 2m, d]
-        self.c_down = torch.stack([self.down[:, a] for a in active])  # [B, d, m]
+        self.c_gate_up = self.gate_up[active].reshape(B, 2 * m, -1)  # [B, 2m, d], gate/up interleaved
+        self.c_down = torch.stack([down[:, a] for a in active])  # [B, d, m]
+
+    @torch.no_grad()
+    def _move_to_front(self, active: torch.Tensor) -> None:
+        """Reorder loaded neurons in place so that `active` (sorted positions) becomes the prefix."""
+        keep = torch.ones(self.n_loaded, dtype=torch.bool, device=active.device)
+        keep[active] = False
+        order = torch.cat([active, keep.nonzero()[:, 0]])
+        if torch.equal(order, torch.arange(self.n_loaded, device=order.device)):
+            return
+        down = self.down  # one layer's down, transient
+        self.gate_up.data = self.gate_up.data[order]
+        self.down_head.data = down[:, order[: self.n_active]].contiguous()
+        self.down_tail.data = down[:, order[self.n_active :]].contiguous()
+        self.neuron_ids = self.neuron_ids[order.to(self.neuron_ids.device)]
 
     def active_neuron_ids(self) -> torch.Tensor:
-        """[B, m] original neuron indices computed at decode (all loaded when no selection applies)."""
+        """[B, m] original neuron indices computed at decode."""
         if self.active is None:
-            return self.neuron_ids[None]
+            return self.neuron_ids[: self.n_active][None]
         return self.neuron_ids.to(self.active.device)[self.active]
+
+    def decode_bytes(self) -> int:
+        """Weight bytes one decode token reads in this layer (batch 1)."""
+        m = self.n_active
+        return (2 * m * self.gate_up.shape[2] + self.down_head.numel()) * self.gate_up.element_size()
 
     def _record(self, a: torch.Tensor) -> None:
         """Count each sequence's token-wise core neurons over real prompt tokens. a [B, T, k]."""
@@ -93,17 +133,26 @@ class SparseFFN(nn.Module):
         self.core_counts = counts if self.core_counts is None else self.core_counts + counts
         self.abs_sums = sums if self.abs_sums is None else self.abs_sums + sums
 
+    def _act(self, h: torch.Tensor) -> torch.Tensor:
+        """[..., 2m] interleaved gate/up pre-activations -> a [..., m]."""
+        h = h.unflatten(-1, (-1, 2))
+        return self.act(h[..., 0]) * h[..., 1]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, D]
-        if self.phase == "decode" and self.c_gate_up is not None:
-            if self.c_gate_up.shape[0] == 1:  # one active set for the whole batch (B = 1, or static)
-                g, u = linear(x, self.c_gate_up[0]).chunk(2, dim=-1)  # [B, T, m] each
-                return linear(self.act(g) * u, self.c_down[0])  # [B, T, D]
-            g, u = torch.bmm(x, self.c_gate_up.transpose(1, 2)).chunk(2, dim=-1)  # per sequence: [B, T, m]
-            return torch.bmm(self.act(g) * u, self.c_down.transpose(1, 2))  # [B, T, D]
-        a = self.act(linear(x, self.gate)) * linear(x, self.up)  # [B, T, k]
+        if self.phase == "decode":
+            if self.c_gate_up is not None:  # per-sequence active sets
+                a = self._act(torch.bmm(x, self.c_gate_up.transpose(1, 2)))  # [B, T, m]
+                return torch.bmm(a, self.c_down.transpose(1, 2))  # [B, T, D]
+            m = self.n_active
+            a = self._act(linear(x, self.gate_up[:m].view(2 * m, -1)))  # [B, T, m]
+            return linear(a, self.down_head)
+        a = self._act(linear(x, self.gate_up.view(2 * self.n_loaded, -1)))  # [B, T, k]
         if self.phase == "prefill" and self.selects:
             self._record(a)
-        return linear(a, self.down)
+        y = linear(a[..., : self.n_active], self.down_head)
+        if self.down_tail.shape[1]:
+            y = y + linear(a[..., self.n_active :], self.down_tail)
+        return y
 
 
 def sparse_modules(model: Transformer) -> list[SparseFFN]:
@@ -129,7 +178,7 @@ def sparsity_summary(model: Transformer) -> dict:
     for block in model.layers:
         if isinstance(block.mlp, SparseFFN):
             loaded += block.mlp.n_loaded
-            computed += block.mlp.n_loaded if block.mlp.active is None else block.mlp.active.shape[1]
+            computed += block.mlp.n_active
         else:
             loaded += n
             computed += n
@@ -139,6 +188,6 @@ def sparsity_summary(model: Transformer) -> dict:
         "loaded_fraction": loaded / (n * L),
         "computed_fraction": computed / (n * L),
         "sparse_layer_computed_fraction": (
-            sum(m.n_loaded if m.active is None else m.active.shape[1] for m in sparse) / (n * len(sparse)) if sparse else 1.0
+            sum(m.n_active for m in sparse) / (n * len(sparse)) if sparse else 1.0
         ),
     }

@@ -59,16 +59,16 @@ def test_batch_equals_one_by_one(tiny_llama_dir, neurons):
         single = generate(model, [p], 12)
         assert single.tokens[0] == batched.tokens[b]
         for m, act in zip(sparse_modules(model), batched_active):
-            assert torch.equal(m.active_neuron_ids()[0], act[b])
+            assert torch.equal(m.active_neuron_ids()[0].sort().values, act[b].sort().values)
 
 
 def test_different_prompts_select_different_neurons(tiny_llama_dir, neurons):
     model = load(tiny_llama_dir, neurons, method="partinfer", gamma=0.7, delta=0.3, phi=0.4)
     a, b = tiny_prompts(2, seed=11)
     generate(model, [a], 2)
-    first = [m.active_neuron_ids().clone() for m in sparse_modules(model)]
+    first = [m.active_neuron_ids().sort().values for m in sparse_modules(model)]
     generate(model, [b], 2)
-    second = [m.active_neuron_ids().clone() for m in sparse_modules(model)]
+    second = [m.active_neuron_ids().sort().values for m in sparse_modules(model)]
     assert any(not torch.equal(x, y) for x, y in zip(first, second))
 
 
@@ -95,10 +95,10 @@ def test_chat_reselects_between_turns(default_model_dir):
     engine = load_engine(sparsity=SparsityConfig(method="partinfer", model_neurons=_shipped()))
     session = ChatSession(engine, context=1024, max_new_tokens=16)
     session.turn("What is the capital of France?")
-    first = [m.active_neuron_ids().clone() for m in sparse_modules(engine.model)]
+    first = [m.active_neuron_ids().sort().values for m in sparse_modules(engine.model)]
     length_after_first = session.cache.length
     reply = session.turn("Write one sentence about cooking pasta.")
-    second = [m.active_neuron_ids().clone() for m in sparse_modules(engine.model)]
+    second = [m.active_neuron_ids().sort().values for m in sparse_modules(engine.model)]
     assert reply and session.cache.length > length_after_first  # the cache was kept and extended
     assert any(not torch.equal(x, y) for x, y in zip(first, second))
 
