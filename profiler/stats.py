@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from runtime.kernels import linear
 from runtime.model import FFN, Transformer
 from runtime.selection import token_core_mask
 
@@ -45,9 +46,9 @@ class RecordingFFN(nn.Module):
         self.ffn, self.layer, self.stats = ffn, layer, stats
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, D]
-        a = self.ffn.act(self.ffn.gate_proj(x)) * self.ffn.up_proj(x)  # [B, T, n]
+        a = self.ffn.activations(x)  # [B, T, n]
         self.stats.add(self.layer, a)
-        return self.ffn.down_proj(a)
+        return linear(a, self.ffn.down)
 
 
 def attach_recorders(model: Transformer, stats: ActivationStats) -> None:

@@ -121,6 +121,20 @@ def read_ffn_neurons(
     return gate.to(device=device, dtype=dtype), up.to(device=device, dtype=dtype), down_t.to(device=device, dtype=dtype)
 
 
+def hf_names(name: str) -> list[str]:
+    """transformers tensor names that make up one of our parameters (fused ones are concatenated on dim 0)."""
+    if name.startswith("lm_head"):
+        return [name]
+    hf = f"model.{name}"
+    if ".self_attn.qkv_proj." in hf:
+        return [hf.replace("qkv_proj", p) for p in ("q_proj", "k_proj", "v_proj")]
+    if hf.endswith(".mlp.gate_up"):
+        return [hf.replace("gate_up", "gate_proj.weight"), hf.replace("gate_up", "up_proj.weight")]
+    if hf.endswith(".mlp.down"):
+        return [hf.replace("down", "down_proj.weight")]
+    return [hf]
+
+
 def load_model(
     model_dir: Path, dtype: torch.dtype = torch.bfloat16, device: str = "cpu", sparsity: "SparsityConfig | None" = None,
 ) -> Transformer:
@@ -153,13 +167,14 @@ def load_model(
                               f"layers.{i}.mlp.down_head": down_t[:h].t().contiguous(),  # [d, h]
                               f"layers.{i}.mlp.down_tail": down_t[h:].t().contiguous()})
             else:
-                state.update({f"layers.{i}.mlp.gate_proj.weight": gate, f"layers.{i}.mlp.up_proj.weight": up,
-                              f"layers.{i}.mlp.down_proj.weight": down_t.t().contiguous()})
+                state.update({f"layers.{i}.mlp.gate_up": torch.cat([gate, up]),
+                              f"layers.{i}.mlp.down": down_t.t().contiguous()})
             del gate, up, down_t
         for name in model.state_dict():
             if name not in state:
-                hf_name = name if name.startswith("lm_head") else f"model.{name}"
-                state[name] = reader.get(hf_name).to(device=device, dtype=dtype)
+                parts = [reader.get(hf).to(device=device, dtype=dtype) for hf in hf_names(name)]
+                state[name] = parts[0] if len(parts) == 1 else torch.cat(parts)
+                del parts
     model.load_state_dict(state, strict=True, assign=True)
     model.init_buffers(device)
     for m in model.modules():

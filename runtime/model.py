@@ -195,9 +195,9 @@ class Attention(nn.Module):
         super().__init__()
         self.cfg = cfg
         q_dim, kv_dim = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-        self.q_proj = Linear(cfg.dim, q_dim, bias=cfg.qkv_bias)
-        self.k_proj = Linear(cfg.dim, kv_dim, bias=cfg.qkv_bias)
-        self.v_proj = Linear(cfg.dim, kv_dim, bias=cfg.qkv_bias)
+        self.split = (q_dim, kv_dim, kv_dim)
+        # q, k and v projections fused into one matmul: rows [q; k; v] (the loader concatenates them).
+        self.qkv_proj = Linear(cfg.dim, q_dim + 2 * kv_dim, bias=cfg.qkv_bias)
         self.o_proj = Linear(q_dim, cfg.dim, bias=cfg.o_bias)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
@@ -215,9 +215,10 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         cfg = self.cfg
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, cfg.n_heads, cfg.head_dim)
-        k = self.k_proj(x).view(B, T, cfg.n_kv_heads, cfg.head_dim)
-        v = self.v_proj(x).view(B, T, cfg.n_kv_heads, cfg.head_dim)
+        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
+        q = q.view(B, T, cfg.n_heads, cfg.head_dim)
+        k = k.view(B, T, cfg.n_kv_heads, cfg.head_dim)
+        v = v.view(B, T, cfg.n_kv_heads, cfg.head_dim)
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, hd]
@@ -231,21 +232,24 @@ class Attention(nn.Module):
 
 
 class FFN(nn.Module):
-    """Dense gated FFN over the neurons it holds: y = down(act(gate(x)) * up(x)).
+    """Dense gated FFN: y = down(act(gate(x)) * up(x)), with gate and up fused into one matmul.
 
-    Neuron i is row i of gate/up and column i of down. Sparse variants replace this module.
+    Neuron i is row i of gate (row n + i of `gate_up`) and column i of `down`. Sparse variants replace
+    this module.
     """
 
-    def __init__(self, cfg: ModelConfig, n_neurons: int | None = None):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
-        n = cfg.ffn_dim if n_neurons is None else n_neurons
-        self.gate_proj = Linear(cfg.dim, n, bias=False)
-        self.up_proj = Linear(cfg.dim, n, bias=False)
-        self.down_proj = Linear(n, cfg.dim, bias=False)
+        self.gate_up = nn.Parameter(torch.empty(2 * cfg.ffn_dim, cfg.dim))  # [gate; up], [2n, d]
+        self.down = nn.Parameter(torch.empty(cfg.dim, cfg.ffn_dim))  # [d, n]
         self.act = ACTIVATIONS[cfg.hidden_act]
 
+    def activations(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, D] -> a [B, T, n]
+        gate, up = linear(x, self.gate_up).chunk(2, dim=-1)
+        return self.act(gate) * up
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, D] -> [B, T, D]
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        return linear(self.activations(x), self.down)
 
 
 class Block(nn.Module):
@@ -280,6 +284,23 @@ class Transformer(nn.Module):
     def output_weight(self) -> torch.Tensor:
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
+    def attention_mask(self, cache: KVCache, start: int, T: int, slots: torch.Tensor) -> torch.Tensor | None:
+        """[B, 1, T, L] bool mask of the keys each query sees, or None when plain causal attention is exact.
+
+        None (no mask at all) is faster in SDPA on CPU; it is exact for a single new token when no slot
+        before it is padding and no sliding window cuts the context.
+        """
+        L = start + T
+        if T == 1 and start and not self.cfg.sliding_window and bool(cache.valid[:, :start].all()):
+            return None
+        key_slots = torch.arange(L, device=slots.device)
+        allowed = key_slots[None, :] <= slots[:, None]  # [T, L] causal
+        if self.cfg.sliding_window:
+            allowed = allowed & (slots[:, None] - key_slots[None, :] < self.cfg.sliding_window)
+        mask = allowed[None, None] & cache.valid[:, None, None, :L]  # [B, 1, T, L]
+        # A left-pad query row sees no key at all; let it see itself so softmax stays finite.
+        return mask | (key_slots[None, :] == slots[:, None])[None, None]
+
     def forward(self, tokens: torch.Tensor, cache: KVCache, start: int, logits_for: str = "all") -> torch.Tensor:
         """tokens [B, T] written to cache slots start..start+T; returns logits [B, T, V] or [B, 1, V]."""
         B, T = tokens.shape
@@ -290,13 +311,7 @@ class Transformer(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # [B, 1, T, hd]
         x = self.embed_tokens(tokens)
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
-        key_slots = torch.arange(L, device=tokens.device)
-        allowed = key_slots[None, :] <= slots[:, None]  # [T, L] causal
-        if self.cfg.sliding_window:
-            allowed = allowed & (slots[:, None] - key_slots[None, :] < self.cfg.sliding_window)
-        mask = allowed[None, None] & cache.valid[:, None, None, :L]  # [B, 1, T, L]
-        # A left-pad query row sees no key at all; let it see itself so softmax stays finite.
-        mask = mask | (key_slots[None, :] == slots[:, None])[None, None]
+        mask = self.attention_mask(cache, start, T, slots)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, cache.k[i], cache.v[i], start, mask)
         if logits_for == "last":
