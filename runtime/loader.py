@@ -121,6 +121,21 @@ def read_ffn_neurons(
     return gate.to(device=device, dtype=dtype), up.to(device=device, dtype=dtype), down_t.to(device=device, dtype=dtype)
 
 
+def read_fused(reader: CheckpointReader, names: list[str], dtype: torch.dtype, device: str) -> torch.Tensor:
+    """Tensors concatenated on dim 0, each read straight into its slice of one preallocated tensor.
+
+    Reading parts and then concatenating leaves sub-MiB holes in the heap (measured: +21 MiB RSS on
+    the default model), so the fused q/k/v and gate/up weights are assembled in place.
+    """
+    shapes = [reader.file(n).shape(n) for n in names]
+    out = torch.empty([sum(s[0] for s in shapes), *shapes[0][1:]], dtype=dtype, device=device)
+    row = 0
+    for n, shape in zip(names, shapes):
+        reader.file(n).read_into(n, out[row : row + shape[0]])
+        row += shape[0]
+    return out
+
+
 def hf_names(name: str) -> list[str]:
     """transformers tensor names that make up one of our parameters (fused ones are concatenated on dim 0)."""
     if name.startswith("lm_head"):
@@ -163,18 +178,18 @@ def load_model(
             gate, up, down_t = read_ffn_neurons(reader, i, neurons, dtype, device, expected_perms.get(i))
             if i in plans:
                 h = plans[i].n_active
+                # clone, not contiguous(): an empty or already-contiguous view would keep down_t's storage alive
+                own = dict(memory_format=torch.contiguous_format)
                 state.update({f"layers.{i}.mlp.gate_up": torch.stack([gate, up], dim=1),  # [k, 2, d]
-                              f"layers.{i}.mlp.down_head": down_t[:h].t().contiguous(),  # [d, h]
-                              f"layers.{i}.mlp.down_tail": down_t[h:].t().contiguous()})
+                              f"layers.{i}.mlp.down_head": down_t[:h].t().clone(**own),  # [d, h]
+                              f"layers.{i}.mlp.down_tail": down_t[h:].t().clone(**own)})
             else:
                 state.update({f"layers.{i}.mlp.gate_up": torch.cat([gate, up]),
                               f"layers.{i}.mlp.down": down_t.t().contiguous()})
             del gate, up, down_t
         for name in model.state_dict():
             if name not in state:
-                parts = [reader.get(hf).to(device=device, dtype=dtype) for hf in hf_names(name)]
-                state[name] = parts[0] if len(parts) == 1 else torch.cat(parts)
-                del parts
+                state[name] = read_fused(reader, hf_names(name), dtype, device)
     model.load_state_dict(state, strict=True, assign=True)
     model.init_buffers(device)
     for m in model.modules():

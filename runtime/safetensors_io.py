@@ -72,6 +72,16 @@ class SafetensorsFile:
                 raise PartinferError(f"{self.path} ended early while reading; the file is truncated")
             done += got
 
+    def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
+        """Fill `out` (same shape) with the whole tensor: straight from the file when dtype and device match."""
+        if list(out.shape) != self.shape(name):
+            raise PartinferError(f"tensor {name} in {self.path} has shape {self.shape(name)}, expected {list(out.shape)}")
+        if out.dtype == self.dtype(name) and out.device.type == "cpu" and out.is_contiguous():
+            self._read_into(out, self.data_start + self.header[name]["data_offsets"][0])
+        else:
+            out.copy_(self.read(name))
+        return out
+
     def read(self, name: str) -> torch.Tensor:
         """The whole tensor, in memory we own."""
         return self.read_rows(name, [(0, self.shape(name)[0])] if self.shape(name) else None)
