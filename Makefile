@@ -20,7 +20,8 @@ model: setup
 	.venv/bin/partinfer prepare
 
 demo: model
-	.venv/bin/partinfer generate --prompt "What is the capital of France? Answer in one sentence." --max-new-tokens 64
+	.venv/bin/partinfer generate --function predefined-prompts --method partinfer --max-new-tokens 48
+	.venv/bin/partinfer memory --gamma 0.7 --no-peers
 
 test: model
 	$(PY) -m pytest -q

@@ -102,10 +102,11 @@ class SparseFFN(nn.Module):
         order = torch.cat([active, keep.nonzero()[:, 0]])
         if torch.equal(order, torch.arange(self.n_loaded, device=order.device)):
             return
+        # Copy into the existing storage: reallocating would leave sub-MiB holes in the heap every sentence.
         down = self.down  # one layer's down, transient
-        self.gate_up.data = self.gate_up.data[order]
-        self.down_head.data = down[:, order[: self.n_active]].contiguous()
-        self.down_tail.data = down[:, order[self.n_active :]].contiguous()
+        self.gate_up.copy_(self.gate_up[order])
+        self.down_head.copy_(down[:, order[: self.n_active]])
+        self.down_tail.copy_(down[:, order[self.n_active :]])
         self.neuron_ids = self.neuron_ids[order.to(self.neuron_ids.device)]
 
     def active_neuron_ids(self) -> torch.Tensor:
