@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import statistics
 import time
+from pathlib import Path
 from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from runtime.engine import Engine, load_engine, parse_device, parse_dtype
+from runtime.engine import parse_device, parse_dtype
 from runtime.generate import generate
 from runtime.loader import load_model
 from runtime.model import Transformer
@@ -80,17 +81,20 @@ def bench_ours(model: Transformer, prompt: list[int], new_tokens: int, repeats: 
     return statistics.median(r.prefill_tps for r in runs), statistics.median(r.decode_tps for r in runs)
 
 
-def bench_transformers(engine: Engine, prompt: list[int], new_tokens: int, repeats: int) -> tuple[float, float]:
+def bench_transformers(model_dir: Path, dtype: torch.dtype, device: str, prompt: list[int], new_tokens: int,
+                       repeats: int) -> tuple[float, float]:
     """transformers `generate()` on the same weights and dtype: decode = (t(N tokens) - t(1 token)) / (N - 1)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(engine.model_dir, dtype=engine.dtype).to(engine.device).eval()
-    ids = torch.tensor([prompt], device=engine.device)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    ids = torch.tensor([prompt], device=device)
 
     def timed(n: int) -> float:
         t0 = time.perf_counter()
         model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
                        do_sample=False, pad_token_id=0)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
         return time.perf_counter() - t0
 
     with torch.inference_mode():
@@ -109,25 +113,24 @@ def run_bench(
     """Measure every method and the peers in one process, on the same prompt, and return a JSON-able report."""
     sparsity = sparsity or SparsityConfig()
     model_dir = resolve_model(model)
-    engine = load_engine(model, dtype, device, SparsityConfig(method="dense"))
+    torch_dtype, device = parse_dtype(dtype), parse_device(device)
+    dense = load_model(model_dir, torch_dtype, device)
     g = torch.Generator().manual_seed(0)
-    prompt = torch.randint(100, engine.model.cfg.vocab_size - 100, (prompt_len,), generator=g).tolist()
+    prompt = torch.randint(min(100, dense.cfg.vocab_size // 4), dense.cfg.vocab_size - 1, (prompt_len,), generator=g).tolist()
     bandwidth = measure_bandwidth(device=device)
     rows = []
     for method in methods:
-        m = engine.model if method == "dense" else load_model(
-            model_dir, parse_dtype(dtype), parse_device(device), replace(sparsity, method=method))
+        m = dense if method == "dense" else load_model(model_dir, torch_dtype, device, replace(sparsity, method=method))
         pre, dec = bench_ours(m, prompt, new_tokens, repeats)
         nbytes = weight_bytes_per_token(m)  # after a generation, so sparse layers hold their active sets
         rows.append(BenchRow(method, pre, dec, nbytes, floor_tps(bandwidth, nbytes)))
-        if m is not engine.model:
-            del m
+        del m
     if peers:
-        dense_bytes = weight_bytes_per_token(engine.model)
-        pre, dec = bench_transformers(engine, prompt, new_tokens, repeats)
+        dense_bytes = weight_bytes_per_token(dense)
+        pre, dec = bench_transformers(model_dir, torch_dtype, device, prompt, new_tokens, repeats)
         rows.append(BenchRow("transformers generate()", pre, dec, dense_bytes, floor_tps(bandwidth, dense_bytes)))
     return {
-        "model": str(engine.model_dir), "dtype": dtype, "device": device, "threads": torch.get_num_threads(),
+        "model": str(model_dir), "dtype": dtype, "device": device, "threads": torch.get_num_threads(),
         "prompt_len": prompt_len, "new_tokens": new_tokens, "repeats": repeats, "bandwidth_gbs": bandwidth / 1e9,
         "gamma": sparsity.gamma, "delta": sparsity.delta, "phi": sparsity.phi,
         "rows": [asdict(r) | {"share_of_floor": r.share_of_floor} for r in rows],

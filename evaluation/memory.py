@@ -90,10 +90,10 @@ def run_worker(spec: MemorySpec) -> dict:
     if spec.method == "transformers":
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(spec.model_dir, dtype=dtype).eval()
+        model = AutoModelForCausalLM.from_pretrained(spec.model_dir, dtype=dtype).to(spec.device).eval()
         load_s = time.perf_counter() - t0
         after_load = proc_status()
-        ids = torch.tensor([prompt])
+        ids = torch.tensor([prompt], device=spec.device)
         with torch.inference_mode():
             model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=spec.new_tokens,
                            min_new_tokens=spec.new_tokens, do_sample=False, pad_token_id=0)
@@ -111,9 +111,15 @@ def run_worker(spec: MemorySpec) -> dict:
         load_s = time.perf_counter() - t0
         after_load = proc_status()
         generate(model, [prompt], spec.new_tokens)
+        if spec.device.startswith("cuda"):
+            torch.cuda.synchronize()
         expected = expected_bytes(model, SparseFFN)
     after_gen = proc_status()
-    return {
+    cuda = {}
+    if spec.device.startswith("cuda"):
+        cuda = {"cuda_max_allocated_mib": torch.cuda.max_memory_allocated() / MIB,
+                "cuda_allocated_mib": torch.cuda.memory_allocated() / MIB}
+    return {**cuda,
         "name": spec.name, "method": spec.method, "gamma": spec.gamma, "phi": spec.phi, "load_s": load_s,
         "baseline": baseline, "after_load": after_load, "after_generate": after_gen, "expected_bytes": expected,
         "model_mib_after_load": after_load["VmRSS"] - baseline["VmRSS"],
@@ -208,7 +214,10 @@ def format_memory(report: dict) -> str:
             f"{r['peak_generate_mib']:>9.1f}{r['after_generate']['RssAnon']:>9.1f}{r['after_generate']['RssFile']:>9.1f}"
             f"{r['baseline']['VmRSS']:>9.1f}"
         )
-    lines.append(f"one FFN layer = {report['ffn_layer_mib']:.1f} MiB; expected = non-FFN + loaded FFN + compact active copies")
+    for r in report["rows"]:
+        if "cuda_max_allocated_mib" in r:
+            lines.append(f"{r['name']}: torch.cuda.max_memory_allocated {r['cuda_max_allocated_mib']:.1f} MiB")
+    lines.append(f"one FFN layer = {report['ffn_layer_mib']:.1f} MiB; expected = non-FFN + loaded FFN (+ per-sequence copies in batches)")
     return "\n".join(lines)
 
 

@@ -13,7 +13,8 @@ def load_tokenizer(model_dir: Path):
     try:
         return AutoTokenizer.from_pretrained(model_dir)
     except Exception as e:
-        raise PartinferError(f"could not load a tokenizer from {model_dir} ({type(e).__name__}: {e})") from e
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise PartinferError(f"could not load a tokenizer from {model_dir} ({type(e).__name__}: {first_line})") from e
 
 
 def encode_prompt(tokenizer, text: str, chat_template: bool = True, history: list[dict] | None = None) -> list[int]:

@@ -38,3 +38,63 @@ def test_generate_json_on_default_model(default_model_dir):
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["text"] and report["new_tokens"] >= 1 and report["decode_tokens_per_s"] > 0
+
+
+def test_profile_and_neurons_show(default_model_dir, tmp_path):
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("\n".join(json.dumps({"text": t}) for t in ["The cat sat on the mat.", "Rivers flow to the sea."]))
+    out = tmp_path / "nf"
+    result = runner.invoke(app, ["profile", "-d", str(data), "-n", "2", "--gen-tokens", "2", "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["tokens"] > 0 and set(report["files"]) == {str(data), "model"}
+    shown = runner.invoke(app, ["neurons", "show", str(out / "model.safetensors"), str(out / "dataset-prompts.safetensors"),
+                                "--plot", str(tmp_path / "cov.png")])
+    assert shown.exit_code == 0, shown.output
+    assert "overlap of top 70% neurons" in shown.stdout and (tmp_path / "cov.png").stat().st_size > 0
+
+
+def test_profile_unknown_task(default_model_dir, tmp_path):
+    result = runner.invoke(app, ["profile", "-d", "no_such_task_xyz", "--out", str(tmp_path)])
+    assert_clean_error(result, "unknown task 'no_such_task_xyz'")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_pack_and_generate_from_packed(default_model_dir, tmp_path):
+    packed = tmp_path / "packed"
+    result = runner.invoke(app, ["pack", "--out", str(packed)])
+    assert result.exit_code == 0, result.output
+    gen = runner.invoke(app, ["generate", "--model", str(packed), "--model-neurons", "neuron_files/model.safetensors",
+                              "-p", "Name a colour.", "-n", "6", "--json"])
+    assert gen.exit_code == 0, gen.output
+    report = json.loads(gen.stdout)
+    assert report["text"] and abs(report["sparse_layer_computed_fraction"] - 0.4) < 0.01
+
+
+def test_generate_rejects_phi_above_gamma():
+    assert_clean_error(runner.invoke(app, ["generate", "-p", "hi", "--gamma", "0.3", "--phi", "0.4"]), "--phi 0.4 > --gamma 0.3")
+
+
+def test_predefined_prompts_json(default_model_dir):
+    result = runner.invoke(app, ["generate", "--function", "predefined-prompts", "-n", "4", "--json"])
+    assert result.exit_code == 0, result.output
+    answers = json.loads(result.stdout)
+    assert len(answers) == 5 and all(a["decode_tokens_per_s"] > 0 for a in answers)
+    assert all(abs(a["loaded_fraction"] - (6 + 24 * 0.7) / 30) < 0.01 for a in answers)
+
+
+def test_memory_command(default_model_dir):
+    result = runner.invoke(app, ["memory", "--gamma", "0.7", "--methods", "partinfer", "--no-peers", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = {r["name"]: r for r in json.loads(result.stdout)["rows"]}
+    dense, sparse = rows["dense"], rows["partinfer γ=0.7"]
+    assert sparse["expected_bytes"]["weights"] < dense["expected_bytes"]["weights"]
+    assert sparse["model_mib"] < dense["model_mib"]  # a real saving, measured in fresh processes
+
+
+def test_bench_runs_on_tiny_model(tiny_llama_dir):
+    result = runner.invoke(app, ["bench", "--model", str(tiny_llama_dir), "--methods", "dense", "--no-peers",
+                                 "--new-tokens", "4", "--prompt-len", "8", "--repeats", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    row = json.loads(result.stdout)["rows"][0]
+    assert row["decode_tps"] > 0 and row["floor_tps"] > 0

@@ -1,0 +1,38 @@
+"""The bench's arithmetic: bytes per token and the bandwidth floor."""
+
+from __future__ import annotations
+
+import torch
+
+from evaluation.bench import floor_tps, weight_bytes_per_token
+from runtime.generate import generate
+from runtime.loader import load_dense_model, load_model
+from runtime.sparsity import SparsityConfig
+from tests.helpers import make_neuron_file, tiny_prompts
+
+
+def test_dense_bytes_per_token(tiny_llama_dir):
+    model = load_dense_model(tiny_llama_dir, dtype=torch.bfloat16)
+    cfg = model.cfg
+    attn = cfg.dim * cfg.head_dim * (cfg.n_heads * 2 + cfg.n_kv_heads * 2)
+    ffn = 3 * cfg.dim * cfg.ffn_dim
+    norms = (2 * cfg.n_layers + 1) * cfg.dim
+    head = cfg.vocab_size * cfg.dim  # untied: the head is read, the input embedding only one row
+    assert weight_bytes_per_token(model) == 2 * (cfg.n_layers * (attn + ffn) + norms + head)
+
+
+def test_sparse_bytes_per_token(tiny_llama_dir, tmp_path):
+    neurons = make_neuron_file(tiny_llama_dir, tmp_path / "n.safetensors")
+    dense = load_dense_model(tiny_llama_dir, dtype=torch.float32)
+    sparse = load_model(tiny_llama_dir, torch.float32, "cpu",
+                        SparsityConfig(model_neurons=neurons, gamma=0.7, delta=0.3, phi=0.4, start_num=1, end_num=2))
+    generate(sparse, tiny_prompts(1), 2)
+    cfg = dense.cfg
+    m = round(0.4 * cfg.ffn_dim)
+    saved = 2 * 3 * cfg.dim * (cfg.ffn_dim - m) * 4  # two sparse layers read m of n neurons
+    assert weight_bytes_per_token(dense) - weight_bytes_per_token(sparse) == saved
+
+
+def test_floor():
+    assert floor_tps(30e9, 300_000_000) == 100.0
+    assert floor_tps(30e9, 0) == 0.0
