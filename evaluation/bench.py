@@ -101,7 +101,6 @@ def bench_transformers(model_dir: Path, dtype: torch.dtype, device: str, prompt:
         timed(new_tokens)  # warm-up
         first = statistics.median(timed(1) for _ in range(repeats))
         full = statistics.median(timed(new_tokens) for _ in range(repeats))
-    del model
     return len(prompt) / first, (new_tokens - 1) / max(full - first, 1e-9)
 
 

@@ -12,14 +12,13 @@ files are never made from evaluated examples.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import tarfile
-import tempfile
 from pathlib import Path
 from typing import Callable, Iterable
 
+from runtime.atomic import atomic_file
 from runtime.errors import PartinferError
 from runtime.prepare import cache_home
 
@@ -89,16 +88,9 @@ def data_dir() -> Path:
 
 
 def write_jsonl_atomic(path: Path, records: Iterable[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            for r in records:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_file(path) as tmp, open(tmp, "w") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
 
 
 def _download_bigbench() -> Path:

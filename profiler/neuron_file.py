@@ -16,8 +16,6 @@ model-level file can be the merge of dataset-level ones.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -26,6 +24,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from runtime.atomic import atomic_file
 from runtime.errors import PartinferError
 from runtime.model import ModelConfig
 
@@ -76,7 +75,6 @@ class NeuronFile:
     def save(self, path: Path) -> Path:
         """Write atomically: a temporary file in the same directory, then rename."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tensors: dict[str, torch.Tensor] = {}
         for i in range(self.n_layers):
             tensors[f"layers.{i}.sum_abs"] = self.sum_abs[i].double().contiguous()
@@ -91,15 +89,8 @@ class NeuronFile:
             "token_sparsity": str(self.token_sparsity), "core_score": self.core_score, "created": self.created,
             "n_layers": str(self.n_layers),
         }
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
+        with atomic_file(path) as tmp:
             save_file(tensors, tmp, metadata=metadata)
-            os.chmod(tmp, 0o644)  # mkstemp makes files private; neuron files are meant to be shared
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
         return path
 
     @classmethod

@@ -66,9 +66,9 @@ class Engine:
         """Generate for text prompts; `on_text` streams the first sequence's text as it grows."""
         ids = [self.encode(p, chat_template) for p in prompts]
         stream = TextStream(self.tokenizer, self.stop_ids)
-        on_token = None
-        if on_text is not None:
-            def on_token(tokens: torch.Tensor) -> None:
+
+        def on_token(tokens: torch.Tensor) -> None:
+            if on_text is not None:
                 on_text(stream.push(int(tokens[0])))
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         result = generate(self.model, ids, max_new_tokens, sampling, self.stop_ids, on_token=on_token, pad_id=pad)

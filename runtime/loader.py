@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from runtime.errors import PartinferError
 from runtime.model import ModelConfig, Transformer
 from runtime.safetensors_io import SafetensorsFile
+
+if TYPE_CHECKING:
+    from runtime.sparsity import SparsityConfig
 
 
 def checkpoint_shards(model_dir: Path) -> dict[str, Path]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -20,6 +19,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from profiler.neuron_file import NeuronFile
+from runtime.atomic import atomic_directory
 from runtime.errors import PartinferError
 from runtime.loader import PACK_MANIFEST, CheckpointReader, is_packed
 from runtime.model import ModelConfig
@@ -34,9 +34,7 @@ def pack_checkpoint(model_dir: Path, model_neurons: Path, out: Path) -> Path:
         raise PartinferError(f"{model_dir} is already packed; pack the original checkpoint")
     cfg = ModelConfig.from_dir(model_dir)
     nf = NeuronFile.load(model_neurons, cfg)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         weight_map: dict[str, str] = {}
         with CheckpointReader(model_dir) as reader:
             names = list(reader.shards)
@@ -66,10 +64,4 @@ def pack_checkpoint(model_dir: Path, model_neurons: Path, out: Path) -> Path:
         manifest = {"format": "partinfer-packed", "version": 1, "fingerprint": cfg.fingerprint,
                     "model_neurons": str(model_neurons), "neurons_created": nf.created, "source": str(model_dir)}
         (tmp / PACK_MANIFEST).write_text(json.dumps(manifest, indent=1))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out

@@ -10,7 +10,7 @@ from runtime.cli import app
 from runtime.errors import PartinferError
 from runtime.generate import generate
 from runtime.loader import load_dense_model, load_model
-from runtime.sparse_ffn import SparseFFN, sparse_modules
+from runtime.sparse_ffn import sparse_modules
 from runtime.sparsity import METHODS, SparsityConfig, fraction_count
 from tests.helpers import make_neuron_file, tiny_prompts
 
