@@ -99,6 +99,7 @@ def _download_bigbench() -> Path:
     if found:
         return found[0]
     downloads.mkdir(parents=True, exist_ok=True)
+    print(f"downloading {BIGBENCH_PIP} (358 MB source archive) from the package registry, once ...", file=sys.stderr)
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", BIGBENCH_PIP,
            "-d", str(downloads)]
     done = subprocess.run(cmd, capture_output=True, text=True)

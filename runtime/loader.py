@@ -45,6 +45,7 @@ class CheckpointReader:
     def __init__(self, model_dir: Path):
         self.shards = checkpoint_shards(model_dir)
         self._files: dict[Path, SafetensorsFile] = {}
+        self.bytes_read = 0  # filled in on exit
 
     def __enter__(self) -> "CheckpointReader":
         return self
@@ -52,6 +53,7 @@ class CheckpointReader:
     def __exit__(self, *exc) -> None:
         for f in self._files.values():
             f.close()
+        self.bytes_read = sum(f.bytes_read for f in self._files.values())
         self._files.clear()
 
     def file(self, name: str) -> SafetensorsFile:
@@ -196,6 +198,7 @@ def load_model(
                 state[name] = read_fused(reader, hf_names(name), dtype, device)
     model.load_state_dict(state, strict=True, assign=True)
     model.init_buffers(device)
+    model.checkpoint_bytes_read = reader.bytes_read
     for m in model.modules():
         if isinstance(m, SparseFFN):
             m.neuron_ids = m.neuron_ids.to(device)

@@ -276,6 +276,7 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        self.checkpoint_bytes_read = 0  # set by the loader: tensor bytes it read from disk
 
     def init_buffers(self, device: torch.device | str) -> None:
         """Recompute non-persistent buffers after the model was built on `meta` and weights assigned."""

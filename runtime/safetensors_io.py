@@ -44,6 +44,7 @@ class SafetensorsFile:
             os.close(self.fd)
             raise PartinferError(f"{self.path} is not a valid safetensors file (truncated or corrupt)") from e
         self.data_start = 8 + n
+        self.bytes_read = 0  # tensor bytes read so far: what a partial load really costs
         self.metadata = self.header.pop("__metadata__", {}) or {}
 
     def close(self) -> None:
@@ -71,6 +72,7 @@ class SafetensorsFile:
             if got <= 0:
                 raise PartinferError(f"{self.path} ended early while reading; the file is truncated")
             done += got
+        self.bytes_read += done
 
     def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
         """Fill `out` (same shape) with the whole tensor: straight from the file when dtype and device match."""

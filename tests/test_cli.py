@@ -98,3 +98,8 @@ def test_bench_runs_on_tiny_model(tiny_llama_dir):
     assert result.exit_code == 0, result.output
     row = json.loads(result.stdout)["rows"][0]
     assert row["decode_tps"] > 0 and row["floor_tps"] > 0
+
+
+def test_hub_id_offline_gives_one_line_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert_clean_error(runner.invoke(app, ["prepare", "nobody/no-such-model"]), "could not fetch 'nobody/no-such-model'")

@@ -113,3 +113,19 @@ def test_missing_shard(tiny, tmp_path):
 def test_partinfer_without_neuron_file(tiny):
     with pytest.raises(PartinferError, match="needs a neuron file"):
         load_model(tiny["plain"], torch.float32, "cpu", SparsityConfig(method="partinfer"))
+
+
+def test_packed_partial_load_reads_only_loaded_rows(tiny):
+    from runtime.loader import CheckpointReader
+
+    sparsity = SparsityConfig(method="load-only", gamma=0.3, delta=0.3, phi=0.3, model_neurons=tiny["model_nf"],
+                              start_num=1, end_num=2)
+    part = load_model(tiny["packed"], torch.float32, "cpu", sparsity)
+    n, d = part.cfg.ffn_dim, part.cfg.dim
+    k = fraction_count(0.3, n)
+    with CheckpointReader(tiny["packed"]) as reader:
+        total = sum(torch.Size(reader.file(name).shape(name)).numel() * 4 for name in reader.shards
+                    if not name.endswith(".perm"))  # every fp32 tensor of the checkpoint
+        perms = sum(torch.Size(reader.file(name).shape(name)).numel() * 8 for name in reader.shards if name.endswith(".perm"))
+    skipped = 2 * (n - k) * 3 * d * 4  # the unloaded rows of the two sparse layers' bundles
+    assert part.checkpoint_bytes_read == total + perms - skipped
