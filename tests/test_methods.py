@@ -118,3 +118,20 @@ def _shipped():
     path = shipped_model_neurons(None)
     assert path is not None, "neuron_files/model.safetensors is missing"
     return path
+
+
+def test_prompt_longer_than_context(tiny_llama_dir):
+    model = load_dense_model(tiny_llama_dir, dtype=torch.float32)  # max_position_embeddings 256
+    with pytest.raises(PartinferError, match="exceed the context"):
+        generate(model, [[5] * 300], 4)
+
+
+def test_chat_longer_than_context_says_how_to_go_on(default_model_dir):
+    from runtime.chat import ChatSession
+    from runtime.engine import load_engine
+
+    session = ChatSession(load_engine(sparsity=SparsityConfig(method="dense")), context=64, max_new_tokens=8)
+    with pytest.raises(PartinferError, match="/reset"):
+        session.turn("Tell me everything about the history of the Roman Empire, " * 4)
+    session.reset()
+    assert session.turn("Hi!")  # after /reset the conversation goes on
