@@ -255,6 +255,36 @@ def bench(
     typer.echo(json.dumps(report, indent=2) if as_json else format_bench(report))
 
 
+@app.command()
+def perplexity(
+    model: ModelOpt = None,
+    methods: Annotated[str, typer.Option("--methods", help="Comma-separated methods to score.")] = "dense,load-only,static,coreinfer,partinfer",
+    dataset: Annotated[str, typer.Option("--dataset", "-d", help="Built-in task (its eval split) or a local text file.")] = "xsum",
+    num_samples: Annotated[int, typer.Option("--num-samples", "-n", min=1, help="Texts to score.")] = 32,
+    prompt_tokens: Annotated[int, typer.Option("--prompt-tokens", min=1, help="Tokens the selection sees.")] = 64,
+    cont_tokens: Annotated[int, typer.Option("--cont-tokens", min=2, help="Tokens scored after them.")] = 128,
+    gamma: GammaOpt = 0.7,
+    delta: DeltaOpt = 0.3,
+    phi: PhiOpt = 0.4,
+    token_sparsity: TokenSparsityOpt = 0.2,
+    core_score: CoreScoreOpt = "abs",
+    start_num: StartOpt = None,
+    end_num: EndOpt = None,
+    model_neurons: ModelNeuronsOpt = None,
+    dtype: DtypeOpt = "bf16",
+    device: DeviceOpt = "cpu",
+    as_json: JsonOpt = False,
+) -> None:
+    """Continuation perplexity per method on held-out text: what each way of choosing neurons costs in accuracy."""
+    from evaluation.perplexity import format_perplexity, run_perplexity
+
+    sparsity = build_sparsity(model, "partinfer", gamma, delta, phi, token_sparsity, core_score, start_num, end_num,
+                              model_neurons, None, "model")
+    method_list = tuple(m.strip() for m in methods.split(",") if m.strip())
+    report = run_perplexity(model, method_list, sparsity, dataset, num_samples, prompt_tokens, cont_tokens, dtype, device)
+    typer.echo(json.dumps(report, indent=2) if as_json else format_perplexity(report))
+
+
 data_app = typer.Typer(cls=ErrorHandlingGroup, no_args_is_help=True, help="Offline data sets for profiling and evaluation.")
 neurons_app = typer.Typer(cls=ErrorHandlingGroup, no_args_is_help=True, help="Inspect neuron files.")
 app.add_typer(data_app, name="data")

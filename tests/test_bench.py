@@ -36,3 +36,32 @@ def test_sparse_bytes_per_token(tiny_llama_dir, tmp_path):
 def test_floor():
     assert floor_tps(30e9, 300_000_000) == 100.0
     assert floor_tps(30e9, 0) == 0.0
+
+
+def test_continuation_nll_dense_equals_one_forward(tiny_llama_dir):
+    from evaluation.perplexity import continuation_nll
+    from runtime.model import KVCache, prefill
+
+    model = load_dense_model(tiny_llama_dir, dtype=torch.float32)
+    tokens = tiny_prompts(1, seed=9)[0] + tiny_prompts(1, seed=10)[0]
+    split = 5
+    with torch.no_grad():
+        logits = prefill(model, torch.tensor([tokens]), KVCache(model.cfg, 1, len(tokens), torch.float32, "cpu"),
+                         logits_for="all")[0]
+    direct = torch.nn.functional.cross_entropy(logits[split - 1 : -1], torch.tensor(tokens[split:]), reduction="sum")
+    assert abs(continuation_nll(model, tokens[:split], tokens[split:]) - float(direct)) < 1e-3
+
+
+def test_continuation_nll_sparse_methods_at_phi_gamma_one(tiny_llama_dir, tmp_path):
+    from evaluation.perplexity import continuation_nll
+
+    neurons = make_neuron_file(tiny_llama_dir, tmp_path / "n.safetensors")
+    tokens = tiny_prompts(1, seed=12)[0] * 2
+    dense = continuation_nll(load_dense_model(tiny_llama_dir, dtype=torch.float32), tokens[:6], tokens[6:])
+    for method in ("partinfer", "coreinfer", "static", "load-only"):
+        model = load_model(tiny_llama_dir, torch.float32, "cpu",
+                           SparsityConfig(method=method, gamma=1.0, phi=1.0, model_neurons=neurons))
+        assert abs(continuation_nll(model, tokens[:6], tokens[6:]) - dense) < 1e-3
+    sparse = load_model(tiny_llama_dir, torch.float32, "cpu",
+                        SparsityConfig(method="partinfer", gamma=0.7, phi=0.4, model_neurons=neurons))
+    assert continuation_nll(sparse, tokens[:6], tokens[6:]) != dense  # the sparse path really runs
