@@ -24,6 +24,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from runtime.atomic import atomic_file
 from runtime.errors import PartinferError
 
 MIB = 2**20
@@ -242,11 +243,10 @@ def plot_memory(report: dict, out: Path) -> Path:
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
+    with atomic_file(Path(out)) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
-    return out
+    return Path(out)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from profiler.neuron_file import NeuronFile
+from runtime.atomic import atomic_file
 
 COVERAGE_FRACTIONS = (0.1, 0.2, 0.4, 0.7)
 
@@ -58,11 +59,10 @@ def plot_coverage(files: dict[str, NeuronFile], out: Path) -> Path:
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
+    with atomic_file(Path(out)) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
-    return out
+    return Path(out)
 
 
 def format_show(paths: list[Path], files: list[NeuronFile], gamma: float) -> str:
