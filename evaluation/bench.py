@@ -17,7 +17,7 @@ from runtime.engine import parse_device, parse_dtype
 from runtime.generate import generate
 from runtime.loader import load_model
 from runtime.model import Transformer
-from runtime.prepare import resolve_model
+from runtime.prepare import default_gguf_path, default_model_dir, resolve_model
 from runtime.sparsity import SparsityConfig
 
 
@@ -104,6 +104,32 @@ def bench_transformers(model_dir: Path, dtype: torch.dtype, device: str, prompt:
     return len(prompt) / first, (new_tokens - 1) / max(full - first, 1e-9)
 
 
+def bench_llama_cpp(gguf: Path, prompt: list[int], new_tokens: int, repeats: int) -> tuple[float, float] | None:
+    """llama.cpp (`llama-cpp-python`, an optional extra) on a GGUF file; None when it is not installed.
+
+    Decode = (t(N tokens) - t(first token)) / (N - 1), greedy, the same thread count as torch.
+    """
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return None
+    llm = Llama(model_path=str(gguf), n_ctx=len(prompt) + new_tokens + 8, n_threads=torch.get_num_threads(),
+                n_batch=max(len(prompt), 8), verbose=False)
+
+    def timed() -> tuple[float, float]:
+        t0 = time.perf_counter()
+        tokens = llm.generate(prompt, temp=0.0, reset=True)
+        next(tokens)
+        t1 = time.perf_counter()
+        for _ in range(new_tokens - 1):
+            next(tokens)
+        return len(prompt) / (t1 - t0), (new_tokens - 1) / (time.perf_counter() - t1)
+
+    timed()  # warm-up
+    runs = [timed() for _ in range(repeats)]
+    return statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
+
+
 def run_bench(
     model: str | None = None, methods: tuple[str, ...] = ("dense", "partinfer"), sparsity: SparsityConfig | None = None,
     dtype: str = "bf16", device: str = "cpu", prompt_len: int = 64, new_tokens: int = 64, repeats: int = 3,
@@ -128,6 +154,12 @@ def run_bench(
         dense_bytes = weight_bytes_per_token(dense)
         pre, dec = bench_transformers(model_dir, torch_dtype, device, prompt, new_tokens, repeats)
         rows.append(BenchRow("transformers generate()", pre, dec, dense_bytes, floor_tps(bandwidth, dense_bytes)))
+        if model_dir == default_model_dir():  # llama.cpp runs the GGUF the default model was converted from
+            gguf = default_gguf_path()
+            speeds = bench_llama_cpp(gguf, prompt, new_tokens, repeats)
+            if speeds is not None:
+                nbytes = gguf.stat().st_size
+                rows.append(BenchRow("llama.cpp (Q4_1 GGUF)", *speeds, nbytes, floor_tps(bandwidth, nbytes)))
     return {
         "model": str(model_dir), "dtype": dtype, "device": device, "threads": torch.get_num_threads(),
         "prompt_len": prompt_len, "new_tokens": new_tokens, "repeats": repeats, "bandwidth_gbs": bandwidth / 1e9,
