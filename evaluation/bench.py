@@ -55,7 +55,7 @@ def weight_bytes_per_token(model: Transformer) -> int:
     reads one row, so it is not counted); per FFN layer, all its weights, or for a sparse layer
     only its active neurons (φ of the layer; all loaded ones for load-only).
     """
-    from runtime.sparse_ffn import SparseFFN
+    from runtime.sparse_ffn import is_sparse
 
     total = 0
     for name, p in model.named_parameters():
@@ -64,7 +64,7 @@ def weight_bytes_per_token(model: Transformer) -> int:
         total += p.numel() * p.element_size()
     for block in model.layers:
         ffn = block.mlp
-        if isinstance(ffn, SparseFFN):
+        if is_sparse(ffn):
             total += ffn.decode_bytes()
         else:
             total += sum(p.numel() * p.element_size() for p in ffn.parameters())

@@ -41,7 +41,7 @@ ModelOpt = Annotated[
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="Weight and compute dtype: bf16, fp32 or fp16.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu or cuda.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print a JSON object instead of text.")]
-MethodOpt = Annotated[str, typer.Option("--method", help="dense | load-only | static | coreinfer | partinfer.")]
+MethodOpt = Annotated[str, typer.Option("--method", help="dense | load-only | static | coreinfer | partinfer | tokenwise (per-token choice by the gate).")]
 GammaOpt = Annotated[float, typer.Option("--loaded-neurons-percent", "--gamma", help="γ: fraction of each sparse FFN layer loaded from disk.")]
 DeltaOpt = Annotated[float, typer.Option("--base-neurons-percent", "--delta", help="δ: fraction always computed (base neurons from a neuron file).")]
 PhiOpt = Annotated[float, typer.Option("--sparsity", "--phi", help="φ: fraction computed per sentence (δ base + ε chosen at prefill).")]

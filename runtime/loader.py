@@ -163,8 +163,9 @@ def load_model(
 
     Dense layers (outside --start-num..--end-num) and everything that is not an FFN load whole.
     """
-    from runtime.sparse_ffn import SparseFFN
+    from runtime.sparse_ffn import SparseFFN, is_sparse
     from runtime.sparsity import SparsityConfig, plan_layers
+    from runtime.tokenwise_ffn import TokenwiseFFN
 
     sparsity = sparsity or SparsityConfig(method="dense")
     cfg = ModelConfig.from_dir(model_dir)
@@ -172,7 +173,8 @@ def load_model(
     with torch.device("meta"):
         model = Transformer(cfg)
         for i, plan in plans.items():
-            model.layers[i].mlp = SparseFFN(cfg, plan, sparsity)
+            tokenwise = sparsity.method == "tokenwise"
+            model.layers[i].mlp = TokenwiseFFN(cfg, plan) if tokenwise else SparseFFN(cfg, plan, sparsity)
     packed = is_packed(model_dir)
     expected_perms = packed_perms_to_check(model_dir, sparsity, cfg)
     state: dict[str, torch.Tensor] = {}
@@ -182,7 +184,9 @@ def load_model(
                 continue  # a dense layer of a plain checkpoint loads by name below
             neurons = plans[i].loaded if i in plans else torch.arange(cfg.ffn_dim)
             gate, up, down_t = read_ffn_neurons(reader, i, neurons, dtype, device, expected_perms.get(i))
-            if i in plans:
+            if i in plans and isinstance(model.layers[i].mlp, TokenwiseFFN):
+                state.update({f"layers.{i}.mlp.gate": gate, f"layers.{i}.mlp.up": up, f"layers.{i}.mlp.down_t": down_t})
+            elif i in plans:
                 h = plans[i].n_active
                 # clone, not contiguous(): an empty or already-contiguous view would keep down_t's storage alive
                 own = dict(memory_format=torch.contiguous_format)
@@ -200,7 +204,7 @@ def load_model(
     model.init_buffers(device)
     model.checkpoint_bytes_read = reader.bytes_read
     for m in model.modules():
-        if isinstance(m, SparseFFN):
+        if is_sparse(m):
             m.neuron_ids = m.neuron_ids.to(device)
     return model.eval()
 

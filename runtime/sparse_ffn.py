@@ -156,8 +156,15 @@ class SparseFFN(nn.Module):
         return y
 
 
-def sparse_modules(model: Transformer) -> list[SparseFFN]:
-    return [block.mlp for block in model.layers if isinstance(block.mlp, SparseFFN)]
+def is_sparse(module: nn.Module) -> bool:
+    """A sparse FFN variant: SparseFFN (per-sentence methods) or TokenwiseFFN."""
+    from runtime.tokenwise_ffn import TokenwiseFFN
+
+    return isinstance(module, (SparseFFN, TokenwiseFFN))
+
+
+def sparse_modules(model: Transformer) -> list[nn.Module]:
+    return [block.mlp for block in model.layers if is_sparse(block.mlp)]
 
 
 def begin_prompt(model: Transformer, token_mask: torch.Tensor | None = None) -> None:
@@ -177,7 +184,7 @@ def sparsity_summary(model: Transformer) -> dict:
     n, L = model.cfg.ffn_dim, model.cfg.n_layers
     loaded = computed = 0.0
     for block in model.layers:
-        if isinstance(block.mlp, SparseFFN):
+        if is_sparse(block.mlp):
             loaded += block.mlp.n_loaded
             computed += block.mlp.n_active
         else:

@@ -8,6 +8,7 @@ Constraint 0 < δ <= φ <= γ <= 1. Methods (DESIGN.md "Methods"):
   static     γ loaded, the first φ·n of the loaded order computed at decode, same for every sentence
   coreinfer  everything loaded, φ·n chosen per sentence among all neurons (no base)
   partinfer  γ loaded, δ base + ε chosen per sentence among loaded ∖ base
+  tokenwise  γ loaded, δ base + the largest |act(gate)| of the loaded, chosen per token (ours)
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from runtime.errors import PartinferError
 from runtime.model import ModelConfig
 from runtime.selection import CORE_SCORES, loaded_order
 
-METHODS = ("dense", "load-only", "static", "coreinfer", "partinfer")
+METHODS = ("dense", "load-only", "static", "coreinfer", "partinfer", "tokenwise")
 
 
 def default_layer_range(n_layers: int) -> tuple[int, int]:
@@ -53,11 +54,11 @@ class SparsityConfig:
             raise PartinferError(f"--phi (sparsity, computed fraction) must be in (0, 1], got {self.phi}")
         if not 0 < self.delta <= 1:
             raise PartinferError(f"--delta (base fraction) must be in (0, 1], got {self.delta}")
-        if self.method in ("partinfer",) and self.delta > self.phi:
+        if self.method in ("partinfer", "tokenwise") and self.delta > self.phi:
             raise PartinferError(f"--delta {self.delta} > --phi {self.phi}: base neurons must fit in the computed set; lower --delta or raise --phi")
-        if self.method in ("partinfer", "load-only", "static") and self.delta > self.gamma:
+        if self.method in ("partinfer", "tokenwise", "load-only", "static") and self.delta > self.gamma:
             raise PartinferError(f"--delta {self.delta} > --gamma {self.gamma}: base neurons must be loaded; lower --delta or raise --gamma")
-        if self.method in ("partinfer", "static") and self.phi > self.gamma:
+        if self.method in ("partinfer", "tokenwise", "static") and self.phi > self.gamma:
             raise PartinferError(f"--phi {self.phi} > --gamma {self.gamma}: cannot compute more neurons than are loaded; raise --gamma or lower --phi")
         if not 0 < self.token_sparsity <= 1:
             raise PartinferError(f"--token-sparsity must be in (0, 1], got {self.token_sparsity}")
@@ -128,11 +129,11 @@ def plan_layers(sparsity: SparsityConfig, cfg: ModelConfig) -> dict[int, LayerPl
     other_nf = other_nf or base_nf
     k = fraction_count(sparsity.gamma, n)
     # The loaded set is the same for load-only, static and partinfer (base first, then the other ranking),
-    # so load-only is the ceiling of the other two; only partinfer treats the base as always computed.
+    # so load-only is the ceiling of the others; partinfer and tokenwise treat the base as always computed.
     n_base = min(fraction_count(sparsity.delta, n), k)
     plans = {}
     for i in layers:
         loaded = loaded_order(base_nf.rank(i).long(), other_nf.rank(i).long(), n_base, k)
         n_active = k if sparsity.method == "load-only" else fraction_count(sparsity.phi, n)
-        plans[i] = LayerPlan(loaded, n_base if sparsity.method == "partinfer" else 0, n_active)
+        plans[i] = LayerPlan(loaded, n_base if sparsity.method in ("partinfer", "tokenwise") else 0, n_active)
     return plans

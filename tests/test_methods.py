@@ -135,3 +135,35 @@ def test_chat_longer_than_context_says_how_to_go_on(default_model_dir):
         session.turn("Tell me everything about the history of the Roman Empire, " * 4)
     session.reset()
     assert session.turn("Hi!")  # after /reset the conversation goes on
+
+
+def test_tokenwise_computes_phi_per_token_with_base(tiny_llama_dir, neurons):
+    from runtime.tokenwise_ffn import TokenwiseFFN
+
+    model = load(tiny_llama_dir, neurons, method="tokenwise", gamma=0.7, delta=0.3, phi=0.4)
+    layers = sparse_modules(model)
+    assert layers and all(isinstance(m, TokenwiseFFN) for m in layers)
+    n = model.cfg.ffn_dim
+    seen: list[list[set[int]]] = [[] for _ in layers]
+
+    def record(tokens):  # after every decode step: what each layer computed for that token
+        for i, m in enumerate(layers):
+            if m.last_selected is not None:
+                seen[i].append(set(m.active_neuron_ids()[0].tolist()))
+
+    generate(model, tiny_prompts(1, seed=21), 10, on_token=record)
+    for m, per_step in zip(layers, seen):
+        base = set(m.neuron_ids[: m.n_base].tolist())
+        loaded = set(m.neuron_ids.tolist())
+        assert len(base) == fraction_count(0.3, n) and len(per_step) >= 8
+        for chosen in per_step:
+            assert len(chosen) == fraction_count(0.4, n) and base <= chosen <= loaded
+        assert len({frozenset(c) for c in per_step}) > 1  # the choice changes from token to token
+
+
+def test_tokenwise_batch_equals_one_by_one(tiny_llama_dir, neurons):
+    model = load(tiny_llama_dir, neurons, method="tokenwise", gamma=0.7, delta=0.3, phi=0.4)
+    prompts = tiny_prompts(4, seed=8)
+    batched = generate(model, prompts, 10)
+    for b, p in enumerate(prompts):
+        assert generate(model, [p], 10).tokens[0] == batched.tokens[b]

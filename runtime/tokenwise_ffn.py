@@ -1,0 +1,83 @@
+"""`TokenwiseFFN` (`--method tokenwise`): a per-token choice of the computed neurons, by the gate.
+
+Per-sentence selection (PartInfer, CoreInfer) fixes φ of the neurons for a whole answer; on SiLU
+models that costs most of the accuracy that loading γ keeps (DESIGN.md §1 "Signed activations").
+Here every token, in every sparse layer, computes the gate projection of all loaded neurons, keeps
+the δ·n base neurons plus the loaded neurons with the largest |act(gate)| up to φ·n, and computes
+`up` and `down` only for those. Bytes read per token: (γ/3 + 2φ/3) of the layer's FFN.
+
+Layout: `gate`, `up` and `down_t` (= W_down[:, loaded]^T) are all neuron-major [k, d], so a token's
+neurons are row gathers (`F.embedding`, measured far faster than index_select on bf16 here). Prefill
+computes every loaded neuron, as partinfer does; decode of one token takes the gathered path;
+several tokens or sequences at once take an equivalent masked path (same selection, same sums).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from runtime.kernels import linear
+from runtime.model import ACTIVATIONS, ModelConfig
+from runtime.sparsity import LayerPlan
+
+
+class TokenwiseFFN(nn.Module):
+    def __init__(self, cfg: ModelConfig, plan: LayerPlan):
+        super().__init__()
+        k, d = plan.loaded.shape[0], cfg.dim
+        self.gate = nn.Parameter(torch.empty(k, d))
+        self.up = nn.Parameter(torch.empty(k, d))
+        self.down_t = nn.Parameter(torch.empty(k, d))
+        self.register_buffer("neuron_ids", plan.loaded.clone().to("cpu"), persistent=False)  # [k] original ids
+        self.act = ACTIVATIONS[cfg.hidden_act]
+        self.n_base, self.n_active = plan.n_base, plan.n_active
+        self.phase = "prefill"
+        self.last_selected: torch.Tensor | None = None  # [B, T, m] positions computed by the last decode call
+
+    @property
+    def n_loaded(self) -> int:
+        return self.gate.shape[0]
+
+    @property
+    def down(self) -> torch.Tensor:  # [d, k] view
+        return self.down_t.t()
+
+    def begin_prompt(self, token_mask: torch.Tensor | None) -> None:
+        self.phase = "prefill"
+
+    def end_prompt(self) -> None:
+        self.phase = "decode"
+
+    def active_neuron_ids(self) -> torch.Tensor:
+        """[B*T, m] original ids computed for each token of the last decode call (base first)."""
+        if self.last_selected is None:
+            return self.neuron_ids[: self.n_active][None]
+        return self.neuron_ids.to(self.last_selected.device)[self.last_selected.flatten(0, 1)]
+
+    def decode_bytes(self) -> int:
+        """Weight bytes one decode token reads: all loaded gate rows, φ of up rows and down columns."""
+        d, size = self.gate.shape[1], self.gate.element_size()
+        return (self.n_loaded + 2 * self.n_active) * d * size
+
+    def select(self, act_gate: torch.Tensor) -> torch.Tensor:
+        """act_gate [B, T, k] -> positions [B, T, m]: the base, then the largest |act(gate)| of the rest."""
+        B, T, _ = act_gate.shape
+        top = torch.topk(act_gate[..., self.n_base :].abs(), self.n_active - self.n_base, dim=-1).indices + self.n_base
+        base = torch.arange(self.n_base, device=act_gate.device).expand(B, T, self.n_base)
+        return torch.cat([base, top], dim=-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, D]
+        act_gate = self.act(linear(x, self.gate))  # [B, T, k]
+        if self.phase == "prefill":
+            return linear(act_gate * linear(x, self.up), self.down)
+        selected = self.select(act_gate)  # [B, T, m]
+        self.last_selected = selected
+        B, T, _ = x.shape
+        if B == 1 and T == 1:
+            rows = selected[0, 0]
+            a = act_gate[0, 0, rows] * linear(x[0, 0][None], F.embedding(rows, self.up))[0]  # [m]
+            return torch.mv(F.embedding(rows, self.down_t).t(), a).view(1, 1, -1)
+        mask = torch.zeros_like(act_gate).scatter_(-1, selected, 1.0)
+        return linear(act_gate * mask * linear(x, self.up), self.down)
