@@ -8,7 +8,8 @@ the δ·n base neurons plus the loaded neurons with the largest |act(gate)| up t
 
 Layout: `gate`, `up` and `down_t` (= W_down[:, loaded]^T) are all neuron-major [k, d], so a token's
 neurons are row gathers (`F.embedding`, measured far faster than index_select on bf16 here). Prefill
-computes every loaded neuron, as partinfer does; decode of one token takes the gathered path;
+computes every loaded neuron, as partinfer does; decode of one token reads the base neurons (the
+contiguous prefix 0..n_base-1) in place and gathers only the other chosen rows;
 several tokens or sequences at once take an equivalent masked path (same selection, same sums).
 """
 
@@ -76,8 +77,12 @@ class TokenwiseFFN(nn.Module):
         self.last_selected = selected
         B, T, _ = x.shape
         if B == 1 and T == 1:
-            rows = selected[0, 0]
-            a = act_gate[0, 0, rows] * linear(x[0, 0][None], F.embedding(rows, self.up))[0]  # [m]
-            return torch.mv(F.embedding(rows, self.down_t).t(), a).view(1, 1, -1)
+            # Base neurons are the contiguous prefix 0..n_base-1: read in place; only the rest is gathered.
+            nb, xv, ag = self.n_base, x[0, 0][None], act_gate[0, 0]
+            rows = selected[0, 0, nb:]
+            a_base = ag[:nb] * linear(xv, self.up[:nb])[0]  # [n_base]
+            a_rest = ag[rows] * linear(xv, F.embedding(rows, self.up))[0]  # [m - n_base]
+            y = torch.mv(self.down_t[:nb].t(), a_base) + torch.mv(F.embedding(rows, self.down_t).t(), a_rest)
+            return y.view(1, 1, -1)
         mask = torch.zeros_like(act_gate).scatter_(-1, selected, 1.0)
         return linear(act_gate * mask * linear(x, self.up), self.down)
