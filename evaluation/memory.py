@@ -24,7 +24,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from runtime.atomic import atomic_file
 from runtime.errors import PartinferError
 
 MIB = 2**20
@@ -223,29 +222,21 @@ def format_memory(report: dict) -> str:
 
 
 def plot_memory(report: dict, out: Path) -> Path:
-    import matplotlib
+    """Measured and expected model memory against γ per method, dense and the peer as lines."""
+    from profiler.plotting import png_axes
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    methods = sorted({r["method"] for r in report["rows"] if r["method"] not in ("dense", "transformers")})
-    for method in methods:
-        rows = sorted((r for r in report["rows"] if r["method"] == method), key=lambda r: r["gamma"])
-        g = [r["gamma"] for r in rows]
-        line, = ax.plot(g, [r["model_mib"] for r in rows], "o-", label=f"{method} measured")
-        ax.plot(g, [r["expected_bytes"]["weights"] / MIB for r in rows], "x--", color=line.get_color(), label=f"{method} expected")
-    for r in report["rows"]:
-        if r["method"] in ("dense", "transformers"):
-            ax.axhline(r["model_mib"], ls=":", color="k" if r["method"] == "dense" else "r", label=f"{r['name']} measured")
-    ax.set_xlabel("γ (fraction of FFN neurons loaded)")
-    ax.set_ylabel("model memory (MiB, RSS - baseline)")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    with atomic_file(Path(out)) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
+    with png_axes(out, "γ (fraction of FFN neurons loaded)", "model memory (MiB, RSS - baseline)", 7) as ax:
+        methods = sorted({r["method"] for r in report["rows"] if r["method"] not in ("dense", "transformers")})
+        for method in methods:
+            rows = sorted((r for r in report["rows"] if r["method"] == method), key=lambda r: r["gamma"])
+            g = [r["gamma"] for r in rows]
+            line, = ax.plot(g, [r["model_mib"] for r in rows], "o-", label=f"{method} measured")
+            ax.plot(g, [r["expected_bytes"]["weights"] / MIB for r in rows], "x--", color=line.get_color(),
+                    label=f"{method} expected")
+        for r in report["rows"]:
+            if r["method"] in ("dense", "transformers"):
+                ax.axhline(r["model_mib"], ls=":", color="k" if r["method"] == "dense" else "r",
+                           label=f"{r['name']} measured")
     return Path(out)
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from profiler.neuron_file import NeuronFile
-from runtime.atomic import atomic_file
+from profiler.plotting import png_axes
 
 COVERAGE_FRACTIONS = (0.1, 0.2, 0.4, 0.7)
 
@@ -42,26 +42,13 @@ def top_overlap(a: NeuronFile, b: NeuronFile, fraction: float) -> list[float]:
 
 def plot_coverage(files: dict[str, NeuronFile], out: Path) -> Path:
     """Coverage curves (mean over layers, and min/max band) for each file, written as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, nf in files.items():
-        curves = torch.stack([coverage_curve(nf, i) for i in range(nf.n_layers)])  # [L, n]
-        x = torch.arange(1, curves.shape[1] + 1) / curves.shape[1]
-        ax.plot(x, curves.mean(0), label=f"{name} (mean over layers)")
-        ax.fill_between(x, curves.min(0).values, curves.max(0).values, alpha=0.2)
-    ax.plot([0, 1], [0, 1], "k:", lw=0.8, label="uniform")
-    ax.set_xlabel("fraction of neurons (ranked by mean |a|)")
-    ax.set_ylabel("share of activation mass")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    with atomic_file(Path(out)) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
+    with png_axes(out, "fraction of neurons (ranked by mean |a|)", "share of activation mass") as ax:
+        for name, nf in files.items():
+            curves = torch.stack([coverage_curve(nf, i) for i in range(nf.n_layers)])  # [L, n]
+            x = torch.arange(1, curves.shape[1] + 1) / curves.shape[1]
+            ax.plot(x, curves.mean(0), label=f"{name} (mean over layers)")
+            ax.fill_between(x, curves.min(0).values, curves.max(0).values, alpha=0.2)
+        ax.plot([0, 1], [0, 1], "k:", lw=0.8, label="uniform")
     return Path(out)
 
 

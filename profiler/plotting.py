@@ -1,0 +1,31 @@
+"""Line plots written as PNG files, shared by `neurons show --plot` and `memory --plot`."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from runtime.atomic import atomic_file
+
+
+@contextmanager
+def png_axes(out: Path, xlabel: str, ylabel: str, legend_size: int = 8) -> Iterator[object]:
+    """Yields matplotlib axes to draw on; on exit adds labels, legend and grid and writes `out` atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    try:
+        yield ax
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=legend_size)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        with atomic_file(Path(out)) as tmp:
+            fig.savefig(tmp, dpi=120, format="png")
+    finally:
+        plt.close(fig)
