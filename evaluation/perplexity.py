@@ -12,7 +12,6 @@ import math
 from dataclasses import replace
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from runtime.engine import parse_device, parse_dtype
@@ -26,16 +25,29 @@ from runtime.text import load_tokenizer
 
 
 @torch.inference_mode()
-def continuation_nll(model: Transformer, prompt: list[int], continuation: list[int]) -> float:
-    """Sum of -log p(continuation | prompt), the continuation computed with decode-time neurons."""
+def continuation_logprobs(model: Transformer, prompt: list[int], continuation: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log p(continuation | prompt) [C] and whether each token is the argmax [C].
+
+    The prompt is a sentence for the runtime (prefill with every loaded neuron, then selection); the
+    continuation is computed teacher-forced with the decode-time neurons, as generation would.
+    """
     weight = model.embed_tokens.weight
     cache = KVCache(model.cfg, 1, len(prompt) + len(continuation), weight.dtype, weight.device)
     begin_prompt(model)
     first = prefill(model, torch.tensor([prompt], device=weight.device), cache)  # [1, 1, V]
     end_prompt(model)
-    rest = prefill(model, torch.tensor([continuation[:-1]], device=weight.device), cache, logits_for="all")
-    logits = torch.cat([first, rest], dim=1)[0].float()  # [C, V], row j predicts continuation[j]
-    return float(F.cross_entropy(logits, torch.tensor(continuation, device=weight.device), reduction="sum"))
+    logits = first
+    if len(continuation) > 1:
+        rest = prefill(model, torch.tensor([continuation[:-1]], device=weight.device), cache, logits_for="all")
+        logits = torch.cat([first, rest], dim=1)
+    logprobs = torch.log_softmax(logits[0].float(), dim=-1)  # [C, V], row j predicts continuation[j]
+    target = torch.tensor(continuation, device=weight.device)
+    return logprobs.gather(1, target[:, None])[:, 0].cpu(), (logprobs.argmax(-1) == target).cpu()
+
+
+def continuation_nll(model: Transformer, prompt: list[int], continuation: list[int]) -> float:
+    """Sum of -log p(continuation | prompt), the continuation computed with decode-time neurons."""
+    return -float(continuation_logprobs(model, prompt, continuation)[0].sum())
 
 
 def perplexity_texts(dataset: str, num_samples: int, tokenizer, length: int) -> list[list[int]]:
