@@ -27,6 +27,7 @@ from runtime.kernels import linear
 from runtime.model import ACTIVATIONS, ModelConfig, Transformer
 from runtime.selection import core_score, sentence_active
 from runtime.sparsity import LayerPlan, SparsityConfig
+from runtime.tokenwise_ffn import TokenwiseFFN
 
 SELECTING_METHODS = ("coreinfer", "partinfer")
 
@@ -158,8 +159,6 @@ class SparseFFN(nn.Module):
 
 def is_sparse(module: nn.Module) -> bool:
     """A sparse FFN variant: SparseFFN (per-sentence methods) or TokenwiseFFN."""
-    from runtime.tokenwise_ffn import TokenwiseFFN
-
     return isinstance(module, (SparseFFN, TokenwiseFFN))
 
 
