@@ -215,15 +215,14 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         cfg = self.cfg
         B, T, _ = x.shape
-        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
-        q = q.view(B, T, cfg.n_heads, cfg.head_dim)
-        k = k.view(B, T, cfg.n_kv_heads, cfg.head_dim)
-        v = v.view(B, T, cfg.n_kv_heads, cfg.head_dim)
+        heads = self.qkv_proj(x).view(B, T, cfg.n_heads + 2 * cfg.n_kv_heads, cfg.head_dim)
+        qk, v = heads.split((cfg.n_heads + cfg.n_kv_heads, cfg.n_kv_heads), dim=2)
         if cfg.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, hd]
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+            q, k = qk.split((cfg.n_heads, cfg.n_kv_heads), dim=2)
+            qk = torch.cat([self.q_norm(q), self.k_norm(k)], dim=2)
+        qk, v = qk.transpose(1, 2), v.transpose(1, 2)  # [B, H + Hkv, T, hd], [B, Hkv, T, hd]
+        qk = qk * cos + rotate_half(qk) * sin  # rope on q and k heads at once: fewer ops per decode step
+        q, k = qk.split((cfg.n_heads, cfg.n_kv_heads), dim=1)
         k_cache[:, :, start : start + T] = k
         v_cache[:, :, start : start + T] = v
         keys, values = k_cache[:, :, : start + T], v_cache[:, :, : start + T]
