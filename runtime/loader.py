@@ -103,7 +103,6 @@ def read_ffn_neurons(
     Plain checkpoint: coalesced row runs of gate/up; down is read whole for its column gather (one layer).
     """
     prefix = f"model.layers.{layer}.mlp"
-    order = torch.argsort(neurons)  # read in ascending row order, put back in `neurons` order
     if f"{prefix}.bundle" in reader:
         perm = reader.get(f"{prefix}.perm").long()  # packed row j holds original neuron perm[j]
         if expected_perm is not None and not torch.equal(perm, expected_perm):
@@ -119,6 +118,7 @@ def read_ffn_neurons(
         rows = rows if torch.equal(order, torch.arange(len(order))) else rows[torch.argsort(order)]
         rows = rows.to(device=device, dtype=dtype)
         return rows[:, 0].contiguous(), rows[:, 1].contiguous(), rows[:, 2].contiguous()
+    order = torch.argsort(neurons)  # read in ascending row order, put back in `neurons` order
     runs = contiguous_runs(neurons[order])
     back = torch.argsort(order)
     gate = reader.read_rows(f"{prefix}.gate_proj.weight", runs)[back]

@@ -17,12 +17,15 @@ def core_score(a: torch.Tensor, score: str) -> torch.Tensor:
     return a.abs() if score == "abs" else a
 
 
+def top_count_mask(a: torch.Tensor, count: int, score: str = "abs") -> torch.Tensor:
+    """a [..., n] -> bool [..., n]: True where a neuron is among its token's top `count` by core score."""
+    top = torch.topk(core_score(a.float(), score), count, dim=-1).indices
+    return torch.zeros(a.shape, dtype=torch.bool, device=a.device).scatter_(-1, top, True)
+
+
 def token_core_mask(a: torch.Tensor, token_sparsity: float, score: str = "abs") -> torch.Tensor:
     """a [T, n] -> bool [T, n]: True where neuron i is among token t's top round(token_sparsity * n)."""
-    n = a.shape[-1]
-    k = max(1, round(token_sparsity * n))
-    top = torch.topk(core_score(a.float(), score), k, dim=-1).indices
-    return torch.zeros(a.shape, dtype=torch.bool, device=a.device).scatter_(-1, top, True)
+    return top_count_mask(a, max(1, round(token_sparsity * a.shape[-1])), score)
 
 
 def loaded_order(base_rank: torch.Tensor, other_rank: torch.Tensor, n_base: int, k: int) -> torch.Tensor:

@@ -25,7 +25,7 @@ from torch import nn
 
 from runtime.kernels import linear
 from runtime.model import ACTIVATIONS, ModelConfig, Transformer
-from runtime.selection import core_score, sentence_active
+from runtime.selection import sentence_active, top_count_mask
 from runtime.sparsity import LayerPlan, SparsityConfig
 from runtime.tokenwise_ffn import TokenwiseFFN
 
@@ -123,10 +123,8 @@ class SparseFFN(nn.Module):
 
     def _record(self, a: torch.Tensor) -> None:
         """Count each sequence's token-wise core neurons over real prompt tokens. a [B, T, k]."""
-        B, T, k = a.shape
-        score = core_score(a.float(), self.core_score)
-        top = torch.topk(score, self.n_core, dim=-1).indices
-        core = torch.zeros(B, T, k, dtype=torch.float32, device=a.device).scatter_(-1, top, 1.0)
+        T = a.shape[1]
+        core = top_count_mask(a, self.n_core, self.core_score).float()  # [B, T, k]
         absval = a.float().abs()
         if self.token_mask is not None:
             real = self.token_mask[:, -T:, None].to(a.device, torch.float32)
