@@ -25,20 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from runtime.errors import PartinferError
+from runtime.process_memory import proc_status
 
 MIB = 2**20
 DEFAULT_GAMMAS = (0.9, 0.8, 0.7, 0.5)
-
-
-def proc_status() -> dict[str, float]:
-    """VmRSS, RssAnon, RssFile, VmHWM of this process in MiB."""
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            key = line.split(":")[0]
-            if key in ("VmRSS", "RssAnon", "RssFile", "VmHWM"):
-                out[key] = int(line.split()[1]) / 1024
-    return out
 
 
 @dataclass(frozen=True)

@@ -12,13 +12,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-import psutil
 import torch
 
 from runtime.engine import Engine
 from runtime.errors import PartinferError
 from runtime.generate import GenerationResult, SamplingConfig, generate
-from runtime.sparse_ffn import sparsity_summary
+from runtime.process_memory import proc_status
+from runtime.sparse_ffn import sparse_modules, sparsity_summary
 from runtime.text import TextStream
 
 PREDEFINED_PROMPTS = (
@@ -53,8 +53,7 @@ class ChatSession:
     def _conversation_ids(self, user_text: str) -> list[int]:
         return self.engine.encode(user_text, chat_template=True, history=self.history)
 
-    def turn(self, user_text: str, on_text: Callable[[str], None] | None = None,
-             interrupted: Callable[[], bool] | None = None) -> str:
+    def turn(self, user_text: str, on_text: Callable[[str], None] | None = None) -> str:
         """Answer one user message, streaming text; returns the reply."""
         if not user_text.strip():
             raise PartinferError("empty message")
@@ -70,10 +69,9 @@ class ChatSession:
             )
         stream = TextStream(self.engine.tokenizer, self.engine.stop_ids)
 
-        def on_token(tokens: torch.Tensor) -> bool:
+        def on_token(tokens: torch.Tensor) -> None:
             if on_text is not None:
                 on_text(stream.push(int(tokens[0])))
-            return bool(interrupted and interrupted())
 
         pad = self.engine.tokenizer.pad_token_id or 0
         try:
@@ -92,30 +90,14 @@ class ChatSession:
         return reply
 
     def stats(self, method: str, gamma: float, phi: float) -> dict:
-        status = {}
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(("VmRSS", "RssAnon", "RssFile", "VmHWM")):
-                    key, value = line.split(":")
-                    status[key] = int(value.split()[0]) / 1024
-        summary = sparsity_summary(self.engine.model)
+        status = proc_status()
+        sparse = sparse_modules(self.engine.model)
         return {
-            "method": method, "gamma": gamma, "phi": phi, **summary,
-            "active_neurons_per_sparse_layer": _active_count(self.engine),
+            "method": method, "gamma": gamma, "phi": phi, **sparsity_summary(self.engine.model),
+            "active_neurons_per_sparse_layer": sparse[0].n_active if sparse else None,
             "turns": self.turns, "context_used": self.cache.length, "context": self.context,
             "last_prefill_tok_s": self.last.prefill_tps if self.last else None,
             "last_decode_tok_s": self.last.decode_tps if self.last else None,
-            "rss_mib": status.get("VmRSS", psutil.Process().memory_info().rss / 2**20),
-            "rss_anon_mib": status.get("RssAnon"), "rss_file_mib": status.get("RssFile"),
+            "rss_mib": status["VmRSS"], "rss_anon_mib": status.get("RssAnon"), "rss_file_mib": status.get("RssFile"),
             "time": time.strftime("%H:%M:%S"),
         }
-
-
-def _active_count(engine: Engine) -> int | None:
-    """Neurons computed at decode in a sparse layer (the same count in every sparse layer)."""
-    from runtime.sparse_ffn import sparse_modules
-
-    sparse = sparse_modules(engine.model)
-    if not sparse:
-        return None
-    return sparse[0].n_active
