@@ -22,36 +22,31 @@ PROMPTS = [[5, 17, 33, 9, 60, 11, 7], [44, 21, 3], [90, 12, 13, 14, 15, 100, 101
 GEN = 5
 
 
-def brute_force(model_dir, prompts, gen, alpha, score):
-    """Store every activation (input of down_proj) with transformers, then reduce."""
+def brute_force(model_dir, prompts, gen) -> dict[int, torch.Tensor]:
+    """Every activation (input of down_proj) per layer, stored with transformers hooks: [tokens, n]."""
     ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    acts: dict[int, list[torch.Tensor]] = {}
-    hooks = [layer.mlp.down_proj.register_forward_pre_hook(lambda m, inp, i=i: acts.setdefault(i, []).append(inp[0][0]))
+    current: dict[int, torch.Tensor] = {}  # the latest forward's activations per layer
+    stored: dict[int, list[torch.Tensor]] = {}
+    hooks = [layer.mlp.down_proj.register_forward_pre_hook(lambda m, inp, i=i: current.__setitem__(i, inp[0][0]))
              for i, layer in enumerate(ref.model.layers)]
     with torch.no_grad():
         for p in prompts:
             ids = torch.tensor([p])
             full = ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=gen, min_new_tokens=gen,
                                 do_sample=False, pad_token_id=0, use_cache=False) if gen else ids
-            acts.clear()
             ref(full)  # one forward over prompt + generated tokens
-            for i, a in acts.items():
-                brute_force.store.setdefault(i, []).append(a[0])
+            for i, a in current.items():
+                stored.setdefault(i, []).append(a)
     for h in hooks:
         h.remove()
-    per_layer = {i: torch.cat(v) for i, v in brute_force.store.items()}
-    brute_force.store = {}
-    return per_layer
-
-
-brute_force.store = {}
+    return {i: torch.cat(v) for i, v in stored.items()}
 
 
 def test_statistics_equal_brute_force(tiny_llama_dir):
     cfg = ProfileConfig(num_samples=3, gen_tokens=GEN, batch_size=2, token_sparsity=0.25)
     model = load_dense_model(tiny_llama_dir, dtype=torch.float32)
     stats = profile_prompts(model, PROMPTS, cfg)
-    acts = brute_force(tiny_llama_dir, PROMPTS, GEN, 0.25, "abs")
+    acts = brute_force(tiny_llama_dir, PROMPTS, GEN)
     total = sum(len(p) + GEN for p in PROMPTS)
     assert stats.tokens == total
     for layer, a in acts.items():
