@@ -4,10 +4,10 @@
 
 Scoring (`loglikelihood`): the context is the sentence — ε is selected from the context's prefill —
 and the continuation is scored with the decode-time neurons, as generation would compute it
-(`evaluation.perplexity.continuation_logprobs`). `loglikelihood_rolling` scores lm-eval's rolling
-windows the same way, each window's context being its sentence. `generate_until` runs the runtime's
-`generate()` on the raw context (no chat template) and cuts at the first stop string.
-Requests run one at a time: every sequence needs its own selection anyway.
+(`evaluation.scoring`); the choices of one question share the context's prefill and are scored as
+one batch. `loglikelihood_rolling` (perplexity tasks) treats the first `prompt_tokens` tokens of a
+text as its sentence and the rest as decode. `generate_until` runs the runtime's `generate()` on the
+raw context (no chat template), `batch_size` requests at a time, and cuts at the first stop string.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
-from evaluation.perplexity import continuation_logprobs
+from evaluation.scoring import score_continuations
 from runtime.defaults import shipped_model_neurons
 from runtime.engine import load_engine
 from runtime.generate import SamplingConfig, generate
@@ -36,7 +36,8 @@ class PartinferLM(LM):
         self, model: str | None = None, method: str = "partinfer", gamma: float = 0.7, delta: float = 0.3,
         phi: float = 0.4, token_sparsity: float = 0.2, core_score: str = "abs", start_num=None, end_num=None,
         model_neurons: str | None = None, dataset_neurons: str | None = None, base_neurons_type: str = "model",
-        dtype: str = "bf16", device: str = "cpu", max_length: int = 2048, batch_size: int = 1, **_unused,
+        dtype: str = "bf16", device: str = "cpu", max_length: int = 2048, batch_size: int | str = 8,
+        score_batch: int = 16, prompt_tokens: int = 64, **_unused,
     ):
         super().__init__()
         neurons = Path(model_neurons) if model_neurons else shipped_model_neurons(model)
@@ -50,6 +51,9 @@ class PartinferLM(LM):
         self.tokenizer = self.engine.tokenizer
         self.max_length = min(int(max_length), self.engine.model.cfg.max_seq_len)
         self.prefix_token = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 0
+        self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8  # generate_until sequences per batch
+        self.score_batch = int(score_batch)  # continuations of one context scored together
+        self.prompt_tokens = int(prompt_tokens)  # loglikelihood_rolling: a window's sentence
 
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -65,49 +69,84 @@ class PartinferLM(LM):
         ctx = ctx or [self.prefix_token]
         return ctx[-(self.max_length - len(cont)) :], cont[-self.max_length + 1 :]
 
-    def _score(self, ctx: list[int], cont: list[int]) -> tuple[float, bool]:
-        logprobs, greedy = continuation_logprobs(self.engine.model, ctx, cont)
-        return float(logprobs.sum()), bool(greedy.all())
-
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
-        out = []
-        for request in tqdm(requests, desc="loglikelihood", disable=disable_tqdm):
-            out.append(self._score(*self._context_and_continuation(*request.args)))
+        """Requests that share a context (the choices of one question) share its prefill and selection."""
+        groups: dict[tuple[int, ...], list[tuple[int, list[int]]]] = {}
+        for i, request in enumerate(requests):
+            ctx, cont = self._context_and_continuation(*request.args)
+            groups.setdefault(tuple(ctx), []).append((i, cont))
+        out: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
+        with tqdm(total=len(requests), desc="loglikelihood", disable=disable_tqdm) as bar:
+            for ctx, members in groups.items():
+                for start in range(0, len(members), self.score_batch):
+                    chunk = members[start : start + self.score_batch]
+                    scored, _ = score_continuations(self.engine.model, list(ctx), [c for _, c in chunk])
+                    for (i, _), (logprobs, greedy) in zip(chunk, scored):
+                        out[i] = (float(logprobs.sum()), bool(greedy.all()))
+                    bar.update(len(chunk))
         return out
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        """Log-likelihood of whole texts. Each window's first `prompt_tokens` tokens are its sentence
+        (scored by the prefill that computes them, with every loaded neuron, and used for selection);
+        the rest of the window is scored with the decode-time neurons."""
         from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
         out = []
         for request in tqdm(requests, desc="loglikelihood_rolling", disable=disable_tqdm):
             (text,) = request.args
-            windows = get_rolling_token_windows(
+            total = 0.0
+            for window in get_rolling_token_windows(
                 token_list=self._encode(text), prefix_token=self.prefix_token, max_seq_len=self.max_length,
                 context_len=1,
-            )
-            out.append(sum(self._score(*make_disjoint_window(w))[0] for w in windows))
+            ):
+                ctx, cont = make_disjoint_window(window)
+                head = max(0, min(self.prompt_tokens, len(cont) - 1))
+                scored, ctx_logprobs = score_continuations(
+                    self.engine.model, ctx + cont[:head], [cont[head:]], score_context=True)
+                total += float(ctx_logprobs[len(ctx) - 1 :].sum()) + float(scored[0][0].sum())
+            out.append(total)
         return out
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        out = []
-        model = self.engine.model
-        for request in tqdm(requests, desc="generate_until", disable=disable_tqdm):
-            context, kwargs = request.args
-            until = kwargs.get("until") or []
-            until = [until] if isinstance(until, str) else list(until)
-            max_new = int(kwargs.get("max_gen_toks", 256))
-            sampling = SamplingConfig(temperature=float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample") else 0.0)
-            ids = self._encode(context)[-(self.max_length - max_new) :] or [self.prefix_token]
-            stream = TextStream(self.tokenizer, self.engine.stop_ids)
-            text = [""]
-
-            def stop_at_until(tokens) -> bool:
-                text[0] += stream.push(int(tokens[0]))
-                return any(u in text[0] for u in until)
-
-            generate(model, [ids], max_new, sampling, self.engine.stop_ids, on_token=stop_at_until)
-            answer = text[0]
-            for u in until:
-                answer = answer.split(u)[0]
-            out.append(answer)
+        """Greedy (or sampled) generation on the raw context, batched `batch_size` requests at a time
+        (left padding; each sequence selects its own neurons), each cut at its first stop string."""
+        order = sorted(range(len(requests)), key=lambda i: -len(requests[i].args[0]))
+        out: list[str] = [""] * len(requests)
+        with tqdm(total=len(requests), desc="generate_until", disable=disable_tqdm) as bar:
+            pending = list(order)
+            while pending:
+                kwargs = requests[pending[0]].args[1]
+                same = [i for i in pending if requests[i].args[1] == kwargs][: self.batch_size]
+                pending = [i for i in pending if i not in same]
+                for i, text in zip(same, self._generate_batch([requests[i].args[0] for i in same], kwargs)):
+                    out[i] = text
+                bar.update(len(same))
         return out
+
+    def _generate_batch(self, contexts: list[str], kwargs: dict) -> list[str]:
+        until = kwargs.get("until") or []
+        until = [until] if isinstance(until, str) else list(until)
+        max_new = int(kwargs.get("max_gen_toks", 256))
+        temperature = float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample") else 0.0
+        prompts = [self._encode(c)[-(self.max_length - max_new) :] or [self.prefix_token] for c in contexts]
+        streams = [TextStream(self.tokenizer, self.engine.stop_ids) for _ in contexts]
+        texts = [""] * len(contexts)
+        finished = [False] * len(contexts)
+
+        def on_token(tokens) -> bool:
+            for b, token in enumerate(tokens.tolist()):
+                if finished[b]:
+                    continue
+                if token in self.engine.stop_ids:
+                    finished[b] = True
+                    continue
+                texts[b] += streams[b].push(token)
+                finished[b] = any(u in texts[b] for u in until)
+            return all(finished)
+
+        generate(self.engine.model, prompts, max_new, SamplingConfig(temperature=temperature), self.engine.stop_ids,
+                 on_token=on_token, pad_id=self.prefix_token)
+        for u in until:
+            texts = [t.split(u)[0] for t in texts]
+        return texts

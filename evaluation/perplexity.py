@@ -14,35 +14,24 @@ from dataclasses import replace
 import torch
 from tqdm import tqdm
 
+from evaluation.scoring import score_continuations
 from runtime.engine import parse_device, parse_dtype
 from runtime.errors import PartinferError
 from runtime.loader import load_model
-from runtime.model import KVCache, Transformer, prefill
+from runtime.model import Transformer
 from runtime.prepare import resolve_model
-from runtime.sparse_ffn import begin_prompt, end_prompt
 from runtime.sparsity import SparsityConfig
 from runtime.text import load_tokenizer
 
 
-@torch.inference_mode()
 def continuation_logprobs(model: Transformer, prompt: list[int], continuation: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log p(continuation | prompt) [C] and whether each token is the argmax [C].
 
     The prompt is a sentence for the runtime (prefill with every loaded neuron, then selection); the
     continuation is computed teacher-forced with the decode-time neurons, as generation would.
     """
-    weight = model.embed_tokens.weight
-    cache = KVCache(model.cfg, 1, len(prompt) + len(continuation), weight.dtype, weight.device)
-    begin_prompt(model)
-    first = prefill(model, torch.tensor([prompt], device=weight.device), cache)  # [1, 1, V]
-    end_prompt(model)
-    logits = first
-    if len(continuation) > 1:
-        rest = prefill(model, torch.tensor([continuation[:-1]], device=weight.device), cache, logits_for="all")
-        logits = torch.cat([first, rest], dim=1)
-    logprobs = torch.log_softmax(logits[0].float(), dim=-1)  # [C, V], row j predicts continuation[j]
-    target = torch.tensor(continuation, device=weight.device)
-    return logprobs.gather(1, target[:, None])[:, 0].cpu(), (logprobs.argmax(-1) == target).cpu()
+    (scored,), _ = score_continuations(model, prompt, [continuation])
+    return scored
 
 
 def continuation_nll(model: Transformer, prompt: list[int], continuation: list[int]) -> float:

@@ -285,6 +285,41 @@ def perplexity(
     typer.echo(json.dumps(report, indent=2) if as_json else format_perplexity(report))
 
 
+@app.command("eval")
+def evaluate(
+    tasks: Annotated[str, typer.Option("--tasks", help="Comma-separated: offline truthfulqa_mc1, truthfulqa_mc2, squad, coqa, xsum, perplexity, or any lm-eval task name (needs the hub).")] = "truthfulqa_mc1,truthfulqa_mc2,squad,coqa,xsum,perplexity",
+    methods: Annotated[str, typer.Option("--methods", help="Comma-separated methods, dense first for the ratios.")] = "dense,load-only,static,coreinfer,partinfer,tokenwise",
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for raw/<method>.json and results.md.")] = Path("eval_results"),
+    limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Examples per task (default: all of the eval split).")] = None,
+    model: ModelOpt = None,
+    gamma: GammaOpt = 0.7,
+    delta: DeltaOpt = 0.3,
+    phi: PhiOpt = 0.4,
+    token_sparsity: TokenSparsityOpt = 0.2,
+    core_score: CoreScoreOpt = "abs",
+    start_num: StartOpt = None,
+    end_num: EndOpt = None,
+    model_neurons: ModelNeuronsOpt = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Generation tasks: sequences per batch.")] = 8,
+    resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Reuse a method's raw results from an earlier run with the same settings.")] = True,
+    dtype: DtypeOpt = "bf16",
+    device: DeviceOpt = "cpu",
+    as_json: JsonOpt = False,
+) -> None:
+    """Accuracy by method with lm-eval: raw results per method and a task × method table with ratios to dense."""
+    from evaluation.accuracy import format_table, resolve_tasks, run_eval
+    from runtime.prepare import resolve_model
+
+    sparsity = build_sparsity(model, "partinfer", gamma, delta, phi, token_sparsity, core_score, start_num, end_num,
+                              model_neurons, None, "model")
+    method_list = tuple(m.strip() for m in methods.split(",") if m.strip())
+    task_list = resolve_tasks([t.strip() for t in tasks.split(",") if t.strip()])
+    report = run_eval(resolve_model(model), task_list, method_list, sparsity, out, limit, dtype, device, batch_size,
+                      resume)
+    typer.echo(json.dumps(report, indent=2) if as_json else format_table(report))
+    typer.echo(f"wrote {out / 'results.md'} and {out / 'raw'}/", err=True)
+
+
 data_app = typer.Typer(cls=ErrorHandlingGroup, no_args_is_help=True, help="Offline data sets for profiling and evaluation.")
 neurons_app = typer.Typer(cls=ErrorHandlingGroup, no_args_is_help=True, help="Inspect neuron files.")
 app.add_typer(data_app, name="data")

@@ -1,0 +1,162 @@
+"""`partinfer eval`: lm-eval per method on the offline tasks, raw results and a task × method table.
+
+Each method runs lm-eval once through the `partinfer` model (evaluation/lm_eval_adapter.py) on the
+tasks under evaluation/tasks/ (the eval split of the built-in data; the shipped neuron files come
+from the profile split). Other lm-eval task names (`truthfulqa_gen`, `triviaqa`, `squadv2`, ...) are
+passed through to lm-eval's own registry and need the hub. A method's raw results are written as
+soon as it finishes and reused by a later run with the same settings, so a long evaluation resumes.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from runtime.atomic import atomic_file
+from runtime.errors import PartinferError
+from runtime.sparsity import METHODS, SparsityConfig
+
+TASKS_DIR = Path(__file__).parent / "tasks"
+OFFLINE_TASKS = {  # short name -> lm-eval task name of evaluation/tasks/*.yaml
+    "truthfulqa_mc1": "partinfer_truthfulqa_mc1",
+    "truthfulqa_mc2": "partinfer_truthfulqa_mc2",
+    "squad": "partinfer_squad",
+    "coqa": "partinfer_coqa",
+    "xsum": "partinfer_xsum",
+    "perplexity": "partinfer_perplexity",
+}
+METRICS = {  # lm-eval task -> metrics shown in the table (the first is the headline)
+    "partinfer_truthfulqa_mc1": ("acc",),
+    "partinfer_truthfulqa_mc2": ("acc",),
+    "partinfer_squad": ("f1", "exact_match"),
+    "partinfer_coqa": ("f1", "exact_match"),
+    "partinfer_xsum": ("rougeL", "rouge1", "rouge2"),
+    "partinfer_perplexity": ("word_perplexity",),
+}
+LOWER_IS_BETTER = {"word_perplexity", "byte_perplexity", "bits_per_byte"}
+# PartInfer paper (Llama-3.2-3B, γ 0.7, φ 0.4), score ÷ dense reference (DESIGN.md §4).
+PUBLISHED_RATIOS = {
+    "TriviaQA EM": {"load-only": 0.278 / 0.590, "partinfer": 0.045 / 0.590, "coreinfer": 0.085 / 0.590},
+    "SQuAD v2": {"load-only": 26.4 / 31.0, "partinfer": 24.7 / 31.0, "coreinfer": 18.8 / 31.0},
+    "WMT16 de-en BLEU": {"load-only": 34.9 / 39.5, "partinfer": 26.4 / 39.5, "coreinfer": 5.5 / 39.5},
+    "XSum ROUGE": {"load-only": 0.206 / 0.253, "partinfer": 0.116 / 0.253, "coreinfer": 0.004 / 0.253},
+}
+
+
+def resolve_tasks(names: list[str]) -> list[str]:
+    """Short offline names -> their lm-eval task names; any other name is an lm-eval task as is."""
+    if not names:
+        raise PartinferError(f"no task given; offline tasks: {', '.join(OFFLINE_TASKS)}")
+    return [OFFLINE_TASKS.get(n, n) for n in names]
+
+
+def _settings(model_dir: Path, method: str, sparsity: SparsityConfig, tasks: list[str], limit: int | None,
+              dtype: str) -> dict:
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(replace(sparsity, method=method)).items()}
+    return {"model": str(model_dir), "tasks": tasks, "limit": limit, "dtype": dtype, "sparsity": config}
+
+
+def run_method(model_dir: Path, method: str, sparsity: SparsityConfig, tasks: list[str], limit: int | None,
+               dtype: str, device: str, batch_size: int) -> dict:
+    """lm-eval's results for one method: {task: {metric: value}}, samples per task."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from evaluation.lm_eval_adapter import PartinferLM
+
+    s = replace(sparsity, method=method)
+    lm = PartinferLM(
+        model=str(model_dir), method=method, gamma=s.gamma, delta=s.delta, phi=s.phi,
+        token_sparsity=s.token_sparsity, core_score=s.core_score, start_num=s.start_num, end_num=s.end_num,
+        model_neurons=str(s.model_neurons) if s.model_neurons else None,
+        dataset_neurons=str(s.dataset_neurons) if s.dataset_neurons else None,
+        base_neurons_type=s.base_neurons_type, dtype=dtype, device=device, batch_size=batch_size,
+    )
+    try:
+        out = lm_eval.simple_evaluate(model=lm, tasks=tasks, limit=limit, bootstrap_iters=1000,
+                                      task_manager=TaskManager(include_path=str(TASKS_DIR)), log_samples=False)
+    except KeyError as e:  # lm-eval's way of saying a task name is unknown
+        raise PartinferError(f"lm-eval does not know task {e}; offline tasks: {', '.join(OFFLINE_TASKS)}") from e
+    results = {
+        task: {k.split(",")[0]: v for k, v in metrics.items() if isinstance(v, (int, float)) and "," in k}
+        for task, metrics in out["results"].items()
+    }
+    samples = {task: n.get("effective", n.get("original")) for task, n in out.get("n-samples", {}).items()}
+    return {"results": results, "samples": samples}
+
+
+def run_eval(
+    model_dir: Path, tasks: list[str], methods: tuple[str, ...], sparsity: SparsityConfig, out_dir: Path,
+    limit: int | None = None, dtype: str = "bf16", device: str = "cpu", batch_size: int = 8, resume: bool = True,
+) -> dict:
+    """Evaluate every method; write out_dir/raw/<method>.json and out_dir/results.md; return the report."""
+    for m in methods:
+        if m not in METHODS:
+            raise PartinferError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+    raw_dir = out_dir / "raw"
+    raw_dir.mkdir(parents=True, exist_ok=True)
+    runs = {}
+    for method in methods:
+        settings = _settings(model_dir, method, sparsity, tasks, limit, dtype)
+        path = raw_dir / f"{method}.json"
+        if resume and path.is_file():
+            saved = json.loads(path.read_text())
+            if saved.get("settings") == settings:
+                print(f"{method}: reusing {path}")
+                runs[method] = saved
+                continue
+        runs[method] = {"settings": settings, **run_method(model_dir, method, sparsity, tasks, limit, dtype, device,
+                                                           batch_size)}
+        with atomic_file(path) as tmp:
+            tmp.write_text(json.dumps(runs[method], indent=2))
+    report = {"model": str(model_dir), "tasks": tasks, "methods": list(methods), "limit": limit, "dtype": dtype,
+              "gamma": sparsity.gamma, "delta": sparsity.delta, "phi": sparsity.phi, "runs": runs}
+    with atomic_file(out_dir / "results.md") as tmp:
+        tmp.write_text(format_table(report) + "\n")
+    return report
+
+
+def _ratio(value: float, dense: float, metric: str) -> float | None:
+    """method ÷ dense for scores; dense ÷ method for perplexities (so 1.0 = no loss, lower = worse)."""
+    if metric in LOWER_IS_BETTER:
+        return dense / value if value else None
+    return value / dense if dense else None
+
+
+def format_table(report: dict) -> str:
+    """Markdown: one row per task metric, one column per method, ratio to dense beside each score."""
+    methods = report["methods"]
+    runs = report["runs"]
+    lines = [
+        f"γ {report['gamma']}, δ {report['delta']}, φ {report['phi']}, {report['dtype']}; "
+        f"limit {report['limit'] or 'none'} examples per task. Cells: score (ratio to dense; perplexity: dense ÷ method).",
+        "",
+        "| task | metric | n | " + " | ".join(methods) + " |",
+        "|---|---|---:|" + "---:|" * len(methods),
+    ]
+    for task in report["tasks"]:
+        first = runs[methods[0]]
+        metrics = METRICS.get(task) or tuple(k for k in first["results"].get(task, {}) if not k.endswith("_stderr"))
+        for metric in metrics:
+            dense = runs["dense"]["results"].get(task, {}).get(metric) if "dense" in runs else None
+            cells = []
+            for m in methods:
+                value = runs[m]["results"].get(task, {}).get(metric)
+                if value is None:
+                    cells.append("–")
+                    continue
+                ratio = _ratio(value, dense, metric) if dense is not None and m != "dense" else None
+                cells.append(f"{value:.3f}" + (f" ({ratio:.2f})" if ratio is not None else ""))
+            n = first.get("samples", {}).get(task, "")
+            lines.append(f"| {task.removeprefix('partinfer_')} | {metric} | {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def format_published() -> str:
+    """The PartInfer paper's ratios to dense, for the docs beside ours."""
+    methods = ("load-only", "coreinfer", "partinfer")
+    lines = ["| published task (Llama-3.2-3B) | " + " | ".join(methods) + " |", "|---|" + "---:|" * len(methods)]
+    for task, ratios in PUBLISHED_RATIOS.items():
+        lines.append(f"| {task} | " + " | ".join(f"{ratios[m]:.2f}" for m in methods) + " |")
+    return "\n".join(lines)
