@@ -18,6 +18,7 @@ setup: $(STAMP)
 
 model: setup
 	.venv/bin/partinfer prepare
+	$(PY) -m runtime.native
 
 demo: model
 	.venv/bin/partinfer generate --function predefined-prompts --method partinfer --max-new-tokens 48

@@ -56,6 +56,7 @@ def run_worker(spec: MemorySpec) -> dict:
     from runtime.engine import parse_dtype
     from runtime.generate import generate
     from runtime.model import ModelConfig
+    from runtime.native import cpu_kernels, gemv
 
     dtype = parse_dtype(spec.dtype)
     cfg = ModelConfig.from_dir(Path(spec.model_dir))
@@ -67,6 +68,8 @@ def run_worker(spec: MemorySpec) -> dict:
         torch.bmm(x, w[None].transpose(1, 2)).float().topk(2)
         torch.nn.functional.silu(torch.nn.functional.linear(x.float(), w.float())).sum()
         torch.nn.functional.embedding(torch.tensor([[1]]), w)
+        if dtype == torch.bfloat16 and cpu_kernels():  # the compiled decode kernels' library, too
+            gemv(w, x[0, 0].float())
     # Building a module on the `meta` device imports torch's meta machinery once (~67 MiB here).
     from dataclasses import replace
 

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from runtime.native import cpu_kernels, gemv
+
 UPCAST_MIN_TOKENS = 32  # measured: with 8 tokens (batch-8 decode) the weight upcast costs more than it saves
 
 
@@ -23,8 +25,22 @@ def cpu_prefers_fp32(x: torch.Tensor, weight: torch.Tensor) -> bool:
     )
 
 
+def uses_native_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """One bf16 row on the CPU with the compiled kernels loaded."""
+    return (
+        x.device.type == "cpu" and weight.dtype == torch.bfloat16 and x.numel() == x.shape[-1]
+        and weight.is_contiguous() and cpu_kernels()
+    )
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, computed in fp32 on CPU for many-token half-precision inputs (result in x's dtype)."""
+    """F.linear; fp32 compute on CPU for many-token half-precision inputs, the compiled GEMV for one
+    bf16 token (result in x's dtype)."""
+    if uses_native_gemv(x, weight):
+        y = gemv(weight, x.reshape(-1).float())  # [N]
+        if bias is not None:
+            y = y + bias.float()
+        return y.to(x.dtype).view(*x.shape[:-1], -1)
     if cpu_prefers_fp32(x, weight):
         b = None if bias is None else bias.float()
         return F.linear(x.float(), weight.float(), b).to(x.dtype)

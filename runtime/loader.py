@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from runtime.errors import PartinferError
+from runtime.native import cpu_kernels
 from runtime.model import ModelConfig, Transformer
 from runtime.safetensors_io import SafetensorsFile
 
@@ -168,6 +169,8 @@ def load_model(
     from runtime.tokenwise_ffn import TokenwiseFFN
 
     sparsity = sparsity or SparsityConfig(method="dense")
+    if dtype == torch.bfloat16 and str(device).startswith("cpu"):
+        cpu_kernels()  # build or load the compiled decode kernels now, not inside a timed step
     cfg = ModelConfig.from_dir(model_dir)
     plans = plan_layers(sparsity, cfg)
     with torch.device("meta"):

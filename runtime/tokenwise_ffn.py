@@ -9,7 +9,8 @@ the δ·n base neurons plus the loaded neurons with the largest |act(gate)| up t
 Layout: `gate`, `up` and `down_t` (= W_down[:, loaded]^T) are all neuron-major [k, d], so a token's
 neurons are row gathers (`F.embedding`, measured far faster than index_select on bf16 here). Prefill
 computes every loaded neuron, as partinfer does; decode of one token reads the base neurons (the
-contiguous prefix 0..n_base-1) in place and gathers only the other chosen rows;
+contiguous prefix 0..n_base-1) in place and gathers only the other chosen rows — or, with the
+compiled CPU kernels (runtime/native.py), reads every chosen row in place with no gather at all;
 several tokens or sequences at once take an equivalent masked path (same selection, same sums).
 """
 
@@ -19,8 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from runtime.kernels import linear
+from runtime.kernels import linear, uses_native_gemv
 from runtime.model import ACTIVATIONS, ModelConfig
+from runtime.native import gemv, gemv_t
 from runtime.sparsity import LayerPlan
 
 
@@ -70,12 +72,14 @@ class TokenwiseFFN(nn.Module):
         return torch.cat([base, top], dim=-1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, D]
+        B, T, _ = x.shape
+        if self.phase == "decode" and B == 1 and T == 1 and uses_native_gemv(x, self.gate):
+            return self._decode_native(x)
         act_gate = self.act(linear(x, self.gate))  # [B, T, k]
         if self.phase == "prefill":
             return linear(act_gate * linear(x, self.up), self.down)
         selected = self.select(act_gate)  # [B, T, m]
         self.last_selected = selected
-        B, T, _ = x.shape
         if B == 1 and T == 1:
             # Base neurons are the contiguous prefix 0..n_base-1: read in place; only the rest is gathered.
             nb, xv, ag = self.n_base, x[0, 0][None], act_gate[0, 0]
@@ -86,3 +90,13 @@ class TokenwiseFFN(nn.Module):
             return y.view(1, 1, -1)
         mask = torch.zeros_like(act_gate).scatter_(-1, selected, 1.0)
         return linear(act_gate * mask * linear(x, self.up), self.down)
+
+    def _decode_native(self, x: torch.Tensor) -> torch.Tensor:
+        """One token with the compiled kernels: the chosen rows of `up` and `down_t` are read in place."""
+        xv = x.reshape(-1).float()  # [D]
+        act_gate = self.act(gemv(self.gate, xv))  # [k] fp32
+        selected = self.select(act_gate[None, None])  # [1, 1, m]
+        self.last_selected = selected
+        rows = selected[0, 0]
+        a = act_gate[rows] * gemv(self.up, xv, rows)  # [m]
+        return gemv_t(self.down_t, a, rows).to(x.dtype).view(1, 1, -1)

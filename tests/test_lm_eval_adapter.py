@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -72,3 +73,76 @@ def test_rolling_and_generate_until(tiny_with_tokenizer):
     (text,) = lm.generate_until(requests("generate_until", [("Hello", {"until": ["\n"], "max_gen_toks": 8})]),
                                 disable_tqdm=True)
     assert isinstance(text, str) and "\n" not in text
+
+
+@pytest.mark.parametrize("method", ["partinfer", "tokenwise"])
+def test_shared_context_scoring_equals_one_at_a_time(tiny_with_tokenizer, method):
+    """Choices of one question share the context's prefill and selection: same scores as separate runs."""
+    lm = PartinferLM(model=str(tiny_with_tokenizer / "model"), method=method, dtype="fp32",
+                     model_neurons=str(tiny_with_tokenizer / "neurons.safetensors"))
+    pairs = [("Which colour is the sky?", answer) for answer in (" Blue.", " Green, mostly at night.", " Red")]
+    together = lm.loglikelihood(requests("loglikelihood", pairs), disable_tqdm=True)
+    for pair, (score, greedy) in zip(pairs, together):
+        ((alone, alone_greedy),) = lm.loglikelihood(requests("loglikelihood", [pair]), disable_tqdm=True)
+        assert math.isclose(score, alone, abs_tol=1e-4) and greedy == alone_greedy
+
+
+@pytest.mark.parametrize("method", ["dense", "partinfer", "tokenwise"])
+def test_batched_generate_until_equals_one_by_one(tiny_with_tokenizer, method):
+    common = dict(model=str(tiny_with_tokenizer / "model"), method=method, dtype="fp32",
+                  model_neurons=str(tiny_with_tokenizer / "neurons.safetensors"))
+    args = [(context, {"until": [".", "\n"], "max_gen_toks": 6})
+            for context in ("Hello there", "The weather in the mountains today is", "One two three", "Why")]
+    batched = PartinferLM(batch_size=4, **common).generate_until(requests("generate_until", args), disable_tqdm=True)
+    single = PartinferLM(batch_size=1, **common).generate_until(requests("generate_until", args), disable_tqdm=True)
+    assert batched == single and all("." not in t and "\n" not in t for t in batched)
+
+
+def write_offline_data(home: Path) -> None:
+    """Small stand-ins for the built-in tasks' JSONL files (no bigbench download in tests)."""
+    rows = {
+        "truthfulqa": [{"id": f"t{i}", "prompt": "Q: Is water wet?\nA:", "target": " Yes.", "question": f"Is water wet {i}?",
+                        "correct_answers": ["Yes.", "It is."], "incorrect_answers": ["No."],
+                        "mc1_choices": ["Yes.", "No.", "Maybe."], "mc1_label": 0} for i in range(4)],
+        "squad": [{"id": f"s{i}", "prompt": f"Context: Paris is in France.\nQuestion: Where is Paris {i}?\nAnswer:",
+                   "target": "France"} for i in range(4)],
+        "coqa": [{"id": f"c{i}", "prompt": "", "target": " A cat.", "story": "A cat sat on the mat. " * 5,
+                  "question": "Who sat?"} for i in range(4)],
+        "xsum": [{"id": f"x{i}", "prompt": "", "target": " A cat sat.", "document": "The cat sat on the mat all day. " * 8}
+                 for i in range(4)],
+        "wikilingua": [{"id": f"w{i}", "prompt": "", "target": "", "document": "Wash the dog with warm water and soap. " * 6}
+                       for i in range(4)],
+    }
+    (home / "data").mkdir(parents=True)
+    for task, records in rows.items():
+        (home / "data" / f"{task}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_offline_tasks_load_and_eval_writes_table(tiny_with_tokenizer, tmp_path, monkeypatch):
+    """Every task YAML loads without a hub; `run_eval` writes raw results and the table, then resumes."""
+    from lm_eval.tasks import TaskManager
+
+    from evaluation.accuracy import OFFLINE_TASKS, TASKS_DIR, resolve_tasks, run_eval
+    from runtime.sparsity import SparsityConfig
+
+    monkeypatch.setenv("PARTINFER_HOME", str(tmp_path / "home"))
+    write_offline_data(tmp_path / "home")
+    tasks = resolve_tasks(list(OFFLINE_TASKS))
+    loaded = TaskManager(include_path=str(TASKS_DIR)).load(tasks)["tasks"]
+    for name in tasks:
+        assert len(list(loaded[name].test_docs())) == 2  # the eval split: second half of the 4 records
+    mc1 = loaded["partinfer_truthfulqa_mc1"]
+    assert mc1.doc_to_text(next(iter(mc1.test_docs()))).endswith("Q: Is water wet 2?\nA:")
+
+    sparsity = SparsityConfig(gamma=0.7, delta=0.3, phi=0.4, model_neurons=tiny_with_tokenizer / "neurons.safetensors")
+    report = run_eval(tiny_with_tokenizer / "model", tasks, ("dense", "partinfer"), sparsity, tmp_path / "out",
+                      limit=2, dtype="fp32")
+    table = (tmp_path / "out" / "results.md").read_text()
+    for short in OFFLINE_TASKS:
+        assert f"| {short} |" in table
+    assert set(report["runs"]["partinfer"]["results"]) == set(tasks)
+    raw = json.loads((tmp_path / "out" / "raw" / "partinfer.json").read_text())
+    assert raw["results"]["partinfer_squad"]["f1"] == report["runs"]["partinfer"]["results"]["partinfer_squad"]["f1"]
+    mtime = (tmp_path / "out" / "raw" / "dense.json").stat().st_mtime_ns
+    run_eval(tiny_with_tokenizer / "model", tasks, ("dense",), sparsity, tmp_path / "out", limit=2, dtype="fp32")
+    assert (tmp_path / "out" / "raw" / "dense.json").stat().st_mtime_ns == mtime  # reused, not rerun

@@ -1,0 +1,66 @@
+"""The optional compiled CPU kernels (runtime/csrc/cpu_gemv.cpp): bf16 GEMV at memory speed on AVX2.
+
+Built once with torch's C++ extension tooling (g++ and ninja, ~30 s) into
+`$PARTINFER_HOME/build/<torch version>/`, then loaded from there. Where they cannot be built (no
+compiler, not x86 with AVX2+FMA) or `PARTINFER_NATIVE=0` is set, `cpu_kernels()` is False and every
+caller keeps the stock PyTorch path, which gives the same results at lower speed.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).parent / "csrc" / "cpu_gemv.cpp"
+
+
+def _cpu_has_avx2_fma() -> bool:
+    try:
+        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return " avx2" in flags and " fma" in flags
+
+
+@functools.cache
+def cpu_kernels() -> bool:
+    """True when torch.ops.partinfer_cpu.{gemv, gemv_t} are loaded (building them on first use)."""
+    if os.environ.get("PARTINFER_NATIVE", "1") == "0" or not _cpu_has_avx2_fma():
+        return False
+    from torch.utils.cpp_extension import load
+
+    from runtime.prepare import cache_home
+
+    build = cache_home() / "build" / torch.__version__.replace("+", "_")
+    build.mkdir(parents=True, exist_ok=True)
+    if not any(build.glob("*.so")):
+        print("building partinfer's CPU kernels once (~30 s) ...", file=sys.stderr)
+    try:
+        load(name="partinfer_cpu", sources=[str(SOURCE)], extra_cflags=["-O3", "-mavx2", "-mfma"],
+             build_directory=str(build), is_python_module=False, verbose=False)
+    except Exception as e:  # no compiler, failed build: the stock path still works
+        print(f"partinfer: CPU kernels unavailable ({type(e).__name__}); using stock PyTorch matmuls", file=sys.stderr)
+        return False
+    return True
+
+
+def gemv(weight: torch.Tensor, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """weight [N, K] bf16, x [K] fp32 -> [R] fp32: weight[rows] @ x (all rows when `rows` is None)."""
+    return torch.ops.partinfer_cpu.gemv(weight, x, _rows(rows, x.device))
+
+
+def gemv_t(weight: torch.Tensor, a: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """weight [N, K] bf16, a [R] fp32 -> [K] fp32: a @ weight[rows] (all rows when `rows` is None)."""
+    return torch.ops.partinfer_cpu.gemv_t(weight, a, _rows(rows, a.device))
+
+
+def _rows(rows: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    return torch.empty(0, dtype=torch.long, device=device) if rows is None else rows.contiguous()
+
+
+if __name__ == "__main__":
+    print("CPU kernels:", "ready" if cpu_kernels() else "unavailable (stock PyTorch path)")

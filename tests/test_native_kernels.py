@@ -1,0 +1,65 @@
+"""The compiled CPU decode kernels (runtime/native.py) against fp32 references of the same bf16 weights."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from runtime.kernels import linear, uses_native_gemv
+from runtime.loader import load_model
+from runtime.native import _cpu_has_avx2_fma, cpu_kernels, gemv, gemv_t
+from runtime.sparse_ffn import sparse_modules
+from runtime.sparsity import SparsityConfig, fraction_count
+from tests.helpers import make_neuron_file
+
+pytestmark = pytest.mark.skipif(
+    not _cpu_has_avx2_fma() or shutil.which("g++") is None, reason="needs an x86 CPU with AVX2+FMA and g++")
+
+
+def test_kernels_build_on_this_machine():
+    assert cpu_kernels(), "g++ and AVX2 are here, so the kernels must build (see the message above)"
+
+
+@pytest.mark.parametrize("n_rows,k", [(96, 64), (37, 83), (5, 576)])  # tails: rows not /4, columns not /16
+def test_gemv_and_gemv_t_match_fp32_reference(n_rows, k):
+    g = torch.Generator().manual_seed(n_rows)
+    W = torch.randn(n_rows, k, generator=g).bfloat16()
+    x, Wf = torch.randn(k, generator=g), W.float()
+    torch.testing.assert_close(gemv(W, x), Wf @ x, rtol=1e-4, atol=1e-4)
+    rows = torch.randperm(n_rows, generator=g)[: max(1, n_rows // 3)]
+    torch.testing.assert_close(gemv(W, x, rows), Wf[rows] @ x, rtol=1e-4, atol=1e-4)
+    a = torch.randn(rows.numel(), generator=g)
+    torch.testing.assert_close(gemv_t(W, a, rows), a @ Wf[rows], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(gemv_t(W, torch.ones(n_rows)), Wf.sum(0), rtol=1e-4, atol=1e-4)
+
+
+def test_linear_takes_the_kernel_for_one_bf16_token_only():
+    W, bias = torch.randn(48, 32).bfloat16(), torch.randn(48).bfloat16()
+    x = torch.randn(1, 1, 32).bfloat16()
+    assert uses_native_gemv(x, W) and not uses_native_gemv(torch.randn(1, 2, 32).bfloat16(), W)
+    assert not uses_native_gemv(x.float(), W.float())
+    y = linear(x, W, bias)
+    assert y.shape == (1, 1, 48) and y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), F.linear(x.float(), W.float(), bias.float()), rtol=1e-2, atol=1e-2)
+
+
+def test_tokenwise_decode_with_kernels(tiny_llama_dir, tmp_path):
+    """bf16 token-wise decode: round(φn) neurons with the base among them, and the layer's output
+    equals a dense fp32 computation restricted to the chosen neurons."""
+    neurons = make_neuron_file(tiny_llama_dir, tmp_path / "model.safetensors")
+    model = load_model(tiny_llama_dir, torch.bfloat16, "cpu",
+                       SparsityConfig(method="tokenwise", gamma=0.7, delta=0.3, phi=0.4, model_neurons=neurons))
+    layer = sparse_modules(model)[0]
+    layer.end_prompt()
+    x = torch.randn(1, 1, model.cfg.dim).bfloat16()
+    y = layer(x)
+    chosen = layer.last_selected[0, 0]
+    n = model.cfg.ffn_dim
+    assert chosen.numel() == fraction_count(0.4, n) and chosen.unique().numel() == chosen.numel()
+    assert set(range(fraction_count(0.3, n))) <= set(chosen.tolist())
+    xf = x.float().view(-1)
+    a = F.silu(layer.gate.float()[chosen] @ xf) * (layer.up.float()[chosen] @ xf)
+    torch.testing.assert_close(y.float().view(-1), a @ layer.down_t.float()[chosen], rtol=2e-2, atol=2e-2)
