@@ -78,6 +78,12 @@ def run_method(model_dir: Path, method: str, sparsity: SparsityConfig, tasks: li
                                       task_manager=TaskManager(include_path=str(TASKS_DIR)), log_samples=False)
     except KeyError as e:  # lm-eval's way of saying a task name is unknown
         raise PartinferError(f"lm-eval does not know task {e}; offline tasks: {', '.join(OFFLINE_TASKS)}") from e
+    except Exception as e:
+        hub = type(e).__module__.split(".")[0] in ("datasets", "huggingface_hub", "requests", "urllib3")
+        if not (hub or isinstance(e, (ConnectionError, OSError))):
+            raise
+        raise PartinferError(f"a task's data could not be loaded from the hub ({type(e).__name__}); "
+                             f"upstream tasks need the hub, offline tasks: {', '.join(OFFLINE_TASKS)}") from e
     results = {
         task: {k.split(",")[0]: v for k, v in metrics.items() if isinstance(v, (int, float)) and "," in k}
         for task, metrics in out["results"].items()
@@ -113,7 +119,8 @@ def run_eval(
     report = {"model": str(model_dir), "tasks": tasks, "methods": list(methods), "limit": limit, "dtype": dtype,
               "gamma": sparsity.gamma, "delta": sparsity.delta, "phi": sparsity.phi, "runs": runs}
     with atomic_file(out_dir / "results.md") as tmp:
-        tmp.write_text(format_table(report) + "\n")
+        tmp.write_text(f"{format_table(report)}\n\nThe PartInfer paper's ratios to dense, for comparison:\n\n"
+                       f"{format_published()}\n")
     return report
 
 

@@ -17,6 +17,7 @@ from runtime.engine import parse_device, parse_dtype
 from runtime.generate import generate
 from runtime.loader import load_model
 from runtime.model import Transformer
+from runtime.native import cpu_kernels
 from runtime.prepare import default_gguf_path, default_model_dir, resolve_model
 from runtime.sparsity import SparsityConfig
 
@@ -162,6 +163,7 @@ def run_bench(
                 rows.append(BenchRow("llama.cpp (Q4_1 GGUF)", *speeds, nbytes, floor_tps(bandwidth, nbytes)))
     return {
         "model": str(model_dir), "dtype": dtype, "device": device, "threads": torch.get_num_threads(),
+        "decode_kernels": "compiled AVX2 GEMV" if device == "cpu" and dtype == "bf16" and cpu_kernels() else "stock PyTorch",
         "prompt_len": prompt_len, "new_tokens": new_tokens, "repeats": repeats, "bandwidth_gbs": bandwidth / 1e9,
         "gamma": sparsity.gamma, "delta": sparsity.delta, "phi": sparsity.phi,
         "rows": [asdict(r) | {"share_of_floor": r.share_of_floor} for r in rows],
@@ -171,7 +173,8 @@ def run_bench(
 def format_bench(report: dict) -> str:
     lines = [
         f"model {report['model']}  {report['dtype']} on {report['device']} ({report['threads']} threads), "
-        f"prompt {report['prompt_len']}, {report['new_tokens']} new tokens, median of {report['repeats']}",
+        f"prompt {report['prompt_len']}, {report['new_tokens']} new tokens, median of {report['repeats']}, "
+        f"decode kernels: {report.get('decode_kernels', 'stock PyTorch')}",
         f"memory bandwidth (copy, read+write): {report['bandwidth_gbs']:.1f} GB/s",
         f"{'method':<26}{'prefill tok/s':>14}{'decode tok/s':>14}{'MB/token':>10}{'floor tok/s':>13}{'of floor':>10}"
         f"{'vs dense':>10}{'ideal':>8}{'of ideal':>10}",

@@ -37,10 +37,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """F.linear; fp32 compute on CPU for many-token half-precision inputs, the compiled GEMV for one
     bf16 token (result in x's dtype)."""
     if uses_native_gemv(x, weight):
-        y = gemv(weight, x.reshape(-1).float())  # [N]
+        y = gemv(weight, x.reshape(-1))  # [N], x's dtype
         if bias is not None:
-            y = y + bias.float()
-        return y.to(x.dtype).view(*x.shape[:-1], -1)
+            y = y + bias
+        return y.view(*x.shape[:-1], -1)
     if cpu_prefers_fp32(x, weight):
         b = None if bias is None else bias.float()
         return F.linear(x.float(), weight.float(), b).to(x.dtype)

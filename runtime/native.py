@@ -49,7 +49,8 @@ def cpu_kernels() -> bool:
 
 
 def gemv(weight: torch.Tensor, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-    """weight [N, K] bf16, x [K] fp32 -> [R] fp32: weight[rows] @ x (all rows when `rows` is None)."""
+    """weight [N, K] bf16, x [K] fp32 or bf16 -> [R] in x's dtype: weight[rows] @ x (all rows when `rows`
+    is None), accumulated in fp32."""
     return torch.ops.partinfer_cpu.gemv(weight, x, _rows(rows, x.device))
 
 

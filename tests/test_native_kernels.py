@@ -29,6 +29,9 @@ def test_gemv_and_gemv_t_match_fp32_reference(n_rows, k):
     W = torch.randn(n_rows, k, generator=g).bfloat16()
     x, Wf = torch.randn(k, generator=g), W.float()
     torch.testing.assert_close(gemv(W, x), Wf @ x, rtol=1e-4, atol=1e-4)
+    xb = x.bfloat16()  # bf16 in, bf16 out (accumulated in fp32, rounded once)
+    assert gemv(W, xb).dtype == torch.bfloat16
+    torch.testing.assert_close(gemv(W, xb), (Wf @ xb.float()).bfloat16())
     rows = torch.randperm(n_rows, generator=g)[: max(1, n_rows // 3)]
     torch.testing.assert_close(gemv(W, x, rows), Wf[rows] @ x, rtol=1e-4, atol=1e-4)
     a = torch.randn(rows.numel(), generator=g)

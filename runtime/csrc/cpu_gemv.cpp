@@ -5,7 +5,7 @@
 // these kernels widen bf16 to fp32 in registers (a 16-bit shift) and stream each weight row once,
 // four rows at a time, rows split across threads with at::parallel_for.
 //
-//   gemv(W [N, K] bf16, x [K] fp32, rows [R] int64 or empty)      -> y [R or N] fp32,  y_r = W[rows[r]] . x
+//   gemv(W [N, K] bf16, x [K] fp32|bf16, rows [R] int64 or empty) -> y [R or N] in x's dtype, y_r = W[rows[r]] . x
 //   gemv_t(W [N, K] bf16, a [R] fp32, rows [R] int64 or empty)    -> y [K] fp32,       y = sum_r a_r W[rows[r]]
 //
 // `rows` lets the token-wise method read only its chosen neurons' rows in place (no gathered copy).
@@ -13,6 +13,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <immintrin.h>
+#include <cstring>
 #include <vector>
 
 namespace {
@@ -83,29 +84,34 @@ void axpy_rows(const uint16_t* W, int64_t K, const float* a, const int64_t* rows
 void check(const at::Tensor& W, const at::Tensor& v, const at::Tensor& rows) {
   TORCH_CHECK(W.dim() == 2 && W.scalar_type() == at::kBFloat16 && W.is_contiguous() && W.device().is_cpu(),
               "W must be a contiguous 2-D bf16 CPU tensor");
-  TORCH_CHECK(v.dim() == 1 && v.scalar_type() == at::kFloat && v.is_contiguous(), "vector must be contiguous fp32");
+  TORCH_CHECK(v.dim() == 1 && v.is_contiguous(), "vector must be a contiguous 1-D tensor");
   TORCH_CHECK(rows.numel() == 0 || (rows.dim() == 1 && rows.scalar_type() == at::kLong && rows.is_contiguous()),
               "rows must be a contiguous int64 vector (or empty for all rows)");
 }
 
 at::Tensor gemv(const at::Tensor& W, const at::Tensor& x, const at::Tensor& rows) {
   check(W, x, rows);
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "x must be fp32 or bf16");
   const int64_t K = W.size(1);
   TORCH_CHECK(x.size(0) == K, "x has ", x.size(0), " elements, W rows have ", K);
   const int64_t R = rows.numel() ? rows.numel() : W.size(0);
-  at::Tensor y = at::empty({R}, x.options());
+  // A bf16 x is widened once and the result rounded back once: one op per linear for the caller.
+  const bool half = x.scalar_type() == at::kBFloat16;
+  at::Tensor xf = half ? x.to(at::kFloat) : x;
+  at::Tensor y = at::empty({R}, xf.options());
   const uint16_t* w = reinterpret_cast<const uint16_t*>(W.data_ptr<at::BFloat16>());
   const int64_t* idx = rows.numel() ? rows.data_ptr<int64_t>() : nullptr;
-  const float* xp = x.data_ptr<float>();
+  const float* xp = xf.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, (R + 3) / 4, 16, [&](int64_t b, int64_t e) {
     gemv_rows(w, K, xp, idx, yp, b * 4, std::min(e * 4, R));
   });
-  return y;
+  return half ? y.to(at::kBFloat16) : y;
 }
 
 at::Tensor gemv_t(const at::Tensor& W, const at::Tensor& a, const at::Tensor& rows) {
   check(W, a, rows);
+  TORCH_CHECK(a.scalar_type() == at::kFloat, "a must be fp32");
   const int64_t K = W.size(1);
   const int64_t R = rows.numel() ? rows.numel() : W.size(0);
   TORCH_CHECK(a.size(0) == R, "a has ", a.size(0), " elements for ", R, " rows");
