@@ -20,6 +20,7 @@ from torch import nn
 
 from runtime.errors import PartinferError
 from runtime.kernels import Linear, linear
+from runtime.native import attention_decode, cpu_kernels, ffn_decode, rms_norm
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -180,6 +181,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.is_contiguous() and cpu_kernels():
+            return rms_norm(x, self.weight, self.eps)  # one op instead of eight: decode is op-bound
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
@@ -203,6 +206,12 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
 
+    def fused_decode_ok(self, x: torch.Tensor) -> bool:
+        """The compiled one-token attention covers plain Llama attention in bf16 on the CPU."""
+        cfg = self.cfg
+        return (x.dtype == torch.bfloat16 and x.device.type == "cpu" and not cfg.qk_norm and not cfg.qkv_bias
+                and not cfg.o_bias and cpu_kernels())
+
     def forward(
         self,
         x: torch.Tensor,  # [B, T, D]
@@ -215,6 +224,11 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         cfg = self.cfg
         B, T, _ = x.shape
+        if mask is None and B == 1 and T == 1 and self.fused_decode_ok(x):
+            # One token, no padding: the whole sublayer is one compiled op (runtime/native.py).
+            out = attention_decode(x.view(-1), self.qkv_proj.weight, self.o_proj.weight, k_cache[0], v_cache[0],
+                                   cos.view(-1), sin.view(-1), start, cfg.n_heads, cfg.n_kv_heads)
+            return out.view(1, 1, -1)
         heads = self.qkv_proj(x).view(B, T, cfg.n_heads + 2 * cfg.n_kv_heads, cfg.head_dim)
         qk, v = heads.split((cfg.n_heads + cfg.n_kv_heads, cfg.n_kv_heads), dim=2)
         if cfg.qk_norm:
@@ -228,6 +242,11 @@ class Attention(nn.Module):
         keys, values = k_cache[:, :, : start + T], v_cache[:, :, : start + T]
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=cfg.n_heads != cfg.n_kv_heads)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+def fused_ffn_ok(x: torch.Tensor, act) -> bool:
+    """The compiled one-token FFN covers gated SiLU in bf16 on the CPU."""
+    return x.dtype == torch.bfloat16 and x.device.type == "cpu" and act is F.silu and cpu_kernels()
 
 
 class FFN(nn.Module):
@@ -248,6 +267,8 @@ class FFN(nn.Module):
         return self.act(gate) * up
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, D] -> [B, T, D]
+        if x.numel() == x.shape[-1] and fused_ffn_ok(x, self.act):
+            return ffn_decode(x.view(-1), self.gate_up, self.down, interleaved=False).view_as(x)
         return linear(self.activations(x), self.down)
 
 

@@ -28,7 +28,7 @@ def _cpu_has_avx2_fma() -> bool:
 
 @functools.cache
 def cpu_kernels() -> bool:
-    """True when torch.ops.partinfer_cpu.{gemv, gemv_t} are loaded (building them on first use)."""
+    """True when torch.ops.partinfer_cpu.{gemv, gemv_t, rms_norm} are loaded (building them on first use)."""
     if os.environ.get("PARTINFER_NATIVE", "1") == "0" or not _cpu_has_avx2_fma():
         return False
     from torch.utils.cpp_extension import load
@@ -51,16 +51,30 @@ def cpu_kernels() -> bool:
 def gemv(weight: torch.Tensor, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
     """weight [N, K] bf16, x [K] fp32 or bf16 -> [R] in x's dtype: weight[rows] @ x (all rows when `rows`
     is None), accumulated in fp32."""
-    return torch.ops.partinfer_cpu.gemv(weight, x, _rows(rows, x.device))
+    return torch.ops.partinfer_cpu.gemv(weight, x, rows)
 
 
 def gemv_t(weight: torch.Tensor, a: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
     """weight [N, K] bf16, a [R] fp32 -> [K] fp32: a @ weight[rows] (all rows when `rows` is None)."""
-    return torch.ops.partinfer_cpu.gemv_t(weight, a, _rows(rows, a.device))
+    return torch.ops.partinfer_cpu.gemv_t(weight, a, rows)
 
 
-def _rows(rows: torch.Tensor | None, device: torch.device) -> torch.Tensor:
-    return torch.empty(0, dtype=torch.long, device=device) if rows is None else rows.contiguous()
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Llama RMSNorm of contiguous bf16 rows in one op (fp32 math, rounded as transformers rounds)."""
+    return torch.ops.partinfer_cpu.rms_norm(x, weight, eps)
+
+
+def attention_decode(
+    x: torch.Tensor, qkv_w: torch.Tensor, o_w: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+    cos: torch.Tensor, sin: torch.Tensor, pos: int, n_heads: int, n_kv_heads: int,
+) -> torch.Tensor:
+    """One token through Llama attention: x [D] bf16 -> [D] bf16; writes slot `pos` of k/v_cache [Hkv, S, hd]."""
+    return torch.ops.partinfer_cpu.attention_decode(x, qkv_w, o_w, k_cache, v_cache, cos, sin, pos, n_heads, n_kv_heads)
+
+
+def ffn_decode(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """One token through a gated SiLU FFN: x [D] bf16, gate_up [2m, D], down [D, m] -> [D] bf16."""
+    return torch.ops.partinfer_cpu.ffn_decode(x, gate_up, down, interleaved)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from runtime.kernels import linear
-from runtime.model import ACTIVATIONS, ModelConfig, Transformer
+from runtime.model import ACTIVATIONS, ModelConfig, Transformer, fused_ffn_ok
+from runtime.native import ffn_decode
 from runtime.selection import sentence_active, top_count_mask
 from runtime.sparsity import LayerPlan, SparsityConfig
 from runtime.tokenwise_ffn import TokenwiseFFN
@@ -144,6 +145,8 @@ class SparseFFN(nn.Module):
                 a = self._act(torch.bmm(x, self.c_gate_up.transpose(1, 2)))  # [B, T, m]
                 return torch.bmm(a, self.c_down.transpose(1, 2))  # [B, T, D]
             m = self.n_active
+            if x.numel() == x.shape[-1] and fused_ffn_ok(x, self.act):  # one token: one compiled op
+                return ffn_decode(x.view(-1), self.gate_up[:m].view(2 * m, -1), self.down_head, True).view_as(x)
             a = self._act(linear(x, self.gate_up[:m].view(2 * m, -1)))  # [B, T, m]
             return linear(a, self.down_head)
         a = self._act(linear(x, self.gate_up.view(2 * self.n_loaded, -1)))  # [B, T, k]

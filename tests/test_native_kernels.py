@@ -10,8 +10,9 @@ import torch.nn.functional as F
 
 from runtime.kernels import linear, uses_native_gemv
 from runtime.loader import load_model
+from runtime.model import KVCache, decode_step, prefill
 from runtime.native import _cpu_has_avx2_fma, cpu_kernels, gemv, gemv_t
-from runtime.sparse_ffn import sparse_modules
+from runtime.sparse_ffn import begin_prompt, end_prompt, sparse_modules
 from runtime.sparsity import SparsityConfig, fraction_count
 from tests.helpers import make_neuron_file
 
@@ -66,3 +67,31 @@ def test_tokenwise_decode_with_kernels(tiny_llama_dir, tmp_path):
     xf = x.float().view(-1)
     a = F.silu(layer.gate.float()[chosen] @ xf) * (layer.up.float()[chosen] @ xf)
     torch.testing.assert_close(y.float().view(-1), a @ layer.down_t.float()[chosen], rtol=2e-2, atol=2e-2)
+
+
+def decode_logits(model, prompt: list[int], tokens: list[int]) -> torch.Tensor:
+    """Logits [len(tokens), V] of one-token decode steps after a prefill of `prompt`."""
+    cache = KVCache(model.cfg, 1, len(prompt) + len(tokens), model.embed_tokens.weight.dtype, "cpu")
+    with torch.inference_mode():
+        begin_prompt(model)
+        prefill(model, torch.tensor([prompt]), cache)
+        end_prompt(model)
+        return torch.stack([decode_step(model, torch.tensor([t]), cache)[0].float() for t in tokens])
+
+
+@pytest.mark.parametrize("method", ["dense", "partinfer"])
+def test_fused_decode_sublayers_as_accurate_as_eager_bf16(tiny_llama_dir, tmp_path, monkeypatch, method):
+    """One-token attention and FFN as single compiled ops: their logits stay as close to an fp32 run of
+    the same bf16 weights as the eager bf16 ops are."""
+    import runtime.model
+
+    neurons = make_neuron_file(tiny_llama_dir, tmp_path / "model.safetensors")
+    sparsity = SparsityConfig(method=method, gamma=0.7, delta=0.3, phi=0.4, model_neurons=neurons)
+    prompt, tokens = [5, 17, 99, 3, 42, 7], [11, 23, 8, 64, 2, 31]
+    fused = decode_logits(load_model(tiny_llama_dir, torch.bfloat16, "cpu", sparsity), prompt, tokens)
+    reference_model = load_model(tiny_llama_dir, torch.bfloat16, "cpu", sparsity).float()
+    reference = decode_logits(reference_model, prompt, tokens)
+    monkeypatch.setattr(runtime.model, "cpu_kernels", lambda: False)  # the eager ops
+    eager = decode_logits(load_model(tiny_llama_dir, torch.bfloat16, "cpu", sparsity), prompt, tokens)
+    fused_err, eager_err = (fused - reference).abs().max(), (eager - reference).abs().max()
+    assert fused_err <= 2 * eager_err + 1e-2, (fused_err, eager_err)
