@@ -137,7 +137,8 @@ def format_table(report: dict) -> str:
     runs = report["runs"]
     lines = [
         f"γ {report['gamma']}, δ {report['delta']}, φ {report['phi']}, {report['dtype']}; "
-        f"limit {report['limit'] or 'none'} examples per task. Cells: score (ratio to dense; perplexity: dense ÷ method).",
+        f"limit {report['limit'] or 'none'} examples per task. Cells: score ±standard error (ratio to dense; "
+        "for perplexity dense ÷ method, so below 1 is a loss everywhere).",
         "",
         "| task | metric | n | " + " | ".join(methods) + " |",
         "|---|---|---:|" + "---:|" * len(methods),
@@ -154,7 +155,9 @@ def format_table(report: dict) -> str:
                     cells.append("–")
                     continue
                 ratio = _ratio(value, dense, metric) if dense is not None and m != "dense" else None
-                cells.append(f"{value:.3f}" + (f" ({ratio:.2f})" if ratio is not None else ""))
+                stderr = runs[m]["results"][task].get(f"{metric}_stderr")
+                cells.append(f"{value:.3f}" + (f" ±{stderr:.3f}" if isinstance(stderr, float) else "")
+                             + (f" ({ratio:.2f})" if ratio is not None else ""))
             n = first.get("samples", {}).get(task, "")
             lines.append(f"| {task.removeprefix('partinfer_')} | {metric} | {n} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -20,7 +20,7 @@ from torch import nn
 
 from runtime.errors import PartinferError
 from runtime.kernels import Linear, linear
-from runtime.native import attention_decode, cpu_kernels, ffn_decode, rms_norm
+from runtime.native import attention_decode, cpu_kernels, layer_decode, rms_norm
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -206,11 +206,6 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
 
-    def fused_decode_ok(self, x: torch.Tensor) -> bool:
-        """The compiled one-token attention covers plain Llama attention in bf16 on the CPU."""
-        cfg = self.cfg
-        return (x.dtype == torch.bfloat16 and x.device.type == "cpu" and not cfg.qk_norm and not cfg.qkv_bias
-                and not cfg.o_bias and cpu_kernels())
 
     def forward(
         self,
@@ -224,11 +219,6 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         cfg = self.cfg
         B, T, _ = x.shape
-        if mask is None and B == 1 and T == 1 and self.fused_decode_ok(x):
-            # One token, no padding: the whole sublayer is one compiled op (runtime/native.py).
-            out = attention_decode(x.view(-1), self.qkv_proj.weight, self.o_proj.weight, k_cache[0], v_cache[0],
-                                   cos.view(-1), sin.view(-1), start, cfg.n_heads, cfg.n_kv_heads)
-            return out.view(1, 1, -1)
         heads = self.qkv_proj(x).view(B, T, cfg.n_heads + 2 * cfg.n_kv_heads, cfg.head_dim)
         qk, v = heads.split((cfg.n_heads + cfg.n_kv_heads, cfg.n_kv_heads), dim=2)
         if cfg.qk_norm:
@@ -242,11 +232,6 @@ class Attention(nn.Module):
         keys, values = k_cache[:, :, : start + T], v_cache[:, :, : start + T]
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=cfg.n_heads != cfg.n_kv_heads)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
-
-
-def fused_ffn_ok(x: torch.Tensor, act) -> bool:
-    """The compiled one-token FFN covers gated SiLU in bf16 on the CPU."""
-    return x.dtype == torch.bfloat16 and x.device.type == "cpu" and act is F.silu and cpu_kernels()
 
 
 class FFN(nn.Module):
@@ -266,9 +251,11 @@ class FFN(nn.Module):
         gate, up = linear(x, self.gate_up).chunk(2, dim=-1)
         return self.act(gate) * up
 
+    def fused_decode_weights(self) -> tuple[torch.Tensor, torch.Tensor, bool] | None:
+        """(gate_up [2n, d], down [d, n], interleaved) for the compiled one-token FFN; None for non-SiLU."""
+        return (self.gate_up, self.down, False) if self.act is F.silu else None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, D] -> [B, T, D]
-        if x.numel() == x.shape[-1] and fused_ffn_ok(x, self.act):
-            return ffn_decode(x.view(-1), self.gate_up, self.down, interleaved=False).view_as(x)
         return linear(self.activations(x), self.down)
 
 
@@ -279,10 +266,29 @@ class Block(nn.Module):
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp: nn.Module = FFN(cfg)
+        self.cfg = cfg
 
     def forward(self, x, cos, sin, k_cache, v_cache, start, mask):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, start, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def decode_token(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                     v_cache: torch.Tensor, pos: int) -> torch.Tensor:
+        """One token of one sequence through the layer with the compiled CPU ops (runtime/native.py).
+
+        x [D] bf16, cos/sin [hd], k/v_cache [Hkv, S, hd]. An FFN that offers its weights
+        (`fused_decode_weights`) joins the attention in one op per layer; the token-wise FFN runs as
+        its own module between a compiled attention and the residual add.
+        """
+        cfg, attn = self.cfg, self.self_attn
+        ffn = getattr(self.mlp, "fused_decode_weights", lambda: None)()
+        if ffn is not None:
+            return layer_decode(x, self.input_layernorm.weight, attn.qkv_proj.weight, attn.o_proj.weight, k_cache,
+                                v_cache, cos, sin, pos, cfg.n_heads, cfg.n_kv_heads,
+                                self.post_attention_layernorm.weight, *ffn, cfg.norm_eps)
+        x = x + attention_decode(self.input_layernorm(x), attn.qkv_proj.weight, attn.o_proj.weight, k_cache, v_cache,
+                                 cos, sin, pos, cfg.n_heads, cfg.n_kv_heads)
+        return x + self.mlp(self.post_attention_layernorm(x)[None, None]).view(-1)
 
 
 class Transformer(nn.Module):
@@ -301,6 +307,12 @@ class Transformer(nn.Module):
     def init_buffers(self, device: torch.device | str) -> None:
         """Recompute non-persistent buffers after the model was built on `meta` and weights assigned."""
         self.inv_freq = rope_inv_freq(self.cfg).to(device)
+
+    def compiled_decode_ok(self, x: torch.Tensor) -> bool:
+        """The compiled one-token ops cover plain Llama attention (no q/k norm, no biases) in bf16 on CPU."""
+        cfg = self.cfg
+        return (x.dtype == torch.bfloat16 and x.device.type == "cpu" and not cfg.qk_norm and not cfg.qkv_bias
+                and not cfg.o_bias and cfg.head_dim % 16 == 0 and cpu_kernels())
 
     def output_weight(self) -> torch.Tensor:
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
@@ -333,8 +345,15 @@ class Transformer(nn.Module):
         x = self.embed_tokens(tokens)
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
         mask = self.attention_mask(cache, start, T, slots)
-        for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, cache.k[i], cache.v[i], start, mask)
+        if mask is None and B == 1 and self.compiled_decode_ok(x):
+            # One token of one unpadded sequence: each layer is one or two compiled ops (runtime/native.py).
+            cos_t, sin_t, h = cos.view(-1), sin.view(-1), x.view(-1)
+            for i, layer in enumerate(self.layers):
+                h = layer.decode_token(h, cos_t, sin_t, cache.k[i][0], cache.v[i][0], start)
+            x = h.view(1, 1, -1)
+        else:
+            for i, layer in enumerate(self.layers):
+                x = layer(x, cos, sin, cache.k[i], cache.v[i], start, mask)
         if logits_for == "last":
             x = x[:, -1:]
         return linear(self.norm(x), self.output_weight())

@@ -28,7 +28,7 @@ def _cpu_has_avx2_fma() -> bool:
 
 @functools.cache
 def cpu_kernels() -> bool:
-    """True when torch.ops.partinfer_cpu.{gemv, gemv_t, rms_norm} are loaded (building them on first use)."""
+    """True when torch.ops.partinfer_cpu (gemv, gemv_t, rms_norm, attention_decode, layer_decode) is loaded (building them on first use)."""
     if os.environ.get("PARTINFER_NATIVE", "1") == "0" or not _cpu_has_avx2_fma():
         return False
     from torch.utils.cpp_extension import load
@@ -40,8 +40,9 @@ def cpu_kernels() -> bool:
     if not any(build.glob("*.so")):
         print("building partinfer's CPU kernels once (~30 s) ...", file=sys.stderr)
     try:
-        load(name="partinfer_cpu", sources=[str(SOURCE)], extra_cflags=["-O3", "-mavx2", "-mfma"],
-             build_directory=str(build), is_python_module=False, verbose=False)
+        # -fopenmp: at::parallel_for is inlined from ATen's OpenMP header; without it the kernels run on one thread.
+        load(name="partinfer_cpu", sources=[str(SOURCE)], extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
+             extra_ldflags=["-fopenmp"], build_directory=str(build), is_python_module=False, verbose=False)
     except Exception as e:  # no compiler, failed build: the stock path still works
         print(f"partinfer: CPU kernels unavailable ({type(e).__name__}); using stock PyTorch matmuls", file=sys.stderr)
         return False
@@ -72,9 +73,15 @@ def attention_decode(
     return torch.ops.partinfer_cpu.attention_decode(x, qkv_w, o_w, k_cache, v_cache, cos, sin, pos, n_heads, n_kv_heads)
 
 
-def ffn_decode(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, interleaved: bool) -> torch.Tensor:
-    """One token through a gated SiLU FFN: x [D] bf16, gate_up [2m, D], down [D, m] -> [D] bf16."""
-    return torch.ops.partinfer_cpu.ffn_decode(x, gate_up, down, interleaved)
+def layer_decode(
+    x: torch.Tensor, norm1_w: torch.Tensor, qkv_w: torch.Tensor, o_w: torch.Tensor, k_cache: torch.Tensor,
+    v_cache: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: int, n_heads: int, n_kv_heads: int,
+    norm2_w: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, interleaved: bool, eps: float,
+) -> torch.Tensor:
+    """One token through a whole pre-norm layer (RMSNorm, attention, RMSNorm, gated SiLU FFN, residuals):
+    x [D] bf16 -> [D] bf16; gate_up [2m, D] (interleaved g/u rows or [gate; up]), down [D, m]."""
+    return torch.ops.partinfer_cpu.layer_decode(x, norm1_w, qkv_w, o_w, k_cache, v_cache, cos, sin, pos, n_heads,
+                                                n_kv_heads, norm2_w, gate_up, down, interleaved, eps)
 
 
 if __name__ == "__main__":

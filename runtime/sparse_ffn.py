@@ -21,11 +21,11 @@ compact copy exists — partinfer holds no more memory than load-only. Base neur
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from runtime.kernels import linear
-from runtime.model import ACTIVATIONS, ModelConfig, Transformer, fused_ffn_ok
-from runtime.native import ffn_decode
+from runtime.model import ACTIVATIONS, ModelConfig, Transformer
 from runtime.selection import sentence_active, top_count_mask
 from runtime.sparsity import LayerPlan, SparsityConfig
 from runtime.tokenwise_ffn import TokenwiseFFN
@@ -111,6 +111,14 @@ class SparseFFN(nn.Module):
         self.down_tail.copy_(down[:, order[self.n_active :]])
         self.neuron_ids = self.neuron_ids[order.to(self.neuron_ids.device)]
 
+    def fused_decode_weights(self) -> tuple[torch.Tensor, torch.Tensor, bool] | None:
+        """(gate_up [2m, d] interleaved, down [d, m], True) of the active prefix for the compiled one-token
+        layer; None while prefilling, with per-sequence sets, or for non-SiLU models."""
+        if self.phase != "decode" or self.c_gate_up is not None or self.act is not F.silu:
+            return None
+        m = self.n_active
+        return self.gate_up[:m].view(2 * m, -1), self.down_head, True
+
     def active_neuron_ids(self) -> torch.Tensor:
         """[B, m] original neuron indices computed at decode."""
         if self.active is None:
@@ -145,8 +153,6 @@ class SparseFFN(nn.Module):
                 a = self._act(torch.bmm(x, self.c_gate_up.transpose(1, 2)))  # [B, T, m]
                 return torch.bmm(a, self.c_down.transpose(1, 2))  # [B, T, D]
             m = self.n_active
-            if x.numel() == x.shape[-1] and fused_ffn_ok(x, self.act):  # one token: one compiled op
-                return ffn_decode(x.view(-1), self.gate_up[:m].view(2 * m, -1), self.down_head, True).view_as(x)
             a = self._act(linear(x, self.gate_up[:m].view(2 * m, -1)))  # [B, T, m]
             return linear(a, self.down_head)
         a = self._act(linear(x, self.gate_up.view(2 * self.n_loaded, -1)))  # [B, T, k]

@@ -79,10 +79,10 @@ def decode_logits(model, prompt: list[int], tokens: list[int]) -> torch.Tensor:
         return torch.stack([decode_step(model, torch.tensor([t]), cache)[0].float() for t in tokens])
 
 
-@pytest.mark.parametrize("method", ["dense", "partinfer"])
-def test_fused_decode_sublayers_as_accurate_as_eager_bf16(tiny_llama_dir, tmp_path, monkeypatch, method):
-    """One-token attention and FFN as single compiled ops: their logits stay as close to an fp32 run of
-    the same bf16 weights as the eager bf16 ops are."""
+@pytest.mark.parametrize("method", ["dense", "partinfer", "tokenwise"])
+def test_compiled_decode_as_accurate_as_eager_bf16(tiny_llama_dir, tmp_path, monkeypatch, method):
+    """Decode layers as compiled ops (whole layers; attention only for token-wise): logits stay as close
+    to an fp32 run of the same bf16 weights as the eager bf16 ops are."""
     import runtime.model
 
     neurons = make_neuron_file(tiny_llama_dir, tmp_path / "model.safetensors")

@@ -9,9 +9,10 @@
 //   gemv_t(W [N, K] bf16, a [R] fp32, rows [R] int64 or None)     -> y [K] fp32,       y = sum_r a_r W[rows[r]]
 //   rms_norm(x [..., K] bf16, w [K] bf16, eps)                    -> bf16, one op for the eight of the
 //       eager form (fp32 math, rounded to bf16 before * w as transformers' Llama RMSNorm does).
-//   attention_decode(...) / ffn_decode(...): one decode token through a whole attention or gated
-//       SiLU FFN sublayer in one op (fp32 inside, bf16 in the KV cache and at the output): an eager
-//       decode step is otherwise ~60 small ops per layer, and at batch 1 their fixed costs rival the
+//   attention_decode(...): one decode token through a Llama attention sublayer (qkv, rope, KV-cache
+//       write, causal GQA attention, o projection) in one op, fp32 inside, bf16 in the cache;
+//   layer_decode(...): a whole pre-norm layer (norms, attention, gated SiLU FFN, residuals) in one op.
+//       An eager decode step is ~60 small ops per layer, and at batch 1 their fixed costs rival the
 //       weight streaming itself.
 //
 // `rows` lets the token-wise method read only its chosen neurons' rows in place (no gathered copy).
@@ -19,17 +20,13 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <immintrin.h>
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <optional>
 #include <vector>
 
 namespace {
-
-inline __m256 load_bf16x8(const uint16_t* p) {
-  __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
 
 inline float bf16_to_float(uint16_t v) {
   uint32_t bits = static_cast<uint32_t>(v) << 16;
@@ -45,8 +42,29 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// y[r] = W[row(r)] . x for r in [r0, r1).
-void gemv_rows(const uint16_t* W, int64_t K, const float* x, const int64_t* rows, float* y, int64_t r0, int64_t r1) {
+// Loads 16 bf16 weights as two fp32 vectors without a permute: the even elements (low halves of the
+// 32-bit lanes, shifted up) and the odd ones (high halves, masked). x is split the same way once per
+// call (xe = x[0::2], xo = x[1::2]), so a dot product costs 1 load + 1 shift + 1 and + 2 FMA per 16
+// weights: few enough micro-ops that two cores keep up with memory.
+inline void load_bf16x16(const uint16_t* p, __m256& even, __m256& odd) {
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  even = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+  odd = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
+}
+
+// Even/odd halves of the first K16 elements of x (K16 = K rounded down to 16).
+void split_even_odd(const float* x, int64_t K16, std::vector<float>& xe, std::vector<float>& xo) {
+  xe.resize(K16 / 2);
+  xo.resize(K16 / 2);
+  for (int64_t j = 0; j < K16 / 2; ++j) {
+    xe[j] = x[2 * j];
+    xo[j] = x[2 * j + 1];
+  }
+}
+
+// y[r] = W[row(r)] . x for r in [r0, r1); xe/xo from split_even_odd.
+void gemv_rows(const uint16_t* W, int64_t K, const float* x, const float* xe, const float* xo, const int64_t* rows,
+               float* y, int64_t r0, int64_t r1) {
   const int64_t K16 = K & ~int64_t(15);
   int64_t r = r0;
   for (; r + 4 <= r1; r += 4) {
@@ -55,10 +73,12 @@ void gemv_rows(const uint16_t* W, int64_t K, const float* x, const int64_t* rows
     __m256 acc[4][2];
     for (int j = 0; j < 4; ++j) acc[j][0] = acc[j][1] = _mm256_setzero_ps();
     for (int64_t i = 0; i < K16; i += 16) {
-      __m256 x0 = _mm256_loadu_ps(x + i), x1 = _mm256_loadu_ps(x + i + 8);
+      const __m256 x0 = _mm256_loadu_ps(xe + i / 2), x1 = _mm256_loadu_ps(xo + i / 2);
       for (int j = 0; j < 4; ++j) {
-        acc[j][0] = _mm256_fmadd_ps(load_bf16x8(w[j] + i), x0, acc[j][0]);
-        acc[j][1] = _mm256_fmadd_ps(load_bf16x8(w[j] + i + 8), x1, acc[j][1]);
+        __m256 e, o;
+        load_bf16x16(w[j] + i, e, o);
+        acc[j][0] = _mm256_fmadd_ps(e, x0, acc[j][0]);
+        acc[j][1] = _mm256_fmadd_ps(o, x1, acc[j][1]);
       }
     }
     for (int j = 0; j < 4; ++j) {
@@ -69,24 +89,45 @@ void gemv_rows(const uint16_t* W, int64_t K, const float* x, const int64_t* rows
   }
   for (; r < r1; ++r) {
     const uint16_t* w = W + (rows ? rows[r] : r) * K;
-    __m256 acc = _mm256_setzero_ps();
-    for (int64_t i = 0; i < K16; i += 8) acc = _mm256_fmadd_ps(load_bf16x8(w + i), _mm256_loadu_ps(x + i), acc);
-    float s = hsum(acc);
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    for (int64_t i = 0; i < K16; i += 16) {
+      __m256 e, o;
+      load_bf16x16(w + i, e, o);
+      acc0 = _mm256_fmadd_ps(e, _mm256_loadu_ps(xe + i / 2), acc0);
+      acc1 = _mm256_fmadd_ps(o, _mm256_loadu_ps(xo + i / 2), acc1);
+    }
+    float s = hsum(_mm256_add_ps(acc0, acc1));
     for (int64_t i = K16; i < K; ++i) s += bf16_to_float(w[i]) * x[i];
     y[r] = s;
   }
 }
 
-// out[0:K] += sum_{r in [r0, r1)} a[r] * W[row(r)].
-void axpy_rows(const uint16_t* W, int64_t K, const float* a, const int64_t* rows, float* out, int64_t r0, int64_t r1) {
-  const int64_t K8 = K & ~int64_t(7);
+// out_even/out_odd (even/odd halves of the first K16 outputs) and out_tail (the rest) +=
+// sum_{r in [r0, r1)} a[r] * W[row(r)].
+void axpy_rows(const uint16_t* W, int64_t K, const float* a, const int64_t* rows, float* out_even, float* out_odd,
+               float* out_tail, int64_t r0, int64_t r1) {
+  const int64_t K16 = K & ~int64_t(15);
   for (int64_t r = r0; r < r1; ++r) {
     const uint16_t* w = W + (rows ? rows[r] : r) * K;
-    __m256 s = _mm256_set1_ps(a[r]);
-    for (int64_t i = 0; i < K8; i += 8)
-      _mm256_storeu_ps(out + i, _mm256_fmadd_ps(load_bf16x8(w + i), s, _mm256_loadu_ps(out + i)));
-    for (int64_t i = K8; i < K; ++i) out[i] += a[r] * bf16_to_float(w[i]);
+    const __m256 s = _mm256_set1_ps(a[r]);
+    for (int64_t i = 0; i < K16; i += 16) {
+      __m256 e, o;
+      load_bf16x16(w + i, e, o);
+      _mm256_storeu_ps(out_even + i / 2, _mm256_fmadd_ps(e, s, _mm256_loadu_ps(out_even + i / 2)));
+      _mm256_storeu_ps(out_odd + i / 2, _mm256_fmadd_ps(o, s, _mm256_loadu_ps(out_odd + i / 2)));
+    }
+    for (int64_t i = K16; i < K; ++i) out_tail[i - K16] += a[r] * bf16_to_float(w[i]);
   }
+}
+
+// y [R] = W[rows] @ x (fp32 x), rows split across threads.
+void gemv_f32(const at::BFloat16* W, int64_t R, int64_t K, const float* x, const int64_t* rows, float* y) {
+  std::vector<float> xe, xo;
+  split_even_odd(x, K & ~int64_t(15), xe, xo);
+  const uint16_t* w = reinterpret_cast<const uint16_t*>(W);
+  at::parallel_for(0, (R + 3) / 4, 16, [&](int64_t b, int64_t e) {
+    gemv_rows(w, K, x, xe.data(), xo.data(), rows, y, b * 4, std::min(e * 4, R));
+  });
 }
 
 void check(const at::Tensor& W, const at::Tensor& v, const std::optional<at::Tensor>& rows) {
@@ -107,13 +148,8 @@ at::Tensor gemv(const at::Tensor& W, const at::Tensor& x, const std::optional<at
   const bool half = x.scalar_type() == at::kBFloat16;
   at::Tensor xf = half ? x.to(at::kFloat) : x;
   at::Tensor y = at::empty({R}, xf.options());
-  const uint16_t* w = reinterpret_cast<const uint16_t*>(W.data_ptr<at::BFloat16>());
-  const int64_t* idx = rows ? rows->data_ptr<int64_t>() : nullptr;
-  const float* xp = xf.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  at::parallel_for(0, (R + 3) / 4, 16, [&](int64_t b, int64_t e) {
-    gemv_rows(w, K, xp, idx, yp, b * 4, std::min(e * 4, R));
-  });
+  gemv_f32(W.data_ptr<at::BFloat16>(), R, K, xf.data_ptr<float>(), rows ? rows->data_ptr<int64_t>() : nullptr,
+           y.data_ptr<float>());
   return half ? y.to(at::kBFloat16) : y;
 }
 
@@ -126,17 +162,26 @@ at::Tensor gemv_t(const at::Tensor& W, const at::Tensor& a, const std::optional<
   const uint16_t* w = reinterpret_cast<const uint16_t*>(W.data_ptr<at::BFloat16>());
   const int64_t* idx = rows ? rows->data_ptr<int64_t>() : nullptr;
   const float* ap = a.data_ptr<float>();
+  const int64_t K16 = K & ~int64_t(15), tail = K - K16;
   const int threads = std::max<int>(1, std::min<int64_t>(at::get_num_threads(), R / 64));
-  std::vector<float> partial(static_cast<size_t>(threads) * K, 0.0f);
+  std::vector<float> partial(static_cast<size_t>(threads) * K, 0.0f);  // per thread: even | odd | tail
   const int64_t chunk = (R + threads - 1) / threads;
   at::parallel_for(0, threads, 1, [&](int64_t b, int64_t e) {
-    for (int64_t t = b; t < e; ++t)
-      axpy_rows(w, K, ap, idx, partial.data() + t * K, t * chunk, std::min(R, (t + 1) * chunk));
+    for (int64_t t = b; t < e; ++t) {
+      float* p = partial.data() + t * K;
+      axpy_rows(w, K, ap, idx, p, p + K16 / 2, p + K16, t * chunk, std::min(R, (t + 1) * chunk));
+    }
   });
   at::Tensor y = at::zeros({K}, a.options());
   float* yp = y.data_ptr<float>();
-  for (int t = 0; t < threads; ++t)
-    for (int64_t i = 0; i < K; ++i) yp[i] += partial[t * K + i];
+  for (int t = 0; t < threads; ++t) {
+    const float* p = partial.data() + t * K;
+    for (int64_t j = 0; j < K16 / 2; ++j) {
+      yp[2 * j] += p[j];
+      yp[2 * j + 1] += p[K16 / 2 + j];
+    }
+    for (int64_t i = 0; i < tail; ++i) yp[K16 + i] += p[K16 + i];
+  }
   return y;
 }
 
@@ -163,13 +208,8 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   return y;
 }
 
-// y [R] fp32 = W[rows] @ x for fp32 x, parallel over rows.
 void gemv_f32(const at::Tensor& W, const float* x, float* y) {
-  const int64_t R = W.size(0), K = W.size(1);
-  const uint16_t* w = reinterpret_cast<const uint16_t*>(W.data_ptr<at::BFloat16>());
-  at::parallel_for(0, (R + 3) / 4, 16, [&](int64_t b, int64_t e) {
-    gemv_rows(w, K, x, nullptr, y, b * 4, std::min(e * 4, R));
-  });
+  gemv_f32(W.data_ptr<at::BFloat16>(), W.size(0), W.size(1), x, nullptr, y);
 }
 
 void check_weight(const at::Tensor& W, int64_t cols, const char* name) {
@@ -177,87 +217,168 @@ void check_weight(const at::Tensor& W, int64_t cols, const char* name) {
               name, " must be a contiguous bf16 matrix with ", cols, " columns");
 }
 
-// x [D] bf16 (normed), qkv_w [(H + 2 Hkv) hd, D], o_w [D, H hd], k_cache/v_cache [Hkv, S, hd] bf16
-// (this layer, batch 1), cos/sin [hd] for this position; writes slot `pos` of the caches and attends
-// causally over slots 0..pos. Returns [D] bf16.
-at::Tensor attention_decode(const at::Tensor& x, const at::Tensor& qkv_w, const at::Tensor& o_w, at::Tensor k_cache,
-                            at::Tensor v_cache, const at::Tensor& cos, const at::Tensor& sin, int64_t pos,
-                            int64_t n_heads, int64_t n_kv_heads) {
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.is_contiguous(), "x must be contiguous bf16");
-  TORCH_CHECK(k_cache.scalar_type() == at::kBFloat16 && k_cache.is_contiguous() && v_cache.is_contiguous() &&
-              k_cache.dim() == 3, "caches must be contiguous bf16 [Hkv, S, hd]");
-  const int64_t D = x.numel(), hd = k_cache.size(2), S = k_cache.size(1), half = hd / 2;
-  TORCH_CHECK(pos >= 0 && pos < S, "position ", pos, " outside the cache of ", S);
-  check_weight(qkv_w, D, "qkv weight");
-  check_weight(o_w, n_heads * hd, "o weight");
-  TORCH_CHECK(qkv_w.size(0) == (n_heads + 2 * n_kv_heads) * hd, "qkv weight rows do not match the heads");
-  at::Tensor xf = x.to(at::kFloat), cf = cos.to(at::kFloat).contiguous(), sf = sin.to(at::kFloat).contiguous();
-  std::vector<float> qkv(qkv_w.size(0));
-  gemv_f32(qkv_w, xf.data_ptr<float>(), qkv.data());
-  const float* c = cf.data_ptr<float>();
-  const float* sn = sf.data_ptr<float>();
-  for (int64_t h = 0; h < n_heads + n_kv_heads; ++h) {  // rope on q and k heads
-    float* v = qkv.data() + h * hd;
+// q . K[j] for a bf16 key row of hd (a multiple of 16) elements; qe/qo = even/odd halves of q.
+inline float dot_bf16(const float* qe, const float* qo, const uint16_t* k, int64_t hd) {
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  for (int64_t i = 0; i < hd; i += 16) {
+    __m256 e, o;
+    load_bf16x16(k + i, e, o);
+    acc0 = _mm256_fmadd_ps(e, _mm256_loadu_ps(qe + i / 2), acc0);
+    acc1 = _mm256_fmadd_ps(o, _mm256_loadu_ps(qo + i / 2), acc1);
+  }
+  return hsum(_mm256_add_ps(acc0, acc1));
+}
+
+// Weights of one decode layer's attention, shapes checked once by `attention_args`.
+struct AttentionArgs {
+  const at::Tensor& qkv_w;  // [(H + 2 Hkv) hd, D]
+  const at::Tensor& o_w;  // [D, H hd]
+  at::Tensor& k_cache;  // [Hkv, S, hd] bf16, this layer, batch 1
+  at::Tensor& v_cache;
+  const float* cos;  // [hd] at this position
+  const float* sin;
+  int64_t pos, n_heads, n_kv_heads;
+};
+
+void check_attention(const AttentionArgs& a, int64_t D) {
+  TORCH_CHECK(a.k_cache.scalar_type() == at::kBFloat16 && a.k_cache.is_contiguous() && a.v_cache.is_contiguous() &&
+              a.k_cache.dim() == 3 && a.v_cache.sizes() == a.k_cache.sizes(), "caches must be contiguous bf16 [Hkv, S, hd]");
+  const int64_t hd = a.k_cache.size(2);
+  TORCH_CHECK(hd % 16 == 0, "head_dim must be a multiple of 16, got ", hd);
+  TORCH_CHECK(a.pos >= 0 && a.pos < a.k_cache.size(1), "position ", a.pos, " outside the cache");
+  TORCH_CHECK(a.n_kv_heads > 0 && a.n_heads % a.n_kv_heads == 0 && a.k_cache.size(0) == a.n_kv_heads, "bad head counts");
+  check_weight(a.qkv_w, D, "qkv weight");
+  check_weight(a.o_w, a.n_heads * hd, "o weight");
+  TORCH_CHECK(a.qkv_w.size(0) == (a.n_heads + 2 * a.n_kv_heads) * hd, "qkv weight rows do not match the heads");
+}
+
+// out [D] = attention of the normed token h [D] (fp32): qkv, rope, cache write at `pos`, causal
+// attention over slots 0..pos (GQA), o projection.
+void attention_core(const AttentionArgs& a, const float* h, float* out) {
+  const int64_t hd = a.k_cache.size(2), S = a.k_cache.size(1), half = hd / 2, H = a.n_heads, Hkv = a.n_kv_heads;
+  std::vector<float> qkv(a.qkv_w.size(0));
+  gemv_f32(a.qkv_w, h, qkv.data());
+  for (int64_t hh = 0; hh < H + Hkv; ++hh) {  // rope on q and k heads
+    float* v = qkv.data() + hh * hd;
     for (int64_t i = 0; i < half; ++i) {
-      const float a = v[i], b = v[i + half];
-      v[i] = a * c[i] - b * sn[i];
-      v[i + half] = b * c[i + half] + a * sn[i + half];
+      const float x1 = v[i], x2 = v[i + half];
+      v[i] = x1 * a.cos[i] - x2 * a.sin[i];
+      v[i + half] = x2 * a.cos[i + half] + x1 * a.sin[i + half];
     }
   }
-  at::BFloat16* kc = k_cache.data_ptr<at::BFloat16>();
-  at::BFloat16* vc = v_cache.data_ptr<at::BFloat16>();
-  for (int64_t h = 0; h < n_kv_heads; ++h)
+  at::BFloat16* kc = a.k_cache.data_ptr<at::BFloat16>();
+  at::BFloat16* vc = a.v_cache.data_ptr<at::BFloat16>();
+  for (int64_t hh = 0; hh < Hkv; ++hh)
     for (int64_t i = 0; i < hd; ++i) {
-      kc[(h * S + pos) * hd + i] = at::BFloat16(qkv[(n_heads + h) * hd + i]);
-      vc[(h * S + pos) * hd + i] = at::BFloat16(qkv[(n_heads + n_kv_heads + h) * hd + i]);
+      kc[(hh * S + a.pos) * hd + i] = at::BFloat16(qkv[(H + hh) * hd + i]);
+      vc[(hh * S + a.pos) * hd + i] = at::BFloat16(qkv[(H + Hkv + hh) * hd + i]);
     }
-  std::vector<float> out(n_heads * hd, 0.0f);
+  std::vector<float> heads_out(H * hd, 0.0f);
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
-  const int64_t group = n_heads / n_kv_heads;
-  at::parallel_for(0, n_heads, 1, [&](int64_t b, int64_t e) {
-    std::vector<float> p(pos + 1);
-    for (int64_t h = b; h < e; ++h) {
-      const float* q = qkv.data() + h * hd;
-      const at::BFloat16* K = kc + (h / group) * S * hd;
-      const at::BFloat16* V = vc + (h / group) * S * hd;
-      float mx = -INFINITY;
-      for (int64_t j = 0; j <= pos; ++j) {
-        float dot = 0.0f;
-        for (int64_t i = 0; i < hd; ++i) dot += q[i] * static_cast<float>(K[j * hd + i]);
-        p[j] = dot * scale;
-        mx = std::max(mx, p[j]);
+  const int64_t group = H / Hkv, L = a.pos + 1;
+  at::parallel_for(0, H, 1, [&](int64_t b, int64_t e) {
+    std::vector<float> p(L), qe(half), qo(half), oe(half), oo(half);
+    for (int64_t hh = b; hh < e; ++hh) {
+      const float* q = qkv.data() + hh * hd;
+      for (int64_t j = 0; j < half; ++j) {
+        qe[j] = q[2 * j];
+        qo[j] = q[2 * j + 1];
       }
+      const uint16_t* K = reinterpret_cast<const uint16_t*>(kc + (hh / group) * S * hd);
+      const uint16_t* V = reinterpret_cast<const uint16_t*>(vc + (hh / group) * S * hd);
+      float mx = -INFINITY;
+      for (int64_t j = 0; j < L; ++j) mx = std::max(mx, p[j] = dot_bf16(qe.data(), qo.data(), K + j * hd, hd) * scale);
       float total = 0.0f;
-      for (int64_t j = 0; j <= pos; ++j) total += (p[j] = std::exp(p[j] - mx));
-      float* o = out.data() + h * hd;
-      for (int64_t j = 0; j <= pos; ++j) {
-        const float w = p[j] / total;
-        for (int64_t i = 0; i < hd; ++i) o[i] += w * static_cast<float>(V[j * hd + i]);
+      for (int64_t j = 0; j < L; ++j) total += (p[j] = std::exp(p[j] - mx));
+      std::fill(oe.begin(), oe.end(), 0.0f);
+      std::fill(oo.begin(), oo.end(), 0.0f);
+      for (int64_t j = 0; j < L; ++j) {
+        const __m256 w = _mm256_set1_ps(p[j] / total);
+        for (int64_t i = 0; i < hd; i += 16) {
+          __m256 ve, vo;
+          load_bf16x16(V + j * hd + i, ve, vo);
+          _mm256_storeu_ps(oe.data() + i / 2, _mm256_fmadd_ps(ve, w, _mm256_loadu_ps(oe.data() + i / 2)));
+          _mm256_storeu_ps(oo.data() + i / 2, _mm256_fmadd_ps(vo, w, _mm256_loadu_ps(oo.data() + i / 2)));
+        }
+      }
+      float* o = heads_out.data() + hh * hd;
+      for (int64_t j = 0; j < half; ++j) {
+        o[2 * j] = oe[j];
+        o[2 * j + 1] = oo[j];
       }
     }
   });
-  at::Tensor y = at::empty({D}, xf.options());
-  gemv_f32(o_w, out.data(), y.data_ptr<float>());
-  return y.to(at::kBFloat16);
+  gemv_f32(a.o_w, heads_out.data(), out);
 }
 
-// x [D] bf16 (normed), gate_up [2m, D] (rows g0..g_{m-1}, u0.. when !interleaved; g0, u0, g1, u1, ... when
-// interleaved), down [D, m]: y = down @ (silu(gate x) * (up x)), [D] bf16.
-at::Tensor ffn_decode(const at::Tensor& x, const at::Tensor& gate_up, const at::Tensor& down, bool interleaved) {
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.is_contiguous(), "x must be contiguous bf16");
-  const int64_t D = x.numel(), m = gate_up.size(0) / 2;
-  check_weight(gate_up, D, "gate_up");
-  check_weight(down, m, "down");
-  at::Tensor xf = x.to(at::kFloat);
-  std::vector<float> h(2 * m), a(m);
-  gemv_f32(gate_up, xf.data_ptr<float>(), h.data());
+// out [D] = down @ (silu(gate h) * (up h)); gate_up [2m, D] rows g0..g_{m-1}, u0.. (or g0, u0, g1, u1, ...
+// when interleaved), down [D, m].
+void ffn_core(const at::Tensor& gate_up, const at::Tensor& down, bool interleaved, const float* h, float* out) {
+  const int64_t m = gate_up.size(0) / 2;
+  std::vector<float> gu(2 * m), act(m);
+  gemv_f32(gate_up, h, gu.data());
   for (int64_t i = 0; i < m; ++i) {
-    const float g = interleaved ? h[2 * i] : h[i], u = interleaved ? h[2 * i + 1] : h[m + i];
-    a[i] = g / (1.0f + std::exp(-g)) * u;
+    const float g = interleaved ? gu[2 * i] : gu[i], u = interleaved ? gu[2 * i + 1] : gu[m + i];
+    act[i] = g / (1.0f + std::exp(-g)) * u;
   }
-  at::Tensor y = at::empty({D}, xf.options());
-  gemv_f32(down, a.data(), y.data_ptr<float>());
-  return y.to(at::kBFloat16);
+  gemv_f32(down, act.data(), out);
+}
+
+void check_ffn(const at::Tensor& gate_up, const at::Tensor& down, int64_t D) {
+  check_weight(gate_up, D, "gate_up");
+  check_weight(down, gate_up.size(0) / 2, "down");
+  TORCH_CHECK(down.size(0) == D, "down must have ", D, " rows");
+}
+
+// fp32 RMSNorm of x [D] with a bf16 weight, rounded to bf16 before the weight as transformers does.
+void rms_norm_row(const float* x, const at::BFloat16* w, int64_t D, double eps, float* out) {
+  float ss = 0.0f;
+  for (int64_t i = 0; i < D; ++i) ss += x[i] * x[i];
+  const float scale = 1.0f / std::sqrt(ss / static_cast<float>(D) + static_cast<float>(eps));
+  for (int64_t i = 0; i < D; ++i)
+    out[i] = static_cast<float>(at::BFloat16(static_cast<float>(at::BFloat16(x[i] * scale)) * static_cast<float>(w[i])));
+}
+
+std::vector<float> to_floats(const at::Tensor& t) {
+  at::Tensor f = t.to(at::kFloat).contiguous();
+  return std::vector<float>(f.data_ptr<float>(), f.data_ptr<float>() + f.numel());
+}
+
+at::Tensor attention_decode(const at::Tensor& x, const at::Tensor& qkv_w, const at::Tensor& o_w, at::Tensor k_cache,
+                            at::Tensor v_cache, const at::Tensor& cos, const at::Tensor& sin, int64_t pos,
+                            int64_t n_heads, int64_t n_kv_heads) {
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 1, "x must be a bf16 vector");
+  const std::vector<float> c = to_floats(cos), sn = to_floats(sin), h = to_floats(x);
+  AttentionArgs args{qkv_w, o_w, k_cache, v_cache, c.data(), sn.data(), pos, n_heads, n_kv_heads};
+  check_attention(args, x.numel());
+  std::vector<float> out(x.numel());
+  attention_core(args, h.data(), out.data());
+  return at::from_blob(out.data(), {x.numel()}, at::kFloat).to(at::kBFloat16);
+}
+
+// A whole pre-norm decoder layer for one token: x + attn(norm1(x)), then + ffn(norm2(.)); the
+// residual stream is rounded to bf16 after each add, as the eager layer rounds it.
+at::Tensor layer_decode(const at::Tensor& x, const at::Tensor& norm1_w, const at::Tensor& qkv_w, const at::Tensor& o_w,
+                        at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& cos, const at::Tensor& sin,
+                        int64_t pos, int64_t n_heads, int64_t n_kv_heads, const at::Tensor& norm2_w,
+                        const at::Tensor& gate_up, const at::Tensor& down, bool interleaved, double eps) {
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 1, "x must be a bf16 vector");
+  const int64_t D = x.numel();
+  TORCH_CHECK(norm1_w.scalar_type() == at::kBFloat16 && norm2_w.scalar_type() == at::kBFloat16 &&
+              norm1_w.numel() == D && norm2_w.numel() == D && norm1_w.is_contiguous() && norm2_w.is_contiguous(),
+              "norm weights must be contiguous bf16 vectors of the model width");
+  const std::vector<float> c = to_floats(cos), sn = to_floats(sin);
+  AttentionArgs args{qkv_w, o_w, k_cache, v_cache, c.data(), sn.data(), pos, n_heads, n_kv_heads};
+  check_attention(args, D);
+  check_ffn(gate_up, down, D);
+  std::vector<float> res = to_floats(x), h(D), y(D);
+  rms_norm_row(res.data(), norm1_w.data_ptr<at::BFloat16>(), D, eps, h.data());
+  attention_core(args, h.data(), y.data());
+  for (int64_t i = 0; i < D; ++i) res[i] = static_cast<float>(at::BFloat16(res[i] + static_cast<float>(at::BFloat16(y[i]))));
+  rms_norm_row(res.data(), norm2_w.data_ptr<at::BFloat16>(), D, eps, h.data());
+  ffn_core(gate_up, down, interleaved, h.data(), y.data());
+  for (int64_t i = 0; i < D; ++i) res[i] = res[i] + static_cast<float>(at::BFloat16(y[i]));
+  return at::from_blob(res.data(), {D}, at::kFloat).to(at::kBFloat16);
 }
 
 }  // namespace
@@ -268,5 +389,7 @@ TORCH_LIBRARY(partinfer_cpu, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor", rms_norm);
   m.def("attention_decode(Tensor x, Tensor qkv_w, Tensor o_w, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cos, "
         "Tensor sin, int pos, int n_heads, int n_kv_heads) -> Tensor", attention_decode);
-  m.def("ffn_decode(Tensor x, Tensor gate_up, Tensor down, bool interleaved) -> Tensor", ffn_decode);
+  m.def("layer_decode(Tensor x, Tensor norm1_w, Tensor qkv_w, Tensor o_w, Tensor(a!) k_cache, Tensor(b!) v_cache, "
+        "Tensor cos, Tensor sin, int pos, int n_heads, int n_kv_heads, Tensor norm2_w, Tensor gate_up, Tensor down, "
+        "bool interleaved, float eps) -> Tensor", layer_decode);
 }
