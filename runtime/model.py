@@ -20,7 +20,7 @@ from torch import nn
 
 from runtime.errors import PartinferError
 from runtime.kernels import Linear, linear
-from runtime.native import attention_decode, cpu_kernels, layer_decode, rms_norm
+from runtime.native import attention_decode, cpu_kernels, model_decode, rms_norm
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -234,6 +234,13 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 
+# An FFN as the compiled one-token model takes it: (kind, w1, w2, w3, n_base, n_active), see
+# runtime/csrc/cpu_gemv.cpp `FfnKind`. Gated: w1 = [gate; up] [2n, d], w2 = down [d, n]; interleaved:
+# w1 rows g0, u0, g1, u1, ...; token-wise: w1 = gate, w2 = down_t, w3 = up (all [k, d]).
+FfnSpec = tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, int, int]
+FFN_GATED, FFN_INTERLEAVED, FFN_TOKENWISE = 0, 1, 2
+
+
 class FFN(nn.Module):
     """Dense gated FFN: y = down(act(gate(x)) * up(x)), with gate and up fused into one matmul.
 
@@ -251,9 +258,9 @@ class FFN(nn.Module):
         gate, up = linear(x, self.gate_up).chunk(2, dim=-1)
         return self.act(gate) * up
 
-    def fused_decode_weights(self) -> tuple[torch.Tensor, torch.Tensor, bool] | None:
-        """(gate_up [2n, d], down [d, n], interleaved) for the compiled one-token FFN; None for non-SiLU."""
-        return (self.gate_up, self.down, False) if self.act is F.silu else None
+    def fused_decode_weights(self) -> FfnSpec | None:
+        """This FFN for the compiled one-token model (`runtime.native.model_decode`); None for non-SiLU."""
+        return (FFN_GATED, self.gate_up, self.down, self.gate_up, 0, 0) if self.act is F.silu else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, D] -> [B, T, D]
         return linear(self.activations(x), self.down)
@@ -274,18 +281,11 @@ class Block(nn.Module):
 
     def decode_token(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
                      v_cache: torch.Tensor, pos: int) -> torch.Tensor:
-        """One token of one sequence through the layer with the compiled CPU ops (runtime/native.py).
+        """One token through the layer with a compiled attention and the FFN module (token-wise FFNs).
 
-        x [D] bf16, cos/sin [hd], k/v_cache [Hkv, S, hd]. An FFN that offers its weights
-        (`fused_decode_weights`) joins the attention in one op per layer; the token-wise FFN runs as
-        its own module between a compiled attention and the residual add.
+        x [D] bf16, cos/sin [hd], k/v_cache [Hkv, S, hd].
         """
         cfg, attn = self.cfg, self.self_attn
-        ffn = getattr(self.mlp, "fused_decode_weights", lambda: None)()
-        if ffn is not None:
-            return layer_decode(x, self.input_layernorm.weight, attn.qkv_proj.weight, attn.o_proj.weight, k_cache,
-                                v_cache, cos, sin, pos, cfg.n_heads, cfg.n_kv_heads,
-                                self.post_attention_layernorm.weight, *ffn, cfg.norm_eps)
         x = x + attention_decode(self.input_layernorm(x), attn.qkv_proj.weight, attn.o_proj.weight, k_cache, v_cache,
                                  cos, sin, pos, cfg.n_heads, cfg.n_kv_heads)
         return x + self.mlp(self.post_attention_layernorm(x)[None, None]).view(-1)
@@ -313,6 +313,22 @@ class Transformer(nn.Module):
         cfg = self.cfg
         return (x.dtype == torch.bfloat16 and x.device.type == "cpu" and not cfg.qk_norm and not cfg.qkv_bias
                 and not cfg.o_bias and cfg.head_dim % 16 == 0 and cpu_kernels())
+
+    def decode_token(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache, pos: int) -> torch.Tensor:
+        """x [D] bf16 through every layer with compiled ops: one op for the whole model when every FFN offers
+        its weights (`fused_decode_weights`: SiLU models, every method), else layer by layer."""
+        ffns = [getattr(layer.mlp, "fused_decode_weights", lambda: None)() for layer in self.layers]
+        if all(f is not None for f in ffns):
+            L = self.layers
+            kind, w1, w2, w3, n_base, n_active = (list(column) for column in zip(*ffns))
+            return model_decode(
+                x, [b.input_layernorm.weight for b in L], [b.self_attn.qkv_proj.weight for b in L],
+                [b.self_attn.o_proj.weight for b in L], cache.k[:, 0], cache.v[:, 0], cos, sin, pos, self.cfg.n_heads,
+                self.cfg.n_kv_heads, [b.post_attention_layernorm.weight for b in L], kind, w1, w2, w3, n_base,
+                n_active, self.cfg.norm_eps)
+        for i, layer in enumerate(self.layers):
+            x = layer.decode_token(x, cos, sin, cache.k[i][0], cache.v[i][0], pos)
+        return x
 
     def output_weight(self) -> torch.Tensor:
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
@@ -347,10 +363,7 @@ class Transformer(nn.Module):
         mask = self.attention_mask(cache, start, T, slots)
         if mask is None and B == 1 and self.compiled_decode_ok(x):
             # One token of one unpadded sequence: each layer is one or two compiled ops (runtime/native.py).
-            cos_t, sin_t, h = cos.view(-1), sin.view(-1), x.view(-1)
-            for i, layer in enumerate(self.layers):
-                h = layer.decode_token(h, cos_t, sin_t, cache.k[i][0], cache.v[i][0], start)
-            x = h.view(1, 1, -1)
+            x = self.decode_token(x.view(-1), cos.view(-1), sin.view(-1), cache, start).view(1, 1, -1)
         else:
             for i, layer in enumerate(self.layers):
                 x = layer(x, cos, sin, cache.k[i], cache.v[i], start, mask)

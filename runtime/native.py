@@ -28,7 +28,7 @@ def _cpu_has_avx2_fma() -> bool:
 
 @functools.cache
 def cpu_kernels() -> bool:
-    """True when torch.ops.partinfer_cpu (gemv, gemv_t, rms_norm, attention_decode, layer_decode) is loaded (building them on first use)."""
+    """True when torch.ops.partinfer_cpu (gemv, gemv_t, rms_norm, attention_decode, model_decode) is loaded (building them on first use)."""
     if os.environ.get("PARTINFER_NATIVE", "1") == "0" or not _cpu_has_avx2_fma():
         return False
     from torch.utils.cpp_extension import load
@@ -73,15 +73,17 @@ def attention_decode(
     return torch.ops.partinfer_cpu.attention_decode(x, qkv_w, o_w, k_cache, v_cache, cos, sin, pos, n_heads, n_kv_heads)
 
 
-def layer_decode(
-    x: torch.Tensor, norm1_w: torch.Tensor, qkv_w: torch.Tensor, o_w: torch.Tensor, k_cache: torch.Tensor,
+def model_decode(
+    x: torch.Tensor, norm1: list[torch.Tensor], qkv: list[torch.Tensor], o: list[torch.Tensor], k_cache: torch.Tensor,
     v_cache: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: int, n_heads: int, n_kv_heads: int,
-    norm2_w: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, interleaved: bool, eps: float,
+    norm2: list[torch.Tensor], kind: list[int], w1: list[torch.Tensor], w2: list[torch.Tensor], w3: list[torch.Tensor],
+    n_base: list[int], n_active: list[int], eps: float,
 ) -> torch.Tensor:
-    """One token through a whole pre-norm layer (RMSNorm, attention, RMSNorm, gated SiLU FFN, residuals):
-    x [D] bf16 -> [D] bf16; gate_up [2m, D] (interleaved g/u rows or [gate; up]), down [D, m]."""
-    return torch.ops.partinfer_cpu.layer_decode(x, norm1_w, qkv_w, o_w, k_cache, v_cache, cos, sin, pos, n_heads,
-                                                n_kv_heads, norm2_w, gate_up, down, interleaved, eps)
+    """One token through every pre-norm layer (RMSNorm, attention, RMSNorm, FFN, residuals): x [D] bf16 ->
+    [D] bf16; each layer's FFN as (kind, w1, w2, w3, n_base, n_active), see `runtime.model.FfnSpec`;
+    k/v_cache [L, Hkv, S, hd] (slot `pos` is written)."""
+    return torch.ops.partinfer_cpu.model_decode(x, norm1, qkv, o, k_cache, v_cache, cos, sin, pos, n_heads, n_kv_heads,
+                                                norm2, kind, w1, w2, w3, n_base, n_active, eps)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from runtime.kernels import linear
-from runtime.model import ACTIVATIONS, ModelConfig, Transformer
+from runtime.model import ACTIVATIONS, FFN_INTERLEAVED, FfnSpec, ModelConfig, Transformer
 from runtime.selection import sentence_active, top_count_mask
 from runtime.sparsity import LayerPlan, SparsityConfig
 from runtime.tokenwise_ffn import TokenwiseFFN
@@ -111,13 +111,14 @@ class SparseFFN(nn.Module):
         self.down_tail.copy_(down[:, order[self.n_active :]])
         self.neuron_ids = self.neuron_ids[order.to(self.neuron_ids.device)]
 
-    def fused_decode_weights(self) -> tuple[torch.Tensor, torch.Tensor, bool] | None:
-        """(gate_up [2m, d] interleaved, down [d, m], True) of the active prefix for the compiled one-token
-        layer; None while prefilling, with per-sequence sets, or for non-SiLU models."""
+    def fused_decode_weights(self) -> FfnSpec | None:
+        """The active prefix for the compiled one-token model; None while prefilling, with per-sequence
+        sets, or for non-SiLU models."""
         if self.phase != "decode" or self.c_gate_up is not None or self.act is not F.silu:
             return None
         m = self.n_active
-        return self.gate_up[:m].view(2 * m, -1), self.down_head, True
+        gate_up = self.gate_up[:m].view(2 * m, -1)  # [2m, d], gate/up rows interleaved
+        return FFN_INTERLEAVED, gate_up, self.down_head, gate_up, 0, 0
 
     def active_neuron_ids(self) -> torch.Tensor:
         """[B, m] original neuron indices computed at decode."""

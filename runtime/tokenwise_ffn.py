@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from runtime.kernels import linear, uses_native_gemv
-from runtime.model import ACTIVATIONS, ModelConfig
+from runtime.model import ACTIVATIONS, FFN_TOKENWISE, FfnSpec, ModelConfig
 from runtime.native import gemv, gemv_t
 from runtime.sparsity import LayerPlan
 
@@ -70,6 +70,13 @@ class TokenwiseFFN(nn.Module):
         top = torch.topk(act_gate[..., self.n_base :].abs(), self.n_active - self.n_base, dim=-1).indices + self.n_base
         base = torch.arange(self.n_base, device=act_gate.device).expand(B, T, self.n_base)
         return torch.cat([base, top], dim=-1)
+
+    def fused_decode_weights(self) -> FfnSpec | None:
+        """This layer for the compiled one-token model, which applies the same rule in C++ (choices are
+        not recorded in `last_selected` there); None while prefilling or for non-SiLU models."""
+        if self.phase != "decode" or self.act is not F.silu:
+            return None
+        return FFN_TOKENWISE, self.gate, self.down_t, self.up, self.n_base, self.n_active
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, D]
         B, T, _ = x.shape

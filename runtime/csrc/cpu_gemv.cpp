@@ -11,7 +11,7 @@
 //       eager form (fp32 math, rounded to bf16 before * w as transformers' Llama RMSNorm does).
 //   attention_decode(...): one decode token through a Llama attention sublayer (qkv, rope, KV-cache
 //       write, causal GQA attention, o projection) in one op, fp32 inside, bf16 in the cache;
-//   layer_decode(...): a whole pre-norm layer (norms, attention, gated SiLU FFN, residuals) in one op.
+//   model_decode(...): every pre-norm layer (norms, attention, gated SiLU FFN, residuals) in one op.
 //       An eager decode step is ~60 small ops per layer, and at batch 1 their fixed costs rival the
 //       weight streaming itself.
 //
@@ -153,15 +153,9 @@ at::Tensor gemv(const at::Tensor& W, const at::Tensor& x, const std::optional<at
   return half ? y.to(at::kBFloat16) : y;
 }
 
-at::Tensor gemv_t(const at::Tensor& W, const at::Tensor& a, const std::optional<at::Tensor>& rows) {
-  check(W, a, rows);
-  TORCH_CHECK(a.scalar_type() == at::kFloat, "a must be fp32");
-  const int64_t K = W.size(1);
-  const int64_t R = rows ? rows->numel() : W.size(0);
-  TORCH_CHECK(a.size(0) == R, "a has ", a.size(0), " elements for ", R, " rows");
-  const uint16_t* w = reinterpret_cast<const uint16_t*>(W.data_ptr<at::BFloat16>());
-  const int64_t* idx = rows ? rows->data_ptr<int64_t>() : nullptr;
-  const float* ap = a.data_ptr<float>();
+// y [K] = sum_r a[r] W[rows[r]] (fp32 a), rows split across threads with per-thread partial sums.
+void gemv_t_f32(const at::BFloat16* W, int64_t R, int64_t K, const float* a, const int64_t* rows, float* y) {
+  const uint16_t* w = reinterpret_cast<const uint16_t*>(W);
   const int64_t K16 = K & ~int64_t(15), tail = K - K16;
   const int threads = std::max<int>(1, std::min<int64_t>(at::get_num_threads(), R / 64));
   std::vector<float> partial(static_cast<size_t>(threads) * K, 0.0f);  // per thread: even | odd | tail
@@ -169,19 +163,28 @@ at::Tensor gemv_t(const at::Tensor& W, const at::Tensor& a, const std::optional<
   at::parallel_for(0, threads, 1, [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t) {
       float* p = partial.data() + t * K;
-      axpy_rows(w, K, ap, idx, p, p + K16 / 2, p + K16, t * chunk, std::min(R, (t + 1) * chunk));
+      axpy_rows(w, K, a, rows, p, p + K16 / 2, p + K16, t * chunk, std::min(R, (t + 1) * chunk));
     }
   });
-  at::Tensor y = at::zeros({K}, a.options());
-  float* yp = y.data_ptr<float>();
+  std::fill(y, y + K, 0.0f);
   for (int t = 0; t < threads; ++t) {
     const float* p = partial.data() + t * K;
     for (int64_t j = 0; j < K16 / 2; ++j) {
-      yp[2 * j] += p[j];
-      yp[2 * j + 1] += p[K16 / 2 + j];
+      y[2 * j] += p[j];
+      y[2 * j + 1] += p[K16 / 2 + j];
     }
-    for (int64_t i = 0; i < tail; ++i) yp[K16 + i] += p[K16 + i];
+    for (int64_t i = 0; i < tail; ++i) y[K16 + i] += p[K16 + i];
   }
+}
+
+at::Tensor gemv_t(const at::Tensor& W, const at::Tensor& a, const std::optional<at::Tensor>& rows) {
+  check(W, a, rows);
+  TORCH_CHECK(a.scalar_type() == at::kFloat, "a must be fp32");
+  const int64_t R = rows ? rows->numel() : W.size(0);
+  TORCH_CHECK(a.size(0) == R, "a has ", a.size(0), " elements for ", R, " rows");
+  at::Tensor y = at::empty({W.size(1)}, a.options());
+  gemv_t_f32(W.data_ptr<at::BFloat16>(), R, W.size(1), a.data_ptr<float>(), rows ? rows->data_ptr<int64_t>() : nullptr,
+             y.data_ptr<float>());
   return y;
 }
 
@@ -324,10 +327,53 @@ void ffn_core(const at::Tensor& gate_up, const at::Tensor& down, bool interleave
   gemv_f32(down, act.data(), out);
 }
 
-void check_ffn(const at::Tensor& gate_up, const at::Tensor& down, int64_t D) {
-  check_weight(gate_up, D, "gate_up");
-  check_weight(down, gate_up.size(0) / 2, "down");
-  TORCH_CHECK(down.size(0) == D, "down must have ", D, " rows");
+// Token-wise FFN (--method tokenwise): gate [k, D], up [k, D], down_t [k, D] of the loaded neurons.
+// Computes silu(gate h) for all k, keeps positions 0..n_base-1 plus the (n_active - n_base) largest
+// |silu(gate h)| among the rest, and reads only those rows of up and down_t.
+void tokenwise_core(const at::Tensor& gate, const at::Tensor& up, const at::Tensor& down_t, int64_t n_base,
+                    int64_t n_active, const float* h, float* out) {
+  const int64_t k = gate.size(0), D = gate.size(1);
+  std::vector<float> ag(k);
+  gemv_f32(gate, h, ag.data());
+  for (int64_t i = 0; i < k; ++i) ag[i] = ag[i] / (1.0f + std::exp(-ag[i]));
+  std::vector<int64_t> rows(k);
+  for (int64_t i = 0; i < k; ++i) rows[i] = i;
+  std::nth_element(rows.begin() + n_base, rows.begin() + n_active, rows.end(),
+                   [&](int64_t a, int64_t b) { return std::fabs(ag[a]) > std::fabs(ag[b]); });
+  rows.resize(n_active);
+  std::sort(rows.begin() + n_base, rows.end());  // ascending rows stream better
+  std::vector<float> u(n_active);
+  gemv_f32(up.data_ptr<at::BFloat16>(), n_active, D, h, rows.data(), u.data());
+  for (int64_t j = 0; j < n_active; ++j) u[j] *= ag[rows[j]];
+  gemv_t_f32(down_t.data_ptr<at::BFloat16>(), n_active, D, u.data(), rows.data(), out);
+}
+
+// A layer's FFN as model_decode sees it. kind 0: gated, w1 = [gate; up] [2n, D], w2 = down [D, n];
+// kind 1: the same with w1's gate/up rows interleaved; kind 2: token-wise, w1 = gate, w3 = up,
+// w2 = down_t (all [k, D]).
+enum FfnKind : int64_t { kGated = 0, kInterleaved = 1, kTokenwise = 2 };
+
+void check_ffn(int64_t kind, const at::Tensor& w1, const at::Tensor& w2, const at::Tensor& w3, int64_t n_base,
+               int64_t n_active, int64_t D) {
+  check_weight(w1, D, "gate_up/gate");
+  if (kind == kTokenwise) {
+    check_weight(w2, D, "down_t");
+    check_weight(w3, D, "up");
+    TORCH_CHECK(w2.size(0) == w1.size(0) && w3.size(0) == w1.size(0), "token-wise gate/up/down_t rows differ");
+    TORCH_CHECK(0 <= n_base && n_base <= n_active && n_active <= w1.size(0), "bad token-wise counts");
+  } else {
+    TORCH_CHECK(kind == kGated || kind == kInterleaved, "unknown FFN kind ", kind);
+    check_weight(w2, w1.size(0) / 2, "down");
+    TORCH_CHECK(w2.size(0) == D, "down must have ", D, " rows");
+  }
+}
+
+void ffn_any(int64_t kind, const at::Tensor& w1, const at::Tensor& w2, const at::Tensor& w3, int64_t n_base,
+             int64_t n_active, const float* h, float* out) {
+  if (kind == kTokenwise)
+    tokenwise_core(w1, w3, w2, n_base, n_active, h, out);
+  else
+    ffn_core(w1, w2, kind == kInterleaved, h, out);
 }
 
 // fp32 RMSNorm of x [D] with a bf16 weight, rounded to bf16 before the weight as transformers does.
@@ -356,28 +402,57 @@ at::Tensor attention_decode(const at::Tensor& x, const at::Tensor& qkv_w, const 
   return at::from_blob(out.data(), {x.numel()}, at::kFloat).to(at::kBFloat16);
 }
 
-// A whole pre-norm decoder layer for one token: x + attn(norm1(x)), then + ffn(norm2(.)); the
-// residual stream is rounded to bf16 after each add, as the eager layer rounds it.
-at::Tensor layer_decode(const at::Tensor& x, const at::Tensor& norm1_w, const at::Tensor& qkv_w, const at::Tensor& o_w,
-                        at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& cos, const at::Tensor& sin,
-                        int64_t pos, int64_t n_heads, int64_t n_kv_heads, const at::Tensor& norm2_w,
-                        const at::Tensor& gate_up, const at::Tensor& down, bool interleaved, double eps) {
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 1, "x must be a bf16 vector");
-  const int64_t D = x.numel();
-  TORCH_CHECK(norm1_w.scalar_type() == at::kBFloat16 && norm2_w.scalar_type() == at::kBFloat16 &&
-              norm1_w.numel() == D && norm2_w.numel() == D && norm1_w.is_contiguous() && norm2_w.is_contiguous(),
-              "norm weights must be contiguous bf16 vectors of the model width");
-  const std::vector<float> c = to_floats(cos), sn = to_floats(sin);
-  AttentionArgs args{qkv_w, o_w, k_cache, v_cache, c.data(), sn.data(), pos, n_heads, n_kv_heads};
-  check_attention(args, D);
-  check_ffn(gate_up, down, D);
-  std::vector<float> res = to_floats(x), h(D), y(D);
+// One pre-norm decoder layer for one token, on the fp32 residual `res` [D] (updated in place): res +=
+// attn(norm1(res)), then += ffn(norm2(res)); the residual is rounded to bf16 after each add, as the
+// eager layer rounds it.
+void layer_core(std::vector<float>& res, const at::Tensor& norm1_w, const AttentionArgs& args, const at::Tensor& norm2_w,
+                int64_t kind, const at::Tensor& w1, const at::Tensor& w2, const at::Tensor& w3, int64_t n_base,
+                int64_t n_active, double eps) {
+  const int64_t D = static_cast<int64_t>(res.size());
+  std::vector<float> h(D), y(D);
   rms_norm_row(res.data(), norm1_w.data_ptr<at::BFloat16>(), D, eps, h.data());
   attention_core(args, h.data(), y.data());
   for (int64_t i = 0; i < D; ++i) res[i] = static_cast<float>(at::BFloat16(res[i] + static_cast<float>(at::BFloat16(y[i]))));
   rms_norm_row(res.data(), norm2_w.data_ptr<at::BFloat16>(), D, eps, h.data());
-  ffn_core(gate_up, down, interleaved, h.data(), y.data());
-  for (int64_t i = 0; i < D; ++i) res[i] = res[i] + static_cast<float>(at::BFloat16(y[i]));
+  ffn_any(kind, w1, w2, w3, n_base, n_active, h.data(), y.data());
+  for (int64_t i = 0; i < D; ++i) res[i] = static_cast<float>(at::BFloat16(res[i] + static_cast<float>(at::BFloat16(y[i]))));
+}
+
+void check_norm(const at::Tensor& w, int64_t D) {
+  TORCH_CHECK(w.scalar_type() == at::kBFloat16 && w.numel() == D && w.is_contiguous(),
+              "norm weights must be contiguous bf16 vectors of the model width");
+}
+
+// All layers for one token: x [D] bf16 -> [D] bf16 (before the final norm). Per layer i: norm1[i],
+// qkv[i], o[i], norm2[i] and the FFN (kind[i], w1[i], w2[i], w3[i], n_base[i], n_active[i]; see
+// FfnKind); k_cache/v_cache [L, Hkv, S, hd]. One op per decode step: no Python between layers.
+at::Tensor model_decode(const at::Tensor& x, at::TensorList norm1, at::TensorList qkv, at::TensorList o,
+                        at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& cos, const at::Tensor& sin,
+                        int64_t pos, int64_t n_heads, int64_t n_kv_heads, at::TensorList norm2, at::IntArrayRef kind,
+                        at::TensorList w1, at::TensorList w2, at::TensorList w3, at::IntArrayRef n_base,
+                        at::IntArrayRef n_active, double eps) {
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 1, "x must be a bf16 vector");
+  const int64_t D = x.numel(), L = static_cast<int64_t>(norm1.size());
+  TORCH_CHECK(qkv.size() == norm1.size() && o.size() == norm1.size() && norm2.size() == norm1.size() &&
+              w1.size() == norm1.size() && w2.size() == norm1.size() && w3.size() == norm1.size() &&
+              static_cast<int64_t>(kind.size()) == L && static_cast<int64_t>(n_base.size()) == L &&
+              static_cast<int64_t>(n_active.size()) == L && k_cache.size(0) == L && v_cache.size(0) == L,
+              "one entry per layer in every list and cache");
+  const std::vector<float> c = to_floats(cos), sn = to_floats(sin);
+  std::vector<at::Tensor> ks, vs;
+  for (int64_t i = 0; i < L; ++i) {
+    ks.push_back(k_cache.select(0, i));
+    vs.push_back(v_cache.select(0, i));
+    check_norm(norm1[i], D);
+    check_norm(norm2[i], D);
+    check_attention(AttentionArgs{qkv[i], o[i], ks[i], vs[i], c.data(), sn.data(), pos, n_heads, n_kv_heads}, D);
+    check_ffn(kind[i], w1[i], w2[i], w3[i], n_base[i], n_active[i], D);
+  }
+  std::vector<float> res = to_floats(x);
+  for (int64_t i = 0; i < L; ++i) {
+    AttentionArgs args{qkv[i], o[i], ks[i], vs[i], c.data(), sn.data(), pos, n_heads, n_kv_heads};
+    layer_core(res, norm1[i], args, norm2[i], kind[i], w1[i], w2[i], w3[i], n_base[i], n_active[i], eps);
+  }
   return at::from_blob(res.data(), {D}, at::kFloat).to(at::kBFloat16);
 }
 
@@ -389,7 +464,7 @@ TORCH_LIBRARY(partinfer_cpu, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor", rms_norm);
   m.def("attention_decode(Tensor x, Tensor qkv_w, Tensor o_w, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cos, "
         "Tensor sin, int pos, int n_heads, int n_kv_heads) -> Tensor", attention_decode);
-  m.def("layer_decode(Tensor x, Tensor norm1_w, Tensor qkv_w, Tensor o_w, Tensor(a!) k_cache, Tensor(b!) v_cache, "
-        "Tensor cos, Tensor sin, int pos, int n_heads, int n_kv_heads, Tensor norm2_w, Tensor gate_up, Tensor down, "
-        "bool interleaved, float eps) -> Tensor", layer_decode);
+  m.def("model_decode(Tensor x, Tensor[] norm1, Tensor[] qkv, Tensor[] o, Tensor(a!) k_cache, Tensor(b!) v_cache, "
+        "Tensor cos, Tensor sin, int pos, int n_heads, int n_kv_heads, Tensor[] norm2, int[] kind, Tensor[] w1, "
+        "Tensor[] w2, Tensor[] w3, int[] n_base, int[] n_active, float eps) -> Tensor", model_decode);
 }
