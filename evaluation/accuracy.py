@@ -95,8 +95,12 @@ def run_method(model_dir: Path, method: str, sparsity: SparsityConfig, tasks: li
 def run_eval(
     model_dir: Path, tasks: list[str], methods: tuple[str, ...], sparsity: SparsityConfig, out_dir: Path,
     limit: int | None = None, dtype: str = "bf16", device: str = "cpu", batch_size: int = 8, resume: bool = True,
+    table_only: bool = False,
 ) -> dict:
-    """Evaluate every method; write out_dir/raw/<method>.json and out_dir/results.md; return the report."""
+    """Evaluate every method; write out_dir/raw/<method>.json and out_dir/results.md; return the report.
+
+    `table_only`: run nothing; the table covers the methods whose raw results (same settings) exist.
+    """
     for m in methods:
         if m not in METHODS:
             raise PartinferError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
@@ -106,18 +110,22 @@ def run_eval(
     for method in methods:
         settings = _settings(model_dir, method, sparsity, tasks, limit, dtype)
         path = raw_dir / f"{method}.json"
-        if resume and path.is_file():
+        if (resume or table_only) and path.is_file():
             saved = json.loads(path.read_text())
             if saved.get("settings") == settings:
                 print(f"{method}: reusing {path}")
                 runs[method] = saved
                 continue
+        if table_only:
+            continue
         runs[method] = {"settings": settings, **run_method(model_dir, method, sparsity, tasks, limit, dtype, device,
                                                            batch_size)}
         with atomic_file(path) as tmp:
             tmp.write_text(json.dumps(runs[method], indent=2))
-    report = {"model": str(model_dir), "tasks": tasks, "methods": list(methods), "limit": limit, "dtype": dtype,
-              "gamma": sparsity.gamma, "delta": sparsity.delta, "phi": sparsity.phi, "runs": runs}
+    if not runs:
+        raise PartinferError(f"no results with these settings in {raw_dir}; run without --table-only first")
+    report = {"model": str(model_dir), "tasks": tasks, "methods": [m for m in methods if m in runs], "limit": limit,
+              "dtype": dtype, "gamma": sparsity.gamma, "delta": sparsity.delta, "phi": sparsity.phi, "runs": runs}
     with atomic_file(out_dir / "results.md") as tmp:
         tmp.write_text(f"{format_table(report)}\n\nThe PartInfer paper's ratios to dense, for comparison:\n\n"
                        f"{format_published()}\n")

@@ -302,6 +302,7 @@ def evaluate(
     model_neurons: ModelNeuronsOpt = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Generation tasks: sequences per batch.")] = 8,
     resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Reuse a method's raw results from an earlier run with the same settings.")] = True,
+    table_only: Annotated[bool, typer.Option("--table-only", help="Run nothing: rewrite the table from the raw results in --out.")] = False,
     dtype: DtypeOpt = "bf16",
     device: DeviceOpt = "cpu",
     as_json: JsonOpt = False,
@@ -315,7 +316,7 @@ def evaluate(
     method_list = tuple(m.strip() for m in methods.split(",") if m.strip())
     task_list = resolve_tasks([t.strip() for t in tasks.split(",") if t.strip()])
     report = run_eval(resolve_model(model), task_list, method_list, sparsity, out, limit, dtype, device, batch_size,
-                      resume)
+                      resume, table_only)
     typer.echo(json.dumps(report, indent=2) if as_json else format_table(report))
     typer.echo(f"wrote {out / 'results.md'} and {out / 'raw'}/", err=True)
 

@@ -146,3 +146,6 @@ def test_offline_tasks_load_and_eval_writes_table(tiny_with_tokenizer, tmp_path,
     mtime = (tmp_path / "out" / "raw" / "dense.json").stat().st_mtime_ns
     run_eval(tiny_with_tokenizer / "model", tasks, ("dense",), sparsity, tmp_path / "out", limit=2, dtype="fp32")
     assert (tmp_path / "out" / "raw" / "dense.json").stat().st_mtime_ns == mtime  # reused, not rerun
+    table_only = run_eval(tiny_with_tokenizer / "model", tasks, ("dense", "partinfer", "static"), sparsity,
+                          tmp_path / "out", limit=2, dtype="fp32", table_only=True)
+    assert table_only["methods"] == ["dense", "partinfer"]  # static has no results: nothing was run
