@@ -107,7 +107,29 @@ void gemv_rows(const uint16_t* W, int64_t K, const float* x, const float* xe, co
 void axpy_rows(const uint16_t* W, int64_t K, const float* a, const int64_t* rows, float* out_even, float* out_odd,
                float* out_tail, int64_t r0, int64_t r1) {
   const int64_t K16 = K & ~int64_t(15);
-  for (int64_t r = r0; r < r1; ++r) {
+  int64_t r = r0;
+  for (; r + 4 <= r1; r += 4) {  // four rows per pass: one load/store of the accumulators per four weight rows
+    const uint16_t* w[4];
+    __m256 s[4];
+    for (int j = 0; j < 4; ++j) {
+      w[j] = W + (rows ? rows[r + j] : r + j) * K;
+      s[j] = _mm256_set1_ps(a[r + j]);
+    }
+    for (int64_t i = 0; i < K16; i += 16) {
+      __m256 acc_e = _mm256_loadu_ps(out_even + i / 2), acc_o = _mm256_loadu_ps(out_odd + i / 2);
+      for (int j = 0; j < 4; ++j) {
+        __m256 e, o;
+        load_bf16x16(w[j] + i, e, o);
+        acc_e = _mm256_fmadd_ps(e, s[j], acc_e);
+        acc_o = _mm256_fmadd_ps(o, s[j], acc_o);
+      }
+      _mm256_storeu_ps(out_even + i / 2, acc_e);
+      _mm256_storeu_ps(out_odd + i / 2, acc_o);
+    }
+    for (int j = 0; j < 4; ++j)
+      for (int64_t i = K16; i < K; ++i) out_tail[i - K16] += a[r + j] * bf16_to_float(w[j][i]);
+  }
+  for (; r < r1; ++r) {
     const uint16_t* w = W + (rows ? rows[r] : r) * K;
     const __m256 s = _mm256_set1_ps(a[r]);
     for (int64_t i = 0; i < K16; i += 16) {
