@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from runtime.errors import PartinferError
-from runtime.native import cpu_kernels
 from runtime.model import ModelConfig, Transformer
+from runtime.native import cpu_kernels
 from runtime.safetensors_io import SafetensorsFile
 
 if TYPE_CHECKING:

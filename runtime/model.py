@@ -206,7 +206,6 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
 
-
     def forward(
         self,
         x: torch.Tensor,  # [B, T, D]
@@ -362,7 +361,7 @@ class Transformer(nn.Module):
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
         mask = self.attention_mask(cache, start, T, slots)
         if mask is None and B == 1 and self.compiled_decode_ok(x):
-            # One token of one unpadded sequence: each layer is one or two compiled ops (runtime/native.py).
+            # One token of one unpadded sequence: all layers in one compiled op (runtime/native.py).
             x = self.decode_token(x.view(-1), cos.view(-1), sin.view(-1), cache, start).view(1, 1, -1)
         else:
             for i, layer in enumerate(self.layers):
