@@ -94,7 +94,7 @@ def run_method(model_dir: Path, method: str, sparsity: SparsityConfig, tasks: li
 
 def run_eval(
     model_dir: Path, tasks: list[str], methods: tuple[str, ...], sparsity: SparsityConfig, out_dir: Path,
-    limit: int | None = None, dtype: str = "bf16", device: str = "cpu", batch_size: int = 8, resume: bool = True,
+    limit: int | None = None, dtype: str = "bf16", device: str = "cpu", batch_size: int = 1, resume: bool = True,
     table_only: bool = False,
 ) -> dict:
     """Evaluate every method; write out_dir/raw/<method>.json and out_dir/results.md; return the report.

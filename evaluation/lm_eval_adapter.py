@@ -36,7 +36,7 @@ class PartinferLM(LM):
         self, model: str | None = None, method: str = "partinfer", gamma: float = 0.7, delta: float = 0.3,
         phi: float = 0.4, token_sparsity: float = 0.2, core_score: str = "abs", start_num=None, end_num=None,
         model_neurons: str | None = None, dataset_neurons: str | None = None, base_neurons_type: str = "model",
-        dtype: str = "bf16", device: str = "cpu", max_length: int = 2048, batch_size: int | str = 8,
+        dtype: str = "bf16", device: str = "cpu", max_length: int = 2048, batch_size: int | str = 1,
         score_batch: int = 16, prompt_tokens: int = 64, **_unused,
     ):
         super().__init__()
@@ -51,7 +51,8 @@ class PartinferLM(LM):
         self.tokenizer = self.engine.tokenizer
         self.max_length = min(int(max_length), self.engine.model.cfg.max_seq_len)
         self.prefix_token = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 0
-        self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8  # generate_until sequences per batch
+        # generate_until sequences per batch; on a CPU 1 is fastest (the compiled one-token decode)
+        self.batch_size = int(batch_size) if str(batch_size).isdigit() else 1
         self.score_batch = int(score_batch)  # continuations of one context scored together
         self.prompt_tokens = int(prompt_tokens)  # loglikelihood_rolling: a window's sentence
 

@@ -300,7 +300,7 @@ def evaluate(
     start_num: StartOpt = None,
     end_num: EndOpt = None,
     model_neurons: ModelNeuronsOpt = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Generation tasks: sequences per batch.")] = 8,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Generation tasks: sequences per batch (on a CPU, 1 is fastest: it takes the compiled one-token decode).")] = 1,
     resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Reuse a method's raw results from an earlier run with the same settings.")] = True,
     table_only: Annotated[bool, typer.Option("--table-only", help="Run nothing: rewrite the table from the raw results in --out.")] = False,
     dtype: DtypeOpt = "bf16",
