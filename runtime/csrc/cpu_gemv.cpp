@@ -53,6 +53,18 @@ inline void load_bf16x16(const uint16_t* p, __m256& even, __m256& odd) {
   odd = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
 }
 
+// x . w for a bf16 row of n (a multiple of 16) elements; xe/xo = even/odd halves of x.
+inline float dot_bf16(const float* xe, const float* xo, const uint16_t* w, int64_t n) {
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  for (int64_t i = 0; i < n; i += 16) {
+    __m256 e, o;
+    load_bf16x16(w + i, e, o);
+    acc0 = _mm256_fmadd_ps(e, _mm256_loadu_ps(xe + i / 2), acc0);
+    acc1 = _mm256_fmadd_ps(o, _mm256_loadu_ps(xo + i / 2), acc1);
+  }
+  return hsum(_mm256_add_ps(acc0, acc1));
+}
+
 // Even/odd halves of the first K16 elements of x (K16 = K rounded down to 16).
 void split_even_odd(const float* x, int64_t K16, std::vector<float>& xe, std::vector<float>& xo) {
   xe.resize(K16 / 2);
@@ -97,14 +109,7 @@ void gemv_rows(const uint16_t* W, int64_t K, const float* x, const float* xe, co
   }
   for (; r < r1; ++r) {
     const uint16_t* w = W + (rows ? rows[r] : r) * K;
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-    for (int64_t i = 0; i < K16; i += 16) {
-      __m256 e, o;
-      load_bf16x16(w + i, e, o);
-      acc0 = _mm256_fmadd_ps(e, _mm256_loadu_ps(xe + i / 2), acc0);
-      acc1 = _mm256_fmadd_ps(o, _mm256_loadu_ps(xo + i / 2), acc1);
-    }
-    float s = hsum(_mm256_add_ps(acc0, acc1));
+    float s = dot_bf16(xe, xo, w, K16);
     for (int64_t i = K16; i < K; ++i) s += bf16_to_float(w[i]) * x[i];
     y[r] = s;
   }
@@ -253,18 +258,6 @@ void gemv_f32(const at::Tensor& W, const float* x, float* y) {
 void check_weight(const at::Tensor& W, int64_t cols, const char* name) {
   TORCH_CHECK(W.dim() == 2 && W.scalar_type() == at::kBFloat16 && W.is_contiguous() && W.size(1) == cols,
               name, " must be a contiguous bf16 matrix with ", cols, " columns");
-}
-
-// q . K[j] for a bf16 key row of hd (a multiple of 16) elements; qe/qo = even/odd halves of q.
-inline float dot_bf16(const float* qe, const float* qo, const uint16_t* k, int64_t hd) {
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-  for (int64_t i = 0; i < hd; i += 16) {
-    __m256 e, o;
-    load_bf16x16(k + i, e, o);
-    acc0 = _mm256_fmadd_ps(e, _mm256_loadu_ps(qe + i / 2), acc0);
-    acc1 = _mm256_fmadd_ps(o, _mm256_loadu_ps(qo + i / 2), acc1);
-  }
-  return hsum(_mm256_add_ps(acc0, acc1));
 }
 
 // Weights of one decode layer's attention, shapes checked once by `attention_args`.
