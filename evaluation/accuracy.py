@@ -54,6 +54,8 @@ def resolve_tasks(names: list[str]) -> list[str]:
 def _settings(model_dir: Path, method: str, sparsity: SparsityConfig, tasks: list[str], limit: int | None,
               dtype: str) -> dict:
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(replace(sparsity, method=method)).items()}
+    if method != "tokenwise":
+        del config["token_score"]  # only tokenwise reads it: other methods' results stay valid when it changes
     return {"model": str(model_dir), "tasks": tasks, "limit": limit, "dtype": dtype, "sparsity": config}
 
 
@@ -68,7 +70,7 @@ def run_method(model_dir: Path, method: str, sparsity: SparsityConfig, tasks: li
     s = replace(sparsity, method=method)
     lm = PartinferLM(
         model=str(model_dir), method=method, gamma=s.gamma, delta=s.delta, phi=s.phi,
-        token_sparsity=s.token_sparsity, core_score=s.core_score, start_num=s.start_num, end_num=s.end_num,
+        token_sparsity=s.token_sparsity, core_score=s.core_score, token_score=s.token_score, start_num=s.start_num, end_num=s.end_num,
         model_neurons=str(s.model_neurons) if s.model_neurons else None,
         dataset_neurons=str(s.dataset_neurons) if s.dataset_neurons else None,
         base_neurons_type=s.base_neurons_type, dtype=dtype, device=device, batch_size=batch_size,

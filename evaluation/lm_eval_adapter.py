@@ -34,7 +34,8 @@ def _opt_int(value) -> int | None:
 class PartinferLM(LM):
     def __init__(
         self, model: str | None = None, method: str = "partinfer", gamma: float = 0.7, delta: float = 0.3,
-        phi: float = 0.4, token_sparsity: float = 0.2, core_score: str = "abs", start_num=None, end_num=None,
+        phi: float = 0.4, token_sparsity: float = 0.2, core_score: str = "abs", token_score: str = "scaled",
+        start_num=None, end_num=None,
         model_neurons: str | None = None, dataset_neurons: str | None = None, base_neurons_type: str = "model",
         dtype: str = "bf16", device: str = "cpu", max_length: int = 2048, batch_size: int | str = 1,
         score_batch: int = 16, prompt_tokens: int = 64, **_unused,
@@ -43,7 +44,8 @@ class PartinferLM(LM):
         neurons = Path(model_neurons) if model_neurons else shipped_model_neurons(model)
         sparsity = SparsityConfig(
             method=method, gamma=float(gamma), delta=float(delta), phi=float(phi),
-            token_sparsity=float(token_sparsity), core_score=core_score, start_num=_opt_int(start_num),
+            token_sparsity=float(token_sparsity), core_score=core_score, token_score=token_score,
+            start_num=_opt_int(start_num),
             end_num=_opt_int(end_num), base_neurons_type=base_neurons_type, model_neurons=neurons,
             dataset_neurons=Path(dataset_neurons) if dataset_neurons else None,
         )

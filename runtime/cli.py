@@ -47,6 +47,7 @@ DeltaOpt = Annotated[float, typer.Option("--base-neurons-percent", "--delta", he
 PhiOpt = Annotated[float, typer.Option("--sparsity", "--phi", help="φ: fraction computed per sentence (δ base + ε chosen at prefill).")]
 TokenSparsityOpt = Annotated[float, typer.Option("--token-sparsity", help="α: fraction of a token's neurons that are its core neurons.")]
 CoreScoreOpt = Annotated[str, typer.Option("--core-score", help="abs (signed SiLU/GELU activations) or positive (CoreInfer's ReLU rule).")]
+TokenScoreOpt = Annotated[str, typer.Option("--token-score", help="tokenwise ranking: scaled (|act(gate)| × the sentence's mean |up| × ‖down‖) or gate (|act(gate)| alone).")]
 StartOpt = Annotated[Optional[int], typer.Option("--start-num", help="First sparse layer (default scales with depth).")]
 EndOpt = Annotated[Optional[int], typer.Option("--end-num", help="Last sparse layer, inclusive.")]
 ModelNeuronsOpt = Annotated[Optional[Path], typer.Option("--model-neurons", help="Model-level neuron file (default: the shipped one for the default model).")]
@@ -57,14 +58,14 @@ CpuOnlyOpt = Annotated[bool, typer.Option("--cpu-only", help="Run on the CPU eve
 
 def build_sparsity(model: Optional[str], method: str, gamma: float, delta: float, phi: float, token_sparsity: float,
                    core_score: str, start_num: Optional[int], end_num: Optional[int], model_neurons: Optional[Path],
-                   dataset_neurons: Optional[Path], base_neurons_type: str):
+                   dataset_neurons: Optional[Path], base_neurons_type: str, token_score: str = "scaled"):
     """The SparsityConfig of the command-line options; the shipped neuron file is the default-model default."""
     from runtime.defaults import shipped_model_neurons
     from runtime.sparsity import SparsityConfig
 
     return SparsityConfig(
         method=method, gamma=gamma, delta=delta, phi=phi, token_sparsity=token_sparsity, core_score=core_score,
-        start_num=start_num, end_num=end_num, base_neurons_type=base_neurons_type,
+        token_score=token_score, start_num=start_num, end_num=end_num, base_neurons_type=base_neurons_type,
         model_neurons=model_neurons or shipped_model_neurons(model), dataset_neurons=dataset_neurons,
     )
 
@@ -92,6 +93,7 @@ def generate_cmd(
     phi: PhiOpt = 0.4,
     token_sparsity: TokenSparsityOpt = 0.2,
     core_score: CoreScoreOpt = "abs",
+    token_score: TokenScoreOpt = "scaled",
     start_num: StartOpt = None,
     end_num: EndOpt = None,
     model_neurons: ModelNeuronsOpt = None,
@@ -122,7 +124,7 @@ def generate_cmd(
         raise PartinferError(f"unknown --function {function!r}; use normal or predefined-prompts")
     sampling = SamplingConfig(temperature=temperature, top_p=top_p, seed=seed)
     sparsity = build_sparsity(model, method, gamma, delta, phi, token_sparsity, core_score, start_num, end_num,
-                              model_neurons, dataset_neurons, base_neurons_type)
+                              model_neurons, dataset_neurons, base_neurons_type, token_score)
     engine = load_engine(model, dtype, device, sparsity)
     answers = []
     for text in prompts:
@@ -152,6 +154,7 @@ def chat(
     phi: PhiOpt = 0.4,
     token_sparsity: TokenSparsityOpt = 0.2,
     core_score: CoreScoreOpt = "abs",
+    token_score: TokenScoreOpt = "scaled",
     start_num: StartOpt = None,
     end_num: EndOpt = None,
     model_neurons: ModelNeuronsOpt = None,
@@ -175,7 +178,7 @@ def chat(
 
     device = "cuda" if torch.cuda.is_available() and not cpu_only else "cpu"
     sparsity = build_sparsity(model, method, gamma, delta, phi, token_sparsity, core_score, start_num, end_num,
-                              model_neurons, dataset_neurons, base_neurons_type)
+                              model_neurons, dataset_neurons, base_neurons_type, token_score)
     engine = load_engine(model, dtype, device, sparsity)
     session = ChatSession(engine, context, max_new_tokens, SamplingConfig(temperature=temperature))
     typer.echo(f"partinfer chat ({method}, γ {gamma}, φ {phi}, {device}); /reset, /stats, /exit", err=True)
@@ -234,6 +237,7 @@ def bench(
     gamma: GammaOpt = 0.7,
     delta: DeltaOpt = 0.3,
     phi: PhiOpt = 0.4,
+    token_score: TokenScoreOpt = "scaled",
     start_num: StartOpt = None,
     end_num: EndOpt = None,
     model_neurons: ModelNeuronsOpt = None,
@@ -249,7 +253,7 @@ def bench(
     from evaluation.bench import format_bench, run_bench
 
     sparsity = build_sparsity(model, "partinfer", gamma, delta, phi, 0.2, "abs", start_num, end_num, model_neurons,
-                              None, "model")
+                              None, "model", token_score)
     method_list = tuple(m.strip() for m in methods.split(",") if m.strip())
     report = run_bench(model, method_list, sparsity, dtype, device, prompt_len, new_tokens, repeats, peers)
     typer.echo(json.dumps(report, indent=2) if as_json else format_bench(report))
@@ -268,6 +272,7 @@ def perplexity(
     phi: PhiOpt = 0.4,
     token_sparsity: TokenSparsityOpt = 0.2,
     core_score: CoreScoreOpt = "abs",
+    token_score: TokenScoreOpt = "scaled",
     start_num: StartOpt = None,
     end_num: EndOpt = None,
     model_neurons: ModelNeuronsOpt = None,
@@ -279,7 +284,7 @@ def perplexity(
     from evaluation.perplexity import format_perplexity, run_perplexity
 
     sparsity = build_sparsity(model, "partinfer", gamma, delta, phi, token_sparsity, core_score, start_num, end_num,
-                              model_neurons, None, "model")
+                              model_neurons, None, "model", token_score)
     method_list = tuple(m.strip() for m in methods.split(",") if m.strip())
     report = run_perplexity(model, method_list, sparsity, dataset, num_samples, prompt_tokens, cont_tokens, dtype, device)
     typer.echo(json.dumps(report, indent=2) if as_json else format_perplexity(report))
@@ -297,6 +302,7 @@ def evaluate(
     phi: PhiOpt = 0.4,
     token_sparsity: TokenSparsityOpt = 0.2,
     core_score: CoreScoreOpt = "abs",
+    token_score: TokenScoreOpt = "scaled",
     start_num: StartOpt = None,
     end_num: EndOpt = None,
     model_neurons: ModelNeuronsOpt = None,
@@ -312,7 +318,7 @@ def evaluate(
     from runtime.prepare import resolve_model
 
     sparsity = build_sparsity(model, "partinfer", gamma, delta, phi, token_sparsity, core_score, start_num, end_num,
-                              model_neurons, None, "model")
+                              model_neurons, None, "model", token_score)
     method_list = tuple(m.strip() for m in methods.split(",") if m.strip())
     task_list = resolve_tasks([t.strip() for t in tasks.split(",") if t.strip()])
     report = run_eval(resolve_model(model), task_list, method_list, sparsity, out, limit, dtype, device, batch_size,

@@ -177,7 +177,7 @@ def load_model(
         model = Transformer(cfg)
         for i, plan in plans.items():
             tokenwise = sparsity.method == "tokenwise"
-            model.layers[i].mlp = TokenwiseFFN(cfg, plan) if tokenwise else SparseFFN(cfg, plan, sparsity)
+            model.layers[i].mlp = TokenwiseFFN(cfg, plan, sparsity.token_score) if tokenwise else SparseFFN(cfg, plan, sparsity)
     packed = is_packed(model_dir)
     expected_perms = packed_perms_to_check(model_dir, sparsity, cfg)
     state: dict[str, torch.Tensor] = {}

@@ -233,10 +233,11 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 
-# An FFN as the compiled one-token model takes it: (kind, w1, w2, w3, n_base, n_active), see
+# An FFN as the compiled one-token model takes it: (kind, w1, w2, w3, n_base, n_active, score_scale), see
 # runtime/csrc/cpu_gemv.cpp `FfnKind`. Gated: w1 = [gate; up] [2n, d], w2 = down [d, n]; interleaved:
-# w1 rows g0, u0, g1, u1, ...; token-wise: w1 = gate, w2 = down_t, w3 = up (all [k, d]).
-FfnSpec = tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, int, int]
+# w1 rows g0, u0, g1, u1, ...; token-wise: w1 = gate, w2 = down_t, w3 = up (all [k, d]) and score_scale
+# [k] fp32, the per-neuron factor of its ranking (None: rank by |act(gate)| alone; see TokenwiseFFN).
+FfnSpec = tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, int, int, torch.Tensor | None]
 FFN_GATED, FFN_INTERLEAVED, FFN_TOKENWISE = 0, 1, 2
 
 
@@ -259,7 +260,7 @@ class FFN(nn.Module):
 
     def fused_decode_weights(self) -> FfnSpec | None:
         """This FFN for the compiled one-token model (`runtime.native.model_decode`); None for non-SiLU."""
-        return (FFN_GATED, self.gate_up, self.down, self.gate_up, 0, 0) if self.act is F.silu else None
+        return (FFN_GATED, self.gate_up, self.down, self.gate_up, 0, 0, None) if self.act is F.silu else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, D] -> [B, T, D]
         return linear(self.activations(x), self.down)
@@ -319,12 +320,13 @@ class Transformer(nn.Module):
         ffns = [getattr(layer.mlp, "fused_decode_weights", lambda: None)() for layer in self.layers]
         if all(f is not None for f in ffns):
             L = self.layers
-            kind, w1, w2, w3, n_base, n_active = (list(column) for column in zip(*ffns))
+            kind, w1, w2, w3, n_base, n_active, scale = (list(column) for column in zip(*ffns))
+            scale = [torch.empty(0) if s is None else s for s in scale]  # empty: no per-neuron scale
             return model_decode(
                 x, [b.input_layernorm.weight for b in L], [b.self_attn.qkv_proj.weight for b in L],
                 [b.self_attn.o_proj.weight for b in L], cache.k[:, 0], cache.v[:, 0], cos, sin, pos, self.cfg.n_heads,
                 self.cfg.n_kv_heads, [b.post_attention_layernorm.weight for b in L], kind, w1, w2, w3, n_base,
-                n_active, self.cfg.norm_eps)
+                n_active, scale, self.cfg.norm_eps)
         for i, layer in enumerate(self.layers):
             x = layer.decode_token(x, cos, sin, cache.k[i][0], cache.v[i][0], pos)
         return x

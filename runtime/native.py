@@ -77,13 +77,13 @@ def model_decode(
     x: torch.Tensor, norm1: list[torch.Tensor], qkv: list[torch.Tensor], o: list[torch.Tensor], k_cache: torch.Tensor,
     v_cache: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: int, n_heads: int, n_kv_heads: int,
     norm2: list[torch.Tensor], kind: list[int], w1: list[torch.Tensor], w2: list[torch.Tensor], w3: list[torch.Tensor],
-    n_base: list[int], n_active: list[int], eps: float,
+    n_base: list[int], n_active: list[int], score_scale: list[torch.Tensor], eps: float,
 ) -> torch.Tensor:
     """One token through every pre-norm layer (RMSNorm, attention, RMSNorm, FFN, residuals): x [D] bf16 ->
-    [D] bf16; each layer's FFN as (kind, w1, w2, w3, n_base, n_active), see `runtime.model.FfnSpec`;
+    [D] bf16; each layer's FFN as (kind, w1, w2, w3, n_base, n_active, score_scale), see `runtime.model.FfnSpec`;
     k/v_cache [L, Hkv, S, hd] (slot `pos` is written)."""
     return torch.ops.partinfer_cpu.model_decode(x, norm1, qkv, o, k_cache, v_cache, cos, sin, pos, n_heads, n_kv_heads,
-                                                norm2, kind, w1, w2, w3, n_base, n_active, eps)
+                                                norm2, kind, w1, w2, w3, n_base, n_active, score_scale, eps)
 
 
 if __name__ == "__main__":

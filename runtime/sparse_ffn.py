@@ -118,7 +118,7 @@ class SparseFFN(nn.Module):
             return None
         m = self.n_active
         gate_up = self.gate_up[:m].view(2 * m, -1)  # [2m, d], gate/up rows interleaved
-        return FFN_INTERLEAVED, gate_up, self.down_head, gate_up, 0, 0
+        return FFN_INTERLEAVED, gate_up, self.down_head, gate_up, 0, 0, None
 
     def active_neuron_ids(self) -> torch.Tensor:
         """[B, m] original neuron indices computed at decode."""

@@ -23,6 +23,10 @@ from runtime.model import ModelConfig
 from runtime.selection import CORE_SCORES, loaded_order
 
 METHODS = ("dense", "load-only", "static", "coreinfer", "partinfer", "tokenwise")
+# How `tokenwise` ranks a token's neurons beyond the base: "gate" = |act(gate_i)|; "scaled" = |act(gate_i)|
+# times the sentence's mean |up_i| (measured in its prefill) times ‖down_i‖, the gate's estimate of the
+# neuron's contribution |act(gate_i) · up_i| · ‖down_i‖ at no extra bytes per token.
+TOKEN_SCORES = ("scaled", "gate")
 
 
 def default_layer_range(n_layers: int) -> tuple[int, int]:
@@ -39,6 +43,7 @@ class SparsityConfig:
     phi: float = 0.4  # computed fraction (sparsity)
     token_sparsity: float = 0.2  # α: a token's core neurons
     core_score: str = "abs"
+    token_score: str = "scaled"  # tokenwise only, see TOKEN_SCORES
     start_num: int | None = None  # first sparse layer; None = scaled default
     end_num: int | None = None  # last sparse layer (inclusive)
     base_neurons_type: str = "model"  # which neuron file ranks the base neurons
@@ -64,6 +69,8 @@ class SparsityConfig:
             raise PartinferError(f"--token-sparsity must be in (0, 1], got {self.token_sparsity}")
         if self.core_score not in CORE_SCORES:
             raise PartinferError(f"--core-score must be one of {', '.join(CORE_SCORES)}")
+        if self.token_score not in TOKEN_SCORES:
+            raise PartinferError(f"--token-score must be one of {', '.join(TOKEN_SCORES)}, got {self.token_score!r}")
         if self.base_neurons_type not in ("model", "dataset"):
             raise PartinferError("--base-neurons-type must be model or dataset")
         if self.base_neurons_type == "dataset" and self.method != "dense" and self.dataset_neurons is None:

@@ -6,6 +6,13 @@ Here every token, in every sparse layer, computes the gate projection of all loa
 the δ·n base neurons plus the loaded neurons with the largest |act(gate)| up to φ·n, and computes
 `up` and `down` only for those. Bytes read per token: (γ/3 + 2φ/3) of the layer's FFN.
 
+Ranking (`token_score`): "gate" ranks by |act(gate_i)| alone, as the method was first specified;
+"scaled" (the default) multiplies it by a per-sentence constant s_i = mean |up_i| over the sentence's
+prefill tokens × ‖down_i‖, so the score estimates the neuron's real contribution |act(gate_i)·up_i|·‖down_i‖
+— a neuron with a large gate but small `up` and `down` no longer crowds out one that matters. It costs
+one reduction at prefill and nothing per token. Measured on the default model (γ 0.7, δ 0.3, φ 0.4,
+96 XSum eval texts, 64-token sentence, 128 scored tokens): continuation perplexity 44.3 ("gate") → 42.2.
+
 Layout: `gate`, `up` and `down_t` (= W_down[:, loaded]^T) are all neuron-major [k, d], so a token's
 neurons are row gathers (`F.embedding`, measured far faster than index_select on bf16 here). Prefill
 computes every loaded neuron, as partinfer does; decode of one token reads the base neurons (the
@@ -27,7 +34,7 @@ from runtime.sparsity import LayerPlan
 
 
 class TokenwiseFFN(nn.Module):
-    def __init__(self, cfg: ModelConfig, plan: LayerPlan):
+    def __init__(self, cfg: ModelConfig, plan: LayerPlan, token_score: str = "scaled"):
         super().__init__()
         k, d = plan.loaded.shape[0], cfg.dim
         self.gate = nn.Parameter(torch.empty(k, d))
@@ -37,6 +44,11 @@ class TokenwiseFFN(nn.Module):
         self.act = ACTIVATIONS[cfg.hidden_act]
         self.n_base, self.n_active = plan.n_base, plan.n_active
         self.phase = "prefill"
+        self.token_score = token_score
+        self.token_mask: torch.Tensor | None = None  # [B, T] real tokens of the prompt being prefilled
+        self.up_abs_sums: torch.Tensor | None = None  # [B, k] sum of |up_i| over the prompt's real tokens
+        self.up_counts: torch.Tensor | None = None  # [B, 1] real tokens summed
+        self.score_scale: torch.Tensor | None = None  # [B, k] fp32 s_i per sequence ("scaled"), set at end_prompt
         self.last_selected: torch.Tensor | None = None  # [B, T, m] positions computed by the last decode call
 
     @property
@@ -48,10 +60,27 @@ class TokenwiseFFN(nn.Module):
         return self.down_t.t()
 
     def begin_prompt(self, token_mask: torch.Tensor | None) -> None:
-        self.phase = "prefill"
+        self.phase, self.token_mask = "prefill", token_mask
+        self.up_abs_sums = self.up_counts = None
 
     def end_prompt(self) -> None:
-        self.phase = "decode"
+        """Turn the prompt's |up| sums into this sentence's score scale s_i = mean |up_i| · ‖down_i‖."""
+        if self.token_score == "scaled" and self.up_abs_sums is not None:
+            down_norm = self.down_t.float().norm(dim=1)  # [k]
+            self.score_scale = self.up_abs_sums / self.up_counts.clamp(min=1) * down_norm  # [B, k]
+        self.phase, self.token_mask = "decode", None
+        self.up_abs_sums = self.up_counts = None
+
+    def _record_up(self, up: torch.Tensor) -> None:
+        """Add |up| of the prompt's real tokens to the per-sequence sums. up [B, T, k]."""
+        T = up.shape[1]
+        absval, count = up.float().abs(), torch.full((up.shape[0], 1), float(T), device=up.device)
+        if self.token_mask is not None:
+            real = self.token_mask[:, -T:, None].to(up.device, torch.float32)  # [B, T, 1]
+            absval, count = absval * real, real.sum(1)
+        sums = absval.sum(1)
+        self.up_abs_sums = sums if self.up_abs_sums is None else self.up_abs_sums + sums
+        self.up_counts = count if self.up_counts is None else self.up_counts + count
 
     def active_neuron_ids(self) -> torch.Tensor:
         """[B*T, m] original ids computed for each token of the last decode call (base first)."""
@@ -65,9 +94,13 @@ class TokenwiseFFN(nn.Module):
         return (self.n_loaded + 2 * self.n_active) * d * size
 
     def select(self, act_gate: torch.Tensor) -> torch.Tensor:
-        """act_gate [B, T, k] -> positions [B, T, m]: the base, then the largest |act(gate)| of the rest."""
+        """act_gate [B, T, k] -> positions [B, T, m]: the base, then the highest scores of the rest
+        (|act(gate)|, times the sentence's s_i with token_score "scaled")."""
         B, T, _ = act_gate.shape
-        top = torch.topk(act_gate[..., self.n_base :].abs(), self.n_active - self.n_base, dim=-1).indices + self.n_base
+        score = act_gate[..., self.n_base :].abs()
+        if self.score_scale is not None:
+            score = score * self.score_scale[:, None, self.n_base :].to(score.device)  # [B, 1, k - n_base]
+        top = torch.topk(score, self.n_active - self.n_base, dim=-1).indices + self.n_base
         base = torch.arange(self.n_base, device=act_gate.device).expand(B, T, self.n_base)
         return torch.cat([base, top], dim=-1)
 
@@ -76,7 +109,10 @@ class TokenwiseFFN(nn.Module):
         not recorded in `last_selected` there); None while prefilling or for non-SiLU models."""
         if self.phase != "decode" or self.act is not F.silu:
             return None
-        return FFN_TOKENWISE, self.gate, self.down_t, self.up, self.n_base, self.n_active
+        if self.score_scale is not None and self.score_scale.shape[0] != 1:
+            return None
+        scale = None if self.score_scale is None else self.score_scale[0].contiguous()  # [k] fp32
+        return FFN_TOKENWISE, self.gate, self.down_t, self.up, self.n_base, self.n_active, scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, D]
         B, T, _ = x.shape
@@ -84,7 +120,10 @@ class TokenwiseFFN(nn.Module):
             return self._decode_native(x)
         act_gate = self.act(linear(x, self.gate))  # [B, T, k]
         if self.phase == "prefill":
-            return linear(act_gate * linear(x, self.up), self.down)
+            up = linear(x, self.up)  # [B, T, k]
+            if self.token_score == "scaled":
+                self._record_up(up)
+            return linear(act_gate * up, self.down)
         selected = self.select(act_gate)  # [B, T, m]
         self.last_selected = selected
         if B == 1 and T == 1:

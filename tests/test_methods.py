@@ -32,6 +32,40 @@ def test_phi_gamma_one_gives_dense_tokens(tiny_llama_dir, neurons, method):
     assert generate(model, prompts, 16).tokens == generate(dense, prompts, 16).tokens
 
 
+def test_tokenwise_gate_score_at_phi_gamma_one_gives_dense_tokens(tiny_llama_dir, neurons):
+    dense = load_dense_model(tiny_llama_dir, dtype=torch.float32)
+    model = load(tiny_llama_dir, neurons, method="tokenwise", token_score="gate", gamma=1.0, phi=1.0, delta=0.3,
+                 start_num=0, end_num=3)
+    prompts = tiny_prompts(2, seed=5)
+    assert generate(model, prompts, 12).tokens == generate(dense, prompts, 12).tokens
+
+
+def test_tokenwise_scaled_score_ranks_by_gate_times_sentence_scale(tiny_llama_dir, neurons):
+    """After a prefill, a layer's scale is the prompt's mean |up_i| times ‖down_i‖, and decode keeps the
+    base plus the highest |act(gate_i)| · scale_i of the rest."""
+    from runtime.generate import KVCache, prefill
+    from runtime.sparse_ffn import begin_prompt, end_prompt
+
+    model = load(tiny_llama_dir, neurons, method="tokenwise", gamma=0.7, delta=0.3, phi=0.4)
+    layer = sparse_modules(model)[0]
+    captured = []
+    layer.register_forward_pre_hook(lambda module, args: captured.append(args[0]))  # the layer's inputs
+    prompt = torch.tensor([tiny_prompts(1, seed=9)[0]])
+    with torch.inference_mode():
+        begin_prompt(model)
+        prefill(model, prompt, KVCache(model.cfg, 1, prompt.shape[1], torch.float32, "cpu"))
+        end_prompt(model)
+        x = captured[0]  # [1, T, D] the layer's prefill input
+        expected = (x @ layer.up.t()).abs().mean(1) * layer.down_t.norm(dim=1)  # [1, k]
+        torch.testing.assert_close(layer.score_scale, expected)
+        token = torch.randn(1, 1, model.cfg.dim)
+        layer(token)
+        chosen = layer.last_selected[0, 0]
+        score = (layer.act(token[0, 0] @ layer.gate.t()).abs() * expected[0])[layer.n_base :]
+    rest = set((chosen[layer.n_base :] - layer.n_base).tolist())
+    assert rest == set(torch.topk(score, layer.n_active - layer.n_base).indices.tolist())
+
+
 @pytest.mark.parametrize("method", ["partinfer", "coreinfer", "static"])
 def test_active_set_invariants(tiny_llama_dir, neurons, method):
     model = load(tiny_llama_dir, neurons, method=method, gamma=0.7, delta=0.3, phi=0.4)
@@ -137,10 +171,11 @@ def test_chat_longer_than_context_says_how_to_go_on(default_model_dir):
     assert session.turn("Hi!")  # after /reset the conversation goes on
 
 
-def test_tokenwise_computes_phi_per_token_with_base(tiny_llama_dir, neurons):
+@pytest.mark.parametrize("token_score", ["scaled", "gate"])
+def test_tokenwise_computes_phi_per_token_with_base(tiny_llama_dir, neurons, token_score):
     from runtime.tokenwise_ffn import TokenwiseFFN
 
-    model = load(tiny_llama_dir, neurons, method="tokenwise", gamma=0.7, delta=0.3, phi=0.4)
+    model = load(tiny_llama_dir, neurons, method="tokenwise", gamma=0.7, delta=0.3, phi=0.4, token_score=token_score)
     layers = sparse_modules(model)
     assert layers and all(isinstance(m, TokenwiseFFN) for m in layers)
     n = model.cfg.ffn_dim
@@ -161,8 +196,9 @@ def test_tokenwise_computes_phi_per_token_with_base(tiny_llama_dir, neurons):
         assert len({frozenset(c) for c in per_step}) > 1  # the choice changes from token to token
 
 
-def test_tokenwise_batch_equals_one_by_one(tiny_llama_dir, neurons):
-    model = load(tiny_llama_dir, neurons, method="tokenwise", gamma=0.7, delta=0.3, phi=0.4)
+@pytest.mark.parametrize("token_score", ["scaled", "gate"])
+def test_tokenwise_batch_equals_one_by_one(tiny_llama_dir, neurons, token_score):
+    model = load(tiny_llama_dir, neurons, method="tokenwise", gamma=0.7, delta=0.3, phi=0.4, token_score=token_score)
     prompts = tiny_prompts(4, seed=8)
     batched = generate(model, prompts, 10)
     for b, p in enumerate(prompts):

@@ -356,18 +356,22 @@ void ffn_core(const at::Tensor& gate_up, const at::Tensor& down, bool interleave
 }
 
 // Token-wise FFN (--method tokenwise): gate [k, D], up [k, D], down_t [k, D] of the loaded neurons.
-// Computes silu(gate h) for all k, keeps positions 0..n_base-1 plus the (n_active - n_base) largest
-// |silu(gate h)| among the rest, and reads only those rows of up and down_t.
+// Computes silu(gate h) for all k, keeps positions 0..n_base-1 plus the (n_active - n_base) highest
+// scores |silu(gate h)_i| (times scale[i] when `scale` is given: the sentence's mean |up_i| * ||down_i||)
+// among the rest, and reads only those rows of up and down_t.
 void tokenwise_core(const at::Tensor& gate, const at::Tensor& up, const at::Tensor& down_t, int64_t n_base,
-                    int64_t n_active, const float* h, float* out) {
+                    int64_t n_active, const float* scale, const float* h, float* out) {
   const int64_t k = gate.size(0), D = gate.size(1);
-  std::vector<float> ag(k);
+  std::vector<float> ag(k), score(k);
   gemv_f32(gate, h, ag.data());
-  for (int64_t i = 0; i < k; ++i) ag[i] = ag[i] / (1.0f + std::exp(-ag[i]));
+  for (int64_t i = 0; i < k; ++i) {
+    ag[i] = ag[i] / (1.0f + std::exp(-ag[i]));
+    score[i] = scale ? std::fabs(ag[i]) * scale[i] : std::fabs(ag[i]);
+  }
   std::vector<int64_t> rows(k);
   for (int64_t i = 0; i < k; ++i) rows[i] = i;
   std::nth_element(rows.begin() + n_base, rows.begin() + n_active, rows.end(),
-                   [&](int64_t a, int64_t b) { return std::fabs(ag[a]) > std::fabs(ag[b]); });
+                   [&](int64_t a, int64_t b) { return score[a] > score[b]; });
   rows.resize(n_active);
   std::sort(rows.begin() + n_base, rows.end());  // ascending rows stream better
   std::vector<float> u(n_active);
@@ -378,17 +382,20 @@ void tokenwise_core(const at::Tensor& gate, const at::Tensor& up, const at::Tens
 
 // A layer's FFN as model_decode sees it. kind 0: gated, w1 = [gate; up] [2n, D], w2 = down [D, n];
 // kind 1: the same with w1's gate/up rows interleaved; kind 2: token-wise, w1 = gate, w3 = up,
-// w2 = down_t (all [k, D]).
+// w2 = down_t (all [k, D]), scale [k] fp32 or empty (rank by |silu(gate h)| alone).
 enum FfnKind : int64_t { kGated = 0, kInterleaved = 1, kTokenwise = 2 };
 
 void check_ffn(int64_t kind, const at::Tensor& w1, const at::Tensor& w2, const at::Tensor& w3, int64_t n_base,
-               int64_t n_active, int64_t D) {
+               int64_t n_active, const at::Tensor& scale, int64_t D) {
   check_weight(w1, D, "gate_up/gate");
   if (kind == kTokenwise) {
     check_weight(w2, D, "down_t");
     check_weight(w3, D, "up");
     TORCH_CHECK(w2.size(0) == w1.size(0) && w3.size(0) == w1.size(0), "token-wise gate/up/down_t rows differ");
     TORCH_CHECK(0 <= n_base && n_base <= n_active && n_active <= w1.size(0), "bad token-wise counts");
+    TORCH_CHECK(scale.numel() == 0 || (scale.scalar_type() == at::kFloat && scale.is_contiguous() &&
+                                       scale.numel() == w1.size(0) && scale.device().is_cpu()),
+                "token-wise score scale must be empty or a contiguous fp32 vector with one entry per loaded neuron");
   } else {
     TORCH_CHECK(kind == kGated || kind == kInterleaved, "unknown FFN kind ", kind);
     check_weight(w2, w1.size(0) / 2, "down");
@@ -397,9 +404,9 @@ void check_ffn(int64_t kind, const at::Tensor& w1, const at::Tensor& w2, const a
 }
 
 void ffn_any(int64_t kind, const at::Tensor& w1, const at::Tensor& w2, const at::Tensor& w3, int64_t n_base,
-             int64_t n_active, const float* h, float* out) {
+             int64_t n_active, const at::Tensor& scale, const float* h, float* out) {
   if (kind == kTokenwise)
-    tokenwise_core(w1, w3, w2, n_base, n_active, h, out);
+    tokenwise_core(w1, w3, w2, n_base, n_active, scale.numel() ? scale.data_ptr<float>() : nullptr, h, out);
   else
     ffn_core(w1, w2, kind == kInterleaved, h, out);
 }
@@ -435,14 +442,14 @@ at::Tensor attention_decode(const at::Tensor& x, const at::Tensor& qkv_w, const 
 // eager layer rounds it.
 void layer_core(std::vector<float>& res, const at::Tensor& norm1_w, const AttentionArgs& args, const at::Tensor& norm2_w,
                 int64_t kind, const at::Tensor& w1, const at::Tensor& w2, const at::Tensor& w3, int64_t n_base,
-                int64_t n_active, double eps) {
+                int64_t n_active, const at::Tensor& scale, double eps) {
   const int64_t D = static_cast<int64_t>(res.size());
   std::vector<float> h(D), y(D);
   rms_norm_row(res.data(), norm1_w.data_ptr<at::BFloat16>(), D, eps, h.data());
   attention_core(args, h.data(), y.data());
   for (int64_t i = 0; i < D; ++i) res[i] = static_cast<float>(at::BFloat16(res[i] + static_cast<float>(at::BFloat16(y[i]))));
   rms_norm_row(res.data(), norm2_w.data_ptr<at::BFloat16>(), D, eps, h.data());
-  ffn_any(kind, w1, w2, w3, n_base, n_active, h.data(), y.data());
+  ffn_any(kind, w1, w2, w3, n_base, n_active, scale, h.data(), y.data());
   for (int64_t i = 0; i < D; ++i) res[i] = static_cast<float>(at::BFloat16(res[i] + static_cast<float>(at::BFloat16(y[i]))));
 }
 
@@ -452,19 +459,20 @@ void check_norm(const at::Tensor& w, int64_t D) {
 }
 
 // All layers for one token: x [D] bf16 -> [D] bf16 (before the final norm). Per layer i: norm1[i],
-// qkv[i], o[i], norm2[i] and the FFN (kind[i], w1[i], w2[i], w3[i], n_base[i], n_active[i]; see
+// qkv[i], o[i], norm2[i] and the FFN (kind[i], w1[i], w2[i], w3[i], n_base[i], n_active[i], scale[i]; see
 // FfnKind); k_cache/v_cache [L, Hkv, S, hd]. One op per decode step: no Python between layers.
 at::Tensor model_decode(const at::Tensor& x, at::TensorList norm1, at::TensorList qkv, at::TensorList o,
                         at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& cos, const at::Tensor& sin,
                         int64_t pos, int64_t n_heads, int64_t n_kv_heads, at::TensorList norm2, at::IntArrayRef kind,
                         at::TensorList w1, at::TensorList w2, at::TensorList w3, at::IntArrayRef n_base,
-                        at::IntArrayRef n_active, double eps) {
+                        at::IntArrayRef n_active, at::TensorList scale, double eps) {
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 1, "x must be a bf16 vector");
   const int64_t D = x.numel(), L = static_cast<int64_t>(norm1.size());
   TORCH_CHECK(qkv.size() == norm1.size() && o.size() == norm1.size() && norm2.size() == norm1.size() &&
               w1.size() == norm1.size() && w2.size() == norm1.size() && w3.size() == norm1.size() &&
               static_cast<int64_t>(kind.size()) == L && static_cast<int64_t>(n_base.size()) == L &&
-              static_cast<int64_t>(n_active.size()) == L && k_cache.size(0) == L && v_cache.size(0) == L,
+              static_cast<int64_t>(n_active.size()) == L && static_cast<int64_t>(scale.size()) == L &&
+              k_cache.size(0) == L && v_cache.size(0) == L,
               "one entry per layer in every list and cache");
   const std::vector<float> c = to_floats(cos), sn = to_floats(sin);
   std::vector<at::Tensor> ks, vs;
@@ -474,12 +482,12 @@ at::Tensor model_decode(const at::Tensor& x, at::TensorList norm1, at::TensorLis
     check_norm(norm1[i], D);
     check_norm(norm2[i], D);
     check_attention(AttentionArgs{qkv[i], o[i], ks[i], vs[i], c.data(), sn.data(), pos, n_heads, n_kv_heads}, D);
-    check_ffn(kind[i], w1[i], w2[i], w3[i], n_base[i], n_active[i], D);
+    check_ffn(kind[i], w1[i], w2[i], w3[i], n_base[i], n_active[i], scale[i], D);
   }
   std::vector<float> res = to_floats(x);
   for (int64_t i = 0; i < L; ++i) {
     AttentionArgs args{qkv[i], o[i], ks[i], vs[i], c.data(), sn.data(), pos, n_heads, n_kv_heads};
-    layer_core(res, norm1[i], args, norm2[i], kind[i], w1[i], w2[i], w3[i], n_base[i], n_active[i], eps);
+    layer_core(res, norm1[i], args, norm2[i], kind[i], w1[i], w2[i], w3[i], n_base[i], n_active[i], scale[i], eps);
   }
   return at::from_blob(res.data(), {D}, at::kFloat).to(at::kBFloat16);
 }
@@ -494,5 +502,5 @@ TORCH_LIBRARY(partinfer_cpu, m) {
         "Tensor sin, int pos, int n_heads, int n_kv_heads) -> Tensor", attention_decode);
   m.def("model_decode(Tensor x, Tensor[] norm1, Tensor[] qkv, Tensor[] o, Tensor(a!) k_cache, Tensor(b!) v_cache, "
         "Tensor cos, Tensor sin, int pos, int n_heads, int n_kv_heads, Tensor[] norm2, int[] kind, Tensor[] w1, "
-        "Tensor[] w2, Tensor[] w3, int[] n_base, int[] n_active, float eps) -> Tensor", model_decode);
+        "Tensor[] w2, Tensor[] w3, int[] n_base, int[] n_active, Tensor[] scale, float eps) -> Tensor", model_decode);
 }
