@@ -8,7 +8,7 @@ Constraint 0 < δ <= φ <= γ <= 1. Methods (DESIGN.md "Methods"):
   static     γ loaded, the first φ·n of the loaded order computed at decode, same for every sentence
   coreinfer  everything loaded, φ·n chosen per sentence among all neurons (no base)
   partinfer  γ loaded, δ base + ε chosen per sentence among loaded ∖ base
-  tokenwise  γ loaded, δ base + the largest |act(gate)| of the loaded, chosen per token (ours)
+  tokenwise  γ loaded, δ base + the highest |act(gate)| (× a per-sentence scale) of the loaded, per token (ours)
 """
 
 from __future__ import annotations

@@ -75,6 +75,11 @@ def test_generate_rejects_phi_above_gamma():
     assert_clean_error(runner.invoke(app, ["generate", "-p", "hi", "--gamma", "0.3", "--phi", "0.4"]), "--phi 0.4 > --gamma 0.3")
 
 
+def test_generate_rejects_unknown_token_score():
+    assert_clean_error(runner.invoke(app, ["generate", "-p", "hi", "--method", "tokenwise", "--token-score", "up"]),
+                       "--token-score must be one of scaled, gate")
+
+
 def test_predefined_prompts_json(default_model_dir):
     result = runner.invoke(app, ["generate", "--function", "predefined-prompts", "-n", "4", "--json"])
     assert result.exit_code == 0, result.output
