@@ -165,7 +165,7 @@ def run_bench(
         "model": str(model_dir), "dtype": dtype, "device": device, "threads": torch.get_num_threads(),
         "decode_kernels": "compiled AVX2 GEMV" if device == "cpu" and dtype == "bf16" and cpu_kernels() else "stock PyTorch",
         "prompt_len": prompt_len, "new_tokens": new_tokens, "repeats": repeats, "bandwidth_gbs": bandwidth / 1e9,
-        "gamma": sparsity.gamma, "delta": sparsity.delta, "phi": sparsity.phi,
+        "gamma": sparsity.gamma, "delta": sparsity.delta, "phi": sparsity.phi, "token_score": sparsity.token_score,
         "rows": [asdict(r) | {"share_of_floor": r.share_of_floor} for r in rows],
     }
 
@@ -187,5 +187,6 @@ def format_bench(report: dict) -> str:
             f"{r['name']:<26}{r['prefill_tps']:>14.1f}{r['decode_tps']:>14.1f}{r['bytes_per_token'] / 1e6:>10.1f}"
             f"{r['floor_tps']:>13.1f}{r['share_of_floor']:>9.0%}{ratio:>9.2f}x{ideal:>7.2f}x{ratio / ideal:>9.0%}"
         )
-    lines.append(f"γ {report['gamma']}, δ {report['delta']}, φ {report['phi']}; ideal = dense bytes/token ÷ method bytes/token")
+    lines.append(f"γ {report['gamma']}, δ {report['delta']}, φ {report['phi']}, tokenwise ranking "
+                 f"{report.get('token_score', 'not recorded')}; ideal = dense bytes/token ÷ method bytes/token")
     return "\n".join(lines)
