@@ -14,6 +14,11 @@ out one that matters. It costs one reduction at prefill and nothing per token. M
 default model (γ 0.7, δ 0.3, φ 0.4; `partinfer perplexity -n 96 --methods tokenwise
 [--token-score gate]`): continuation perplexity 44.40 ("gate") → 42.30 (load-only: 34.25).
 
+Prefill computes every loaded neuron (it is also where the scale is measured). Measured against the
+alternative, the same per-token rule in prefill too (gate ranking there, as no scale exists yet):
+continuation perplexity 37.72 → 39.06 (`-n 32`); and a prompt's per-token choices save FLOPs only
+with per-token gathers that a batched matmul does not do, so prefill keeps all loaded neurons.
+
 Layout: `gate`, `up` and `down_t` (= W_down[:, loaded]^T) are all neuron-major [k, d], so a token's
 neurons are row gathers (`F.embedding`, measured far faster than index_select on bf16 here). Prefill
 computes every loaded neuron, as partinfer does; decode of one token reads the base neurons (the
