@@ -70,7 +70,8 @@ def run_method(model_dir: Path, method: str, sparsity: SparsityConfig, tasks: li
     s = replace(sparsity, method=method)
     lm = PartinferLM(
         model=str(model_dir), method=method, gamma=s.gamma, delta=s.delta, phi=s.phi,
-        token_sparsity=s.token_sparsity, core_score=s.core_score, token_score=s.token_score, start_num=s.start_num, end_num=s.end_num,
+        token_sparsity=s.token_sparsity, core_score=s.core_score, token_score=s.token_score,
+        start_num=s.start_num, end_num=s.end_num,
         model_neurons=str(s.model_neurons) if s.model_neurons else None,
         dataset_neurons=str(s.dataset_neurons) if s.dataset_neurons else None,
         base_neurons_type=s.base_neurons_type, dtype=dtype, device=device, batch_size=batch_size,

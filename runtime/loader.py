@@ -176,8 +176,10 @@ def load_model(
     with torch.device("meta"):
         model = Transformer(cfg)
         for i, plan in plans.items():
-            tokenwise = sparsity.method == "tokenwise"
-            model.layers[i].mlp = TokenwiseFFN(cfg, plan, sparsity.token_score) if tokenwise else SparseFFN(cfg, plan, sparsity)
+            if sparsity.method == "tokenwise":
+                model.layers[i].mlp = TokenwiseFFN(cfg, plan, sparsity.token_score)
+            else:
+                model.layers[i].mlp = SparseFFN(cfg, plan, sparsity)
     packed = is_packed(model_dir)
     expected_perms = packed_perms_to_check(model_dir, sparsity, cfg)
     state: dict[str, torch.Tensor] = {}

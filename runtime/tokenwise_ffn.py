@@ -112,7 +112,8 @@ class TokenwiseFFN(nn.Module):
 
     def fused_decode_weights(self) -> FfnSpec | None:
         """This layer for the compiled one-token model, which applies the same rule in C++ (choices are
-        not recorded in `last_selected` there); None while prefilling or for non-SiLU models."""
+        not recorded in `last_selected` there); None while prefilling, for non-SiLU models, or with
+        per-sequence scales of a batch."""
         if self.phase != "decode" or self.act is not F.silu:
             return None
         if self.score_scale is not None and self.score_scale.shape[0] != 1:
