@@ -101,8 +101,12 @@ def test_bench_runs_on_tiny_model(tiny_llama_dir):
     result = runner.invoke(app, ["bench", "--model", str(tiny_llama_dir), "--methods", "dense", "--no-peers",
                                  "--new-tokens", "4", "--prompt-len", "8", "--repeats", "1", "--json"])
     assert result.exit_code == 0, result.output
-    row = json.loads(result.stdout)["rows"][0]
+    report = json.loads(result.stdout)
+    row = report["rows"][0]
     assert row["decode_tps"] > 0 and row["floor_tps"] > 0
+    # the floor, an upper bound, uses the best copy rate of the run's start and end
+    assert report["bandwidth_gbs"] == max(report["bandwidth_start_end_gbs"])
+    assert abs(row["floor_tps"] - report["bandwidth_gbs"] * 1e9 / row["bytes_per_token"]) < 1e-6 * row["floor_tps"]
 
 
 def test_hub_id_offline_gives_one_line_error(monkeypatch):
