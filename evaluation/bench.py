@@ -49,6 +49,25 @@ def measure_bandwidth(n_bytes: int = 256 << 20, repeats: int = 5, device: str = 
     return 2 * n_bytes / min(times[1:])
 
 
+def measure_gemv_rate(cols: int, n_bytes: int = 256 << 20, repeats: int = 5) -> float | None:
+    """Weight bytes per second that our compiled bf16 GEMV streams through one large [n, cols] matrix:
+    what a CPU decode step could reach if it were nothing but weight streaming. A GEMV only reads,
+    while the copy figure counts reads and writes, so this, not the floor, is the practical ceiling of
+    a decode's share of the floor. None where the compiled kernels are unavailable."""
+    from runtime.native import gemv
+
+    if not cpu_kernels():
+        return None
+    weights = torch.ones(n_bytes // (2 * cols), cols, dtype=torch.bfloat16)
+    x = torch.ones(cols)
+    times = []
+    for _ in range(repeats + 1):
+        t0 = time.perf_counter()
+        gemv(weights, x)
+        times.append(time.perf_counter() - t0)
+    return weights.numel() * weights.element_size() / min(times[1:])
+
+
 def weight_bytes_per_token(model: Transformer) -> int:
     """Bytes of weights one batch-1 decode step reads.
 
@@ -146,6 +165,8 @@ def run_bench(
     # The floor is an upper bound, so it takes the best copy rate seen: at the start and at the end of
     # the run (on a shared machine one measurement can catch a busy moment and understate it).
     bandwidth_start = measure_bandwidth(device=device)
+    on_cpu_bf16 = device.startswith("cpu") and torch_dtype == torch.bfloat16
+    gemv_rate = measure_gemv_rate(max(dense.cfg.dim, 256)) if on_cpu_bf16 else None  # model width; tiny test models: 256
     timed = []  # (name, prefill tok/s, decode tok/s, bytes per token)
     for method in methods:
         m = dense if method == "dense" else load_model(model_dir, torch_dtype, device, replace(sparsity, method=method))
@@ -169,6 +190,7 @@ def run_bench(
         "decode_kernels": "compiled AVX2 GEMV" if device == "cpu" and dtype == "bf16" and cpu_kernels() else "stock PyTorch",
         "prompt_len": prompt_len, "new_tokens": new_tokens, "repeats": repeats, "bandwidth_gbs": bandwidth / 1e9,
         "bandwidth_start_end_gbs": [bandwidth_start / 1e9, bandwidth_end / 1e9],
+        "gemv_gbs": None if gemv_rate is None else gemv_rate / 1e9,
         "gamma": sparsity.gamma, "delta": sparsity.delta, "phi": sparsity.phi, "token_score": sparsity.token_score,
         "rows": [asdict(r) | {"share_of_floor": r.share_of_floor} for r in rows],
     }
@@ -179,7 +201,9 @@ def format_bench(report: dict) -> str:
         f"model {report['model']}  {report['dtype']} on {report['device']} ({report['threads']} threads), "
         f"prompt {report['prompt_len']}, {report['new_tokens']} new tokens, median of {report['repeats']}, "
         f"decode kernels: {report.get('decode_kernels', 'stock PyTorch')}",
-        f"memory bandwidth (copy, read+write, best of the run's start and end): {report['bandwidth_gbs']:.1f} GB/s",
+        f"memory bandwidth (copy, read+write, best of the run's start and end): {report['bandwidth_gbs']:.1f} GB/s"
+        + (f"; our bf16 GEMV alone streams {report['gemv_gbs']:.1f} GB/s ({report['gemv_gbs'] / report['bandwidth_gbs']:.0%})"
+           if report.get("gemv_gbs") else ""),
         f"{'method':<26}{'prefill tok/s':>14}{'decode tok/s':>14}{'MB/token':>10}{'floor tok/s':>13}{'of floor':>10}"
         f"{'vs dense':>10}{'ideal':>8}{'of ideal':>10}",
     ]

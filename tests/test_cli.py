@@ -106,6 +106,7 @@ def test_bench_runs_on_tiny_model(tiny_llama_dir):
     assert row["decode_tps"] > 0 and row["floor_tps"] > 0
     # the floor, an upper bound, uses the best copy rate of the run's start and end
     assert report["bandwidth_gbs"] == max(report["bandwidth_start_end_gbs"])
+    assert report["gemv_gbs"] is None or report["gemv_gbs"] > 0  # bf16 on CPU: our GEMV's streaming rate
     assert abs(row["floor_tps"] - report["bandwidth_gbs"] * 1e9 / row["bytes_per_token"]) < 1e-6 * row["floor_tps"]
 
 
