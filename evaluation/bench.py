@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from dataclasses import asdict, dataclass, replace
 
@@ -35,18 +36,28 @@ class BenchRow:
         return self.decode_tps / self.floor_tps if self.floor_tps else 0.0
 
 
+def best_time(fn: Callable[[], object], repeats: int) -> float:
+    """Fastest of `repeats` timed calls of fn after one warm-up call, in seconds."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
 def measure_bandwidth(n_bytes: int = 256 << 20, repeats: int = 5, device: str = "cpu") -> float:
     """Bytes moved per second (read + write) by a large tensor copy; the machine's practical limit."""
     src = torch.empty(n_bytes, dtype=torch.uint8, device=device).fill_(1)
     dst = torch.empty_like(src)
-    times = []
-    for _ in range(repeats + 1):
-        t0 = time.perf_counter()
+
+    def copy() -> None:
         dst.copy_(src)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return 2 * n_bytes / min(times[1:])
+
+    return 2 * n_bytes / best_time(copy, repeats)
 
 
 def measure_gemv_rate(cols: int, n_bytes: int = 256 << 20, repeats: int = 5) -> float | None:
@@ -60,12 +71,7 @@ def measure_gemv_rate(cols: int, n_bytes: int = 256 << 20, repeats: int = 5) -> 
         return None
     weights = torch.ones(n_bytes // (2 * cols), cols, dtype=torch.bfloat16)
     x = torch.ones(cols)
-    times = []
-    for _ in range(repeats + 1):
-        t0 = time.perf_counter()
-        gemv(weights, x)
-        times.append(time.perf_counter() - t0)
-    return weights.numel() * weights.element_size() / min(times[1:])
+    return weights.numel() * weights.element_size() / best_time(lambda: gemv(weights, x), repeats)
 
 
 def weight_bytes_per_token(model: Transformer) -> int:
@@ -187,7 +193,7 @@ def run_bench(
     rows = [BenchRow(name, pre, dec, nbytes, floor_tps(bandwidth, nbytes)) for name, pre, dec, nbytes in timed]
     return {
         "model": str(model_dir), "dtype": dtype, "device": device, "threads": torch.get_num_threads(),
-        "decode_kernels": "compiled AVX2 GEMV" if device == "cpu" and dtype == "bf16" and cpu_kernels() else "stock PyTorch",
+        "decode_kernels": "compiled AVX2 GEMV" if on_cpu_bf16 and cpu_kernels() else "stock PyTorch",
         "prompt_len": prompt_len, "new_tokens": new_tokens, "repeats": repeats, "bandwidth_gbs": bandwidth / 1e9,
         "bandwidth_start_end_gbs": [bandwidth_start / 1e9, bandwidth_end / 1e9],
         "gemv_gbs": None if gemv_rate is None else gemv_rate / 1e9,

@@ -28,6 +28,12 @@ def token_core_mask(a: torch.Tensor, token_sparsity: float, score: str = "abs") 
     return top_count_mask(a, max(1, round(token_sparsity * a.shape[-1])), score)
 
 
+def real_token_weights(token_mask: torch.Tensor | None, T: int, device: torch.device) -> torch.Tensor | None:
+    """[B, T, 1] fp32: 1 for the real (non-padding) tokens among the last T prompt positions, 0 for
+    padding; None when there is no mask (every token is real). Per-sentence statistics multiply by it."""
+    return None if token_mask is None else token_mask[:, -T:, None].to(device, torch.float32)
+
+
 def loaded_order(base_rank: torch.Tensor, other_rank: torch.Tensor, n_base: int, k: int) -> torch.Tensor:
     """The loaded set, in order: the first n_base of base_rank, then other_rank's order skipping those, up to k."""
     base = base_rank[:n_base]

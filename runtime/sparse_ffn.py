@@ -26,7 +26,7 @@ from torch import nn
 
 from runtime.kernels import linear
 from runtime.model import ACTIVATIONS, FFN_INTERLEAVED, FfnSpec, ModelConfig, Transformer
-from runtime.selection import sentence_active, top_count_mask
+from runtime.selection import real_token_weights, sentence_active, top_count_mask
 from runtime.sparsity import LayerPlan, SparsityConfig
 from runtime.tokenwise_ffn import TokenwiseFFN
 
@@ -136,8 +136,8 @@ class SparseFFN(nn.Module):
         T = a.shape[1]
         core = top_count_mask(a, self.n_core, self.core_score).float()  # [B, T, k]
         absval = a.float().abs()
-        if self.token_mask is not None:
-            real = self.token_mask[:, -T:, None].to(a.device, torch.float32)
+        real = real_token_weights(self.token_mask, T, a.device)  # [B, T, 1] or None
+        if real is not None:
             core, absval = core * real, absval * real
         counts, sums = core.sum(1), absval.sum(1)
         self.core_counts = counts if self.core_counts is None else self.core_counts + counts

@@ -36,6 +36,7 @@ from torch import nn
 from runtime.kernels import linear, uses_native_gemv
 from runtime.model import ACTIVATIONS, FFN_TOKENWISE, FfnSpec, ModelConfig
 from runtime.native import gemv, gemv_t
+from runtime.selection import real_token_weights
 from runtime.sparsity import LayerPlan
 
 
@@ -81,8 +82,8 @@ class TokenwiseFFN(nn.Module):
         """Add |up| of the prompt's real tokens to the per-sequence sums. up [B, T, k]."""
         T = up.shape[1]
         absval, count = up.float().abs(), torch.full((up.shape[0], 1), float(T), device=up.device)
-        if self.token_mask is not None:
-            real = self.token_mask[:, -T:, None].to(up.device, torch.float32)  # [B, T, 1]
+        real = real_token_weights(self.token_mask, T, up.device)  # [B, T, 1] or None
+        if real is not None:
             absval, count = absval * real, real.sum(1)
         sums = absval.sum(1)
         self.up_abs_sums = sums if self.up_abs_sums is None else self.up_abs_sums + sums
