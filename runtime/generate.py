@@ -10,6 +10,7 @@ import torch
 
 from runtime.errors import PartinferError
 from runtime.model import KVCache, Transformer, decode_step, prefill
+from runtime.native import argmax as native_argmax, cpu_kernels
 from runtime.sparse_ffn import begin_prompt, end_prompt
 
 
@@ -51,6 +52,8 @@ class GenerationResult:
 def sample(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:
     """logits [B, V] -> tokens [B]."""
     if cfg.temperature == 0:
+        if logits.device.type == "cpu" and logits.is_contiguous() and cpu_kernels():
+            return native_argmax(logits)  # torch's argmax over a bf16 vocabulary row costs ~2% of a decode step
         return logits.argmax(dim=-1)
     logits = logits.float() / cfg.temperature
     if cfg.top_k:

@@ -28,7 +28,7 @@ def _cpu_has_avx2_fma() -> bool:
 
 @functools.cache
 def cpu_kernels() -> bool:
-    """True when torch.ops.partinfer_cpu (gemv, gemv_t, rms_norm, attention_decode, model_decode) is loaded (building them on first use)."""
+    """True when torch.ops.partinfer_cpu (gemv, gemv_t, rms_norm, argmax, attention_decode, model_decode) is loaded (building them on first use)."""
     if os.environ.get("PARTINFER_NATIVE", "1") == "0" or not _cpu_has_avx2_fma():
         return False
     from torch.utils.cpp_extension import load
@@ -75,15 +75,21 @@ def attention_decode(
 
 def model_decode(
     x: torch.Tensor, norm1: list[torch.Tensor], qkv: list[torch.Tensor], o: list[torch.Tensor], k_cache: torch.Tensor,
-    v_cache: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: int, n_heads: int, n_kv_heads: int,
+    v_cache: torch.Tensor, inv_freq: torch.Tensor, pos: int, n_heads: int, n_kv_heads: int,
     norm2: list[torch.Tensor], kind: list[int], w1: list[torch.Tensor], w2: list[torch.Tensor], w3: list[torch.Tensor],
     n_base: list[int], n_active: list[int], score_scale: list[torch.Tensor], eps: float,
 ) -> torch.Tensor:
-    """One token through every pre-norm layer (RMSNorm, attention, RMSNorm, FFN, residuals): x [D] bf16 ->
-    [D] bf16; each layer's FFN as (kind, w1, w2, w3, n_base, n_active, score_scale), see `runtime.model.FfnSpec`;
-    k/v_cache [L, Hkv, S, hd] (slot `pos` is written)."""
-    return torch.ops.partinfer_cpu.model_decode(x, norm1, qkv, o, k_cache, v_cache, cos, sin, pos, n_heads, n_kv_heads,
+    """One token at rope position `pos` through every pre-norm layer (RMSNorm, attention, RMSNorm, FFN,
+    residuals): x [D] bf16 -> [D] bf16; each layer's FFN as (kind, w1, w2, w3, n_base, n_active,
+    score_scale), see `runtime.model.FfnSpec`; k/v_cache [L, Hkv, S, hd] (slot `pos` is written);
+    inv_freq [hd/2] fp32 (cos/sin are computed inside, as the eager model computes them)."""
+    return torch.ops.partinfer_cpu.model_decode(x, norm1, qkv, o, k_cache, v_cache, inv_freq, pos, n_heads, n_kv_heads,
                                                 norm2, kind, w1, w2, w3, n_base, n_active, score_scale, eps)
+
+
+def argmax(x: torch.Tensor) -> torch.Tensor:
+    """x [B, V] contiguous fp32/bf16 CPU -> [B] int64, as torch.argmax(x, -1) (first maximum, NaN first)."""
+    return torch.ops.partinfer_cpu.argmax(x)
 
 
 if __name__ == "__main__":

@@ -54,6 +54,7 @@ class SparseFFN(nn.Module):
         self.active: torch.Tensor | None = None  # [B, m] positions into the loaded set
         self.c_gate_up: torch.Tensor | None = None  # [B, 2m, d] per-sequence copies (batches only)
         self.c_down: torch.Tensor | None = None  # [B, d, m]
+        self.decode_spec: FfnSpec | None = None  # kept by fused_decode_weights
 
     @property
     def n_loaded(self) -> int:
@@ -116,9 +117,14 @@ class SparseFFN(nn.Module):
         sets, or for non-SiLU models."""
         if self.phase != "decode" or self.c_gate_up is not None or self.act is not F.silu:
             return None
-        m = self.n_active
-        gate_up = self.gate_up[:m].view(2 * m, -1)  # [2m, d], gate/up rows interleaved
-        return FFN_INTERLEAVED, gate_up, self.down_head, gate_up, 0, 0, None
+        spec = self.decode_spec
+        # The view stays valid while gate_up keeps its storage (the active set moves in place); the
+        # same spec object lets the model keep its decode plan (`runtime.model.DecodePlan`).
+        if spec is None or spec[1].data_ptr() != self.gate_up.data_ptr() or spec[2] is not self.down_head:
+            m = self.n_active
+            gate_up = self.gate_up[:m].view(2 * m, -1)  # [2m, d], gate/up rows interleaved
+            spec = self.decode_spec = (FFN_INTERLEAVED, gate_up, self.down_head, gate_up, 0, 0, None)
+        return spec
 
     def active_neuron_ids(self) -> torch.Tensor:
         """[B, m] original neuron indices computed at decode."""

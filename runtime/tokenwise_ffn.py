@@ -57,6 +57,8 @@ class TokenwiseFFN(nn.Module):
         self.up_counts: torch.Tensor | None = None  # [B, 1] real tokens summed
         self.score_scale: torch.Tensor | None = None  # [B, k] fp32 s_i per sequence ("scaled"), set at end_prompt
         self.last_selected: torch.Tensor | None = None  # [B, T, m] positions computed by the last decode call
+        self.decode_spec: FfnSpec | None = None  # kept by fused_decode_weights, with the scale it was made from
+        self.decode_spec_scale: torch.Tensor | None = None
 
     @property
     def n_loaded(self) -> int:
@@ -119,8 +121,15 @@ class TokenwiseFFN(nn.Module):
             return None
         if self.score_scale is not None and self.score_scale.shape[0] != 1:
             return None
-        scale = None if self.score_scale is None else self.score_scale[0].contiguous()  # [k] fp32
-        return FFN_TOKENWISE, self.gate, self.down_t, self.up, self.n_base, self.n_active, scale
+        spec = self.decode_spec
+        # The same spec object while the scale and weights are the same lets the model keep its decode
+        # plan (`runtime.model.DecodePlan`); a new prompt's scale is a new tensor.
+        if (spec is None or self.decode_spec_scale is not self.score_scale or spec[1] is not self.gate
+                or spec[2] is not self.down_t or spec[3] is not self.up):
+            scale = None if self.score_scale is None else self.score_scale[0].contiguous()  # [k] fp32
+            spec = self.decode_spec = (FFN_TOKENWISE, self.gate, self.down_t, self.up, self.n_base, self.n_active, scale)
+            self.decode_spec_scale = self.score_scale
+        return spec
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, D]
         B, T, _ = x.shape

@@ -95,3 +95,48 @@ def test_compiled_decode_as_accurate_as_eager_bf16(tiny_llama_dir, tmp_path, mon
     eager = decode_logits(load_model(tiny_llama_dir, torch.bfloat16, "cpu", sparsity), prompt, tokens)
     fused_err, eager_err = (fused - reference).abs().max(), (eager - reference).abs().max()
     assert fused_err <= 2 * eager_err + 1e-2, (fused_err, eager_err)
+
+
+def test_argmax_matches_torch():
+    """The greedy sampler's compiled argmax: first maximum on ties, NaN first, fp32 and bf16 rows."""
+    from runtime.native import argmax
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 1003, generator=g)  # not a multiple of the 8-wide vector
+    x[1, 10] = x[1, 500] = x[1].max() + 1  # a tie: the first wins
+    x[2, 7] = x[2, 900] = float("nan")
+    x[3, 1002] = 50.0  # in the scalar tail
+    for t in (x, x.bfloat16()):
+        assert torch.equal(argmax(t), t.argmax(dim=-1))
+
+
+def test_kept_decode_arguments_follow_a_new_prompt(tiny_llama_dir, tmp_path):
+    """The model keeps model_decode's argument lists between tokens (DecodePlan). A new prompt gives the
+    token-wise layers a new score scale, which must reach them: decoding after a second prompt equals
+    decoding it on a freshly loaded model."""
+    neurons = make_neuron_file(tiny_llama_dir, tmp_path / "model.safetensors")
+    sparsity = SparsityConfig(method="tokenwise", gamma=0.7, delta=0.3, phi=0.4, model_neurons=neurons, start_num=0,
+                              end_num=3)
+    first, second, tokens = [5, 17, 99, 3, 42, 7], [90, 1, 30, 77, 64, 60, 9], [11, 23, 8, 64, 2, 31]
+    reused = load_model(tiny_llama_dir, torch.bfloat16, "cpu", sparsity)
+    decode_logits(reused, first, tokens)
+    plan = reused.decode_plan
+    again = decode_logits(reused, second, tokens)
+    assert plan is not None and reused.decode_plan is not plan
+    fresh = decode_logits(load_model(tiny_llama_dir, torch.bfloat16, "cpu", sparsity), second, tokens)
+    assert torch.equal(again, fresh)
+
+
+def test_kept_partinfer_arguments_are_the_live_active_prefix(tiny_llama_dir, tmp_path):
+    """PartInfer moves each prompt's active set to the front of its weights in place, so a kept plan
+    stays valid only while its views alias that storage: check they do after a second prompt."""
+    neurons = make_neuron_file(tiny_llama_dir, tmp_path / "model.safetensors")
+    sparsity = SparsityConfig(method="partinfer", gamma=0.7, delta=0.3, phi=0.4, model_neurons=neurons, start_num=0,
+                              end_num=3)
+    model = load_model(tiny_llama_dir, torch.bfloat16, "cpu", sparsity)
+    decode_logits(model, [5, 17, 99, 3, 42, 7], [11, 23])
+    decode_logits(model, [90, 1, 30, 77, 64, 60, 9], [11, 23])
+    for layer, w1, w2 in zip(model.layers, model.decode_plan.w1, model.decode_plan.w2):
+        m = layer.mlp.n_active
+        assert w1.data_ptr() == layer.mlp.gate_up.data_ptr() and torch.equal(w1, layer.mlp.gate_up[:m].view(2 * m, -1))
+        assert w2 is layer.mlp.down_head

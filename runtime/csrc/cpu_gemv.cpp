@@ -21,6 +21,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <immintrin.h>
+#include <omp.h>
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -241,8 +242,39 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   return y;
 }
 
-void gemv_f32(const at::Tensor& W, const float* x, float* y) {
-  gemv_f32(W.data_ptr<at::BFloat16>(), W.size(0), W.size(1), x, nullptr, y);
+// ---- One decode step, run by one OpenMP team --------------------------------------------------
+//
+// A step is ~6 dependent stages per layer over small matrices (0.7-3.5 MB on the default model).
+// Opening a parallel region per matrix costs a fork/join each time and leaves every elementwise
+// part (norms, rope, SiLU) to one thread, so the whole step runs in one region: each stage splits
+// its rows evenly over the team and ends in a barrier only where the next stage needs all of its
+// output. The small vectors every thread needs (the residual, the normed input) are recomputed by
+// each thread in its own copy, identically, instead of being shared behind another barrier.
+
+// Thread t of a team of nt.
+struct Team {
+  int t, nt;
+  // [begin, end) of this thread's even share of n items.
+  std::pair<int64_t, int64_t> share(int64_t n) const { return {n * t / nt, n * (t + 1) / nt}; }
+};
+
+inline void team_barrier() {
+#pragma omp barrier
+}
+
+// A vector every thread reads as a GEMV input: fp32 plus its even/odd halves (see load_bf16x16).
+struct GemvInput {
+  std::vector<float> x, even, odd;
+  explicit GemvInput(int64_t n) : x(n) {}
+  void split() { split_even_odd(x.data(), static_cast<int64_t>(x.size()) & ~int64_t(15), even, odd); }
+};
+
+// y[r] = W[r] . in.x for this thread's share of W's rows (or of `rows`, R of them, when given).
+void gemv_share(const at::Tensor& W, const GemvInput& in, float* y, const Team& team, const int64_t* rows = nullptr,
+                int64_t R = -1) {
+  const auto [r0, r1] = team.share(rows ? R : W.size(0));
+  gemv_rows(reinterpret_cast<const uint16_t*>(W.data_ptr<at::BFloat16>()), W.size(1), in.x.data(), in.even.data(),
+            in.odd.data(), rows, y, r0, r1);
 }
 
 void check_weight(const at::Tensor& W, int64_t cols, const char* name) {
@@ -250,7 +282,7 @@ void check_weight(const at::Tensor& W, int64_t cols, const char* name) {
               name, " must be a contiguous bf16 matrix with ", cols, " columns");
 }
 
-// Weights of one decode layer's attention, shapes checked once by `attention_args`.
+// Weights of one decode layer's attention, shapes checked once by `check_attention`.
 struct AttentionArgs {
   const at::Tensor& qkv_w;  // [(H + 2 Hkv) hd, D]
   const at::Tensor& o_w;  // [D, H hd]
@@ -273,101 +305,156 @@ void check_attention(const AttentionArgs& a, int64_t D) {
   TORCH_CHECK(a.qkv_w.size(0) == (a.n_heads + 2 * a.n_kv_heads) * hd, "qkv weight rows do not match the heads");
 }
 
-// out [D] = attention of the normed token h [D] (fp32): qkv, rope, cache write at `pos`, causal
-// attention over slots 0..pos (GQA), o projection.
-void attention_core(const AttentionArgs& a, const float* h, float* out) {
-  const int64_t hd = a.k_cache.size(2), S = a.k_cache.size(1), half = hd / 2, H = a.n_heads, Hkv = a.n_kv_heads;
-  std::vector<float> qkv(a.qkv_w.size(0));
-  gemv_f32(a.qkv_w, h, qkv.data());
-  for (int64_t hh = 0; hh < H + Hkv; ++hh) {  // rope on q and k heads
-    float* v = qkv.data() + hh * hd;
-    for (int64_t i = 0; i < half; ++i) {
-      const float x1 = v[i], x2 = v[i + half];
-      v[i] = x1 * a.cos[i] - x2 * a.sin[i];
-      v[i + half] = x2 * a.cos[i + half] + x1 * a.sin[i + half];
+void rope(float* v, const float* cos, const float* sin, int64_t half) {
+  for (int64_t i = 0; i < half; ++i) {
+    const float x1 = v[i], x2 = v[i + half];
+    v[i] = x1 * cos[i] - x2 * sin[i];
+    v[i + half] = x2 * cos[i + half] + x1 * sin[i + half];
+  }
+}
+
+// Scratch the team shares within one step; each buffer is written by share and read after a barrier.
+struct SharedScratch {
+  std::vector<float> qkv, heads, out, gate_up, act, partial;
+};
+
+// One token's scaled-dot-product attention for head hh over cache slots 0..pos, into out [hd].
+void attend_head(const AttentionArgs& a, const float* q_in, int64_t hh, float* out) {
+  const int64_t hd = a.k_cache.size(2), S = a.k_cache.size(1), half = hd / 2, L = a.pos + 1;
+  const int64_t kv = hh / (a.n_heads / a.n_kv_heads);
+  std::vector<float> q(q_in, q_in + hd), p(L), qe(half), qo(half), oe(half, 0.0f), oo(half, 0.0f);
+  rope(q.data(), a.cos, a.sin, half);
+  for (int64_t j = 0; j < half; ++j) {
+    qe[j] = q[2 * j];
+    qo[j] = q[2 * j + 1];
+  }
+  const uint16_t* K = reinterpret_cast<const uint16_t*>(a.k_cache.data_ptr<at::BFloat16>() + kv * S * hd);
+  const uint16_t* V = reinterpret_cast<const uint16_t*>(a.v_cache.data_ptr<at::BFloat16>() + kv * S * hd);
+  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+  float mx = -INFINITY;
+  for (int64_t j = 0; j < L; ++j) mx = std::max(mx, p[j] = dot_bf16(qe.data(), qo.data(), K + j * hd, hd) * scale);
+  float total = 0.0f;
+  for (int64_t j = 0; j < L; ++j) total += (p[j] = std::exp(p[j] - mx));
+  for (int64_t j = 0; j < L; ++j) {
+    const __m256 w = _mm256_set1_ps(p[j] / total);
+    for (int64_t i = 0; i < hd; i += 16) {
+      __m256 ve, vo;
+      load_bf16x16(V + j * hd + i, ve, vo);
+      _mm256_storeu_ps(oe.data() + i / 2, _mm256_fmadd_ps(ve, w, _mm256_loadu_ps(oe.data() + i / 2)));
+      _mm256_storeu_ps(oo.data() + i / 2, _mm256_fmadd_ps(vo, w, _mm256_loadu_ps(oo.data() + i / 2)));
     }
   }
+  for (int64_t j = 0; j < half; ++j) {
+    out[2 * j] = oe[j];
+    out[2 * j + 1] = oo[j];
+  }
+}
+
+// Attention of the normed token h (qkv, rope, cache write at `pos`, causal GQA attention, o
+// projection) by the whole team; returns the output [D], shared, readable by every thread.
+// heads is this thread's scratch for the o projection's input.
+const float* attention_team(const AttentionArgs& a, const GemvInput& h, SharedScratch& s, GemvInput& heads,
+                            const Team& team) {
+  const int64_t hd = a.k_cache.size(2), S = a.k_cache.size(1), H = a.n_heads, Hkv = a.n_kv_heads;
+  gemv_share(a.qkv_w, h, s.qkv.data(), team);
+  team_barrier();
+  const auto [k0, k1] = team.share(Hkv);  // rope on this thread's k heads, then their cache slots
   at::BFloat16* kc = a.k_cache.data_ptr<at::BFloat16>();
   at::BFloat16* vc = a.v_cache.data_ptr<at::BFloat16>();
-  for (int64_t hh = 0; hh < Hkv; ++hh)
+  for (int64_t hh = k0; hh < k1; ++hh) {
+    float* k = s.qkv.data() + (H + hh) * hd;
+    const float* v = s.qkv.data() + (H + Hkv + hh) * hd;
+    rope(k, a.cos, a.sin, hd / 2);
     for (int64_t i = 0; i < hd; ++i) {
-      kc[(hh * S + a.pos) * hd + i] = at::BFloat16(qkv[(H + hh) * hd + i]);
-      vc[(hh * S + a.pos) * hd + i] = at::BFloat16(qkv[(H + Hkv + hh) * hd + i]);
+      kc[(hh * S + a.pos) * hd + i] = at::BFloat16(k[i]);
+      vc[(hh * S + a.pos) * hd + i] = at::BFloat16(v[i]);
     }
-  std::vector<float> heads_out(H * hd, 0.0f);
-  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
-  const int64_t group = H / Hkv, L = a.pos + 1;
-  at::parallel_for(0, H, 1, [&](int64_t b, int64_t e) {
-    std::vector<float> p(L), qe(half), qo(half), oe(half), oo(half);
-    for (int64_t hh = b; hh < e; ++hh) {
-      const float* q = qkv.data() + hh * hd;
-      for (int64_t j = 0; j < half; ++j) {
-        qe[j] = q[2 * j];
-        qo[j] = q[2 * j + 1];
-      }
-      const uint16_t* K = reinterpret_cast<const uint16_t*>(kc + (hh / group) * S * hd);
-      const uint16_t* V = reinterpret_cast<const uint16_t*>(vc + (hh / group) * S * hd);
-      float mx = -INFINITY;
-      for (int64_t j = 0; j < L; ++j) mx = std::max(mx, p[j] = dot_bf16(qe.data(), qo.data(), K + j * hd, hd) * scale);
-      float total = 0.0f;
-      for (int64_t j = 0; j < L; ++j) total += (p[j] = std::exp(p[j] - mx));
-      std::fill(oe.begin(), oe.end(), 0.0f);
-      std::fill(oo.begin(), oo.end(), 0.0f);
-      for (int64_t j = 0; j < L; ++j) {
-        const __m256 w = _mm256_set1_ps(p[j] / total);
-        for (int64_t i = 0; i < hd; i += 16) {
-          __m256 ve, vo;
-          load_bf16x16(V + j * hd + i, ve, vo);
-          _mm256_storeu_ps(oe.data() + i / 2, _mm256_fmadd_ps(ve, w, _mm256_loadu_ps(oe.data() + i / 2)));
-          _mm256_storeu_ps(oo.data() + i / 2, _mm256_fmadd_ps(vo, w, _mm256_loadu_ps(oo.data() + i / 2)));
-        }
-      }
-      float* o = heads_out.data() + hh * hd;
-      for (int64_t j = 0; j < half; ++j) {
-        o[2 * j] = oe[j];
-        o[2 * j + 1] = oo[j];
-      }
-    }
-  });
-  gemv_f32(a.o_w, heads_out.data(), out);
-}
-
-// out [D] = down @ (silu(gate h) * (up h)); gate_up [2m, D] rows g0..g_{m-1}, u0.. (or g0, u0, g1, u1, ...
-// when interleaved), down [D, m].
-void ffn_core(const at::Tensor& gate_up, const at::Tensor& down, bool interleaved, const float* h, float* out) {
-  const int64_t m = gate_up.size(0) / 2;
-  std::vector<float> gu(2 * m), act(m);
-  gemv_f32(gate_up, h, gu.data());
-  for (int64_t i = 0; i < m; ++i) {
-    const float g = interleaved ? gu[2 * i] : gu[i], u = interleaved ? gu[2 * i + 1] : gu[m + i];
-    act[i] = g / (1.0f + std::exp(-g)) * u;
   }
-  gemv_f32(down, act.data(), out);
+  team_barrier();
+  const auto [h0, h1] = team.share(H);
+  for (int64_t hh = h0; hh < h1; ++hh) attend_head(a, s.qkv.data() + hh * hd, hh, s.heads.data() + hh * hd);
+  team_barrier();
+  std::copy(s.heads.begin(), s.heads.begin() + H * hd, heads.x.begin());
+  heads.split();
+  gemv_share(a.o_w, heads, s.out.data(), team);
+  team_barrier();
+  return s.out.data();
 }
 
-// Token-wise FFN (--method tokenwise): gate [k, D], up [k, D], down_t [k, D] of the loaded neurons.
-// Computes silu(gate h) for all k, keeps positions 0..n_base-1 plus the (n_active - n_base) highest
-// scores |silu(gate h)_i| (times scale[i] when `scale` is given: the sentence's mean |up_i| * ||down_i||)
-// among the rest, and reads only those rows of up and down_t.
-void tokenwise_core(const at::Tensor& gate, const at::Tensor& up, const at::Tensor& down_t, int64_t n_base,
-                    int64_t n_active, const float* scale, const float* h, float* out) {
-  const int64_t k = gate.size(0), D = gate.size(1);
-  std::vector<float> ag(k), score(k);
-  gemv_f32(gate, h, ag.data());
-  for (int64_t i = 0; i < k; ++i) {
-    ag[i] = ag[i] / (1.0f + std::exp(-ag[i]));
+inline float silu(float g) { return g / (1.0f + std::exp(-g)); }
+
+// down @ (silu(gate h) * (up h)) by the whole team; gate_up [2m, D] rows g0..g_{m-1}, u0.. (or g0, u0,
+// g1, u1, ... when interleaved), down [D, m]. Each thread computes the gate/up rows of its share of
+// the m neurons and their activations. Returns the output [D], shared. act: this thread's scratch.
+const float* gated_ffn_team(const at::Tensor& gate_up, const at::Tensor& down, bool interleaved, const GemvInput& h,
+                            SharedScratch& s, GemvInput& act, const Team& team) {
+  const int64_t m = gate_up.size(0) / 2, D = gate_up.size(1);
+  const auto [i0, i1] = team.share(m);
+  const uint16_t* W = reinterpret_cast<const uint16_t*>(gate_up.data_ptr<at::BFloat16>());
+  float* gu = s.gate_up.data();
+  if (interleaved) {
+    gemv_rows(W, D, h.x.data(), h.even.data(), h.odd.data(), nullptr, gu, 2 * i0, 2 * i1);
+    for (int64_t i = i0; i < i1; ++i) s.act[i] = silu(gu[2 * i]) * gu[2 * i + 1];
+  } else {
+    gemv_rows(W, D, h.x.data(), h.even.data(), h.odd.data(), nullptr, gu, i0, i1);
+    gemv_rows(W, D, h.x.data(), h.even.data(), h.odd.data(), nullptr, gu, m + i0, m + i1);
+    for (int64_t i = i0; i < i1; ++i) s.act[i] = silu(gu[i]) * gu[m + i];
+  }
+  team_barrier();
+  std::copy(s.act.begin(), s.act.begin() + m, act.x.begin());
+  act.split();
+  gemv_share(down, act, s.out.data(), team);
+  team_barrier();
+  return s.out.data();
+}
+
+// Token-wise FFN (--method tokenwise) by the whole team: gate [k, D], up [k, D], down_t [k, D] of the
+// loaded neurons. Computes silu(gate h) for all k, keeps positions 0..n_base-1 plus the
+// (n_active - n_base) highest scores |silu(gate h)_i| (times scale[i] when `scale` is given: the
+// sentence's mean |up_i| * ||down_i||) among the rest, and reads only those rows of up and down_t.
+// Every thread makes the same choice from the shared scores; each then computes its share of the
+// chosen rows of up and adds them (scaled) into its own partial sum of down_t's rows, so only the
+// gate and the sum need a barrier. Returns the output [D] in `out`, this thread's own.
+const float* tokenwise_ffn_team(const at::Tensor& gate, const at::Tensor& up, const at::Tensor& down_t, int64_t n_base,
+                                int64_t n_active, const float* scale, const GemvInput& h, SharedScratch& s,
+                                std::vector<float>& out, const Team& team) {
+  const int64_t k = gate.size(0), D = gate.size(1), D16 = D & ~int64_t(15);
+  float* ag = s.act.data();  // silu(gate h) [k]
+  float* score = s.gate_up.data();  // [k]
+  const auto [i0, i1] = team.share(k);
+  gemv_rows(reinterpret_cast<const uint16_t*>(gate.data_ptr<at::BFloat16>()), D, h.x.data(), h.even.data(),
+            h.odd.data(), nullptr, ag, i0, i1);
+  for (int64_t i = i0; i < i1; ++i) {
+    ag[i] = silu(ag[i]);
     score[i] = scale ? std::fabs(ag[i]) * scale[i] : std::fabs(ag[i]);
   }
+  team_barrier();
   std::vector<int64_t> rows(k);
   for (int64_t i = 0; i < k; ++i) rows[i] = i;
   std::nth_element(rows.begin() + n_base, rows.begin() + n_active, rows.end(),
-                   [&](int64_t a, int64_t b) { return score[a] > score[b]; });
+                   [&](int64_t a, int64_t b) { return score[a] > score[b] || (score[a] == score[b] && a < b); });
   rows.resize(n_active);
   std::sort(rows.begin() + n_base, rows.end());  // ascending rows stream better
+  const auto [j0, j1] = team.share(n_active);
   std::vector<float> u(n_active);
-  gemv_f32(up.data_ptr<at::BFloat16>(), n_active, D, h, rows.data(), u.data());
-  for (int64_t j = 0; j < n_active; ++j) u[j] *= ag[rows[j]];
-  gemv_t_f32(down_t.data_ptr<at::BFloat16>(), n_active, D, u.data(), rows.data(), out);
+  gemv_rows(reinterpret_cast<const uint16_t*>(up.data_ptr<at::BFloat16>()), D, h.x.data(), h.even.data(),
+            h.odd.data(), rows.data(), u.data(), j0, j1);
+  for (int64_t j = j0; j < j1; ++j) u[j] *= ag[rows[j]];
+  float* partial = s.partial.data() + team.t * D;  // even | odd | tail halves, see axpy_rows
+  std::fill(partial, partial + D, 0.0f);
+  axpy_rows(reinterpret_cast<const uint16_t*>(down_t.data_ptr<at::BFloat16>()), D, u.data(), rows.data(), partial,
+            partial + D16 / 2, partial + D16, j0, j1);
+  team_barrier();
+  std::fill(out.begin(), out.end(), 0.0f);
+  for (int t = 0; t < team.nt; ++t) {
+    const float* p = s.partial.data() + t * D;
+    for (int64_t j = 0; j < D16 / 2; ++j) {
+      out[2 * j] += p[j];
+      out[2 * j + 1] += p[D16 / 2 + j];
+    }
+    for (int64_t i = D16; i < D; ++i) out[i] += p[i];
+  }
+  return out.data();
 }
 
 // A layer's FFN as model_decode sees it. kind 0: gated, w1 = [gate; up] [2n, D], w2 = down [D, n];
@@ -393,14 +480,6 @@ void check_ffn(int64_t kind, const at::Tensor& w1, const at::Tensor& w2, const a
   }
 }
 
-void ffn_any(int64_t kind, const at::Tensor& w1, const at::Tensor& w2, const at::Tensor& w3, int64_t n_base,
-             int64_t n_active, const at::Tensor& scale, const float* h, float* out) {
-  if (kind == kTokenwise)
-    tokenwise_core(w1, w3, w2, n_base, n_active, scale.numel() ? scale.data_ptr<float>() : nullptr, h, out);
-  else
-    ffn_core(w1, w2, kind == kInterleaved, h, out);
-}
-
 // fp32 RMSNorm of x [D] with a bf16 weight, rounded to bf16 before the weight as transformers does.
 void rms_norm_row(const float* x, const at::BFloat16* w, int64_t D, double eps, float* out) {
   float ss = 0.0f;
@@ -410,37 +489,95 @@ void rms_norm_row(const float* x, const at::BFloat16* w, int64_t D, double eps, 
     out[i] = static_cast<float>(at::BFloat16(static_cast<float>(at::BFloat16(x[i] * scale)) * static_cast<float>(w[i])));
 }
 
+// res += y, rounded to bf16 as the eager layer rounds its residual.
+void add_residual(std::vector<float>& res, const float* y) {
+  for (size_t i = 0; i < res.size(); ++i) res[i] = static_cast<float>(at::BFloat16(res[i] + static_cast<float>(at::BFloat16(y[i]))));
+}
+
 std::vector<float> to_floats(const at::Tensor& t) {
   at::Tensor f = t.to(at::kFloat).contiguous();
   return std::vector<float>(f.data_ptr<float>(), f.data_ptr<float>() + f.numel());
+}
+
+// cos/sin [2 half] of rope position `pos`, computed as the eager model computes them: the fp32 angle
+// pos * inv_freq[i], then cos and sin rounded to bf16 (its cos/sin tensors are in the model dtype).
+void rope_table(const float* inv_freq, int64_t half, int64_t pos, std::vector<float>& cos, std::vector<float>& sin) {
+  cos.resize(2 * half);
+  sin.resize(2 * half);
+  for (int64_t i = 0; i < 2 * half; ++i) {
+    const float angle = static_cast<float>(pos) * inv_freq[i % half];
+    cos[i] = static_cast<float>(at::BFloat16(std::cos(angle)));
+    sin[i] = static_cast<float>(at::BFloat16(std::sin(angle)));
+  }
+}
+
+// Index of the largest element of each row of x [B, V] (fp32 or bf16) -> [B] int64; the first one on
+// ties and the first NaN if any, as torch.argmax. Greedy decoding calls it once per token, where
+// torch's argmax over a 49k-entry bf16 row took ~180 us on the development CPU (this: a few us).
+at::Tensor argmax(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.device().is_cpu() && x.size(1) > 0 &&
+              (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
+              "argmax takes a contiguous non-empty 2-D fp32 or bf16 CPU tensor");
+  const int64_t B = x.size(0), V = x.size(1);
+  at::Tensor out = at::empty({B}, x.options().dtype(at::kLong));
+  std::vector<float> row(V);
+  for (int64_t b = 0; b < B; ++b) {
+    if (x.scalar_type() == at::kFloat) {
+      std::memcpy(row.data(), x.data_ptr<float>() + b * V, V * sizeof(float));
+    } else {
+      const uint16_t* p = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()) + b * V;
+      for (int64_t i = 0; i < V; ++i) row[i] = bf16_to_float(p[i]);
+    }
+    __m256 best = _mm256_set1_ps(-INFINITY);
+    __m256 nan = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= V; i += 8) {
+      const __m256 v = _mm256_loadu_ps(row.data() + i);
+      best = _mm256_max_ps(best, v);
+      nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    }
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, best);
+    float mx = -INFINITY;
+    bool any_nan = _mm256_movemask_ps(nan) != 0;
+    for (float l : lanes) mx = std::max(mx, l);
+    for (; i < V; ++i) {
+      any_nan = any_nan || std::isnan(row[i]);
+      mx = std::max(mx, row[i]);
+    }
+    int64_t idx = 0;
+    for (int64_t j = 0; j < V; ++j)
+      if (any_nan ? std::isnan(row[j]) : row[j] == mx) {
+        idx = j;
+        break;
+      }
+    out.data_ptr<int64_t>()[b] = idx;
+  }
+  return out;
 }
 
 at::Tensor attention_decode(const at::Tensor& x, const at::Tensor& qkv_w, const at::Tensor& o_w, at::Tensor k_cache,
                             at::Tensor v_cache, const at::Tensor& cos, const at::Tensor& sin, int64_t pos,
                             int64_t n_heads, int64_t n_kv_heads) {
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 1, "x must be a bf16 vector");
-  const std::vector<float> c = to_floats(cos), sn = to_floats(sin), h = to_floats(x);
+  const std::vector<float> c = to_floats(cos), sn = to_floats(sin);
+  const int64_t D = x.numel();
   AttentionArgs args{qkv_w, o_w, k_cache, v_cache, c.data(), sn.data(), pos, n_heads, n_kv_heads};
-  check_attention(args, x.numel());
-  std::vector<float> out(x.numel());
-  attention_core(args, h.data(), out.data());
-  return at::from_blob(out.data(), {x.numel()}, at::kFloat).to(at::kBFloat16);
-}
-
-// One pre-norm decoder layer for one token, on the fp32 residual `res` [D] (updated in place): res +=
-// attn(norm1(res)), then += ffn(norm2(res)); the residual is rounded to bf16 after each add, as the
-// eager layer rounds it.
-void layer_core(std::vector<float>& res, const at::Tensor& norm1_w, const AttentionArgs& args, const at::Tensor& norm2_w,
-                int64_t kind, const at::Tensor& w1, const at::Tensor& w2, const at::Tensor& w3, int64_t n_base,
-                int64_t n_active, const at::Tensor& scale, double eps) {
-  const int64_t D = static_cast<int64_t>(res.size());
-  std::vector<float> h(D), y(D);
-  rms_norm_row(res.data(), norm1_w.data_ptr<at::BFloat16>(), D, eps, h.data());
-  attention_core(args, h.data(), y.data());
-  for (int64_t i = 0; i < D; ++i) res[i] = static_cast<float>(at::BFloat16(res[i] + static_cast<float>(at::BFloat16(y[i]))));
-  rms_norm_row(res.data(), norm2_w.data_ptr<at::BFloat16>(), D, eps, h.data());
-  ffn_any(kind, w1, w2, w3, n_base, n_active, scale, h.data(), y.data());
-  for (int64_t i = 0; i < D; ++i) res[i] = static_cast<float>(at::BFloat16(res[i] + static_cast<float>(at::BFloat16(y[i]))));
+  check_attention(args, D);
+  SharedScratch s;
+  s.qkv.resize(qkv_w.size(0));
+  s.heads.resize(o_w.size(1));
+  s.out.resize(D);
+  GemvInput h(D);
+  h.x = to_floats(x);
+  h.split();
+#pragma omp parallel num_threads(at::get_num_threads())
+  {
+    const Team team{omp_get_thread_num(), omp_get_num_threads()};
+    GemvInput heads(o_w.size(1));
+    attention_team(args, h, s, heads, team);
+  }
+  return at::from_blob(s.out.data(), {D}, at::kFloat).to(at::kBFloat16);
 }
 
 void check_norm(const at::Tensor& w, int64_t D) {
@@ -448,12 +585,13 @@ void check_norm(const at::Tensor& w, int64_t D) {
               "norm weights must be contiguous bf16 vectors of the model width");
 }
 
-// All layers for one token: x [D] bf16 -> [D] bf16 (before the final norm). Per layer i: norm1[i],
-// qkv[i], o[i], norm2[i] and the FFN (kind[i], w1[i], w2[i], w3[i], n_base[i], n_active[i], scale[i]; see
-// FfnKind); k_cache/v_cache [L, Hkv, S, hd]. One op per decode step: no Python between layers.
+// All layers for one token at rope position `pos`: x [D] bf16 -> [D] bf16 (before the final norm). Per
+// layer i: norm1[i], qkv[i], o[i], norm2[i] and the FFN (kind[i], w1[i], w2[i], w3[i], n_base[i],
+// n_active[i], scale[i]; see FfnKind); k_cache/v_cache [L, Hkv, S, hd]; inv_freq [hd/2] fp32. One op and one parallel region per decode step: no Python
+// between layers, no fork/join between matrices.
 at::Tensor model_decode(const at::Tensor& x, at::TensorList norm1, at::TensorList qkv, at::TensorList o,
-                        at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& cos, const at::Tensor& sin,
-                        int64_t pos, int64_t n_heads, int64_t n_kv_heads, at::TensorList norm2, at::IntArrayRef kind,
+                        at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& inv_freq, int64_t pos,
+                        int64_t n_heads, int64_t n_kv_heads, at::TensorList norm2, at::IntArrayRef kind,
                         at::TensorList w1, at::TensorList w2, at::TensorList w3, at::IntArrayRef n_base,
                         at::IntArrayRef n_active, at::TensorList scale, double eps) {
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 1, "x must be a bf16 vector");
@@ -464,22 +602,61 @@ at::Tensor model_decode(const at::Tensor& x, at::TensorList norm1, at::TensorLis
               static_cast<int64_t>(n_active.size()) == L && static_cast<int64_t>(scale.size()) == L &&
               k_cache.size(0) == L && v_cache.size(0) == L,
               "one entry per layer in every list and cache");
-  const std::vector<float> c = to_floats(cos), sn = to_floats(sin);
+  TORCH_CHECK(inv_freq.scalar_type() == at::kFloat && inv_freq.dim() == 1 && inv_freq.is_contiguous() &&
+              2 * inv_freq.numel() == k_cache.size(-1), "inv_freq must be a contiguous fp32 vector of head_dim / 2");
+  std::vector<float> c, sn;
+  rope_table(inv_freq.data_ptr<float>(), inv_freq.numel(), pos, c, sn);
   std::vector<at::Tensor> ks, vs;
+  std::vector<AttentionArgs> attn;
+  ks.reserve(L);
+  vs.reserve(L);
+  const int threads = at::get_num_threads();
+  SharedScratch s;
+  int64_t ffn_width = 0, heads_width = 0;  // the largest FFN input/output width (neurons), o input width
   for (int64_t i = 0; i < L; ++i) {
     ks.push_back(k_cache.select(0, i));
     vs.push_back(v_cache.select(0, i));
+    attn.push_back(AttentionArgs{qkv[i], o[i], ks[i], vs[i], c.data(), sn.data(), pos, n_heads, n_kv_heads});
     check_norm(norm1[i], D);
     check_norm(norm2[i], D);
-    check_attention(AttentionArgs{qkv[i], o[i], ks[i], vs[i], c.data(), sn.data(), pos, n_heads, n_kv_heads}, D);
+    check_attention(attn[i], D);
     check_ffn(kind[i], w1[i], w2[i], w3[i], n_base[i], n_active[i], scale[i], D);
+    s.qkv.resize(std::max<size_t>(s.qkv.size(), qkv[i].size(0)));
+    heads_width = std::max(heads_width, o[i].size(1));
+    ffn_width = std::max(ffn_width, kind[i] == kTokenwise ? w1[i].size(0) : w1[i].size(0) / 2);
   }
-  std::vector<float> res = to_floats(x);
-  for (int64_t i = 0; i < L; ++i) {
-    AttentionArgs args{qkv[i], o[i], ks[i], vs[i], c.data(), sn.data(), pos, n_heads, n_kv_heads};
-    layer_core(res, norm1[i], args, norm2[i], kind[i], w1[i], w2[i], w3[i], n_base[i], n_active[i], scale[i], eps);
+  s.heads.resize(heads_width);
+  s.out.resize(D);
+  s.gate_up.resize(2 * ffn_width);
+  s.act.resize(ffn_width);
+  s.partial.resize(static_cast<size_t>(threads) * D);
+  const std::vector<float> x_in = to_floats(x);
+  std::vector<float> result;
+#pragma omp parallel num_threads(threads)
+  {
+    const Team team{omp_get_thread_num(), omp_get_num_threads()};
+    std::vector<float> res = x_in, ffn_out(D);  // each thread's own copy of the residual
+    GemvInput h(D), heads(heads_width), act(ffn_width);
+    for (int64_t i = 0; i < L; ++i) {
+      rms_norm_row(res.data(), norm1[i].data_ptr<at::BFloat16>(), D, eps, h.x.data());
+      h.split();
+      heads.x.resize(o[i].size(1));
+      add_residual(res, attention_team(attn[i], h, s, heads, team));
+      rms_norm_row(res.data(), norm2[i].data_ptr<at::BFloat16>(), D, eps, h.x.data());
+      h.split();
+      const float* y;
+      if (kind[i] == kTokenwise)
+        y = tokenwise_ffn_team(w1[i], w3[i], w2[i], n_base[i], n_active[i],
+                               scale[i].numel() ? scale[i].data_ptr<float>() : nullptr, h, s, ffn_out, team);
+      else {
+        act.x.resize(w1[i].size(0) / 2);
+        y = gated_ffn_team(w1[i], w2[i], kind[i] == kInterleaved, h, s, act, team);
+      }
+      add_residual(res, y);
+    }
+    if (team.t == 0) result = std::move(res);
   }
-  return at::from_blob(res.data(), {D}, at::kFloat).to(at::kBFloat16);
+  return at::from_blob(result.data(), {D}, at::kFloat).to(at::kBFloat16);
 }
 
 }  // namespace
@@ -488,9 +665,10 @@ TORCH_LIBRARY(partinfer_cpu, m) {
   m.def("gemv(Tensor W, Tensor x, Tensor? rows=None) -> Tensor", gemv);
   m.def("gemv_t(Tensor W, Tensor a, Tensor? rows=None) -> Tensor", gemv_t);
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor", rms_norm);
+  m.def("argmax(Tensor x) -> Tensor", argmax);
   m.def("attention_decode(Tensor x, Tensor qkv_w, Tensor o_w, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cos, "
         "Tensor sin, int pos, int n_heads, int n_kv_heads) -> Tensor", attention_decode);
   m.def("model_decode(Tensor x, Tensor[] norm1, Tensor[] qkv, Tensor[] o, Tensor(a!) k_cache, Tensor(b!) v_cache, "
-        "Tensor cos, Tensor sin, int pos, int n_heads, int n_kv_heads, Tensor[] norm2, int[] kind, Tensor[] w1, "
+        "Tensor inv_freq, int pos, int n_heads, int n_kv_heads, Tensor[] norm2, int[] kind, Tensor[] w1, "
         "Tensor[] w2, Tensor[] w3, int[] n_base, int[] n_active, Tensor[] scale, float eps) -> Tensor", model_decode);
 }
