@@ -4,7 +4,7 @@
 // Stock bf16 GEMV in PyTorch reaches 11-18 GB/s on the 2-core development CPU (29.8 GB/s copy), so
 // these kernels widen bf16 to fp32 in registers (a 16-bit shift) and stream each weight row once,
 // front to back with the next row prefetched in step (see gemv_rows for the measurements), rows
-// split across threads with at::parallel_for.
+// split across threads (at::parallel_for for the single ops; one OpenMP team for a whole decode step).
 //
 //   gemv(W [N, K] bf16, x [K] fp32|bf16, rows [R] int64 or None)  -> y [R or N] in x's dtype, y_r = W[rows[r]] . x
 //   gemv_t(W [N, K] bf16, a [R] fp32, rows [R] int64 or None)     -> y [K] fp32,       y = sum_r a_r W[rows[r]]
@@ -15,6 +15,7 @@
 //   model_decode(...): every pre-norm layer (norms, attention, gated SiLU FFN, residuals) in one op.
 //       An eager decode step is ~60 small ops per layer, and at batch 1 their fixed costs rival the
 //       weight streaming itself.
+//   argmax(x [B, V] fp32|bf16) -> [B] int64, as torch.argmax(x, -1): the greedy sampler's per-token pick.
 //
 // `rows` lets the token-wise method read only its chosen neurons' rows in place (no gathered copy).
 #include <ATen/ATen.h>
@@ -250,6 +251,8 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
 // its rows evenly over the team and ends in a barrier only where the next stage needs all of its
 // output. The small vectors every thread needs (the residual, the normed input) are recomputed by
 // each thread in its own copy, identically, instead of being shared behind another barrier.
+// Measured against a region per matrix (decode tok/s, ten alternating generations in one process):
+// partinfer +5 %, dense and token-wise within noise (+1 %, -0.5 %).
 
 // Thread t of a team of nt.
 struct Team {
@@ -269,12 +272,11 @@ struct GemvInput {
   void split() { split_even_odd(x.data(), static_cast<int64_t>(x.size()) & ~int64_t(15), even, odd); }
 };
 
-// y[r] = W[r] . in.x for this thread's share of W's rows (or of `rows`, R of them, when given).
-void gemv_share(const at::Tensor& W, const GemvInput& in, float* y, const Team& team, const int64_t* rows = nullptr,
-                int64_t R = -1) {
-  const auto [r0, r1] = team.share(rows ? R : W.size(0));
+// y[r] = W[r] . in.x for this thread's share of W's rows.
+void gemv_share(const at::Tensor& W, const GemvInput& in, float* y, const Team& team) {
+  const auto [r0, r1] = team.share(W.size(0));
   gemv_rows(reinterpret_cast<const uint16_t*>(W.data_ptr<at::BFloat16>()), W.size(1), in.x.data(), in.even.data(),
-            in.odd.data(), rows, y, r0, r1);
+            in.odd.data(), nullptr, y, r0, r1);
 }
 
 void check_weight(const at::Tensor& W, int64_t cols, const char* name) {
