@@ -18,12 +18,18 @@ import torch
 SOURCE = Path(__file__).parent / "csrc" / "cpu_gemv.cpp"
 
 
-def _cpu_has_avx2_fma() -> bool:
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The x86 feature flags of /proc/cpuinfo (empty where there is none)."""
     try:
         flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
     except OSError:
-        return False
-    return " avx2" in flags and " fma" in flags
+        return frozenset()
+    return frozenset(flags.partition(":")[2].split())
+
+
+def _cpu_has_avx2_fma() -> bool:
+    return {"avx2", "fma"} <= cpu_flags()
 
 
 @functools.cache

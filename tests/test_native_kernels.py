@@ -50,6 +50,18 @@ def test_linear_takes_the_kernel_for_one_bf16_token_only():
     torch.testing.assert_close(y.float(), F.linear(x.float(), W.float(), bias.float()), rtol=1e-2, atol=1e-2)
 
 
+def test_prefill_upcasts_bf16_only_without_bf16_instructions(monkeypatch):
+    """Many bf16 tokens compute in fp32 on AVX2-only CPUs and stay bf16 where the CPU has bf16 math."""
+    import runtime.kernels
+    from runtime.kernels import cpu_prefers_fp32
+
+    W, prompt, token = torch.randn(48, 32).bfloat16(), torch.randn(1, 64, 32).bfloat16(), torch.randn(1, 1, 32).bfloat16()
+    monkeypatch.setattr(runtime.kernels, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    assert cpu_prefers_fp32(prompt, W) and not cpu_prefers_fp32(token, W)
+    monkeypatch.setattr(runtime.kernels, "cpu_flags", lambda: frozenset({"avx2", "fma", "avx512_bf16"}))
+    assert not cpu_prefers_fp32(prompt, W) and cpu_prefers_fp32(prompt, W.half())
+
+
 def test_tokenwise_decode_with_kernels(tiny_llama_dir, tmp_path):
     """bf16 token-wise decode: round(φn) neurons with the base among them, and the layer's output
     equals a dense fp32 computation restricted to the chosen neurons."""
