@@ -29,6 +29,7 @@ class BenchRow:
     prefill_tps: float
     decode_tps: float
     bytes_per_token: int
+    bandwidth_gbs: float  # the copy tests around this row's runs
     floor_tps: float
 
     @property
@@ -101,6 +102,12 @@ def floor_tps(bandwidth: float, bytes_per_token: int) -> float:
     return bandwidth / bytes_per_token if bytes_per_token else 0.0
 
 
+def row_bandwidth(copies: list[float], i: int) -> float:
+    """Bandwidth for row i of a run: the mean of the copy tests just before (copies[i]) and just after
+    (copies[i + 1]) its timed runs."""
+    return (copies[i] + copies[i + 1]) / 2
+
+
 def bench_ours(model: Transformer, prompt: list[int], new_tokens: int, repeats: int) -> tuple[float, float]:
     """Median prefill and decode tokens/s of our runtime after one warm-up run."""
     runs = [generate(model, [prompt], new_tokens) for _ in range(repeats + 1)][1:]
@@ -168,17 +175,16 @@ def run_bench(
     dense = load_model(model_dir, torch_dtype, device)
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(min(100, dense.cfg.vocab_size // 4), dense.cfg.vocab_size - 1, (prompt_len,), generator=g).tolist()
-    # On a shared machine one copy test can catch a busy or an idle moment (the development VM gave
-    # 25-43 GB/s within minutes), so the floor takes the median of copy tests spread through the run:
-    # one before each timed method and peer, one at the end.
-    copies = [measure_bandwidth(device=device)]
     on_cpu_bf16 = device.startswith("cpu") and torch_dtype == torch.bfloat16
     gemv_rate = measure_gemv_rate(max(dense.cfg.dim, 256)) if on_cpu_bf16 else None  # model width; tiny test models: 256
+    # The memory bandwidth of a shared machine moves in phases lasting seconds (the development VM's
+    # copy test gave 25-28 GB/s, then 38-41 GB/s, minutes apart), so each row's floor comes from copy
+    # tests taken just before and just after its own timed runs, not from one measurement of the run.
+    copies: list[float] = []  # one before each row's timing, and one at the end
     timed = []  # (name, prefill tok/s, decode tok/s, bytes per token)
     for method in methods:
         m = dense if method == "dense" else load_model(model_dir, torch_dtype, device, replace(sparsity, method=method))
-        if timed:
-            copies.append(measure_bandwidth(device=device))
+        copies.append(measure_bandwidth(device=device))
         pre, dec = bench_ours(m, prompt, new_tokens, repeats)
         timed.append((method, pre, dec, weight_bytes_per_token(m)))  # bytes after a generation: active sets held
         del m
@@ -189,17 +195,20 @@ def run_bench(
         timed.append(("transformers generate()", pre, dec, dense_bytes))
         if model_dir == default_model_dir():  # llama.cpp runs the GGUF the default model was converted from
             gguf = default_gguf_path()
+            copies.append(measure_bandwidth(device=device))
             speeds = bench_llama_cpp(gguf, prompt, new_tokens, repeats)
             if speeds is not None:
                 timed.append(("llama.cpp (Q4_1 GGUF)", *speeds, gguf.stat().st_size))
+            else:
+                copies.pop()
     copies.append(measure_bandwidth(device=device))
-    bandwidth = statistics.median(copies)
-    rows = [BenchRow(name, pre, dec, nbytes, floor_tps(bandwidth, nbytes)) for name, pre, dec, nbytes in timed]
+    rows = [BenchRow(name, pre, dec, nbytes, row_bandwidth(copies, i) / 1e9, floor_tps(row_bandwidth(copies, i), nbytes))
+            for i, (name, pre, dec, nbytes) in enumerate(timed)]
     return {
         "model": str(model_dir), "dtype": dtype, "device": device, "threads": torch.get_num_threads(),
         "decode_kernels": "compiled AVX2 GEMV" if on_cpu_bf16 and cpu_kernels() else "stock PyTorch",
-        "prompt_len": prompt_len, "new_tokens": new_tokens, "repeats": repeats, "bandwidth_gbs": bandwidth / 1e9,
-        "bandwidth_copies_gbs": [c / 1e9 for c in copies],
+        "prompt_len": prompt_len, "new_tokens": new_tokens, "repeats": repeats,
+        "bandwidth_gbs": statistics.median(copies) / 1e9, "bandwidth_copies_gbs": [c / 1e9 for c in copies],
         "gemv_gbs": None if gemv_rate is None else gemv_rate / 1e9,
         "gamma": sparsity.gamma, "delta": sparsity.delta, "phi": sparsity.phi, "token_score": sparsity.token_score,
         "rows": [asdict(r) | {"share_of_floor": r.share_of_floor} for r in rows],
@@ -211,12 +220,12 @@ def format_bench(report: dict) -> str:
         f"model {report['model']}  {report['dtype']} on {report['device']} ({report['threads']} threads), "
         f"prompt {report['prompt_len']}, {report['new_tokens']} new tokens, median of {report['repeats']}, "
         f"decode kernels: {report.get('decode_kernels', 'stock PyTorch')}",
-        f"memory bandwidth (copy, read+write): {report['bandwidth_gbs']:.1f} GB/s, the median of "
-        f"{len(report['bandwidth_copies_gbs'])} copy tests through the run ({min(report['bandwidth_copies_gbs']):.1f}-"
-        f"{max(report['bandwidth_copies_gbs']):.1f})"
+        f"memory bandwidth (copy, read+write) {min(report['bandwidth_copies_gbs']):.1f}-"
+        f"{max(report['bandwidth_copies_gbs']):.1f} GB/s over {len(report['bandwidth_copies_gbs'])} copy tests, median "
+        f"{report['bandwidth_gbs']:.1f}; each row's floor uses the tests just before and after its runs"
         + (f"; our bf16 GEMV alone streams {report['gemv_gbs']:.1f} GB/s ({report['gemv_gbs'] / report['bandwidth_gbs']:.0%})"
            if report.get("gemv_gbs") else ""),
-        f"{'method':<26}{'prefill tok/s':>14}{'decode tok/s':>14}{'MB/token':>10}{'floor tok/s':>13}{'of floor':>10}"
+        f"{'method':<26}{'prefill tok/s':>14}{'decode tok/s':>14}{'MB/token':>10}{'copy GB/s':>11}{'floor tok/s':>13}{'of floor':>10}"
         f"{'vs dense':>10}{'ideal':>8}{'of ideal':>10}",
     ]
     first = report["rows"][0]
@@ -225,7 +234,7 @@ def format_bench(report: dict) -> str:
         ideal = first["bytes_per_token"] / r["bytes_per_token"]
         lines.append(
             f"{r['name']:<26}{r['prefill_tps']:>14.1f}{r['decode_tps']:>14.1f}{r['bytes_per_token'] / 1e6:>10.1f}"
-            f"{r['floor_tps']:>13.1f}{r['share_of_floor']:>9.0%}{ratio:>9.2f}x{ideal:>7.2f}x{ratio / ideal:>9.0%}"
+            f"{r['bandwidth_gbs']:>11.1f}{r['floor_tps']:>13.1f}{r['share_of_floor']:>9.0%}{ratio:>9.2f}x{ideal:>7.2f}x{ratio / ideal:>9.0%}"
         )
     lines.append(f"γ {report['gamma']}, δ {report['delta']}, φ {report['phi']}, tokenwise ranking "
                  f"{report.get('token_score', 'not recorded')}; ideal = dense bytes/token ÷ method bytes/token")

@@ -6,6 +6,7 @@ import json
 
 from typer.testing import CliRunner
 
+from evaluation.bench import format_bench
 from runtime.cli import app
 
 runner = CliRunner()
@@ -104,11 +105,14 @@ def test_bench_runs_on_tiny_model(tiny_llama_dir):
     report = json.loads(result.stdout)
     row = report["rows"][0]
     assert len(report["rows"]) == 2 and row["decode_tps"] > 0 and row["floor_tps"] > 0
-    # the floor uses the median of copy tests at the start, before the second method and at the end
+    # copy tests before each method and at the end; each row's floor from the two around its runs
     copies = report["bandwidth_copies_gbs"]
     assert len(copies) == 3 and report["bandwidth_gbs"] == sorted(copies)[1]
     assert report["gemv_gbs"] is None or report["gemv_gbs"] > 0  # bf16 on CPU: our GEMV's streaming rate
-    assert abs(row["floor_tps"] - report["bandwidth_gbs"] * 1e9 / row["bytes_per_token"]) < 1e-6 * row["floor_tps"]
+    for i, r in enumerate(report["rows"]):
+        assert abs(r["bandwidth_gbs"] - (copies[i] + copies[i + 1]) / 2) < 1e-9
+        assert abs(r["floor_tps"] - r["bandwidth_gbs"] * 1e9 / r["bytes_per_token"]) < 1e-6 * r["floor_tps"]
+    assert "copy GB/s" in format_bench(report)
 
 
 def test_hub_id_offline_gives_one_line_error(monkeypatch):
