@@ -206,7 +206,8 @@ def run_bench(
             for i, (name, pre, dec, nbytes) in enumerate(timed)]
     return {
         "model": str(model_dir), "dtype": dtype, "device": device, "threads": torch.get_num_threads(),
-        "decode_kernels": "compiled AVX2 GEMV" if on_cpu_bf16 and cpu_kernels() else "stock PyTorch",
+        "decode_kernels": ("compiled AVX2 GEMV" if on_cpu_bf16 and cpu_kernels()
+                           else "stock PyTorch, one CUDA graph per step" if device.startswith("cuda") else "stock PyTorch"),
         "prompt_len": prompt_len, "new_tokens": new_tokens, "repeats": repeats,
         "bandwidth_gbs": statistics.median(copies) / 1e9, "bandwidth_copies_gbs": [c / 1e9 for c in copies],
         "gemv_gbs": None if gemv_rate is None else gemv_rate / 1e9,

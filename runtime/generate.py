@@ -8,6 +8,7 @@ from typing import Callable
 
 import torch
 
+from runtime.cuda_graph import GraphedDecode
 from runtime.errors import PartinferError
 from runtime.model import KVCache, Transformer, decode_step, prefill
 from runtime.native import argmax as native_argmax, cpu_kernels
@@ -92,10 +93,13 @@ def generate(
     cache: KVCache | None = None,
     on_token: Callable[[torch.Tensor], bool | None] | None = None,
     pad_id: int = 0,
+    cuda_graphs: bool = True,
 ) -> GenerationResult:
     """Generate for a batch of prompts. With `cache` given and non-empty, the prompt continues it (chat turns).
 
     `on_token(tokens [B])` is called after each new token; returning True stops early (Ctrl-C, stop strings).
+    On CUDA the decode steps replay one captured graph (`runtime.cuda_graph`, unless `cuda_graphs` is
+    False); its capture is timed with the prefill, so decode tokens/s is the per-token rate.
     """
     device = model.embed_tokens.weight.device
     tokens, mask = left_pad(prompts, pad_id)
@@ -114,6 +118,7 @@ def generate(
     logits = prefill(model, tokens.to(device), cache, mask.to(device) if first_chunk else None)[:, -1]
     end_prompt(model)  # select each sequence's active neurons; decode reads only those
     nxt = sample(logits, sampling, generator)
+    graphed = GraphedDecode(model, cache) if cuda_graphs and device.type == "cuda" and max_new_tokens > 1 else None
     if device.type == "cuda":
         torch.cuda.synchronize()
     t1 = time.perf_counter()
@@ -132,7 +137,7 @@ def generate(
             break
         if bool(done.all()) or step == max_new_tokens - 1:
             break
-        logits = decode_step(model, nxt, cache)
+        logits = graphed.step(nxt) if graphed is not None else decode_step(model, nxt, cache)
         nxt = sample(logits, sampling, generator)
         steps += 1
     if device.type == "cuda":

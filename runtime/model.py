@@ -216,6 +216,31 @@ class Attention(nn.Module):
         start: int,
         mask: torch.Tensor,  # [B, 1, T, start+T] bool
     ) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.project(x, cos, sin)
+        k_cache[:, :, start : start + T] = k
+        v_cache[:, :, start : start + T] = v
+        return self.attend(q, k_cache[:, :, : start + T], v_cache[:, :, : start + T], mask)
+
+    def forward_at(
+        self,
+        x: torch.Tensor,  # [B, 1, D]
+        cos: torch.Tensor,  # [B, 1, 1, hd]
+        sin: torch.Tensor,
+        k_cache: torch.Tensor,  # [B, Hkv, S, hd]
+        v_cache: torch.Tensor,
+        slot: torch.Tensor,  # [1] int64, on the cache's device
+        mask: torch.Tensor,  # [B, 1, 1, S] bool
+    ) -> torch.Tensor:
+        """One token written at a slot held in a device tensor, attending over the whole cache through
+        `mask`: fixed shapes and no host reads, as a CUDA graph needs (see `Transformer.decode_at`)."""
+        q, k, v = self.project(x, cos, sin)
+        k_cache.index_copy_(2, slot, k)
+        v_cache.index_copy_(2, slot, v)
+        return self.attend(q, k_cache, v_cache, mask)
+
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B, T, D] -> q [B, H, T, hd], k and v [B, Hkv, T, hd], rope applied to q and k."""
         cfg = self.cfg
         B, T, _ = x.shape
         heads = self.qkv_proj(x).view(B, T, cfg.n_heads + 2 * cfg.n_kv_heads, cfg.head_dim)
@@ -226,9 +251,12 @@ class Attention(nn.Module):
         qk, v = qk.transpose(1, 2), v.transpose(1, 2)  # [B, H + Hkv, T, hd], [B, Hkv, T, hd]
         qk = qk * cos + rotate_half(qk) * sin  # rope on q and k heads at once: fewer ops per decode step
         q, k = qk.split((cfg.n_heads, cfg.n_kv_heads), dim=1)
-        k_cache[:, :, start : start + T] = k
-        v_cache[:, :, start : start + T] = v
-        keys, values = k_cache[:, :, : start + T], v_cache[:, :, : start + T]
+        return q, k, v
+
+    def attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """q [B, H, T, hd] over keys/values [B, Hkv, L, hd] -> the o projection [B, T, D]."""
+        cfg = self.cfg
+        B, _, T, _ = q.shape
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=cfg.n_heads != cfg.n_kv_heads)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
@@ -277,6 +305,11 @@ class Block(nn.Module):
 
     def forward(self, x, cos, sin, k_cache, v_cache, start, mask):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, start, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+    def forward_at(self, x, cos, sin, k_cache, v_cache, slot, mask):
+        """`forward` for one token per sequence at a device-tensor slot (see `Attention.forward_at`)."""
+        x = x + self.self_attn.forward_at(self.input_layernorm(x), cos, sin, k_cache, v_cache, slot, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
     def decode_token(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
@@ -372,6 +405,26 @@ class Transformer(nn.Module):
         for i, layer in enumerate(self.layers):
             x = layer.decode_token(x, cos, sin, cache.k[i][0], cache.v[i][0], pos)
         return x
+
+    def decode_at(self, tokens: torch.Tensor, cache: KVCache, slot: torch.Tensor) -> torch.Tensor:
+        """tokens [B], one per sequence, written at cache slot `slot` ([1] int64 on the model's device) ->
+        logits [B, V]. The same step as `decode_step`, but every shape is fixed (attention runs over the
+        whole cache through a mask) and nothing is read back to the host, so a CUDA graph can capture it
+        once and replay it for every token (runtime/cuda_graph.py). The caller advances `cache.length`."""
+        cache.valid.index_fill_(1, slot, True)
+        positions = (slot - cache.pad).clamp(min=0)  # [B]
+        freqs = positions[:, None].float() * self.inv_freq[None, :]  # [B, hd/2]
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None, None, :]  # [B, 1, 1, hd]
+        x = self.embed_tokens(tokens[:, None])  # [B, 1, D]
+        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        key_slots = torch.arange(cache.max_len, device=slot.device)  # [S]
+        allowed = cache.valid & (key_slots <= slot)[None, :]  # [B, S]
+        if self.cfg.sliding_window:
+            allowed = allowed & (slot - key_slots < self.cfg.sliding_window)[None, :]
+        mask = allowed[:, None, None, :]  # [B, 1, 1, S]
+        for i, layer in enumerate(self.layers):
+            x = layer.forward_at(x, cos, sin, cache.k[i], cache.v[i], slot, mask)
+        return linear(self.norm(x), self.output_weight())[:, -1]
 
     def output_weight(self) -> torch.Tensor:
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
