@@ -307,7 +307,8 @@ class Block(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, start, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
-    def forward_at(self, x, cos, sin, k_cache, v_cache, slot, mask):
+    def forward_at(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                   v_cache: torch.Tensor, slot: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """`forward` for one token per sequence at a device-tensor slot (see `Attention.forward_at`)."""
         x = x + self.self_attn.forward_at(self.input_layernorm(x), cos, sin, k_cache, v_cache, slot, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
