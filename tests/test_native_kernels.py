@@ -152,3 +152,27 @@ def test_kept_partinfer_arguments_are_the_live_active_prefix(tiny_llama_dir, tmp
         m = layer.mlp.n_active
         assert w1.data_ptr() == layer.mlp.gate_up.data_ptr() and torch.equal(w1, layer.mlp.gate_up[:m].view(2 * m, -1))
         assert w2 is layer.mlp.down_head
+
+
+@pytest.mark.parametrize("method", ["dense", "partinfer", "tokenwise"])
+def test_compiled_decode_same_for_any_team_size(tiny_llama_dir, tmp_path, method):
+    """model_decode splits every stage over an OpenMP team: 1, 2 or 3 threads give the same logits
+    (bit for bit where each output row is one thread's dot product; token-wise adds per-thread partial
+    sums, so there only up to rounding)."""
+    neurons = make_neuron_file(tiny_llama_dir, tmp_path / "model.safetensors")
+    sparsity = SparsityConfig(method=method, gamma=0.7, delta=0.3, phi=0.4, model_neurons=neurons, start_num=0,
+                              end_num=3)
+    prompt, tokens = [5, 17, 99, 3, 42, 7], [11, 23, 8, 64, 2, 31]
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            runs.append(decode_logits(load_model(tiny_llama_dir, torch.bfloat16, "cpu", sparsity), prompt, tokens))
+    finally:
+        torch.set_num_threads(threads)
+    for other in runs[1:]:
+        if method == "tokenwise":
+            torch.testing.assert_close(other, runs[0], rtol=2e-2, atol=2e-2)
+        else:
+            assert torch.equal(other, runs[0])
