@@ -6,6 +6,7 @@ tokens/s <= bandwidth / bytes-per-token. We print the measured rate, that floor 
 
 from __future__ import annotations
 
+import importlib.util
 import statistics
 import time
 from collections.abc import Callable
@@ -137,15 +138,13 @@ def bench_transformers(model_dir: Path, dtype: torch.dtype, device: str, prompt:
     return len(prompt) / first, (new_tokens - 1) / max(full - first, 1e-9)
 
 
-def bench_llama_cpp(gguf: Path, prompt: list[int], new_tokens: int, repeats: int) -> tuple[float, float] | None:
-    """llama.cpp (`llama-cpp-python`, an optional extra) on a GGUF file; None when it is not installed.
+def bench_llama_cpp(gguf: Path, prompt: list[int], new_tokens: int, repeats: int) -> tuple[float, float]:
+    """llama.cpp (`llama-cpp-python`, an optional extra: the caller checks it is installed) on a GGUF file.
 
     Decode = (t(N tokens) - t(first token)) / (N - 1), greedy, the same thread count as torch.
     """
-    try:
-        from llama_cpp import Llama
-    except ImportError:
-        return None
+    from llama_cpp import Llama
+
     llm = Llama(model_path=str(gguf), n_ctx=len(prompt) + new_tokens + 8, n_threads=torch.get_num_threads(),
                 n_batch=max(len(prompt), 8), verbose=False)
 
@@ -193,17 +192,17 @@ def run_bench(
         copies.append(measure_bandwidth(device=device))
         pre, dec = bench_transformers(model_dir, torch_dtype, device, prompt, new_tokens, repeats)
         timed.append(("transformers generate()", pre, dec, dense_bytes))
-        if model_dir == default_model_dir():  # llama.cpp runs the GGUF the default model was converted from
+        # llama.cpp runs the GGUF the default model was converted from, when the optional extra is installed
+        if model_dir == default_model_dir() and importlib.util.find_spec("llama_cpp") is not None:
             gguf = default_gguf_path()
             copies.append(measure_bandwidth(device=device))
             speeds = bench_llama_cpp(gguf, prompt, new_tokens, repeats)
-            if speeds is not None:
-                timed.append(("llama.cpp (Q4_1 GGUF)", *speeds, gguf.stat().st_size))
-            else:
-                copies.pop()
+            timed.append(("llama.cpp (Q4_1 GGUF)", *speeds, gguf.stat().st_size))
     copies.append(measure_bandwidth(device=device))
-    rows = [BenchRow(name, pre, dec, nbytes, row_bandwidth(copies, i) / 1e9, floor_tps(row_bandwidth(copies, i), nbytes))
-            for i, (name, pre, dec, nbytes) in enumerate(timed)]
+    rows = []
+    for i, (name, pre, dec, nbytes) in enumerate(timed):
+        bandwidth = row_bandwidth(copies, i)
+        rows.append(BenchRow(name, pre, dec, nbytes, bandwidth / 1e9, floor_tps(bandwidth, nbytes)))
     return {
         "model": str(model_dir), "dtype": dtype, "device": device, "threads": torch.get_num_threads(),
         "decode_kernels": ("compiled AVX2 GEMV" if on_cpu_bf16 and cpu_kernels()

@@ -17,8 +17,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from profiler.neuron_file import NeuronFile
-from profiler.profile import ProfileConfig, profile_prompts
+from profiler.profile import ProfileConfig, profile_prompts, to_neuron_file
 from runtime.atomic import atomic_file
 from runtime.loader import load_dense_model
 
@@ -101,8 +100,4 @@ def profile_random_model(model_dir: Path, path: Path, device: str = "cpu", promp
     token_prompts = [torch.randint(3, vocab, (prompt_len,), generator=g).tolist() for _ in range(prompts)]
     cfg = ProfileConfig(num_samples=prompts, gen_tokens=gen_tokens, batch_size=min(prompts, 8))
     stats = profile_prompts(model, token_prompts, cfg)
-    return NeuronFile(
-        sum_abs=stats.sum_abs, core_count=stats.core_count, tokens=stats.tokens, model=Path(model_dir).name,
-        fingerprint=model.cfg.fingerprint, level="model", datasets=("random-prompts",), sequences=prompts,
-        gen_tokens=gen_tokens, token_sparsity=cfg.token_sparsity, core_score=cfg.core_score,
-    ).save(path)
+    return to_neuron_file(stats, model, Path(model_dir).name, "random-prompts", prompts, cfg, level="model").save(path)

@@ -90,12 +90,14 @@ def profile_prompts(model: Transformer, prompts: list[list[int]], cfg: ProfileCo
     return stats
 
 
-def to_neuron_file(stats: ActivationStats, engine: Engine, name: str, sequences: int, cfg: ProfileConfig) -> NeuronFile:
+def to_neuron_file(stats: ActivationStats, model: Transformer, model_name: str, name: str, sequences: int,
+                   cfg: ProfileConfig, level: str = "dataset") -> NeuronFile:
+    """The neuron file of statistics that `model` (named `model_name`) gathered over data set `name`."""
     return NeuronFile(
-        sum_abs=stats.sum_abs, core_count=stats.core_count, tokens=stats.tokens, model=engine.model_dir.name,
-        fingerprint=engine.model.cfg.fingerprint, level="dataset", datasets=(name,), sequences=sequences,
+        sum_abs=stats.sum_abs, core_count=stats.core_count, tokens=stats.tokens, model=model_name,
+        fingerprint=model.cfg.fingerprint, level=level, datasets=(name,), sequences=sequences,
         gen_tokens=cfg.gen_tokens, token_sparsity=cfg.token_sparsity, core_score=cfg.core_score,
-        dtype=str(engine.dtype).removeprefix("torch."),
+        dtype=str(model.embed_tokens.weight.dtype).removeprefix("torch."),
     )
 
 
@@ -113,7 +115,7 @@ def run_profile(engine: Engine, datasets: list[str], out_dir: Path, cfg: Profile
     files, per_dataset = {}, []
     for name, items in texts.items():
         stats = profile_texts(engine, items, cfg, desc=name)
-        nf = to_neuron_file(stats, engine, name, len(items), cfg)
+        nf = to_neuron_file(stats, engine.model, engine.model_dir.name, name, len(items), cfg)
         per_dataset.append(nf)
         files[name] = nf.save(Path(out_dir) / dataset_file_name(name))
     seconds = time.perf_counter() - t0
