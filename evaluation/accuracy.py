@@ -13,8 +13,9 @@ import json
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from runtime.atomic import atomic_file
 from runtime.errors import PartinferError
+from runtime.files import read_json
+from runtime.output_dir import IncrementalOutput
 from runtime.sparsity import METHODS, SparsityConfig
 
 TASKS_DIR = Path(__file__).parent / "tasks"
@@ -107,14 +108,16 @@ def run_eval(
     for m in methods:
         if m not in METHODS:
             raise PartinferError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+    output = IncrementalOutput(out_dir, "eval", inputs=(model_dir,))
     raw_dir = out_dir / "raw"
-    raw_dir.mkdir(parents=True, exist_ok=True)
     runs = {}
     for method in methods:
         settings = _settings(model_dir, method, sparsity, tasks, limit, dtype)
         path = raw_dir / f"{method}.json"
         if (resume or table_only) and path.is_file():
-            saved = json.loads(path.read_text())
+            saved = read_json(path, "raw results", "delete it, or run again with --no-resume to replace it")
+            if not isinstance(saved, dict) or not isinstance(saved.get("results"), dict):
+                raise PartinferError(f"raw results {path} are not an eval result object; delete it, or run with --no-resume")
             if saved.get("settings") == settings:
                 print(f"{method}: reusing {path}")
                 runs[method] = saved
@@ -123,15 +126,13 @@ def run_eval(
             continue
         runs[method] = {"settings": settings, **run_method(model_dir, method, sparsity, tasks, limit, dtype, device,
                                                            batch_size)}
-        with atomic_file(path) as tmp:
-            tmp.write_text(json.dumps(runs[method], indent=2))
+        output.write_text(f"raw/{method}.json", json.dumps(runs[method], indent=2))
     if not runs:
         raise PartinferError(f"no results with these settings in {raw_dir}; run without --table-only first")
     report = {"model": str(model_dir), "tasks": tasks, "methods": [m for m in methods if m in runs], "limit": limit,
               "dtype": dtype, "gamma": sparsity.gamma, "delta": sparsity.delta, "phi": sparsity.phi, "runs": runs}
-    with atomic_file(out_dir / "results.md") as tmp:
-        tmp.write_text(f"{format_table(report)}\n\nThe PartInfer paper's ratios to dense, for comparison:\n\n"
-                       f"{format_published()}\n")
+    output.write_text("results.md", f"{format_table(report)}\n\nThe PartInfer paper's ratios to dense, for comparison:\n\n"
+                                    f"{format_published()}\n")
     return report
 
 

@@ -11,6 +11,7 @@ files are never made from evaluated examples.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -23,6 +24,9 @@ from runtime.errors import PartinferError
 from runtime.prepare import cache_home
 
 BIGBENCH_PIP = "bigbench==1.0.0"
+BIGBENCH_FILE = "bigbench-1.0.0.tar.gz"
+BIGBENCH_SIZE = 358_249_635
+BIGBENCH_SHA256 = "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2"
 BIGBENCH_ROOT = "bigbench/benchmark_tasks/"
 SPLITS = ("profile", "eval", "all")
 
@@ -93,20 +97,35 @@ def write_jsonl_atomic(path: Path, records: Iterable[dict]) -> None:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
 
 
+def _archive_is_whole(path: Path) -> bool:
+    """The cached archive has the size and SHA-256 of the release (a killed or truncated download has not)."""
+    if path.stat().st_size != BIGBENCH_SIZE:
+        return False
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest() == BIGBENCH_SHA256
+
+
 def _download_bigbench() -> Path:
     downloads = cache_home() / "downloads"
-    found = sorted(downloads.glob("bigbench-1.0.0.tar.gz"))
-    if found:
-        return found[0]
+    archive = downloads / BIGBENCH_FILE
+    if archive.is_file():
+        if _archive_is_whole(archive):
+            return archive
+        print(f"{archive} is incomplete or corrupt; downloading it again", file=sys.stderr)
+        archive.unlink()  # ours: written by an earlier fetch into our cache
     downloads.mkdir(parents=True, exist_ok=True)
     print(f"downloading {BIGBENCH_PIP} (358 MB source archive) from the package registry, once ...", file=sys.stderr)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", BIGBENCH_PIP,
-           "-d", str(downloads)]
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", BIGBENCH_PIP, "-d", str(downloads)]
     done = subprocess.run(cmd, capture_output=True, text=True)
-    found = sorted(downloads.glob("bigbench-1.0.0.tar.gz"))
-    if done.returncode != 0 or not found:
+    if done.returncode != 0 or not archive.is_file():
         raise PartinferError(f"could not download {BIGBENCH_PIP} from the package registry: {done.stderr.strip()[-300:]}")
-    return found[0]
+    if not _archive_is_whole(archive):
+        archive.unlink()
+        raise PartinferError(f"the downloaded {BIGBENCH_FILE} does not have the release's SHA-256; run again")
+    return archive
 
 
 def fetch_data(tasks: Iterable[str] | None = None, force: bool = False) -> dict[str, Path]:
@@ -122,11 +141,15 @@ def fetch_data(tasks: Iterable[str] | None = None, force: bool = False) -> dict[
     archive = _download_bigbench()
     wanted = {m for t in missing for m in BUILTIN_TASKS[t][0]}
     members: dict[str, dict] = {}
-    with tarfile.open(archive) as tar:
-        for info in tar:
-            rel = info.name.split(BIGBENCH_ROOT, 1)[-1]
-            if BIGBENCH_ROOT in info.name and rel in wanted and info.isfile():
-                members[rel] = json.load(tar.extractfile(info))
+    try:
+        with tarfile.open(archive) as tar:
+            for info in tar:
+                rel = info.name.split(BIGBENCH_ROOT, 1)[-1]
+                if BIGBENCH_ROOT in info.name and rel in wanted and info.isfile():
+                    members[rel] = json.load(tar.extractfile(info))
+    except (tarfile.TarError, EOFError, OSError, ValueError) as e:
+        raise PartinferError(f"could not extract {archive} ({type(e).__name__}); delete it and run "
+                             "`partinfer data fetch` again") from e
     for t in missing:
         write_jsonl_atomic(paths[t], BUILTIN_TASKS[t][1](members))
     return paths
@@ -139,14 +162,33 @@ def split_records(records: list[dict], split: str) -> list[dict]:
     return records[:half] if split == "profile" else records[half:] if split == "eval" else records
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+def read_jsonl(path: Path, fix: str = "fix the file") -> list[dict]:
+    """One JSON object per non-empty line; a bad line is a one-line error naming the file, the line and `fix`."""
+    records = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise PartinferError(f"{path} line {number} is not valid JSON ({e.msg}); {fix}") from None
+                if not isinstance(record, dict):
+                    raise PartinferError(f"{path} line {number} is not a JSON object; {fix}")
+                records.append(record)
+    except UnicodeDecodeError:
+        raise PartinferError(f"{path} is not UTF-8 text; {fix}") from None
+    return records
 
 
 def load_task_records(name: str, split: str = "profile") -> list[dict]:
     """Records of a built-in task (fetched on first use)."""
-    return split_records(read_jsonl(fetch_data([name])[name]), split)
+    path = fetch_data([name])[name]
+    records = read_jsonl(path, f"run `partinfer data fetch --force {name}` to extract it again")
+    if any("prompt" not in r for r in records):
+        raise PartinferError(f"{path} has records without a prompt; run `partinfer data fetch --force {name}`")
+    return split_records(records, split)
 
 
 def load_texts(
@@ -177,7 +219,15 @@ def _load_external(name: str, column: str | None, config: str | None, hub_split:
         builder = {".jsonl": "json", ".json": "json", ".txt": "text", ".parquet": "parquet", ".csv": "csv"}.get(suffix)
         if builder is None:
             raise PartinferError(f"unsupported data file type {suffix!r}; use .json, .jsonl, .txt, .parquet or .csv")
-        ds = datasets.load_dataset(builder, data_files=str(path), split="train")
+        if path.stat().st_size == 0:
+            raise PartinferError(f"data file {path} is empty; give it some text")
+        try:
+            ds = datasets.load_dataset(builder, data_files=str(path), split="train")
+        except Exception as e:  # datasets wraps parse errors of every format in its own types
+            cause = e.__cause__ or e
+            first = (str(cause).strip().splitlines() or [type(cause).__name__])[0][:200]
+            raise PartinferError(f"could not read data file {path} as {suffix} ({first}); check that it is valid "
+                                 f"UTF-8 {'JSON lines' if builder == 'json' else suffix} and not empty") from e
     else:
         try:
             ds = datasets.load_dataset(name, config, split=hub_split)
@@ -189,4 +239,7 @@ def _load_external(name: str, column: str | None, config: str | None, hub_split:
     column = column or next((c for c in ("text", "prompt", "question", "input", "document") if c in ds.column_names), None)
     if column is None or column not in ds.column_names:
         raise PartinferError(f"data set {name!r} has no column {column!r}; pass --column (columns: {', '.join(ds.column_names)})")
-    return list(ds[column])
+    try:
+        return list(ds[column])
+    except UnicodeDecodeError:
+        raise PartinferError(f"data set {name!r} holds text that is not UTF-8; save it as UTF-8") from None

@@ -16,17 +16,18 @@ model-level file can be the merge of dataset-level ones.
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from runtime.atomic import atomic_file
 from runtime.errors import PartinferError
 from runtime.model import ModelConfig
+from runtime.safetensors_io import SafetensorsFile
 
 FORMAT = "partinfer-neurons"
 VERSION = 1
@@ -94,19 +95,49 @@ class NeuronFile:
         return path
 
     @classmethod
+    def _from_tensors(cls, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> "NeuronFile":
+        """Check every statistic against the geometry the fingerprint names: shapes, finite, non-negative."""
+        n_layers, n = _geometry(meta["fingerprint"])
+        if int(meta["n_layers"]) != n_layers:
+            raise ValueError(f"{meta['n_layers']} layers, but the fingerprint names {n_layers}")
+        tokens = int(meta["tokens"])
+        if tokens < 0:
+            raise ValueError(f"a negative token count {tokens}")
+        stats = {}
+        for kind in ("sum_abs", "core_count"):
+            stats[kind] = [tensors[f"layers.{i}.{kind}"] for i in range(n_layers)]
+            for i, t in enumerate(stats[kind]):
+                if tuple(t.shape) != (n,) or not t.dtype.is_floating_point:
+                    raise ValueError(f"layers.{i}.{kind} is {t.dtype} {list(t.shape)}, expected float [{n}] for this model")
+                if not bool(torch.isfinite(t).all()) or bool((t < 0).any()):
+                    raise ValueError(f"layers.{i}.{kind} holds NaN, infinite or negative values")
+        datasets = json.loads(meta["datasets"])
+        if not isinstance(datasets, list):
+            raise ValueError("datasets is not a list")
+        token_sparsity = float(meta["token_sparsity"])
+        if not 0 < token_sparsity <= 1:
+            raise ValueError(f"token_sparsity {token_sparsity} is not in (0, 1]")
+        if meta["level"] not in ("model", "dataset"):
+            raise ValueError(f"level {meta['level']!r} is neither model nor dataset")
+        return cls(
+            sum_abs=stats["sum_abs"], core_count=stats["core_count"], tokens=tokens, model=meta["model"],
+            fingerprint=meta["fingerprint"], level=meta["level"], datasets=tuple(str(d) for d in datasets),
+            sequences=int(meta["sequences"]), gen_tokens=int(meta["gen_tokens"]), token_sparsity=token_sparsity,
+            core_score=meta["core_score"], dtype=meta["dtype"], created=meta["created"],
+        )
+
+    @classmethod
     def load(cls, path: Path | str, cfg: ModelConfig | None = None) -> "NeuronFile":
         """Read a neuron file; with `cfg`, also check it was made for that model."""
         path = Path(path)
         if not path.is_file():
             raise PartinferError(f"neuron file {path} does not exist; make one with `partinfer profile` or fix the path")
+        f = SafetensorsFile(path)  # checks the header against the file before any data is read
         try:
-            from safetensors import safe_open
-
-            with safe_open(path, "pt") as f:
-                meta = f.metadata() or {}
-            tensors = load_file(path)
-        except (SafetensorError, OSError, ValueError) as e:
-            raise PartinferError(f"{path} is not a readable neuron file (truncated or corrupt: {e}); profile again") from e
+            meta = f.metadata
+            tensors = {name: f.read(name) for name in f.keys()}
+        finally:
+            f.close()
         if meta.get("format") != FORMAT:
             raise PartinferError(f"{path} is not a partinfer neuron file (format={meta.get('format')!r})")
         if meta.get("version") != str(VERSION):
@@ -114,18 +145,25 @@ class NeuronFile:
                 f"{path} has neuron file version {meta.get('version')}, this partinfer reads version {VERSION}; "
                 "profile again with this version"
             )
-        n_layers = int(meta["n_layers"])
-        nf = cls(
-            sum_abs=[tensors[f"layers.{i}.sum_abs"] for i in range(n_layers)],
-            core_count=[tensors[f"layers.{i}.core_count"] for i in range(n_layers)],
-            tokens=int(meta["tokens"]), model=meta["model"], fingerprint=meta["fingerprint"], level=meta["level"],
-            datasets=tuple(json.loads(meta["datasets"])), sequences=int(meta["sequences"]),
-            gen_tokens=int(meta["gen_tokens"]), token_sparsity=float(meta["token_sparsity"]),
-            core_score=meta["core_score"], dtype=meta["dtype"], created=meta["created"],
-        )
+        try:
+            nf = cls._from_tensors(tensors, meta)
+        except (KeyError, ValueError, TypeError) as e:
+            detail = f"missing {e.args[0]!r}" if isinstance(e, KeyError) else str(e)
+            raise PartinferError(f"{path} is not a valid neuron file ({detail}); profile again") from e
         if cfg is not None:
             nf.check_model(cfg, path)
         return nf
+
+
+FINGERPRINT_GEOMETRY = re.compile(r"-L(\d+)-d\d+-n(\d+)-")
+
+
+def _geometry(fingerprint: str) -> tuple[int, int]:
+    """(layers, neurons per layer) that a model fingerprint names."""
+    found = FINGERPRINT_GEOMETRY.search(fingerprint)
+    if found is None:
+        raise ValueError(f"fingerprint {fingerprint!r} names no layers and neurons")
+    return int(found.group(1)), int(found.group(2))
 
 
 def merge(files: list[NeuronFile], level: str = "model") -> NeuronFile:

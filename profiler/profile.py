@@ -22,6 +22,7 @@ from runtime.engine import Engine
 from runtime.errors import PartinferError
 from runtime.generate import left_pad
 from runtime.model import KVCache, Transformer, decode_step, prefill
+from runtime.output_dir import check_output_dir, replace_output_dir
 from runtime.selection import CORE_SCORES
 
 
@@ -106,18 +107,30 @@ def dataset_file_name(name: str) -> str:
     return "dataset-" + "".join(c if c.isalnum() or c in "-_" else "_" for c in Path(name).stem) + ".safetensors"
 
 
+def profile_inputs(model_dir: Path, datasets: list[str]) -> tuple[Path, ...]:
+    """What `--out` must never hold: the model and the local data files."""
+    return (Path(model_dir), *(Path(name) for name in datasets if Path(name).exists()))
+
+
 def run_profile(engine: Engine, datasets: list[str], out_dir: Path, cfg: ProfileConfig, **data_options) -> ProfileReport:
     """Profile each data set, write dataset-level files and the model-level merge into `out_dir`."""
     if not datasets:
         raise PartinferError("no data set given; pass --dataset (e.g. --dataset truthfulqa --dataset squad)")
+    names = [dataset_file_name(name) for name in datasets]
+    if len(set(names)) < len(names) or "model.safetensors" in names:
+        raise PartinferError(f"data sets {', '.join(datasets)} would share an output file name; profile them in separate runs")
+    inputs = profile_inputs(engine.model_dir, datasets)
+    check_output_dir(out_dir, "profile", inputs)  # before the work, not after it
     texts = {name: load_texts(name, cfg.num_samples, cfg.split, **data_options) for name in datasets}
     t0 = time.perf_counter()
-    files, per_dataset = {}, []
-    for name, items in texts.items():
-        stats = profile_texts(engine, items, cfg, desc=name)
-        nf = to_neuron_file(stats, engine.model, engine.model_dir.name, name, len(items), cfg)
-        per_dataset.append(nf)
-        files[name] = nf.save(Path(out_dir) / dataset_file_name(name))
-    seconds = time.perf_counter() - t0
-    files["model"] = merge(per_dataset, level="model").save(Path(out_dir) / "model.safetensors")
+    per_dataset = []
+    with replace_output_dir(out_dir, "profile", inputs) as tmp:
+        for name, items in texts.items():
+            stats = profile_texts(engine, items, cfg, desc=name)
+            nf = to_neuron_file(stats, engine.model, engine.model_dir.name, name, len(items), cfg)
+            per_dataset.append(nf)
+            nf.save(tmp / dataset_file_name(name))
+        seconds = time.perf_counter() - t0
+        merge(per_dataset, level="model").save(tmp / "model.safetensors")
+    files = {name: Path(out_dir) / file for name, file in zip(datasets, names)} | {"model": Path(out_dir) / "model.safetensors"}
     return ProfileReport(files, sum(f.tokens for f in per_dataset), seconds)

@@ -19,7 +19,7 @@ from runtime.errors import PartinferError
 from runtime.generate import GenerationResult, SamplingConfig, generate
 from runtime.process_memory import proc_status
 from runtime.sparse_ffn import sparse_modules, sparsity_summary
-from runtime.text import TextStream
+from runtime.text import TextStream, require_utf8
 
 PREDEFINED_PROMPTS = (
     "What is the capital of France? Answer in one sentence.",
@@ -57,6 +57,7 @@ class ChatSession:
         """Answer one user message, streaming text; returns the reply."""
         if not user_text.strip():
             raise PartinferError("empty message")
+        require_utf8(user_text, "that message")
         full = self._conversation_ids(user_text)
         if full[: len(self.cached_tokens)] != self.cached_tokens:
             self.cache.reset()  # the template re-rendered history differently: start the cache over

@@ -1,12 +1,16 @@
 """The `partinfer` command line: thin typer commands over the library API.
 
-Every command turns a `PartinferError` into `error: <message>` on stderr and exit code 2.
+Every command turns a `PartinferError`, a bad option and the known failures of libraries (malformed
+JSON, non-UTF-8 text, a full disk, unreadable data) into `error: <message>` on stderr and exit code 2;
+a genuine bug keeps its traceback, with a request to report it.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import sys
+import traceback
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -16,14 +20,66 @@ from typer.core import TyperGroup
 from runtime.errors import PartinferError
 
 
+OS_ERROR_FIXES = {
+    errno.ENOSPC: "free some disk space and run again",
+    errno.EDQUOT: "free some of your disk quota and run again",
+    errno.EACCES: "check the permissions, or choose a path you can write",
+    errno.EPERM: "check the permissions, or choose a path you can write",
+    errno.EROFS: "the file system is read-only; choose another path",
+    errno.ENOENT: "check the path",
+    errno.EISDIR: "pass a file, not a directory",
+    errno.ENOTDIR: "a part of the path is a file, not a directory",
+    errno.ENAMETOOLONG: "use a shorter path",
+    errno.EMFILE: "raise the open-file limit (ulimit -n)",
+}
+
+
+def known_failure(e: BaseException) -> str | None:
+    """A one-line message for failures of the user's input or environment that libraries raise; None for a bug."""
+    if isinstance(e, PartinferError):
+        return str(e)
+    if isinstance(e, OSError) and e.errno in OS_ERROR_FIXES:
+        where = f" ({e.filename})" if e.filename else ""
+        return f"{e.strerror or 'operating system error'}{where}; {OS_ERROR_FIXES[e.errno]}"
+    if isinstance(e, UnicodeError):
+        return f"text that is not valid UTF-8 ({e}); save the input as UTF-8"
+    if isinstance(e, json.JSONDecodeError):
+        return f"malformed JSON (line {e.lineno}, column {e.colno}: {e.msg}); fix the file"
+    if isinstance(e, MemoryError):
+        return "out of memory; try a smaller --gamma, a shorter context or fewer tokens"
+    module = type(e).__module__ or ""
+    if module.startswith(("datasets", "safetensors", "pyarrow")):
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        return f"could not read the data ({type(e).__name__}: {first}); check the file and its format"
+    return None
+
+
 class ErrorHandlingGroup(TyperGroup):
-    """Maps our exceptions to a one-line message and exit code 2, for every (sub)command."""
+    """Every (sub)command: our errors and known library failures become `error: <one line>` and exit 2;
+    Ctrl-C exits 130; anything else is a bug, shown with its traceback and a request to report it."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except PartinferError as e:
-            typer.echo(f"error: {e}", err=True)
+        except (typer.Exit, typer.Abort):
+            raise
+        except typer.TyperException as e:  # a bad option value or a missing argument, as typer words it
+            ctx_of_error = getattr(e, "ctx", None)
+            hint = f" (see `{ctx_of_error.command_path} --help`)" if ctx_of_error is not None else ""
+            message = e.format_message() if hasattr(e, "format_message") else str(e)
+            typer.echo(f"error: {message}{hint}".replace("\n", " "), err=True)
+            raise typer.Exit(2)
+        except KeyboardInterrupt:
+            typer.echo("\ninterrupted", err=True)
+            raise typer.Exit(130)
+        except Exception as e:
+            message = known_failure(e)
+            if message is None:
+                traceback.print_exc()
+                typer.echo("partinfer: this is a bug; please report it with the command you ran and the traceback above",
+                           err=True)
+                raise typer.Exit(1)
+            typer.echo(f"error: {message}".replace("\n", " "), err=True)
             raise typer.Exit(2)
 
 
@@ -74,11 +130,14 @@ def build_sparsity(model: Optional[str], method: str, gamma: float, delta: float
 def prepare(
     model: Annotated[Optional[str], typer.Argument(help="Local HF directory or hub id; omit for the default model.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Convert the default model again.")] = False,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Directory for the converted default model (new, empty, or an earlier `prepare --out`); default: the cache.")] = None,
 ) -> None:
     """Obtain a model (converting the embedded default GGUF to bf16 safetensors once) and print where it is."""
     from runtime.prepare import prepare_default_model, resolve_model
 
-    path = prepare_default_model(force) if model is None else resolve_model(model)
+    if model is not None and out is not None:
+        raise PartinferError("--out applies to the default model's conversion; omit MODEL, or omit --out")
+    path = prepare_default_model(force, out) if model is None else resolve_model(model)
     typer.echo(str(path))
 
 
@@ -100,10 +159,10 @@ def generate_cmd(
     dataset_neurons: DatasetNeuronsOpt = None,
     base_neurons_type: BaseTypeOpt = "model",
     chat_template: Annotated[bool, typer.Option("--chat-template/--raw", help="Wrap the prompt in the model's chat template.")] = True,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", min=1, help="Tokens to generate at most.")] = 128,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", min=1, max=1_048_576, help="Tokens to generate at most.")] = 128,
     temperature: Annotated[float, typer.Option("--temperature", "-t", help="0 = greedy.")] = 0.0,
     top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass.")] = 1.0,
-    seed: Annotated[int, typer.Option("--seed", help="Sampling seed.")] = 0,
+    seed: Annotated[int, typer.Option("--seed", min=0, max=2**63 - 1, help="Sampling seed.")] = 0,
     dtype: DtypeOpt = "bf16",
     device: DeviceOpt = "cpu",
     as_json: JsonOpt = False,
@@ -113,13 +172,14 @@ def generate_cmd(
     from runtime.engine import load_engine
     from runtime.generate import SamplingConfig
     from runtime.sparse_ffn import sparsity_summary
+    from runtime.text import require_utf8
 
     if function == "predefined-prompts":
         prompts = list(PREDEFINED_PROMPTS)
     elif function == "normal":
         if prompt is None or not prompt.strip():
             raise PartinferError("empty prompt; pass some text with --prompt (or --function predefined-prompts)")
-        prompts = [prompt]
+        prompts = [require_utf8(prompt, "--prompt")]  # before loading a model
     else:
         raise PartinferError(f"unknown --function {function!r}; use normal or predefined-prompts")
     sampling = SamplingConfig(temperature=temperature, top_p=top_p, seed=seed)
@@ -161,8 +221,8 @@ def chat(
     dataset_neurons: DatasetNeuronsOpt = None,
     base_neurons_type: BaseTypeOpt = "model",
     cpu_only: CpuOnlyOpt = False,
-    context: Annotated[int, typer.Option("--context", help="KV cache length in tokens.")] = 2048,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", min=1, help="Reply length limit.")] = 256,
+    context: Annotated[int, typer.Option("--context", min=1, max=1_048_576, help="KV cache length in tokens.")] = 2048,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", min=1, max=1_048_576, help="Reply length limit.")] = 256,
     temperature: Annotated[float, typer.Option("--temperature", "-t", help="0 = greedy.")] = 0.0,
     dtype: DtypeOpt = "bf16",
 ) -> None:
@@ -182,6 +242,8 @@ def chat(
     engine = load_engine(model, dtype, device, sparsity)
     session = ChatSession(engine, context, max_new_tokens, SamplingConfig(temperature=temperature))
     typer.echo(f"partinfer chat ({method}, γ {gamma}, φ {phi}, {device}); /reset, /stats, /exit", err=True)
+    if hasattr(sys.stdin, "reconfigure"):  # undecodable bytes reach the turn as lone surrogates: one error, not the end
+        sys.stdin.reconfigure(errors="surrogateescape")
     while True:
         try:
             line = input("> ")
@@ -241,9 +303,9 @@ def bench(
     start_num: StartOpt = None,
     end_num: EndOpt = None,
     model_neurons: ModelNeuronsOpt = None,
-    prompt_len: Annotated[int, typer.Option("--prompt-len", min=1, help="Prompt tokens.")] = 64,
-    new_tokens: Annotated[int, typer.Option("--new-tokens", min=2, help="Tokens to decode per run.")] = 64,
-    repeats: Annotated[int, typer.Option("--repeats", min=1, help="Timed runs after one warm-up; the median is shown.")] = 3,
+    prompt_len: Annotated[int, typer.Option("--prompt-len", min=1, max=1_048_576, help="Prompt tokens.")] = 64,
+    new_tokens: Annotated[int, typer.Option("--new-tokens", min=2, max=1_048_576, help="Tokens to decode per run.")] = 64,
+    repeats: Annotated[int, typer.Option("--repeats", min=1, max=1000, help="Timed runs after one warm-up; the median is shown.")] = 3,
     peers: Annotated[bool, typer.Option("--peers/--no-peers", help="Also time transformers generate() in the same run.")] = True,
     dtype: DtypeOpt = "bf16",
     device: DeviceOpt = "cpu",
@@ -264,9 +326,9 @@ def perplexity(
     model: ModelOpt = None,
     methods: Annotated[str, typer.Option("--methods", help="Comma-separated methods to score.")] = "dense,load-only,static,coreinfer,partinfer",
     dataset: Annotated[str, typer.Option("--dataset", "-d", help="Built-in task (its eval split) or a local text file.")] = "xsum",
-    num_samples: Annotated[int, typer.Option("--num-samples", "-n", min=1, help="Texts to score.")] = 32,
-    prompt_tokens: Annotated[int, typer.Option("--prompt-tokens", min=1, help="Tokens the selection sees.")] = 64,
-    cont_tokens: Annotated[int, typer.Option("--cont-tokens", min=2, help="Tokens scored after them.")] = 128,
+    num_samples: Annotated[int, typer.Option("--num-samples", "-n", min=1, max=10_000_000, help="Texts to score.")] = 32,
+    prompt_tokens: Annotated[int, typer.Option("--prompt-tokens", min=1, max=1_048_576, help="Tokens the selection sees.")] = 64,
+    cont_tokens: Annotated[int, typer.Option("--cont-tokens", min=2, max=1_048_576, help="Tokens scored after them.")] = 128,
     gamma: GammaOpt = 0.7,
     delta: DeltaOpt = 0.3,
     phi: PhiOpt = 0.4,
@@ -295,7 +357,7 @@ def evaluate(
     tasks: Annotated[str, typer.Option("--tasks", help="Comma-separated: offline truthfulqa_mc1, truthfulqa_mc2, squad, coqa, xsum, perplexity, or any lm-eval task name (needs the hub).")] = "truthfulqa_mc1,truthfulqa_mc2,squad,coqa,xsum,perplexity",
     methods: Annotated[str, typer.Option("--methods", help="Comma-separated methods, dense first for the ratios.")] = "dense,load-only,static,coreinfer,partinfer,tokenwise",
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory for raw/<method>.json and results.md.")] = Path("eval_results"),
-    limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Examples per task (default: all of the eval split).")] = None,
+    limit: Annotated[Optional[int], typer.Option("--limit", min=1, max=10_000_000, help="Examples per task (default: all of the eval split).")] = None,
     model: ModelOpt = None,
     gamma: GammaOpt = 0.7,
     delta: DeltaOpt = 0.3,
@@ -306,7 +368,7 @@ def evaluate(
     start_num: StartOpt = None,
     end_num: EndOpt = None,
     model_neurons: ModelNeuronsOpt = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Generation tasks: sequences per batch (on a CPU, 1 is fastest: it takes the compiled one-token decode).")] = 1,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, max=4096, help="Generation tasks: sequences per batch (on a CPU, 1 is fastest: it takes the compiled one-token decode).")] = 1,
     resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Reuse a method's raw results from an earlier run with the same settings.")] = True,
     table_only: Annotated[bool, typer.Option("--table-only", help="Run nothing: rewrite the table from the raw results in --out.")] = False,
     dtype: DtypeOpt = "bf16",
@@ -350,10 +412,10 @@ def profile(
     dataset: Annotated[list[str], typer.Option("--dataset", "-d", help="Built-in task (truthfulqa, squad, xsum, coqa, wikilingua), local .json/.jsonl/.txt/.parquet file, or hub data set; repeat for several.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the neuron files.")] = Path("neuron_files"),
     model: ModelOpt = None,
-    num_samples: Annotated[int, typer.Option("--num-samples", "-n", help="Prompts per data set.")] = 64,
-    gen_tokens: Annotated[int, typer.Option("--gen-tokens", help="Greedy tokens generated after each prompt and profiled too.")] = 32,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Prompts per forward pass.")] = 8,
-    max_prompt_tokens: Annotated[int, typer.Option("--max-prompt-tokens", help="Keep only the last N tokens of a prompt.")] = 512,
+    num_samples: Annotated[int, typer.Option("--num-samples", "-n", min=1, max=10_000_000, help="Prompts per data set.")] = 64,
+    gen_tokens: Annotated[int, typer.Option("--gen-tokens", min=0, max=1_048_576, help="Greedy tokens generated after each prompt and profiled too.")] = 32,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, max=4096, help="Prompts per forward pass.")] = 8,
+    max_prompt_tokens: Annotated[int, typer.Option("--max-prompt-tokens", min=1, max=1_048_576, help="Keep only the last N tokens of a prompt.")] = 512,
     token_sparsity: Annotated[float, typer.Option("--token-sparsity", help="Fraction of a token's neurons that are its core neurons.")] = 0.2,
     core_score: Annotated[str, typer.Option("--core-score", help="abs (signed activations) or positive (CoreInfer).")] = "abs",
     split: Annotated[str, typer.Option("--split", help="Built-in tasks: profile (first half), eval (second half) or all.")] = "profile",
@@ -365,11 +427,15 @@ def profile(
     as_json: JsonOpt = False,
 ) -> None:
     """Profile data sets through the dense model; write dataset-level neuron files and a model-level one."""
-    from profiler.profile import ProfileConfig, run_profile
+    from profiler.profile import ProfileConfig, profile_inputs, run_profile
     from runtime.engine import load_engine
+    from runtime.output_dir import check_output_dir
+    from runtime.prepare import resolve_model
 
     cfg = ProfileConfig(num_samples, gen_tokens, batch_size, max_prompt_tokens, token_sparsity, core_score, split)
-    engine = load_engine(model, dtype, device)
+    model_dir = resolve_model(model)
+    check_output_dir(out, "profile", profile_inputs(model_dir, dataset))  # before loading anything
+    engine = load_engine(str(model_dir), dtype, device)
     report = run_profile(engine, dataset, out, cfg, column=column, config=config, hub_split=hub_split)
     summary = {"files": {k: str(v) for k, v in report.files.items()}, "tokens": report.tokens,
                "seconds": report.seconds, "tokens_per_s": report.tokens_per_s}
@@ -384,7 +450,7 @@ def profile(
 @neurons_app.command("show")
 def neurons_show(
     files: Annotated[list[Path], typer.Argument(help="One neuron file, or two to compare their top sets.")],
-    gamma: Annotated[float, typer.Option("--gamma", help="Fraction for the overlap of two files' top sets.")] = 0.7,
+    gamma: Annotated[float, typer.Option("--gamma", min=0.0, max=1.0, help="Fraction for the overlap of two files' top sets.")] = 0.7,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Write coverage curves to this PNG.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -412,7 +478,7 @@ def neurons_show(
 def memory(
     model: ModelOpt = None,
     model_neurons: ModelNeuronsOpt = None,
-    gamma: Annotated[Optional[list[float]], typer.Option("--gamma", help="γ values to measure (repeat); default 0.9 0.8 0.7 0.5.")] = None,
+    gamma: Annotated[Optional[list[float]], typer.Option("--gamma", min=0.0, max=1.0, help="γ values to measure (repeat); default 0.9 0.8 0.7 0.5.")] = None,
     methods: Annotated[str, typer.Option("--methods", help="Comma-separated sparse methods to measure besides dense.")] = "load-only,partinfer",
     phi: PhiOpt = 0.4,
     delta: DeltaOpt = 0.3,

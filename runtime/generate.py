@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -25,10 +26,14 @@ class SamplingConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise PartinferError("--temperature must be >= 0 (0 = greedy)")
+        if not 0 <= self.temperature < math.inf:
+            raise PartinferError(f"--temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}")
         if not 0 < self.top_p <= 1:
-            raise PartinferError("--top-p must be in (0, 1]")
+            raise PartinferError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise PartinferError(f"--top-k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0 <= self.seed < 2**63:
+            raise PartinferError(f"--seed must be in [0, 2^63), got {self.seed}")
 
 
 @dataclass

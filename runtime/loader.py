@@ -6,15 +6,16 @@ RSS reflects exactly the weights we keep (a tensor left memory-mapped only count
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
 from runtime.errors import PartinferError
+from runtime.files import read_json
 from runtime.model import ModelConfig, Transformer
 from runtime.native import cpu_kernels
+from runtime.output_dir import manifest_name
 from runtime.safetensors_io import SafetensorsFile
 
 if TYPE_CHECKING:
@@ -26,7 +27,10 @@ def checkpoint_shards(model_dir: Path) -> dict[str, Path]:
     model_dir = Path(model_dir)
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        weight_map = read_json(index, "checkpoint index", "re-download or re-convert the model")
+        weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) and "/" not in f for f in weight_map.values()):
+            raise PartinferError(f"{index} has no valid weight_map of tensor name -> shard file; re-download or re-convert the model")
         shards = {name: model_dir / file for name, file in weight_map.items()}
         for shard in set(shards.values()):
             if not shard.is_file():
@@ -75,7 +79,7 @@ class CheckpointReader:
         return name in self.shards
 
 
-PACK_MANIFEST = "partinfer_pack.json"
+PACK_MANIFEST = manifest_name("pack")  # written by `partinfer pack` (runtime.output_dir)
 
 
 def is_packed(model_dir: Path) -> bool:
@@ -205,6 +209,7 @@ def load_model(
         for name in model.state_dict():
             if name not in state:
                 state[name] = read_fused(reader, hf_names(name), dtype, device)
+    check_shapes(model, state, model_dir)
     model.load_state_dict(state, strict=True, assign=True)
     model.init_buffers(device)
     model.checkpoint_bytes_read = reader.bytes_read
@@ -212,6 +217,17 @@ def load_model(
         if is_sparse(m):
             m.neuron_ids = m.neuron_ids.to(device)
     return model.eval()
+
+
+def check_shapes(model: Transformer, state: dict[str, torch.Tensor], model_dir: Path) -> None:
+    """Every tensor read must have the shape config.json implies: a mismatch is a broken checkpoint, not a bug."""
+    for name, expected in model.state_dict().items():
+        got = state.get(name)
+        if got is not None and got.shape != expected.shape:
+            raise PartinferError(
+                f"{model_dir}: weight {name} has shape {list(got.shape)}, but config.json implies {list(expected.shape)}; "
+                "the checkpoint and its config.json do not match"
+            )
 
 
 def packed_perms_to_check(model_dir: Path, sparsity: "SparsityConfig", cfg: ModelConfig) -> dict[int, torch.Tensor]:

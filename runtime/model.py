@@ -8,7 +8,6 @@ swapped in without touching attention or the cache.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from runtime.errors import PartinferError
+from runtime.files import read_json
 from runtime.kernels import Linear, linear
 from runtime.native import attention_decode, cpu_kernels, model_decode, rms_norm
 
@@ -59,6 +59,17 @@ class ModelConfig:
     sliding_window: int | None = None
 
     def __post_init__(self) -> None:
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "max_seq_len",
+                     "rope_original_max_pos"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise PartinferError(f"config.json: {name} must be a positive integer, not {value!r}")
+        for name in ("norm_eps", "rope_theta", "rope_factor", "rope_low_freq_factor", "rope_high_freq_factor"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise PartinferError(f"config.json: {name} must be a positive finite number, not {value!r}")
+        if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window < 1):
+            raise PartinferError(f"config.json: sliding_window must be a positive integer, not {self.sliding_window!r}")
         if self.model_type not in SUPPORTED_MODEL_TYPES:
             raise PartinferError(
                 f"unsupported architecture model_type={self.model_type!r}; "
@@ -82,10 +93,22 @@ class ModelConfig:
         path = Path(model_dir) / "config.json"
         if not path.is_file():
             raise PartinferError(f"no config.json in {model_dir}; pass a Hugging Face model directory or run `partinfer prepare`")
-        return cls.from_hf_dict(json.loads(path.read_text()))
+        return cls.from_hf_dict(read_json(path, "model config", "fix the file or re-download the model"))
 
     @classmethod
-    def from_hf_dict(cls, c: dict) -> "ModelConfig":
+    def from_hf_dict(cls, c: object) -> "ModelConfig":
+        """The config of a transformers `config.json` dict; a missing key or a wrong type is a one-line error."""
+        if not isinstance(c, dict):
+            raise PartinferError(f"config.json must hold a JSON object, not {type(c).__name__}")
+        try:
+            return cls._from_hf_dict(c)
+        except KeyError as e:
+            raise PartinferError(f"config.json lacks the key {e.args[0]!r}; it is not a complete transformers config") from e
+        except (TypeError, ValueError, AttributeError, OverflowError, ZeroDivisionError) as e:
+            raise PartinferError(f"config.json has a value of the wrong type ({e}); fix the file or re-download the model") from e
+
+    @classmethod
+    def _from_hf_dict(cls, c: dict) -> "ModelConfig":
         model_type = c.get("model_type", "<missing>")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise PartinferError(

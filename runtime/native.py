@@ -1,21 +1,30 @@
 """The optional compiled CPU kernels (runtime/csrc/cpu_gemv.cpp): bf16 GEMV at memory speed on AVX2.
 
-Built once with torch's C++ extension tooling (g++ and ninja, ~30 s) into
-`$PARTINFER_HOME/build/<torch version>/`, then loaded from there. Where they cannot be built (no
+Built once with torch's C++ extension tooling (g++ and ninja) into
+`$PARTINFER_HOME/build/<torch version>/`, then loaded from there. The build holds an `flock` (released
+by the kernel if the builder dies) and runs in a child process group that dies with its parent, so
+an interrupted first run never leaves a lock that later runs wait on. Where they cannot be built (no
 compiler, not x86 with AVX2+FMA) or `PARTINFER_NATIVE=0` is set, `cpu_kernels()` is False and every
 caller keeps the stock PyTorch path, which gives the same results at lower speed.
 """
 
 from __future__ import annotations
 
+import ctypes
+import fcntl
 import functools
+import hashlib
 import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
 
 SOURCE = Path(__file__).parent / "csrc" / "cpu_gemv.cpp"
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 @functools.cache
@@ -32,27 +41,104 @@ def _cpu_has_avx2_fma() -> bool:
     return {"avx2", "fma"} <= cpu_flags()
 
 
+BUILD_LOCK_TIMEOUT_S = 300.0  # waiting for another process's build
+BUILD_TIMEOUT_S = 600.0  # our own build
+
+
+def build_dir() -> Path:
+    from runtime.prepare import cache_home
+
+    return cache_home() / "build" / torch.__version__.replace("+", "_")
+
+
+def _source_stamp() -> str:
+    """Identifies a finished build of this source with this torch: written last, checked before loading."""
+    return hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()
+
+
+def _built(build: Path) -> bool:
+    stamp = build / "partinfer_cpu.ready"
+    return stamp.is_file() and stamp.read_text() == _source_stamp() and (build / "partinfer_cpu.so").is_file()
+
+
 @functools.cache
 def cpu_kernels() -> bool:
     """True when torch.ops.partinfer_cpu (gemv, gemv_t, rms_norm, argmax, attention_decode, model_decode) is loaded (building them on first use)."""
     if os.environ.get("PARTINFER_NATIVE", "1") == "0" or not _cpu_has_avx2_fma():
         return False
-    from torch.utils.cpp_extension import load
-
-    from runtime.prepare import cache_home
-
-    build = cache_home() / "build" / torch.__version__.replace("+", "_")
-    build.mkdir(parents=True, exist_ok=True)
-    if not any(build.glob("*.so")):
-        print("building partinfer's CPU kernels once (~30 s) ...", file=sys.stderr)
+    build = build_dir()
     try:
-        # -fopenmp: at::parallel_for is inlined from ATen's OpenMP header; without it the kernels run on one thread.
-        load(name="partinfer_cpu", sources=[str(SOURCE)], extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
-             extra_ldflags=["-fopenmp"], build_directory=str(build), is_python_module=False, verbose=False)
-    except Exception as e:  # no compiler, failed build: the stock path still works
-        print(f"partinfer: CPU kernels unavailable ({type(e).__name__}); using stock PyTorch matmuls", file=sys.stderr)
+        if not _built(build):
+            _build_once(build)
+        torch.ops.load_library(str(build / "partinfer_cpu.so"))
+    except (OSError, RuntimeError, TimeoutError) as e:  # no compiler, failed build, a lock held too long
+        print(f"partinfer: CPU kernels unavailable ({e}); using stock PyTorch matmuls", file=sys.stderr)
         return False
     return True
+
+
+def _build_once(build: Path) -> None:
+    """Build under an exclusive `flock`, which the kernel releases when its holder dies (no stale lock).
+
+    The compile runs in a child process group that dies with us (see `_compile_child`), so a killed
+    first run leaves neither a hung lock nor a compiler writing into the build directory."""
+    build.mkdir(parents=True, exist_ok=True)
+    with open(build / "partinfer-build.lock", "w") as lock:
+        deadline = time.monotonic() + BUILD_LOCK_TIMEOUT_S
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"another process has held {lock.name} for {BUILD_LOCK_TIMEOUT_S:.0f} s") from None
+                time.sleep(0.2)
+        if _built(build):  # another process finished it while we waited
+            return
+        (build / "lock").unlink(missing_ok=True)  # torch's own lock file, left by a killed build: nobody holds it now
+        (build / "partinfer_cpu.ready").unlink(missing_ok=True)
+        print("building partinfer's CPU kernels once (~30 s) ...", file=sys.stderr)
+        child = subprocess.Popen([sys.executable, "-m", "runtime.native", "--compile"], start_new_session=True,
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            out, _ = child.communicate(timeout=BUILD_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            raise TimeoutError(f"the build took more than {BUILD_TIMEOUT_S:.0f} s") from None
+        finally:  # the whole group: ninja and the compilers too (also on Ctrl-C)
+            if child.poll() is None:
+                child.terminate()  # the child ends its group (see _end_build_group)
+                try:
+                    child.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    os.killpg(child.pid, signal.SIGKILL)
+                    child.wait()
+        if child.returncode != 0:
+            last = (out or "").strip().splitlines()[-1:] or ["no output"]
+            raise RuntimeError(f"the build failed: {last[0][:200]}")
+        (build / "partinfer_cpu.ready").write_text(_source_stamp())
+
+
+def _end_build_group(*_) -> None:
+    """SIGTERM first: ninja runs each compiler in a process group of its own and passes SIGTERM on to them;
+    then SIGKILL for whatever is left of our group, ourselves included."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    os.killpg(os.getpgrp(), signal.SIGTERM)
+    time.sleep(0.5)
+    os.killpg(os.getpgrp(), signal.SIGKILL)
+
+
+def _compile_child() -> None:
+    """The build process: leader of its own process group, it takes that group (ninja, g++) down when its parent dies."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    signal.signal(signal.SIGTERM, _end_build_group)
+    if os.getppid() == 1:  # the parent died before the signal was armed
+        _end_build_group()
+    from torch.utils.cpp_extension import load
+
+    # -fopenmp: at::parallel_for is inlined from ATen's OpenMP header; without it the kernels run on one thread.
+    load(name="partinfer_cpu", sources=[str(SOURCE)], extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
+         extra_ldflags=["-fopenmp"], build_directory=str(build_dir()), is_python_module=False, verbose=False)
 
 
 def gemv(weight: torch.Tensor, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -99,4 +185,7 @@ def argmax(x: torch.Tensor) -> torch.Tensor:
 
 
 if __name__ == "__main__":
-    print("CPU kernels:", "ready" if cpu_kernels() else "unavailable (stock PyTorch path)")
+    if sys.argv[1:] == ["--compile"]:
+        _compile_child()
+    else:
+        print("CPU kernels:", "ready" if cpu_kernels() else "unavailable (stock PyTorch path)")

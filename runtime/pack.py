@@ -5,7 +5,8 @@ flash's row-column bundling): `model.layers.{i}.mlp.bundle` [n, 3, d] holds neur
 up row and down column side by side; `model.layers.{i}.mlp.perm` int64 [n] says which original
 neuron each packed row is. Loading the k hottest neurons of a layer is then one read. Everything
 else is copied unchanged. One shard per layer keeps memory at one layer while packing, and the
-directory is written under a temporary name and renamed when complete.
+directory is written under a temporary name and renamed when complete; `--out` must be new, empty
+or an earlier pack (see runtime.output_dir), so packing never removes a file it did not write.
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from profiler.neuron_file import NeuronFile
-from runtime.atomic import atomic_directory
 from runtime.errors import PartinferError
-from runtime.loader import PACK_MANIFEST, CheckpointReader, is_packed
+from runtime.loader import CheckpointReader, is_packed
 from runtime.model import ModelConfig
+from runtime.output_dir import replace_output_dir
 
 COPIED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                 "special_tokens_map.json", "chat_template.jinja", "tokenizer.model", "vocab.json", "merges.txt")
@@ -34,7 +35,9 @@ def pack_checkpoint(model_dir: Path, model_neurons: Path, out: Path) -> Path:
         raise PartinferError(f"{model_dir} is already packed; pack the original checkpoint")
     cfg = ModelConfig.from_dir(model_dir)
     nf = NeuronFile.load(model_neurons, cfg)
-    with atomic_directory(out) as tmp:
+    manifest = {"format": "partinfer-packed", "version": 1, "fingerprint": cfg.fingerprint,
+                "model_neurons": str(model_neurons), "neurons_created": nf.created, "source": str(model_dir)}
+    with replace_output_dir(out, "pack", inputs=(model_dir, model_neurons), manifest=manifest) as tmp:
         weight_map: dict[str, str] = {}
         with CheckpointReader(model_dir) as reader:
             names = list(reader.shards)
@@ -61,7 +64,4 @@ def pack_checkpoint(model_dir: Path, model_neurons: Path, out: Path) -> Path:
         for name in COPIED_FILES:
             if (model_dir / name).is_file():
                 shutil.copy2(model_dir / name, tmp / name)
-        manifest = {"format": "partinfer-packed", "version": 1, "fingerprint": cfg.fingerprint,
-                    "model_neurons": str(model_neurons), "neurons_created": nf.created, "source": str(model_dir)}
-        (tmp / PACK_MANIFEST).write_text(json.dumps(manifest, indent=1))
     return out

