@@ -109,8 +109,9 @@ class NeuronFile:
             for i, t in enumerate(stats[kind]):
                 if tuple(t.shape) != (n,) or not t.dtype.is_floating_point:
                     raise ValueError(f"layers.{i}.{kind} is {t.dtype} {list(t.shape)}, expected float [{n}] for this model")
-                if not bool(torch.isfinite(t).all()) or bool((t < 0).any()):
-                    raise ValueError(f"layers.{i}.{kind} holds NaN, infinite or negative values")
+                mean = (t.double() / max(tokens, 1)).float()  # what the runtime ranks by, in float32
+                if not bool(torch.isfinite(mean).all()) or bool((t < 0).any()):
+                    raise ValueError(f"layers.{i}.{kind} holds NaN, infinite, out-of-range or negative values")
         datasets = json.loads(meta["datasets"])
         if not isinstance(datasets, list):
             raise ValueError("datasets is not a list")

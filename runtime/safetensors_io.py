@@ -51,7 +51,7 @@ def _read_header(fd: int, file_size: int) -> tuple[dict, int, dict]:
         raise PartinferError("__metadata__ is not a map of strings")
     data_size = file_size - 8 - n
     for name, info in header.items():
-        if not isinstance(info, dict) or set(info) < {"dtype", "shape", "data_offsets"}:
+        if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
             raise PartinferError(f"tensor {name!r} lacks dtype, shape or data_offsets")
         dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
         if not isinstance(dtype, str) or dtype not in DTYPES:
@@ -82,7 +82,8 @@ class SafetensorsFile:
             self.header, self.data_start, self.metadata = _read_header(self.fd, os.fstat(self.fd).st_size)
         except PartinferError as e:
             os.close(self.fd)
-            raise PartinferError(f"{self.path} is not a valid safetensors file ({e}); re-download or re-convert it") from None
+            raise PartinferError(f"{self.path} is not a valid safetensors file, truncated or corrupt ({e}); "
+                                 "replace it with a good copy") from None
         self.bytes_read = 0  # tensor bytes read so far: what a partial load really costs
 
     def close(self) -> None:

@@ -1,0 +1,135 @@
+"""Property tests of the readers and the option parser: whatever the bytes or values, the answer is a
+valid result or our one-line error (PartinferError / exit 2), never another exception."""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from typer.testing import CliRunner
+
+from profiler.neuron_file import NeuronFile
+from runtime.cli import app
+from runtime.errors import PartinferError
+from runtime.model import ModelConfig
+from runtime.safetensors_io import SafetensorsFile
+from tests.helpers import make_neuron_file
+from tests.test_cli import assert_clean_error
+
+FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=True) | st.text(max_size=8),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=6), children, max_size=3),
+    max_leaves=8,
+)
+
+
+def read_all(path: Path) -> None:
+    f = SafetensorsFile(path)
+    try:
+        for name in f.keys():
+            f.read(name)
+    finally:
+        f.close()
+
+
+@FAST
+@given(data=st.binary(max_size=256))
+def test_safetensors_reader_on_random_bytes(tmp_path_factory, data):
+    path = tmp_path_factory.mktemp("st") / "x.safetensors"
+    path.write_bytes(data)
+    try:
+        read_all(path)
+    except PartinferError:
+        pass
+
+
+@FAST
+@given(header=st.dictionaries(st.text(max_size=5), json_values, max_size=4), data=st.binary(max_size=64))
+def test_safetensors_reader_on_random_headers(tmp_path_factory, header, data):
+    raw = json.dumps(header).encode()
+    path = tmp_path_factory.mktemp("st") / "x.safetensors"
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+    try:
+        read_all(path)
+    except PartinferError:
+        pass
+
+
+@FAST
+@given(dtype=st.sampled_from(["F32", "BF16", "I64", "U8", "F8", 3]),
+       shape=st.lists(st.integers(-2, 5), max_size=3),
+       offsets=st.lists(st.integers(-16, 80), min_size=0, max_size=3),
+       data=st.binary(max_size=64))
+def test_safetensors_reader_on_plausible_tensor_entries(tmp_path_factory, dtype, shape, offsets, data):
+    raw = json.dumps({"t": {"dtype": dtype, "shape": shape, "data_offsets": offsets}}).encode()
+    path = tmp_path_factory.mktemp("st") / "x.safetensors"
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+    try:
+        read_all(path)
+    except PartinferError:
+        return
+    assert len(offsets) == 2 and 0 <= offsets[0] <= offsets[1] <= len(data)  # accepted only when it is right
+
+
+@pytest.fixture(scope="module")
+def neuron_bytes(tiny_llama_dir, tmp_path_factory) -> bytes:
+    return make_neuron_file(tiny_llama_dir, tmp_path_factory.mktemp("nf") / "model.safetensors").read_bytes()
+
+
+@FAST
+@given(flips=st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), min_size=1, max_size=6))
+def test_neuron_file_reader_on_corrupted_files(tmp_path_factory, neuron_bytes, flips):
+    data = bytearray(neuron_bytes)
+    for position, value in flips:
+        data[position % len(data)] = value
+    path = tmp_path_factory.mktemp("nf") / "x.safetensors"
+    path.write_bytes(bytes(data))
+    try:
+        nf = NeuronFile.load(path)
+    except PartinferError:
+        return
+    for i in range(nf.n_layers):  # what is accepted is usable: finite statistics, a full ranking
+        assert bool(nf.mean_abs(i).isfinite().all()) and len(set(nf.rank(i).tolist())) == nf.sum_abs[i].numel()
+
+
+@FAST
+@given(changes=st.dictionaries(st.sampled_from([
+    "model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+    "head_dim", "intermediate_size", "rms_norm_eps", "max_position_embeddings", "hidden_act", "rope_parameters",
+    "rope_scaling", "rope_theta", "tie_word_embeddings", "sliding_window", "use_sliding_window"]), json_values,
+    max_size=4))
+def test_model_config_on_random_values(changes):
+    config = {"model_type": "llama", "vocab_size": 128, "hidden_size": 64, "num_hidden_layers": 4,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 96, **changes}
+    try:
+        cfg = ModelConfig.from_hf_dict(config)
+    except PartinferError:
+        return
+    assert cfg.dim > 0 and cfg.n_layers > 0 and cfg.n_heads % cfg.n_kv_heads == 0 and math.isfinite(cfg.norm_eps)
+
+
+NUMERIC_OPTIONS = {
+    "--gamma": st.floats(allow_nan=True, allow_infinity=True), "--delta": st.floats(allow_nan=True),
+    "--phi": st.floats(allow_nan=True), "--token-sparsity": st.floats(allow_nan=True),
+    "--temperature": st.floats(allow_nan=True, allow_infinity=True), "--top-p": st.floats(allow_nan=True),
+    "--max-new-tokens": st.integers(-2**80, 2**80), "--seed": st.integers(-2**80, 2**80),
+    "--start-num": st.integers(-2**70, 2**70), "--end-num": st.integers(-2**70, 2**70),
+}
+
+
+@FAST
+@given(values=st.dictionaries(st.sampled_from(sorted(NUMERIC_OPTIONS)),
+                              st.one_of(st.floats(allow_nan=True), st.integers(-2**80, 2**80), st.text(max_size=4)),
+                              min_size=1, max_size=4))
+def test_option_parser_on_random_values(values):
+    args = ["generate", "-p", "hi", "--model", "/no/such/model/dir"]
+    for option, value in values.items():
+        args += [option, str(value)]
+    result = CliRunner().invoke(app, args)  # valid values get as far as the missing model, still exit 2
+    assert_clean_error(result)
