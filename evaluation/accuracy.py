@@ -13,9 +13,9 @@ import json
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from runtime.errors import PartinferError
-from runtime.files import read_json
-from runtime.output_dir import IncrementalOutput
+from common.errors import PartinferError
+from common.files import read_json
+from common.output_dir import IncrementalOutput
 from runtime.sparsity import METHODS, SparsityConfig
 
 TASKS_DIR = Path(__file__).parent / "tasks"
@@ -36,7 +36,7 @@ METRICS = {  # lm-eval task -> metrics shown in the table (the first is the head
     "partinfer_perplexity": ("word_perplexity",),
 }
 LOWER_IS_BETTER = {"word_perplexity", "byte_perplexity", "bits_per_byte"}
-# PartInfer paper (Llama-3.2-3B, γ 0.7, φ 0.4), score ÷ dense reference (DESIGN.md §4).
+# PartInfer paper (Llama-3.2-3B, γ 0.7, φ 0.4), score ÷ dense reference (docs/design.md, §6).
 PUBLISHED_RATIOS = {
     "TriviaQA EM": {"load-only": 0.278 / 0.590, "partinfer": 0.045 / 0.590, "coreinfer": 0.085 / 0.590},
     "SQuAD v2": {"load-only": 26.4 / 31.0, "partinfer": 24.7 / 31.0, "coreinfer": 18.8 / 31.0},
@@ -68,15 +68,8 @@ def run_method(model_dir: Path, method: str, sparsity: SparsityConfig, tasks: li
 
     from evaluation.lm_eval_adapter import PartinferLM
 
-    s = replace(sparsity, method=method)
-    lm = PartinferLM(
-        model=str(model_dir), method=method, gamma=s.gamma, delta=s.delta, phi=s.phi,
-        token_sparsity=s.token_sparsity, core_score=s.core_score, token_score=s.token_score,
-        start_num=s.start_num, end_num=s.end_num,
-        model_neurons=str(s.model_neurons) if s.model_neurons else None,
-        dataset_neurons=str(s.dataset_neurons) if s.dataset_neurons else None,
-        base_neurons_type=s.base_neurons_type, dtype=dtype, device=device, batch_size=batch_size,
-    )
+    lm = PartinferLM(model=str(model_dir), sparsity=replace(sparsity, method=method), dtype=dtype, device=device,
+                     batch_size=batch_size)
     try:
         out = lm_eval.simple_evaluate(model=lm, tasks=tasks, limit=limit, bootstrap_iters=1000,
                                       task_manager=TaskManager(include_path=str(TASKS_DIR)), log_samples=False)

@@ -12,6 +12,7 @@ raw context (no chat template), `batch_size` requests at a time, and cuts at the
 
 from __future__ import annotations
 
+from dataclasses import fields
 from pathlib import Path
 
 from lm_eval.api.model import LM
@@ -26,29 +27,22 @@ from runtime.sparsity import SparsityConfig
 from runtime.text import TextStream
 
 
-def _opt_int(value) -> int | None:
-    return None if value in (None, "", "None") else int(value)
-
-
 @register_model("partinfer")
 class PartinferLM(LM):
     def __init__(
-        self, model: str | None = None, method: str = "partinfer", gamma: float = 0.7, delta: float = 0.3,
-        phi: float = 0.4, token_sparsity: float = 0.2, core_score: str = "abs", token_score: str = "scaled",
-        start_num=None, end_num=None,
-        model_neurons: str | None = None, dataset_neurons: str | None = None, base_neurons_type: str = "model",
-        dtype: str = "bf16", device: str = "cpu", max_length: int = 2048, batch_size: int | str = 1,
-        score_batch: int = 16, prompt_tokens: int = 64, **_unused,
+        self, model: str | None = None, sparsity: SparsityConfig | None = None, dtype: str = "bf16",
+        device: str = "cpu", max_length: int = 2048, batch_size: int | str = 1, score_batch: int = 16,
+        prompt_tokens: int = 64, **settings,
     ):
+        """`sparsity` from our runner, or its fields as strings from lm-eval's `--model_args`
+        (e.g. `method=partinfer,gamma=0.7`); lm-eval's own extra arguments are ignored."""
         super().__init__()
-        neurons = Path(model_neurons) if model_neurons else shipped_model_neurons(model)
-        sparsity = SparsityConfig(
-            method=method, gamma=float(gamma), delta=float(delta), phi=float(phi),
-            token_sparsity=float(token_sparsity), core_score=core_score, token_score=token_score,
-            start_num=_opt_int(start_num),
-            end_num=_opt_int(end_num), base_neurons_type=base_neurons_type, model_neurons=neurons,
-            dataset_neurons=Path(dataset_neurons) if dataset_neurons else None,
-        )
+        if sparsity is None:
+            known = {f.name for f in fields(SparsityConfig)}
+            values = {k: v for k, v in settings.items() if k in known}
+            if not values.get("model_neurons"):
+                values["model_neurons"] = shipped_model_neurons(model)
+            sparsity = SparsityConfig.from_dict(values)
         self.engine = load_engine(model, dtype, device, sparsity)
         self.tokenizer = self.engine.tokenizer
         self.max_length = min(int(max_length), self.engine.model.cfg.max_seq_len)

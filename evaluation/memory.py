@@ -21,11 +21,12 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from runtime.errors import PartinferError
+from common.errors import PartinferError
 from runtime.process_memory import proc_status
+from runtime.sparsity import SparsityConfig
 
 MIB = 2**20
 DEFAULT_GAMMAS = (0.9, 0.8, 0.7, 0.5)
@@ -38,10 +39,7 @@ class MemorySpec:
     name: str
     model_dir: str
     method: str = "dense"  # a runtime method, or "transformers" (the peer)
-    gamma: float = 1.0
-    delta: float = 0.3
-    phi: float = 0.4
-    model_neurons: str | None = None
+    sparsity: dict | None = None  # SparsityConfig.to_dict() of a runtime method, validated by the caller
     dtype: str = "bf16"
     device: str = "cpu"
     new_tokens: int = 16
@@ -71,8 +69,6 @@ def run_worker(spec: MemorySpec) -> dict:
         if dtype == torch.bfloat16 and cpu_kernels():  # the compiled decode kernels' library, too
             gemv(w, x[0, 0].float())
     # Building a module on the `meta` device imports torch's meta machinery once (~67 MiB here).
-    from dataclasses import replace
-
     from runtime.model import Transformer
 
     with torch.device("meta"):
@@ -95,11 +91,8 @@ def run_worker(spec: MemorySpec) -> dict:
     else:
         from runtime.loader import load_model
         from runtime.sparse_ffn import SparseFFN
-        from runtime.sparsity import SparsityConfig
 
-        sparsity = SparsityConfig(method=spec.method, gamma=spec.gamma, delta=min(spec.delta, spec.phi, spec.gamma),
-                                  phi=min(spec.phi, spec.gamma),
-                                  model_neurons=Path(spec.model_neurons) if spec.model_neurons else None)
+        sparsity = SparsityConfig.from_dict(spec.sparsity or {"method": "dense"})
         model = load_model(Path(spec.model_dir), dtype, spec.device, sparsity)
         load_s = time.perf_counter() - t0
         after_load = proc_status()
@@ -113,7 +106,8 @@ def run_worker(spec: MemorySpec) -> dict:
         cuda = {"cuda_max_allocated_mib": torch.cuda.max_memory_allocated() / MIB,
                 "cuda_allocated_mib": torch.cuda.memory_allocated() / MIB}
     return {**cuda,
-        "name": spec.name, "method": spec.method, "gamma": spec.gamma, "phi": spec.phi, "load_s": load_s,
+        "name": spec.name, "method": spec.method, "gamma": (spec.sparsity or {}).get("gamma", 1.0),
+        "phi": (spec.sparsity or {}).get("phi"), "load_s": load_s,
         "baseline": baseline, "after_load": after_load, "after_generate": after_gen, "expected_bytes": expected,
         "model_mib_after_load": after_load["VmRSS"] - baseline["VmRSS"],
         "model_mib": after_gen["VmRSS"] - baseline["VmRSS"],
@@ -156,7 +150,7 @@ def measure(spec: MemorySpec) -> dict:
 def packed_dir_for(model_dir: Path, model_neurons: Path) -> Path:
     """Where `partinfer memory` keeps the packed copy of a model for a given neuron file (packed once)."""
     from runtime.pack import pack_checkpoint
-    from runtime.prepare import cache_home
+    from common.paths import cache_home
 
     digest = hashlib.sha1(Path(model_neurons).read_bytes()).hexdigest()[:10]
     out = cache_home() / "packed" / f"{Path(model_dir).name}-{digest}"
@@ -165,18 +159,20 @@ def packed_dir_for(model_dir: Path, model_neurons: Path) -> Path:
     return out
 
 
-def run_memory(model_dir: Path, model_neurons: Path | None, gammas=DEFAULT_GAMMAS, methods=("load-only", "partinfer"),
-               phi: float = 0.4, delta: float = 0.3, dtype: str = "bf16", device: str = "cpu", packed: bool = True,
-               peers: bool = True, progress=None) -> dict:
-    """Measure dense, each method at each γ, and the transformers peer; one fresh process each."""
+def run_memory(model_dir: Path, sparsity: SparsityConfig, gammas=DEFAULT_GAMMAS, methods=("load-only", "partinfer"),
+               dtype: str = "bf16", device: str = "cpu", packed: bool = True, peers: bool = True,
+               progress=None) -> dict:
+    """Measure dense, each method at each γ (the rest of `sparsity` as given), and the transformers peer;
+    one fresh process each. Every configuration is validated here, before the first worker starts."""
     specs = [MemorySpec("dense", str(model_dir), "dense", dtype=dtype, device=device)]
     if methods:
-        if model_neurons is None:
+        if sparsity.model_neurons is None:
             raise PartinferError("sparse methods need --model-neurons FILE (a model-level neuron file)")
-        source = packed_dir_for(model_dir, model_neurons) if packed else model_dir
+        source = packed_dir_for(model_dir, sparsity.model_neurons) if packed else model_dir
         for method in methods:
             for g in gammas:
-                specs.append(MemorySpec(f"{method} γ={g}", str(source), method, g, delta, phi, str(model_neurons), dtype, device))
+                config = replace(sparsity, method=method, gamma=g)  # raises on a δ or φ that γ cannot hold
+                specs.append(MemorySpec(f"{method} γ={g}", str(source), method, config.to_dict(), dtype, device))
     if peers:
         specs.append(MemorySpec("transformers", str(model_dir), "transformers", dtype=dtype, device=device))
     rows = []

@@ -3,7 +3,7 @@
 Per text: the first `prompt_tokens` tokens are the sentence the runtime selects from (prefill with
 every loaded neuron, then selection), and the next `cont_tokens` tokens are scored teacher-forced
 with the decode-time neurons, as generation would compute them. This is the measurement of
-DESIGN.md §1 "Signed activations" (64-token prompt, 128 scored tokens, held-out news text).
+docs/design.md §1 ("Why |a|") (64-token prompt, 128 scored tokens, held-out news text).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from evaluation.scoring import score_continuations
 from runtime.engine import parse_device, parse_dtype
-from runtime.errors import PartinferError
+from common.errors import PartinferError
 from runtime.loader import load_model
 from runtime.model import Transformer
 from runtime.prepare import resolve_model
@@ -41,7 +41,7 @@ def continuation_nll(model: Transformer, prompt: list[int], continuation: list[i
 
 def perplexity_texts(dataset: str, num_samples: int, tokenizer, length: int) -> list[list[int]]:
     """Token ids of the first `num_samples` texts of the data set's eval split with at least `length` tokens."""
-    from profiler.data import BUILTIN_TASKS, load_task_records, load_texts
+    from common.data import BUILTIN_TASKS, load_task_records, load_texts
 
     if dataset in BUILTIN_TASKS:
         records = load_task_records(dataset, "eval")

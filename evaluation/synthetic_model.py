@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from profiler.profile import ProfileConfig, profile_prompts, to_neuron_file
-from runtime.atomic import atomic_file
+from common.atomic import atomic_file
 from runtime.loader import load_dense_model
 
 # Hugging Face LlamaConfig fields per shape. llama-3.1-8b: the published Llama-3.1-8B geometry.

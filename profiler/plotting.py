@@ -6,7 +6,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from runtime.atomic import atomic_file
+from common.atomic import atomic_file
 
 
 @contextmanager

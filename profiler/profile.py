@@ -15,14 +15,14 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from profiler.data import load_texts
-from profiler.neuron_file import NeuronFile, merge
+from common.data import load_texts
+from common.neuron_file import NeuronFile, merge
 from profiler.stats import ActivationStats, attach_recorders, detach_recorders
 from runtime.engine import Engine
-from runtime.errors import PartinferError
+from common.errors import PartinferError
 from runtime.generate import left_pad
 from runtime.model import KVCache, Transformer, decode_step, prefill
-from runtime.output_dir import check_output_dir, replace_output_dir
+from common.output_dir import check_output_dir, replace_output_dir
 from runtime.selection import CORE_SCORES
 
 

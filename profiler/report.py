@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from profiler.neuron_file import NeuronFile
+from common.neuron_file import NeuronFile
 from profiler.plotting import png_axes
 
 COVERAGE_FRACTIONS = (0.1, 0.2, 0.4, 0.7)

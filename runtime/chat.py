@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 
 from runtime.engine import Engine
-from runtime.errors import PartinferError
+from common.errors import PartinferError
 from runtime.generate import GenerationResult, SamplingConfig, generate
 from runtime.process_memory import proc_status
 from runtime.sparse_ffn import sparse_modules, sparsity_summary

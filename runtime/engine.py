@@ -8,7 +8,7 @@ from typing import Callable
 
 import torch
 
-from runtime.errors import PartinferError
+from common.errors import PartinferError
 from runtime.generate import GenerationResult, SamplingConfig, generate
 from runtime.loader import load_model
 from runtime.model import KVCache, Transformer

@@ -10,7 +10,7 @@ from typing import Callable
 import torch
 
 from runtime.cuda_graph import GraphedDecode
-from runtime.errors import PartinferError
+from common.errors import PartinferError
 from runtime.model import KVCache, Transformer, decode_step, prefill
 from runtime.native import argmax as native_argmax, cpu_kernels
 from runtime.sparse_ffn import begin_prompt, end_prompt

@@ -11,12 +11,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from runtime.errors import PartinferError
-from runtime.files import read_json
+from common.errors import PartinferError
+from common.files import read_json
 from runtime.model import ModelConfig, Transformer
 from runtime.native import cpu_kernels
-from runtime.output_dir import manifest_name
-from runtime.safetensors_io import SafetensorsFile
+from common.output_dir import manifest_name
+from common.safetensors_io import SafetensorsFile
 
 if TYPE_CHECKING:
     from runtime.sparsity import SparsityConfig
@@ -79,7 +79,7 @@ class CheckpointReader:
         return name in self.shards
 
 
-PACK_MANIFEST = manifest_name("pack")  # written by `partinfer pack` (runtime.output_dir)
+PACK_MANIFEST = manifest_name("pack")  # written by `partinfer pack` (common.output_dir)
 
 
 def is_packed(model_dir: Path) -> bool:
@@ -234,9 +234,9 @@ def packed_perms_to_check(model_dir: Path, sparsity: "SparsityConfig", cfg: Mode
     """For a packed checkpoint read with a model-level neuron file: the permutation each layer must have."""
     if not is_packed(model_dir) or sparsity.model_neurons is None:
         return {}
-    from profiler.neuron_file import NeuronFile
+    from common.neuron_file import NeuronFile
 
-    nf = NeuronFile.load(sparsity.model_neurons, cfg)
+    nf = NeuronFile.load(sparsity.model_neurons, cfg.fingerprint)
     return {i: nf.rank(i).long() for i in range(cfg.n_layers)}
 
 

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from runtime.errors import PartinferError
-from runtime.files import read_json
+from common.errors import PartinferError
+from common.files import read_json
 from runtime.kernels import Linear, linear
 from runtime.native import attention_decode, cpu_kernels, model_decode, rms_norm
 

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from common.paths import cache_home
+
 SOURCE = Path(__file__).parent / "csrc" / "cpu_gemv.cpp"
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
@@ -46,8 +48,6 @@ BUILD_TIMEOUT_S = 600.0  # our own build
 
 
 def build_dir() -> Path:
-    from runtime.prepare import cache_home
-
     return cache_home() / "build" / torch.__version__.replace("+", "_")
 
 

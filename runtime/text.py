@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from runtime.errors import PartinferError
+from common.errors import PartinferError
 
 
 def load_tokenizer(model_dir: Path):

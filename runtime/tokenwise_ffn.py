@@ -1,7 +1,7 @@
 """`TokenwiseFFN` (`--method tokenwise`): a per-token choice of the computed neurons, by the gate.
 
 Per-sentence selection (PartInfer, CoreInfer) fixes φ of the neurons for a whole answer; on SiLU
-models that costs most of the accuracy that loading γ keeps (DESIGN.md §1 "Signed activations").
+models that costs most of the accuracy that loading γ keeps (docs/design.md, "Why |a|").
 Here every token, in every sparse layer, computes the gate projection of all loaded neurons, keeps
 the δ·n base neurons plus the loaded neurons with the highest gate-based score (below) up to φ·n,
 and computes `up` and `down` only for those. Bytes read per token: (γ/3 + 2φ/3) of the layer's FFN.

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from profiler.neuron_file import NeuronFile
+from common.neuron_file import NeuronFile
 from profiler.profile import ProfileConfig, profile_prompts
 from runtime.loader import load_dense_model
 

@@ -18,11 +18,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from profiler.data import load_texts
-from profiler.neuron_file import NeuronFile
-from runtime.cli import app
-from runtime.errors import PartinferError
-from runtime.safetensors_io import SafetensorsFile
+from common.data import load_texts
+from common.neuron_file import NeuronFile
+from cli.app import app
+from common.errors import PartinferError
+from common.safetensors_io import SafetensorsFile
 from tests.helpers import make_neuron_file
 from tests.test_cli import assert_clean_error
 
@@ -137,7 +137,7 @@ def test_prompt_that_is_not_utf8(tiny_llama_dir):
 
 def test_chat_survives_a_line_that_is_not_utf8(default_model_dir):
     env = {**os.environ, "PYTHONIOENCODING": "utf-8", "LC_ALL": "C.UTF-8"}
-    done = subprocess.run([sys.executable, "-m", "runtime", "chat", "-n", "4"], input=b"caf\xe9\nHello\n/exit\n",
+    done = subprocess.run([sys.executable, "-m", "cli", "chat", "-n", "4"], input=b"caf\xe9\nHello\n/exit\n",
                           capture_output=True, env=env, timeout=300)
     err = done.stderr.decode()
     assert done.returncode == 0, err

@@ -7,7 +7,7 @@ import json
 from typer.testing import CliRunner
 
 from evaluation.bench import format_bench
-from runtime.cli import app
+from cli.app import app
 
 runner = CliRunner()
 

@@ -13,11 +13,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from profiler.neuron_file import NeuronFile
-from runtime.cli import app
-from runtime.errors import PartinferError
+from common.neuron_file import NeuronFile
+from cli.app import app
+from common.errors import PartinferError
 from runtime.model import ModelConfig
-from runtime.safetensors_io import SafetensorsFile
+from common.safetensors_io import SafetensorsFile
 from tests.helpers import make_neuron_file
 from tests.test_cli import assert_clean_error
 

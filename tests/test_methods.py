@@ -6,8 +6,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from runtime.cli import app
-from runtime.errors import PartinferError
+from cli.app import app
+from common.errors import PartinferError
 from runtime.generate import generate
 from runtime.loader import load_dense_model, load_model
 from runtime.sparse_ffn import sparse_modules

@@ -1,5 +1,5 @@
 """Nothing lost: output paths never delete or overwrite what a command did not write, and interrupted
-runs leave nothing behind (runtime.output_dir, runtime.atomic)."""
+runs leave nothing behind (common.output_dir, common.atomic)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import os
 import pytest
 from typer.testing import CliRunner
 
-from runtime.cli import app
-from runtime.output_dir import IncrementalOutput, manifest_name, replace_output_dir
+from cli.app import app
+from common.output_dir import IncrementalOutput, manifest_name, replace_output_dir
 from tests.helpers import make_neuron_file
 from tests.test_cli import assert_clean_error
 
@@ -133,12 +133,12 @@ def test_a_failure_inside_the_block_leaves_nothing(tmp_path):
 
 
 def test_full_disk_is_a_one_line_error_and_leaves_no_file(default_model_dir, tmp_path, monkeypatch):
-    import profiler.neuron_file
+    import common.neuron_file
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(profiler.neuron_file, "save_file", full)
+    monkeypatch.setattr(common.neuron_file, "save_file", full)
     data = tmp_path / "prompts.txt"
     data.write_text("The cat sat on the mat.\n")
     result = runner.invoke(app, ["profile", "-d", str(data), "-n", "1", "--gen-tokens", "1", "--out", str(tmp_path / "nf")])

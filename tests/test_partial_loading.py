@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from profiler.neuron_file import NeuronFile
-from runtime.errors import PartinferError
+from common.neuron_file import NeuronFile
+from common.errors import PartinferError
 from runtime.generate import generate
 from runtime.loader import load_dense_model, load_model
 from runtime.pack import pack_checkpoint

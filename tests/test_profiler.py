@@ -9,11 +9,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-import profiler.neuron_file as neuron_file_module
-from profiler.data import load_texts
-from profiler.neuron_file import NeuronFile, merge
+import common.neuron_file as neuron_file_module
+from common.data import load_texts
+from common.neuron_file import NeuronFile, merge
 from profiler.profile import ProfileConfig, profile_prompts
-from runtime.errors import PartinferError
+from common.errors import PartinferError
 from runtime.loader import load_dense_model
 from runtime.model import ModelConfig
 from runtime.selection import token_core_mask
@@ -70,7 +70,7 @@ def make_file(cfg: ModelConfig, seed: int = 0, tokens: int = 100, name: str = "d
 def test_round_trip_exact(tiny_llama_dir, tmp_path):
     cfg = ModelConfig.from_dir(tiny_llama_dir)
     nf = make_file(cfg)
-    back = NeuronFile.load(nf.save(tmp_path / "n.safetensors"), cfg)
+    back = NeuronFile.load(nf.save(tmp_path / "n.safetensors"), cfg.fingerprint)
     for i in range(cfg.n_layers):
         assert torch.equal(back.sum_abs[i], nf.sum_abs[i]) and torch.equal(back.core_count[i], nf.core_count[i])
         assert torch.equal(back.rank(i), nf.rank(i))
@@ -91,7 +91,7 @@ def test_file_of_another_model_is_refused(tiny_llama_dir, tmp_path):
     other = replace(cfg, ffn_dim=cfg.ffn_dim * 2)
     path = make_file(other).save(tmp_path / "other.safetensors")
     with pytest.raises(PartinferError, match="was made for"):
-        NeuronFile.load(path, cfg)
+        NeuronFile.load(path, cfg.fingerprint)
 
 
 def test_truncated_and_missing_files(tiny_llama_dir, tmp_path):

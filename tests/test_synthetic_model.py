@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM
 
 from evaluation.bench import run_bench
 from evaluation.synthetic_model import SHAPES, llama_tensor_shapes, profile_random_model, save_random_llama
-from profiler.neuron_file import NeuronFile
+from common.neuron_file import NeuronFile
 from runtime.loader import load_dense_model
 from runtime.sparsity import SparsityConfig
 

@@ -1,6 +1,6 @@
 """Data and metrics of partinfer's offline lm-eval tasks (the YAML files beside this one).
 
-Every task reads the `eval` split (second half) of a built-in task of `profiler.data`, so the
+Every task reads the `eval` split (second half) of a built-in task of `common.data`, so the
 shipped neuron files — made from the `profile` split (first half) — never saw an evaluated example.
 The data comes from the `bigbench` archive on PyPI (fetched once into `$PARTINFER_HOME/data`).
 """
@@ -15,7 +15,7 @@ from collections import Counter
 import datasets
 import numpy as np
 
-from profiler.data import load_task_records
+from common.data import load_task_records
 
 # The standard 6-shot QA primer of TruthfulQA's multiple-choice setting (Lin et al., 2021).
 QA_PRIMER = (

@@ -19,9 +19,9 @@ import tarfile
 from pathlib import Path
 from typing import Callable, Iterable
 
-from runtime.atomic import atomic_file
-from runtime.errors import PartinferError
-from runtime.prepare import cache_home
+from common.atomic import atomic_file
+from common.errors import PartinferError
+from common.paths import cache_home
 
 BIGBENCH_PIP = "bigbench==1.0.0"
 BIGBENCH_FILE = "bigbench-1.0.0.tar.gz"

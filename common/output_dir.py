@@ -28,8 +28,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from runtime.atomic import atomic_file, clean_stale_temporaries, temp_prefix
-from runtime.errors import PartinferError
+from common.atomic import atomic_file, clean_stale_temporaries, temp_prefix
+from common.errors import PartinferError
 
 MANIFEST_FORMAT = "partinfer-output"
 

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from runtime.errors import PartinferError
+from common.errors import PartinferError
 
 
 def read_json(path: Path, what: str, fix: str) -> Any:

@@ -24,10 +24,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from runtime.atomic import atomic_file
-from runtime.errors import PartinferError
-from runtime.model import ModelConfig
-from runtime.safetensors_io import SafetensorsFile
+from common.atomic import atomic_file
+from common.errors import PartinferError
+from common.safetensors_io import SafetensorsFile
 
 FORMAT = "partinfer-neurons"
 VERSION = 1
@@ -65,11 +64,11 @@ class NeuronFile:
         """Neuron indices, largest mean |a| first (ties by index, so the order is deterministic)."""
         return torch.sort(self.mean_abs(layer), descending=True, stable=True).indices.to(torch.int32)
 
-    def check_model(self, cfg: ModelConfig, path: Path | str = "neuron file") -> None:
-        """Refuse a file made for another model geometry."""
-        if self.fingerprint != cfg.fingerprint:
+    def check_model(self, fingerprint: str, path: Path | str = "neuron file") -> None:
+        """Refuse a file made for another model geometry (`fingerprint`: the model config's)."""
+        if self.fingerprint != fingerprint:
             raise PartinferError(
-                f"{path} was made for {self.fingerprint} ({self.model}), not this model ({cfg.fingerprint}); "
+                f"{path} was made for {self.fingerprint} ({self.model}), not this model ({fingerprint}); "
                 "profile this model with `partinfer profile` or pass its own neuron file"
             )
 
@@ -128,8 +127,8 @@ class NeuronFile:
         )
 
     @classmethod
-    def load(cls, path: Path | str, cfg: ModelConfig | None = None) -> "NeuronFile":
-        """Read a neuron file; with `cfg`, also check it was made for that model."""
+    def load(cls, path: Path | str, fingerprint: str | None = None) -> "NeuronFile":
+        """Read a neuron file; with `fingerprint` (a model config's), also check it was made for that model."""
         path = Path(path)
         if not path.is_file():
             raise PartinferError(f"neuron file {path} does not exist; make one with `partinfer profile` or fix the path")
@@ -151,8 +150,8 @@ class NeuronFile:
         except (KeyError, ValueError, TypeError) as e:
             detail = f"missing {e.args[0]!r}" if isinstance(e, KeyError) else str(e)
             raise PartinferError(f"{path} is not a valid neuron file ({detail}); profile again") from e
-        if cfg is not None:
-            nf.check_model(cfg, path)
+        if fingerprint is not None:
+            nf.check_model(fingerprint, path)
         return nf
 
 

@@ -3,7 +3,7 @@
 The file is written under a temporary name beside the destination and renamed into place only when
 complete; on any exception (KeyboardInterrupt included) the temporary is removed, and temporaries
 left by a killed process are removed by the next write of the same file. Whole output directories
-are written by `runtime.output_dir`.
+are written by `common.output_dir`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from runtime.errors import PartinferError
+from common.errors import PartinferError
 
 TEMP_MARK = ".partinfer-tmp-"
 

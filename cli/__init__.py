@@ -1,0 +1,1 @@
+"""The `partinfer` command line, the top layer: thin typer commands over the library API."""

@@ -1,0 +1,41 @@
+"""`partinfer prepare` and `partinfer pack`: getting a model, and rewriting it for partial loads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from cli.options import ModelOpt
+from common.errors import PartinferError
+
+
+def prepare(
+    model: Annotated[Optional[str], typer.Argument(help="Local HF directory or hub id; omit for the default model.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Convert the default model again.")] = False,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Directory for the converted default model (new, empty, or an earlier `prepare --out`); default: the cache.")] = None,
+) -> None:
+    """Obtain a model (converting the embedded default GGUF to bf16 safetensors once) and print where it is."""
+    from runtime.prepare import prepare_default_model, resolve_model
+
+    if model is not None and out is not None:
+        raise PartinferError("--out applies to the default model's conversion; omit MODEL, or omit --out")
+    path = prepare_default_model(force, out) if model is None else resolve_model(model)
+    typer.echo(str(path))
+
+
+def pack(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the packed checkpoint (new, empty, or an earlier `pack --out`).")],
+    model: ModelOpt = None,
+    model_neurons: Annotated[Optional[Path], typer.Option("--model-neurons", help="Model-level neuron file that orders each layer (default: the shipped one for the default model).")] = None,
+) -> None:
+    """Write a packed checkpoint: FFN layers permuted hot-first and bundled per neuron ([n, 3, d]) for partial loads."""
+    from runtime.defaults import shipped_model_neurons
+    from runtime.pack import pack_checkpoint
+    from runtime.prepare import resolve_model
+
+    neurons = model_neurons or shipped_model_neurons(model)
+    if neurons is None:
+        raise PartinferError("pass --model-neurons FILE (a model-level neuron file from `partinfer profile`)")
+    typer.echo(str(pack_checkpoint(resolve_model(model), neurons, out)))

@@ -1,0 +1,88 @@
+"""`partinfer profile`, `partinfer data fetch` and `partinfer neurons show`: the offline half."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from cli.options import DeviceOpt, JsonOpt, ModelOpt
+from common.errors import PartinferError
+
+
+def profile(
+    dataset: Annotated[list[str], typer.Option("--dataset", "-d", help="Built-in task (truthfulqa, squad, xsum, coqa, wikilingua), local .json/.jsonl/.txt/.parquet file, or hub data set; repeat for several.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the neuron files (new, empty, or an earlier `profile --out`).")] = Path("neuron_files"),
+    model: ModelOpt = None,
+    num_samples: Annotated[int, typer.Option("--num-samples", "-n", min=1, max=10_000_000, help="Prompts per data set.")] = 64,
+    gen_tokens: Annotated[int, typer.Option("--gen-tokens", min=0, max=1_048_576, help="Greedy tokens generated after each prompt and profiled too.")] = 32,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, max=4096, help="Prompts per forward pass.")] = 8,
+    max_prompt_tokens: Annotated[int, typer.Option("--max-prompt-tokens", min=1, max=1_048_576, help="Keep only the last N tokens of a prompt.")] = 512,
+    token_sparsity: Annotated[float, typer.Option("--token-sparsity", help="Fraction of a token's neurons that are its core neurons.")] = 0.2,
+    core_score: Annotated[str, typer.Option("--core-score", help="abs (signed activations) or positive (CoreInfer).")] = "abs",
+    split: Annotated[str, typer.Option("--split", help="Built-in tasks: profile (first half), eval (second half) or all.")] = "profile",
+    column: Annotated[Optional[str], typer.Option("--column", help="Text column of a file or hub data set.")] = None,
+    config: Annotated[Optional[str], typer.Option("--config", help="Hub data set configuration.")] = None,
+    hub_split: Annotated[str, typer.Option("--hub-split", help="Hub data set split.")] = "train",
+    dtype: Annotated[str, typer.Option("--dtype", help="Profiling dtype; fp32 is faster than bf16 on CPUs without native bf16.")] = "fp32",
+    device: DeviceOpt = "cpu",
+    as_json: JsonOpt = False,
+) -> None:
+    """Profile data sets through the dense model; write dataset-level neuron files and a model-level one."""
+    from common.output_dir import check_output_dir
+    from profiler.profile import ProfileConfig, profile_inputs, run_profile
+    from runtime.engine import load_engine
+    from runtime.prepare import resolve_model
+
+    cfg = ProfileConfig(num_samples, gen_tokens, batch_size, max_prompt_tokens, token_sparsity, core_score, split)
+    model_dir = resolve_model(model)
+    check_output_dir(out, "profile", profile_inputs(model_dir, dataset))  # before loading anything
+    engine = load_engine(str(model_dir), dtype, device)
+    report = run_profile(engine, dataset, out, cfg, column=column, config=config, hub_split=hub_split)
+    summary = {"files": {k: str(v) for k, v in report.files.items()}, "tokens": report.tokens,
+               "seconds": report.seconds, "tokens_per_s": report.tokens_per_s}
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2))
+    else:
+        for name, path in report.files.items():
+            typer.echo(f"{name}\t{path}")
+        typer.echo(f"profiled {report.tokens} tokens in {report.seconds:.1f} s ({report.tokens_per_s:.1f} tokens/s)")
+
+
+def data_fetch(
+    tasks: Annotated[Optional[list[str]], typer.Argument(help="Built-in tasks; default: all.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Extract again.")] = False,
+) -> None:
+    """Download the bigbench source archive from PyPI once and extract the built-in tasks as JSONL."""
+    from common.data import fetch_data
+
+    for task, path in fetch_data(tasks, force).items():
+        typer.echo(f"{task}\t{path}")
+
+
+def neurons_show(
+    files: Annotated[list[Path], typer.Argument(help="One neuron file, or two to compare their top sets.")],
+    gamma: Annotated[float, typer.Option("--gamma", min=0.0, max=1.0, help="Fraction for the overlap of two files' top sets.")] = 0.7,
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="Write coverage curves to this PNG.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Per layer, the share of activation mass carried by the top 10/20/40/70 % of neurons; overlap of two files."""
+    from common.neuron_file import NeuronFile
+    from profiler.report import coverage, format_show, plot_coverage, top_overlap
+
+    if not 1 <= len(files) <= 2:
+        raise PartinferError("give one or two neuron files")
+    loaded = [NeuronFile.load(f) for f in files]
+    if len(loaded) == 2 and loaded[0].fingerprint != loaded[1].fingerprint:
+        raise PartinferError(f"{files[0]} and {files[1]} are for different models; compare files of one model")
+    if as_json:
+        report = {str(f): {"coverage": coverage(nf)} for f, nf in zip(files, loaded)}
+        if len(loaded) == 2:
+            report["overlap"] = top_overlap(loaded[0], loaded[1], gamma)
+        typer.echo(json.dumps(report, indent=2))
+    else:
+        typer.echo(format_show(files, loaded, gamma))
+    if plot is not None:
+        typer.echo(f"plot: {plot_coverage({f.name: nf for f, nf in zip(files, loaded)}, plot)}", err=True)

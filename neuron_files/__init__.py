@@ -1,0 +1,1 @@
+"""The shipped neuron files of the default model, installed as package data (see README.md here)."""

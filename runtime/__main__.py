@@ -1,4 +1,0 @@
-"""`python -m runtime ...` runs the `partinfer` CLI."""
-from runtime.cli import main
-
-main()
