@@ -1,8 +1,8 @@
 """Reading safetensors with plain positioned reads into memory we own: only the bytes asked for.
 
 Why not `safe_open(...).get_tensor`: it returns tensors backed by a memory map, and copying from the
-map leaves the touched file pages resident (RssFile) until the handle is collected — measured here as
-a load peak of about twice the model. `os.preadv` into a preallocated tensor reads exactly the
+map leaves the touched file pages resident (RssFile) until the handle is collected — a load peak of
+about twice the model (docs/design.md §7). `os.preadv` into a preallocated tensor reads exactly the
 requested byte ranges and nothing stays mapped, so peak RSS during load is the final RSS plus at
 most one tensor being assembled.
 

@@ -176,9 +176,8 @@ def run_bench(
     prompt = torch.randint(min(100, dense.cfg.vocab_size // 4), dense.cfg.vocab_size - 1, (prompt_len,), generator=g).tolist()
     on_cpu_bf16 = device.startswith("cpu") and torch_dtype == torch.bfloat16
     gemv_rate = measure_gemv_rate(max(dense.cfg.dim, 256)) if on_cpu_bf16 else None  # model width; tiny test models: 256
-    # The memory bandwidth of a shared machine moves in phases lasting seconds (the development VM's
-    # copy test gave 25-28 GB/s, then 38-41 GB/s, minutes apart), so each row's floor comes from copy
-    # tests taken just before and just after its own timed runs, not from one measurement of the run.
+    # The memory bandwidth of a shared machine moves in phases lasting seconds (docs/design.md §7), so
+    # each row's floor comes from copy tests taken just before and just after its own timed runs.
     copies: list[float] = []  # one before each row's timing, and one at the end
     timed = []  # (name, prefill tok/s, decode tok/s, bytes per token)
     for method in methods:

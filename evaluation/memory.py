@@ -7,7 +7,7 @@ model (peak RSS during load = VmHWM), then generates a few tokens so that every 
 been read, and reports RssAnon and RssFile from /proc/self/status. Model memory = RSS - baseline.
 
 The baseline also builds a one-layer model on the `meta` device, because that imports torch's meta
-machinery (~67 MiB here) in any process that loads the way we do.
+machinery (tens of MiB, docs/design.md §7) in any process that loads the way we do.
 
 Expected bytes are the weights the configuration keeps: non-FFN + loaded FFN neurons, plus the
 per-sequence compact copies that a batch with several active sets gathers (none at batch 1, where
@@ -68,7 +68,7 @@ def run_worker(spec: MemorySpec) -> dict:
         torch.nn.functional.embedding(torch.tensor([[1]]), w)
         if dtype == torch.bfloat16 and cpu_kernels():  # the compiled decode kernels' library, too
             gemv(w, x[0, 0].float())
-    # Building a module on the `meta` device imports torch's meta machinery once (~67 MiB here).
+    # Building a module on the `meta` device imports torch's meta machinery once.
     from runtime.model import Transformer
 
     with torch.device("meta"):

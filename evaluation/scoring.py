@@ -12,7 +12,6 @@ from __future__ import annotations
 import torch
 
 from runtime.model import KVCache, Transformer, prefill
-from runtime.sparse_ffn import begin_prompt, end_prompt
 
 
 def _expand_cache(cache: KVCache, batch: int) -> KVCache:
@@ -50,10 +49,8 @@ def score_continuations(
     device = model.embed_tokens.weight.device
     longest = max(len(c) for c in continuations)
     cache = KVCache(model.cfg, 1, len(context) + longest, model.embed_tokens.weight.dtype, device)
-    begin_prompt(model)
-    ctx_logits = prefill(model, torch.tensor([context], device=device), cache,
+    ctx_logits = prefill(model, torch.tensor([context], device=device), cache,  # the sentence: selects
                          logits_for="all" if score_context else "last")[0].float()  # [T or 1, V]
-    end_prompt(model)
     ctx_logprobs = None
     if score_context:
         lp = torch.log_softmax(ctx_logits[:-1], dim=-1)
@@ -63,8 +60,8 @@ def score_continuations(
     if longest > 1:
         tokens, mask = _right_pad([c[:-1] for c in continuations])
         batch_cache = _expand_cache(cache, len(continuations))
-        rest = torch.log_softmax(prefill(model, tokens.to(device), batch_cache, mask.to(device),
-                                         logits_for="all").float(), dim=-1)  # [K, longest - 1, V]
+        rest = torch.log_softmax(prefill(model, tokens.to(device), batch_cache, mask.to(device), logits_for="all",
+                                         select=False).float(), dim=-1)  # [K, longest - 1, V], decode neurons
     out = []
     for i, cont in enumerate(continuations):
         lp = first[None] if len(cont) == 1 else torch.cat([first[None], rest[i, : len(cont) - 1]])  # [C, V]

@@ -8,10 +8,9 @@ no per-token activation is kept.
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from runtime.kernels import linear
-from runtime.model import FFN, Transformer
+from runtime.model import FFN, FeedForward, Transformer
 from runtime.selection import token_core_mask
 
 
@@ -38,7 +37,7 @@ class ActivationStats:
             self.tokens += flat.shape[0]
 
 
-class RecordingFFN(nn.Module):
+class RecordingFFN(FeedForward):
     """The dense FFN, plus a report of its activations a = act(gate(x)) * up(x) to `stats`."""
 
     def __init__(self, ffn: FFN, layer: int, stats: ActivationStats):

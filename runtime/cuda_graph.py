@@ -1,9 +1,8 @@
 """GPU decode replayed from a CUDA graph.
 
 Why: a batch-1 decode step on a GPU is a few hundred small kernels (~20 per layer). Launched one by
-one from Python, each costs several microseconds of CPU time, and the GPU idles between them: eager
-transformers `generate()` reaches about 5 % of a GPU's bandwidth floor (the speed issue's
-reference figure). Captured once as a CUDA graph, a whole step is one launch. The step is
+one from Python, each costs several microseconds of CPU time, and the GPU idles between them, far
+below its bandwidth floor. Captured once as a CUDA graph, a whole step is one launch. The step is
 `Transformer.decode_at`: static KV cache, fixed shapes, and the slot held in a device tensor, so one
 capture serves every token of a generation.
 

@@ -9,11 +9,8 @@ from typing import Callable
 
 import torch
 
-from runtime.cuda_graph import GraphedDecode
 from common.errors import PartinferError
 from runtime.model import KVCache, Transformer, decode_step, prefill
-from runtime.native import argmax as native_argmax, cpu_kernels
-from runtime.sparse_ffn import begin_prompt, end_prompt
 
 
 @dataclass(frozen=True)
@@ -55,13 +52,11 @@ class GenerationResult:
         return self.decode_steps / self.decode_s if self.decode_s else 0.0
 
 
-def sample(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:
-    """logits [B, V] -> tokens [B]."""
+def sample(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None,
+           argmax: Callable[[torch.Tensor], torch.Tensor] = lambda t: t.argmax(dim=-1)) -> torch.Tensor:
+    """logits [B, V] -> tokens [B]; `argmax` for greedy decoding (a backend's, see runtime/decode.py)."""
     if cfg.temperature == 0:
-        if (logits.device.type == "cpu" and logits.dtype in (torch.float32, torch.bfloat16) and logits.is_contiguous()
-                and cpu_kernels()):
-            return native_argmax(logits)  # torch's argmax over a bf16 vocabulary row costs ~2% of a decode step
-        return logits.argmax(dim=-1)
+        return argmax(logits)
     logits = logits.float() / cfg.temperature
     if cfg.top_k:
         kth = torch.topk(logits, cfg.top_k, dim=-1).values[:, -1:]
@@ -98,13 +93,12 @@ def generate(
     cache: KVCache | None = None,
     on_token: Callable[[torch.Tensor], bool | None] | None = None,
     pad_id: int = 0,
-    cuda_graphs: bool = True,
 ) -> GenerationResult:
     """Generate for a batch of prompts. With `cache` given and non-empty, the prompt continues it (chat turns).
 
     `on_token(tokens [B])` is called after each new token; returning True stops early (Ctrl-C, stop strings).
-    On CUDA the decode steps replay one captured graph (`runtime.cuda_graph`, unless `cuda_graphs` is
-    False); its capture is timed with the prefill, so decode tokens/s is the per-token rate.
+    The prompt is a new sentence (each sparse layer selects its neurons from it); decode steps run on
+    the model's backend (runtime/decode.py).
     """
     device = model.embed_tokens.weight.device
     tokens, mask = left_pad(prompts, pad_id)
@@ -119,11 +113,9 @@ def generate(
     generator = torch.Generator(device=device).manual_seed(sampling.seed) if sampling.temperature else None
     t0 = time.perf_counter()
     first_chunk = cache.length == 0
-    begin_prompt(model, mask.to(device) if first_chunk else None)  # sparse layers: compute all loaded, count core neurons
     logits = prefill(model, tokens.to(device), cache, mask.to(device) if first_chunk else None)[:, -1]
-    end_prompt(model)  # select each sequence's active neurons; decode reads only those
-    nxt = sample(logits, sampling, generator)
-    graphed = GraphedDecode(model, cache) if cuda_graphs and device.type == "cuda" and max_new_tokens > 1 else None
+    argmax = model.backend.argmax
+    nxt = sample(logits, sampling, generator, argmax)
     if device.type == "cuda":
         torch.cuda.synchronize()
     t1 = time.perf_counter()
@@ -142,8 +134,8 @@ def generate(
             break
         if bool(done.all()) or step == max_new_tokens - 1:
             break
-        logits = graphed.step(nxt) if graphed is not None else decode_step(model, nxt, cache)
-        nxt = sample(logits, sampling, generator)
+        logits = decode_step(model, nxt, cache)
+        nxt = sample(logits, sampling, generator, argmax)
         steps += 1
     if device.type == "cuda":
         torch.cuda.synchronize()

@@ -14,6 +14,7 @@ import torch
 from common.errors import PartinferError
 from common.files import read_json
 from runtime.model import ModelConfig, Transformer
+from runtime.decode import choose_backend
 from runtime.native import cpu_kernels
 from common.output_dir import manifest_name
 from common.safetensors_io import SafetensorsFile
@@ -135,8 +136,8 @@ def read_ffn_neurons(
 def read_fused(reader: CheckpointReader, names: list[str], dtype: torch.dtype, device: str) -> torch.Tensor:
     """Tensors concatenated on dim 0, each read straight into its slice of one preallocated tensor.
 
-    Reading parts and then concatenating leaves sub-MiB holes in the heap (measured: +21 MiB RSS on
-    the default model), so the fused q/k/v and gate/up weights are assembled in place.
+    Reading parts and then concatenating leaves sub-MiB holes in the heap (more RSS for the same
+    weights, docs/design.md §7), so the fused q/k/v and gate/up weights are assembled in place.
     """
     shapes = [reader.file(n).shape(n) for n in names]
     out = torch.empty([sum(s[0] for s in shapes), *shapes[0][1:]], dtype=dtype, device=device)
@@ -213,6 +214,7 @@ def load_model(
     model.load_state_dict(state, strict=True, assign=True)
     model.init_buffers(device)
     model.checkpoint_bytes_read = reader.bytes_read
+    model.backend = choose_backend(model)
     for m in model.modules():
         if is_sparse(m):
             m.neuron_ids = m.neuron_ids.to(device)

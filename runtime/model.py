@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from enum import IntEnum
 from pathlib import Path
 from typing import Callable
 
@@ -20,7 +21,6 @@ from torch import nn
 from common.errors import PartinferError
 from common.files import read_json
 from runtime.kernels import Linear, linear
-from runtime.native import attention_decode, cpu_kernels, model_decode, rms_norm
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -204,11 +204,17 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.is_contiguous() and cpu_kernels():
-            return rms_norm(x, self.weight, self.eps)  # one op instead of eight: decode is op-bound
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The one rope helper: positions [B, T] -> cos, sin [B, 1, T, hd] in `dtype` (fp32 angles, as
+    transformers computes them; the compiled decode computes the same in C++)."""
+    freqs = positions[:, :, None].float() * inv_freq[None, None, :]  # [B, T, hd/2]
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # [B, 1, T, hd]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -284,15 +290,51 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 
-# An FFN as the compiled one-token model takes it: (kind, w1, w2, w3, n_base, n_active, score_scale), see
-# runtime/csrc/cpu_gemv.cpp `FfnKind`. Gated: w1 = [gate; up] [2n, d], w2 = down [d, n]; interleaved:
-# w1 rows g0, u0, g1, u1, ...; token-wise: w1 = gate, w2 = down_t, w3 = up (all [k, d]) and score_scale
-# [k] fp32, the per-neuron factor of its ranking (None: rank by |act(gate)| alone; see TokenwiseFFN).
-FfnSpec = tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, int, int, torch.Tensor | None]
-FFN_GATED, FFN_INTERLEAVED, FFN_TOKENWISE = 0, 1, 2
+class FfnKind(IntEnum):
+    """How the compiled decode reads an FFN's matrices; mirrors `enum FfnKind` in runtime/csrc/cpu_gemv.cpp
+    (tests/test_native_kernels.py pins the two to the same values)."""
+
+    GATED = 0  # w1 = [gate; up] [2n, d], w2 = down [d, n]
+    INTERLEAVED = 1  # w1 rows g0, u0, g1, u1, ... [2m, d] (the active prefix), w2 = down [d, m]
+    TOKENWISE = 2  # w1 = gate, w2 = down_t, w3 = up, all [k, d]; per token base + top by score
 
 
-class FFN(nn.Module):
+@dataclass(frozen=True)
+class FfnWeights:
+    """One layer's FFN as the compiled one-token decode takes it: the named contract with the C++.
+
+    `w3` is read only by TOKENWISE (the others pass w1 again); `n_base` / `n_active` and `score_scale`
+    ([k] fp32: the per-neuron factor of the token-wise score; None: |act(gate)| alone) only by
+    TOKENWISE. A sparse FFN builds its record when a sentence ends, so it is fixed until the next."""
+
+    kind: FfnKind
+    w1: torch.Tensor
+    w2: torch.Tensor
+    w3: torch.Tensor
+    n_base: int = 0
+    n_active: int = 0
+    score_scale: torch.Tensor | None = None
+
+
+class FeedForward(nn.Module):
+    """What every FFN module offers the model and its decode backends.
+
+    A sentence is bracketed by `begin_prompt` (before its prefill: compute every loaded neuron, record
+    what selection needs) and `end_prompt` (select, lay out the weights for decode); `prefill(...,
+    select=True)` does both. `decode_weights` is this layer for the compiled decode, or None when it
+    cannot take it (the eager path then runs the step)."""
+
+    def begin_prompt(self, token_mask: torch.Tensor | None) -> None:
+        pass
+
+    def end_prompt(self) -> None:
+        pass
+
+    def decode_weights(self) -> FfnWeights | None:
+        return None
+
+
+class FFN(FeedForward):
     """Dense gated FFN: y = down(act(gate(x)) * up(x)), with gate and up fused into one matmul.
 
     Neuron i is row i of gate (row n + i of `gate_up`) and column i of `down`. Sparse variants replace
@@ -309,9 +351,9 @@ class FFN(nn.Module):
         gate, up = linear(x, self.gate_up).chunk(2, dim=-1)
         return self.act(gate) * up
 
-    def fused_decode_weights(self) -> FfnSpec | None:
-        """This FFN for the compiled one-token model (`runtime.native.model_decode`); None for non-SiLU."""
-        return (FFN_GATED, self.gate_up, self.down, self.gate_up, 0, 0, None) if self.act is F.silu else None
+    def decode_weights(self) -> FfnWeights | None:
+        """The whole layer (a record per call is cheap: backends ask once per sentence); None for non-SiLU."""
+        return FfnWeights(FfnKind.GATED, self.gate_up, self.down, self.gate_up) if self.act is F.silu else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, D] -> [B, T, D]
         return linear(self.activations(x), self.down)
@@ -323,7 +365,7 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.mlp: nn.Module = FFN(cfg)
+        self.mlp: FeedForward = FFN(cfg)
         self.cfg = cfg
 
     def forward(self, x, cos, sin, k_cache, v_cache, start, mask):
@@ -336,51 +378,20 @@ class Block(nn.Module):
         x = x + self.self_attn.forward_at(self.input_layernorm(x), cos, sin, k_cache, v_cache, slot, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
-    def decode_token(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
-                     v_cache: torch.Tensor, pos: int) -> torch.Tensor:
-        """One token through the layer with a compiled attention and the FFN module (token-wise FFNs).
+class EagerDecode:
+    """The eager decode backend: the model's PyTorch forward for any model, dtype, device and batch.
+    The faster backends (runtime/decode.py) subclass it and fall back to it for what they do not cover."""
 
-        x [D] bf16, cos/sin [hd], k/v_cache [Hkv, S, hd].
-        """
-        cfg, attn = self.cfg, self.self_attn
-        x = x + attention_decode(self.input_layernorm(x), attn.qkv_proj.weight, attn.o_proj.weight, k_cache, v_cache,
-                                 cos, sin, pos, cfg.n_heads, cfg.n_kv_heads)
-        return x + self.mlp(self.post_attention_layernorm(x)[None, None]).view(-1)
+    def prompt_ended(self) -> None:
+        """A sentence ended: FFN weights may have been laid out anew."""
 
+    def decode(self, model: "Transformer", tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """tokens [B] -> logits [B, V], appending one slot to the cache."""
+        return prefill(model, tokens[:, None], cache, logits_for="last", select=False)[:, -1]
 
-@dataclass(frozen=True)
-class DecodePlan:
-    """`model_decode`'s per-layer argument lists, kept between decode steps: gathering them from the
-    modules costs ~0.3 ms in Python, ~4% of a step on the development CPU. A plan holds while every
-    layer's FFN returns the same spec objects (compared by identity; sparse FFNs return new ones when
-    their active set or score scale changes); attention and norm weights are fixed after loading."""
-
-    ffn_specs: tuple[FfnSpec, ...]
-    norm1: list[torch.Tensor]
-    qkv: list[torch.Tensor]
-    o: list[torch.Tensor]
-    norm2: list[torch.Tensor]
-    kind: list[int]
-    w1: list[torch.Tensor]
-    w2: list[torch.Tensor]
-    w3: list[torch.Tensor]
-    n_base: list[int]
-    n_active: list[int]
-    scale: list[torch.Tensor]  # empty tensor: no per-neuron scale
-
-    @classmethod
-    def build(cls, model: Transformer, specs: list[FfnSpec]) -> DecodePlan:
-        kind, w1, w2, w3, n_base, n_active, scale = (list(column) for column in zip(*specs))
-        return cls(
-            tuple(specs), [b.input_layernorm.weight for b in model.layers],
-            [b.self_attn.qkv_proj.weight for b in model.layers], [b.self_attn.o_proj.weight for b in model.layers],
-            [b.post_attention_layernorm.weight for b in model.layers], kind, w1, w2, w3, n_base, n_active,
-            [torch.empty(0) if s is None else s for s in scale],
-        )
-
-    def built_from(self, specs: list[FfnSpec]) -> bool:
-        return len(specs) == len(self.ffn_specs) and all(
-            a is b for old, new in zip(self.ffn_specs, specs) for a, b in zip(old, new))
+    def argmax(self, logits: torch.Tensor) -> torch.Tensor:
+        """Greedy choice: logits [B, V] -> [B]."""
+        return logits.argmax(dim=-1)
 
 
 class Transformer(nn.Module):
@@ -395,40 +406,11 @@ class Transformer(nn.Module):
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
         self.checkpoint_bytes_read = 0  # set by the loader: tensor bytes it read from disk
-        self.decode_plan: DecodePlan | None = None  # model_decode's arguments, kept between tokens
+        self.backend: EagerDecode = EagerDecode()  # the loader puts the fastest one it can here
 
     def init_buffers(self, device: torch.device | str) -> None:
         """Recompute non-persistent buffers after the model was built on `meta` and weights assigned."""
         self.inv_freq = rope_inv_freq(self.cfg).to(device)
-
-    def compiled_decode_ok(self, x: torch.Tensor) -> bool:
-        """The compiled one-token ops cover plain Llama attention (no q/k norm, no biases) in bf16 on CPU."""
-        cfg = self.cfg
-        return (x.dtype == torch.bfloat16 and x.device.type == "cpu" and not cfg.qk_norm and not cfg.qkv_bias
-                and not cfg.o_bias and cfg.head_dim % 16 == 0 and cpu_kernels())
-
-    def rope_at(self, pos: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [hd] of one rope position, computed as `forward` computes them for a token."""
-        freqs = float(pos) * self.inv_freq  # [hd/2] fp32
-        emb = torch.cat((freqs, freqs))
-        return emb.cos().to(dtype), emb.sin().to(dtype)
-
-    def decode_token(self, x: torch.Tensor, cache: KVCache, pos: int) -> torch.Tensor:
-        """x [D] bf16 of the token at slot and rope position `pos` through every layer with compiled ops:
-        one op for the whole model when every FFN offers its weights (`fused_decode_weights`: SiLU
-        models, every method), else layer by layer."""
-        specs = [getattr(layer.mlp, "fused_decode_weights", lambda: None)() for layer in self.layers]
-        if all(s is not None for s in specs):
-            plan = self.decode_plan
-            if plan is None or not plan.built_from(specs):
-                plan = self.decode_plan = DecodePlan.build(self, specs)
-            return model_decode(x, plan.norm1, plan.qkv, plan.o, cache.k[:, 0], cache.v[:, 0], self.inv_freq, pos,
-                                self.cfg.n_heads, self.cfg.n_kv_heads, plan.norm2, plan.kind, plan.w1, plan.w2,
-                                plan.w3, plan.n_base, plan.n_active, plan.scale, self.cfg.norm_eps)
-        cos, sin = self.rope_at(pos, x.dtype)
-        for i, layer in enumerate(self.layers):
-            x = layer.decode_token(x, cos, sin, cache.k[i][0], cache.v[i][0], pos)
-        return x
 
     def decode_at(self, tokens: torch.Tensor, cache: KVCache, slot: torch.Tensor) -> torch.Tensor:
         """tokens [B], one per sequence, written at cache slot `slot` ([1] int64 on the model's device) ->
@@ -437,10 +419,8 @@ class Transformer(nn.Module):
         once and replay it for every token (runtime/cuda_graph.py). The caller advances `cache.length`."""
         cache.valid.index_fill_(1, slot, True)
         positions = (slot - cache.pad).clamp(min=0)  # [B]
-        freqs = positions[:, None].float() * self.inv_freq[None, :]  # [B, hd/2]
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None, None, :]  # [B, 1, 1, hd]
         x = self.embed_tokens(tokens[:, None])  # [B, 1, D]
-        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        cos, sin = rope_cos_sin(self.inv_freq, positions[:, None], x.dtype)  # [B, 1, 1, hd]
         key_slots = torch.arange(cache.max_len, device=slot.device)  # [S]
         allowed = cache.valid & (key_slots <= slot)[None, :]  # [B, S]
         if self.cfg.sliding_window:
@@ -479,18 +459,12 @@ class Transformer(nn.Module):
         """tokens [B, T] written to cache slots start..start+T; returns logits [B, T, V] or [B, 1, V]."""
         B, T = tokens.shape
         x = self.embed_tokens(tokens)
-        if B == 1 and self.causal_mask_exact(cache, start, T) and self.compiled_decode_ok(x):
-            # One token of one unpadded sequence (rope position = slot): compiled ops (runtime/native.py).
-            x = self.decode_token(x.view(-1), cache, start).view(1, 1, -1)
-        else:
-            slots = torch.arange(start, start + T, device=tokens.device)
-            positions = (slots[None, :] - cache.pad[:, None]).clamp(min=0)  # [B, T]
-            freqs = positions[:, :, None].float() * self.inv_freq[None, None, :]  # [B, T, hd/2]
-            emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # [B, 1, T, hd]
-            cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
-            mask = self.attention_mask(cache, start, T, slots)
-            for i, layer in enumerate(self.layers):
-                x = layer(x, cos, sin, cache.k[i], cache.v[i], start, mask)
+        slots = torch.arange(start, start + T, device=tokens.device)
+        positions = (slots[None, :] - cache.pad[:, None]).clamp(min=0)  # [B, T]
+        cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)  # [B, 1, T, hd]
+        mask = self.attention_mask(cache, start, T, slots)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, cache.k[i], cache.v[i], start, mask)
         if logits_for == "last":
             x = x[:, -1:]
         return linear(self.norm(x), self.output_weight())
@@ -498,12 +472,15 @@ class Transformer(nn.Module):
 
 def prefill(
     model: Transformer, tokens: torch.Tensor, cache: KVCache, attention_mask: torch.Tensor | None = None,
-    logits_for: str = "last",
+    logits_for: str = "last", select: bool = True,
 ) -> torch.Tensor:
     """Run a prompt chunk through the model, appending it to the cache.
 
     tokens [B, T]; attention_mask [B, T] (1 = real token) marks left padding on the first chunk.
     Returns logits [B, 1, V] (`logits_for="last"`) or [B, T, V] (`"all"`).
+    `select` (the default): the chunk is a new sentence — sparse layers compute every loaded neuron,
+    then choose each sequence's active neurons for the decode that follows. `select=False` runs the
+    chunk with the neurons already chosen (teacher-forced scoring of a continuation, decode steps).
     """
     B, T = tokens.shape
     start = cache.length
@@ -516,11 +493,18 @@ def prefill(
     cache.valid[:, start : start + T] = real
     if start == 0:
         cache.pad.copy_((~real).long().sum(dim=1))
+    if select:
+        for block in model.layers:
+            block.mlp.begin_prompt(attention_mask.bool() if attention_mask is not None else None)
     logits = model(tokens, cache, start, logits_for)
     cache.length = start + T
+    if select:
+        for block in model.layers:
+            block.mlp.end_prompt()
+        model.backend.prompt_ended()
     return logits
 
 
 def decode_step(model: Transformer, token: torch.Tensor, cache: KVCache) -> torch.Tensor:
-    """One token per sequence: token [B] -> logits [B, V]."""
-    return prefill(model, token[:, None], cache, logits_for="last")[:, -1]
+    """One token per sequence through the model's decode backend: token [B] -> logits [B, V]."""
+    return model.backend.decode(model, token, cache)

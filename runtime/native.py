@@ -63,7 +63,7 @@ def _built(build: Path) -> bool:
 
 @functools.cache
 def cpu_kernels() -> bool:
-    """True when torch.ops.partinfer_cpu (gemv, gemv_t, rms_norm, argmax, attention_decode, model_decode) is loaded (building them on first use)."""
+    """True when torch.ops.partinfer_cpu (gemv, gemv_t, rms_norm, argmax, model_decode) is loaded (building them on first use)."""
     if os.environ.get("PARTINFER_NATIVE", "1") == "0" or not _cpu_has_avx2_fma():
         return False
     build = build_dir()
@@ -157,14 +157,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.ops.partinfer_cpu.rms_norm(x, weight, eps)
 
 
-def attention_decode(
-    x: torch.Tensor, qkv_w: torch.Tensor, o_w: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-    cos: torch.Tensor, sin: torch.Tensor, pos: int, n_heads: int, n_kv_heads: int,
-) -> torch.Tensor:
-    """One token through Llama attention: x [D] bf16 -> [D] bf16; writes slot `pos` of k/v_cache [Hkv, S, hd]."""
-    return torch.ops.partinfer_cpu.attention_decode(x, qkv_w, o_w, k_cache, v_cache, cos, sin, pos, n_heads, n_kv_heads)
-
-
 def model_decode(
     x: torch.Tensor, norm1: list[torch.Tensor], qkv: list[torch.Tensor], o: list[torch.Tensor], k_cache: torch.Tensor,
     v_cache: torch.Tensor, inv_freq: torch.Tensor, pos: int, n_heads: int, n_kv_heads: int,
@@ -173,7 +165,7 @@ def model_decode(
 ) -> torch.Tensor:
     """One token at rope position `pos` through every pre-norm layer (RMSNorm, attention, RMSNorm, FFN,
     residuals): x [D] bf16 -> [D] bf16; each layer's FFN as (kind, w1, w2, w3, n_base, n_active,
-    score_scale), see `runtime.model.FfnSpec`; k/v_cache [L, Hkv, S, hd] (slot `pos` is written);
+    score_scale), the fields of `runtime.model.FfnWeights`; k/v_cache [L, Hkv, S, hd] (slot `pos` is written);
     inv_freq [hd/2] fp32 (cos/sin are computed inside, as the eager model computes them)."""
     return torch.ops.partinfer_cpu.model_decode(x, norm1, qkv, o, k_cache, v_cache, inv_freq, pos, n_heads, n_kv_heads,
                                                 norm2, kind, w1, w2, w3, n_base, n_active, score_scale, eps)

@@ -1,14 +1,14 @@
 """`SparseFFN`: an FFN layer that holds only its loaded neurons and computes only the active ones at decode.
 
-Life of a sentence (driven by `begin_prompt` / `end_prompt`, which `generate()` calls around prefill):
+Life of a sentence (`begin_prompt` / `end_prompt`, which `prefill(..., select=True)` calls around the prompt):
   prefill  every loaded neuron is computed; for methods that select per sentence, each sequence's
            token-wise core neurons are counted (padding excluded);
   select   per sequence, active = base ∪ ε (`selection.sentence_active`);
   decode   only the active neurons' weights are read: φ of the FFN bytes per token.
-A new prompt (a chat turn) calls `begin_prompt` again and re-selects; the KV cache is untouched.
+A new prompt (a chat turn) is a new sentence and re-selects; the KV cache is untouched.
 
-Layout, chosen by measurement on the 2-core AVX2 CPU (bf16 GEMV: F.linear on a contiguous [out, in]
-weight 11-18 GB/s; a transposed weight, x @ W, 0.4-2.3 GB/s; a column-strided weight ~2x slower):
+Layout, chosen by measurement (docs/design.md §7: a GEMV streams a contiguous [out, in] weight many
+times faster than a transposed or column-strided one):
   gate_up    [k, 2, d]  neuron i's gate row and up row side by side (one GEMV computes both),
   down_head  [d, h]     down columns of the first h loaded positions (the active prefix),
   down_tail  [d, k-h]   the other loaded columns.
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from runtime.kernels import linear
-from runtime.model import ACTIVATIONS, FFN_INTERLEAVED, FfnSpec, ModelConfig, Transformer
+from runtime.model import ACTIVATIONS, FeedForward, FfnKind, FfnWeights, ModelConfig, Transformer
 from runtime.selection import real_token_weights, sentence_active, top_count_mask
 from runtime.sparsity import LayerPlan, SparsityConfig
 from runtime.tokenwise_ffn import TokenwiseFFN
@@ -33,7 +33,7 @@ from runtime.tokenwise_ffn import TokenwiseFFN
 SELECTING_METHODS = ("coreinfer", "partinfer")
 
 
-class SparseFFN(nn.Module):
+class SparseFFN(FeedForward):
     def __init__(self, cfg: ModelConfig, plan: LayerPlan, sparsity: SparsityConfig):
         super().__init__()
         k, d = plan.loaded.shape[0], cfg.dim
@@ -54,7 +54,7 @@ class SparseFFN(nn.Module):
         self.active: torch.Tensor | None = None  # [B, m] positions into the loaded set
         self.c_gate_up: torch.Tensor | None = None  # [B, 2m, d] per-sequence copies (batches only)
         self.c_down: torch.Tensor | None = None  # [B, d, m]
-        self.decode_spec: FfnSpec | None = None  # kept by fused_decode_weights
+        self.decode_record: FfnWeights | None = None  # built at end_prompt for the compiled decode
 
     @property
     def n_loaded(self) -> int:
@@ -83,6 +83,11 @@ class SparseFFN(nn.Module):
             self.set_active(sentence_active(self.core_counts, self.abs_sums, self.n_base, self.n_active))
         self.phase, self.token_mask = "decode", None
         self.core_counts = self.abs_sums = None
+        self.decode_record = None
+        if self.c_gate_up is None and self.act is F.silu:  # one active prefix (batch 1), SiLU
+            m = self.n_active
+            gate_up = self.gate_up[:m].view(2 * m, -1)  # [2m, d], gate/up rows interleaved, in place
+            self.decode_record = FfnWeights(FfnKind.INTERLEAVED, gate_up, self.down_head, gate_up)
 
     def set_active(self, active: torch.Tensor) -> None:
         """active [B, m] positions into the loaded set (sorted, base first)."""
@@ -112,19 +117,10 @@ class SparseFFN(nn.Module):
         self.down_tail.copy_(down[:, order[self.n_active :]])
         self.neuron_ids = self.neuron_ids[order.to(self.neuron_ids.device)]
 
-    def fused_decode_weights(self) -> FfnSpec | None:
-        """The active prefix for the compiled one-token model; None while prefilling, with per-sequence
-        sets, or for non-SiLU models."""
-        if self.phase != "decode" or self.c_gate_up is not None or self.act is not F.silu:
-            return None
-        spec = self.decode_spec
-        # The view stays valid while gate_up keeps its storage (the active set moves in place); the
-        # same spec object lets the model keep its decode plan (`runtime.model.DecodePlan`).
-        if spec is None or spec[1].data_ptr() != self.gate_up.data_ptr() or spec[2] is not self.down_head:
-            m = self.n_active
-            gate_up = self.gate_up[:m].view(2 * m, -1)  # [2m, d], gate/up rows interleaved
-            spec = self.decode_spec = (FFN_INTERLEAVED, gate_up, self.down_head, gate_up, 0, 0, None)
-        return spec
+    def decode_weights(self) -> FfnWeights | None:
+        """The active prefix for the compiled decode, fixed from one end_prompt to the next; None while
+        prefilling, with per-sequence sets, or for non-SiLU models."""
+        return self.decode_record if self.phase == "decode" else None
 
     def active_neuron_ids(self) -> torch.Tensor:
         """[B, m] original neuron indices computed at decode."""
@@ -178,18 +174,6 @@ def is_sparse(module: nn.Module) -> bool:
 
 def sparse_modules(model: Transformer) -> list[nn.Module]:
     return [block.mlp for block in model.layers if is_sparse(block.mlp)]
-
-
-def begin_prompt(model: Transformer, token_mask: torch.Tensor | None = None) -> None:
-    """Before prefilling a new sentence: compute all loaded neurons and record selection statistics."""
-    for m in sparse_modules(model):
-        m.begin_prompt(token_mask)
-
-
-def end_prompt(model: Transformer) -> None:
-    """After the prefill: select each sequence's active neurons and switch to compact decode."""
-    for m in sparse_modules(model):
-        m.end_prompt()
 
 
 def sparsity_summary(model: Transformer) -> dict:

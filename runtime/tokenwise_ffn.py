@@ -10,20 +10,17 @@ Ranking (`token_score`): "gate" ranks by |act(gate_i)| alone, as the method was 
 "scaled" (the default) multiplies it by a per-sentence constant s_i = mean |up_i| over the
 sentence's prefill tokens × ‖down_i‖, so the score estimates the neuron's real contribution
 |act(gate_i)·up_i|·‖down_i‖ — a neuron with a large gate but small `up` and `down` no longer crowds
-out one that matters. It costs one reduction at prefill and nothing per token. Measured on the
-default model (γ 0.7, δ 0.3, φ 0.4; `partinfer perplexity -n 96 --methods tokenwise
-[--token-score gate]`): continuation perplexity 44.40 ("gate") → 42.30 (load-only: 34.25).
+out one that matters. It costs one reduction at prefill and nothing per token.
 
-Prefill computes every loaded neuron (it is also where the scale is measured). Measured against the
-alternative, the same per-token rule in prefill too (gate ranking there, as no scale exists yet):
-continuation perplexity 37.72 → 39.06 (`-n 32`); and a prompt's per-token choices save FLOPs only
-with per-token gathers that a batched matmul does not do, so prefill keeps all loaded neurons.
+Prefill computes every loaded neuron (it is also where the scale is measured): the same per-token
+rule in prefill measured worse, and a prompt's per-token choices save FLOPs only with per-token
+gathers that a batched matmul does not do. Both measurements: docs/design.md §7.
 
 Layout: `gate`, `up` and `down_t` (= W_down[:, loaded]^T) are all neuron-major [k, d], so a token's
-neurons are row gathers (`F.embedding`, measured far faster than index_select on bf16 here). Prefill
+neurons are row gathers (`F.embedding`, faster than index_select on bf16). Prefill
 computes every loaded neuron, as partinfer does; decode of one token reads the base neurons (the
 contiguous prefix 0..n_base-1) in place and gathers only the other chosen rows — or, with the
-compiled CPU kernels (runtime/native.py), reads every chosen row in place with no gather at all;
+compiled decode (runtime/decode.py), reads every chosen row in place with no gather at all;
 several tokens or sequences at once take an equivalent masked path (same selection, same sums).
 """
 
@@ -33,14 +30,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from runtime.kernels import linear, uses_native_gemv
-from runtime.model import ACTIVATIONS, FFN_TOKENWISE, FfnSpec, ModelConfig
-from runtime.native import gemv, gemv_t
+from runtime.kernels import linear
+from runtime.model import ACTIVATIONS, FeedForward, FfnKind, FfnWeights, ModelConfig
 from runtime.selection import real_token_weights
 from runtime.sparsity import LayerPlan
 
 
-class TokenwiseFFN(nn.Module):
+class TokenwiseFFN(FeedForward):
     def __init__(self, cfg: ModelConfig, plan: LayerPlan, token_score: str = "scaled"):
         super().__init__()
         k, d = plan.loaded.shape[0], cfg.dim
@@ -57,8 +53,7 @@ class TokenwiseFFN(nn.Module):
         self.up_counts: torch.Tensor | None = None  # [B, 1] real tokens summed
         self.score_scale: torch.Tensor | None = None  # [B, k] fp32 s_i per sequence ("scaled"), set at end_prompt
         self.last_selected: torch.Tensor | None = None  # [B, T, m] positions computed by the last decode call
-        self.decode_spec: FfnSpec | None = None  # kept by fused_decode_weights, with the scale it was made from
-        self.decode_spec_scale: torch.Tensor | None = None
+        self.decode_record: FfnWeights | None = None  # built at end_prompt for the compiled decode
 
     @property
     def n_loaded(self) -> int:
@@ -79,6 +74,11 @@ class TokenwiseFFN(nn.Module):
             self.score_scale = self.up_abs_sums / self.up_counts.clamp(min=1) * down_norm  # [B, k]
         self.phase, self.token_mask = "decode", None
         self.up_abs_sums = self.up_counts = None
+        self.decode_record = None
+        if self.act is F.silu and (self.score_scale is None or self.score_scale.shape[0] == 1):
+            scale = None if self.score_scale is None else self.score_scale[0].contiguous()  # [k] fp32
+            self.decode_record = FfnWeights(FfnKind.TOKENWISE, self.gate, self.down_t, self.up, self.n_base,
+                                            self.n_active, scale)
 
     def _record_up(self, up: torch.Tensor) -> None:
         """Add |up| of the prompt's real tokens to the per-sequence sums. up [B, T, k]."""
@@ -109,32 +109,21 @@ class TokenwiseFFN(nn.Module):
         score = act_gate[..., self.n_base :].abs()
         if self.score_scale is not None:
             score = score * self.score_scale[:, None, self.n_base :].to(score.device)  # [B, 1, k - n_base]
-        top = torch.topk(score, self.n_active - self.n_base, dim=-1).indices + self.n_base
+        # Ties go to the lower position, as in the compiled decode (cpu_gemv.cpp, `tokenwise_ffn_team`): a
+        # stable descending sort, where torch.topk leaves the order of equal scores unspecified.
+        top = torch.sort(score, dim=-1, descending=True, stable=True).indices[..., : self.n_active - self.n_base]
+        top = top + self.n_base
         base = torch.arange(self.n_base, device=act_gate.device).expand(B, T, self.n_base)
         return torch.cat([base, top], dim=-1)
 
-    def fused_decode_weights(self) -> FfnSpec | None:
-        """This layer for the compiled one-token model, which applies the same rule in C++ (choices are
-        not recorded in `last_selected` there); None while prefilling, for non-SiLU models, or with
+    def decode_weights(self) -> FfnWeights | None:
+        """This layer for the compiled decode, which applies the same rule in C++ (its choices are not
+        recorded in `last_selected`); None while prefilling, for non-SiLU models, or with the
         per-sequence scales of a batch."""
-        if self.phase != "decode" or self.act is not F.silu:
-            return None
-        if self.score_scale is not None and self.score_scale.shape[0] != 1:
-            return None
-        spec = self.decode_spec
-        # The same spec object while the scale and weights are the same lets the model keep its decode
-        # plan (`runtime.model.DecodePlan`); a new prompt's scale is a new tensor.
-        if (spec is None or self.decode_spec_scale is not self.score_scale or spec[1] is not self.gate
-                or spec[2] is not self.down_t or spec[3] is not self.up):
-            scale = None if self.score_scale is None else self.score_scale[0].contiguous()  # [k] fp32
-            spec = self.decode_spec = (FFN_TOKENWISE, self.gate, self.down_t, self.up, self.n_base, self.n_active, scale)
-            self.decode_spec_scale = self.score_scale
-        return spec
+        return self.decode_record if self.phase == "decode" else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, D]
         B, T, _ = x.shape
-        if self.phase == "decode" and B == 1 and T == 1 and uses_native_gemv(x, self.gate):
-            return self._decode_native(x)
         act_gate = self.act(linear(x, self.gate))  # [B, T, k]
         if self.phase == "prefill":
             up = linear(x, self.up)  # [B, T, k]
@@ -153,13 +142,3 @@ class TokenwiseFFN(nn.Module):
             return y.view(1, 1, -1)
         mask = torch.zeros_like(act_gate).scatter_(-1, selected, 1.0)
         return linear(act_gate * mask * linear(x, self.up), self.down)
-
-    def _decode_native(self, x: torch.Tensor) -> torch.Tensor:
-        """One token with the compiled kernels: the chosen rows of `up` and `down_t` are read in place."""
-        xv = x.reshape(-1).float()  # [D]
-        act_gate = self.act(gemv(self.gate, xv))  # [k] fp32
-        selected = self.select(act_gate[None, None])  # [1, 1, m]
-        self.last_selected = selected
-        rows = selected[0, 0]
-        a = act_gate[rows] * gemv(self.up, xv, rows)  # [m]
-        return gemv_t(self.down_t, a, rows).to(x.dtype).view(1, 1, -1)

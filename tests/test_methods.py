@@ -44,7 +44,6 @@ def test_tokenwise_scaled_score_ranks_by_gate_times_sentence_scale(tiny_llama_di
     """After a prefill, a layer's scale is the prompt's mean |up_i| times ‖down_i‖, and decode keeps the
     base plus the highest |act(gate_i)| · scale_i of the rest."""
     from runtime.generate import KVCache, prefill
-    from runtime.sparse_ffn import begin_prompt, end_prompt
 
     model = load(tiny_llama_dir, neurons, method="tokenwise", gamma=0.7, delta=0.3, phi=0.4)
     layer = sparse_modules(model)[0]
@@ -52,9 +51,7 @@ def test_tokenwise_scaled_score_ranks_by_gate_times_sentence_scale(tiny_llama_di
     layer.register_forward_pre_hook(lambda module, args: captured.append(args[0]))  # the layer's inputs
     prompt = torch.tensor([tiny_prompts(1, seed=9)[0]])
     with torch.inference_mode():
-        begin_prompt(model)
-        prefill(model, prompt, KVCache(model.cfg, 1, prompt.shape[1], torch.float32, "cpu"))
-        end_prompt(model)
+        prefill(model, prompt, KVCache(model.cfg, 1, prompt.shape[1], torch.float32, "cpu"))  # selects
         x = captured[0]  # [1, T, D] the layer's prefill input
         expected = (x @ layer.up.t()).abs().mean(1) * layer.down_t.norm(dim=1)  # [1, k]
         torch.testing.assert_close(layer.score_scale, expected)

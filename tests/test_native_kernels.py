@@ -8,11 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from runtime.kernels import linear, uses_native_gemv
+import re
+from pathlib import Path
+
+from runtime.decode import CompiledCPUDecode
 from runtime.loader import load_model
-from runtime.model import KVCache, decode_step, prefill
-from runtime.native import _cpu_has_avx2_fma, cpu_kernels, gemv, gemv_t
-from runtime.sparse_ffn import begin_prompt, end_prompt, sparse_modules
+from runtime.model import EagerDecode, FfnKind, KVCache, decode_step, prefill
+from runtime.native import SOURCE, _cpu_has_avx2_fma, cpu_kernels, gemv, gemv_t
+from runtime.sparse_ffn import sparse_modules
 from runtime.sparsity import SparsityConfig, fraction_count
 from tests.helpers import make_neuron_file
 
@@ -40,14 +43,17 @@ def test_gemv_and_gemv_t_match_fp32_reference(n_rows, k):
     torch.testing.assert_close(gemv_t(W, torch.ones(n_rows)), Wf.sum(0), rtol=1e-4, atol=1e-4)
 
 
-def test_linear_takes_the_kernel_for_one_bf16_token_only():
-    W, bias = torch.randn(48, 32).bfloat16(), torch.randn(48).bfloat16()
-    x = torch.randn(1, 1, 32).bfloat16()
-    assert uses_native_gemv(x, W) and not uses_native_gemv(torch.randn(1, 2, 32).bfloat16(), W)
-    assert not uses_native_gemv(x.float(), W.float())
-    y = linear(x, W, bias)
-    assert y.shape == (1, 1, 48) and y.dtype == torch.bfloat16
-    torch.testing.assert_close(y.float(), F.linear(x.float(), W.float(), bias.float()), rtol=1e-2, atol=1e-2)
+def test_ffn_kinds_are_the_same_in_python_and_cpp():
+    """The named contract: runtime.model.FfnKind mirrors `enum FfnKind` of the C++ source."""
+    enum = re.search(r"enum FfnKind : int64_t \{([^}]*)\}", Path(SOURCE).read_text()).group(1)
+    cpp = {name.strip().removeprefix("k").upper(): int(value) for name, value in
+           (item.split("=") for item in enum.split(","))}
+    assert cpp == {kind.name.replace("_", ""): kind.value for kind in FfnKind}
+
+
+def test_the_compiled_backend_is_chosen_once_for_bf16_on_this_cpu(tiny_llama_dir):
+    assert isinstance(load_model(tiny_llama_dir, torch.bfloat16, "cpu").backend, CompiledCPUDecode)
+    assert type(load_model(tiny_llama_dir, torch.float32, "cpu").backend) is EagerDecode
 
 
 def test_prefill_upcasts_bf16_only_without_bf16_instructions(monkeypatch):
@@ -62,9 +68,9 @@ def test_prefill_upcasts_bf16_only_without_bf16_instructions(monkeypatch):
     assert not cpu_prefers_fp32(prompt, W) and cpu_prefers_fp32(prompt, W.half())
 
 
-def test_tokenwise_decode_with_kernels(tiny_llama_dir, tmp_path):
-    """bf16 token-wise decode: round(φn) neurons with the base among them, and the layer's output
-    equals a dense fp32 computation restricted to the chosen neurons."""
+def test_tokenwise_decode_layer(tiny_llama_dir, tmp_path):
+    """bf16 token-wise decode of one layer (eager): round(φn) neurons with the base among them, and the
+    layer's output equals a dense fp32 computation restricted to the chosen neurons."""
     neurons = make_neuron_file(tiny_llama_dir, tmp_path / "model.safetensors")
     model = load_model(tiny_llama_dir, torch.bfloat16, "cpu",
                        SparsityConfig(method="tokenwise", gamma=0.7, delta=0.3, phi=0.4, model_neurons=neurons))
@@ -85,26 +91,23 @@ def decode_logits(model, prompt: list[int], tokens: list[int]) -> torch.Tensor:
     """Logits [len(tokens), V] of one-token decode steps after a prefill of `prompt`."""
     cache = KVCache(model.cfg, 1, len(prompt) + len(tokens), model.embed_tokens.weight.dtype, "cpu")
     with torch.inference_mode():
-        begin_prompt(model)
-        prefill(model, torch.tensor([prompt]), cache)
-        end_prompt(model)
+        prefill(model, torch.tensor([prompt]), cache)  # selects
         return torch.stack([decode_step(model, torch.tensor([t]), cache)[0].float() for t in tokens])
 
 
 @pytest.mark.parametrize("method", ["dense", "partinfer", "tokenwise"])
-def test_compiled_decode_as_accurate_as_eager_bf16(tiny_llama_dir, tmp_path, monkeypatch, method):
-    """Decode layers as compiled ops (whole layers; attention only for token-wise): logits stay as close
-    to an fp32 run of the same bf16 weights as the eager bf16 ops are."""
-    import runtime.model
-
+def test_compiled_decode_as_accurate_as_eager_bf16(tiny_llama_dir, tmp_path, method):
+    """The compiled one-op decode: logits stay as close to an fp32 run of the same bf16 weights as the
+    eager bf16 ops are."""
     neurons = make_neuron_file(tiny_llama_dir, tmp_path / "model.safetensors")
     sparsity = SparsityConfig(method=method, gamma=0.7, delta=0.3, phi=0.4, model_neurons=neurons)
     prompt, tokens = [5, 17, 99, 3, 42, 7], [11, 23, 8, 64, 2, 31]
     fused = decode_logits(load_model(tiny_llama_dir, torch.bfloat16, "cpu", sparsity), prompt, tokens)
     reference_model = load_model(tiny_llama_dir, torch.bfloat16, "cpu", sparsity).float()
     reference = decode_logits(reference_model, prompt, tokens)
-    monkeypatch.setattr(runtime.model, "cpu_kernels", lambda: False)  # the eager ops
-    eager = decode_logits(load_model(tiny_llama_dir, torch.bfloat16, "cpu", sparsity), prompt, tokens)
+    eager_model = load_model(tiny_llama_dir, torch.bfloat16, "cpu", sparsity)
+    eager_model.backend = EagerDecode()  # the same weights through the stock PyTorch ops
+    eager = decode_logits(eager_model, prompt, tokens)
     fused_err, eager_err = (fused - reference).abs().max(), (eager - reference).abs().max()
     assert fused_err <= 2 * eager_err + 1e-2, (fused_err, eager_err)
 
@@ -123,7 +126,7 @@ def test_argmax_matches_torch():
 
 
 def test_kept_decode_arguments_follow_a_new_prompt(tiny_llama_dir, tmp_path):
-    """The model keeps model_decode's argument lists between tokens (DecodePlan). A new prompt gives the
+    """The backend keeps model_decode's argument lists between tokens (DecodePlan). A new prompt gives the
     token-wise layers a new score scale, which must reach them: decoding after a second prompt equals
     decoding it on a freshly loaded model."""
     neurons = make_neuron_file(tiny_llama_dir, tmp_path / "model.safetensors")
@@ -132,9 +135,9 @@ def test_kept_decode_arguments_follow_a_new_prompt(tiny_llama_dir, tmp_path):
     first, second, tokens = [5, 17, 99, 3, 42, 7], [90, 1, 30, 77, 64, 60, 9], [11, 23, 8, 64, 2, 31]
     reused = load_model(tiny_llama_dir, torch.bfloat16, "cpu", sparsity)
     decode_logits(reused, first, tokens)
-    plan = reused.decode_plan
+    plan = reused.backend.plan
     again = decode_logits(reused, second, tokens)
-    assert plan is not None and reused.decode_plan is not plan
+    assert plan is not None and reused.backend.plan is not plan
     fresh = decode_logits(load_model(tiny_llama_dir, torch.bfloat16, "cpu", sparsity), second, tokens)
     assert torch.equal(again, fresh)
 
@@ -148,7 +151,7 @@ def test_kept_partinfer_arguments_are_the_live_active_prefix(tiny_llama_dir, tmp
     model = load_model(tiny_llama_dir, torch.bfloat16, "cpu", sparsity)
     decode_logits(model, [5, 17, 99, 3, 42, 7], [11, 23])
     decode_logits(model, [90, 1, 30, 77, 64, 60, 9], [11, 23])
-    for layer, w1, w2 in zip(model.layers, model.decode_plan.w1, model.decode_plan.w2):
+    for layer, w1, w2 in zip(model.layers, model.backend.plan.w1, model.backend.plan.w2):
         m = layer.mlp.n_active
         assert w1.data_ptr() == layer.mlp.gate_up.data_ptr() and torch.equal(w1, layer.mlp.gate_up[:m].view(2 * m, -1))
         assert w2 is layer.mlp.down_head
@@ -176,3 +179,35 @@ def test_compiled_decode_same_for_any_team_size(tiny_llama_dir, tmp_path, method
             torch.testing.assert_close(other, runs[0], rtol=2e-2, atol=2e-2)
         else:
             assert torch.equal(other, runs[0])
+
+
+def test_tokenwise_ties_go_to_the_lower_position_in_python_and_cpp(tiny_llama_dir, tmp_path):
+    """One token-wise rule in both implementations: equal scores go to the lower loaded position. Every
+    neuron of the sparse layers gets the same gate and up rows (so every score ties) and its own down
+    row, the rows past the lowest choice made large (so the choice shows in the output): the compiled
+    decode matches the eager one, which picks the lowest positions, and not a choice of the highest."""
+    neurons = make_neuron_file(tiny_llama_dir, tmp_path / "model.safetensors")
+    sparsity = SparsityConfig(method="tokenwise", gamma=0.7, delta=0.3, phi=0.4, token_score="gate",
+                              model_neurons=neurons, start_num=0, end_num=3)
+    prompt, tokens = [5, 17, 99, 3, 42, 7], [11, 23, 8, 64]
+
+    def tied(model):
+        for layer in sparse_modules(model):
+            layer.gate.data[:] = layer.gate.data[0]
+            layer.up.data[:] = layer.up.data[0]
+            layer.down_t.data[layer.n_active:] *= 8  # a choice of these would stand out in the logits
+        return model
+
+    compiled = decode_logits(tied(load_model(tiny_llama_dir, torch.bfloat16, "cpu", sparsity)), prompt, tokens)
+    eager_model = tied(load_model(tiny_llama_dir, torch.bfloat16, "cpu", sparsity)).float()
+    layer = sparse_modules(eager_model)[0]
+    scores = torch.ones(1, 1, layer.n_loaded)
+    assert layer.select(scores)[0, 0].tolist() == list(range(layer.n_active))  # the lowest positions
+    lowest = decode_logits(eager_model, prompt, tokens)
+    flipped = tied(load_model(tiny_llama_dir, torch.bfloat16, "cpu", sparsity)).float()
+    for layer in sparse_modules(flipped):  # the other rule: the highest positions among the ties
+        layer.select = lambda act_gate, layer=layer: torch.cat([
+            torch.arange(layer.n_base), torch.arange(layer.n_loaded - layer.n_active + layer.n_base, layer.n_loaded)
+        ]).expand(*act_gate.shape[:2], -1)
+    highest = decode_logits(flipped, prompt, tokens)
+    assert (compiled - lowest).abs().max() < 0.25 * (highest - lowest).abs().max()

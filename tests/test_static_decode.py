@@ -12,7 +12,6 @@ import torch
 from runtime.generate import generate
 from runtime.loader import load_model
 from runtime.model import KVCache, decode_step, prefill
-from runtime.sparse_ffn import begin_prompt, end_prompt
 from runtime.sparsity import SparsityConfig
 from tests.helpers import make_neuron_file
 from tests.tiny_models import save_tiny_model
@@ -38,9 +37,7 @@ def test_decode_at_equals_decode_step(tiny_llama_dir, tmp_path, method):
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in PROMPTS])
     cache = KVCache(model.cfg, len(PROMPTS), width + len(NEXT), torch.float32, "cpu")
     with torch.inference_mode():
-        begin_prompt(model, mask)
-        prefill(model, tokens, cache, mask)
-        end_prompt(model)
+        prefill(model, tokens, cache, mask)  # selects each sequence's neurons
         fixed = copy_cache(cache)
         slot = torch.zeros(1, dtype=torch.long)
         for step in NEXT:

@@ -10,8 +10,6 @@
 //   gemv_t(W [N, K] bf16, a [R] fp32, rows [R] int64 or None)     -> y [K] fp32,       y = sum_r a_r W[rows[r]]
 //   rms_norm(x [..., K] bf16, w [K] bf16, eps)                    -> bf16, one op for the eight of the
 //       eager form (fp32 math, rounded to bf16 before * w as transformers' Llama RMSNorm does).
-//   attention_decode(...): one decode token through a Llama attention sublayer (qkv, rope, KV-cache
-//       write, causal GQA attention, o projection) in one op, fp32 inside, bf16 in the cache;
 //   model_decode(...): every pre-norm layer (norms, attention, gated SiLU FFN, residuals) in one op.
 //       An eager decode step is ~60 small ops per layer, and at batch 1 their fixed costs rival the
 //       weight streaming itself.
@@ -433,6 +431,7 @@ const float* tokenwise_ffn_team(const at::Tensor& gate, const at::Tensor& up, co
   team_barrier();
   std::vector<int64_t> rows(k);
   for (int64_t i = 0; i < k; ++i) rows[i] = i;
+  // Ties go to the lower row, as in TokenwiseFFN.select (a stable descending sort in Python).
   std::nth_element(rows.begin() + n_base, rows.begin() + n_active, rows.end(),
                    [&](int64_t a, int64_t b) { return score[a] > score[b] || (score[a] == score[b] && a < b); });
   rows.resize(n_active);
@@ -462,6 +461,7 @@ const float* tokenwise_ffn_team(const at::Tensor& gate, const at::Tensor& up, co
 // A layer's FFN as model_decode sees it. kind 0: gated, w1 = [gate; up] [2n, D], w2 = down [D, n];
 // kind 1: the same with w1's gate/up rows interleaved; kind 2: token-wise, w1 = gate, w3 = up,
 // w2 = down_t (all [k, D]), scale [k] fp32 or empty (rank by |silu(gate h)| alone).
+// Mirrors runtime.model.FfnKind and the fields of runtime.model.FfnWeights (tests pin the values).
 enum FfnKind : int64_t { kGated = 0, kInterleaved = 1, kTokenwise = 2 };
 
 void check_ffn(int64_t kind, const at::Tensor& w1, const at::Tensor& w2, const at::Tensor& w3, int64_t n_base,
@@ -558,30 +558,6 @@ at::Tensor argmax(const at::Tensor& x) {
   return out;
 }
 
-at::Tensor attention_decode(const at::Tensor& x, const at::Tensor& qkv_w, const at::Tensor& o_w, at::Tensor k_cache,
-                            at::Tensor v_cache, const at::Tensor& cos, const at::Tensor& sin, int64_t pos,
-                            int64_t n_heads, int64_t n_kv_heads) {
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 1, "x must be a bf16 vector");
-  const std::vector<float> c = to_floats(cos), sn = to_floats(sin);
-  const int64_t D = x.numel();
-  AttentionArgs args{qkv_w, o_w, k_cache, v_cache, c.data(), sn.data(), pos, n_heads, n_kv_heads};
-  check_attention(args, D);
-  SharedScratch s;
-  s.qkv.resize(qkv_w.size(0));
-  s.heads.resize(o_w.size(1));
-  s.out.resize(D);
-  GemvInput h(D);
-  h.x = to_floats(x);
-  h.split();
-#pragma omp parallel num_threads(at::get_num_threads())
-  {
-    const Team team{omp_get_thread_num(), omp_get_num_threads()};
-    GemvInput heads(o_w.size(1));
-    attention_team(args, h, s, heads, team);
-  }
-  return at::from_blob(s.out.data(), {D}, at::kFloat).to(at::kBFloat16);
-}
-
 void check_norm(const at::Tensor& w, int64_t D) {
   TORCH_CHECK(w.scalar_type() == at::kBFloat16 && w.numel() == D && w.is_contiguous(),
               "norm weights must be contiguous bf16 vectors of the model width");
@@ -668,8 +644,6 @@ TORCH_LIBRARY(partinfer_cpu, m) {
   m.def("gemv_t(Tensor W, Tensor a, Tensor? rows=None) -> Tensor", gemv_t);
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor", rms_norm);
   m.def("argmax(Tensor x) -> Tensor", argmax);
-  m.def("attention_decode(Tensor x, Tensor qkv_w, Tensor o_w, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cos, "
-        "Tensor sin, int pos, int n_heads, int n_kv_heads) -> Tensor", attention_decode);
   m.def("model_decode(Tensor x, Tensor[] norm1, Tensor[] qkv, Tensor[] o, Tensor(a!) k_cache, Tensor(b!) v_cache, "
         "Tensor inv_freq, int pos, int n_heads, int n_kv_heads, Tensor[] norm2, int[] kind, Tensor[] w1, "
         "Tensor[] w2, Tensor[] w3, int[] n_base, int[] n_active, Tensor[] scale, float eps) -> Tensor", model_decode);

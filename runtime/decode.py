@@ -1,0 +1,124 @@
+"""Decode backends: how one decode step runs, chosen once per loaded model (`choose_backend`).
+
+Each backend has the same interface — `decode(model, tokens, cache) -> logits`, `prompt_ended()`,
+`argmax(logits)` — and runs every case it is not built for through the eager path it inherits:
+
+- `EagerDecode` (runtime/model.py): the model's PyTorch forward. Any model, dtype, device, batch.
+- `CompiledCPUDecode`: a bf16 one-token step of one unpadded sequence on an x86 CPU with AVX2 is
+  one C++ op for the whole model (`runtime.native.model_decode`); batches and padded steps run eager.
+- `CUDAGraphDecode`: on CUDA, the fixed-shape step `Transformer.decode_at` captured once per sentence
+  as a CUDA graph and replayed per token (runtime/cuda_graph.py).
+
+The compiled step reads each layer's FFN as an `FfnWeights` record (the named contract with the
+C++, runtime/model.py). Records change only when a sentence ends (a new active set, a new score
+scale), so the backend keeps the op's argument lists (`DecodePlan`) from one `prompt_ended()` to the
+next instead of gathering them from the modules every token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from runtime.cuda_graph import GraphedDecode
+from runtime.model import EagerDecode, FfnWeights, KVCache, Transformer
+from runtime.native import argmax as native_argmax
+from runtime.native import cpu_kernels, gemv, model_decode, rms_norm
+
+
+@dataclass(frozen=True)
+class DecodePlan:
+    """`model_decode`'s per-layer argument lists, built from the layers' `FfnWeights` records."""
+
+    norm1: list[torch.Tensor]
+    qkv: list[torch.Tensor]
+    o: list[torch.Tensor]
+    norm2: list[torch.Tensor]
+    kind: list[int]
+    w1: list[torch.Tensor]
+    w2: list[torch.Tensor]
+    w3: list[torch.Tensor]
+    n_base: list[int]
+    n_active: list[int]
+    scale: list[torch.Tensor]  # an empty tensor: no per-neuron scale
+
+    @classmethod
+    def build(cls, model: Transformer) -> "DecodePlan | None":
+        """None when a layer's FFN has no record now (prefill phase, per-sequence sets, not SiLU)."""
+        records: list[FfnWeights | None] = [block.mlp.decode_weights() for block in model.layers]
+        if any(r is None for r in records):
+            return None
+        return cls(
+            [b.input_layernorm.weight for b in model.layers], [b.self_attn.qkv_proj.weight for b in model.layers],
+            [b.self_attn.o_proj.weight for b in model.layers], [b.post_attention_layernorm.weight for b in model.layers],
+            [int(r.kind) for r in records], [r.w1 for r in records], [r.w2 for r in records], [r.w3 for r in records],
+            [r.n_base for r in records], [r.n_active for r in records],
+            [torch.empty(0) if r.score_scale is None else r.score_scale for r in records],
+        )
+
+
+class CompiledCPUDecode(EagerDecode):
+    """One C++ op per decode step for a single unpadded sequence; everything else eager."""
+
+    def __init__(self) -> None:
+        self.plan: DecodePlan | None = None
+        self.plan_current = False  # False after a sentence ends: the records may have changed
+
+    def prompt_ended(self) -> None:
+        self.plan_current = False
+
+    def current_plan(self, model: Transformer) -> DecodePlan | None:
+        if not self.plan_current:
+            self.plan, self.plan_current = DecodePlan.build(model), True
+        return self.plan
+
+    def decode(self, model: Transformer, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        start = cache.length
+        bf16 = model.embed_tokens.weight.dtype == torch.bfloat16  # a model cast after loading runs eager
+        plan = self.current_plan(model) if tokens.shape[0] == 1 and bf16 else None
+        if plan is None or not model.causal_mask_exact(cache, start, 1):
+            return super().decode(model, tokens, cache)
+        if start + 1 > cache.max_len:
+            return super().decode(model, tokens, cache)  # the eager path raises the context error
+        cfg = model.cfg
+        cache.valid[:, start] = True
+        x = model.embed_tokens(tokens).view(-1)  # [D] bf16
+        x = model_decode(x, plan.norm1, plan.qkv, plan.o, cache.k[:, 0], cache.v[:, 0], model.inv_freq, start,
+                         cfg.n_heads, cfg.n_kv_heads, plan.norm2, plan.kind, plan.w1, plan.w2, plan.w3, plan.n_base,
+                         plan.n_active, plan.scale, cfg.norm_eps)
+        x = rms_norm(x, model.norm.weight, cfg.norm_eps)
+        cache.length = start + 1
+        return gemv(model.output_weight(), x)[None]  # [1, V] bf16
+
+    def argmax(self, logits: torch.Tensor) -> torch.Tensor:
+        if logits.device.type == "cpu" and logits.dtype in (torch.float32, torch.bfloat16) and logits.is_contiguous():
+            return native_argmax(logits)  # torch's argmax over a bf16 vocabulary row is slow next to a step
+        return super().argmax(logits)
+
+
+class CUDAGraphDecode(EagerDecode):
+    """Decode steps replayed from a CUDA graph captured once per sentence and cache."""
+
+    def __init__(self) -> None:
+        self.graph: GraphedDecode | None = None
+
+    def prompt_ended(self) -> None:
+        self.graph = None  # the graph baked in the previous sentence's active weights
+
+    def decode(self, model: Transformer, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        if self.graph is None or self.graph.cache is not cache:
+            self.graph = GraphedDecode(model, cache)
+        return self.graph.step(tokens)
+
+
+def choose_backend(model: Transformer) -> EagerDecode:
+    """The fastest backend this model, dtype and machine support, chosen once after loading."""
+    weight = model.embed_tokens.weight
+    cfg = model.cfg
+    if weight.device.type == "cuda":
+        return CUDAGraphDecode()
+    plain_llama = not (cfg.qk_norm or cfg.qkv_bias or cfg.o_bias) and cfg.head_dim % 16 == 0
+    if weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and plain_llama and cpu_kernels():
+        return CompiledCPUDecode()
+    return EagerDecode()
