@@ -30,8 +30,13 @@ def profile(
     device: DeviceOpt = "cpu",
     as_json: JsonOpt = False,
 ) -> None:
-    """Profile data sets through the dense model; write dataset-level neuron files and a model-level one."""
+    """Profile data sets through the dense model; write dataset-level neuron files and a model-level one.
+
+    Runs unchanged under `torchrun --nproc-per-node N` (and multi-node torchrun): each process profiles
+    a shard of every data set, the statistics are summed over processes, and rank 0 writes the files.
+    """
     from common.output_dir import check_output_dir
+    from profiler.distributed import process_group
     from profiler.profile import ProfileConfig, profile_inputs, run_profile
     from runtime.engine import load_engine
     from runtime.prepare import resolve_model
@@ -39,8 +44,12 @@ def profile(
     cfg = ProfileConfig(num_samples, gen_tokens, batch_size, max_prompt_tokens, token_sparsity, core_score, split)
     model_dir = resolve_model(model)
     check_output_dir(out, "profile", profile_inputs(model_dir, dataset))  # before loading anything
-    engine = load_engine(str(model_dir), dtype, device)
-    report = run_profile(engine, dataset, out, cfg, column=column, config=config, hub_split=hub_split)
+    with process_group(device) as ranks:  # several processes under torchrun, else one
+        engine = load_engine(str(model_dir), dtype, f"cuda:{ranks.rank}" if device == "cuda" and ranks.distributed
+                             else device)
+        report = run_profile(engine, dataset, out, cfg, ranks, column=column, config=config, hub_split=hub_split)
+    if not ranks.is_main:
+        return  # rank 0 wrote the files and reports them
     summary = {"files": {k: str(v) for k, v in report.files.items()}, "tokens": report.tokens,
                "seconds": report.seconds, "tokens_per_s": report.tokens_per_s}
     if as_json:
@@ -86,3 +95,22 @@ def neurons_show(
         typer.echo(format_show(files, loaded, gamma))
     if plot is not None:
         typer.echo(f"plot: {plot_coverage({f.name: nf for f, nf in zip(files, loaded)}, plot)}", err=True)
+
+
+def neurons_merge(
+    files: Annotated[list[Path], typer.Argument(help="Neuron files of one model, profiled with the same settings.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The merged neuron file (a new path, or --force).")],
+    force: Annotated[bool, typer.Option("--force", help="Replace --out when it is an existing neuron file.")] = False,
+) -> None:
+    """Merge neuron files made apart (shards, machines, data sets): sums and counts add, so the result
+    equals one profile over all their data. One data set gives a dataset-level file, several a model-level one."""
+    from common.neuron_file import NeuronFile, merge
+
+    if len(files) < 2:
+        raise PartinferError("give two or more neuron files to merge")
+    if out.exists():
+        if not force:
+            raise PartinferError(f"--out {out} exists; choose a new path, or pass --force to replace that neuron file")
+        NeuronFile.load(out)  # --force replaces only a neuron file, never anything else
+    merged = merge([NeuronFile.load(f) for f in files], names=[str(f) for f in files])
+    typer.echo(f"{merged.save(out)}\t{merged.level}-level, {merged.tokens} tokens, {merged.sequences} sequences")

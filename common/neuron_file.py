@@ -166,23 +166,37 @@ def _geometry(fingerprint: str) -> tuple[int, int]:
     return int(found.group(1)), int(found.group(2))
 
 
-def merge(files: list[NeuronFile], level: str = "model") -> NeuronFile:
-    """Token-weighted merge of files of the same model: sums and counts add, so the result is exact."""
+MERGE_SETTINGS = {  # what files must share to merge, with the option that sets it
+    "fingerprint": "the model", "token_sparsity": "--token-sparsity", "core_score": "--core-score",
+    "gen_tokens": "--gen-tokens",
+}
+
+
+def merge(files: list[NeuronFile], level: str | None = None, names: list[str] | None = None) -> NeuronFile:
+    """Token-weighted merge of files of one model and one setting: sums and counts add, so the result
+    equals one profile over all their data. `level` None: "dataset" when every file is a dataset-level
+    file of the same data set (shards of it), else "model". `names` label the files in errors."""
     if not files:
         raise PartinferError("nothing to merge: no neuron files given")
+    names = names or [f"file {i + 1}" for i in range(len(files))]
     first = files[0]
-    for f in files[1:]:
-        if f.fingerprint != first.fingerprint:
-            raise PartinferError(f"cannot merge neuron files of {first.fingerprint} and {f.fingerprint}")
-        if (f.token_sparsity, f.core_score) != (first.token_sparsity, first.core_score):
-            raise PartinferError("cannot merge neuron files profiled with different --token-sparsity or core score")
+    for name, f in zip(names[1:], files[1:]):
+        for key, what in MERGE_SETTINGS.items():
+            if getattr(f, key) != getattr(first, key):
+                raise PartinferError(
+                    f"cannot merge: {names[0]} has {key} {getattr(first, key)!r} but {name} has "
+                    f"{getattr(f, key)!r} ({what} differs); merge only files profiled alike"
+                )
+    datasets = tuple(dict.fromkeys(d for f in files for d in f.datasets))
+    if level is None:
+        level = "dataset" if len(datasets) == 1 and all(f.level == "dataset" for f in files) else "model"
     return replace(
         first,
         sum_abs=[sum(f.sum_abs[i] for f in files) for i in range(first.n_layers)],
         core_count=[sum(f.core_count[i] for f in files) for i in range(first.n_layers)],
         tokens=sum(f.tokens for f in files),
         sequences=sum(f.sequences for f in files),
-        datasets=tuple(d for f in files for d in f.datasets),
+        datasets=datasets,
         level=level,
         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     )

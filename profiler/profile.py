@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from common.data import load_texts
 from common.neuron_file import NeuronFile, merge
+from profiler.distributed import SINGLE, Ranks, all_reduce_stats, shard_by_tokens
 from profiler.stats import ActivationStats, attach_recorders, detach_recorders
 from runtime.engine import Engine
 from common.errors import PartinferError
@@ -59,22 +60,26 @@ class ProfileReport:
         return self.tokens / self.seconds if self.seconds else 0.0
 
 
-def profile_texts(engine: Engine, texts: list[str], cfg: ProfileConfig, desc: str = "profile") -> ActivationStats:
-    """Accumulate activation statistics of the dense model over `texts` (+ generated tokens)."""
+def profile_texts(engine: Engine, texts: list[str], cfg: ProfileConfig, desc: str = "profile",
+                  ranks: Ranks = SINGLE) -> ActivationStats:
+    """Activation statistics of the dense model over `texts` (+ generated tokens). With several ranks,
+    this rank profiles its shard and the returned statistics are the sum over all ranks."""
     pad = engine.tokenizer.pad_token_id if engine.tokenizer.pad_token_id is not None else 0
     prompts = [engine.encode(t, cfg.chat_template)[-cfg.max_prompt_tokens :] for t in texts]
-    return profile_prompts(engine.model, prompts, cfg, pad, desc)
+    shard = [prompts[i] for i in shard_by_tokens([len(p) for p in prompts], ranks)]
+    stats = profile_prompts(engine.model, shard, cfg, pad, desc, progress=ranks.is_main)
+    return all_reduce_stats(stats, ranks)
 
 
 @torch.inference_mode()
 def profile_prompts(model: Transformer, prompts: list[list[int]], cfg: ProfileConfig, pad_id: int = 0,
-                    desc: str = "profile") -> ActivationStats:
+                    desc: str = "profile", progress: bool = True) -> ActivationStats:
     """Statistics over token-id prompts, each followed by `cfg.gen_tokens` greedy tokens."""
     stats = ActivationStats(model.cfg.n_layers, model.cfg.ffn_dim, cfg.token_sparsity, cfg.core_score)
     weight = model.embed_tokens.weight
     attach_recorders(model, stats)
     try:
-        with tqdm(total=len(prompts), desc=desc, unit="seq") as bar:
+        with tqdm(total=len(prompts), desc=desc, unit="seq", disable=not progress) as bar:
             for start in range(0, len(prompts), cfg.batch_size):
                 tokens, mask = left_pad(prompts[start : start + cfg.batch_size], pad_id)
                 tokens, mask = tokens.to(weight.device), mask.to(weight.device)
@@ -112,8 +117,12 @@ def profile_inputs(model_dir: Path, datasets: list[str]) -> tuple[Path, ...]:
     return (Path(model_dir), *(Path(name) for name in datasets if Path(name).exists()))
 
 
-def run_profile(engine: Engine, datasets: list[str], out_dir: Path, cfg: ProfileConfig, **data_options) -> ProfileReport:
-    """Profile each data set, write dataset-level files and the model-level merge into `out_dir`."""
+def run_profile(engine: Engine, datasets: list[str], out_dir: Path, cfg: ProfileConfig, ranks: Ranks = SINGLE,
+                **data_options) -> ProfileReport:
+    """Profile each data set, write dataset-level files and the model-level merge into `out_dir`.
+
+    With several ranks (profiler.distributed) each profiles its shard of every data set; the files,
+    written by rank 0 alone after the last all-reduce, equal a single process's up to summation order."""
     if not datasets:
         raise PartinferError("no data set given; pass --dataset (e.g. --dataset truthfulqa --dataset squad)")
     names = [dataset_file_name(name) for name in datasets]
@@ -124,13 +133,14 @@ def run_profile(engine: Engine, datasets: list[str], out_dir: Path, cfg: Profile
     texts = {name: load_texts(name, cfg.num_samples, cfg.split, **data_options) for name in datasets}
     t0 = time.perf_counter()
     per_dataset = []
-    with replace_output_dir(out_dir, "profile", inputs) as tmp:
-        for name, items in texts.items():
-            stats = profile_texts(engine, items, cfg, desc=name)
-            nf = to_neuron_file(stats, engine.model, engine.model_dir.name, name, len(items), cfg)
-            per_dataset.append(nf)
-            nf.save(tmp / dataset_file_name(name))
-        seconds = time.perf_counter() - t0
-        merge(per_dataset, level="model").save(tmp / "model.safetensors")
+    for name, items in texts.items():
+        stats = profile_texts(engine, items, cfg, desc=name, ranks=ranks)
+        per_dataset.append(to_neuron_file(stats, engine.model, engine.model_dir.name, name, len(items), cfg))
+    seconds = time.perf_counter() - t0
+    if ranks.is_main:
+        with replace_output_dir(out_dir, "profile", inputs) as tmp:
+            for name, nf in zip(datasets, per_dataset):
+                nf.save(tmp / dataset_file_name(name))
+            merge(per_dataset, level="model").save(tmp / "model.safetensors")
     files = {name: Path(out_dir) / file for name, file in zip(datasets, names)} | {"model": Path(out_dir) / "model.safetensors"}
     return ProfileReport(files, sum(f.tokens for f in per_dataset), seconds)

@@ -18,25 +18,6 @@ from tests.helpers import make_neuron_file
 PAIRS = [("The capital of France is", " Paris."), ("Two plus two equals", " four"), ("Once upon a time ", "there was")]
 
 
-@pytest.fixture(scope="module")
-def tiny_with_tokenizer(default_model_dir, tmp_path_factory) -> Path:
-    """A tiny random Llama with the default model's tokenizer (so text goes in and out)."""
-    root = tmp_path_factory.mktemp("lmeval")
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.08)
-    model.save_pretrained(root / "model")
-    AutoTokenizer.from_pretrained(default_model_dir).save_pretrained(root / "model")
-    make_neuron_file(root / "model", root / "neurons.safetensors")
-    return root
-
-
 def requests(kind: str, args_list) -> list[Instance]:
     return [Instance(request_type=kind, doc={}, arguments=args, idx=i) for i, args in enumerate(args_list)]
 
