@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import typer
 
-from cli import measure, models, profiling, run
+from cli import measure, models, profiling, run, serve
 from cli.errors import ErrorHandlingGroup
 
 
@@ -27,6 +27,7 @@ def build_app() -> typer.Typer:
     app.command("eval")(measure.evaluate)
     app.command()(profiling.profile)
     app.command()(measure.memory)
+    app.command()(serve.serve)
     data_app = typer.Typer(cls=ErrorHandlingGroup, no_args_is_help=True, help="Offline data sets for profiling and evaluation.")
     data_app.command("fetch")(profiling.data_fetch)
     neurons_app = typer.Typer(cls=ErrorHandlingGroup, no_args_is_help=True, help="Inspect and merge neuron files.")

@@ -33,10 +33,16 @@ def encode_prompt(tokenizer, text: str, chat_template: bool = True, history: lis
         raise PartinferError("empty prompt; pass some text with --prompt")
     require_utf8(text, "the prompt")
     if chat_template and tokenizer.chat_template:
-        messages = list(history or []) + [{"role": "user", "content": text}]
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        return encode_messages(tokenizer, list(history or []) + [{"role": "user", "content": text}])
     return tokenizer(text, add_special_tokens=True)["input_ids"]
+
+
+def encode_messages(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of a conversation in the model's chat template, with the assistant's turn opened."""
+    for message in messages:
+        require_utf8(message["content"], f"a {message['role']} message")
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
 
 def stop_token_ids(tokenizer, model_dir: Path | None = None) -> set[int]:

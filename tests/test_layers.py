@@ -1,5 +1,5 @@
-"""Imports point downward only: cli -> evaluation -> profiler -> runtime -> common (and neuron_files,
-data only). Every import in every module counts, those inside functions included."""
+"""Imports point downward only: cli -> server -> evaluation -> profiler -> runtime -> common (and
+neuron_files, data only). Every import in every module counts, those inside functions included."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-LAYERS = ("common", "runtime", "profiler", "evaluation", "cli")  # bottom to top
+LAYERS = ("common", "runtime", "profiler", "evaluation", "server", "cli")  # bottom to top
 
 
 def imported_packages(source: str) -> set[str]:

@@ -1,0 +1,47 @@
+"""`partinfer serve`: the model behind an OpenAI-compatible HTTP API and a chat page."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from cli.options import DtypeOpt, ModelOpt, with_sparsity_options
+from common.errors import PartinferError
+from runtime.sparsity import SparsityConfig
+
+
+@with_sparsity_options()
+def serve(
+    model: ModelOpt = None,
+    host: Annotated[str, typer.Option("--host", help="Address to listen on (loopback by default; 0.0.0.0 exposes it to the network).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=0, max=65535, help="TCP port (0: any free one, printed at start).")] = 8000,
+    context: Annotated[int, typer.Option("--context", min=16, max=1_048_576, help="KV cache positions per request: prompt + reply.")] = 2048,
+    max_queue: Annotated[int, typer.Option("--max-queue", min=1, max=10_000, help="Requests running or waiting; beyond it the server answers 429 with Retry-After.")] = 16,
+    default_max_tokens: Annotated[int, typer.Option("--default-max-tokens", min=1, max=1_048_576, help="Reply length when a request gives no max_tokens.")] = 256,
+    dtype: DtypeOpt = "bf16",
+    device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
+    *,
+    sparsity: SparsityConfig,
+) -> None:
+    """Serve the model over the OpenAI HTTP API (chat and text completions, streaming, /v1/models) with a
+    chat page at /. Each request selects its own neurons from its own prompt."""
+    import uvicorn
+
+    from runtime.engine import load_engine
+    from server.app import build_app
+    from server.worker import ModelWorker, ServeConfig
+
+    engine = load_engine(model, dtype, device, sparsity)
+    config = ServeConfig(model_name=engine.model_dir.name, method=sparsity.method, context=context,
+                         max_queue=max_queue, default_max_tokens=default_max_tokens)
+    worker = ModelWorker(engine, config)
+    server = uvicorn.Server(uvicorn.Config(build_app(worker), host=host, port=port, log_level="warning"))
+    typer.echo(f"partinfer serve: {config.model_name} ({sparsity.method}) on http://{host}:{port} "
+               "(OpenAI API under /v1, chat page at /); Ctrl-C stops", err=True)
+    try:
+        server.run()
+    except OSError as e:
+        raise PartinferError(f"cannot listen on {host}:{port} ({e.strerror}); choose another --port") from e
+    finally:
+        worker.close()

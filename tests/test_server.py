@@ -1,0 +1,252 @@
+"""`partinfer serve` with real peers: the official `openai` client, raw HTTP for bad input, a load of
+concurrent streaming clients, and the chat page in a real headless Chromium. Loopback only."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from typer.testing import CliRunner
+
+from cli.app import app
+
+PROMPT = "Name three colours."
+runner = CliRunner()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """`python -m cli serve ...` on a free loopback port, stopped at the end."""
+
+    def __init__(self, *args: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+        self.proc = subprocess.Popen([sys.executable, "-m", "cli", "serve", "--port", str(self.port), *args], env=env,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the server exited: {self.proc.stderr.read()}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        raise RuntimeError("the server did not start within 180 s")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def tiny_args(tiny_with_tokenizer) -> list[str]:
+    return ["--model", str(tiny_with_tokenizer / "model"), "--model-neurons", str(tiny_with_tokenizer / "neurons.safetensors"),
+            "--dtype", "fp32"]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_args):
+    running = ServerProcess(*tiny_args, "--context", "96", "--max-queue", "4")
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def generated_text(tiny_args: list[str], *options: str) -> str:
+    import json
+
+    result = runner.invoke(app, ["generate", "-p", PROMPT, *tiny_args, *options, "--json"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)["text"]
+
+
+def test_models_lists_the_model(client, tiny_with_tokenizer):
+    assert [m.id for m in client.models.list().data] == [(tiny_with_tokenizer / "model").name]
+
+
+@pytest.mark.parametrize("sampling", [{}, {"temperature": 0.8, "seed": 7}])
+def test_chat_equals_partinfer_generate(client, tiny_args, sampling):
+    options = ["-n", "12"] + (["--temperature", "0.8", "--seed", "7"] if sampling else [])
+    expected = generated_text(tiny_args, *options)
+    messages = [{"role": "user", "content": PROMPT}]
+    whole = client.chat.completions.create(model="any", messages=messages, max_tokens=12, **sampling)
+    assert whole.choices[0].message.content == expected
+    assert whole.usage.completion_tokens >= 1 and whole.usage.prompt_tokens > 5
+    assert whole.model_extra["partinfer"]["method"] == "partinfer"
+    assert abs(whole.model_extra["partinfer"]["computed_fraction"] - whole.model_extra["partinfer"]["loaded_fraction"]) > 0
+    streamed = client.chat.completions.create(model="any", messages=messages, max_tokens=12, stream=True, **sampling)
+    chunks = list(streamed)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+
+
+def test_text_completion_and_stop_strings(client):
+    whole = client.completions.create(model="any", prompt="One, two, three,", max_tokens=10)
+    text = whole.choices[0].text
+    assert text and whole.usage.completion_tokens >= 1
+    if len(text) > 2:  # stop at a string the greedy answer is known to contain: the text ends before it
+        stop = text[1:3]
+        cut = client.completions.create(model="any", prompt="One, two, three,", max_tokens=10, stop=[stop])
+        assert cut.choices[0].text == text[: text.find(stop)] and cut.choices[0].finish_reason == "stop"
+
+
+BAD_REQUESTS = [
+    ("/v1/chat/completions", b"{not json", "not valid JSON"),
+    ("/v1/chat/completions", {"messages": "hi"}, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, "temperature"),
+    ("/v1/chat/completions", {"messages": []}, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, "role"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "word " * 200}]}, "context"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, "max_tokens"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": -3}, "max_tokens"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**9}, "context"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "n": 2}, "n=2"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                              "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "caf\udce9"}]}, "UTF-8"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "temperature": float("nan")}, "temperature"),
+    ("/v1/completions", {"prompt": ["a", "b"]}, "prompt"),
+    ("/v1/completions", {"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+]
+
+
+@pytest.mark.parametrize("path, body, fragment", BAD_REQUESTS)
+def test_bad_input_is_a_4xx_and_the_server_goes_on(server, path, body, fragment):
+    if isinstance(body, bytes):
+        response = httpx.post(server.url + path, content=body, headers={"Content-Type": "application/json"})
+    else:
+        import json
+
+        raw = json.dumps(body, ensure_ascii=False, allow_nan=True).encode("utf-8", "surrogatepass")
+        response = httpx.post(server.url + path, content=raw, headers={"Content-Type": "application/json"})
+    assert 400 <= response.status_code < 500, response.text
+    error = response.json()["error"]
+    assert fragment in error["message"] or fragment == error.get("param"), error
+    assert httpx.get(server.url + "/health").status_code == 200
+
+
+def test_unknown_fields_are_ignored(server):
+    body = {"messages": [{"role": "user", "content": "hi", "name": "me"}], "max_tokens": 2,
+            "frequency_penalty": 0.5, "user": "x", "some_future_option": {"a": 1}}
+    response = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60)
+    assert response.status_code == 200, response.text
+
+
+def test_load_of_concurrent_streaming_clients(tiny_args, capsys):
+    """32 concurrent streaming clients, every fourth disconnecting after its first piece; the queue bound
+    answers 429 (clients retry after Retry-After) instead of growing; memory returns to its level."""
+    import psutil
+
+    running = ServerProcess(*tiny_args, "--context", "128", "--max-queue", "8")
+    try:
+        prompts = [f"Tell me about number {i}." for i in range(8)]
+        expected = {}
+        for p in prompts:  # the answers, one request at a time (greedy)
+            r = httpx.post(running.url + "/v1/chat/completions",
+                           json={"messages": [{"role": "user", "content": p}], "max_tokens": 16}, timeout=120)
+            expected[p] = r.json()["choices"][0]["message"]["content"]
+        rss_before = psutil.Process(running.proc.pid).memory_info().rss
+        results, lock = [], threading.Lock()
+
+        def one_client(i: int) -> None:
+            prompt, cancel = prompts[i % len(prompts)], i % 4 == 3
+            body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": 16, "stream": True}
+            rejected, started = 0, time.perf_counter()
+            with httpx.Client(timeout=300) as http:
+                while True:
+                    with http.stream("POST", running.url + "/v1/chat/completions", json=body) as response:
+                        if response.status_code == 429:
+                            rejected += 1
+                            time.sleep(float(response.headers["Retry-After"]) * 0.2)
+                            continue
+                        text, first = "", None
+                        for line in response.iter_lines():
+                            if not line.startswith("data: ") or line == "data: [DONE]":
+                                continue
+                            import json
+
+                            delta = json.loads(line[6:])["choices"][0].get("delta", {}).get("content") or ""
+                            if delta and first is None:
+                                first = time.perf_counter() - started
+                            text += delta
+                            if cancel and text:
+                                break  # leave mid-stream: the server must cancel and free the slot
+                        with lock:
+                            results.append({"prompt": prompt, "text": text, "cancel": cancel, "rejected": rejected,
+                                            "latency": time.perf_counter() - started, "ttft": first})
+                        return
+
+        t0 = time.perf_counter()
+        threads = [threading.Thread(target=one_client, args=(i,)) for i in range(32)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=600)
+        wall = time.perf_counter() - t0
+        assert len(results) == 32
+        for r in results:
+            if not r["cancel"]:
+                assert r["text"] == expected[r["prompt"]]
+        assert sum(r["rejected"] for r in results) > 0  # the bound held: 429s, not an unbounded queue
+        time.sleep(1.0)
+        assert httpx.get(running.url + "/health").json()["queued"] == 0  # cancelled requests freed their places
+        rss_after = psutil.Process(running.proc.pid).memory_info().rss
+        assert rss_after < rss_before * 1.10 + 32 * 2**20, (rss_before, rss_after)
+        done = [r for r in results if not r["cancel"]]
+        latencies = sorted(r["latency"] for r in done)
+        ttfts = sorted(r["ttft"] for r in done if r["ttft"] is not None)
+        with capsys.disabled():
+            print(f"\nload: 32 clients (8 leaving mid-stream) in {wall:.1f} s = {len(results) / wall:.1f} requests/s; "
+                  f"latency p50 {statistics.median(latencies):.2f} s, p95 {latencies[int(0.95 * (len(latencies) - 1))]:.2f} s; "
+                  f"first token p50 {statistics.median(ttfts):.2f} s; 429s {sum(r['rejected'] for r in results)}; "
+                  f"RSS {rss_before / 2**20:.0f} -> {rss_after / 2**20:.0f} MiB")
+    finally:
+        running.stop()
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium here: `apt-get install chromium` (.ci/run installs it)")
+def test_the_chat_page_streams_an_answer_in_a_real_browser(server):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
+        try:
+            page = browser.new_page()
+            page.goto(server.url + "/")
+            page.fill("#question", PROMPT)
+            page.press("#question", "Enter")
+            page.wait_for_function("document.querySelector('.stats') && "
+                                   "/tok\\/s|error/.test(document.querySelector('.stats').textContent)", timeout=120_000)
+            assert "error" not in page.text_content(".stats"), page.text_content(".stats")
+            assert page.text_content(".user") == "You: " + PROMPT
+            assert page.text_content(".assistant").strip()
+            assert "FFN neurons computed" in page.text_content(".stats")
+        finally:
+            browser.close()
