@@ -149,6 +149,9 @@ def bench_llama_cpp(gguf: Path, prompt: list[int], new_tokens: int, repeats: int
                 n_batch=max(len(prompt), 8), verbose=False)
 
     def timed() -> tuple[float, float]:
+        # llama-cpp-python keeps the previous prompt cached even with reset=True (it reuses the longest
+        # matching prefix), so without an explicit reset a timed prefill would be a cache hit.
+        llm.reset()
         t0 = time.perf_counter()
         tokens = llm.generate(prompt, temp=0.0, reset=True)
         next(tokens)

@@ -250,3 +250,32 @@ def test_the_chat_page_streams_an_answer_in_a_real_browser(server):
             assert "FFN neurons computed" in page.text_content(".stats")
         finally:
             browser.close()
+
+
+def test_a_conversation_that_extends_the_cache_reuses_it_and_answers_as_a_fresh_start(tiny_with_tokenizer):
+    """The next turn of a conversation prefills only its new tokens; with every neuron computed (dense)
+    the answer equals that of a worker that starts from nothing."""
+    from runtime.engine import load_engine
+    from runtime.generate import SamplingConfig
+    from runtime.sparsity import SparsityConfig
+    from runtime.text import encode_messages
+    from server.worker import ModelWorker, ServeConfig
+
+    engine = load_engine(str(tiny_with_tokenizer / "model"), "fp32", "cpu", SparsityConfig(method="dense"))
+    config = ServeConfig(model_name="tiny", method="dense", context=256)
+    first_turn = [{"role": "user", "content": PROMPT}]
+
+    def answer(worker: ModelWorker, messages: list[dict]) -> str:
+        ids = encode_messages(engine.tokenizer, messages)
+        assert worker.admit()
+        return worker.submit(worker.job_for(ids, 8, SamplingConfig(), [])).result().text
+
+    reused = ModelWorker(engine, config)
+    reply = answer(reused, first_turn)
+    second = first_turn + [{"role": "assistant", "content": reply}, {"role": "user", "content": "And two more?"}]
+    held = list(reused.cached_tokens)
+    second_ids = encode_messages(engine.tokenizer, second)
+    extends = second_ids[: len(held)] == held
+    got = answer(reused, second)
+    assert got == answer(ModelWorker(engine, config), second)
+    assert extends, "the chat template re-rendered the first turn; the cache could not be reused"
