@@ -13,7 +13,6 @@ raw context (no chat template), `batch_size` requests at a time, and cuts at the
 from __future__ import annotations
 
 from dataclasses import fields
-from pathlib import Path
 
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model

@@ -9,11 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 from lm_eval.api.instance import Instance
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+from transformers import AutoModelForCausalLM
 
 from evaluation.lm_eval_adapter import PartinferLM
 from runtime.sparsity import METHODS
-from tests.helpers import make_neuron_file
 
 PAIRS = [("The capital of France is", " Paris."), ("Two plus two equals", " four"), ("Once upon a time ", "there was")]
 
