@@ -190,7 +190,9 @@ def test_truncated_cached_download_is_replaced_not_reused(tmp_path, monkeypatch)
 
 
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="no C++ compiler")
-def test_a_killed_first_kernel_build_neither_hangs_nor_leaves_compilers(tmp_path):
+def test_a_killed_first_kernel_build_neither_hangs_nor_leaves_compilers(tmp_path, tiny_with_tokenizer):
+    """SIGKILL during the first build, then `partinfer generate`: it builds again and answers, well
+    within its timeout, and the killed build's compilers are gone."""
     env = {**os.environ, "PARTINFER_HOME": str(tmp_path)}
     first = subprocess.Popen([sys.executable, "-m", "runtime.native"], env=env, stderr=subprocess.PIPE,
                              stdout=subprocess.DEVNULL)
@@ -203,9 +205,13 @@ def test_a_killed_first_kernel_build_neither_hangs_nor_leaves_compilers(tmp_path
     time.sleep(2)
     assert compilers_in(tmp_path) == [], "compilers outlived the killed build"
     # torch's own lock file is left behind by the killed build: the next run must not wait on it
-    second = subprocess.run([sys.executable, "-m", "runtime.native"], env=env, capture_output=True, text=True,
-                            timeout=300)
-    assert second.returncode == 0 and "CPU kernels: ready" in second.stdout, second.stderr
+    started = time.monotonic()
+    second = subprocess.run([sys.executable, "-m", "cli", "generate", "-p", "Hi", "-n", "2", "--method", "dense",
+                             "--model", str(tiny_with_tokenizer / "model"), "--dtype", "bf16", "--json"],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr
+    assert "unavailable" not in second.stderr and next((tmp_path / "build").glob("*/partinfer_cpu.ready"))
+    assert time.monotonic() - started < 120, "the rebuild took longer than it should"
 
 
 def compilers_in(home: Path) -> list[int]:
