@@ -26,6 +26,7 @@ def build_app() -> typer.Typer:
     app.command()(measure.perplexity)
     app.command("eval")(measure.evaluate)
     app.command()(profiling.profile)
+    app.command()(profiling.compensate)
     app.command()(measure.memory)
     app.command()(serve.serve)
     data_app = typer.Typer(cls=ErrorHandlingGroup, no_args_is_help=True, help="Offline data sets for profiling and evaluation.")

@@ -42,6 +42,8 @@ SPARSITY_OPTIONS: dict[str, tuple[Any, tuple[str, ...], str]] = {
     "base_neurons_type": (str, ("--base-neurons-type",), "model | dataset: which neuron file gives the base neurons."),
     "model_neurons": (Optional[Path], ("--model-neurons",), "Model-level neuron file (default: the shipped one for the default model)."),
     "dataset_neurons": (Optional[Path], ("--dataset-neurons",), "Dataset-level neuron file."),
+    "compensation": (Optional[Path], ("--compensation",), "Compensation file for the unloaded neurons (`partinfer "
+                     "compensate`, fit for the same γ, δ and neuron files); methods that load every neuron ignore it."),
 }
 assert set(SPARSITY_OPTIONS) == {f.name for f in fields(SparsityConfig)}, "every SparsityConfig field is an option"
 

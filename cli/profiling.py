@@ -8,8 +8,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from cli.options import DeviceOpt, JsonOpt, ModelOpt
+from cli.options import DeviceOpt, JsonOpt, ModelOpt, with_sparsity_options
 from common.errors import PartinferError
+from runtime.sparsity import SparsityConfig
 
 
 def profile(
@@ -114,3 +115,42 @@ def neurons_merge(
         NeuronFile.load(out)  # --force replaces only a neuron file, never anything else
     merged = merge([NeuronFile.load(f) for f in files], names=[str(f) for f in files])
     typer.echo(f"{merged.save(out)}\t{merged.level}-level, {merged.tokens} tokens, {merged.sequences} sequences")
+
+
+@with_sparsity_options(exclude=("method", "phi", "token_sparsity", "core_score", "token_score", "compensation"))
+def compensate(
+    out: Annotated[Path, typer.Option("--out", "-o", help="The compensation file to write (a new path, or --force).")],
+    dataset: Annotated[list[str], typer.Option("--dataset", "-d", help="Calibration data: built-in tasks (their profile split) or local files; repeat for several.")] = ["truthfulqa", "squad", "xsum", "coqa", "wikilingua"],
+    model: ModelOpt = None,
+    num_samples: Annotated[int, typer.Option("--num-samples", "-n", min=1, max=10_000_000, help="Prompts per data set.")] = 32,
+    rank: Annotated[int, typer.Option("--rank", min=1, max=65_536, help="Rank r of each layer's map (2·r·d weights; the model width = full rank).")] = 64,
+    ridge: Annotated[float, typer.Option("--ridge", min=0.0, max=1e6, help="Ridge λ, relative to the mean diagonal of XᵀX.")] = 1e-3,
+    max_prompt_tokens: Annotated[int, typer.Option("--max-prompt-tokens", min=1, max=1_048_576, help="Keep only the last N tokens of a prompt.")] = 512,
+    force: Annotated[bool, typer.Option("--force", help="Replace --out when it is an existing compensation file.")] = False,
+    dtype: Annotated[str, typer.Option("--dtype", help="Fitting dtype (fp32 recommended).")] = "fp32",
+    device: DeviceOpt = "cpu",
+    *,
+    sparsity: SparsityConfig,
+) -> None:
+    """Fit, per sparse layer, a low-rank map from the FFN input to what the neurons that a budget does not
+    load would add; `--compensation FILE` then adds it at prefill and decode (same γ, δ, neuron files)."""
+    from dataclasses import replace
+
+    from common.compensation_file import Compensation
+    from common.data import load_texts
+    from profiler.compensation import fit_compensation
+    from runtime.engine import load_engine
+    from runtime.model import ModelConfig
+    from runtime.prepare import resolve_model
+    from runtime.sparsity import plan_layers
+
+    if out.exists():
+        if not force:
+            raise PartinferError(f"--out {out} exists; choose a new path, or pass --force to replace that compensation file")
+        Compensation.load(out)  # --force replaces only a compensation file
+    model_dir = resolve_model(model)
+    plans = plan_layers(replace(sparsity, method="load-only"), ModelConfig.from_dir(model_dir))
+    texts = {name: load_texts(name, num_samples) for name in dataset}
+    engine = load_engine(str(model_dir), dtype, device)
+    comp = fit_compensation(engine, texts, plans, rank, ridge, max_prompt_tokens)
+    typer.echo(f"{comp.save(out)}\t{len(comp.a)} layers, rank {comp.rank}, {comp.tokens} tokens")

@@ -212,6 +212,7 @@ def load_model(
                 state[name] = read_fused(reader, hf_names(name), dtype, device)
     check_shapes(model, state, model_dir)
     model.load_state_dict(state, strict=True, assign=True)
+    attach_compensation(model, plans, sparsity)
     model.init_buffers(device)
     model.checkpoint_bytes_read = reader.bytes_read
     model.backend = choose_backend(model)
@@ -219,6 +220,21 @@ def load_model(
         if is_sparse(m):
             m.neuron_ids = m.neuron_ids.to(device)
     return model.eval()
+
+
+def attach_compensation(model: Transformer, plans: dict, sparsity: "SparsityConfig") -> None:
+    """Give each sparse layer its compensation, when a file is given and some neurons are not loaded
+    (methods that load every neuron have nothing to compensate and ignore it)."""
+    from common.compensation_file import Compensation
+    from runtime.sparsity import loaded_digest
+
+    n = model.cfg.ffn_dim
+    if sparsity.compensation is None or all(plan.loaded.shape[0] == n for plan in plans.values()):
+        return
+    comp = Compensation.load(sparsity.compensation, model.cfg.fingerprint, loaded_digest(plans, n))
+    for i in plans:
+        if i in comp.a:
+            model.layers[i].mlp.set_compensation(comp.a[i], comp.b[i])
 
 
 def check_shapes(model: Transformer, state: dict[str, torch.Tensor], model_dir: Path) -> None:

@@ -322,7 +322,23 @@ class FeedForward(nn.Module):
     A sentence is bracketed by `begin_prompt` (before its prefill: compute every loaded neuron, record
     what selection needs) and `end_prompt` (select, lay out the weights for decode); `prefill(...,
     select=True)` does both. `decode_weights` is this layer for the compiled decode, or None when it
-    cannot take it (the eager path then runs the step)."""
+    cannot take it (the eager path then runs the step). A sparse layer may carry a compensation: a
+    low-rank map `comp_out(comp_in(x))` that stands in for what its unloaded neurons would add."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_parameter("comp_in", None)  # [r, d]
+        self.register_parameter("comp_out", None)  # [d, r]
+
+    def set_compensation(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        """a [d, r], b [r, d] (fp32 from the file): y += (x @ a) @ b, kept in the layer's dtype and device."""
+        like = next(p for p in self.parameters() if p is not self.comp_in and p is not self.comp_out)
+        self.comp_in = nn.Parameter(a.t().to(like.dtype).contiguous().to(like.device), requires_grad=False)
+        self.comp_out = nn.Parameter(b.t().to(like.dtype).contiguous().to(like.device), requires_grad=False)
+
+    def compensate(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """x [B, T, D], y [B, T, D] the computed neurons' output -> y plus the compensation, if any."""
+        return y if self.comp_in is None else y + linear(linear(x, self.comp_in), self.comp_out)
 
     def begin_prompt(self, token_mask: torch.Tensor | None) -> None:
         pass

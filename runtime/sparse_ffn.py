@@ -120,7 +120,7 @@ class SparseFFN(FeedForward):
     def decode_weights(self) -> FfnWeights | None:
         """The active prefix for the compiled decode, fixed from one end_prompt to the next; None while
         prefilling, with per-sequence sets, or for non-SiLU models."""
-        return self.decode_record if self.phase == "decode" else None
+        return self.decode_record if self.phase == "decode" and self.comp_in is None else None
 
     def active_neuron_ids(self) -> torch.Tensor:
         """[B, m] original neuron indices computed at decode."""
@@ -151,6 +151,9 @@ class SparseFFN(FeedForward):
         return self.act(h[..., 0]) * h[..., 1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, D]
+        return self.compensate(x, self._computed(x))
+
+    def _computed(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, D]: the computed neurons' output
         if self.phase == "decode":
             if self.c_gate_up is not None:  # per-sequence active sets
                 a = self._act(torch.bmm(x, self.c_gate_up.transpose(1, 2)))  # [B, T, m]

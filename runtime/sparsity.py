@@ -13,6 +13,7 @@ Constraint 0 < δ <= φ <= γ <= 1. Methods (docs/design.md, §1):
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -49,6 +50,7 @@ class SparsityConfig:
     base_neurons_type: str = "model"  # which neuron file ranks the base neurons
     model_neurons: Path | None = None
     dataset_neurons: Path | None = None
+    compensation: Path | None = None  # a compensation file for the unloaded neurons (`partinfer compensate`)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -134,6 +136,15 @@ class LayerPlan:
     loaded: torch.Tensor  # int64 [k] original neuron indices, base neurons first
     n_base: int  # the first n_base of `loaded` are always computed
     n_active: int  # neurons computed at decode (round(φ·n)); == k for load-only
+
+
+def loaded_digest(plans: dict[int, LayerPlan], n: int) -> str:
+    """Names the loaded neuron sets of all sparse layers (order-free): what a compensation was fit for."""
+    digest = hashlib.sha256(str(n).encode())
+    for i in sorted(plans):
+        digest.update(f"{i}:".encode())
+        digest.update(torch.sort(plans[i].loaded).values.to(torch.int64).numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def fraction_count(fraction: float, n: int) -> int:

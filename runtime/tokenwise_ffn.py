@@ -120,9 +120,12 @@ class TokenwiseFFN(FeedForward):
         """This layer for the compiled decode, which applies the same rule in C++ (its choices are not
         recorded in `last_selected`); None while prefilling, for non-SiLU models, or with the
         per-sequence scales of a batch."""
-        return self.decode_record if self.phase == "decode" else None
+        return self.decode_record if self.phase == "decode" and self.comp_in is None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, D]
+        return self.compensate(x, self._computed(x))
+
+    def _computed(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, D]: the chosen neurons' output
         B, T, _ = x.shape
         act_gate = self.act(linear(x, self.gate))  # [B, T, k]
         if self.phase == "prefill":
