@@ -57,6 +57,8 @@ def _settings(model_dir: Path, method: str, sparsity: SparsityConfig, tasks: lis
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(replace(sparsity, method=method)).items()}
     if method != "tokenwise":
         del config["token_score"]  # only tokenwise reads it: other methods' results stay valid when it changes
+    if config.get("compensation") is None:
+        del config["compensation"]  # raw results from before the option existed stay reusable
     return {"model": str(model_dir), "tasks": tasks, "limit": limit, "dtype": dtype, "sparsity": config}
 
 

@@ -4,8 +4,9 @@ Per sparse layer, with x the FFN input and u = Σ_{i not loaded} a_i · down_i w
 neurons add to its output, the least-squares map W = argmin Σ_tokens ‖x W − u‖² + λ‖W‖² is
 (XᵀX + λI)⁻¹ XᵀU, where λ = ridge × mean(diag XᵀX). Only XᵀX and XᵀU [d, d] are accumulated (each
 batch in fp32, the running sums in fp64, over the dense model's prefill of calibration prompts), so memory is O(layers × d²) whatever
-the number of tokens. A rank-r truncation of W (its SVD) costs 2·r·d weights per layer — r = 64 on
-the default model is the bytes of 64 / 3 ≈ 21 bf16 neurons — and is stored as a [d, r], b [r, d].
+the number of tokens. A rank-r truncation of W (its SVD) costs 2·r·d weights per layer, the bytes of
+2r/3 neurons (a neuron is 3·d weights), and is stored as a [d, r], b [r, d]; at r ≥ d the file holds
+W and an identity (twice W's bytes: an upper bound to measure against, not a budget to run).
 With every neuron loaded, u = 0 and so is the map.
 """
 
