@@ -52,8 +52,8 @@ def test_fit_equals_a_direct_least_squares_solution(tiny_with_tokenizer):
         X = torch.cat(xs[i]).double()  # [N, d]
         keep = torch.zeros(ffn.down.shape[1], dtype=torch.bool)
         keep[plan.loaded] = True
-        a = ffn.activations(X.float()[None])[0].double()  # [N, n]
-        U = a[:, ~keep] @ ffn.down.double()[:, ~keep].T  # [N, d]
+        a = ffn.activations(X.float()[None])[0].detach().double()  # [N, n]
+        U = a[:, ~keep] @ ffn.down.detach().double()[:, ~keep].T  # [N, d]
         lam = 1e-4 * float(torch.diagonal(X.T @ X).mean())  # the same ridge, on the exact rows
         W = torch.linalg.lstsq(torch.cat([X, lam**0.5 * torch.eye(d, dtype=X.dtype)]),
                                torch.cat([U, torch.zeros(d, d, dtype=U.dtype)])).solution
