@@ -28,7 +28,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from common.atomic import atomic_file, clean_stale_temporaries, temp_prefix
+from common.atomic import TEMP_MARK, atomic_file, clean_stale_temporaries, temp_prefix
 from common.errors import PartinferError
 
 MANIFEST_FORMAT = "partinfer-output"
@@ -54,11 +54,13 @@ def read_manifest(directory: Path, command: str) -> dict | None:
 
 
 def _relative_files(directory: Path) -> set[str]:
-    """Every entry under `directory` that is not a directory (files, links), as relative POSIX paths."""
+    """Every entry under `directory` that is not a directory (files, links), as relative POSIX paths;
+    our own write temporaries (`common.atomic`) are left out: they are ours, and cleaned when stale."""
     found = set()
     for root, dirs, files in os.walk(directory):
         for name in files + [d for d in dirs if (Path(root) / d).is_symlink()]:
-            found.add((Path(root) / name).relative_to(directory).as_posix())
+            if TEMP_MARK not in name:
+                found.add((Path(root) / name).relative_to(directory).as_posix())
     return found
 
 
@@ -97,9 +99,8 @@ def check_output_dir(path: Path, command: str, inputs: Iterable[Path | None] = (
 
 def _write_manifest(directory: Path, command: str, files: Iterable[str], extra: dict | None = None) -> None:
     manifest = {"output": MANIFEST_FORMAT, "command": command, "files": sorted(files), **(extra or {})}
-    tmp = directory / f"{temp_prefix(directory / manifest_name(command))}manifest"
-    tmp.write_text(json.dumps(manifest, indent=1), encoding="utf-8")
-    os.replace(tmp, directory / manifest_name(command))
+    with atomic_file(directory / manifest_name(command)) as tmp:
+        tmp.write_text(json.dumps(manifest, indent=1), encoding="utf-8")
 
 
 @contextmanager

@@ -156,3 +156,14 @@ def test_a_bug_keeps_its_traceback(monkeypatch):
     result = runner.invoke(app, ["prepare"])
     assert result.exit_code == 1
     assert "Traceback" in result.stderr and "ZeroDivisionError" in result.stderr and "please report it" in result.stderr
+
+
+def test_a_killed_writers_temporary_inside_an_output_is_not_foreign(tmp_path):
+    """An eval killed while writing a result leaves `.NAME.partinfer-tmp-<pid>-…` in its output: the next
+    run accepts the directory and removes that temporary."""
+    out = IncrementalOutput(tmp_path / "results", "eval")
+    out.write_text("raw/dense.json", "{}")
+    stale = tmp_path / "results" / "raw" / f".dense.json.partinfer-tmp-{2**22 + 12345}-abc.tmp"
+    stale.write_text("half")
+    IncrementalOutput(tmp_path / "results", "eval")
+    assert not stale.exists() and (tmp_path / "results" / "raw" / "dense.json").read_text() == "{}"
