@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Callable, Optional
 
 import typer
 
@@ -98,6 +98,15 @@ def neurons_show(
         typer.echo(f"plot: {plot_coverage({f.name: nf for f, nf in zip(files, loaded)}, plot)}", err=True)
 
 
+def refuse_to_replace(out: Path, force: bool, load: Callable[[Path], object], what: str) -> None:
+    """A single-file `--out` may exist only with --force, and only as a file of the same kind (`load`
+    raises a one-line error otherwise): never anything a user made."""
+    if out.exists():
+        if not force:
+            raise PartinferError(f"--out {out} exists; choose a new path, or pass --force to replace that {what}")
+        load(out)
+
+
 def neurons_merge(
     files: Annotated[list[Path], typer.Argument(help="Neuron files of one model, profiled with the same settings.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="The merged neuron file (a new path, or --force).")],
@@ -109,10 +118,7 @@ def neurons_merge(
 
     if len(files) < 2:
         raise PartinferError("give two or more neuron files to merge")
-    if out.exists():
-        if not force:
-            raise PartinferError(f"--out {out} exists; choose a new path, or pass --force to replace that neuron file")
-        NeuronFile.load(out)  # --force replaces only a neuron file, never anything else
+    refuse_to_replace(out, force, NeuronFile.load, "neuron file")
     merged = merge([NeuronFile.load(f) for f in files], names=[str(f) for f in files])
     typer.echo(f"{merged.save(out)}\t{merged.level}-level, {merged.tokens} tokens, {merged.sequences} sequences")
 
@@ -144,10 +150,7 @@ def compensate(
     from runtime.prepare import resolve_model
     from runtime.sparsity import plan_layers
 
-    if out.exists():
-        if not force:
-            raise PartinferError(f"--out {out} exists; choose a new path, or pass --force to replace that compensation file")
-        Compensation.load(out)  # --force replaces only a compensation file
+    refuse_to_replace(out, force, Compensation.load, "compensation file")
     model_dir = resolve_model(model)
     plans = plan_layers(replace(sparsity, method="load-only"), ModelConfig.from_dir(model_dir))
     texts = {name: load_texts(name, num_samples) for name in dataset}

@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 
 from common.atomic import atomic_file
 from common.errors import PartinferError
-from common.safetensors_io import SafetensorsFile
+from common.safetensors_io import read_whole_file
 
 FORMAT = "partinfer-compensation"
 VERSION = 1
@@ -57,11 +57,7 @@ class Compensation:
         path = Path(path)
         if not path.is_file():
             raise PartinferError(f"compensation file {path} does not exist; make one with `partinfer compensate`")
-        f = SafetensorsFile(path)
-        try:
-            meta, tensors = f.metadata, {name: f.read(name) for name in f.keys()}
-        finally:
-            f.close()
+        meta, tensors = read_whole_file(path)
         if meta.get("format") != FORMAT or meta.get("version") != str(VERSION):
             raise PartinferError(f"{path} is not a partinfer compensation file (version {VERSION})")
         try:

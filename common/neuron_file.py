@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 
 from common.atomic import atomic_file
 from common.errors import PartinferError
-from common.safetensors_io import SafetensorsFile
+from common.safetensors_io import read_whole_file
 
 FORMAT = "partinfer-neurons"
 VERSION = 1
@@ -132,12 +132,7 @@ class NeuronFile:
         path = Path(path)
         if not path.is_file():
             raise PartinferError(f"neuron file {path} does not exist; make one with `partinfer profile` or fix the path")
-        f = SafetensorsFile(path)  # checks the header against the file before any data is read
-        try:
-            meta = f.metadata
-            tensors = {name: f.read(name) for name in f.keys()}
-        finally:
-            f.close()
+        meta, tensors = read_whole_file(path)  # checks the header against the file before any data is read
         if meta.get("format") != FORMAT:
             raise PartinferError(f"{path} is not a partinfer neuron file (format={meta.get('format')!r})")
         if meta.get("version") != str(VERSION):

@@ -69,6 +69,15 @@ def _read_header(fd: int, file_size: int) -> tuple[dict, int, dict]:
     return header, 8 + n, metadata
 
 
+def read_whole_file(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """(metadata, every tensor) of a small file (neuron and compensation files), header checked first."""
+    f = SafetensorsFile(path)
+    try:
+        return f.metadata, {name: f.read(name) for name in f.keys()}
+    finally:
+        f.close()
+
+
 class SafetensorsFile:
     """One .safetensors file: its header, and reads of whole tensors or of runs of leading-dim rows."""
 

@@ -149,12 +149,13 @@ def measure(spec: MemorySpec) -> dict:
 
 def packed_dir_for(model_dir: Path, model_neurons: Path) -> Path:
     """Where `partinfer memory` keeps the packed copy of a model for a given neuron file (packed once)."""
-    from runtime.pack import pack_checkpoint
     from common.paths import cache_home
+    from runtime.loader import is_packed
+    from runtime.pack import pack_checkpoint
 
     digest = hashlib.sha1(Path(model_neurons).read_bytes()).hexdigest()[:10]
     out = cache_home() / "packed" / f"{Path(model_dir).name}-{digest}"
-    if not (out / "partinfer_pack.json").is_file():
+    if not is_packed(out):
         pack_checkpoint(model_dir, model_neurons, out)
     return out
 

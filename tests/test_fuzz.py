@@ -29,6 +29,13 @@ json_values = st.recursive(
 )
 
 
+def file_with_header(tmp_path_factory, header: dict, data: bytes) -> Path:
+    raw = json.dumps(header).encode()
+    path = tmp_path_factory.mktemp("st") / "x.safetensors"
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+    return path
+
+
 def read_all(path: Path) -> None:
     f = SafetensorsFile(path)
     try:
@@ -52,11 +59,8 @@ def test_safetensors_reader_on_random_bytes(tmp_path_factory, data):
 @FAST
 @given(header=st.dictionaries(st.text(max_size=5), json_values, max_size=4), data=st.binary(max_size=64))
 def test_safetensors_reader_on_random_headers(tmp_path_factory, header, data):
-    raw = json.dumps(header).encode()
-    path = tmp_path_factory.mktemp("st") / "x.safetensors"
-    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
     try:
-        read_all(path)
+        read_all(file_with_header(tmp_path_factory, header, data))
     except PartinferError:
         pass
 
@@ -67,11 +71,9 @@ def test_safetensors_reader_on_random_headers(tmp_path_factory, header, data):
        offsets=st.lists(st.integers(-16, 80), min_size=0, max_size=3),
        data=st.binary(max_size=64))
 def test_safetensors_reader_on_plausible_tensor_entries(tmp_path_factory, dtype, shape, offsets, data):
-    raw = json.dumps({"t": {"dtype": dtype, "shape": shape, "data_offsets": offsets}}).encode()
-    path = tmp_path_factory.mktemp("st") / "x.safetensors"
-    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+    header = {"t": {"dtype": dtype, "shape": shape, "data_offsets": offsets}}
     try:
-        read_all(path)
+        read_all(file_with_header(tmp_path_factory, header, data))
     except PartinferError:
         return
     assert len(offsets) == 2 and 0 <= offsets[0] <= offsets[1] <= len(data)  # accepted only when it is right
