@@ -29,8 +29,10 @@ def pack(
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the packed checkpoint (new, empty, or an earlier `pack --out`).")],
     model: ModelOpt = None,
     model_neurons: Annotated[Optional[Path], typer.Option("--model-neurons", help="Model-level neuron file that orders each layer (default: the shipped one for the default model).")] = None,
+    weights: Annotated[str, typer.Option("--weights", help="Weight format: q4 (Q4_1 attention and gate/up, Q8_0 down and embeddings; the embedded model's GGUF blocks kept bit for bit), int8 (Q8_0 everywhere) or bf16.")] = "q4",
 ) -> None:
-    """Write a packed checkpoint: FFN layers permuted hot-first and bundled per neuron ([n, 3, d]) for partial loads."""
+    """Write a packed checkpoint: FFN layers permuted hot-first and bundled per neuron for partial loads,
+    every matrix in compact 4/8-bit rows by default (--weights)."""
     from runtime.defaults import shipped_model_neurons
     from runtime.pack import pack_checkpoint
     from runtime.prepare import resolve_model
@@ -38,4 +40,4 @@ def pack(
     neurons = model_neurons or shipped_model_neurons(model)
     if neurons is None:
         raise PartinferError("pass --model-neurons FILE (a model-level neuron file from `partinfer profile`)")
-    typer.echo(str(pack_checkpoint(resolve_model(model), neurons, out)))
+    typer.echo(str(pack_checkpoint(resolve_model(model), neurons, out, weights)))

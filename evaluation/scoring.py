@@ -48,7 +48,7 @@ def score_continuations(
     """
     device = model.embed_tokens.weight.device
     longest = max(len(c) for c in continuations)
-    cache = KVCache(model.cfg, 1, len(context) + longest, model.embed_tokens.weight.dtype, device)
+    cache = KVCache(model.cfg, 1, len(context) + longest, model.dtype, device)
     ctx_logits = prefill(model, torch.tensor([context], device=device), cache,  # the sentence: selects
                          logits_for="all" if score_context else "last")[0].float()  # [T or 1, V]
     ctx_logprobs = None

@@ -103,7 +103,7 @@ def to_neuron_file(stats: ActivationStats, model: Transformer, model_name: str, 
         sum_abs=stats.sum_abs, core_count=stats.core_count, tokens=stats.tokens, model=model_name,
         fingerprint=model.cfg.fingerprint, level=level, datasets=(name,), sequences=sequences,
         gen_tokens=cfg.gen_tokens, token_sparsity=cfg.token_sparsity, core_score=cfg.core_score,
-        dtype=str(model.embed_tokens.weight.dtype).removeprefix("torch."),
+        dtype=str(model.dtype).removeprefix("torch."),
     )
 
 

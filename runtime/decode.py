@@ -5,7 +5,8 @@ Each backend has the same interface — `decode(model, tokens, cache) -> logits`
 
 - `EagerDecode` (runtime/model.py): the model's PyTorch forward. Any model, dtype, device, batch.
 - `CompiledCPUDecode`: a bf16 one-token step of one unpadded sequence on an x86 CPU with AVX2 is
-  one C++ op for the whole model (`runtime.native.model_decode`); batches and padded steps run eager.
+  one C++ op for the whole model (`runtime.native.model_decode`), on bf16 or compact weights;
+  batches and padded steps run eager.
 - `CUDAGraphDecode`: on CUDA, the fixed-shape step `Transformer.decode_at` captured once per sentence
   as a CUDA graph and replayed per token (runtime/cuda_graph.py).
 
@@ -75,7 +76,7 @@ class CompiledCPUDecode(EagerDecode):
 
     def decode(self, model: Transformer, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
         start = cache.length
-        bf16 = model.embed_tokens.weight.dtype == torch.bfloat16  # a model cast after loading runs eager
+        bf16 = model.dtype == torch.bfloat16  # a model cast after loading runs eager
         plan = self.current_plan(model) if tokens.shape[0] == 1 and bf16 else None
         if plan is None or not model.causal_mask_exact(cache, start, 1):
             return super().decode(model, tokens, cache)
@@ -114,11 +115,11 @@ class CUDAGraphDecode(EagerDecode):
 
 def choose_backend(model: Transformer) -> EagerDecode:
     """The fastest backend this model, dtype and machine support, chosen once after loading."""
-    weight = model.embed_tokens.weight
+    device = model.embed_tokens.weight.device
     cfg = model.cfg
-    if weight.device.type == "cuda":
+    if device.type == "cuda":
         return CUDAGraphDecode()
     plain_llama = not (cfg.qk_norm or cfg.qkv_bias or cfg.o_bias) and cfg.head_dim % 16 == 0
-    if weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and plain_llama and cpu_kernels():
+    if device.type == "cpu" and model.dtype == torch.bfloat16 and plain_llama and cpu_kernels():
         return CompiledCPUDecode()
     return EagerDecode()

@@ -15,8 +15,15 @@ def shipped_neuron_files() -> Path:
 
 
 def shipped_model_neurons(model: str | None) -> Path | None:
-    """The shipped model-level neuron file, when --model is the default model and the file exists."""
+    """The model-level neuron file to use when none is given: the shipped one for the default model, or
+    the one a packed checkpoint was packed with (its rows are ordered by it), when the file exists."""
     path = shipped_neuron_files() / "model.safetensors"
     if model in (None, "", "default", DEFAULT_MODEL_NAME) and path.is_file():
         return path
+    if model is not None and Path(model).is_dir():
+        from common.output_dir import read_manifest
+
+        packed_with = (read_manifest(Path(model), "pack") or {}).get("model_neurons")
+        if isinstance(packed_with, str) and Path(packed_with).is_file():
+            return Path(packed_with)
     return None

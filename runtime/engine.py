@@ -47,7 +47,7 @@ class Engine:
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.embed_tokens.weight.dtype
+        return self.model.dtype
 
     def new_cache(self, batch: int = 1, max_len: int | None = None) -> KVCache:
         return KVCache(self.model.cfg, batch, max_len or self.model.cfg.max_seq_len, self.dtype, self.device)

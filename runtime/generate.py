@@ -104,7 +104,7 @@ def generate(
     tokens, mask = left_pad(prompts, pad_id)
     B, T = tokens.shape
     if cache is None:
-        cache = KVCache(model.cfg, B, min(model.cfg.max_seq_len, T + max_new_tokens), model.embed_tokens.weight.dtype, device)
+        cache = KVCache(model.cfg, B, min(model.cfg.max_seq_len, T + max_new_tokens), model.dtype, device)
     if cache.length + T + max_new_tokens > cache.max_len:
         raise PartinferError(
             f"prompt ({T} tokens) + {max_new_tokens} new tokens exceed the context of {cache.max_len - cache.length} "

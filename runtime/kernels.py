@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from runtime.native import cpu_flags
+from runtime.quant import dequantize, is_compact
 
 UPCAST_MIN_TOKENS = 32  # below it (e.g. batch-8 decode) the weight upcast costs more than it saves
 
@@ -34,7 +35,11 @@ def cpu_has_bf16_math() -> bool:
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear, with fp32 compute on CPU for many-token half-precision inputs (result in x's dtype).
-    The compiled one-token decode (runtime/decode.py) does not come through here."""
+    The compiled one-token decode (runtime/decode.py) does not come through here. A compact weight
+    (uint8 rows, runtime/quant.py) is de-quantized for the call: prefill and the eager path pay one
+    de-quantization per matrix, the weights stay compact in memory."""
+    if is_compact(weight):
+        weight = dequantize(weight, x.shape[-1], x.dtype)
     if cpu_prefers_fp32(x, weight):
         b = None if bias is None else bias.float()
         return F.linear(x.float(), weight.float(), b).to(x.dtype)

@@ -13,7 +13,8 @@ import torch
 
 from common.errors import PartinferError
 from common.files import read_json
-from runtime.model import ModelConfig, Transformer
+from runtime.model import CompactEmbedding, ModelConfig, Transformer
+from runtime.quant import WEIGHT_FORMATS, WeightFormat
 from runtime.decode import choose_backend
 from runtime.native import cpu_kernels
 from common.output_dir import manifest_name
@@ -87,6 +88,16 @@ def is_packed(model_dir: Path) -> bool:
     return (Path(model_dir) / PACK_MANIFEST).is_file()
 
 
+def packed_weight_format(model_dir: Path) -> WeightFormat:
+    """The weight format a packed checkpoint was written in (bf16 for any other checkpoint)."""
+    from common.output_dir import read_manifest
+
+    name = (read_manifest(model_dir, "pack") or {}).get("weights", "bf16")
+    if name not in WEIGHT_FORMATS:
+        raise PartinferError(f"{model_dir} was packed with weights {name!r}, which this version cannot read; pack it again")
+    return WEIGHT_FORMATS[name]
+
+
 def contiguous_runs(sorted_positions: torch.Tensor) -> list[tuple[int, int]]:
     """Sorted int positions -> [(start, stop)] half-open runs of consecutive values."""
     pos = sorted_positions.tolist()
@@ -101,12 +112,14 @@ def contiguous_runs(sorted_positions: torch.Tensor) -> list[tuple[int, int]]:
 
 def read_ffn_neurons(
     reader: CheckpointReader, layer: int, neurons: torch.Tensor, dtype: torch.dtype, device: str,
-    expected_perm: torch.Tensor | None = None,
+    expected_perm: torch.Tensor | None = None, fmt: WeightFormat = WEIGHT_FORMATS["bf16"], dim: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Read only `neurons` (original indices, in this order) of one FFN layer -> gate, up, down_t, each [k, d].
+    """Read only `neurons` (original indices, in this order) of one FFN layer -> gate, up, down_t, each
+    [k, d] in `dtype`, or [k, row_bytes] uint8 compact rows for a compact pack (`fmt`, model width `dim`).
 
-    Packed checkpoint: coalesced contiguous reads of the [n, 3, d] bundle (one read for a hot-first prefix).
-    Plain checkpoint: coalesced row runs of gate/up; down is read whole for its column gather (one layer).
+    Packed checkpoint: coalesced contiguous reads of the [n, 3, d] (or [n, bytes]) bundle: one read
+    for a hot-first prefix. Plain checkpoint: coalesced row runs of gate/up; down is read whole for
+    its column gather (one layer).
     """
     prefix = f"model.layers.{layer}.mlp"
     if f"{prefix}.bundle" in reader:
@@ -122,6 +135,10 @@ def read_ffn_neurons(
         order = torch.argsort(positions)
         rows = reader.read_rows(f"{prefix}.bundle", contiguous_runs(positions[order]))  # [k, 3, d] ascending
         rows = rows if torch.equal(order, torch.arange(len(order))) else rows[torch.argsort(order)]
+        if fmt.compact:  # [k, bytes]: gate | up | down_t blocks
+            g = fmt.gate_up.row_bytes(dim)
+            rows = rows.to(device=device)
+            return rows[:, :g].contiguous(), rows[:, g : 2 * g].contiguous(), rows[:, 2 * g :].contiguous()
         rows = rows.to(device=device, dtype=dtype)
         return rows[:, 0].contiguous(), rows[:, 1].contiguous(), rows[:, 2].contiguous()
     order = torch.argsort(neurons)  # read in ascending row order, put back in `neurons` order
@@ -169,22 +186,16 @@ def load_model(
 
     Dense layers (outside --start-num..--end-num) and everything that is not an FFN load whole.
     """
-    from runtime.sparse_ffn import SparseFFN, is_sparse
+    from runtime.sparse_ffn import is_sparse
     from runtime.sparsity import SparsityConfig, plan_layers
-    from runtime.tokenwise_ffn import TokenwiseFFN
 
     sparsity = sparsity or SparsityConfig(method="dense")
     if dtype == torch.bfloat16 and str(device).startswith("cpu"):
         cpu_kernels()  # build or load the compiled decode kernels now, not inside a timed step
     cfg = ModelConfig.from_dir(model_dir)
     plans = plan_layers(sparsity, cfg)
-    with torch.device("meta"):
-        model = Transformer(cfg)
-        for i, plan in plans.items():
-            if sparsity.method == "tokenwise":
-                model.layers[i].mlp = TokenwiseFFN(cfg, plan, sparsity.token_score)
-            else:
-                model.layers[i].mlp = SparseFFN(cfg, plan, sparsity)
+    fmt = packed_weight_format(model_dir)
+    model = build_model(cfg, plans, sparsity, fmt, dtype)
     packed = is_packed(model_dir)
     expected_perms = packed_perms_to_check(model_dir, sparsity, cfg)
     state: dict[str, torch.Tensor] = {}
@@ -193,9 +204,12 @@ def load_model(
             if i not in plans and not packed:
                 continue  # a dense layer of a plain checkpoint loads by name below
             neurons = plans[i].loaded if i in plans else torch.arange(cfg.ffn_dim)
-            gate, up, down_t = read_ffn_neurons(reader, i, neurons, dtype, device, expected_perms.get(i))
-            if i in plans and isinstance(model.layers[i].mlp, TokenwiseFFN):
+            gate, up, down_t = read_ffn_neurons(reader, i, neurons, dtype, device, expected_perms.get(i), fmt, cfg.dim)
+            if i in plans and sparsity.method == "tokenwise":
                 state.update({f"layers.{i}.mlp.gate": gate, f"layers.{i}.mlp.up": up, f"layers.{i}.mlp.down_t": down_t})
+            elif fmt.compact:  # CompactSparseFFN, sparse or dense
+                state.update({f"layers.{i}.mlp.gate_up": torch.stack([gate, up], dim=1),  # [k, 2, bytes]
+                              f"layers.{i}.mlp.down_t": down_t})
             elif i in plans:
                 h = plans[i].n_active
                 # clone, not contiguous(): an empty or already-contiguous view would keep down_t's storage alive
@@ -207,9 +221,9 @@ def load_model(
                 state.update({f"layers.{i}.mlp.gate_up": torch.cat([gate, up]),
                               f"layers.{i}.mlp.down": down_t.t().contiguous()})
             del gate, up, down_t
-        for name in model.state_dict():
-            if name not in state:
-                state[name] = read_fused(reader, hf_names(name), dtype, device)
+        for name, meta in model.state_dict().items():
+            if name not in state:  # compact matrices keep their uint8 rows; the rest is cast to `dtype`
+                state[name] = read_fused(reader, hf_names(name), torch.uint8 if meta.dtype == torch.uint8 else dtype, device)
     check_shapes(model, state, model_dir)
     model.load_state_dict(state, strict=True, assign=True)
     attach_compensation(model, plans, sparsity)
@@ -220,6 +234,42 @@ def load_model(
         if is_sparse(m):
             m.neuron_ids = m.neuron_ids.to(device)
     return model.eval()
+
+
+def build_model(cfg: ModelConfig, plans: dict, sparsity: "SparsityConfig", fmt: WeightFormat,
+                dtype: torch.dtype) -> Transformer:
+    """The model on `meta`, with the FFN modules each layer needs and, for a compact pack, every
+    matrix declared as compact rows (runtime/quant.py) so the loaded uint8 tensors fit by shape."""
+    from runtime.sparse_ffn import CompactSparseFFN, SparseFFN
+    from runtime.sparsity import LayerPlan, SparsityConfig
+    from runtime.tokenwise_ffn import TokenwiseFFN
+
+    every = LayerPlan(torch.arange(cfg.ffn_dim), 0, cfg.ffn_dim)  # a compact model's dense layers
+    with torch.device("meta"):
+        model = Transformer(cfg)
+        for i, plan in plans.items():
+            if sparsity.method == "tokenwise":
+                compact = (fmt.gate_up, fmt.down) if fmt.compact else None
+                model.layers[i].mlp = TokenwiseFFN(cfg, plan, sparsity.token_score, compact)
+            elif fmt.compact:
+                model.layers[i].mlp = CompactSparseFFN(cfg, plan, sparsity, fmt.gate_up, fmt.down)
+            else:
+                model.layers[i].mlp = SparseFFN(cfg, plan, sparsity)
+        if not fmt.compact:
+            return model
+        for i in range(cfg.n_layers):
+            if i not in plans:
+                model.layers[i].mlp = CompactSparseFFN(cfg, every, SparsityConfig(method="dense"), fmt.gate_up, fmt.down,
+                                                       dense=True)
+            attn = model.layers[i].self_attn
+            for linear in (attn.qkv_proj, attn.o_proj):
+                linear.weight = torch.nn.Parameter(torch.empty(linear.out_features, fmt.attention.row_bytes(linear.in_features),
+                                                               dtype=torch.uint8), requires_grad=False)
+        model.embed_tokens = CompactEmbedding(cfg.vocab_size, cfg.dim, fmt.embedding.row_bytes(cfg.dim), dtype)
+        if model.lm_head is not None:
+            model.lm_head.weight = torch.nn.Parameter(torch.empty(cfg.vocab_size, fmt.embedding.row_bytes(cfg.dim),
+                                                                  dtype=torch.uint8), requires_grad=False)
+    return model
 
 
 def attach_compensation(model: Transformer, plans: dict, sparsity: "SparsityConfig") -> None:

@@ -21,6 +21,7 @@ from torch import nn
 from common.errors import PartinferError
 from common.files import read_json
 from runtime.kernels import Linear, linear
+from runtime.quant import dequantize
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -297,11 +298,15 @@ class FfnKind(IntEnum):
     GATED = 0  # w1 = [gate; up] [2n, d], w2 = down [d, n]
     INTERLEAVED = 1  # w1 rows g0, u0, g1, u1, ... [2m, d] (the active prefix), w2 = down [d, m]
     TOKENWISE = 2  # w1 = gate, w2 = down_t, w3 = up, all [k, d]; per token base + top by score
+    ROWS = 3  # w1 rows g0, u0, g1, u1, ... [2m, d], w2 = down_t [m, d]: every matrix per neuron rows (compact)
 
 
 @dataclass(frozen=True)
 class FfnWeights:
     """One layer's FFN as the compiled one-token decode takes it: the named contract with the C++.
+
+    Matrices are bf16 [rows, d] or compact uint8 rows (runtime/quant.py: Q4_1 or Q8_0 blocks along d),
+    which ROWS and TOKENWISE take (every matrix there is per neuron rows).
 
     `w3` is read only by TOKENWISE (the others pass w1 again); `n_base` / `n_active` and `score_scale`
     ([k] fp32: the per-neuron factor of the token-wise score; None: |act(gate)| alone) only by
@@ -333,8 +338,9 @@ class FeedForward(nn.Module):
     def set_compensation(self, a: torch.Tensor, b: torch.Tensor) -> None:
         """a [d, r], b [r, d] (fp32 from the file): y += (x @ a) @ b, kept in the layer's dtype and device."""
         like = next(p for p in self.parameters() if p is not self.comp_in and p is not self.comp_out)
-        self.comp_in = nn.Parameter(a.t().to(like.dtype).contiguous().to(like.device), requires_grad=False)
-        self.comp_out = nn.Parameter(b.t().to(like.dtype).contiguous().to(like.device), requires_grad=False)
+        dtype = torch.bfloat16 if like.dtype == torch.uint8 else like.dtype  # compact layers compute in bf16
+        self.comp_in = nn.Parameter(a.t().to(dtype).contiguous().to(like.device), requires_grad=False)
+        self.comp_out = nn.Parameter(b.t().to(dtype).contiguous().to(like.device), requires_grad=False)
 
     def compensate(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """x [B, T, D], y [B, T, D] the computed neurons' output -> y plus the compensation, if any."""
@@ -410,6 +416,19 @@ class EagerDecode:
         return logits.argmax(dim=-1)
 
 
+class CompactEmbedding(nn.Module):
+    """The token embedding as compact rows (runtime/quant.py): weight [V, row_bytes] uint8; a lookup
+    de-quantizes only the looked-up rows."""
+
+    def __init__(self, vocab_size: int, dim: int, row_bytes: int, dtype: torch.dtype = torch.bfloat16):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(vocab_size, row_bytes, dtype=torch.uint8), requires_grad=False)
+        self.dim, self.dtype = dim, dtype
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # [...] -> [..., D]
+        return dequantize(self.weight[tokens], self.dim, self.dtype)
+
+
 class Transformer(nn.Module):
     """Parameter names mirror transformers' `model.*` so checkpoints map one to one."""
 
@@ -448,6 +467,11 @@ class Transformer(nn.Module):
 
     def output_weight(self) -> torch.Tensor:
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The activations' dtype (norm weights are never compact, unlike the matrices)."""
+        return self.norm.weight.dtype
 
     def causal_mask_exact(self, cache: KVCache, start: int, T: int) -> bool:
         """One new token after real (unpadded) tokens, with no sliding window: it sees every earlier slot,

@@ -26,6 +26,7 @@ import torch
 from common.paths import cache_home
 
 SOURCE = Path(__file__).parent / "csrc" / "cpu_gemv.cpp"
+HEADERS = (Path(__file__).parent / "csrc" / "compact_rows.h",)
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
@@ -40,7 +41,7 @@ def cpu_flags() -> frozenset[str]:
 
 
 def _cpu_has_avx2_fma() -> bool:
-    return {"avx2", "fma"} <= cpu_flags()
+    return {"avx2", "fma", "f16c"} <= cpu_flags()
 
 
 BUILD_LOCK_TIMEOUT_S = 300.0  # waiting for another process's build
@@ -53,7 +54,8 @@ def build_dir() -> Path:
 
 def _source_stamp() -> str:
     """Identifies a finished build of this source with this torch: written last, checked before loading."""
-    return hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()
+    sources = b"".join(path.read_bytes() for path in (SOURCE, *HEADERS))
+    return hashlib.sha256(sources + torch.__version__.encode()).hexdigest()
 
 
 def _built(build: Path) -> bool:
@@ -137,7 +139,7 @@ def _compile_child() -> None:
     from torch.utils.cpp_extension import load
 
     # -fopenmp: at::parallel_for is inlined from ATen's OpenMP header; without it the kernels run on one thread.
-    load(name="partinfer_cpu", sources=[str(SOURCE)], extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
+    load(name="partinfer_cpu", sources=[str(SOURCE)], extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
          extra_ldflags=["-fopenmp"], build_directory=str(build_dir()), is_python_module=False, verbose=False)
 
 
@@ -169,6 +171,16 @@ def model_decode(
     inv_freq [hd/2] fp32 (cos/sin are computed inside, as the eager model computes them)."""
     return torch.ops.partinfer_cpu.model_decode(x, norm1, qkv, o, k_cache, v_cache, inv_freq, pos, n_heads, n_kv_heads,
                                                 norm2, kind, w1, w2, w3, n_base, n_active, score_scale, eps)
+
+
+def dequantize(weight: torch.Tensor, cols: int, dtype: torch.dtype) -> torch.Tensor:
+    """Compact rows [..., row_bytes] uint8 -> [..., cols] fp32 or bf16, as runtime.quant.dequantize computes them."""
+    return torch.ops.partinfer_cpu.dequantize(weight, cols, dtype)
+
+
+def compact_kernel_path() -> str:
+    """Which compact-row kernels this process uses: "avx512-vnni", or "avx2" (also with PARTINFER_VNNI=0)."""
+    return torch.ops.partinfer_cpu.compact_kernel_path()
 
 
 def argmax(x: torch.Tensor) -> torch.Tensor:

@@ -22,46 +22,101 @@ from tqdm import tqdm
 from common.neuron_file import NeuronFile
 from common.errors import PartinferError
 from runtime.loader import CheckpointReader, is_packed
+from runtime.gguf_source import GgufRows
 from runtime.model import ModelConfig
+from runtime.quant import Quant, WeightFormat, quantize, weight_format
 from common.output_dir import replace_output_dir
 
 COPIED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                 "special_tokens_map.json", "chat_template.jinja", "tokenizer.model", "vocab.json", "merges.txt")
 
 
-def pack_checkpoint(model_dir: Path, model_neurons: Path, out: Path) -> Path:
+class CompactSource:
+    """Compact rows of a checkpoint's matrices: the GGUF's own blocks where it has them in the wanted
+    format, else quantized from the most exact values there are (the GGUF's, else the checkpoint's)."""
+
+    def __init__(self, reader: CheckpointReader, gguf: GgufRows | None):
+        self.reader, self.gguf = reader, gguf
+        self.copied = self.quantized = 0  # matrices taken bit for bit / re-quantized
+
+    def rows(self, name: str, quant: Quant) -> torch.Tensor:
+        rows = self.gguf.rows(name, quant) if self.gguf is not None else None
+        if rows is not None:
+            self.copied += 1
+            return rows
+        self.quantized += 1
+        return quantize(self.values(name), quant)
+
+    def values(self, name: str) -> torch.Tensor:
+        """A matrix's values: the GGUF's exact de-quantized ones where it has them, else the checkpoint's."""
+        values = self.gguf.values(name) if self.gguf is not None else None
+        return self.reader.get(name).float() if values is None else values
+
+
+def gguf_source(model_dir: Path) -> Path | None:
+    """The GGUF a checkpoint was converted from by `partinfer prepare`, when it is still there."""
+    from common.output_dir import read_manifest
+    from runtime.prepare import default_gguf_path, default_model_dir
+
+    if Path(model_dir).resolve() == default_model_dir().resolve():  # converted before manifests named the source
+        return default_gguf_path()
+    manifest = read_manifest(model_dir, "prepare") or {}
+    source = manifest.get("source")
+    return Path(source) if isinstance(source, str) and source.endswith(".gguf") and Path(source).is_file() else None
+
+
+def pack_checkpoint(model_dir: Path, model_neurons: Path, out: Path, weights: str = "bf16") -> Path:
+    """Pack `model_dir` hot-first by `model_neurons` into `out`, in the weight format `weights` (bf16, q4, int8)."""
     model_dir, out = Path(model_dir), Path(out)
+    fmt = weight_format(weights)
     if is_packed(model_dir):
         raise PartinferError(f"{model_dir} is already packed; pack the original checkpoint")
     cfg = ModelConfig.from_dir(model_dir)
+    if fmt.compact and (cfg.dim % 32 or cfg.ffn_dim % 32 or cfg.n_heads * cfg.head_dim % 32):
+        raise PartinferError(f"compact weights need widths that are multiples of 32; use --weights bf16 for {model_dir}")
     nf = NeuronFile.load(model_neurons, cfg.fingerprint)
-    manifest = {"format": "partinfer-packed", "version": 1, "fingerprint": cfg.fingerprint,
-                "model_neurons": str(model_neurons), "neurons_created": nf.created, "source": str(model_dir)}
+    gguf = gguf_source(model_dir) if fmt.compact else None
+    manifest = {"format": "partinfer-packed", "version": 1, "fingerprint": cfg.fingerprint, "weights": fmt.name,
+                "model_neurons": str(model_neurons), "neurons_created": nf.created, "source": str(model_dir),
+                "gguf_source": None if gguf is None else str(gguf)}
     with replace_output_dir(out, "pack", inputs=(model_dir, model_neurons), manifest=manifest) as tmp:
         weight_map: dict[str, str] = {}
         with CheckpointReader(model_dir) as reader:
             names = list(reader.shards)
+            source = CompactSource(reader, GgufRows(gguf, cfg) if gguf is not None else None)
             for i in tqdm(range(cfg.n_layers), desc="pack", unit="layer"):
                 prefix = f"model.layers.{i}."
                 perm = nf.rank(i).long()
-                gate = reader.get(f"{prefix}mlp.gate_proj.weight")
-                up = reader.get(f"{prefix}mlp.up_proj.weight")
-                down = reader.get(f"{prefix}mlp.down_proj.weight")
-                tensors = {
-                    f"{prefix}mlp.bundle": torch.stack([gate[perm], up[perm], down.t()[perm]], dim=1).contiguous(),
-                    f"{prefix}mlp.perm": perm.contiguous(),
-                }
+                tensors = {f"{prefix}mlp.bundle": ffn_bundle(reader, source, prefix, fmt)[perm].contiguous(),
+                           f"{prefix}mlp.perm": perm.contiguous()}
                 for name in names:
                     if name.startswith(prefix) and ".mlp." not in name:
-                        tensors[name] = reader.get(name)
+                        matrix = fmt.attention is not None and name.endswith("_proj.weight")
+                        tensors[name] = source.rows(name, fmt.attention) if matrix else reader.get(name)
                 shard = f"layer-{i:03d}.safetensors"
                 save_file(tensors, tmp / shard, metadata={"format": "pt"})
                 weight_map.update({name: shard for name in tensors})
-            rest = {name: reader.get(name) for name in names if not name.startswith("model.layers.")}
+            rest = {name: source.rows(name, fmt.embedding) if fmt.embedding and name.endswith(("embed_tokens.weight", "lm_head.weight"))
+                    else reader.get(name) for name in names if not name.startswith("model.layers.")}
             save_file(rest, tmp / "rest.safetensors", metadata={"format": "pt"})
             weight_map.update({name: "rest.safetensors" for name in rest})
         (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
         for name in COPIED_FILES:
             if (model_dir / name).is_file():
                 shutil.copy2(model_dir / name, tmp / name)
+        if fmt.compact:
+            print(f"compact weights ({fmt.name}): {source.copied} matrices copied bit for bit from {gguf}, "
+                  f"{source.quantized} quantized" if gguf else f"compact weights ({fmt.name}): all matrices quantized")
     return out
+
+
+def ffn_bundle(reader: CheckpointReader, source: CompactSource, prefix: str, fmt: WeightFormat) -> torch.Tensor:
+    """One layer's neurons in original order, one row each: [n, 3, d] (bf16: gate row, up row, down
+    column) or [n, bytes] (compact: the same three as blocks end to end)."""
+    if not fmt.compact:
+        gate, up, down = (reader.get(f"{prefix}mlp.{p}_proj.weight") for p in ("gate", "up", "down"))
+        return torch.stack([gate, up, down.t()], dim=1)
+    gate = source.rows(f"{prefix}mlp.gate_proj.weight", fmt.gate_up)
+    up = source.rows(f"{prefix}mlp.up_proj.weight", fmt.gate_up)
+    down_t = quantize(source.values(f"{prefix}mlp.down_proj.weight").t(), fmt.down)  # per neuron, along d
+    return torch.cat([gate, up, down_t], dim=1)

@@ -26,6 +26,7 @@ from torch import nn
 
 from runtime.kernels import linear
 from runtime.model import ACTIVATIONS, FeedForward, FfnKind, FfnWeights, ModelConfig, Transformer
+from runtime.quant import Quant, dequantize
 from runtime.selection import real_token_weights, sentence_active, top_count_mask
 from runtime.sparsity import LayerPlan, SparsityConfig
 from runtime.tokenwise_ffn import TokenwiseFFN
@@ -34,12 +35,19 @@ SELECTING_METHODS = ("coreinfer", "partinfer")
 
 
 class SparseFFN(FeedForward):
+    dense = False  # True only for a compact model's dense layer (CompactSparseFFN)
+
     def __init__(self, cfg: ModelConfig, plan: LayerPlan, sparsity: SparsityConfig):
         super().__init__()
         k, d = plan.loaded.shape[0], cfg.dim
         self.gate_up = nn.Parameter(torch.empty(k, 2, d))
         self.down_head = nn.Parameter(torch.empty(d, plan.n_active))
         self.down_tail = nn.Parameter(torch.empty(d, k - plan.n_active))
+        self._init_state(cfg, plan, sparsity)
+
+    def _init_state(self, cfg: ModelConfig, plan: LayerPlan, sparsity: SparsityConfig) -> None:
+        """Everything but the weights: shared with the compact layout."""
+        k = plan.loaded.shape[0]
         self.register_buffer("neuron_ids", plan.loaded.clone().to("cpu"), persistent=False)  # [k] original ids
         self.act = ACTIVATIONS[cfg.hidden_act]
         self.method = sparsity.method
@@ -85,9 +93,23 @@ class SparseFFN(FeedForward):
         self.core_counts = self.abs_sums = None
         self.decode_record = None
         if self.c_gate_up is None and self.act is F.silu:  # one active prefix (batch 1), SiLU
-            m = self.n_active
-            gate_up = self.gate_up[:m].view(2 * m, -1)  # [2m, d], gate/up rows interleaved, in place
-            self.decode_record = FfnWeights(FfnKind.INTERLEAVED, gate_up, self.down_head, gate_up)
+            self.decode_record = self._prefix_record()
+
+    def _prefix_record(self) -> FfnWeights:
+        m = self.n_active
+        gate_up = self.gate_up[:m].view(2 * m, -1)  # [2m, d], gate/up rows interleaved, in place
+        return FfnWeights(FfnKind.INTERLEAVED, gate_up, self.down_head, gate_up)
+
+    def _gate_up_rows(self, active: torch.Tensor) -> torch.Tensor:
+        """active [B, m] -> [B, 2m, d] float copies of those neurons' gate/up rows (interleaved)."""
+        return self.gate_up[active].reshape(active.shape[0], 2 * active.shape[1], -1)
+
+    def _down_of(self, a: torch.Tensor) -> torch.Tensor:
+        """a [B, T, j] activations of the first j loaded positions (j = n_active or all) -> [B, T, D]."""
+        y = linear(a[..., : self.n_active], self.down_head)
+        if a.shape[-1] > self.n_active and self.down_tail.shape[1]:
+            y = y + linear(a[..., self.n_active :], self.down_tail)
+        return y
 
     def set_active(self, active: torch.Tensor) -> None:
         """active [B, m] positions into the loaded set (sorted, base first)."""
@@ -99,7 +121,7 @@ class SparseFFN(FeedForward):
         B, m = active.shape
         down = self.down
         self.active = active
-        self.c_gate_up = self.gate_up[active].reshape(B, 2 * m, -1)  # [B, 2m, d], gate/up interleaved
+        self.c_gate_up = self._gate_up_rows(active)  # [B, 2m, d], gate/up interleaved
         self.c_down = torch.stack([down[:, a] for a in active])  # [B, d, m]
 
     @torch.no_grad()
@@ -110,12 +132,16 @@ class SparseFFN(FeedForward):
         order = torch.cat([active, keep.nonzero()[:, 0]])
         if torch.equal(order, torch.arange(self.n_loaded, device=order.device)):
             return
-        # Copy into the existing storage: reallocating would leave sub-MiB holes in the heap every sentence.
+        self._reorder(order)
+        self.neuron_ids = self.neuron_ids[order.to(self.neuron_ids.device)]
+
+    def _reorder(self, order: torch.Tensor) -> None:
+        """Permute the loaded neurons' weights by `order` [k], in their existing storage: reallocating
+        would leave sub-MiB holes in the heap every sentence."""
         down = self.down  # one layer's down, transient
         self.gate_up.copy_(self.gate_up[order])
         self.down_head.copy_(down[:, order[: self.n_active]])
         self.down_tail.copy_(down[:, order[self.n_active :]])
-        self.neuron_ids = self.neuron_ids[order.to(self.neuron_ids.device)]
 
     def decode_weights(self) -> FfnWeights | None:
         """The active prefix for the compiled decode, fixed from one end_prompt to the next; None while
@@ -160,19 +186,57 @@ class SparseFFN(FeedForward):
                 return torch.bmm(a, self.c_down.transpose(1, 2))  # [B, T, D]
             m = self.n_active
             a = self._act(linear(x, self.gate_up[:m].view(2 * m, -1)))  # [B, T, m]
-            return linear(a, self.down_head)
+            return self._down_of(a)
         a = self._act(linear(x, self.gate_up.view(2 * self.n_loaded, -1)))  # [B, T, k]
         if self.phase == "prefill" and self.selects:
             self._record(a)
-        y = linear(a[..., : self.n_active], self.down_head)
-        if self.down_tail.shape[1]:
-            y = y + linear(a[..., self.n_active :], self.down_tail)
-        return y
+        return self._down_of(a)
+
+
+class CompactSparseFFN(SparseFFN):
+    """`SparseFFN` on compact weights (runtime/quant.py): every matrix is per-neuron rows of blocks.
+
+      gate_up  [k, 2, gate_up_bytes] uint8  neuron i's gate and up rows side by side,
+      down_t   [k, down_bytes] uint8        neuron i's down column, quantized along d.
+    The active prefix is `gate_up[:m]` and `down_t[:m]`, reordered in place as in SparseFFN; the
+    compiled decode reads them as FfnKind.ROWS. With a full plan and no selection it is also the
+    dense FFN of a compact model (`dense=True`), so one layout serves every layer."""
+
+    def __init__(self, cfg: ModelConfig, plan: LayerPlan, sparsity: SparsityConfig, gate_up_quant: Quant,
+                 down_quant: Quant, dense: bool = False):
+        FeedForward.__init__(self)  # not SparseFFN's: its bf16 weights are not made
+        k, d = plan.loaded.shape[0], cfg.dim
+        self.dim, self.dense = d, dense
+        self.gate_up = nn.Parameter(torch.empty(k, 2, gate_up_quant.row_bytes(d), dtype=torch.uint8), requires_grad=False)
+        self.down_t = nn.Parameter(torch.empty(k, down_quant.row_bytes(d), dtype=torch.uint8), requires_grad=False)
+        self._init_state(cfg, plan, sparsity)
+
+    @property
+    def down(self) -> torch.Tensor:  # [d, k] bf16, a copy
+        return dequantize(self.down_t, self.dim, torch.bfloat16).t()
+
+    def _prefix_record(self) -> FfnWeights:
+        m = self.n_active
+        gate_up = self.gate_up[:m].view(2 * m, -1)  # [2m, bytes] compact rows, interleaved
+        return FfnWeights(FfnKind.ROWS, gate_up, self.down_t[:m], gate_up)
+
+    def _gate_up_rows(self, active: torch.Tensor) -> torch.Tensor:
+        return dequantize(super()._gate_up_rows(active), self.dim, torch.bfloat16)
+
+    def _down_of(self, a: torch.Tensor) -> torch.Tensor:
+        return a @ dequantize(self.down_t[: a.shape[-1]], self.dim, a.dtype)  # [B, T, j] @ [j, D]
+
+    def _reorder(self, order: torch.Tensor) -> None:
+        self.gate_up.copy_(self.gate_up[order])
+        self.down_t.copy_(self.down_t[order])
+
+    def decode_bytes(self) -> int:
+        return self.n_active * (self.gate_up.shape[1] * self.gate_up.shape[2] + self.down_t.shape[1])
 
 
 def is_sparse(module: nn.Module) -> bool:
-    """A sparse FFN variant: SparseFFN (per-sentence methods) or TokenwiseFFN."""
-    return isinstance(module, (SparseFFN, TokenwiseFFN))
+    """A sparse FFN variant: SparseFFN (per-sentence methods) or TokenwiseFFN; not a compact model's dense layer."""
+    return isinstance(module, TokenwiseFFN) or (isinstance(module, SparseFFN) and not module.dense)
 
 
 def sparse_modules(model: Transformer) -> list[nn.Module]:

@@ -33,16 +33,23 @@ from torch import nn
 from runtime.kernels import linear
 from runtime.model import ACTIVATIONS, FeedForward, FfnKind, FfnWeights, ModelConfig
 from runtime.selection import real_token_weights
+from runtime.quant import Quant, dense
 from runtime.sparsity import LayerPlan
 
 
 class TokenwiseFFN(FeedForward):
-    def __init__(self, cfg: ModelConfig, plan: LayerPlan, token_score: str = "scaled"):
+    def __init__(self, cfg: ModelConfig, plan: LayerPlan, token_score: str = "scaled",
+                 compact: tuple[Quant, Quant] | None = None):
+        """`compact`: (gate/up format, down format) for compact rows (runtime/quant.py), else bf16."""
         super().__init__()
         k, d = plan.loaded.shape[0], cfg.dim
-        self.gate = nn.Parameter(torch.empty(k, d))
-        self.up = nn.Parameter(torch.empty(k, d))
-        self.down_t = nn.Parameter(torch.empty(k, d))
+        self.dim = d
+        if compact is None:
+            self.gate, self.up, self.down_t = (nn.Parameter(torch.empty(k, d)) for _ in range(3))
+        else:
+            gate_up_bytes, down_bytes = compact[0].row_bytes(d), compact[1].row_bytes(d)
+            self.gate, self.up, self.down_t = (nn.Parameter(torch.empty(k, b, dtype=torch.uint8), requires_grad=False)
+                                               for b in (gate_up_bytes, gate_up_bytes, down_bytes))
         self.register_buffer("neuron_ids", plan.loaded.clone().to("cpu"), persistent=False)  # [k] original ids
         self.act = ACTIVATIONS[cfg.hidden_act]
         self.n_base, self.n_active = plan.n_base, plan.n_active
@@ -60,8 +67,12 @@ class TokenwiseFFN(FeedForward):
         return self.gate.shape[0]
 
     @property
-    def down(self) -> torch.Tensor:  # [d, k] view
-        return self.down_t.t()
+    def down(self) -> torch.Tensor:  # [d, k] view (a de-quantized copy for compact rows)
+        return self._rows(self.down_t).t()
+
+    def _rows(self, w: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        """Rows as floats: compact rows de-quantized, bf16 ones as they are."""
+        return dense(w, self.dim, dtype)
 
     def begin_prompt(self, token_mask: torch.Tensor | None) -> None:
         self.phase, self.token_mask = "prefill", token_mask
@@ -70,7 +81,7 @@ class TokenwiseFFN(FeedForward):
     def end_prompt(self) -> None:
         """Turn the prompt's |up| sums into this sentence's score scale s_i = mean |up_i| · ‖down_i‖."""
         if self.token_score == "scaled" and self.up_abs_sums is not None:
-            down_norm = self.down_t.float().norm(dim=1)  # [k]
+            down_norm = self._rows(self.down_t, torch.float32).norm(dim=1)  # [k]
             self.score_scale = self.up_abs_sums / self.up_counts.clamp(min=1) * down_norm  # [B, k]
         self.phase, self.token_mask = "decode", None
         self.up_abs_sums = self.up_counts = None
@@ -99,8 +110,8 @@ class TokenwiseFFN(FeedForward):
 
     def decode_bytes(self) -> int:
         """Weight bytes one decode token reads: all loaded gate rows, φ of up rows and down columns."""
-        d, size = self.gate.shape[1], self.gate.element_size()
-        return (self.n_loaded + 2 * self.n_active) * d * size
+        row = lambda w: w.shape[1] * w.element_size()  # noqa: E731
+        return self.n_loaded * row(self.gate) + self.n_active * (row(self.up) + row(self.down_t))
 
     def select(self, act_gate: torch.Tensor) -> torch.Tensor:
         """act_gate [B, T, k] -> positions [B, T, m]: the base, then the highest scores of the rest
@@ -122,6 +133,11 @@ class TokenwiseFFN(FeedForward):
         per-sequence scales of a batch."""
         return self.decode_record if self.phase == "decode" and self.comp_in is None else None
 
+    @staticmethod
+    def _gather(rows: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """w[rows]: F.embedding for bf16 rows (faster than index_select there), indexing for compact ones."""
+        return w[rows] if w.dtype == torch.uint8 else F.embedding(rows, w)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, D]
         return self.compensate(x, self._computed(x))
 
@@ -140,8 +156,9 @@ class TokenwiseFFN(FeedForward):
             nb, xv, ag = self.n_base, x[0, 0][None], act_gate[0, 0]
             rows = selected[0, 0, nb:]
             a_base = ag[:nb] * linear(xv, self.up[:nb])[0]  # [n_base]
-            a_rest = ag[rows] * linear(xv, F.embedding(rows, self.up))[0]  # [m - n_base]
-            y = torch.mv(self.down_t[:nb].t(), a_base) + torch.mv(F.embedding(rows, self.down_t).t(), a_rest)
+            a_rest = ag[rows] * linear(xv, self._gather(rows, self.up))[0]  # [m - n_base]
+            down_base, down_rest = self._rows(self.down_t[:nb], xv.dtype), self._rows(self._gather(rows, self.down_t), xv.dtype)
+            y = torch.mv(down_base.t(), a_base) + torch.mv(down_rest.t(), a_rest)
             return y.view(1, 1, -1)
         mask = torch.zeros_like(act_gate).scatter_(-1, selected, 1.0)
         return linear(act_gate * mask * linear(x, self.up), self.down)

@@ -16,6 +16,10 @@
 //   argmax(x [B, V] fp32|bf16) -> [B] int64, as torch.argmax(x, -1): the greedy sampler's per-token pick.
 //
 // `rows` lets the token-wise method read only its chosen neurons' rows in place (no gathered copy).
+//
+// Compact weights (uint8 rows of Q4_1 or Q8_0 blocks, runtime/quant.py) are taken wherever a bf16
+// matrix is, by `gemv` and by `model_decode` (kernels in compact_rows.h, an AVX2 and an AVX-512
+// VNNI build chosen once per process: `compact_kernel_path()`); `dequantize` expands them for prefill.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -23,8 +27,10 @@
 #include <omp.h>
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <optional>
+#include <string>
 #include <vector>
 
 namespace {
@@ -89,6 +95,76 @@ void split_even_odd(const float* x, int64_t K16, std::vector<float>& xe, std::ve
   }
 }
 
+constexpr int64_t Q4_1_BYTES = 20, Q8_0_BYTES = 34;  // bytes per block of 32 weights (runtime/quant.py)
+
+inline float fp16_to_float(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, sizeof h);
+  return _cvtsh_ss(h);
+}
+
+// A GEMV input quantized as compact-row kernels read it: per block of 32, int8 codes q, scale d and
+// d * sum(q) (see compact_rows.h). Rounds to nearest even, as torch.round (runtime/quant.py's reference).
+struct QuantizedInput {
+  std::vector<int8_t> q;
+  std::vector<float> d, s;
+  void quantize(const float* x, int64_t n) {
+    const int64_t nb = n / 32;
+    q.resize(32 * nb);
+    d.resize(nb);
+    s.resize(nb);
+    for (int64_t b = 0; b < nb; ++b) {
+      float amax = 0.0f;
+      for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(x[32 * b + i]));
+      const float scale = amax / 127.0f, inv = scale != 0.0f ? 1.0f / scale : 0.0f;
+      int sum = 0;
+      for (int i = 0; i < 32; ++i) sum += q[32 * b + i] = static_cast<int8_t>(std::nearbyint(x[32 * b + i] * inv));
+      d[b] = scale;
+      s[b] = scale * static_cast<float>(sum);
+    }
+  }
+};
+
+// Compact rows: `rows` rows of `cols` weights, each `row_bytes` bytes of Q4_1 (q4) or Q8_0 blocks.
+struct CompactMatrix {
+  const uint8_t* data = nullptr;
+  int64_t rows = 0, cols = 0, row_bytes = 0;
+  bool q4 = false;
+  const uint8_t* row(int64_t r) const { return data + r * row_bytes; }
+};
+
+namespace avx2 {
+#include "compact_rows.h"
+}  // namespace avx2
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni")
+namespace vnni {
+#define PARTINFER_VNNI 1
+#include "compact_rows.h"
+#undef PARTINFER_VNNI
+}  // namespace vnni
+#pragma GCC pop_options
+
+// The compact-row kernels of this CPU, chosen once: VNNI where the CPU has it (PARTINFER_VNNI=0 forces
+// the AVX2 ones, which tests use to check both on a VNNI machine).
+struct CompactKernels {
+  const char* name;
+  void (*gemv_rows)(const CompactMatrix&, const QuantizedInput&, const int64_t*, float*, int64_t, int64_t);
+  void (*axpy_rows_q8_0)(const CompactMatrix&, const float*, const int64_t*, float*, int64_t, int64_t);
+};
+
+const CompactKernels& compact_kernels() {
+  static const CompactKernels chosen = [] {
+    const char* env = std::getenv("PARTINFER_VNNI");
+    const bool allowed = !(env && std::string(env) == "0");
+    if (allowed && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl"))
+      return CompactKernels{"avx512-vnni", vnni::gemv_rows, vnni::axpy_rows_q8_0};
+    return CompactKernels{"avx2", avx2::gemv_rows, avx2::axpy_rows_q8_0};
+  }();
+  return chosen;
+}
+
 // y[r] = W[row(r)] . x for r in [r0, r1); xe/xo from split_even_odd. One row at a time, each read
 // front to back while the next is prefetched: measured on a decode step's matrices (2 threads),
 // 18-20.5 GB/s against 14-17 for four interleaved rows with prefetching 16 rows ahead, and
@@ -150,38 +226,157 @@ void axpy_rows(const uint16_t* W, int64_t K, const float* a, const int64_t* rows
   }
 }
 
-// y [R] = W[rows] @ x (fp32 x), rows split across threads.
-void gemv_f32(const at::BFloat16* W, int64_t R, int64_t K, const float* x, const int64_t* rows, float* y) {
-  std::vector<float> xe, xo;
-  split_even_odd(x, K & ~int64_t(15), xe, xo);
-  const uint16_t* w = reinterpret_cast<const uint16_t*>(W);
-  at::parallel_for(0, (R + 3) / 4, 16, [&](int64_t b, int64_t e) {
-    gemv_rows(w, K, x, xe.data(), xo.data(), rows, y, b * 4, std::min(e * 4, R));
-  });
+// A GEMV input every thread reads: fp32, its even/odd halves (bf16 rows, see load_bf16x16) and its
+// 8-bit quantization (compact rows).
+struct GemvInput {
+  std::vector<float> x, even, odd;
+  QuantizedInput quant;
+  explicit GemvInput(int64_t n) : x(n) {}
+  void split() {
+    split_even_odd(x.data(), static_cast<int64_t>(x.size()) & ~int64_t(15), even, odd);
+    quant.quantize(x.data(), static_cast<int64_t>(x.size()));
+  }
+};
+
+// A weight matrix as the kernels read it: bf16 [rows, cols], or compact rows of `cols` weights.
+struct Matrix {
+  const uint16_t* bf16 = nullptr;  // set for bf16 weights
+  CompactMatrix compact;  // set for uint8 ones
+  int64_t rows = 0, cols = 0;
+};
+
+// W [rows, cols] bf16, or uint8 [rows, cols / 32 * (20 | 34)] (Q4_1 | Q8_0); any other shape is an error.
+Matrix matrix_of(const at::Tensor& W, int64_t cols, const char* name) {
+  TORCH_CHECK(W.dim() == 2 && W.is_contiguous() && W.device().is_cpu(), name, " must be a contiguous 2-D CPU tensor");
+  Matrix m;
+  m.rows = W.size(0);
+  m.cols = cols;
+  if (W.scalar_type() == at::kBFloat16) {
+    TORCH_CHECK(W.size(1) == cols, name, " has ", W.size(1), " columns, expected ", cols);
+    m.bf16 = reinterpret_cast<const uint16_t*>(W.data_ptr<at::BFloat16>());
+    return m;
+  }
+  TORCH_CHECK(W.scalar_type() == at::kByte && cols % 32 == 0, name, " must be bf16, or compact uint8 rows of a multiple of 32 weights");
+  const int64_t nb = cols / 32;
+  TORCH_CHECK(W.size(1) == nb * Q4_1_BYTES || W.size(1) == nb * Q8_0_BYTES, name, " rows of ", W.size(1),
+              " bytes are neither Q4_1 nor Q8_0 for ", cols, " weights");
+  m.compact = CompactMatrix{W.data_ptr<uint8_t>(), m.rows, cols, W.size(1), W.size(1) == nb * Q4_1_BYTES};
+  return m;
+}
+
+// y[r] = W[row(r)] . in for r in [r0, r1).
+void matrix_gemv(const Matrix& W, const GemvInput& in, const int64_t* rows, float* y, int64_t r0, int64_t r1) {
+  if (W.bf16)
+    gemv_rows(W.bf16, W.cols, in.x.data(), in.even.data(), in.odd.data(), rows, y, r0, r1);
+  else
+    compact_kernels().gemv_rows(W.compact, in.quant, rows, y, r0, r1);
+}
+
+// partial += sum_{r in [r0, r1)} a[r] W[row(r)], in the layout of W's format (bf16: even | odd | tail
+// halves, see axpy_rows; compact: natural order). `reduce_partials` sums such partials.
+void matrix_axpy(const Matrix& W, const float* a, const int64_t* rows, float* partial, int64_t r0, int64_t r1) {
+  const int64_t K16 = W.cols & ~int64_t(15);
+  if (W.bf16)
+    axpy_rows(W.bf16, W.cols, a, rows, partial, partial + K16 / 2, partial + K16, r0, r1);
+  else
+    compact_kernels().axpy_rows_q8_0(W.compact, a, rows, partial, r0, r1);
+}
+
+void reduce_partials(const Matrix& W, const float* partials, int count, float* out) {
+  const int64_t K = W.cols, K16 = K & ~int64_t(15);
+  std::fill(out, out + K, 0.0f);
+  for (int t = 0; t < count; ++t) {
+    const float* p = partials + t * K;
+    if (!W.bf16) {
+      for (int64_t i = 0; i < K; ++i) out[i] += p[i];
+      continue;
+    }
+    for (int64_t j = 0; j < K16 / 2; ++j) {
+      out[2 * j] += p[j];
+      out[2 * j + 1] += p[K16 / 2 + j];
+    }
+    for (int64_t i = K16; i < K; ++i) out[i] += p[i];
+  }
+}
+
+void check_rows(const std::optional<at::Tensor>& rows, int64_t n) {
+  TORCH_CHECK(!rows || (rows->dim() == 1 && rows->scalar_type() == at::kLong && rows->is_contiguous()),
+              "rows must be a contiguous int64 vector (or None for all rows)");
+  if (rows) {
+    const int64_t* r = rows->data_ptr<int64_t>();
+    for (int64_t i = 0; i < rows->numel(); ++i) TORCH_CHECK(r[i] >= 0 && r[i] < n, "row ", r[i], " out of range");
+  }
 }
 
 void check(const at::Tensor& W, const at::Tensor& v, const std::optional<at::Tensor>& rows) {
   TORCH_CHECK(W.dim() == 2 && W.scalar_type() == at::kBFloat16 && W.is_contiguous() && W.device().is_cpu(),
               "W must be a contiguous 2-D bf16 CPU tensor");
   TORCH_CHECK(v.dim() == 1 && v.is_contiguous(), "vector must be a contiguous 1-D tensor");
-  TORCH_CHECK(!rows || (rows->dim() == 1 && rows->scalar_type() == at::kLong && rows->is_contiguous()),
-              "rows must be a contiguous int64 vector (or None for all rows)");
+  check_rows(rows, W.size(0));
 }
 
 at::Tensor gemv(const at::Tensor& W, const at::Tensor& x, const std::optional<at::Tensor>& rows) {
-  check(W, x, rows);
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "x must be fp32 or bf16");
-  const int64_t K = W.size(1);
-  TORCH_CHECK(x.size(0) == K, "x has ", x.size(0), " elements, W rows have ", K);
-  const int64_t R = rows ? rows->numel() : W.size(0);
+  TORCH_CHECK(x.dim() == 1 && x.is_contiguous() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
+              "x must be a contiguous fp32 or bf16 vector");
+  const Matrix M = matrix_of(W, x.size(0), "W");
+  check_rows(rows, M.rows);
+  const int64_t R = rows ? rows->numel() : M.rows;
   // A bf16 x is widened once and the result rounded back once: one op per linear for the caller.
   const bool half = x.scalar_type() == at::kBFloat16;
-  at::Tensor xf = half ? x.to(at::kFloat) : x;
+  GemvInput in(x.size(0));
+  at::Tensor xf = x.to(at::kFloat).contiguous();
+  std::copy(xf.data_ptr<float>(), xf.data_ptr<float>() + x.size(0), in.x.begin());
+  in.split();
   at::Tensor y = at::empty({R}, xf.options());
-  gemv_f32(W.data_ptr<at::BFloat16>(), R, K, xf.data_ptr<float>(), rows ? rows->data_ptr<int64_t>() : nullptr,
-           y.data_ptr<float>());
+  float* yp = y.data_ptr<float>();
+  const int64_t* rp = rows ? rows->data_ptr<int64_t>() : nullptr;
+  at::parallel_for(0, (R + 3) / 4, 16, [&](int64_t b, int64_t e) { matrix_gemv(M, in, rp, yp, b * 4, std::min(e * 4, R)); });
   return half ? y.to(at::kBFloat16) : y;
 }
+
+// Compact rows [..., row_bytes] uint8 of `cols` weights -> [..., cols] in `dtype` (fp32 or bf16), the
+// values d * q (+ m) in fp32 as runtime/quant.py computes them: prefill's per-matrix expansion.
+at::Tensor dequantize(const at::Tensor& W, int64_t cols, at::ScalarType dtype) {
+  TORCH_CHECK(W.dim() >= 1 && W.is_contiguous() && W.device().is_cpu() && W.scalar_type() == at::kByte,
+              "dequantize takes contiguous uint8 CPU rows");
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "dequantize writes fp32 or bf16");
+  const Matrix M = matrix_of(W.reshape({-1, W.size(-1)}), cols, "W");
+  std::vector<int64_t> shape(W.sizes().begin(), W.sizes().end());
+  shape.back() = cols;
+  at::Tensor out = at::empty(shape, W.options().dtype(dtype));
+  const CompactMatrix& C = M.compact;
+  const int64_t nb = cols / 32;
+  float* out_f32 = dtype == at::kFloat ? out.data_ptr<float>() : nullptr;
+  at::BFloat16* out_bf16 = dtype == at::kBFloat16 ? out.data_ptr<at::BFloat16>() : nullptr;
+  at::parallel_for(0, C.rows, 64, [&](int64_t r0, int64_t r1) {
+    std::vector<float> row(cols);
+    for (int64_t r = r0; r < r1; ++r) {
+      const uint8_t* w = C.row(r);
+      for (int64_t b = 0; b < nb; ++b) {
+        float* v = row.data() + 32 * b;
+        if (C.q4) {
+          const uint8_t* blk = w + b * Q4_1_BYTES;
+          const float d = fp16_to_float(blk), m = fp16_to_float(blk + 2);
+          for (int i = 0; i < 16; ++i) {
+            v[i] = d * static_cast<float>(blk[4 + i] & 0x0F) + m;
+            v[i + 16] = d * static_cast<float>(blk[4 + i] >> 4) + m;
+          }
+        } else {
+          const uint8_t* blk = w + b * Q8_0_BYTES;
+          const float d = fp16_to_float(blk);
+          for (int i = 0; i < 32; ++i) v[i] = d * static_cast<float>(static_cast<int8_t>(blk[2 + i]));
+        }
+      }
+      if (out_f32)
+        std::copy(row.begin(), row.end(), out_f32 + r * cols);
+      else
+        for (int64_t i = 0; i < cols; ++i) out_bf16[r * cols + i] = at::BFloat16(row[i]);
+    }
+  });
+  return out;
+}
+
+std::string compact_kernel_path() { return compact_kernels().name; }
 
 // y [K] = sum_r a[r] W[rows[r]] (fp32 a), rows split across threads with per-thread partial sums.
 void gemv_t_f32(const at::BFloat16* W, int64_t R, int64_t K, const float* a, const int64_t* rows, float* y) {
@@ -263,29 +458,16 @@ inline void team_barrier() {
 #pragma omp barrier
 }
 
-// A vector every thread reads as a GEMV input: fp32 plus its even/odd halves (see load_bf16x16).
-struct GemvInput {
-  std::vector<float> x, even, odd;
-  explicit GemvInput(int64_t n) : x(n) {}
-  void split() { split_even_odd(x.data(), static_cast<int64_t>(x.size()) & ~int64_t(15), even, odd); }
-};
-
-// y[r] = W[r] . in.x for this thread's share of W's rows.
-void gemv_share(const at::Tensor& W, const GemvInput& in, float* y, const Team& team) {
-  const auto [r0, r1] = team.share(W.size(0));
-  gemv_rows(reinterpret_cast<const uint16_t*>(W.data_ptr<at::BFloat16>()), W.size(1), in.x.data(), in.even.data(),
-            in.odd.data(), nullptr, y, r0, r1);
-}
-
-void check_weight(const at::Tensor& W, int64_t cols, const char* name) {
-  TORCH_CHECK(W.dim() == 2 && W.scalar_type() == at::kBFloat16 && W.is_contiguous() && W.size(1) == cols,
-              name, " must be a contiguous bf16 matrix with ", cols, " columns");
+// y[r] = W[r] . in for this thread's share of W's rows.
+void gemv_share(const Matrix& W, const GemvInput& in, float* y, const Team& team) {
+  const auto [r0, r1] = team.share(W.rows);
+  matrix_gemv(W, in, nullptr, y, r0, r1);
 }
 
 // Weights of one decode layer's attention, shapes checked once by `check_attention`.
 struct AttentionArgs {
-  const at::Tensor& qkv_w;  // [(H + 2 Hkv) hd, D]
-  const at::Tensor& o_w;  // [D, H hd]
+  Matrix qkv_w;  // [(H + 2 Hkv) hd, D]
+  Matrix o_w;  // [D, H hd]
   at::Tensor& k_cache;  // [Hkv, S, hd] bf16, this layer, batch 1
   at::Tensor& v_cache;
   const float* cos;  // [hd] at this position
@@ -300,9 +482,8 @@ void check_attention(const AttentionArgs& a, int64_t D) {
   TORCH_CHECK(hd % 16 == 0, "head_dim must be a multiple of 16, got ", hd);
   TORCH_CHECK(a.pos >= 0 && a.pos < a.k_cache.size(1), "position ", a.pos, " outside the cache");
   TORCH_CHECK(a.n_kv_heads > 0 && a.n_heads % a.n_kv_heads == 0 && a.k_cache.size(0) == a.n_kv_heads, "bad head counts");
-  check_weight(a.qkv_w, D, "qkv weight");
-  check_weight(a.o_w, a.n_heads * hd, "o weight");
-  TORCH_CHECK(a.qkv_w.size(0) == (a.n_heads + 2 * a.n_kv_heads) * hd, "qkv weight rows do not match the heads");
+  TORCH_CHECK(a.qkv_w.cols == D && a.o_w.cols == a.n_heads * hd && a.o_w.rows == D, "attention weight shapes");
+  TORCH_CHECK(a.qkv_w.rows == (a.n_heads + 2 * a.n_kv_heads) * hd, "qkv weight rows do not match the heads");
 }
 
 void rope(float* v, const float* cos, const float* sin, int64_t half) {
@@ -383,21 +564,21 @@ const float* attention_team(const AttentionArgs& a, const GemvInput& h, SharedSc
 
 inline float silu(float g) { return g / (1.0f + std::exp(-g)); }
 
-// down @ (silu(gate h) * (up h)) by the whole team; gate_up [2m, D] rows g0..g_{m-1}, u0.. (or g0, u0,
-// g1, u1, ... when interleaved), down [D, m]. Each thread computes the gate/up rows of its share of
-// the m neurons and their activations. Returns the output [D], shared. act: this thread's scratch.
-const float* gated_ffn_team(const at::Tensor& gate_up, const at::Tensor& down, bool interleaved, const GemvInput& h,
+// down @ (silu(gate h) * (up h)) by the whole team (kinds kGated, kInterleaved: bf16); gate_up [2m, D]
+// rows g0..g_{m-1}, u0.. (or g0, u0, g1, u1, ... when interleaved), down [D, m]. Each thread computes
+// the gate/up rows of its share of the m neurons and their activations. Returns the output [D],
+// shared. act: this thread's scratch.
+const float* gated_ffn_team(const Matrix& gate_up, const Matrix& down, bool interleaved, const GemvInput& h,
                             SharedScratch& s, GemvInput& act, const Team& team) {
-  const int64_t m = gate_up.size(0) / 2, D = gate_up.size(1);
+  const int64_t m = gate_up.rows / 2;
   const auto [i0, i1] = team.share(m);
-  const uint16_t* W = reinterpret_cast<const uint16_t*>(gate_up.data_ptr<at::BFloat16>());
   float* gu = s.gate_up.data();
   if (interleaved) {
-    gemv_rows(W, D, h.x.data(), h.even.data(), h.odd.data(), nullptr, gu, 2 * i0, 2 * i1);
+    matrix_gemv(gate_up, h, nullptr, gu, 2 * i0, 2 * i1);
     for (int64_t i = i0; i < i1; ++i) s.act[i] = silu(gu[2 * i]) * gu[2 * i + 1];
   } else {
-    gemv_rows(W, D, h.x.data(), h.even.data(), h.odd.data(), nullptr, gu, i0, i1);
-    gemv_rows(W, D, h.x.data(), h.even.data(), h.odd.data(), nullptr, gu, m + i0, m + i1);
+    matrix_gemv(gate_up, h, nullptr, gu, i0, i1);
+    matrix_gemv(gate_up, h, nullptr, gu, m + i0, m + i1);
     for (int64_t i = i0; i < i1; ++i) s.act[i] = silu(gu[i]) * gu[m + i];
   }
   team_barrier();
@@ -408,22 +589,40 @@ const float* gated_ffn_team(const at::Tensor& gate_up, const at::Tensor& down, b
   return s.out.data();
 }
 
+// The FFN of kind kRows by the whole team: gate_up [2m, D] interleaved rows g0, u0, g1, u1, ... and
+// down_t [m, D], both per-neuron rows (bf16 or compact). Each thread takes a share of the m neurons
+// end to end — gate/up rows, activation, its down rows into its own partial sum — so one barrier
+// before the sum is all the FFN needs. Returns the output [D] in `out`, this thread's own.
+const float* rows_ffn_team(const Matrix& gate_up, const Matrix& down_t, const GemvInput& h, SharedScratch& s,
+                           std::vector<float>& out, const Team& team) {
+  const int64_t m = down_t.rows, D = down_t.cols;
+  const auto [i0, i1] = team.share(m);
+  float* gu = s.gate_up.data();
+  matrix_gemv(gate_up, h, nullptr, gu, 2 * i0, 2 * i1);
+  for (int64_t i = i0; i < i1; ++i) s.act[i] = silu(gu[2 * i]) * gu[2 * i + 1];
+  float* partial = s.partial.data() + team.t * D;
+  std::fill(partial, partial + D, 0.0f);
+  matrix_axpy(down_t, s.act.data(), nullptr, partial, i0, i1);
+  team_barrier();
+  reduce_partials(down_t, s.partial.data(), team.nt, out.data());
+  return out.data();
+}
+
 // Token-wise FFN (--method tokenwise) by the whole team: gate [k, D], up [k, D], down_t [k, D] of the
-// loaded neurons. Computes silu(gate h) for all k, keeps positions 0..n_base-1 plus the
-// (n_active - n_base) highest scores |silu(gate h)_i| (times scale[i] when `scale` is given: the
-// sentence's mean |up_i| * ||down_i||) among the rest, and reads only those rows of up and down_t.
+// loaded neurons (bf16 or compact rows). Computes silu(gate h) for all k, keeps positions 0..n_base-1
+// plus the (n_active - n_base) highest scores |silu(gate h)_i| (times scale[i] when `scale` is given:
+// the sentence's mean |up_i| * ||down_i||) among the rest, and reads only those rows of up and down_t.
 // Every thread makes the same choice from the shared scores; each then computes its share of the
 // chosen rows of up and adds them (scaled) into its own partial sum of down_t's rows, so only the
 // gate and the sum need a barrier. Returns the output [D] in `out`, this thread's own.
-const float* tokenwise_ffn_team(const at::Tensor& gate, const at::Tensor& up, const at::Tensor& down_t, int64_t n_base,
+const float* tokenwise_ffn_team(const Matrix& gate, const Matrix& up, const Matrix& down_t, int64_t n_base,
                                 int64_t n_active, const float* scale, const GemvInput& h, SharedScratch& s,
                                 std::vector<float>& out, const Team& team) {
-  const int64_t k = gate.size(0), D = gate.size(1), D16 = D & ~int64_t(15);
+  const int64_t k = gate.rows, D = down_t.cols;
   float* ag = s.act.data();  // silu(gate h) [k]
   float* score = s.gate_up.data();  // [k]
   const auto [i0, i1] = team.share(k);
-  gemv_rows(reinterpret_cast<const uint16_t*>(gate.data_ptr<at::BFloat16>()), D, h.x.data(), h.even.data(),
-            h.odd.data(), nullptr, ag, i0, i1);
+  matrix_gemv(gate, h, nullptr, ag, i0, i1);
   for (int64_t i = i0; i < i1; ++i) {
     ag[i] = silu(ag[i]);
     score[i] = scale ? std::fabs(ag[i]) * scale[i] : std::fabs(ag[i]);
@@ -438,48 +637,55 @@ const float* tokenwise_ffn_team(const at::Tensor& gate, const at::Tensor& up, co
   std::sort(rows.begin() + n_base, rows.end());  // ascending rows stream better
   const auto [j0, j1] = team.share(n_active);
   std::vector<float> u(n_active);
-  gemv_rows(reinterpret_cast<const uint16_t*>(up.data_ptr<at::BFloat16>()), D, h.x.data(), h.even.data(),
-            h.odd.data(), rows.data(), u.data(), j0, j1);
+  matrix_gemv(up, h, rows.data(), u.data(), j0, j1);
   for (int64_t j = j0; j < j1; ++j) u[j] *= ag[rows[j]];
-  float* partial = s.partial.data() + team.t * D;  // even | odd | tail halves, see axpy_rows
+  float* partial = s.partial.data() + team.t * D;
   std::fill(partial, partial + D, 0.0f);
-  axpy_rows(reinterpret_cast<const uint16_t*>(down_t.data_ptr<at::BFloat16>()), D, u.data(), rows.data(), partial,
-            partial + D16 / 2, partial + D16, j0, j1);
+  matrix_axpy(down_t, u.data(), rows.data(), partial, j0, j1);
   team_barrier();
-  std::fill(out.begin(), out.end(), 0.0f);
-  for (int t = 0; t < team.nt; ++t) {
-    const float* p = s.partial.data() + t * D;
-    for (int64_t j = 0; j < D16 / 2; ++j) {
-      out[2 * j] += p[j];
-      out[2 * j + 1] += p[D16 / 2 + j];
-    }
-    for (int64_t i = D16; i < D; ++i) out[i] += p[i];
-  }
+  reduce_partials(down_t, s.partial.data(), team.nt, out.data());
   return out.data();
 }
 
 // A layer's FFN as model_decode sees it. kind 0: gated, w1 = [gate; up] [2n, D], w2 = down [D, n];
 // kind 1: the same with w1's gate/up rows interleaved; kind 2: token-wise, w1 = gate, w3 = up,
-// w2 = down_t (all [k, D]), scale [k] fp32 or empty (rank by |silu(gate h)| alone).
+// w2 = down_t (all [k, D]), scale [k] fp32 or empty (rank by |silu(gate h)| alone); kind 3: rows,
+// w1 = interleaved gate/up rows [2m, D], w2 = down_t [m, D]. Kinds 0 and 1 take bf16 weights; kinds
+// 2 and 3 also compact rows (Q4_1 or Q8_0; down_t bf16 or Q8_0).
 // Mirrors runtime.model.FfnKind and the fields of runtime.model.FfnWeights (tests pin the values).
-enum FfnKind : int64_t { kGated = 0, kInterleaved = 1, kTokenwise = 2 };
+enum FfnKind : int64_t { kGated = 0, kInterleaved = 1, kTokenwise = 2, kRows = 3 };
 
-void check_ffn(int64_t kind, const at::Tensor& w1, const at::Tensor& w2, const at::Tensor& w3, int64_t n_base,
-               int64_t n_active, const at::Tensor& scale, int64_t D) {
-  check_weight(w1, D, "gate_up/gate");
-  if (kind == kTokenwise) {
-    check_weight(w2, D, "down_t");
-    check_weight(w3, D, "up");
-    TORCH_CHECK(w2.size(0) == w1.size(0) && w3.size(0) == w1.size(0), "token-wise gate/up/down_t rows differ");
-    TORCH_CHECK(0 <= n_base && n_base <= n_active && n_active <= w1.size(0), "bad token-wise counts");
-    TORCH_CHECK(scale.numel() == 0 || (scale.scalar_type() == at::kFloat && scale.is_contiguous() &&
-                                       scale.numel() == w1.size(0) && scale.device().is_cpu()),
-                "token-wise score scale must be empty or a contiguous fp32 vector with one entry per loaded neuron");
-  } else {
-    TORCH_CHECK(kind == kGated || kind == kInterleaved, "unknown FFN kind ", kind);
-    check_weight(w2, w1.size(0) / 2, "down");
-    TORCH_CHECK(w2.size(0) == D, "down must have ", D, " rows");
+struct FfnArgs {
+  int64_t kind;
+  Matrix w1, w2, w3;
+  int64_t n_base, n_active;
+  const float* scale;
+};
+
+FfnArgs check_ffn(int64_t kind, const at::Tensor& w1, const at::Tensor& w2, const at::Tensor& w3, int64_t n_base,
+                  int64_t n_active, const at::Tensor& scale, int64_t D) {
+  TORCH_CHECK(kind >= kGated && kind <= kRows, "unknown FFN kind ", kind);
+  FfnArgs f{kind, matrix_of(w1, D, "gate_up/gate"), {}, {}, n_base, n_active, nullptr};
+  if (kind == kGated || kind == kInterleaved) {
+    TORCH_CHECK(f.w1.bf16 != nullptr, "FFN kinds 0 and 1 take bf16 weights");
+    f.w2 = matrix_of(w2, f.w1.rows / 2, "down");
+    TORCH_CHECK(f.w2.bf16 != nullptr && f.w2.rows == D, "down must be bf16 with ", D, " rows");
+    return f;
   }
+  f.w2 = matrix_of(w2, D, "down_t");
+  TORCH_CHECK(f.w2.bf16 || !f.w2.compact.q4, "down_t rows must be bf16 or Q8_0");
+  if (kind == kRows) {
+    TORCH_CHECK(f.w1.rows == 2 * f.w2.rows, "gate_up must have two rows per down_t row");
+    return f;
+  }
+  f.w3 = matrix_of(w3, D, "up");
+  TORCH_CHECK(f.w2.rows == f.w1.rows && f.w3.rows == f.w1.rows, "token-wise gate/up/down_t rows differ");
+  TORCH_CHECK(0 <= n_base && n_base <= n_active && n_active <= f.w1.rows, "bad token-wise counts");
+  TORCH_CHECK(scale.numel() == 0 || (scale.scalar_type() == at::kFloat && scale.is_contiguous() &&
+                                     scale.numel() == f.w1.rows && scale.device().is_cpu()),
+              "token-wise score scale must be empty or a contiguous fp32 vector with one entry per loaded neuron");
+  f.scale = scale.numel() ? scale.data_ptr<float>() : nullptr;
+  return f;
 }
 
 // fp32 RMSNorm of x [D] with a bf16 weight, rounded to bf16 before the weight as transformers does.
@@ -586,22 +792,24 @@ at::Tensor model_decode(const at::Tensor& x, at::TensorList norm1, at::TensorLis
   rope_table(inv_freq.data_ptr<float>(), inv_freq.numel(), pos, c, sn);
   std::vector<at::Tensor> ks, vs;
   std::vector<AttentionArgs> attn;
+  std::vector<FfnArgs> ffn;
   ks.reserve(L);
   vs.reserve(L);
   const int threads = at::get_num_threads();
   SharedScratch s;
-  int64_t ffn_width = 0, heads_width = 0;  // the largest FFN input/output width (neurons), o input width
+  const int64_t heads_width = n_heads * k_cache.size(-1);  // the o projection's input width
+  int64_t ffn_width = 0;  // the largest FFN width (neurons)
   for (int64_t i = 0; i < L; ++i) {
     ks.push_back(k_cache.select(0, i));
     vs.push_back(v_cache.select(0, i));
-    attn.push_back(AttentionArgs{qkv[i], o[i], ks[i], vs[i], c.data(), sn.data(), pos, n_heads, n_kv_heads});
+    attn.push_back(AttentionArgs{matrix_of(qkv[i], D, "qkv weight"), matrix_of(o[i], heads_width, "o weight"), ks[i],
+                                 vs[i], c.data(), sn.data(), pos, n_heads, n_kv_heads});
     check_norm(norm1[i], D);
     check_norm(norm2[i], D);
     check_attention(attn[i], D);
-    check_ffn(kind[i], w1[i], w2[i], w3[i], n_base[i], n_active[i], scale[i], D);
-    s.qkv.resize(std::max<size_t>(s.qkv.size(), qkv[i].size(0)));
-    heads_width = std::max(heads_width, o[i].size(1));
-    ffn_width = std::max(ffn_width, kind[i] == kTokenwise ? w1[i].size(0) : w1[i].size(0) / 2);
+    ffn.push_back(check_ffn(kind[i], w1[i], w2[i], w3[i], n_base[i], n_active[i], scale[i], D));
+    s.qkv.resize(std::max<int64_t>(s.qkv.size(), attn[i].qkv_w.rows));
+    ffn_width = std::max(ffn_width, kind[i] == kTokenwise ? ffn[i].w1.rows : ffn[i].w1.rows / 2);
   }
   s.heads.resize(heads_width);
   s.out.resize(D);
@@ -618,17 +826,18 @@ at::Tensor model_decode(const at::Tensor& x, at::TensorList norm1, at::TensorLis
     for (int64_t i = 0; i < L; ++i) {
       rms_norm_row(res.data(), norm1[i].data_ptr<at::BFloat16>(), D, eps, h.x.data());
       h.split();
-      heads.x.resize(o[i].size(1));
       add_residual(res, attention_team(attn[i], h, s, heads, team));
       rms_norm_row(res.data(), norm2[i].data_ptr<at::BFloat16>(), D, eps, h.x.data());
       h.split();
+      const FfnArgs& f = ffn[i];
       const float* y;
-      if (kind[i] == kTokenwise)
-        y = tokenwise_ffn_team(w1[i], w3[i], w2[i], n_base[i], n_active[i],
-                               scale[i].numel() ? scale[i].data_ptr<float>() : nullptr, h, s, ffn_out, team);
-      else {
-        act.x.resize(w1[i].size(0) / 2);
-        y = gated_ffn_team(w1[i], w2[i], kind[i] == kInterleaved, h, s, act, team);
+      if (f.kind == kTokenwise) {
+        y = tokenwise_ffn_team(f.w1, f.w3, f.w2, f.n_base, f.n_active, f.scale, h, s, ffn_out, team);
+      } else if (f.kind == kRows) {
+        y = rows_ffn_team(f.w1, f.w2, h, s, ffn_out, team);
+      } else {
+        act.x.resize(f.w1.rows / 2);
+        y = gated_ffn_team(f.w1, f.w2, f.kind == kInterleaved, h, s, act, team);
       }
       add_residual(res, y);
     }
@@ -644,6 +853,8 @@ TORCH_LIBRARY(partinfer_cpu, m) {
   m.def("gemv_t(Tensor W, Tensor a, Tensor? rows=None) -> Tensor", gemv_t);
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor", rms_norm);
   m.def("argmax(Tensor x) -> Tensor", argmax);
+  m.def("dequantize(Tensor W, int cols, ScalarType dtype) -> Tensor", dequantize);
+  m.def("compact_kernel_path() -> str", compact_kernel_path);
   m.def("model_decode(Tensor x, Tensor[] norm1, Tensor[] qkv, Tensor[] o, Tensor(a!) k_cache, Tensor(b!) v_cache, "
         "Tensor inv_freq, int pos, int n_heads, int n_kv_heads, Tensor[] norm2, int[] kind, Tensor[] w1, "
         "Tensor[] w2, Tensor[] w3, int[] n_base, int[] n_active, Tensor[] scale, float eps) -> Tensor", model_decode);

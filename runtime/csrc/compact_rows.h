@@ -1,0 +1,111 @@
+// Kernels for compact weight rows (runtime/quant.py: ggml Q4_1 and Q8_0 blocks of 32 along a row).
+//
+// Included twice by cpu_gemv.cpp, inside `namespace avx2` and, compiled for AVX-512 VNNI, inside
+// `namespace vnni` (PARTINFER_VNNI defined); the loader picks one set once per process.
+//
+// As llama.cpp does on the CPU, the input vector is quantized once per matrix to 8 bits per weight
+// in blocks of 32 (`QuantizedInput`: codes q, scale d, and d * sum(q) for Q4_1's minimum term), so a
+// block's dot product is 32 integer multiply-adds and one scaled float FMA:
+//   Q4_1 . x = d_w d_x sum(q_w q_x) + m_w (d_x sum q_x)     (q_w unsigned 4-bit, q_x signed 8-bit)
+//   Q8_0 . x = d_w d_x sum(q_w q_x)                          (both signed: |q_w| times sign-adjusted q_x)
+// The u8 x s8 products are `vpmaddubsw` + `vpmaddwd` on AVX2 and one `vpdpbusd` with VNNI.
+// The transposed product (down rows, summed with per-neuron weights) de-quantizes Q8_0 in registers
+// and accumulates in fp32: its inputs are the activations, which are not reused enough to quantize.
+
+// u8 x s8 products of 32 byte pairs, summed in fours -> 8 int32 lanes.
+inline __m256i dot_u8s8(__m256i u, __m256i s) {
+#ifdef PARTINFER_VNNI
+  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
+#else
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+#endif
+}
+
+// One Q4_1 block (20 bytes) . 32 quantized inputs, as a vector of 8 partial int sums scaled to float.
+inline __m256 block_q4_1(const uint8_t* w, const int8_t* q) {
+  const __m128i codes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 4));
+  const __m256i qw = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(codes, 4), codes), _mm256_set1_epi8(0x0F));
+  return _mm256_cvtepi32_ps(dot_u8s8(qw, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q))));
+}
+
+inline __m256 block_q8_0(const uint8_t* w, const int8_t* q) {
+  const __m256i qw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 2));
+  const __m256i qx = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
+  return _mm256_cvtepi32_ps(dot_u8s8(_mm256_sign_epi8(qw, qw), _mm256_sign_epi8(qx, qw)));
+}
+
+// Row of nb Q4_1 blocks . the quantized input; two blocks per pass for two independent FMA chains.
+inline float dot_q4_1(const uint8_t* w, int64_t nb, const QuantizedInput& in) {
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  float mins = 0.0f;
+  int64_t b = 0;
+  for (; b + 2 <= nb; b += 2, w += 2 * Q4_1_BYTES) {
+    acc0 = _mm256_fmadd_ps(_mm256_set1_ps(fp16_to_float(w) * in.d[b]), block_q4_1(w, in.q.data() + 32 * b), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_set1_ps(fp16_to_float(w + Q4_1_BYTES) * in.d[b + 1]),
+                           block_q4_1(w + Q4_1_BYTES, in.q.data() + 32 * (b + 1)), acc1);
+    mins += fp16_to_float(w + 2) * in.s[b] + fp16_to_float(w + Q4_1_BYTES + 2) * in.s[b + 1];
+  }
+  for (; b < nb; ++b, w += Q4_1_BYTES) {
+    acc0 = _mm256_fmadd_ps(_mm256_set1_ps(fp16_to_float(w) * in.d[b]), block_q4_1(w, in.q.data() + 32 * b), acc0);
+    mins += fp16_to_float(w + 2) * in.s[b];
+  }
+  return hsum(_mm256_add_ps(acc0, acc1)) + mins;
+}
+
+inline float dot_q8_0(const uint8_t* w, int64_t nb, const QuantizedInput& in) {
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  int64_t b = 0;
+  for (; b + 2 <= nb; b += 2, w += 2 * Q8_0_BYTES) {
+    acc0 = _mm256_fmadd_ps(_mm256_set1_ps(fp16_to_float(w) * in.d[b]), block_q8_0(w, in.q.data() + 32 * b), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_set1_ps(fp16_to_float(w + Q8_0_BYTES) * in.d[b + 1]),
+                           block_q8_0(w + Q8_0_BYTES, in.q.data() + 32 * (b + 1)), acc1);
+  }
+  for (; b < nb; ++b, w += Q8_0_BYTES)
+    acc0 = _mm256_fmadd_ps(_mm256_set1_ps(fp16_to_float(w) * in.d[b]), block_q8_0(w, in.q.data() + 32 * b), acc0);
+  return hsum(_mm256_add_ps(acc0, acc1));
+}
+
+inline void prefetch_row(const uint8_t* row, int64_t bytes) {
+  for (int64_t i = 0; i < bytes; i += 64) _mm_prefetch(reinterpret_cast<const char*>(row + i), _MM_HINT_T0);
+}
+
+// y[r] = W[row(r)] . x for r in [r0, r1), W compact rows (Q4_1 or Q8_0); the next row is prefetched,
+// which matters for rows gathered out of order (token-wise).
+void gemv_rows(const CompactMatrix& W, const QuantizedInput& in, const int64_t* rows, float* y, int64_t r0, int64_t r1) {
+  const int64_t nb = W.cols / 32;
+  for (int64_t r = r0; r < r1; ++r) {
+    if (r + 1 < r1) prefetch_row(W.row(rows ? rows[r + 1] : r + 1), W.row_bytes);
+    const uint8_t* w = W.row(rows ? rows[r] : r);
+    y[r] = W.q4 ? dot_q4_1(w, nb, in) : dot_q8_0(w, nb, in);
+  }
+}
+
+// 32 int8 codes -> four fp32 vectors, scaled and added into acc[0..3].
+inline void axpy_block_q8_0(const uint8_t* w, float a, __m256* acc) {
+  const __m256 scale = _mm256_set1_ps(a * fp16_to_float(w));
+  const __m256i codes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 2));
+  const __m128i lo = _mm256_castsi256_si128(codes), hi = _mm256_extracti128_si256(codes, 1);
+  acc[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo)), scale, acc[0]);
+  acc[1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8))), scale, acc[1]);
+  acc[2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi)), scale, acc[2]);
+  acc[3] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8))), scale, acc[3]);
+}
+
+// out[K] += sum_{r in [r0, r1)} a[r] * W[row(r)] for Q8_0 rows, four rows per pass so that each block
+// of the accumulator is loaded and stored once per four weight rows.
+void axpy_rows_q8_0(const CompactMatrix& W, const float* a, const int64_t* rows, float* out, int64_t r0, int64_t r1) {
+  const int64_t nb = W.cols / 32;
+  int64_t r = r0;
+  for (; r < r1; r += 4) {
+    const int n = static_cast<int>(std::min<int64_t>(4, r1 - r));
+    const uint8_t* w[4];
+    for (int j = 0; j < n; ++j) w[j] = W.row(rows ? rows[r + j] : r + j);
+    for (int j = 0; j < n && r + 4 + j < r1; ++j) prefetch_row(W.row(rows ? rows[r + 4 + j] : r + 4 + j), W.row_bytes);
+    for (int64_t b = 0; b < nb; ++b) {
+      float* o = out + 32 * b;
+      __m256 acc[4] = {_mm256_loadu_ps(o), _mm256_loadu_ps(o + 8), _mm256_loadu_ps(o + 16), _mm256_loadu_ps(o + 24)};
+      for (int j = 0; j < n; ++j) axpy_block_q8_0(w[j] + b * Q8_0_BYTES, a[r + j], acc);
+      for (int i = 0; i < 4; ++i) _mm256_storeu_ps(o + 8 * i, acc[i]);
+    }
+  }
+}

@@ -1,0 +1,149 @@
+"""Compact weight formats: ggml's Q4_1 and Q8_0 blocks, one matrix row = one run of whole blocks.
+
+A compact matrix is a uint8 tensor [N, K / 32 * block_bytes]: row r holds the blocks of the r-th
+output row along the input dimension K, so a row (a neuron's gate, up or down row, an attention
+output row, a token's embedding) stays one contiguous, separately readable run, and partial
+loading of γ stays a positioned read of a hot-first prefix.
+
+  Q4_1  20 bytes per 32 weights: fp16 scale d, fp16 minimum m, 16 bytes of 4-bit codes q
+        (byte j holds weight j in its low nibble and weight j + 16 in its high one); w = d·q + m.
+  Q8_0  34 bytes per 32 weights: fp16 scale d, 32 int8 codes q; w = d·q.
+
+The byte layout is ggml's, so the embedded model's GGUF blocks are kept bit for bit. Which format a
+row uses follows from its byte count and K (20 or 34 bytes per 32 weights), so a kernel needs no
+other tag. `WeightFormat` names the choice a packed checkpoint makes for each kind of matrix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+import torch
+
+from common.errors import PartinferError
+from runtime.native import cpu_kernels
+from runtime.native import dequantize as native_dequantize
+
+BLOCK = 32
+Q4_1_BYTES = 20
+Q8_0_BYTES = 34
+
+
+class Quant(Enum):
+    Q4_1 = Q4_1_BYTES
+    Q8_0 = Q8_0_BYTES
+
+    @property
+    def block_bytes(self) -> int:
+        return self.value
+
+    def row_bytes(self, k: int) -> int:
+        return k // BLOCK * self.value
+
+
+@dataclass(frozen=True)
+class WeightFormat:
+    """How a packed checkpoint stores each kind of matrix: a Quant, or None for the source dtype (bf16).
+
+    `q4`: attention and FFN gate/up in Q4_1 (the embedded GGUF's own blocks), down per neuron and
+    embeddings in Q8_0 (down must be re-quantized along d to stay per neuron; 8 bits keep that
+    re-quantization's error small). `int8`: Q8_0 everywhere. `bf16`: no compaction."""
+
+    name: str
+    attention: Quant | None
+    gate_up: Quant | None
+    down: Quant | None
+    embedding: Quant | None
+
+    @property
+    def compact(self) -> bool:
+        return self.gate_up is not None
+
+
+WEIGHT_FORMATS = {
+    "bf16": WeightFormat("bf16", None, None, None, None),
+    "q4": WeightFormat("q4", Quant.Q4_1, Quant.Q4_1, Quant.Q8_0, Quant.Q8_0),
+    "int8": WeightFormat("int8", Quant.Q8_0, Quant.Q8_0, Quant.Q8_0, Quant.Q8_0),
+}
+
+
+def weight_format(name: str) -> WeightFormat:
+    if name not in WEIGHT_FORMATS:
+        raise PartinferError(f"unknown weight format {name!r}; choose one of {', '.join(WEIGHT_FORMATS)}")
+    return WEIGHT_FORMATS[name]
+
+
+def quant_of(row_bytes: int, k: int) -> Quant:
+    """The format of compact rows of `row_bytes` bytes holding `k` weights."""
+    if k % BLOCK or k == 0:
+        raise PartinferError(f"compact weights need rows of a multiple of {BLOCK} weights, not {k}")
+    per_block = row_bytes * BLOCK // k
+    if per_block * k != row_bytes * BLOCK or per_block not in (Q4_1_BYTES, Q8_0_BYTES):
+        raise PartinferError(f"compact rows of {row_bytes} bytes do not hold {k} weights in Q4_1 or Q8_0")
+    return Quant(per_block)
+
+
+def is_compact(weight: torch.Tensor) -> bool:
+    return weight.dtype == torch.uint8
+
+
+def dequantize(w: torch.Tensor, k: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Compact rows [..., row_bytes] uint8 -> [..., k] in `dtype`: the compiled kernel on a CPU that has
+    it (10x faster, same values: tested), else `dequantize_reference`."""
+    quant_of(w.shape[-1], k)  # a one-line error for rows that are not compact rows of k weights
+    if w.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and cpu_kernels():
+        return native_dequantize(w.contiguous(), k, dtype)
+    return dequantize_reference(w, k, dtype)
+
+
+def dequantize_reference(w: torch.Tensor, k: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Compact rows [..., row_bytes] uint8 -> [..., k] in `dtype` (computed in fp32, as ggml does), in torch ops."""
+    quant = quant_of(w.shape[-1], k)
+    blocks = w.reshape(*w.shape[:-1], k // BLOCK, quant.block_bytes)  # [..., nb, bytes]
+    d = blocks[..., 0:2].contiguous().view(torch.float16).float()  # [..., nb, 1]
+    if quant is Quant.Q4_1:
+        m = blocks[..., 2:4].contiguous().view(torch.float16).float()
+        codes = blocks[..., 4:]  # [..., nb, 16]
+        q = torch.cat([codes & 0x0F, codes >> 4], dim=-1).float()  # weights 0..15, then 16..31
+        values = d * q + m
+    else:
+        values = d * blocks[..., 2:].contiguous().view(torch.int8).float()
+    return values.reshape(*w.shape[:-1], k).to(dtype)
+
+
+def quantize(w: torch.Tensor, quant: Quant) -> torch.Tensor:
+    """[..., k] float -> compact rows [..., row_bytes] uint8, rounding as ggml's reference quantizers do."""
+    k = w.shape[-1]
+    if k % BLOCK:
+        raise PartinferError(f"compact weights need rows of a multiple of {BLOCK} weights, not {k}")
+    x = w.float().reshape(*w.shape[:-1], k // BLOCK, BLOCK)  # [..., nb, 32]
+    if quant is Quant.Q4_1:
+        lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
+        d = (hi - lo) / 15
+        inv = torch.where(d != 0, 1.0 / d, torch.zeros_like(d))
+        q = ((x - lo) * inv + 0.5).floor().clamp(0, 15).to(torch.uint8)  # ggml: (x - min) * id + 0.5, truncated
+        codes = q[..., :16] | (q[..., 16:] << 4)
+        head = torch.cat([d.half().view(torch.uint8), lo.half().view(torch.uint8)], dim=-1)  # [..., nb, 4]
+    else:
+        amax = x.abs().amax(-1, keepdim=True)
+        d = amax / 127
+        inv = torch.where(d != 0, 1.0 / d, torch.zeros_like(d))
+        codes = (x * inv).round().clamp(-127, 127).to(torch.int8).view(torch.uint8)
+        head = d.half().view(torch.uint8)  # [..., nb, 2]
+    return torch.cat([head, codes], dim=-1).reshape(*w.shape[:-1], k // BLOCK * quant.block_bytes).contiguous()
+
+
+def dense(weight: torch.Tensor, k: int, dtype: torch.dtype) -> torch.Tensor:
+    """A weight as a float matrix: compact rows de-quantized, anything else as it is."""
+    return dequantize(weight, k, dtype) if is_compact(weight) else weight
+
+
+def quantize_activation(x: torch.Tensor) -> torch.Tensor:
+    """The input values the compiled compact-row kernels multiply with (they quantize it once per
+    matrix, as llama.cpp does): per block of 32, round(x / d) · d with d = max|x| / 127, in fp32."""
+    k = x.shape[-1]
+    blocks = x.float().reshape(*x.shape[:-1], k // BLOCK, BLOCK)
+    d = blocks.abs().amax(-1, keepdim=True) / 127
+    inv = torch.where(d != 0, 1.0 / d, torch.zeros_like(d))
+    return ((blocks * inv).round() * d).reshape(x.shape)
