@@ -19,7 +19,7 @@ from runtime.engine import parse_device, parse_dtype
 from runtime.generate import generate
 from runtime.loader import load_model
 from runtime.model import Transformer
-from runtime.native import cpu_kernels
+from runtime.native import compact_kernel_path, cpu_kernels
 from runtime.prepare import default_gguf_path, default_model_dir, resolve_model
 from runtime.sparsity import SparsityConfig
 
@@ -174,7 +174,7 @@ def run_bench(
     sparsity = sparsity or SparsityConfig()
     model_dir = resolve_model(model)
     torch_dtype, device = parse_dtype(dtype), parse_device(device)
-    dense = load_model(model_dir, torch_dtype, device)
+    dense = load_model(model_dir, torch_dtype, device, replace(sparsity, method="dense"))  # --weights applies here too
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(min(100, dense.cfg.vocab_size // 4), dense.cfg.vocab_size - 1, (prompt_len,), generator=g).tolist()
     on_cpu_bf16 = device.startswith("cpu") and torch_dtype == torch.bfloat16
@@ -207,7 +207,8 @@ def run_bench(
         rows.append(BenchRow(name, pre, dec, nbytes, bandwidth / 1e9, floor_tps(bandwidth, nbytes)))
     return {
         "model": str(model_dir), "dtype": dtype, "device": device, "threads": torch.get_num_threads(),
-        "decode_kernels": ("compiled AVX2 GEMV" if on_cpu_bf16 and cpu_kernels()
+        "weights": sparsity.weights or "as stored",
+        "decode_kernels": (f"compiled AVX2 GEMV, compact rows: {compact_kernel_path()}" if on_cpu_bf16 and cpu_kernels()
                            else "stock PyTorch, one CUDA graph per step" if device.startswith("cuda") else "stock PyTorch"),
         "prompt_len": prompt_len, "new_tokens": new_tokens, "repeats": repeats,
         "bandwidth_gbs": statistics.median(copies) / 1e9, "bandwidth_copies_gbs": [c / 1e9 for c in copies],
@@ -219,7 +220,7 @@ def run_bench(
 
 def format_bench(report: dict) -> str:
     lines = [
-        f"model {report['model']}  {report['dtype']} on {report['device']} ({report['threads']} threads), "
+        f"model {report['model']}  {report['dtype']} ({report.get('weights', 'as stored')} weights) on {report['device']} ({report['threads']} threads), "
         f"prompt {report['prompt_len']}, {report['new_tokens']} new tokens, median of {report['repeats']}, "
         f"decode kernels: {report.get('decode_kernels', 'stock PyTorch')}",
         f"memory bandwidth (copy, read+write) {min(report['bandwidth_copies_gbs']):.1f}-"

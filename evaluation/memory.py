@@ -16,7 +16,7 @@ selection reorders the loaded neurons in place).
 
 from __future__ import annotations
 
-import hashlib
+import importlib.util
 import json
 import os
 import subprocess
@@ -45,10 +45,38 @@ class MemorySpec:
     new_tokens: int = 16
 
 
+def llama_cpp_worker(spec: MemorySpec) -> dict:
+    """The llama.cpp peer (llama-cpp-python) on its GGUF: model memory = RSS after a short generation
+    minus the interpreter's RSS before llama_cpp is imported."""
+    import time
+
+    baseline = proc_status()
+    t0 = time.perf_counter()
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=spec.model_dir, n_ctx=64, n_threads=os.cpu_count() or 1, verbose=False)
+    load_s = time.perf_counter() - t0
+    after_load = proc_status()
+    prompt = list(range(100, 132))
+    for _, _token in zip(range(spec.new_tokens), llm.generate(prompt, temp=0.0)):
+        pass
+    after_gen = proc_status()
+    size = Path(spec.model_dir).stat().st_size
+    return {"name": spec.name, "method": spec.method, "gamma": 1.0, "phi": None, "load_s": load_s,
+            "baseline": baseline, "after_load": after_load, "after_generate": after_gen,
+            "expected_bytes": {"non_ffn": None, "ffn_loaded": None, "compact": 0, "weights": size},
+            "model_mib_after_load": after_load["VmRSS"] - baseline["VmRSS"],
+            "model_mib": after_gen["VmRSS"] - baseline["VmRSS"],
+            "peak_load_mib": after_load["VmHWM"] - baseline["VmRSS"],
+            "peak_generate_mib": after_gen["VmHWM"] - baseline["VmRSS"]}
+
+
 def run_worker(spec: MemorySpec) -> dict:
     """Runs inside the fresh process: baseline, load, generate, measure."""
     import time
 
+    if spec.method == "llama.cpp":
+        return llama_cpp_worker(spec)
     import torch
 
     from runtime.engine import parse_dtype
@@ -147,53 +175,55 @@ def measure(spec: MemorySpec) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def packed_dir_for(model_dir: Path, model_neurons: Path) -> Path:
-    """Where `partinfer memory` keeps the packed copy of a model for a given neuron file (packed once)."""
-    from common.paths import cache_home
-    from runtime.loader import is_packed
-    from runtime.pack import pack_checkpoint
-
-    digest = hashlib.sha1(Path(model_neurons).read_bytes()).hexdigest()[:10]
-    out = cache_home() / "packed" / f"{Path(model_dir).name}-{digest}"
-    if not is_packed(out):
-        pack_checkpoint(model_dir, model_neurons, out)
-    return out
-
-
 def run_memory(model_dir: Path, sparsity: SparsityConfig, gammas=DEFAULT_GAMMAS, methods=("load-only", "partinfer"),
                dtype: str = "bf16", device: str = "cpu", packed: bool = True, peers: bool = True,
                progress=None) -> dict:
     """Measure dense, each method at each γ (the rest of `sparsity` as given), and the transformers peer;
     one fresh process each. Every configuration is validated here, before the first worker starts."""
-    specs = [MemorySpec("dense", str(model_dir), "dense", dtype=dtype, device=device)]
-    if methods:
-        if sparsity.model_neurons is None:
-            raise PartinferError("sparse methods need --model-neurons FILE (a model-level neuron file)")
-        source = packed_dir_for(model_dir, sparsity.model_neurons) if packed else model_dir
-        for method in methods:
-            for g in gammas:
-                config = replace(sparsity, method=method, gamma=g)  # raises on a δ or φ that γ cannot hold
-                specs.append(MemorySpec(f"{method} γ={g}", str(source), method, config.to_dict(), dtype, device))
+    from runtime.pack import cached_pack
+    from runtime.prepare import default_gguf_path, default_model_dir
+
+    weights = sparsity.weights or "bf16"
+    compact = weights != "bf16"
+    if (methods or compact) and sparsity.model_neurons is None:
+        raise PartinferError("sparse methods and --weights need --model-neurons FILE (a model-level neuron file)")
+    if compact and not packed:
+        raise PartinferError(f"--weights {weights} is read from a packed copy; drop --plain")
+    source = cached_pack(model_dir, sparsity.model_neurons, weights) if packed and (methods or compact) else model_dir
+    specs = [MemorySpec(f"dense {weights}" if compact else "dense", str(source if compact else model_dir), "dense",
+                        dtype=dtype, device=device)]
+    for method in methods:
+        for g in gammas:
+            config = replace(sparsity, method=method, gamma=g)  # raises on a δ or φ that γ cannot hold
+            specs.append(MemorySpec(f"{method} γ={g}", str(source), method, config.to_dict(), dtype, device))
     if peers:
         specs.append(MemorySpec("transformers", str(model_dir), "transformers", dtype=dtype, device=device))
+        if Path(model_dir) == default_model_dir() and importlib.util.find_spec("llama_cpp") is not None:
+            specs.append(MemorySpec("llama.cpp Q4_1", str(default_gguf_path()), "llama.cpp", device=device))
     rows = []
     for spec in specs:
         if progress:
             progress(spec.name)
         rows.append(measure(spec))
-    return {"model": str(model_dir), "packed": packed, "dtype": dtype, "rows": rows,
-            "ffn_layer_mib": ffn_layer_bytes(model_dir, dtype) / MIB}
+    return {"model": str(model_dir), "packed": packed, "dtype": dtype, "weights": weights, "rows": rows,
+            "ffn_layer_mib": ffn_layer_bytes(source, dtype) / MIB}
 
 
 def ffn_layer_bytes(model_dir: Path, dtype: str) -> int:
+    """One FFN layer's weights as the checkpoint's format keeps them."""
+    from runtime.loader import packed_weight_format
     from runtime.model import ModelConfig
 
     cfg = ModelConfig.from_dir(Path(model_dir))
+    fmt = packed_weight_format(model_dir)
+    if fmt.compact:
+        return cfg.ffn_dim * (2 * fmt.gate_up.row_bytes(cfg.dim) + fmt.down.row_bytes(cfg.dim))
     return 3 * cfg.dim * cfg.ffn_dim * (4 if dtype in ("fp32", "float32") else 2)
 
 
 def format_memory(report: dict) -> str:
-    lines = [f"model {report['model']} ({report['dtype']}, {'packed' if report['packed'] else 'plain'} checkpoint for sparse rows); "
+    lines = [f"model {report['model']} ({report['dtype']}, {report.get('weights', 'bf16')} weights, "
+             f"{'packed' if report['packed'] else 'plain'} checkpoint for sparse rows); "
              "MiB; model = RSS - baseline (fresh process: interpreter + torch + tiny kernels)",
              f"{'configuration':<22}{'expected':>9}{'model':>8}{'vs exp':>8}{'peak load':>10}{'peak gen':>9}"
              f"{'RssAnon':>9}{'RssFile':>9}{'baseline':>9}"]
@@ -208,6 +238,10 @@ def format_memory(report: dict) -> str:
         if "cuda_max_allocated_mib" in r:
             lines.append(f"{r['name']}: torch.cuda.max_memory_allocated {r['cuda_max_allocated_mib']:.1f} MiB")
     lines.append(f"one FFN layer = {report['ffn_layer_mib']:.1f} MiB; expected = non-FFN + loaded FFN (+ per-sequence copies in batches)")
+    peer = next((r for r in report["rows"] if r["method"] == "llama.cpp"), None)
+    if peer is not None:
+        ratios = ", ".join(f"{r['name']} {r['model_mib'] / peer['model_mib']:.2f}x" for r in report["rows"] if r is not peer)
+        lines.append(f"model memory vs llama.cpp ({peer['model_mib']:.1f} MiB; expected = its GGUF file): {ratios}")
     return "\n".join(lines)
 
 
@@ -216,7 +250,7 @@ def plot_memory(report: dict, out: Path) -> Path:
     from profiler.plotting import png_axes
 
     with png_axes(out, "γ (fraction of FFN neurons loaded)", "model memory (MiB, RSS - baseline)", 7) as ax:
-        methods = sorted({r["method"] for r in report["rows"] if r["method"] not in ("dense", "transformers")})
+        methods = sorted({r["method"] for r in report["rows"] if r["method"] not in ("dense", "transformers", "llama.cpp")})
         for method in methods:
             rows = sorted((r for r in report["rows"] if r["method"] == method), key=lambda r: r["gamma"])
             g = [r["gamma"] for r in rows]
@@ -224,8 +258,8 @@ def plot_memory(report: dict, out: Path) -> Path:
             ax.plot(g, [r["expected_bytes"]["weights"] / MIB for r in rows], "x--", color=line.get_color(),
                     label=f"{method} expected")
         for r in report["rows"]:
-            if r["method"] in ("dense", "transformers"):
-                ax.axhline(r["model_mib"], ls=":", color="k" if r["method"] == "dense" else "r",
+            if r["method"] in ("dense", "transformers", "llama.cpp"):
+                ax.axhline(r["model_mib"], ls=":", color={"dense": "k", "transformers": "r"}.get(r["method"], "g"),
                            label=f"{r['name']} measured")
     return Path(out)
 

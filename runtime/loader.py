@@ -192,6 +192,7 @@ def load_model(
     sparsity = sparsity or SparsityConfig(method="dense")
     if dtype == torch.bfloat16 and str(device).startswith("cpu"):
         cpu_kernels()  # build or load the compiled decode kernels now, not inside a timed step
+    model_dir = weights_source(Path(model_dir), sparsity)
     cfg = ModelConfig.from_dir(model_dir)
     plans = plan_layers(sparsity, cfg)
     fmt = packed_weight_format(model_dir)
@@ -234,6 +235,25 @@ def load_model(
         if is_sparse(m):
             m.neuron_ids = m.neuron_ids.to(device)
     return model.eval()
+
+
+def weights_source(model_dir: Path, sparsity: "SparsityConfig") -> Path:
+    """The checkpoint that holds `sparsity.weights`: `model_dir` itself when it stores that format (or no
+    format is asked for), else its packed copy in the cache (made once, runtime.pack.cached_pack)."""
+    from runtime.pack import cached_pack
+
+    stored = packed_weight_format(model_dir).name
+    if sparsity.weights in (None, stored):
+        return model_dir
+    if is_packed(model_dir):
+        raise PartinferError(f"{model_dir} is packed with {stored} weights; pass --weights {stored}, or pack the original "
+                             f"checkpoint with --weights {sparsity.weights}")
+    if sparsity.weights == "bf16":
+        return model_dir
+    if sparsity.model_neurons is None:
+        raise PartinferError(f"--weights {sparsity.weights} packs the model once and needs --model-neurons FILE "
+                             "(a model-level neuron file) to order it; or pass a checkpoint made by `partinfer pack`")
+    return cached_pack(model_dir, sparsity.model_neurons, sparsity.weights)
 
 
 def build_model(cfg: ModelConfig, plans: dict, sparsity: "SparsityConfig", fmt: WeightFormat,

@@ -11,6 +11,7 @@ or an earlier pack (see common.output_dir), so packing never removes a file it d
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -120,3 +121,16 @@ def ffn_bundle(reader: CheckpointReader, source: CompactSource, prefix: str, fmt
     up = source.rows(f"{prefix}mlp.up_proj.weight", fmt.gate_up)
     down_t = quantize(source.values(f"{prefix}mlp.down_proj.weight").t(), fmt.down)  # per neuron, along d
     return torch.cat([gate, up, down_t], dim=1)
+
+
+def cached_pack(model_dir: Path, model_neurons: Path, weights: str) -> Path:
+    """A packed copy of `model_dir` ordered by `model_neurons`, in format `weights`, made once in the
+    cache (`$PARTINFER_HOME/packed/`) and reused: what `--weights` and `partinfer memory` load."""
+    from common.paths import cache_home
+
+    digest = hashlib.sha1(Path(model_neurons).read_bytes()).hexdigest()[:10]
+    suffix = "" if weights == "bf16" else f"-{weights}"  # bf16 copies keep the name they always had
+    out = cache_home() / "packed" / f"{Path(model_dir).name}-{digest}{suffix}"
+    if not is_packed(out):
+        pack_checkpoint(model_dir, model_neurons, out, weights)
+    return out

@@ -224,7 +224,7 @@ class CompactSparseFFN(SparseFFN):
         return dequantize(super()._gate_up_rows(active), self.dim, torch.bfloat16)
 
     def _down_of(self, a: torch.Tensor) -> torch.Tensor:
-        return a @ dequantize(self.down_t[: a.shape[-1]], self.dim, a.dtype)  # [B, T, j] @ [j, D]
+        return linear(a, dequantize(self.down_t[: a.shape[-1]], self.dim, a.dtype).t())  # [B, T, j] @ [j, D]
 
     def _reorder(self, order: torch.Tensor) -> None:
         self.gate_up.copy_(self.gate_up[order])

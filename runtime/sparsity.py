@@ -21,6 +21,7 @@ import torch
 
 from common.errors import PartinferError
 from runtime.model import ModelConfig
+from runtime.quant import WEIGHT_FORMATS
 from runtime.selection import CORE_SCORES, loaded_order
 
 METHODS = ("dense", "load-only", "static", "coreinfer", "partinfer", "tokenwise")
@@ -51,6 +52,7 @@ class SparsityConfig:
     model_neurons: Path | None = None
     dataset_neurons: Path | None = None
     compensation: Path | None = None  # a compensation file for the unloaded neurons (`partinfer compensate`)
+    weights: str | None = None  # weight format of the loaded rows (runtime/quant.py); None: as the checkpoint stores them
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -75,6 +77,8 @@ class SparsityConfig:
             raise PartinferError(f"--token-score must be one of {', '.join(TOKEN_SCORES)}, got {self.token_score!r}")
         if self.base_neurons_type not in ("model", "dataset"):
             raise PartinferError("--base-neurons-type must be model or dataset")
+        if self.weights is not None and self.weights not in WEIGHT_FORMATS:
+            raise PartinferError(f"--weights must be one of {', '.join(WEIGHT_FORMATS)}, got {self.weights!r}")
         if self.base_neurons_type == "dataset" and self.method != "dense" and self.dataset_neurons is None:
             raise PartinferError("--base-neurons-type dataset needs --dataset-neurons FILE")
 

@@ -34,22 +34,29 @@ inline __m256 block_q8_0(const uint8_t* w, const int8_t* q) {
   return _mm256_cvtepi32_ps(dot_u8s8(_mm256_sign_epi8(qw, qw), _mm256_sign_epi8(qx, qw)));
 }
 
-// Row of nb Q4_1 blocks . the quantized input; two blocks per pass for two independent FMA chains.
+// Row of nb Q4_1 blocks . the quantized input. A block's fp16 (d, m) pair is widened by one
+// conversion and multiplied by the input's (d_x, d_x sum q_x) pair at once: the first lane scales
+// the integer sum, the second is the minimum's term, summed in a vector (no scalar chain). Two blocks
+// per pass for two independent FMA chains.
 inline float dot_q4_1(const uint8_t* w, int64_t nb, const QuantizedInput& in) {
   __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-  float mins = 0.0f;
+  __m128 mins = _mm_setzero_ps();
+  const float* ds = in.ds.data();  // (d_x, s_x) per block
   int64_t b = 0;
   for (; b + 2 <= nb; b += 2, w += 2 * Q4_1_BYTES) {
-    acc0 = _mm256_fmadd_ps(_mm256_set1_ps(fp16_to_float(w) * in.d[b]), block_q4_1(w, in.q.data() + 32 * b), acc0);
-    acc1 = _mm256_fmadd_ps(_mm256_set1_ps(fp16_to_float(w + Q4_1_BYTES) * in.d[b + 1]),
-                           block_q4_1(w + Q4_1_BYTES, in.q.data() + 32 * (b + 1)), acc1);
-    mins += fp16_to_float(w + 2) * in.s[b] + fp16_to_float(w + Q4_1_BYTES + 2) * in.s[b + 1];
+    const __m128 s0 = _mm_mul_ps(fp16_pair(w), _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(ds + 2 * b))));
+    const __m128 s1 = _mm_mul_ps(fp16_pair(w + Q4_1_BYTES),
+                                 _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(ds + 2 * b + 2))));
+    acc0 = _mm256_fmadd_ps(_mm256_broadcastss_ps(s0), block_q4_1(w, in.q.data() + 32 * b), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_broadcastss_ps(s1), block_q4_1(w + Q4_1_BYTES, in.q.data() + 32 * (b + 1)), acc1);
+    mins = _mm_add_ps(mins, _mm_add_ps(s0, s1));
   }
   for (; b < nb; ++b, w += Q4_1_BYTES) {
-    acc0 = _mm256_fmadd_ps(_mm256_set1_ps(fp16_to_float(w) * in.d[b]), block_q4_1(w, in.q.data() + 32 * b), acc0);
-    mins += fp16_to_float(w + 2) * in.s[b];
+    const __m128 s0 = _mm_mul_ps(fp16_pair(w), _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(ds + 2 * b))));
+    acc0 = _mm256_fmadd_ps(_mm256_broadcastss_ps(s0), block_q4_1(w, in.q.data() + 32 * b), acc0);
+    mins = _mm_add_ps(mins, s0);
   }
-  return hsum(_mm256_add_ps(acc0, acc1)) + mins;
+  return hsum(_mm256_add_ps(acc0, acc1)) + _mm_cvtss_f32(_mm_shuffle_ps(mins, mins, 1));
 }
 
 inline float dot_q8_0(const uint8_t* w, int64_t nb, const QuantizedInput& in) {

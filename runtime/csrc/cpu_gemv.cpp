@@ -103,24 +103,32 @@ inline float fp16_to_float(const uint8_t* p) {
   return _cvtsh_ss(h);
 }
 
+// Two consecutive fp16 values (a Q4_1 block's d, m) -> lanes 0 and 1 of a float vector.
+inline __m128 fp16_pair(const uint8_t* p) {
+  int32_t both;
+  std::memcpy(&both, p, sizeof both);
+  return _mm_cvtph_ps(_mm_cvtsi32_si128(both));
+}
+
 // A GEMV input quantized as compact-row kernels read it: per block of 32, int8 codes q, scale d and
 // d * sum(q) (see compact_rows.h). Rounds to nearest even, as torch.round (runtime/quant.py's reference).
 struct QuantizedInput {
   std::vector<int8_t> q;
-  std::vector<float> d, s;
+  std::vector<float> d, s, ds;  // ds: (d, s) interleaved, as the Q4_1 kernel reads them
   void quantize(const float* x, int64_t n) {
     const int64_t nb = n / 32;
     q.resize(32 * nb);
     d.resize(nb);
     s.resize(nb);
+    ds.resize(2 * nb);
     for (int64_t b = 0; b < nb; ++b) {
       float amax = 0.0f;
       for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(x[32 * b + i]));
       const float scale = amax / 127.0f, inv = scale != 0.0f ? 1.0f / scale : 0.0f;
       int sum = 0;
       for (int i = 0; i < 32; ++i) sum += q[32 * b + i] = static_cast<int8_t>(std::nearbyint(x[32 * b + i] * inv));
-      d[b] = scale;
-      s[b] = scale * static_cast<float>(sum);
+      d[b] = ds[2 * b] = scale;
+      s[b] = ds[2 * b + 1] = scale * static_cast<float>(sum);
     }
   }
 };
