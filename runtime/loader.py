@@ -270,9 +270,9 @@ def build_model(cfg: ModelConfig, plans: dict, sparsity: "SparsityConfig", fmt: 
         for i, plan in plans.items():
             if sparsity.method == "tokenwise":
                 compact = (fmt.gate_up, fmt.down) if fmt.compact else None
-                model.layers[i].mlp = TokenwiseFFN(cfg, plan, sparsity.token_score, compact)
+                model.layers[i].mlp = TokenwiseFFN(cfg, plan, sparsity.token_score, compact, dtype)
             elif fmt.compact:
-                model.layers[i].mlp = CompactSparseFFN(cfg, plan, sparsity, fmt.gate_up, fmt.down)
+                model.layers[i].mlp = CompactSparseFFN(cfg, plan, sparsity, fmt.gate_up, fmt.down, dtype)
             else:
                 model.layers[i].mlp = SparseFFN(cfg, plan, sparsity)
         if not fmt.compact:
@@ -280,7 +280,7 @@ def build_model(cfg: ModelConfig, plans: dict, sparsity: "SparsityConfig", fmt: 
         for i in range(cfg.n_layers):
             if i not in plans:
                 model.layers[i].mlp = CompactSparseFFN(cfg, every, SparsityConfig(method="dense"), fmt.gate_up, fmt.down,
-                                                       dense=True)
+                                                       dtype, dense=True)
             attn = model.layers[i].self_attn
             for linear in (attn.qkv_proj, attn.o_proj):
                 linear.weight = torch.nn.Parameter(torch.empty(linear.out_features, fmt.attention.row_bytes(linear.in_features),

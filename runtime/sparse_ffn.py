@@ -203,17 +203,18 @@ class CompactSparseFFN(SparseFFN):
     dense FFN of a compact model (`dense=True`), so one layout serves every layer."""
 
     def __init__(self, cfg: ModelConfig, plan: LayerPlan, sparsity: SparsityConfig, gate_up_quant: Quant,
-                 down_quant: Quant, dense: bool = False):
+                 down_quant: Quant, dtype: torch.dtype = torch.bfloat16, dense: bool = False):
+        """`dtype`: what the rows are de-quantized to where the eager path computes with them."""
         FeedForward.__init__(self)  # not SparseFFN's: its bf16 weights are not made
         k, d = plan.loaded.shape[0], cfg.dim
-        self.dim, self.dense = d, dense
+        self.dim, self.dense, self.dtype = d, dense, dtype
         self.gate_up = nn.Parameter(torch.empty(k, 2, gate_up_quant.row_bytes(d), dtype=torch.uint8), requires_grad=False)
         self.down_t = nn.Parameter(torch.empty(k, down_quant.row_bytes(d), dtype=torch.uint8), requires_grad=False)
         self._init_state(cfg, plan, sparsity)
 
     @property
-    def down(self) -> torch.Tensor:  # [d, k] bf16, a copy
-        return dequantize(self.down_t, self.dim, torch.bfloat16).t()
+    def down(self) -> torch.Tensor:  # [d, k], a de-quantized copy
+        return dequantize(self.down_t, self.dim, self.dtype).t()
 
     def _prefix_record(self) -> FfnWeights:
         m = self.n_active
@@ -221,7 +222,7 @@ class CompactSparseFFN(SparseFFN):
         return FfnWeights(FfnKind.ROWS, gate_up, self.down_t[:m], gate_up)
 
     def _gate_up_rows(self, active: torch.Tensor) -> torch.Tensor:
-        return dequantize(super()._gate_up_rows(active), self.dim, torch.bfloat16)
+        return dequantize(super()._gate_up_rows(active), self.dim, self.dtype)
 
     def _down_of(self, a: torch.Tensor) -> torch.Tensor:
         return linear(a, dequantize(self.down_t[: a.shape[-1]], self.dim, a.dtype).t())  # [B, T, j] @ [j, D]

@@ -39,11 +39,12 @@ from runtime.sparsity import LayerPlan
 
 class TokenwiseFFN(FeedForward):
     def __init__(self, cfg: ModelConfig, plan: LayerPlan, token_score: str = "scaled",
-                 compact: tuple[Quant, Quant] | None = None):
-        """`compact`: (gate/up format, down format) for compact rows (runtime/quant.py), else bf16."""
+                 compact: tuple[Quant, Quant] | None = None, dtype: torch.dtype = torch.bfloat16):
+        """`compact`: (gate/up format, down format) for compact rows (runtime/quant.py), de-quantized to
+        `dtype` where the eager path computes with them; None: float rows."""
         super().__init__()
         k, d = plan.loaded.shape[0], cfg.dim
-        self.dim = d
+        self.dim, self.dtype = d, dtype
         if compact is None:
             self.gate, self.up, self.down_t = (nn.Parameter(torch.empty(k, d)) for _ in range(3))
         else:
@@ -70,9 +71,9 @@ class TokenwiseFFN(FeedForward):
     def down(self) -> torch.Tensor:  # [d, k] view (a de-quantized copy for compact rows)
         return self._rows(self.down_t).t()
 
-    def _rows(self, w: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-        """Rows as floats: compact rows de-quantized, bf16 ones as they are."""
-        return dense(w, self.dim, dtype)
+    def _rows(self, w: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Rows as floats: compact rows de-quantized (to `dtype`, default the layer's), float ones as they are."""
+        return dense(w, self.dim, dtype or self.dtype)
 
     def begin_prompt(self, token_mask: torch.Tensor | None) -> None:
         self.phase, self.token_mask = "prefill", token_mask

@@ -1,0 +1,223 @@
+"""Compact 4/8-bit weights: formats against ggml's reference, kernels against de-quantize + matmul,
+the embedded model's GGUF blocks kept bit for bit, every method on compact rows, partial loads."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from runtime.generate import generate
+from runtime.loader import CheckpointReader, load_model
+from runtime.native import cpu_flags, cpu_kernels
+from runtime.pack import pack_checkpoint
+from runtime.quant import Quant, dequantize, dequantize_reference, quantize, quantize_activation
+from runtime.sparse_ffn import CompactSparseFFN, sparse_modules
+from runtime.sparsity import METHODS, SparsityConfig, fraction_count
+from tests.helpers import make_neuron_file, tiny_prompts
+
+GGML_TYPES = {Quant.Q4_1: "Q4_1", Quant.Q8_0: "Q8_0"}
+needs_kernels = pytest.mark.skipif(not cpu_kernels(), reason="no compiled CPU kernels on this machine")
+
+
+@pytest.mark.parametrize("quant", list(Quant))
+def test_formats_match_ggml_reference(quant):
+    """Our quantizer writes the bytes gguf-py's ggml reference writes; de-quantizing gives its values."""
+    import gguf.quants
+
+    qtype = getattr(gguf.GGMLQuantizationType, GGML_TYPES[quant])
+    w = torch.randn(37, 96) * torch.rand(37, 1) * 3
+    w[3, :32] = 0.5  # a constant block (zero scale)
+    ours = quantize(w, quant)
+    theirs = gguf.quants.quantize(w.numpy(), qtype)
+    assert np.array_equal(ours.numpy(), theirs)
+    ref = torch.from_numpy(gguf.quants.dequantize(theirs, qtype).astype(np.float32))
+    assert torch.equal(dequantize_reference(ours, 96), ref)
+    if cpu_kernels():
+        assert torch.equal(dequantize(ours, 96), ref)  # the compiled de-quantizer: same values
+        assert torch.equal(dequantize(ours, 96, torch.bfloat16), ref.bfloat16())
+
+
+KERNEL_CHECK = r"""
+import json, sys, torch
+from runtime.native import compact_kernel_path, cpu_kernels, gemv
+assert cpu_kernels()
+from runtime.quant import Quant, dequantize_reference, quantize, quantize_activation
+torch.manual_seed(0)
+worst = {"fp32": 0.0, "bf16": 0.0}
+for quant in Quant:
+    for rows, cols in [(1, 32), (7, 32), (45, 576), (130, 1536)]:  # odd row counts: every thread's share has a tail
+        w = quantize(torch.randn(rows, cols), quant)
+        x = torch.randn(cols)
+        ref = dequantize_reference(w, cols).double() @ quantize_activation(x).double()
+        ref16 = dequantize_reference(w, cols).double() @ quantize_activation(x.bfloat16().float()).double()
+        pick = torch.tensor([rows - 1, 0, rows // 2, rows - 1])  # a subset, out of order, with a repeat
+        for kind, got, want in [("fp32", gemv(w, x), ref), ("fp32", gemv(w, x, pick), ref[pick]),
+                                ("bf16", gemv(w, x.bfloat16()), ref16)]:
+            error = (got.double() - want).abs().max().item() / (want.abs().max().item() + 1e-9)
+            worst[kind] = max(worst[kind], error)
+print(json.dumps({"path": compact_kernel_path(), "worst": worst}))
+"""
+
+
+def run_kernel_check(env: dict) -> dict:
+    done = subprocess.run([sys.executable, "-c", KERNEL_CHECK], capture_output=True, text=True, env={**os.environ, **env},
+                          cwd=Path(__file__).resolve().parents[1], timeout=300)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@needs_kernels
+@pytest.mark.parametrize("path", ["avx2", "avx512-vnni"])
+def test_compact_gemv_equals_dequantize_then_matmul(path):
+    """Each compiled path (AVX2; AVX-512 VNNI where the CPU has it) equals de-quantizing the weights and the
+    8-bit input, then an fp64 matmul: all rows, a row subset, a bf16 input, tails of blocks and of rows."""
+    if path == "avx512-vnni" and not {"avx512_vnni", "avx512vl"} <= cpu_flags():
+        pytest.skip("this CPU has no AVX-512 VNNI")
+    result = run_kernel_check({"PARTINFER_VNNI": "1" if path == "avx512-vnni" else "0"})
+    assert result["path"] == path
+    assert result["worst"]["fp32"] < 1e-5  # fp32 sums in another order
+    assert result["worst"]["bf16"] < 1e-2  # the output rounded to bf16
+
+
+def test_quantize_activation_is_what_kernels_multiply():
+    x = torch.randn(4, 64)
+    q = quantize_activation(x)
+    blocks = (q.reshape(4, 2, 32) / (x.reshape(4, 2, 32).abs().amax(-1, keepdim=True) / 127))
+    assert torch.allclose(blocks, blocks.round(), atol=1e-3) and (q - x).abs().max() < x.abs().max() / 127
+
+
+@pytest.fixture(scope="module")
+def compact(tiny_llama_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("compact")
+    neurons = make_neuron_file(tiny_llama_dir, root / "model.safetensors")
+    return {"neurons": neurons, "q4": pack_checkpoint(tiny_llama_dir, neurons, root / "q4", "q4"),
+            "int8": pack_checkpoint(tiny_llama_dir, neurons, root / "int8", "int8")}
+
+
+def load(model_dir, neurons, dtype=torch.float32, **kwargs):
+    return load_model(model_dir, dtype, "cpu", SparsityConfig(model_neurons=neurons, **kwargs))
+
+
+@pytest.mark.parametrize("weights", ["q4", "int8"])
+@pytest.mark.parametrize("method", METHODS)
+def test_phi_gamma_one_gives_dense_tokens_of_the_same_weights(compact, weights, method):
+    """Batches (eager) in fp32, and one sequence at a time in bf16 (the compiled decode where built)."""
+    dense = load(compact[weights], compact["neurons"], method="dense")
+    model = load(compact[weights], compact["neurons"], method=method, gamma=1.0, phi=1.0, delta=0.3, start_num=0, end_num=3)
+    prompts = tiny_prompts(4, seed=3)
+    assert generate(model, prompts, 12).tokens == generate(dense, prompts, 12).tokens
+    dense16 = load(compact[weights], compact["neurons"], torch.bfloat16, method="dense")
+    model16 = load(compact[weights], compact["neurons"], torch.bfloat16, method=method, gamma=1.0, phi=1.0, delta=0.3,
+                   start_num=0, end_num=3)
+    for prompt in prompts[:2]:
+        assert generate(model16, [prompt], 12).tokens == generate(dense16, [prompt], 12).tokens
+
+
+@pytest.mark.parametrize("method", ["dense", "load-only", "partinfer", "tokenwise"])
+def test_compiled_decode_equals_eager_on_compact_rows(compact, method):
+    """The one-op decode on compact rows (ROWS and TOKENWISE kinds) against the eager forward of the same
+    weights: logits agree up to the 8-bit input quantization of the kernels."""
+    from runtime.model import EagerDecode, KVCache, decode_step, prefill
+
+    if not cpu_kernels():
+        pytest.skip("no compiled CPU kernels on this machine")
+    logits = []
+    for eager in (False, True):
+        model = load(compact["q4"], compact["neurons"], torch.bfloat16, method=method, gamma=0.7, delta=0.3, phi=0.4)
+        if eager:
+            model.backend = EagerDecode()
+        cache = KVCache(model.cfg, 1, 64, torch.bfloat16, "cpu")
+        prefill(model, torch.tensor([tiny_prompts(1, seed=4)[0]]), cache)
+        steps = [decode_step(model, torch.tensor([t]), cache).float() for t in (5, 9, 17)]
+        logits.append(torch.stack(steps))
+    compiled, eager = logits
+    assert (compiled - eager).abs().max() < 0.05 * eager.abs().max()
+
+
+@pytest.mark.parametrize("weights", ["q4", "int8"])
+def test_compact_partial_load_reads_only_the_packed_prefix(compact, weights):
+    sparsity = SparsityConfig(method="load-only", gamma=0.3, delta=0.3, phi=0.3, model_neurons=compact["neurons"],
+                              start_num=1, end_num=2)
+    part = load_model(compact[weights], torch.float32, "cpu", sparsity)
+    n = part.cfg.ffn_dim
+    k = fraction_count(0.3, n)
+    with CheckpointReader(compact[weights]) as reader:
+        sizes = {name: reader.file(name).header[name]["data_offsets"] for name in reader.shards}
+        bundle_row = reader.file("model.layers.1.mlp.bundle").shape("model.layers.1.mlp.bundle")[1]
+    total = sum(end - start for start, end in sizes.values())  # every byte of every tensor
+    skipped = 2 * (n - k) * bundle_row  # the unloaded rows of the two sparse layers' bundles
+    assert part.checkpoint_bytes_read == total - skipped
+    layer = sparse_modules(part)[0]
+    assert isinstance(layer, CompactSparseFFN) and layer.gate_up.dtype == torch.uint8 and layer.n_loaded == k
+
+
+def test_compact_pack_is_smaller_and_close_to_bf16(compact, tiny_llama_dir):
+    """q4 and int8 dense logits stay near the fp32 model's (the quantization error of random weights)."""
+    from runtime.model import KVCache, prefill
+
+    ref = load(tiny_llama_dir, compact["neurons"], method="dense")
+    prompt = torch.tensor([tiny_prompts(1, seed=2)[0]])
+    want = prefill(ref, prompt, KVCache(ref.cfg, 1, 64, torch.float32, "cpu"), logits_for="all")
+    for weights, tol in (("int8", 0.05), ("q4", 0.5)):
+        model = load(compact[weights], compact["neurons"], method="dense")
+        got = prefill(model, prompt, KVCache(model.cfg, 1, 64, torch.float32, "cpu"), logits_for="all")
+        assert (got - want).abs().max() < tol * want.abs().max(), weights
+    sizes = {w: sum(f.stat().st_size for f in compact[w].glob("*.safetensors")) for w in ("q4", "int8")}
+    assert sizes["q4"] < sizes["int8"]
+
+
+def test_weights_option_packs_once_and_refuses_a_mismatch(compact, tiny_llama_dir, tmp_path, monkeypatch):
+    from common.errors import PartinferError
+
+    monkeypatch.setenv("PARTINFER_HOME", str(tmp_path))
+    model = load(tiny_llama_dir, compact["neurons"], method="load-only", weights="int8")
+    assert sparse_modules(model)[0].gate_up.dtype == torch.uint8
+    assert len(list((tmp_path / "packed").iterdir())) == 1
+    load(tiny_llama_dir, compact["neurons"], method="dense", weights="int8")  # the same copy, reused
+    assert len(list((tmp_path / "packed").iterdir())) == 1
+    with pytest.raises(PartinferError, match="packed with q4 weights"):
+        load(compact["q4"], compact["neurons"], method="dense", weights="int8")
+
+
+def test_embedded_model_q4_pack_keeps_the_gguf_blocks(default_model_dir, tmp_path):
+    """Packing the embedded model with q4 reproduces the GGUF's de-quantized gate, up and attention values
+    exactly (gguf-py's own de-quantizer as the reference), and its bf16 checkpoint after rounding."""
+    import gguf
+    import gguf.quants
+
+    from runtime.defaults import shipped_model_neurons
+    from runtime.prepare import default_gguf_path
+
+    out = pack_checkpoint(default_model_dir, shipped_model_neurons(None), tmp_path / "q4", "q4")
+    source = {t.name: t for t in gguf.GGUFReader(default_gguf_path()).tensors}
+
+    def gguf_values(name: str) -> torch.Tensor:
+        t = source[name]
+        return torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32))
+
+    d = 576
+    with CheckpointReader(out) as packed, CheckpointReader(default_model_dir) as plain:
+        for layer in (0, 17, 29):
+            perm = packed.get(f"model.layers.{layer}.mlp.perm").long()
+            bundle = packed.get(f"model.layers.{layer}.mlp.bundle")  # [n, gate | up | down_t]
+            g = Quant.Q4_1.row_bytes(d)
+            assert torch.equal(dequantize_reference(bundle[:, :g], d), gguf_values(f"blk.{layer}.ffn_gate.weight")[perm])
+            assert torch.equal(dequantize_reference(bundle[:, g : 2 * g], d), gguf_values(f"blk.{layer}.ffn_up.weight")[perm])
+            down = dequantize_reference(bundle[:, 2 * g :], d)  # re-quantized per neuron to Q8_0: close, not equal
+            want_down = gguf_values(f"blk.{layer}.ffn_down.weight").t()[perm]
+            assert (down - want_down).abs().max() <= want_down.abs().amax(1).max() / 127
+            for proj, name in (("v_proj", "attn_v"), ("o_proj", "attn_output")):
+                got = dequantize_reference(packed.get(f"model.layers.{layer}.self_attn.{proj}.weight"), d)
+                assert torch.equal(got, gguf_values(f"blk.{layer}.{name}.weight"))
+            for proj in ("q_proj", "k_proj"):  # llama.cpp interleaves their rows; the pack restores HF order
+                got = dequantize_reference(packed.get(f"model.layers.{layer}.self_attn.{proj}.weight"), d)
+                assert torch.equal(got.bfloat16(), plain.get(f"model.layers.{layer}.self_attn.{proj}.weight"))
+        embedding = dequantize_reference(packed.get("model.embed_tokens.weight"), d)
+        assert torch.equal(embedding, gguf_values("token_embd.weight"))
