@@ -123,7 +123,7 @@ def neurons_merge(
     typer.echo(f"{merged.save(out)}\t{merged.level}-level, {merged.tokens} tokens, {merged.sequences} sequences")
 
 
-@with_sparsity_options(exclude=("method", "phi", "token_sparsity", "core_score", "token_score", "compensation"))
+@with_sparsity_options(exclude=("method", "phi", "token_sparsity", "core_score", "token_score", "compensation", "weights"))
 def compensate(
     out: Annotated[Path, typer.Option("--out", "-o", help="The compensation file to write (a new path, or --force).")],
     dataset: Annotated[list[str], typer.Option("--dataset", "-d", help="Calibration data: built-in tasks (their profile split) or local files; repeat for several.")] = ["truthfulqa", "squad", "xsum", "coqa", "wikilingua"],

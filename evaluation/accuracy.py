@@ -57,8 +57,9 @@ def _settings(model_dir: Path, method: str, sparsity: SparsityConfig, tasks: lis
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(replace(sparsity, method=method)).items()}
     if method != "tokenwise":
         del config["token_score"]  # only tokenwise reads it: other methods' results stay valid when it changes
-    if config.get("compensation") is None:
-        del config["compensation"]  # raw results from before the option existed stay reusable
+    for optional in ("compensation", "weights"):
+        if config.get(optional) is None:
+            del config[optional]  # raw results from before these options existed stay reusable
     return {"model": str(model_dir), "tasks": tasks, "limit": limit, "dtype": dtype, "sparsity": config}
 
 

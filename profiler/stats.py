@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from common.errors import PartinferError
+
 from runtime.kernels import linear
 from runtime.model import FFN, FeedForward, Transformer
 from runtime.selection import token_core_mask
@@ -52,6 +54,9 @@ class RecordingFFN(FeedForward):
 
 def attach_recorders(model: Transformer, stats: ActivationStats) -> None:
     """Swap every layer's FFN for a RecordingFFN that feeds `stats`."""
+    if not all(isinstance(block.mlp, FFN) for block in model.layers):
+        raise PartinferError("profiling reads every neuron of a plain checkpoint; pass the original model, "
+                             "not a compact (--weights q4 or int8) copy")
     for i, block in enumerate(model.layers):
         block.mlp = RecordingFFN(block.mlp, i, stats)
 

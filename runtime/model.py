@@ -338,7 +338,7 @@ class FeedForward(nn.Module):
     def set_compensation(self, a: torch.Tensor, b: torch.Tensor) -> None:
         """a [d, r], b [r, d] (fp32 from the file): y += (x @ a) @ b, kept in the layer's dtype and device."""
         like = next(p for p in self.parameters() if p is not self.comp_in and p is not self.comp_out)
-        dtype = torch.bfloat16 if like.dtype == torch.uint8 else like.dtype  # compact layers compute in bf16
+        dtype = like.dtype if like.is_floating_point() else self.dtype  # compact layers: their compute dtype
         self.comp_in = nn.Parameter(a.t().to(dtype).contiguous().to(like.device), requires_grad=False)
         self.comp_out = nn.Parameter(b.t().to(dtype).contiguous().to(like.device), requires_grad=False)
 

@@ -115,20 +115,39 @@ inline __m128 fp16_pair(const uint8_t* p) {
 struct QuantizedInput {
   std::vector<int8_t> q;
   std::vector<float> d, s, ds;  // ds: (d, s) interleaved, as the Q4_1 kernel reads them
+  // Vectorized: every layer quantizes four inputs per decode step on every thread.
   void quantize(const float* x, int64_t n) {
     const int64_t nb = n / 32;
     q.resize(32 * nb);
     d.resize(nb);
     s.resize(nb);
     ds.resize(2 * nb);
+    const __m256 sign = _mm256_set1_ps(-0.0f);
     for (int64_t b = 0; b < nb; ++b) {
-      float amax = 0.0f;
-      for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(x[32 * b + i]));
-      const float scale = amax / 127.0f, inv = scale != 0.0f ? 1.0f / scale : 0.0f;
-      int sum = 0;
-      for (int i = 0; i < 32; ++i) sum += q[32 * b + i] = static_cast<int8_t>(std::nearbyint(x[32 * b + i] * inv));
+      const float* xb = x + 32 * b;
+      __m256 v[4], amax = _mm256_setzero_ps();
+      for (int i = 0; i < 4; ++i) {
+        v[i] = _mm256_loadu_ps(xb + 8 * i);
+        amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[i]));
+      }
+      __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+      m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+      m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+      const float scale = _mm_cvtss_f32(m4) / 127.0f, inv = scale != 0.0f ? 1.0f / scale : 0.0f;
+      __m256i ints[4];
+      for (int i = 0; i < 4; ++i)  // round to nearest even, as std::nearbyint and torch.round
+        ints[i] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[i], _mm256_set1_ps(inv)),
+                                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+      const __m256i total = _mm256_add_epi32(_mm256_add_epi32(ints[0], ints[1]), _mm256_add_epi32(ints[2], ints[3]));
+      // int32 -> int8 in order: packs interleave 128-bit lanes, a final permute puts them back.
+      const __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(ints[0], ints[1]), _mm256_packs_epi32(ints[2], ints[3]));
+      const __m256i ordered = _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(q.data() + 32 * b), ordered);
+      __m128i t = _mm_add_epi32(_mm256_castsi256_si128(total), _mm256_extracti128_si256(total, 1));
+      t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4E));
+      t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0xB1));
       d[b] = ds[2 * b] = scale;
-      s[b] = ds[2 * b + 1] = scale * static_cast<float>(sum);
+      s[b] = ds[2 * b + 1] = scale * static_cast<float>(_mm_cvtsi128_si32(t));
     }
   }
 };
