@@ -96,6 +96,13 @@ def run_worker(spec: MemorySpec) -> dict:
         torch.nn.functional.embedding(torch.tensor([[1]]), w)
         if dtype == torch.bfloat16 and cpu_kernels():  # the compiled decode kernels' library, too
             gemv(w, x[0, 0].float())
+            if cfg.dim % 32 == 0:  # and its compact-row kernels and de-quantizer
+                from runtime.quant import Quant, dequantize, quantize
+
+                for quant in Quant:
+                    rows = quantize(w, quant)
+                    gemv(rows, x[0, 0].float())
+                    dequantize(rows, cfg.dim, dtype)
     # Building a module on the `meta` device imports torch's meta machinery once.
     from runtime.model import Transformer
 

@@ -38,8 +38,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     The compiled one-token decode (runtime/decode.py) does not come through here. A compact weight
     (uint8 rows, runtime/quant.py) is de-quantized for the call: prefill and the eager path pay one
     de-quantization per matrix, the weights stay compact in memory."""
-    if is_compact(weight):
-        weight = dequantize(weight, x.shape[-1], x.dtype)
+    if is_compact(weight):  # straight to fp32 where the upcast rule below would widen it anyway
+        wide = cpu_prefers_fp32(x, torch.empty(0, dtype=x.dtype))
+        weight = dequantize(weight, x.shape[-1], torch.float32 if wide else x.dtype)
+        if wide:
+            b = None if bias is None else bias.float()
+            return F.linear(x.float(), weight, b).to(x.dtype)
     if cpu_prefers_fp32(x, weight):
         b = None if bias is None else bias.float()
         return F.linear(x.float(), weight.float(), b).to(x.dtype)

@@ -135,10 +135,10 @@ def read_ffn_neurons(
         order = torch.argsort(positions)
         rows = reader.read_rows(f"{prefix}.bundle", contiguous_runs(positions[order]))  # [k, 3, d] ascending
         rows = rows if torch.equal(order, torch.arange(len(order))) else rows[torch.argsort(order)]
-        if fmt.compact:  # [k, bytes]: gate | up | down_t blocks
+        if fmt.compact:  # [k, bytes]: gate | up | down_t blocks; views, copied once by the caller into their final layout
             g = fmt.gate_up.row_bytes(dim)
             rows = rows.to(device=device)
-            return rows[:, :g].contiguous(), rows[:, g : 2 * g].contiguous(), rows[:, 2 * g :].contiguous()
+            return rows[:, :g], rows[:, g : 2 * g], rows[:, 2 * g :]
         rows = rows.to(device=device, dtype=dtype)
         return rows[:, 0].contiguous(), rows[:, 1].contiguous(), rows[:, 2].contiguous()
     order = torch.argsort(neurons)  # read in ascending row order, put back in `neurons` order
@@ -207,10 +207,12 @@ def load_model(
             neurons = plans[i].loaded if i in plans else torch.arange(cfg.ffn_dim)
             gate, up, down_t = read_ffn_neurons(reader, i, neurons, dtype, device, expected_perms.get(i), fmt, cfg.dim)
             if i in plans and sparsity.method == "tokenwise":
-                state.update({f"layers.{i}.mlp.gate": gate, f"layers.{i}.mlp.up": up, f"layers.{i}.mlp.down_t": down_t})
-            elif fmt.compact:  # CompactSparseFFN, sparse or dense
+                own = dict(memory_format=torch.contiguous_format)  # compact rows arrive as views of one read
+                state.update({f"layers.{i}.mlp.gate": gate.clone(**own), f"layers.{i}.mlp.up": up.clone(**own),
+                              f"layers.{i}.mlp.down_t": down_t.clone(**own)})
+            elif fmt.compact:  # CompactSparseFFN, sparse or dense: each final tensor made once, no transients
                 state.update({f"layers.{i}.mlp.gate_up": torch.stack([gate, up], dim=1),  # [k, 2, bytes]
-                              f"layers.{i}.mlp.down_t": down_t})
+                              f"layers.{i}.mlp.down_t": down_t.clone(memory_format=torch.contiguous_format)})
             elif i in plans:
                 h = plans[i].n_active
                 # clone, not contiguous(): an empty or already-contiguous view would keep down_t's storage alive
