@@ -91,6 +91,7 @@ def evaluate(
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, max=4096, help="Generation tasks: sequences per batch (on a CPU, 1 is fastest: it takes the compiled one-token decode).")] = 1,
     resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Reuse a method's raw results from an earlier run with the same settings.")] = True,
     table_only: Annotated[bool, typer.Option("--table-only", help="Run nothing: rewrite the table from the raw results in --out.")] = False,
+    include_path: Annotated[Optional[Path], typer.Option("--include-path", help="A directory of your own lm-eval task YAMLs (as lm_eval --include_path); --tasks may then name them.")] = None,
     dtype: DtypeOpt = "bf16",
     device: DeviceOpt = "cpu",
     as_json: JsonOpt = False,
@@ -103,6 +104,6 @@ def evaluate(
 
     task_list = resolve_tasks(list(split_list(tasks)))
     report = run_eval(resolve_model(model), task_list, split_list(methods), sparsity, out, limit, dtype, device,
-                      batch_size, resume, table_only)
+                      batch_size, resume, table_only, include_path)
     typer.echo(json.dumps(report, indent=2) if as_json else format_table(report))
     typer.echo(f"wrote {out / 'results.md'} and {out / 'raw'}/", err=True)

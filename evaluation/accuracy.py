@@ -53,21 +53,34 @@ def resolve_tasks(names: list[str]) -> list[str]:
 
 
 def _settings(model_dir: Path, method: str, sparsity: SparsityConfig, tasks: list[str], limit: int | None,
-              dtype: str) -> dict:
+              dtype: str, include_path: Path | None = None) -> dict:
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(replace(sparsity, method=method)).items()}
     if method != "tokenwise":
         del config["token_score"]  # only tokenwise reads it: other methods' results stay valid when it changes
     for optional in ("compensation", "weights"):
         if config.get(optional) is None:
             del config[optional]  # raw results from before these options existed stay reusable
-    return {"model": str(model_dir), "tasks": tasks, "limit": limit, "dtype": dtype, "sparsity": config}
+    settings = {"model": str(model_dir), "tasks": tasks, "limit": limit, "dtype": dtype, "sparsity": config}
+    if include_path is not None:  # only when given: earlier raw results stay reusable
+        settings["include_path"] = str(include_path)
+    return settings
+
+
+def task_manager(include_path: Path | None = None):
+    """lm-eval's TaskManager over our offline task YAMLs, plus a user's directory of task YAMLs
+    (as `lm_eval --include_path` takes it)."""
+    from lm_eval.tasks import TaskManager
+
+    if include_path is not None and not Path(include_path).is_dir():
+        raise PartinferError(f"--include-path {include_path} is not a directory; pass a directory of lm-eval task YAMLs")
+    paths = [str(TASKS_DIR)] + ([str(include_path)] if include_path is not None else [])
+    return TaskManager(include_path=paths)
 
 
 def run_method(model_dir: Path, method: str, sparsity: SparsityConfig, tasks: list[str], limit: int | None,
-               dtype: str, device: str, batch_size: int) -> dict:
+               dtype: str, device: str, batch_size: int, include_path: Path | None = None) -> dict:
     """lm-eval's results for one method: {task: {metric: value}}, samples per task."""
     import lm_eval
-    from lm_eval.tasks import TaskManager
 
     from evaluation.lm_eval_adapter import PartinferLM
 
@@ -75,7 +88,7 @@ def run_method(model_dir: Path, method: str, sparsity: SparsityConfig, tasks: li
                      batch_size=batch_size)
     try:
         out = lm_eval.simple_evaluate(model=lm, tasks=tasks, limit=limit, bootstrap_iters=1000,
-                                      task_manager=TaskManager(include_path=str(TASKS_DIR)), log_samples=False)
+                                      task_manager=task_manager(include_path), log_samples=False)
     except KeyError as e:  # lm-eval's way of saying a task name is unknown
         raise PartinferError(f"lm-eval does not know task {e}; offline tasks: {', '.join(OFFLINE_TASKS)}") from e
     except Exception as e:
@@ -95,20 +108,22 @@ def run_method(model_dir: Path, method: str, sparsity: SparsityConfig, tasks: li
 def run_eval(
     model_dir: Path, tasks: list[str], methods: tuple[str, ...], sparsity: SparsityConfig, out_dir: Path,
     limit: int | None = None, dtype: str = "bf16", device: str = "cpu", batch_size: int = 1, resume: bool = True,
-    table_only: bool = False,
+    table_only: bool = False, include_path: Path | None = None,
 ) -> dict:
     """Evaluate every method; write out_dir/raw/<method>.json and out_dir/results.md; return the report.
 
+    `include_path`: a directory of the user's own lm-eval task YAMLs, whose tasks `tasks` may name.
     `table_only`: run nothing; the table covers the methods whose raw results (same settings) exist.
     """
     for m in methods:
         if m not in METHODS:
             raise PartinferError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+    task_manager(include_path)  # a missing directory fails here, before any output exists
     output = IncrementalOutput(out_dir, "eval", inputs=(model_dir,))
     raw_dir = out_dir / "raw"
     runs = {}
     for method in methods:
-        settings = _settings(model_dir, method, sparsity, tasks, limit, dtype)
+        settings = _settings(model_dir, method, sparsity, tasks, limit, dtype, include_path)
         path = raw_dir / f"{method}.json"
         if (resume or table_only) and path.is_file():
             saved = read_json(path, "raw results", "delete it, or run again with --no-resume to replace it")
@@ -121,7 +136,7 @@ def run_eval(
         if table_only:
             continue
         runs[method] = {"settings": settings, **run_method(model_dir, method, sparsity, tasks, limit, dtype, device,
-                                                           batch_size)}
+                                                           batch_size, include_path)}
         output.write_text(f"raw/{method}.json", json.dumps(runs[method], indent=2))
     if not runs:
         raise PartinferError(f"no results with these settings in {raw_dir}; run without --table-only first")

@@ -129,3 +129,28 @@ def test_offline_tasks_load_and_eval_writes_table(tiny_with_tokenizer, tmp_path,
     table_only = run_eval(tiny_with_tokenizer / "model", tasks, ("dense", "partinfer", "static"), sparsity,
                           tmp_path / "out", limit=2, dtype="fp32", table_only=True)
     assert table_only["methods"] == ["dense", "partinfer"]  # static has no results: nothing was run
+
+
+def test_eval_include_path_runs_a_users_task(tiny_with_tokenizer, tmp_path):
+    """`eval --include-path DIR`: a task YAML of the user's, on a local JSONL file, runs next to ours."""
+    from common.errors import PartinferError
+    from evaluation.accuracy import run_eval
+    from runtime.sparsity import SparsityConfig
+
+    tasks_dir = tmp_path / "my_tasks"
+    tasks_dir.mkdir()
+    data = tmp_path / "words.jsonl"
+    data.write_text("".join(json.dumps({"text": f"The river number {i} runs to the sea."}) + "\n" for i in range(3)))
+    (tasks_dir / "my_words.yaml").write_text(
+        "task: my_words\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {data}\ntest_split: test\noutput_type: loglikelihood_rolling\ndoc_to_text: \"\"\n"
+        "doc_to_target: \"{{text}}\"\nmetric_list:\n  - metric: word_perplexity\n")
+    sparsity = SparsityConfig(model_neurons=tiny_with_tokenizer / "neurons.safetensors")
+    report = run_eval(tiny_with_tokenizer / "model", ["my_words"], ("dense",), sparsity, tmp_path / "out", limit=2,
+                      dtype="fp32", include_path=tasks_dir)
+    assert report["runs"]["dense"]["results"]["my_words"]["word_perplexity"] > 1
+    assert report["runs"]["dense"]["settings"]["include_path"] == str(tasks_dir)
+    with pytest.raises(PartinferError, match="is not a directory"):
+        run_eval(tiny_with_tokenizer / "model", ["my_words"], ("dense",), sparsity, tmp_path / "out2",
+                 include_path=tmp_path / "missing")
+    assert not (tmp_path / "out2").exists()
