@@ -28,6 +28,7 @@ def build_app() -> typer.Typer:
     app.command()(profiling.profile)
     app.command()(profiling.compensate)
     app.command()(measure.memory)
+    app.command()(measure.pareto)
     app.command()(serve.serve)
     data_app = typer.Typer(cls=ErrorHandlingGroup, no_args_is_help=True, help="Offline data sets for profiling and evaluation.")
     data_app.command("fetch")(profiling.data_fetch)

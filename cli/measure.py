@@ -107,3 +107,29 @@ def evaluate(
                       batch_size, resume, table_only, include_path)
     typer.echo(json.dumps(report, indent=2) if as_json else format_table(report))
     typer.echo(f"wrote {out / 'results.md'} and {out / 'raw'}/", err=True)
+
+
+@with_sparsity_options(exclude=("method", "gamma", "delta", "phi", "weights"))
+def pareto(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for pareto.md, pareto.json and pareto.png (new, empty, or an earlier `pareto --out`).")],
+    model: ModelOpt = None,
+    methods: MethodsOpt = "load-only,partinfer,tokenwise",
+    gamma: Annotated[Optional[list[float]], typer.Option("--gamma", min=0.01, max=1.0, help="γ values of the grid (repeat); φ and δ follow at the paper's proportions. Default 0.5 0.6 0.7 0.8 0.9.")] = None,
+    weights: Annotated[str, typer.Option("--weights", help="Comma-separated weight formats (bf16 is always included: the reference).")] = "bf16,q4",
+    dataset: Annotated[str, typer.Option("--dataset", "-d", help="Built-in task (its eval split) or a local text file.")] = "xsum",
+    num_samples: Annotated[int, typer.Option("--num-samples", "-n", min=1, max=10_000_000, help="Texts to score per configuration.")] = 16,
+    dtype: DtypeOpt = "bf16",
+    device: DeviceOpt = "cpu",
+    *,
+    sparsity: SparsityConfig,
+) -> None:
+    """Quality (perplexity ÷ dense bf16) against memory and bytes per token over a grid of methods, γ and
+    weight formats: the chart to pick an operating point from."""
+    from evaluation.pareto import format_pareto, run_pareto
+    from runtime.prepare import resolve_model
+
+    report = run_pareto(resolve_model(model), tuple(m for m in split_list(methods) if m != "dense"),
+                        tuple(gamma or (0.5, 0.6, 0.7, 0.8, 0.9)), split_list(weights), sparsity, out, dataset,
+                        num_samples, dtype=dtype, device=device)
+    typer.echo(format_pareto(report))
+    typer.echo(f"wrote {out / 'pareto.md'}, {out / 'pareto.json'} and {out / 'pareto.png'}", err=True)

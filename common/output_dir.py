@@ -147,12 +147,17 @@ class IncrementalOutput:
         for rel in self.files:
             clean_stale_temporaries(self.path / rel)
 
-    def write_text(self, relative: str, text: str) -> Path:
-        """Write one file atomically; it is in the manifest before it exists, so a crash never leaves a foreign file."""
+    def reserve(self, relative: str) -> Path:
+        """Record a file in the manifest before it exists (so a crash never leaves a foreign file); write it
+        atomically (`atomic_file`) at the returned path."""
         if relative not in self.files:
             self.files.add(relative)
             _write_manifest(self.path, self.command, self.files)
-        dest = self.path / relative
+        return self.path / relative
+
+    def write_text(self, relative: str, text: str) -> Path:
+        """Write one text file atomically, recorded in the manifest first."""
+        dest = self.reserve(relative)
         with atomic_file(dest) as tmp:
             tmp.write_text(text, encoding="utf-8")
         return dest

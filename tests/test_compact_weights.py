@@ -221,3 +221,34 @@ def test_embedded_model_q4_pack_keeps_the_gguf_blocks(default_model_dir, tmp_pat
                 assert torch.equal(got.bfloat16(), plain.get(f"model.layers.{layer}.self_attn.{proj}.weight"))
         embedding = dequantize_reference(packed.get("model.embed_tokens.weight"), d)
         assert torch.equal(embedding, gguf_values("token_embd.weight"))
+
+
+def test_pareto_grid_writes_table_and_chart(tiny_with_tokenizer, tmp_path, monkeypatch):
+    """`partinfer pareto` on a tiny model: every configuration scored, dense bf16 the reference, memory
+    growing with γ, compact formats smaller, a PNG written; a bad budget fails before any output."""
+    import json as _json
+
+    from common.errors import PartinferError
+    from evaluation.pareto import run_pareto
+
+    monkeypatch.setenv("PARTINFER_HOME", str(tmp_path / "home"))
+    text = tmp_path / "text.txt"
+    text.write_text("\n".join(f"The river {i} runs past the old mill and the town of {i * 7} people." * 3 for i in range(6)))
+    neurons = tiny_with_tokenizer / "neurons.safetensors"
+    report = run_pareto(tiny_with_tokenizer / "model", ("load-only", "tokenwise"), (0.5, 1.0), ("int8",),
+                        SparsityConfig(model_neurons=neurons, start_num=0, end_num=3), tmp_path / "out", str(text),
+                        num_samples=2, prompt_tokens=8, cont_tokens=8, dtype="fp32")
+    points = report["points"]
+    assert len(points) == 2 * (1 + 2 * 2)  # bf16 added as the reference; dense + 2 methods x 2 γ per format
+    assert points[0]["method"] == "dense" and points[0]["weights"] == "bf16" and points[0]["ratio"] == 1.0
+    by = {(p["method"], p["weights"], p["gamma"]): p for p in points}
+    assert by[("load-only", "bf16", 0.5)]["weights_mib"] < by[("load-only", "bf16", 1.0)]["weights_mib"]
+    assert by[("load-only", "int8", 1.0)]["weights_mib"] < by[("load-only", "bf16", 1.0)]["weights_mib"]
+    assert abs(by[("load-only", "bf16", 1.0)]["ratio"] - 1.0) < 1e-4  # γ = 1 loads everything: dense
+    assert (tmp_path / "out" / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert _json.loads((tmp_path / "out" / "pareto.json").read_text())["points"] == points
+    assert "| load-only | int8 | 0.50 |" in (tmp_path / "out" / "pareto.md").read_text()
+    with pytest.raises(PartinferError):
+        run_pareto(tiny_with_tokenizer / "model", ("partinfer",), (0.5,), ("q5",), SparsityConfig(model_neurons=neurons),
+                   tmp_path / "out2", str(text))
+    assert not (tmp_path / "out2").exists()
