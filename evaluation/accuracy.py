@@ -60,6 +60,8 @@ def _settings(model_dir: Path, method: str, sparsity: SparsityConfig, tasks: lis
     for optional in ("compensation", "weights"):
         if config.get(optional) is None:
             del config[optional]  # raw results from before these options existed stay reusable
+    if config.get("budget") == "uniform":
+        del config["budget"]
     settings = {"model": str(model_dir), "tasks": tasks, "limit": limit, "dtype": dtype, "sparsity": config}
     if include_path is not None:  # only when given: earlier raw results stay reusable
         settings["include_path"] = str(include_path)

@@ -29,6 +29,10 @@ METHODS = ("dense", "load-only", "static", "coreinfer", "partinfer", "tokenwise"
 # times the sentence's mean |up_i| (measured in its prefill) times ‖down_i‖, the gate's estimate of the
 # neuron's contribution |act(gate_i) · up_i| · ‖down_i‖ at no extra bytes per token.
 TOKEN_SCORES = ("scaled", "gate")
+# "uniform": every sparse layer loads γ·n and computes φ·n. "profiled": the same total neurons, spread
+# by layer from the base neuron file (`layer_budgets`): a layer whose activation mass is spread over
+# many neurons gets more of them than one whose few top neurons carry most of it.
+BUDGETS = ("uniform", "profiled")
 
 
 def default_layer_range(n_layers: int) -> tuple[int, int]:
@@ -53,6 +57,7 @@ class SparsityConfig:
     dataset_neurons: Path | None = None
     compensation: Path | None = None  # a compensation file for the unloaded neurons (`partinfer compensate`)
     weights: str | None = None  # weight format of the loaded rows (runtime/quant.py); None: as the checkpoint stores them
+    budget: str = "uniform"  # how γ and φ are spread over the sparse layers, see BUDGETS
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -77,6 +82,8 @@ class SparsityConfig:
             raise PartinferError(f"--token-score must be one of {', '.join(TOKEN_SCORES)}, got {self.token_score!r}")
         if self.base_neurons_type not in ("model", "dataset"):
             raise PartinferError("--base-neurons-type must be model or dataset")
+        if self.budget not in BUDGETS:
+            raise PartinferError(f"--budget must be one of {', '.join(BUDGETS)}, got {self.budget!r}")
         if self.weights is not None and self.weights not in WEIGHT_FORMATS:
             raise PartinferError(f"--weights must be one of {', '.join(WEIGHT_FORMATS)}, got {self.weights!r}")
         if self.base_neurons_type == "dataset" and self.method != "dense" and self.dataset_neurons is None:
@@ -183,9 +190,36 @@ def plan_layers(sparsity: SparsityConfig, cfg: ModelConfig) -> dict[int, LayerPl
     # The loaded set is the same for load-only, static and partinfer (base first, then the other ranking),
     # so load-only is the ceiling of the others; partinfer and tokenwise treat the base as always computed.
     n_base = min(fraction_count(sparsity.delta, n), k)
+    n_active = fraction_count(sparsity.phi, n)
+    budgets = {i: k for i in layers}
+    if sparsity.budget == "profiled":
+        budgets = layer_budgets([base_nf.mean_abs(i) for i in layers], k, n_base)
+        budgets = dict(zip(layers, budgets))
     plans = {}
     for i in layers:
-        loaded = loaded_order(base_nf.rank(i).long(), other_nf.rank(i).long(), n_base, k)
-        n_active = k if sparsity.method == "load-only" else fraction_count(sparsity.phi, n)
-        plans[i] = LayerPlan(loaded, n_base if sparsity.method in ("partinfer", "tokenwise") else 0, n_active)
+        k_i = budgets[i]
+        loaded = loaded_order(base_nf.rank(i).long(), other_nf.rank(i).long(), n_base, k_i)
+        # the computed neurons above the base follow the layer's loaded ones above the base: the same
+        # computed total as uniform, to within a neuron per layer
+        above = round((n_active - n_base) * (k_i - n_base) / (k - n_base)) if k > n_base else 0
+        active = k_i if sparsity.method == "load-only" else max(1, min(k_i, n_base + above))
+        plans[i] = LayerPlan(loaded, n_base if sparsity.method in ("partinfer", "tokenwise") else 0, active)
     return plans
+
+
+def layer_budgets(mean_abs: list[torch.Tensor], k: int, n_base: int) -> list[int]:
+    """Loaded neurons per layer for `--budget profiled`: the uniform total (len(mean_abs) × k), each layer
+    at least its n_base base neurons, the rest given one neuron at a time to the layer where the next
+    neuron (by its ranking) adds the largest share of that layer's activation mass (mean |a| ÷ the
+    layer's sum). Shares are concave in each layer, so a global top-k of them is that greedy choice."""
+    shares = []
+    for m in mean_abs:
+        ranked = torch.sort(m.double(), descending=True).values
+        shares.append(ranked[n_base:] / ranked.sum().clamp(min=1e-30))
+    gains = torch.stack(shares, dim=1).flatten()  # position-major: [position, layer]
+    extra = len(mean_abs) * (k - n_base)
+    # a stable descending sort: equal shares go to the earlier position, then the lower layer, so equal
+    # layers split evenly and the choice is deterministic
+    chosen = torch.sort(gains, descending=True, stable=True).indices[:extra]
+    counts = torch.bincount(chosen % len(mean_abs), minlength=len(mean_abs))
+    return [n_base + int(c) for c in counts]
