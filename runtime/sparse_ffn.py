@@ -146,7 +146,7 @@ class SparseFFN(FeedForward):
     def decode_weights(self) -> FfnWeights | None:
         """The active prefix for the compiled decode, fixed from one end_prompt to the next; None while
         prefilling, with per-sequence sets, or for non-SiLU models."""
-        return self.decode_record if self.phase == "decode" and self.comp_in is None else None
+        return self.decode_record if self.phase == "decode" else None
 
     def active_neuron_ids(self) -> torch.Tensor:
         """[B, m] original neuron indices computed at decode."""

@@ -132,7 +132,7 @@ class TokenwiseFFN(FeedForward):
         """This layer for the compiled decode, which applies the same rule in C++ (its choices are not
         recorded in `last_selected`); None while prefilling, for non-SiLU models, or with the
         per-sequence scales of a batch."""
-        return self.decode_record if self.phase == "decode" and self.comp_in is None else None
+        return self.decode_record if self.phase == "decode" else None
 
     @staticmethod
     def _gather(rows: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

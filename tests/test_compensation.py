@@ -113,3 +113,40 @@ def test_compensation_is_added_and_moves_logits_toward_dense(tiny_with_tokenizer
     compensated = logits(load_model(model_dir, torch.float32, "cpu",
                                     SparsityConfig(**base, compensation=tmp_path / "c.safetensors")))
     assert (compensated - dense).abs().mean() < (plain - dense).abs().mean()
+
+
+@pytest.mark.parametrize("method", ["load-only", "partinfer", "tokenwise"])
+def test_compiled_decode_adds_the_compensation_as_eager_does(tiny_with_tokenizer, tmp_path, method):
+    """The one-op decode takes the map (no eager fallback): its steps match the eager path's, and differ
+    from the same model without the map."""
+    from runtime.decode import CompiledCPUDecode, DecodePlan
+    from runtime.model import EagerDecode, decode_step
+    from runtime.native import cpu_kernels
+
+    if not cpu_kernels():
+        pytest.skip("no compiled CPU kernels on this machine")
+    model_dir, neurons = tiny_with_tokenizer / "model", tiny_with_tokenizer / "neurons.safetensors"
+    plans = plans_for(model_dir, neurons, 0.5)
+    fit_compensation(load_engine(str(model_dir), "fp32"), TEXTS, plans, rank=16).save(tmp_path / "c.safetensors")
+    base = dict(method=method, gamma=0.5, delta=0.2, phi=0.4 if method != "load-only" else 0.5, model_neurons=neurons,
+                start_num=1, end_num=2)
+    ids = torch.tensor([[5, 17, 300, 42, 7, 99, 1000, 3]])
+
+    def steps(sparsity, eager):
+        model = load_model(model_dir, torch.bfloat16, "cpu", sparsity)
+        if eager:
+            model.backend = EagerDecode()
+        else:
+            assert isinstance(model.backend, CompiledCPUDecode)
+        cache = KVCache(model.cfg, 1, 32, torch.bfloat16, "cpu")
+        with torch.inference_mode():
+            prefill(model, ids, cache)
+            if not eager:
+                assert DecodePlan.build(model) is not None  # the compensated layers have a record
+            return torch.stack([decode_step(model, torch.tensor([t]), cache).float() for t in (11, 250, 4)])
+
+    with_map = SparsityConfig(**base, compensation=tmp_path / "c.safetensors")
+    compiled, eager = steps(with_map, False), steps(with_map, True)
+    without = steps(SparsityConfig(**base), False)
+    assert (compiled - eager).abs().max() < 0.05 * eager.abs().max()
+    assert (compiled - without).abs().max() > 4 * (compiled - eager).abs().max()

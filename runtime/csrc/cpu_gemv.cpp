@@ -523,7 +523,7 @@ void rope(float* v, const float* cos, const float* sin, int64_t half) {
 
 // Scratch the team shares within one step; each buffer is written by share and read after a barrier.
 struct SharedScratch {
-  std::vector<float> qkv, heads, out, gate_up, act, partial;
+  std::vector<float> qkv, heads, out, gate_up, act, partial, comp;
 };
 
 // One token's scaled-dot-product attention for head hh over cache slots 0..pos, into out [hd].
@@ -791,6 +791,22 @@ at::Tensor argmax(const at::Tensor& x) {
   return out;
 }
 
+// A layer's compensation (runtime/model.py FeedForward.compensate) by the whole team: y += comp_out @
+// (comp_in @ h), comp_in [r, D] and comp_out [D, r] bf16, each product rounded to bf16 as the eager
+// linears round it. `y` is this thread's copy of the FFN output; `t` this thread's scratch [r].
+void compensate_team(const Matrix& comp_in, const Matrix& comp_out, const GemvInput& h, SharedScratch& s,
+                     GemvInput& t, float* y, int64_t D, const Team& team) {
+  gemv_share(comp_in, h, s.comp.data(), team);
+  team_barrier();
+  for (int64_t j = 0; j < comp_in.rows; ++j) t.x[j] = static_cast<float>(at::BFloat16(s.comp[j]));
+  t.split();
+  team_barrier();  // every thread has read s.comp before it is overwritten below
+  gemv_share(comp_out, t, s.comp.data(), team);
+  team_barrier();
+  for (int64_t i = 0; i < D; ++i)
+    y[i] = static_cast<float>(at::BFloat16(static_cast<float>(at::BFloat16(y[i])) + static_cast<float>(at::BFloat16(s.comp[i]))));
+}
+
 void check_norm(const at::Tensor& w, int64_t D) {
   TORCH_CHECK(w.scalar_type() == at::kBFloat16 && w.numel() == D && w.is_contiguous(),
               "norm weights must be contiguous bf16 vectors of the model width");
@@ -804,13 +820,15 @@ at::Tensor model_decode(const at::Tensor& x, at::TensorList norm1, at::TensorLis
                         at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& inv_freq, int64_t pos,
                         int64_t n_heads, int64_t n_kv_heads, at::TensorList norm2, at::IntArrayRef kind,
                         at::TensorList w1, at::TensorList w2, at::TensorList w3, at::IntArrayRef n_base,
-                        at::IntArrayRef n_active, at::TensorList scale, double eps) {
+                        at::IntArrayRef n_active, at::TensorList scale, at::TensorList comp_in, at::TensorList comp_out,
+                        double eps) {
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 1, "x must be a bf16 vector");
   const int64_t D = x.numel(), L = static_cast<int64_t>(norm1.size());
   TORCH_CHECK(qkv.size() == norm1.size() && o.size() == norm1.size() && norm2.size() == norm1.size() &&
               w1.size() == norm1.size() && w2.size() == norm1.size() && w3.size() == norm1.size() &&
               static_cast<int64_t>(kind.size()) == L && static_cast<int64_t>(n_base.size()) == L &&
               static_cast<int64_t>(n_active.size()) == L && static_cast<int64_t>(scale.size()) == L &&
+              static_cast<int64_t>(comp_in.size()) == L && static_cast<int64_t>(comp_out.size()) == L &&
               k_cache.size(0) == L && v_cache.size(0) == L,
               "one entry per layer in every list and cache");
   TORCH_CHECK(inv_freq.scalar_type() == at::kFloat && inv_freq.dim() == 1 && inv_freq.is_contiguous() &&
@@ -820,6 +838,8 @@ at::Tensor model_decode(const at::Tensor& x, at::TensorList norm1, at::TensorLis
   std::vector<at::Tensor> ks, vs;
   std::vector<AttentionArgs> attn;
   std::vector<FfnArgs> ffn;
+  std::vector<std::pair<Matrix, Matrix>> comp(L);  // empty matrices (0 rows): no compensation
+  int64_t comp_rank = 0;
   ks.reserve(L);
   vs.reserve(L);
   const int threads = at::get_num_threads();
@@ -835,6 +855,12 @@ at::Tensor model_decode(const at::Tensor& x, at::TensorList norm1, at::TensorLis
     check_norm(norm2[i], D);
     check_attention(attn[i], D);
     ffn.push_back(check_ffn(kind[i], w1[i], w2[i], w3[i], n_base[i], n_active[i], scale[i], D));
+    if (comp_in[i].numel()) {
+      comp[i] = {matrix_of(comp_in[i], D, "comp_in"), matrix_of(comp_out[i], comp_in[i].size(0), "comp_out")};
+      TORCH_CHECK(comp[i].first.bf16 && comp[i].second.bf16 && comp[i].second.rows == D,
+                  "compensation must be bf16 comp_in [r, D] and comp_out [D, r]");
+      comp_rank = std::max(comp_rank, comp[i].first.rows);
+    }
     s.qkv.resize(std::max<int64_t>(s.qkv.size(), attn[i].qkv_w.rows));
     ffn_width = std::max(ffn_width, kind[i] == kTokenwise ? ffn[i].w1.rows : ffn[i].w1.rows / 2);
   }
@@ -843,13 +869,14 @@ at::Tensor model_decode(const at::Tensor& x, at::TensorList norm1, at::TensorLis
   s.gate_up.resize(2 * ffn_width);
   s.act.resize(ffn_width);
   s.partial.resize(static_cast<size_t>(threads) * D);
+  s.comp.resize(std::max(D, comp_rank));
   const std::vector<float> x_in = to_floats(x);
   std::vector<float> result;
 #pragma omp parallel num_threads(threads)
   {
     const Team team{omp_get_thread_num(), omp_get_num_threads()};
-    std::vector<float> res = x_in, ffn_out(D);  // each thread's own copy of the residual
-    GemvInput h(D), heads(heads_width), act(ffn_width);
+    std::vector<float> res = x_in, ffn_out(D), compensated(D);  // each thread's own copy of the residual
+    GemvInput h(D), heads(heads_width), act(ffn_width), comp_t(comp_rank);
     for (int64_t i = 0; i < L; ++i) {
       rms_norm_row(res.data(), norm1[i].data_ptr<at::BFloat16>(), D, eps, h.x.data());
       h.split();
@@ -865,6 +892,12 @@ at::Tensor model_decode(const at::Tensor& x, at::TensorList norm1, at::TensorLis
       } else {
         act.x.resize(f.w1.rows / 2);
         y = gated_ffn_team(f.w1, f.w2, f.kind == kInterleaved, h, s, act, team);
+      }
+      if (comp[i].first.rows) {
+        std::copy(y, y + D, compensated.begin());
+        comp_t.x.resize(comp[i].first.rows);
+        compensate_team(comp[i].first, comp[i].second, h, s, comp_t, compensated.data(), D, team);
+        y = compensated.data();
       }
       add_residual(res, y);
     }
@@ -884,5 +917,6 @@ TORCH_LIBRARY(partinfer_cpu, m) {
   m.def("compact_kernel_path() -> str", compact_kernel_path);
   m.def("model_decode(Tensor x, Tensor[] norm1, Tensor[] qkv, Tensor[] o, Tensor(a!) k_cache, Tensor(b!) v_cache, "
         "Tensor inv_freq, int pos, int n_heads, int n_kv_heads, Tensor[] norm2, int[] kind, Tensor[] w1, "
-        "Tensor[] w2, Tensor[] w3, int[] n_base, int[] n_active, Tensor[] scale, float eps) -> Tensor", model_decode);
+        "Tensor[] w2, Tensor[] w3, int[] n_base, int[] n_active, Tensor[] scale, Tensor[] comp_in, Tensor[] comp_out, "
+        "float eps) -> Tensor", model_decode);
 }
