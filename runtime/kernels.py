@@ -19,12 +19,15 @@ from runtime.quant import dequantize, is_compact
 UPCAST_MIN_TOKENS = 32  # below it (e.g. batch-8 decode) the weight upcast costs more than it saves
 
 
-def cpu_prefers_fp32(x: torch.Tensor, weight: torch.Tensor) -> bool:
+def cpu_prefers_fp32(x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype | None = None) -> bool:
+    """Whether x @ weight runs faster upcast to fp32; `dtype` stands for the weight's dtype when it
+    is compact (then the dtype it would be de-quantized to)."""
+    dtype = dtype or weight.dtype
     return (
         x.device.type == "cpu"
-        and weight.dtype in (torch.bfloat16, torch.float16)
+        and dtype in (torch.bfloat16, torch.float16)
         and x.numel() // x.shape[-1] >= UPCAST_MIN_TOKENS
-        and not (weight.dtype == torch.bfloat16 and cpu_has_bf16_math())
+        and not (dtype == torch.bfloat16 and cpu_has_bf16_math())
     )
 
 
@@ -39,7 +42,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     (uint8 rows, runtime/quant.py) is de-quantized for the call: prefill and the eager path pay one
     de-quantization per matrix, the weights stay compact in memory."""
     if is_compact(weight):  # straight to fp32 where the upcast rule below would widen it anyway
-        wide = cpu_prefers_fp32(x, torch.empty(0, dtype=x.dtype))
+        wide = cpu_prefers_fp32(x, weight, x.dtype)
         weight = dequantize(weight, x.shape[-1], torch.float32 if wide else x.dtype)
         if wide:
             b = None if bias is None else bias.float()
