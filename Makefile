@@ -5,7 +5,9 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup model demo test bench clean
+PEERS   := .venv/.peers
+
+.PHONY: setup model demo test bench peers clean
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -27,8 +29,15 @@ demo: model
 test: model
 	$(PY) -m pytest -q
 
-bench: model
-	.venv/bin/partinfer bench
+# llama.cpp for the bench's peer row: llama-cpp-python builds it from source once (about 10 minutes on 2 cores).
+$(PEERS): $(STAMP)
+	CMAKE_ARGS="-DGGML_NATIVE=ON" $(PY) -m pip install -q --disable-pip-version-check llama-cpp-python==0.3.36
+	touch $(PEERS)
+
+peers: $(PEERS)
+
+bench: model peers
+	.venv/bin/partinfer bench --weights q4 --methods dense,load-only,partinfer,tokenwise
 
 clean:
 	rm -rf .venv
