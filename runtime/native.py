@@ -1,4 +1,4 @@
-"""The optional compiled CPU kernels (runtime/csrc/cpu_gemv.cpp): bf16 GEMV at memory speed on AVX2.
+"""The optional compiled CPU kernels (runtime/csrc/cpu_gemv.cpp, compact_rows.h): bf16 and compact 4/8-bit GEMV on AVX2.
 
 Built once with torch's C++ extension tooling (g++ and ninja) into
 `$PARTINFER_HOME/build/<torch version>/`, then loaded from there. The build holds an `flock` (released
