@@ -62,9 +62,16 @@ def llama_cpp_worker(spec: MemorySpec) -> dict:
         pass
     after_gen = proc_status()
     size = Path(spec.model_dir).stat().st_size
-    return {"name": spec.name, "method": spec.method, "gamma": 1.0, "phi": None, "load_s": load_s,
-            "baseline": baseline, "after_load": after_load, "after_generate": after_gen,
-            "expected_bytes": {"non_ffn": None, "ffn_loaded": None, "compact": 0, "weights": size},
+    expected = {"non_ffn": None, "ffn_loaded": None, "compact": 0, "weights": size}
+    return memory_row(spec, load_s, baseline, after_load, after_gen, expected)
+
+
+def memory_row(spec: MemorySpec, load_s: float, baseline: dict, after_load: dict, after_gen: dict,
+               expected: dict) -> dict:
+    """One configuration's report: the /proc readings and model memory = RSS - baseline."""
+    return {"name": spec.name, "method": spec.method, "gamma": (spec.sparsity or {}).get("gamma", 1.0),
+            "phi": (spec.sparsity or {}).get("phi"), "load_s": load_s,
+            "baseline": baseline, "after_load": after_load, "after_generate": after_gen, "expected_bytes": expected,
             "model_mib_after_load": after_load["VmRSS"] - baseline["VmRSS"],
             "model_mib": after_gen["VmRSS"] - baseline["VmRSS"],
             "peak_load_mib": after_load["VmHWM"] - baseline["VmRSS"],
@@ -140,15 +147,7 @@ def run_worker(spec: MemorySpec) -> dict:
     if spec.device.startswith("cuda"):
         cuda = {"cuda_max_allocated_mib": torch.cuda.max_memory_allocated() / MIB,
                 "cuda_allocated_mib": torch.cuda.memory_allocated() / MIB}
-    return {**cuda,
-        "name": spec.name, "method": spec.method, "gamma": (spec.sparsity or {}).get("gamma", 1.0),
-        "phi": (spec.sparsity or {}).get("phi"), "load_s": load_s,
-        "baseline": baseline, "after_load": after_load, "after_generate": after_gen, "expected_bytes": expected,
-        "model_mib_after_load": after_load["VmRSS"] - baseline["VmRSS"],
-        "model_mib": after_gen["VmRSS"] - baseline["VmRSS"],
-        "peak_load_mib": after_load["VmHWM"] - baseline["VmRSS"],
-        "peak_generate_mib": after_gen["VmHWM"] - baseline["VmRSS"],
-    }
+    return {**cuda, **memory_row(spec, load_s, baseline, after_load, after_gen, expected)}
 
 
 def expected_bytes(model, sparse_cls) -> dict:

@@ -11,17 +11,15 @@ so each method is one curve per weight format. Memory here is the weights the lo
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from tqdm import tqdm
 
-from common.atomic import atomic_file
 from common.output_dir import IncrementalOutput
 from evaluation.bench import weight_bytes_per_token
 from evaluation.memory import MIB, expected_bytes
-from evaluation.perplexity import continuation_nll, perplexity_texts
+from evaluation.perplexity import corpus_perplexity, perplexity_texts
 from runtime.engine import parse_device, parse_dtype
 from runtime.loader import load_model
 from runtime.sparse_ffn import SparseFFN
@@ -70,10 +68,9 @@ def run_pareto(model_dir: Path, methods: tuple[str, ...], gammas: tuple[float, .
     reference = None
     for config in tqdm(configs, desc="pareto", unit="config"):
         model = load_model(model_dir, parse_dtype(dtype), parse_device(device), config)
-        nll = sum(continuation_nll(model, t[:prompt_tokens], t[prompt_tokens:]) for t in ids)
-        ppl = math.exp(nll / (len(ids) * cont_tokens))
+        ppl = corpus_perplexity(model, ids, prompt_tokens)
         reference = ppl if reference is None else reference  # dense bf16 comes first
-        loaded = config.gamma if config.method not in ("dense", "coreinfer") else 1.0
+        loaded = config.loaded_fraction
         computed = config.phi if config.method in ("static", "coreinfer", "partinfer", "tokenwise") else loaded
         points.append(ParetoPoint(config.method, config.weights, loaded, computed, ppl, ppl / reference,
                                   expected_bytes(model, SparseFFN)["weights"] / MIB, weight_bytes_per_token(model) / 1e6))
@@ -112,14 +109,10 @@ def format_pareto(report: dict) -> str:
 
 def plot_pareto(report: dict, out: Path) -> Path:
     """Two panels: quality ratio against weights kept (MiB) and against bytes read per decode token."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from profiler.plotting import png_figure
 
     points = report["points"]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
-    try:
+    with png_figure(out, ncols=2, figsize=(11, 4.5), sharey=True) as (fig, axes):
         for ax, x, label in ((axes[0], "weights_mib", "weights kept in memory (MiB)"),
                              (axes[1], "mb_per_token", "weight bytes read per decode token (MB)")):
             for weights, marker in zip(sorted({p["weights"] for p in points}), "osD^"):
@@ -139,9 +132,4 @@ def plot_pareto(report: dict, out: Path) -> Path:
         axes[0].set_ylabel("perplexity ÷ dense bf16 (lower is better)")
         axes[1].legend(fontsize=7, ncol=2)
         fig.suptitle(f"{Path(report['model']).name}: quality against memory ({report['texts']} held-out texts)", fontsize=10)
-        fig.tight_layout()
-        with atomic_file(Path(out)) as tmp:
-            fig.savefig(tmp, dpi=120, format="png")
-    finally:
-        plt.close(fig)
     return Path(out)

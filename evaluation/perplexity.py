@@ -39,6 +39,13 @@ def continuation_nll(model: Transformer, prompt: list[int], continuation: list[i
     return -float(continuation_logprobs(model, prompt, continuation)[0].sum())
 
 
+def corpus_perplexity(model: Transformer, ids: list[list[int]], prompt_tokens: int, desc: str | None = None) -> float:
+    """exp of the mean -log p over every text's continuation (the tokens after its first `prompt_tokens`)."""
+    nll = sum(continuation_nll(model, t[:prompt_tokens], t[prompt_tokens:])
+              for t in tqdm(ids, desc=desc, unit="text", disable=desc is None))
+    return math.exp(nll / sum(len(t) - prompt_tokens for t in ids))
+
+
 def perplexity_texts(dataset: str, num_samples: int, tokenizer, length: int) -> list[list[int]]:
     """Token ids of the first `num_samples` texts of the data set's eval split with at least `length` tokens."""
     from common.data import BUILTIN_TASKS, load_task_records, load_texts
@@ -69,9 +76,7 @@ def run_perplexity(
     rows = []
     for method in methods:
         m = load_model(model_dir, parse_dtype(dtype), parse_device(device), replace(sparsity, method=method))
-        nll = sum(continuation_nll(m, t[:prompt_tokens], t[prompt_tokens:])
-                  for t in tqdm(ids, desc=method, unit="text"))
-        rows.append({"method": method, "perplexity": math.exp(nll / (len(ids) * cont_tokens))})
+        rows.append({"method": method, "perplexity": corpus_perplexity(m, ids, prompt_tokens, desc=method)})
         del m
     return {"model": str(model_dir), "dataset": dataset, "split": "eval", "texts": len(ids),
             "prompt_tokens": prompt_tokens, "cont_tokens": cont_tokens, "dtype": dtype, "gamma": sparsity.gamma,

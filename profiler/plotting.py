@@ -10,22 +10,30 @@ from common.atomic import atomic_file
 
 
 @contextmanager
-def png_axes(out: Path, xlabel: str, ylabel: str, legend_size: int = 8) -> Iterator[object]:
-    """Yields matplotlib axes to draw on; on exit adds labels, legend and grid and writes `out` atomically."""
+def png_figure(out: Path, ncols: int = 1, figsize: tuple[float, float] = (6, 4), **subplots) -> Iterator[object]:
+    """Yields a matplotlib figure and its axes (an array when ncols > 1); on exit lays it out and writes
+    `out` atomically."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, axes = plt.subplots(1, ncols, figsize=figsize, **subplots)
     try:
-        yield ax
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel)
-        ax.legend(fontsize=legend_size)
-        ax.grid(alpha=0.3)
+        yield fig, axes
         fig.tight_layout()
         with atomic_file(Path(out)) as tmp:
             fig.savefig(tmp, dpi=120, format="png")
     finally:
         plt.close(fig)
+
+
+@contextmanager
+def png_axes(out: Path, xlabel: str, ylabel: str, legend_size: int = 8) -> Iterator[object]:
+    """Yields matplotlib axes to draw on; on exit adds labels, legend and grid and writes `out` atomically."""
+    with png_figure(out) as (_, ax):
+        yield ax
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=legend_size)
+        ax.grid(alpha=0.3)

@@ -41,13 +41,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     The compiled one-token decode (runtime/decode.py) does not come through here. A compact weight
     (uint8 rows, runtime/quant.py) is de-quantized for the call: prefill and the eager path pay one
     de-quantization per matrix, the weights stay compact in memory."""
-    if is_compact(weight):  # straight to fp32 where the upcast rule below would widen it anyway
-        wide = cpu_prefers_fp32(x, weight, x.dtype)
+    compact = is_compact(weight)
+    wide = cpu_prefers_fp32(x, weight, x.dtype if compact else None)
+    if compact:  # straight to fp32 where the call upcasts anyway
         weight = dequantize(weight, x.shape[-1], torch.float32 if wide else x.dtype)
-        if wide:
-            b = None if bias is None else bias.float()
-            return F.linear(x.float(), weight, b).to(x.dtype)
-    if cpu_prefers_fp32(x, weight):
+    if wide:
         b = None if bias is None else bias.float()
         return F.linear(x.float(), weight.float(), b).to(x.dtype)
     return F.linear(x, weight, bias)
