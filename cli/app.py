@@ -32,9 +32,11 @@ def build_app() -> typer.Typer:
     app.command()(serve.serve)
     data_app = typer.Typer(cls=ErrorHandlingGroup, no_args_is_help=True, help="Offline data sets for profiling and evaluation.")
     data_app.command("fetch")(profiling.data_fetch)
-    neurons_app = typer.Typer(cls=ErrorHandlingGroup, no_args_is_help=True, help="Inspect and merge neuron files.")
+    neurons_app = typer.Typer(cls=ErrorHandlingGroup, no_args_is_help=True,
+                              help="Inspect and merge neuron files; measure their layers' sensitivity.")
     neurons_app.command("show")(profiling.neurons_show)
     neurons_app.command("merge")(profiling.neurons_merge)
+    neurons_app.command("sensitivity")(profiling.neurons_sensitivity)
     app.add_typer(data_app, name="data")
     app.add_typer(neurons_app, name="neurons")
     return app

@@ -1,4 +1,4 @@
-"""`partinfer profile`, `partinfer data fetch` and `partinfer neurons show`: the offline half."""
+"""`partinfer profile`, `compensate`, `data fetch` and `neurons show|merge|sensitivity`: the offline half."""
 
 from __future__ import annotations
 
@@ -157,3 +157,41 @@ def compensate(
     engine = load_engine(str(model_dir), dtype, device)
     comp = fit_compensation(engine, texts, plans, rank, ridge, max_prompt_tokens)
     typer.echo(f"{comp.save(out)}\t{len(comp.a)} layers, rank {comp.rank}, {comp.tokens} tokens")
+
+
+def neurons_sensitivity(
+    file: Annotated[Path, typer.Argument(help="The neuron file whose ranking decides what each layer keeps (the base file of --budget profiled).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The copy of FILE with the sensitivities (a new path, or --force).")],
+    gamma: Annotated[float, typer.Option("--gamma", min=0.0, max=1.0, help="γ: the loaded fraction to measure at; --budget profiled then needs the same --gamma.")] = 0.7,
+    dataset: Annotated[list[str], typer.Option("--dataset", "-d", help="Calibration data: built-in tasks (their profile split) or local files; repeat for several.")] = ["truthfulqa", "squad", "xsum", "coqa", "wikilingua"],
+    num_samples: Annotated[int, typer.Option("--num-samples", "-n", min=1, max=10_000_000, help="Prompts per data set.")] = 4,
+    max_prompt_tokens: Annotated[int, typer.Option("--max-prompt-tokens", min=2, max=1_048_576, help="Keep only the first N tokens of a prompt.")] = 128,
+    model: ModelOpt = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace --out when it is an existing neuron file.")] = False,
+    device: DeviceOpt = "cpu",
+) -> None:
+    """Measure each layer's sensitivity to loading only γ of its neurons (the logits' KL from dense when
+    that layer alone is cut) and write FILE with them added: what `--budget profiled` spreads the
+    loaded neurons by."""
+    from dataclasses import replace
+
+    from common.data import load_texts
+    from common.neuron_file import NeuronFile
+    from profiler.sensitivity import measure_sensitivity
+    from runtime.engine import load_engine
+    from runtime.prepare import resolve_model
+
+    if not 0 < gamma <= 1:
+        raise PartinferError(f"--gamma must be in (0, 1], got {gamma}")
+    refuse_to_replace(out, force, NeuronFile.load, "neuron file")
+    engine = load_engine(str(resolve_model(model)), "fp32", device)
+    neurons = NeuronFile.load(file, engine.model.cfg.fingerprint)
+    texts = [t for name in dataset for t in load_texts(name, num_samples)]
+    prompts = [ids for ids in (engine.encode(t, chat_template=False)[:max_prompt_tokens] for t in texts) if len(ids) >= 2]
+    if not prompts:
+        raise PartinferError("the calibration data holds no prompt of two or more tokens; pass other --dataset")
+    sens = measure_sensitivity(engine.model, neurons, prompts, gamma)
+    replace(neurons, sensitivity=sens).save(out)
+    low, high = min(sens.kl, key=sens.kl.get), max(sens.kl, key=sens.kl.get)
+    typer.echo(f"{out}\tγ {gamma}, {sens.texts} prompts, {sens.tokens} tokens; KL per token from "
+               f"{sens.kl[low]:.4f} (layer {low}) to {sens.kl[high]:.4f} (layer {high})")

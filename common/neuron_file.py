@@ -7,15 +7,18 @@ Tensors per FFN layer i (n = neurons per layer):
   layers.{i}.core_freq   float32 [n]  core_count / tokens      (CoreInfer's statistic)
   layers.{i}.rank        int32   [n]  neuron indices, most important (largest mean_abs) first
 Metadata (strings): format, version, model, fingerprint, dtype, level (model|dataset), datasets,
-sequences, tokens, gen_tokens, token_sparsity, core_score, created.
+sequences, tokens, gen_tokens, token_sparsity, core_score, created, and optionally sensitivity (JSON:
+`LayerSensitivity`, added by `partinfer neurons sensitivity`).
 
 Because sums and counts are stored, files profiled separately merge exactly (`merge`), and a
-model-level file can be the merge of dataset-level ones.
+model-level file can be the merge of dataset-level ones. Sensitivities do not merge: they were
+measured with the file's own ranking, which a merge changes, so a merge drops them.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 from dataclasses import dataclass, field, replace
@@ -30,6 +33,35 @@ from common.safetensors_io import read_whole_file
 
 FORMAT = "partinfer-neurons"
 VERSION = 1
+
+
+@dataclass(frozen=True)
+class LayerSensitivity:
+    """How much the model's next-token distribution moves when one layer alone keeps only its top
+    `gamma` of neurons (this file's ranking): per layer, the mean KL(dense ‖ that model) over the
+    calibration tokens. What `--budget profiled` spreads the loaded neurons by (runtime/sparsity.py)."""
+
+    gamma: float
+    kl: dict[int, float]  # layer -> mean KL per token (nats)
+    texts: int
+    tokens: int
+
+    def to_json(self) -> str:
+        return json.dumps({"gamma": self.gamma, "kl": {str(i): v for i, v in sorted(self.kl.items())},
+                           "texts": self.texts, "tokens": self.tokens})
+
+    @classmethod
+    def from_json(cls, text: str, n_layers: int) -> "LayerSensitivity":
+        """Parse and check: γ in (0, 1], every layer index in range, every KL finite and >= 0."""
+        raw = json.loads(text)
+        gamma = float(raw["gamma"])
+        if not 0 < gamma <= 1:
+            raise ValueError(f"sensitivity gamma {gamma} is not in (0, 1]")
+        kl = {int(i): float(v) for i, v in raw["kl"].items()}
+        for i, v in kl.items():
+            if not 0 <= i < n_layers or not math.isfinite(v) or v < 0:
+                raise ValueError(f"sensitivity of layer {i} is {v}: not a finite, non-negative value of a layer of this model")
+        return cls(gamma, kl, int(raw["texts"]), int(raw["tokens"]))
 
 
 @dataclass(frozen=True)
@@ -49,6 +81,7 @@ class NeuronFile:
     core_score: str
     dtype: str = "bfloat16"
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    sensitivity: LayerSensitivity | None = None
 
     @property
     def n_layers(self) -> int:
@@ -89,6 +122,8 @@ class NeuronFile:
             "token_sparsity": str(self.token_sparsity), "core_score": self.core_score, "created": self.created,
             "n_layers": str(self.n_layers),
         }
+        if self.sensitivity is not None:
+            metadata["sensitivity"] = self.sensitivity.to_json()
         with atomic_file(path) as tmp:
             save_file(tensors, tmp, metadata=metadata)
         return path
@@ -119,11 +154,12 @@ class NeuronFile:
             raise ValueError(f"token_sparsity {token_sparsity} is not in (0, 1]")
         if meta["level"] not in ("model", "dataset"):
             raise ValueError(f"level {meta['level']!r} is neither model nor dataset")
+        sensitivity = LayerSensitivity.from_json(meta["sensitivity"], n_layers) if "sensitivity" in meta else None
         return cls(
             sum_abs=stats["sum_abs"], core_count=stats["core_count"], tokens=tokens, model=meta["model"],
             fingerprint=meta["fingerprint"], level=meta["level"], datasets=tuple(str(d) for d in datasets),
             sequences=int(meta["sequences"]), gen_tokens=int(meta["gen_tokens"]), token_sparsity=token_sparsity,
-            core_score=meta["core_score"], dtype=meta["dtype"], created=meta["created"],
+            core_score=meta["core_score"], dtype=meta["dtype"], created=meta["created"], sensitivity=sensitivity,
         )
 
     @classmethod
@@ -194,4 +230,5 @@ def merge(files: list[NeuronFile], level: str | None = None, names: list[str] | 
         datasets=datasets,
         level=level,
         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        sensitivity=None,  # measured with the inputs' rankings, which the merge changes
     )

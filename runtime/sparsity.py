@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from common.errors import PartinferError
+from common.neuron_file import NeuronFile
 from runtime.model import ModelConfig
 from runtime.quant import WEIGHT_FORMATS
 from runtime.selection import CORE_SCORES, loaded_order
@@ -30,9 +31,12 @@ METHODS = ("dense", "load-only", "static", "coreinfer", "partinfer", "tokenwise"
 # neuron's contribution |act(gate_i) · up_i| · ‖down_i‖ at no extra bytes per token.
 TOKEN_SCORES = ("scaled", "gate")
 # "uniform": every sparse layer loads γ·n and computes φ·n. "profiled": the same total neurons, spread
-# by layer from the base neuron file (`layer_budgets`): a layer whose activation mass is spread over
-# many neurons gets more of them than one whose few top neurons carry most of it.
+# by layer by each layer's measured sensitivity, stored in the base neuron file (`layer_budgets`).
 BUDGETS = ("uniform", "profiled")
+# How far `--budget profiled` moves from uniform toward the allocation its linear error model calls
+# optimal: 1 trusts the model fully; halfway measured better (docs/results.md), because the model
+# overrates what the first neurons given to a sensitive layer buy back.
+BUDGET_DAMPING = 0.5
 
 
 def default_layer_range(n_layers: int) -> tuple[int, int]:
@@ -164,8 +168,6 @@ def fraction_count(fraction: float, n: int) -> int:
 
 def plan_layers(sparsity: SparsityConfig, cfg: ModelConfig) -> dict[int, LayerPlan]:
     """Decide, per sparse layer, the loaded set and counts from the neuron files (docs/design.md, §1 "Online")."""
-    from common.neuron_file import NeuronFile
-
     layers = sparsity.sparse_layers(cfg.n_layers)
     if not layers:
         return {}
@@ -193,7 +195,9 @@ def plan_layers(sparsity: SparsityConfig, cfg: ModelConfig) -> dict[int, LayerPl
     n_active = fraction_count(sparsity.phi, n)
     budgets = {i: k for i in layers}
     if sparsity.budget == "profiled":
-        budgets = layer_budgets([base_nf.mean_abs(i) for i in layers], k, n_base)
+        base_path = sparsity.model_neurons if sparsity.base_neurons_type == "model" else sparsity.dataset_neurons
+        kl = measured_sensitivity(base_nf, base_path, sparsity.gamma, layers)
+        budgets = layer_budgets([base_nf.mean_abs(i) for i in layers], kl, fraction_count(sparsity.gamma, n), n_base)
         budgets = dict(zip(layers, budgets))
     plans = {}
     for i in layers:
@@ -207,19 +211,46 @@ def plan_layers(sparsity: SparsityConfig, cfg: ModelConfig) -> dict[int, LayerPl
     return plans
 
 
-def layer_budgets(mean_abs: list[torch.Tensor], k: int, n_base: int) -> list[int]:
-    """Loaded neurons per layer for `--budget profiled`: the uniform total (len(mean_abs) × k), each layer
-    at least its n_base base neurons, the rest given one neuron at a time to the layer where the next
-    neuron (by its ranking) adds the largest share of that layer's activation mass (mean |a| ÷ the
-    layer's sum). Shares are concave in each layer, so a global top-k of them is that greedy choice."""
-    shares = []
-    for m in mean_abs:
-        ranked = torch.sort(m.double(), descending=True).values
-        shares.append(ranked[n_base:] / ranked.sum().clamp(min=1e-30))
-    gains = torch.stack(shares, dim=1).flatten()  # position-major: [position, layer]
+def measured_sensitivity(neurons: NeuronFile, path: Path | None, gamma: float, layers: list[int]) -> list[float]:
+    """The base neuron file's per-layer sensitivities for `layers`, measured at this γ; a one-line error
+    naming the command that measures them when the file has none, or has them for another γ."""
+    measure = f"partinfer neurons sensitivity {path} --gamma {gamma} --out NEW_FILE"
+    sens = neurons.sensitivity
+    if sens is None:
+        raise PartinferError(f"--budget profiled needs layer sensitivities, and {path} has none; measure them: {measure}")
+    if abs(sens.gamma - gamma) > 1e-9:
+        raise PartinferError(f"{path} has layer sensitivities for --gamma {sens.gamma}, not {gamma}; measure them for "
+                             f"this γ: {measure}")
+    missing = [i for i in layers if i not in sens.kl]
+    if missing:
+        raise PartinferError(f"{path} has no sensitivity for layer {missing[0]}; measure every layer: {measure}")
+    return [sens.kl[i] for i in layers]
+
+
+def layer_budgets(mean_abs: list[torch.Tensor], kl: list[float], k: int, n_base: int) -> list[int]:
+    """Loaded neurons per layer for `--budget profiled`, with the uniform total (len(mean_abs) × k) and
+    each layer keeping at least its n_base base neurons.
+
+    Error model: a layer's loss grows linearly with the share of its activation mass (mean |a|) left
+    unloaded, scaled so that at k loaded neurons it is the layer's measured sensitivity `kl`. Under it
+    the best split gives neurons one at a time to the layer where the next one (by its ranking) removes
+    the most loss; the shares are concave in each layer, so a global top-k of the gains is that greedy
+    choice. The result moves BUDGET_DAMPING of the way from uniform to that split."""
+    gains = []
+    for m, sensitivity in zip(mean_abs, kl):
+        share = torch.sort(m.double(), descending=True).values
+        share = share / share.sum().clamp(min=1e-30)
+        unloaded = share[k:].sum().clamp(min=1e-30)  # the share whose loss `sensitivity` measured
+        gains.append(sensitivity * share[n_base:] / unloaded)
+    position_major = torch.stack(gains, dim=1).flatten()  # [position, layer]
     extra = len(mean_abs) * (k - n_base)
-    # a stable descending sort: equal shares go to the earlier position, then the lower layer, so equal
+    # a stable descending sort: equal gains go to the earlier position, then the lower layer, so equal
     # layers split evenly and the choice is deterministic
-    chosen = torch.sort(gains, descending=True, stable=True).indices[:extra]
-    counts = torch.bincount(chosen % len(mean_abs), minlength=len(mean_abs))
-    return [n_base + int(c) for c in counts]
+    chosen = torch.sort(position_major, descending=True, stable=True).indices[:extra]
+    optimal = torch.bincount(chosen % len(mean_abs), minlength=len(mean_abs)).double() + n_base
+    target = k + BUDGET_DAMPING * (optimal - k)
+    counts = target.floor().long()
+    # hand the neurons rounding left over to the largest remainders (then the lower layer): the same total
+    leftover = len(mean_abs) * k - int(counts.sum())
+    counts[torch.sort(target - counts, descending=True, stable=True).indices[:leftover]] += 1
+    return [int(c) for c in counts]
