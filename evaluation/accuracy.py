@@ -68,15 +68,21 @@ def _settings(model_dir: Path, method: str, sparsity: SparsityConfig, tasks: lis
     return settings
 
 
-def task_manager(include_path: Path | None = None):
-    """lm-eval's TaskManager over our offline task YAMLs, plus a user's directory of task YAMLs
-    (as `lm_eval --include_path` takes it)."""
-    from lm_eval.tasks import TaskManager
-
+def check_include_path(include_path: Path | None) -> None:
     if include_path is not None and not Path(include_path).is_dir():
         raise PartinferError(f"--include-path {include_path} is not a directory; pass a directory of lm-eval task YAMLs")
+
+
+def task_manager(include_path: Path | None = None, tasks: list[str] | None = None):
+    """lm-eval's TaskManager over our offline task YAMLs, plus a user's directory of task YAMLs
+    (as `lm_eval --include_path` takes it). When `tasks` are all offline ones, lm-eval's own registry
+    (thousands of YAMLs, most of the start-up time) is not indexed."""
+    from lm_eval.tasks import TaskManager
+
+    check_include_path(include_path)
     paths = [str(TASKS_DIR)] + ([str(include_path)] if include_path is not None else [])
-    return TaskManager(include_path=paths)
+    offline_only = include_path is None and tasks is not None and set(tasks) <= set(OFFLINE_TASKS.values())
+    return TaskManager(include_path=paths, include_defaults=not offline_only)
 
 
 def run_method(model_dir: Path, method: str, sparsity: SparsityConfig, tasks: list[str], limit: int | None,
@@ -90,7 +96,7 @@ def run_method(model_dir: Path, method: str, sparsity: SparsityConfig, tasks: li
                      batch_size=batch_size)
     try:
         out = lm_eval.simple_evaluate(model=lm, tasks=tasks, limit=limit, bootstrap_iters=1000,
-                                      task_manager=task_manager(include_path), log_samples=False)
+                                      task_manager=task_manager(include_path, tasks), log_samples=False)
     except KeyError as e:  # lm-eval's way of saying a task name is unknown
         raise PartinferError(f"lm-eval does not know task {e}; offline tasks: {', '.join(OFFLINE_TASKS)}") from e
     except Exception as e:
@@ -120,7 +126,7 @@ def run_eval(
     for m in methods:
         if m not in METHODS:
             raise PartinferError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
-    task_manager(include_path)  # a missing directory fails here, before any output exists
+    check_include_path(include_path)  # a missing directory fails here, before any output exists
     output = IncrementalOutput(out_dir, "eval", inputs=(model_dir,))
     raw_dir = out_dir / "raw"
     runs = {}

@@ -5,7 +5,9 @@ held-out text (the `eval` split, as `partinfer perplexity` scores it) as a ratio
 against the weight bytes the configuration keeps in memory and the weight bytes one decode token
 reads. φ and δ follow γ at the paper's proportions (φ = 4/7 γ, δ = 3/7 γ: 0.4 and 0.3 at γ 0.7),
 so each method is one curve per weight format. Memory here is the weights the loaded model holds
-(`partinfer memory` measures the process around them).
+(`partinfer memory` measures the process around them). With `mc2_limit`, each configuration also
+answers that many TruthfulQA MC2 questions through lm-eval (as `partinfer eval` scores them), a second
+quality axis: MC2 ÷ dense bf16's, where higher is better.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from common.output_dir import IncrementalOutput
+from evaluation.accuracy import OFFLINE_TASKS, run_method
 from evaluation.bench import weight_bytes_per_token
 from evaluation.memory import MIB, expected_bytes
 from evaluation.perplexity import corpus_perplexity, perplexity_texts
@@ -39,6 +42,8 @@ class ParetoPoint:
     ratio: float  # perplexity ÷ dense bf16's (1.0 = no loss)
     weights_mib: float  # weight bytes the loaded model keeps
     mb_per_token: float  # weight bytes one decode token reads
+    mc2: float | None = None  # TruthfulQA MC2 accuracy, when asked for
+    mc2_ratio: float | None = None  # mc2 ÷ dense bf16's (1.0 = no loss, lower = a loss)
 
 
 def grid(methods: tuple[str, ...], gammas: tuple[float, ...], weights: tuple[str, ...],
@@ -57,26 +62,34 @@ def grid(methods: tuple[str, ...], gammas: tuple[float, ...], weights: tuple[str
 
 def run_pareto(model_dir: Path, methods: tuple[str, ...], gammas: tuple[float, ...], weights: tuple[str, ...],
                base: SparsityConfig, out: Path, dataset: str = "xsum", num_samples: int = 16, prompt_tokens: int = 64,
-               cont_tokens: int = 128, dtype: str = "bf16", device: str = "cpu") -> dict:
-    """Score every configuration of the grid and write pareto.json, pareto.md and pareto.png into `out`."""
+               cont_tokens: int = 128, dtype: str = "bf16", device: str = "cpu", mc2_limit: int = 0) -> dict:
+    """Score every configuration of the grid and write pareto.json, pareto.md and pareto.png into `out`;
+    `mc2_limit` > 0 adds MC2 on that many questions per configuration."""
     if "bf16" not in weights:
         weights = ("bf16", *weights)  # the reference every ratio is taken to
     configs = grid(methods, gammas, weights, base)  # invalid budgets fail here, before any output
     output = IncrementalOutput(out, "pareto", inputs=(model_dir,))
     ids = perplexity_texts(dataset, num_samples, load_tokenizer(model_dir), prompt_tokens + cont_tokens)
     points: list[ParetoPoint] = []
-    reference = None
+    reference = mc2_reference = None
     for config in tqdm(configs, desc="pareto", unit="config"):
         model = load_model(model_dir, parse_dtype(dtype), parse_device(device), config)
         ppl = corpus_perplexity(model, ids, prompt_tokens)
+        weights_mib, mb_per_token = expected_bytes(model, SparseFFN)["weights"] / MIB, weight_bytes_per_token(model) / 1e6
+        del model
         reference = ppl if reference is None else reference  # dense bf16 comes first
+        mc2 = mc2_ratio = None
+        if mc2_limit > 0:
+            task = OFFLINE_TASKS["truthfulqa_mc2"]
+            mc2 = run_method(model_dir, config.method, config, [task], mc2_limit, dtype, device, 1)["results"][task]["acc"]
+            mc2_reference = mc2 if mc2_reference is None else mc2_reference
+            mc2_ratio = mc2 / mc2_reference if mc2_reference else None
         loaded = config.loaded_fraction
         computed = config.phi if config.method in ("static", "coreinfer", "partinfer", "tokenwise") else loaded
         points.append(ParetoPoint(config.method, config.weights, loaded, computed, ppl, ppl / reference,
-                                  expected_bytes(model, SparseFFN)["weights"] / MIB, weight_bytes_per_token(model) / 1e6))
-        del model
+                                  weights_mib, mb_per_token, mc2, mc2_ratio))
     report = {"model": str(model_dir), "dataset": dataset, "split": "eval", "texts": len(ids),
-              "prompt_tokens": prompt_tokens, "cont_tokens": cont_tokens, "dtype": dtype,
+              "prompt_tokens": prompt_tokens, "cont_tokens": cont_tokens, "dtype": dtype, "mc2_questions": mc2_limit,
               "phi_share": PHI_SHARE, "delta_share": DELTA_SHARE, "points": [asdict(p) for p in points]}
     output.write_text("pareto.json", json.dumps(report, indent=2))
     output.write_text("pareto.md", format_pareto(report) + "\n")
@@ -84,11 +97,13 @@ def run_pareto(model_dir: Path, methods: tuple[str, ...], gammas: tuple[float, .
     return report
 
 
-def frontier(points: list[dict], x: str) -> list[dict]:
-    """The points no other point beats on both `x` and the quality ratio (lower is better for both)."""
+def frontier(points: list[dict], x: str, quality: str = "ratio") -> list[dict]:
+    """The points no other point beats on both `x` (lower is better) and `quality`: the perplexity
+    ratio (lower is better) or the MC2 ratio (higher is better)."""
+    sign = -1 if quality == "mc2_ratio" else 1
     best = []
-    for p in sorted(points, key=lambda p: (p[x], p["ratio"])):
-        if not best or p["ratio"] < best[-1]["ratio"]:
+    for p in sorted((p for p in points if p.get(quality) is not None), key=lambda p: (p[x], sign * p[quality])):
+        if not best or sign * p[quality] < sign * best[-1][quality]:
             best.append(p)
     return best
 
@@ -97,39 +112,54 @@ def format_pareto(report: dict) -> str:
     lines = [f"Continuation perplexity on {report['texts']} texts of {report['dataset']} (eval split; selection on "
              f"{report['prompt_tokens']} tokens, {report['cont_tokens']} scored), ratio to dense bf16; φ = "
              f"{report['phi_share']:.3f}·γ, δ = {report['delta_share']:.3f}·γ. * = on the quality/memory frontier.",
-             "", "| method | weights | γ | φ | perplexity | × dense bf16 | weights MiB | MB / token |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+             ""]
+    mc2 = bool(report.get("mc2_questions"))
+    if mc2:
+        lines[0] += f" MC2: TruthfulQA MC2 accuracy on {report['mc2_questions']} questions of its eval split."
+    lines += ["| method | weights | γ | φ | perplexity | × dense bf16 |" + (" MC2 | ÷ dense bf16 |" if mc2 else "")
+              + " weights MiB | MB / token |", "|---|---|---:|---:|---:|---:|" + ("---:|---:|" if mc2 else "") + "---:|---:|"]
     on_frontier = {id(p) for p in frontier(report["points"], "weights_mib")}
+    on_mc2_frontier = {id(p) for p in frontier(report["points"], "weights_mib", "mc2_ratio")}
     for p in report["points"]:
         star = " *" if id(p) in on_frontier else ""
+        cells = f" {p['mc2']:.3f} | {p['mc2_ratio']:.2f}{' *' if id(p) in on_mc2_frontier else ''} |" if mc2 else ""
         lines.append(f"| {p['method']} | {p['weights']} | {p['gamma']:.2f} | {p['phi']:.2f} | {p['perplexity']:.2f} | "
-                     f"{p['ratio']:.2f}{star} | {p['weights_mib']:.1f} | {p['mb_per_token']:.1f} |")
+                     f"{p['ratio']:.2f}{star} |{cells} {p['weights_mib']:.1f} | {p['mb_per_token']:.1f} |")
     return "\n".join(lines)
 
 
 def plot_pareto(report: dict, out: Path) -> Path:
-    """Two panels: quality ratio against weights kept (MiB) and against bytes read per decode token."""
+    """Quality ratio against weights kept (MiB) and against bytes read per decode token: one row of
+    panels for perplexity, and one for MC2 when it was measured."""
     from profiler.plotting import png_figure
 
     points = report["points"]
-    with png_figure(out, ncols=2, figsize=(11, 4.5), sharey=True) as (fig, axes):
-        for ax, x, label in ((axes[0], "weights_mib", "weights kept in memory (MiB)"),
-                             (axes[1], "mb_per_token", "weight bytes read per decode token (MB)")):
-            for weights, marker in zip(sorted({p["weights"] for p in points}), "osD^"):
-                for method in sorted({p["method"] for p in points if p["method"] != "dense"}):
-                    curve = sorted((p for p in points if p["weights"] == weights and p["method"] == method),
-                                   key=lambda p: p[x])
-                    ax.plot([p[x] for p in curve], [p["ratio"] for p in curve], marker=marker, ls="-", ms=4,
-                            label=f"{method} {weights}")
-                dense = [p for p in points if p["weights"] == weights and p["method"] == "dense"]
-                ax.plot([p[x] for p in dense], [p["ratio"] for p in dense], marker="*", ms=12, ls="none", color="k")
-                for p in dense:
-                    ax.annotate(f"dense {weights}", (p[x], p["ratio"]), textcoords="offset points", xytext=(4, 6), fontsize=7)
-            edge = frontier(points, x)
-            ax.plot([p[x] for p in edge], [p["ratio"] for p in edge], color="grey", lw=3, alpha=0.3, label="frontier")
-            ax.set_xlabel(label)
-            ax.grid(alpha=0.3)
-        axes[0].set_ylabel("perplexity ÷ dense bf16 (lower is better)")
-        axes[1].legend(fontsize=7, ncol=2)
+    rows = [("ratio", "perplexity ÷ dense bf16 (lower is better)")]
+    if report.get("mc2_questions"):
+        rows.append(("mc2_ratio", "TruthfulQA MC2 ÷ dense bf16 (higher is better)"))
+    with png_figure(out, ncols=2, nrows=len(rows), figsize=(11, 4.5 * len(rows)), sharey="row", squeeze=False) as (fig, axes):
+        for row, (quality, ylabel) in enumerate(rows):
+            for ax, x, label in ((axes[row][0], "weights_mib", "weights kept in memory (MiB)"),
+                                 (axes[row][1], "mb_per_token", "weight bytes read per decode token (MB)")):
+                plot_quality(ax, points, x, quality)
+                ax.set_xlabel(label)
+            axes[row][0].set_ylabel(ylabel)
+        axes[0][1].legend(fontsize=7, ncol=2)
         fig.suptitle(f"{Path(report['model']).name}: quality against memory ({report['texts']} held-out texts)", fontsize=10)
     return Path(out)
+
+
+def plot_quality(ax, points: list[dict], x: str, quality: str) -> None:
+    """One panel: a curve per method and weight format, the dense formats as stars, the frontier in grey."""
+    for weights, marker in zip(sorted({p["weights"] for p in points}), "osD^"):
+        for method in sorted({p["method"] for p in points if p["method"] != "dense"}):
+            curve = sorted((p for p in points if p["weights"] == weights and p["method"] == method), key=lambda p: p[x])
+            ax.plot([p[x] for p in curve], [p[quality] for p in curve], marker=marker, ls="-", ms=4,
+                    label=f"{method} {weights}")
+        dense = [p for p in points if p["weights"] == weights and p["method"] == "dense"]
+        ax.plot([p[x] for p in dense], [p[quality] for p in dense], marker="*", ms=12, ls="none", color="k")
+        for p in dense:
+            ax.annotate(f"dense {weights}", (p[x], p[quality]), textcoords="offset points", xytext=(4, 6), fontsize=7)
+    edge = frontier(points, x, quality)
+    ax.plot([p[x] for p in edge], [p[quality] for p in edge], color="grey", lw=3, alpha=0.3, label="frontier")
+    ax.grid(alpha=0.3)

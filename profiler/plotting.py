@@ -10,15 +10,16 @@ from common.atomic import atomic_file
 
 
 @contextmanager
-def png_figure(out: Path, ncols: int = 1, figsize: tuple[float, float] = (6, 4), **subplots) -> Iterator[object]:
-    """Yields a matplotlib figure and its axes (an array when ncols > 1); on exit lays it out and writes
-    `out` atomically."""
+def png_figure(out: Path, ncols: int = 1, figsize: tuple[float, float] = (6, 4), nrows: int = 1,
+               **subplots) -> Iterator[object]:
+    """Yields a matplotlib figure and its axes (an array when there are several, as plt.subplots gives
+    them); on exit lays it out and writes `out` atomically."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, ncols, figsize=figsize, **subplots)
+    fig, axes = plt.subplots(nrows, ncols, figsize=figsize, **subplots)
     try:
         yield fig, axes
         fig.tight_layout()

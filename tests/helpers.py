@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -28,3 +29,23 @@ def make_neuron_file(model_dir: Path, path: Path, seed: int = 0, level: str = "m
         gen_tokens=4, token_sparsity=0.2, core_score="abs",
     )
     return nf.save(path)
+
+
+def write_offline_data(home: Path) -> None:
+    """Small stand-ins for the built-in tasks' JSONL files (no bigbench download in tests)."""
+    rows = {
+        "truthfulqa": [{"id": f"t{i}", "prompt": "Q: Is water wet?\nA:", "target": " Yes.", "question": f"Is water wet {i}?",
+                        "correct_answers": ["Yes.", "It is."], "incorrect_answers": ["No."],
+                        "mc1_choices": ["Yes.", "No.", "Maybe."], "mc1_label": 0} for i in range(4)],
+        "squad": [{"id": f"s{i}", "prompt": f"Context: Paris is in France.\nQuestion: Where is Paris {i}?\nAnswer:",
+                   "target": "France"} for i in range(4)],
+        "coqa": [{"id": f"c{i}", "prompt": "", "target": " A cat.", "story": "A cat sat on the mat. " * 5,
+                  "question": "Who sat?"} for i in range(4)],
+        "xsum": [{"id": f"x{i}", "prompt": "", "target": " A cat sat.", "document": "The cat sat on the mat all day. " * 8}
+                 for i in range(4)],
+        "wikilingua": [{"id": f"w{i}", "prompt": "", "target": "", "document": "Wash the dog with warm water and soap. " * 6}
+                       for i in range(4)],
+    }
+    (home / "data").mkdir(parents=True)
+    for task, records in rows.items():
+        (home / "data" / f"{task}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +11,7 @@ from lm_eval.api.instance import Instance
 from transformers import AutoModelForCausalLM
 
 from evaluation.lm_eval_adapter import PartinferLM
+from tests.helpers import write_offline_data
 from runtime.sparsity import METHODS
 
 PAIRS = [("The capital of France is", " Paris."), ("Two plus two equals", " four"), ("Once upon a time ", "there was")]
@@ -76,26 +76,6 @@ def test_batched_generate_until_equals_one_by_one(tiny_with_tokenizer, method):
     batched = PartinferLM(batch_size=4, **common).generate_until(requests("generate_until", args), disable_tqdm=True)
     single = PartinferLM(batch_size=1, **common).generate_until(requests("generate_until", args), disable_tqdm=True)
     assert batched == single and all("." not in t and "\n" not in t for t in batched)
-
-
-def write_offline_data(home: Path) -> None:
-    """Small stand-ins for the built-in tasks' JSONL files (no bigbench download in tests)."""
-    rows = {
-        "truthfulqa": [{"id": f"t{i}", "prompt": "Q: Is water wet?\nA:", "target": " Yes.", "question": f"Is water wet {i}?",
-                        "correct_answers": ["Yes.", "It is."], "incorrect_answers": ["No."],
-                        "mc1_choices": ["Yes.", "No.", "Maybe."], "mc1_label": 0} for i in range(4)],
-        "squad": [{"id": f"s{i}", "prompt": f"Context: Paris is in France.\nQuestion: Where is Paris {i}?\nAnswer:",
-                   "target": "France"} for i in range(4)],
-        "coqa": [{"id": f"c{i}", "prompt": "", "target": " A cat.", "story": "A cat sat on the mat. " * 5,
-                  "question": "Who sat?"} for i in range(4)],
-        "xsum": [{"id": f"x{i}", "prompt": "", "target": " A cat sat.", "document": "The cat sat on the mat all day. " * 8}
-                 for i in range(4)],
-        "wikilingua": [{"id": f"w{i}", "prompt": "", "target": "", "document": "Wash the dog with warm water and soap. " * 6}
-                       for i in range(4)],
-    }
-    (home / "data").mkdir(parents=True)
-    for task, records in rows.items():
-        (home / "data" / f"{task}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
 def test_offline_tasks_load_and_eval_writes_table(tiny_with_tokenizer, tmp_path, monkeypatch):
