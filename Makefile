@@ -23,7 +23,7 @@ model: setup
 	$(PY) -m runtime.native
 
 demo: model
-	.venv/bin/partinfer generate --function predefined-prompts --method partinfer --max-new-tokens 48
+	.venv/bin/partinfer generate --function predefined-prompts --weights q4 --max-new-tokens 48
 	.venv/bin/partinfer memory --gamma 0.7 --no-peers
 
 test: model

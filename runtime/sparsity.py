@@ -47,7 +47,9 @@ def default_layer_range(n_layers: int) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class SparsityConfig:
-    method: str = "partinfer"
+    # the default method is the one the quality/memory chart picks for chat (docs/design.md §9): at the
+    # same γ and φ, tokenwise loses far less than partinfer's once-per-sentence choice
+    method: str = "tokenwise"
     gamma: float = 0.7  # loaded fraction
     delta: float = 0.3  # base fraction
     phi: float = 0.4  # computed fraction (sparsity)

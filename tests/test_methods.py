@@ -139,7 +139,7 @@ def test_chat_cli_two_turns(default_model_dir):
                                 input="Hello! Who are you?\nName a fruit.\n/stats\n/exit\n")
     assert result.exit_code == 0, result.output
     assert result.stdout.count("tok/s") == 0  # speed goes to stderr
-    assert '"method": "partinfer"' in result.stdout and '"turns": 2' in result.stdout
+    assert f'"method": "{SparsityConfig().method}"' in result.stdout and '"turns": 2' in result.stdout
     assert result.stderr.count("tok/s]") == 2
 
 

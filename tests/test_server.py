@@ -17,6 +17,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cli.app import app
+from runtime.sparsity import SparsityConfig
 
 PROMPT = "Name three colours."
 runner = CliRunner()
@@ -93,7 +94,7 @@ def test_chat_equals_partinfer_generate(client, tiny_args, sampling):
     whole = client.chat.completions.create(model="any", messages=messages, max_tokens=12, **sampling)
     assert whole.choices[0].message.content == expected
     assert whole.usage.completion_tokens >= 1 and whole.usage.prompt_tokens > 5
-    assert whole.model_extra["partinfer"]["method"] == "partinfer"
+    assert whole.model_extra["partinfer"]["method"] == SparsityConfig().method  # the default
     assert abs(whole.model_extra["partinfer"]["computed_fraction"] - whole.model_extra["partinfer"]["loaded_fraction"]) > 0
     streamed = client.chat.completions.create(model="any", messages=messages, max_tokens=12, stream=True, **sampling)
     chunks = list(streamed)
