@@ -24,6 +24,7 @@ import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from common.process_env import MKL_SETTINGS
 from common.errors import PartinferError
 from runtime.process_memory import proc_status
 from runtime.sparsity import SparsityConfig
@@ -167,8 +168,9 @@ def expected_bytes(model, sparse_cls) -> dict:
 
 # glibc raises its mmap threshold after large frees, after which freed transients (prefill activations,
 # fp32 weight upcasts) stay in the heap and count as RSS. A fixed threshold returns them to the system;
-# every worker, the transformers peer included, runs with it.
-WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+# every worker, the transformers peer included, runs with it, and with the MKL settings the command line
+# runs with (common/process_env.py).
+WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20), **MKL_SETTINGS}
 
 
 def measure(spec: MemorySpec) -> dict:

@@ -120,3 +120,22 @@ def test_bench_runs_on_tiny_model(tiny_llama_dir):
 def test_hub_id_offline_gives_one_line_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert_clean_error(runner.invoke(app, ["prepare", "nobody/no-such-model"]), "could not fetch 'nobody/no-such-model'")
+
+
+def test_the_command_line_turns_off_mkls_buffer_cache_before_torch_loads():
+    """`import cli` sets MKL_DISABLE_FAST_MM first (so a prefill's GEMM buffers are given back), unless
+    the user set it; the memory workers run with the same setting."""
+    import os
+    import subprocess
+    import sys
+
+    from evaluation.memory import WORKER_ENV
+
+    probe = "import cli, os, sys; print(os.environ.get('MKL_DISABLE_FAST_MM'), 'torch' in sys.modules)"
+    env = {k: v for k, v in os.environ.items() if k != "MKL_DISABLE_FAST_MM"}
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["1", "False"]
+    mine = subprocess.run([sys.executable, "-c", probe], env={**env, "MKL_DISABLE_FAST_MM": "0"}, capture_output=True,
+                          text=True, check=True).stdout
+    assert mine.split()[0] == "0"
+    assert WORKER_ENV["MKL_DISABLE_FAST_MM"] == "1"
