@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.errors import PartinferError
+from runtime.process_memory import release_free_heap
 from common.files import read_json
 from runtime.kernels import Linear, linear
 from runtime.quant import dequantize
@@ -542,6 +543,7 @@ def prefill(
         for block in model.layers:
             block.mlp.end_prompt()
         model.backend.prompt_ended()
+        release_free_heap()  # the sentence's transient buffers are freed now; hand their pages back
     return logits
 
 

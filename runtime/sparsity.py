@@ -199,7 +199,7 @@ def plan_layers(sparsity: SparsityConfig, cfg: ModelConfig) -> dict[int, LayerPl
     if sparsity.budget == "profiled":
         base_path = sparsity.model_neurons if sparsity.base_neurons_type == "model" else sparsity.dataset_neurons
         kl = measured_sensitivity(base_nf, base_path, sparsity.gamma, layers)
-        budgets = layer_budgets([base_nf.mean_abs(i) for i in layers], kl, fraction_count(sparsity.gamma, n), n_base)
+        budgets = layer_budgets([base_nf.mean_abs(i) for i in layers], kl, k, n_base)
         budgets = dict(zip(layers, budgets))
     plans = {}
     for i in layers:
