@@ -25,7 +25,8 @@ def test_sparse_bytes_per_token(tiny_llama_dir, tmp_path):
     neurons = make_neuron_file(tiny_llama_dir, tmp_path / "n.safetensors")
     dense = load_dense_model(tiny_llama_dir, dtype=torch.float32)
     sparse = load_model(tiny_llama_dir, torch.float32, "cpu",
-                        SparsityConfig(model_neurons=neurons, gamma=0.7, delta=0.3, phi=0.4, start_num=1, end_num=2))
+                        SparsityConfig(method="partinfer", model_neurons=neurons, gamma=0.7, delta=0.3, phi=0.4, start_num=1,
+                                       end_num=2))
     generate(sparse, tiny_prompts(1), 2)
     cfg = dense.cfg
     m = round(0.4 * cfg.ffn_dim)
