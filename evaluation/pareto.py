@@ -122,7 +122,8 @@ def format_pareto(report: dict) -> str:
     on_mc2_frontier = {id(p) for p in frontier(report["points"], "weights_mib", "mc2_ratio")}
     for p in report["points"]:
         star = " *" if id(p) in on_frontier else ""
-        cells = f" {p['mc2']:.3f} | {p['mc2_ratio']:.2f}{' *' if id(p) in on_mc2_frontier else ''} |" if mc2 else ""
+        mc2_ratio = "–" if p["mc2_ratio"] is None else f"{p['mc2_ratio']:.2f}"
+        cells = f" {p['mc2']:.3f} | {mc2_ratio}{' *' if id(p) in on_mc2_frontier else ''} |" if mc2 else ""
         lines.append(f"| {p['method']} | {p['weights']} | {p['gamma']:.2f} | {p['phi']:.2f} | {p['perplexity']:.2f} | "
                      f"{p['ratio']:.2f}{star} |{cells} {p['weights_mib']:.1f} | {p['mb_per_token']:.1f} |")
     return "\n".join(lines)
