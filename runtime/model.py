@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.errors import PartinferError
-from runtime.process_memory import release_free_heap
 from common.files import read_json
 from runtime.kernels import Linear, linear
+from runtime.process_memory import release_free_heap
 from runtime.quant import dequantize
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
