@@ -44,6 +44,7 @@ class ParetoPoint:
     mb_per_token: float  # weight bytes one decode token reads
     mc2: float | None = None  # TruthfulQA MC2 accuracy, when asked for
     mc2_ratio: float | None = None  # mc2 ÷ dense bf16's (1.0 = no loss, lower = a loss)
+    mc2_stderr: float | None = None  # lm-eval's standard error of `mc2`
 
 
 def grid(methods: tuple[str, ...], gammas: tuple[float, ...], weights: tuple[str, ...],
@@ -78,16 +79,17 @@ def run_pareto(model_dir: Path, methods: tuple[str, ...], gammas: tuple[float, .
         weights_mib, mb_per_token = expected_bytes(model, SparseFFN)["weights"] / MIB, weight_bytes_per_token(model) / 1e6
         del model
         reference = ppl if reference is None else reference  # dense bf16 comes first
-        mc2 = mc2_ratio = None
+        mc2 = mc2_ratio = mc2_stderr = None
         if mc2_limit > 0:
             task = OFFLINE_TASKS["truthfulqa_mc2"]
-            mc2 = run_method(model_dir, config.method, config, [task], mc2_limit, dtype, device, 1)["results"][task]["acc"]
+            scores = run_method(model_dir, config.method, config, [task], mc2_limit, dtype, device, 1)["results"][task]
+            mc2, mc2_stderr = scores["acc"], scores.get("acc_stderr")
             mc2_reference = mc2 if mc2_reference is None else mc2_reference
             mc2_ratio = mc2 / mc2_reference if mc2_reference else None
         loaded = config.loaded_fraction
         computed = config.phi if config.method in ("static", "coreinfer", "partinfer", "tokenwise") else loaded
         points.append(ParetoPoint(config.method, config.weights, loaded, computed, ppl, ppl / reference,
-                                  weights_mib, mb_per_token, mc2, mc2_ratio))
+                                  weights_mib, mb_per_token, mc2, mc2_ratio, mc2_stderr))
     report = {"model": str(model_dir), "dataset": dataset, "split": "eval", "texts": len(ids),
               "prompt_tokens": prompt_tokens, "cont_tokens": cont_tokens, "dtype": dtype, "mc2_questions": mc2_limit,
               "phi_share": PHI_SHARE, "delta_share": DELTA_SHARE, "points": [asdict(p) for p in points]}
@@ -145,7 +147,8 @@ def plot_pareto(report: dict, out: Path) -> Path:
                 plot_quality(ax, points, x, quality)
                 ax.set_xlabel(label)
             axes[row][0].set_ylabel(ylabel)
-        axes[0][1].legend(fontsize=7, ncol=2)
+        for row in axes:
+            row[1].legend(fontsize=7, ncol=2)
         fig.suptitle(f"{Path(report['model']).name}: quality against memory ({report['texts']} held-out texts)", fontsize=10)
     return Path(out)
 
@@ -161,6 +164,10 @@ def plot_quality(ax, points: list[dict], x: str, quality: str) -> None:
         ax.plot([p[x] for p in dense], [p[quality] for p in dense], marker="*", ms=12, ls="none", color="k")
         for p in dense:
             ax.annotate(f"dense {weights}", (p[x], p[quality]), textcoords="offset points", xytext=(4, 6), fontsize=7)
+    reference = points[0]  # dense bf16
+    if quality == "mc2_ratio" and reference.get("mc2_stderr") and reference["mc2"]:
+        noise = reference["mc2_stderr"] / reference["mc2"]  # what one standard error of dense is, as a ratio
+        ax.axhspan(1 - noise, 1 + noise, color="grey", alpha=0.12, label="dense ±1 standard error")
     edge = frontier(points, x, quality)
     ax.plot([p[x] for p in edge], [p[quality] for p in edge], color="grey", lw=3, alpha=0.3, label="frontier")
     ax.grid(alpha=0.3)

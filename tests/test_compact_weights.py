@@ -249,6 +249,7 @@ def test_pareto_grid_writes_table_and_chart(tiny_with_tokenizer, tmp_path, monke
     assert by[("load-only", "int8", 1.0)]["weights_mib"] < by[("load-only", "bf16", 1.0)]["weights_mib"]
     assert abs(by[("load-only", "bf16", 1.0)]["ratio"] - 1.0) < 1e-4  # γ = 1 loads everything: dense
     assert points[0]["mc2_ratio"] == 1.0 and all(0 <= p["mc2"] <= 1 for p in points)
+    assert all(p["mc2_stderr"] is not None and p["mc2_stderr"] >= 0 for p in points)
     assert abs(by[("load-only", "bf16", 1.0)]["mc2"] - points[0]["mc2"]) < 1e-4
     assert (tmp_path / "out" / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert _json.loads((tmp_path / "out" / "pareto.json").read_text())["points"] == points
