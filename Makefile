@@ -24,7 +24,7 @@ model: setup
 
 demo: model
 	.venv/bin/partinfer generate --function predefined-prompts --weights q4 --max-new-tokens 48
-	.venv/bin/partinfer memory --gamma 0.7 --no-peers
+	.venv/bin/partinfer memory --weights q4 --gamma 0.7 --no-peers
 
 test: model
 	$(PY) -m pytest -q

@@ -59,7 +59,7 @@ def perplexity(
 def memory(
     model: ModelOpt = None,
     gamma: Annotated[Optional[list[float]], typer.Option("--gamma", min=0.0, max=1.0, help="γ values to measure (repeat); default 0.9 0.8 0.7 0.5.")] = None,
-    methods: MethodsOpt = "load-only,partinfer",
+    methods: MethodsOpt = "load-only,partinfer,tokenwise",
     packed: Annotated[bool, typer.Option("--packed/--plain", help="Read sparse configurations from a packed copy (made once in the cache).")] = True,
     peers: Annotated[bool, typer.Option("--peers/--no-peers", help="Also measure transformers on the same weights.")] = True,
     dtype: DtypeOpt = "bf16",
