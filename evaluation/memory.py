@@ -24,8 +24,8 @@ import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from common.process_env import MKL_SETTINGS
 from common.errors import PartinferError
+from common.process_env import MKL_SETTINGS
 from runtime.process_memory import proc_status
 from runtime.sparsity import SparsityConfig
 

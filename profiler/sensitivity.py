@@ -14,6 +14,7 @@ import torch
 from tqdm import tqdm
 
 from common.neuron_file import LayerSensitivity, NeuronFile
+from profiler.stats import require_plain_ffns
 from runtime.kernels import linear
 from runtime.model import FFN, FeedForward, KVCache, Transformer, prefill
 from runtime.sparsity import fraction_count
@@ -54,8 +55,7 @@ def mean_kl(reference: list[torch.Tensor], other: list[torch.Tensor]) -> float:
 def measure_sensitivity(model: Transformer, neurons: NeuronFile, prompts: list[list[int]], gamma: float,
                         progress: bool = True) -> LayerSensitivity:
     """Each layer's sensitivity (see the module docstring) on token-id `prompts`, for the dense `model`."""
-    if not all(isinstance(block.mlp, FFN) for block in model.layers):
-        raise ValueError("sensitivity is measured on the dense model of a plain checkpoint")
+    require_plain_ffns(model, "measuring sensitivity")
     k = fraction_count(gamma, model.cfg.ffn_dim)
     reference = log_probs(model, prompts)
     kl = {}

@@ -52,11 +52,16 @@ class RecordingFFN(FeedForward):
         return linear(a, self.ffn.down)
 
 
+def require_plain_ffns(model: Transformer, what: str) -> None:
+    """The offline passes read every neuron of a dense FFN: refuse a packed or compact model in one line."""
+    if not all(isinstance(block.mlp, FFN) for block in model.layers):
+        raise PartinferError(f"{what} reads every neuron of a plain checkpoint; pass the original model, "
+                             "not a compact (--weights q4 or int8) copy")
+
+
 def attach_recorders(model: Transformer, stats: ActivationStats) -> None:
     """Swap every layer's FFN for a RecordingFFN that feeds `stats`."""
-    if not all(isinstance(block.mlp, FFN) for block in model.layers):
-        raise PartinferError("profiling reads every neuron of a plain checkpoint; pass the original model, "
-                             "not a compact (--weights q4 or int8) copy")
+    require_plain_ffns(model, "profiling")
     for i, block in enumerate(model.layers):
         block.mlp = RecordingFFN(block.mlp, i, stats)
 

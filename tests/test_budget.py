@@ -45,7 +45,7 @@ def neurons(tiny_llama_dir, tmp_path_factory):
     path = make_neuron_file(tiny_llama_dir, tmp_path_factory.mktemp("budget") / "model.safetensors")
     model = load_dense_model(tiny_llama_dir, dtype=torch.float32)
     nf = NeuronFile.load(path)
-    sens = measure_sensitivity(model, nf, [p for p in tiny_prompts(4, seed=3)], 0.6, progress=False)
+    sens = measure_sensitivity(model, nf, tiny_prompts(4, seed=3), 0.6, progress=False)
     return replace(nf, sensitivity=sens).save(path.with_name("sensitive.safetensors"))
 
 
@@ -124,3 +124,10 @@ def test_the_command_writes_a_copy_with_sensitivities(tiny_with_tokenizer, tmp_p
     assert sens is not None and sens.gamma == 0.5 and sens.texts == 4
     again = CliRunner().invoke(app, args)
     assert again.exit_code != 0 and "exists" in again.output
+
+
+def test_sensitivity_of_a_sparse_or_compact_model_is_a_one_line_error(tiny_llama_dir, neurons):
+    sparse = load_model(tiny_llama_dir, torch.float32, "cpu",
+                        SparsityConfig(method="load-only", gamma=0.6, model_neurons=neurons, start_num=0, end_num=3))
+    with pytest.raises(PartinferError, match="measuring sensitivity reads every neuron of a plain checkpoint"):
+        measure_sensitivity(sparse, NeuronFile.load(neurons), tiny_prompts(1), 0.6, progress=False)
