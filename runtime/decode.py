@@ -43,6 +43,8 @@ class DecodePlan:
     n_base: list[int]
     n_active: list[int]
     scale: list[torch.Tensor]  # an empty tensor: no per-neuron scale
+    down_table: list[torch.Tensor]  # compact down columns' scales and blocks; empty: bf16 down
+    down_block: list[torch.Tensor]
     comp_in: list[torch.Tensor]  # the layer's compensation (FeedForward.comp_in/comp_out); empty: none
     comp_out: list[torch.Tensor]
 
@@ -58,6 +60,8 @@ class DecodePlan:
             [int(r.kind) for r in records], [r.w1 for r in records], [r.w2 for r in records], [r.w3 for r in records],
             [r.n_base for r in records], [r.n_active for r in records],
             [torch.empty(0) if r.score_scale is None else r.score_scale for r in records],
+            [torch.empty(0) if r.down_table is None else r.down_table for r in records],
+            [torch.empty(0) if r.down_block is None else r.down_block for r in records],
             [torch.empty(0) if b.mlp.comp_in is None else b.mlp.comp_in for b in model.layers],
             [torch.empty(0) if b.mlp.comp_out is None else b.mlp.comp_out for b in model.layers],
         )
@@ -91,7 +95,8 @@ class CompiledCPUDecode(EagerDecode):
         x = model.embed_tokens(tokens).view(-1)  # [D] bf16
         x = model_decode(x, plan.norm1, plan.qkv, plan.o, cache.k[:, 0], cache.v[:, 0], model.inv_freq, start,
                          cfg.n_heads, cfg.n_kv_heads, plan.norm2, plan.kind, plan.w1, plan.w2, plan.w3, plan.n_base,
-                         plan.n_active, plan.scale, plan.comp_in, plan.comp_out, cfg.norm_eps)
+                         plan.n_active, plan.scale, plan.down_table, plan.down_block, plan.comp_in, plan.comp_out,
+                         cfg.norm_eps)
         x = rms_norm(x, model.norm.weight, cfg.norm_eps)
         cache.length = start + 1
         return gemv(model.output_weight(), x)[None]  # [1, V] bf16

@@ -2,12 +2,12 @@
 
 A GGUF of a Llama model stores attention q/k/v/o, FFN gate/up/down in Q4_1 (or other types) and
 the token embedding in Q8_0, every matrix as rows along its input dimension — the same row layout
-as runtime/quant.py. Where a GGUF row is what a packed checkpoint wants (same format, rows along the
-same axis), `partinfer pack` copies its blocks instead of re-quantizing the bf16 values:
+as runtime/quant.py. Where a GGUF matrix is in the format a packed checkpoint wants, `partinfer
+pack` keeps its blocks instead of re-quantizing the bf16 values:
   - gate, up, q, k, v, o and the embedding: rows are output rows, kept as they are (q and k rows
     are put back in Hugging Face order: llama.cpp's converter interleaves each head's rope halves);
-  - down is stored [d rows, blocks across 32 neurons], so one neuron's column is spread over every
-    row: it is de-quantized here and re-quantized per neuron by the packer.
+  - down is stored [d rows, blocks across 32 neurons]: the packer splits its blocks into per-neuron
+    codes and a table of the blocks' scales (runtime.quant.columns_from_rows), the same values.
 """
 
 from __future__ import annotations
@@ -49,10 +49,11 @@ class GgufRows:
         return f"blk.{i}.{gguf_name}.weight", {"q_proj": "q", "k_proj": "k"}.get(proj)
 
     def rows(self, name: str, quant: Quant) -> torch.Tensor | None:
-        """The GGUF's own rows for `name` when they are in `quant` and along the input dimension, else None."""
+        """The GGUF's own rows for `name` [N, row_bytes] (blocks along the input dimension) when they are in
+        `quant`, else None."""
         gguf_name, rope = self._hf_to_gguf(name)
         t = self.tensors.get(gguf_name)
-        if t is None or GGUF_QUANTS.get(t.tensor_type.name) is not quant or name.endswith("down_proj.weight"):
+        if t is None or GGUF_QUANTS.get(t.tensor_type.name) is not quant:
             return None
         return self._hf_row_order(torch.from_numpy(t.data.copy()), rope)  # [N, row_bytes] uint8
 

@@ -88,6 +88,14 @@ def is_packed(model_dir: Path) -> bool:
     return (Path(model_dir) / PACK_MANIFEST).is_file()
 
 
+def packed_version(model_dir: Path) -> int:
+    """The pack format version a packed checkpoint was written in (runtime.pack.PACK_VERSION)."""
+    from common.output_dir import read_manifest
+
+    version = (read_manifest(model_dir, "pack") or {}).get("version", 1)
+    return version if isinstance(version, int) else 1
+
+
 def packed_weight_format(model_dir: Path) -> WeightFormat:
     """The weight format a packed checkpoint was written in (bf16 for any other checkpoint)."""
     from common.output_dir import read_manifest
@@ -95,6 +103,9 @@ def packed_weight_format(model_dir: Path) -> WeightFormat:
     name = (read_manifest(model_dir, "pack") or {}).get("weights", "bf16")
     if name not in WEIGHT_FORMATS:
         raise PartinferError(f"{model_dir} was packed with weights {name!r}, which this version cannot read; pack it again")
+    if WEIGHT_FORMATS[name].compact and packed_version(model_dir) < 2:
+        raise PartinferError(f"{model_dir} holds {name} weights in an older layout (down rows per neuron); "
+                             "pack it again with `partinfer pack`")
     return WEIGHT_FORMATS[name]
 
 
@@ -115,7 +126,8 @@ def read_ffn_neurons(
     expected_perm: torch.Tensor | None = None, fmt: WeightFormat = WEIGHT_FORMATS["bf16"], dim: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Read only `neurons` (original indices, in this order) of one FFN layer -> gate, up, down_t, each
-    [k, d] in `dtype`, or [k, row_bytes] uint8 compact rows for a compact pack (`fmt`, model width `dim`).
+    [k, d] in `dtype`, or uint8 compact rows (gate, up) and down codes for a compact pack (`fmt`, model
+    width `dim`; the layer's down table is read apart).
 
     Packed checkpoint: coalesced contiguous reads of the [n, 3, d] (or [n, bytes]) bundle: one read
     for a hot-first prefix. Plain checkpoint: coalesced row runs of gate/up; down is read whole for
@@ -135,7 +147,7 @@ def read_ffn_neurons(
         order = torch.argsort(positions)
         rows = reader.read_rows(f"{prefix}.bundle", contiguous_runs(positions[order]))  # [k, 3, d] ascending
         rows = rows if torch.equal(order, torch.arange(len(order))) else rows[torch.argsort(order)]
-        if fmt.compact:  # [k, bytes]: gate | up | down_t blocks; views, copied once by the caller into their final layout
+        if fmt.compact:  # [k, bytes]: gate | up blocks | down codes; views, copied once by the caller into their final layout
             g = fmt.gate_up.row_bytes(dim)
             rows = rows.to(device=device)
             return rows[:, :g], rows[:, g : 2 * g], rows[:, 2 * g :]
@@ -186,7 +198,7 @@ def load_model(
 
     Dense layers (outside --start-num..--end-num) and everything that is not an FFN load whole.
     """
-    from runtime.sparse_ffn import is_sparse
+    from runtime.sparse_ffn import CompactSparseFFN, is_sparse
     from runtime.sparsity import SparsityConfig, plan_layers
 
     sparsity = sparsity or SparsityConfig(method="dense")
@@ -206,6 +218,8 @@ def load_model(
                 continue  # a dense layer of a plain checkpoint loads by name below
             neurons = plans[i].loaded if i in plans else torch.arange(cfg.ffn_dim)
             gate, up, down_t = read_ffn_neurons(reader, i, neurons, dtype, device, expected_perms.get(i), fmt, cfg.dim)
+            if fmt.compact:
+                state[f"layers.{i}.mlp.down_table"] = reader.get(f"model.layers.{i}.mlp.down_table")
             if i in plans and sparsity.method == "tokenwise":
                 own = dict(memory_format=torch.contiguous_format)  # compact rows arrive as views of one read
                 state.update({f"layers.{i}.mlp.gate": gate.clone(**own), f"layers.{i}.mlp.up": up.clone(**own),
@@ -234,7 +248,7 @@ def load_model(
     model.checkpoint_bytes_read = reader.bytes_read
     model.backend = choose_backend(model)
     for m in model.modules():
-        if is_sparse(m):
+        if is_sparse(m) or isinstance(m, CompactSparseFFN):  # a compact dense layer reads its blocks from them
             m.neuron_ids = m.neuron_ids.to(device)
     return model.eval()
 

@@ -306,8 +306,10 @@ class FfnKind(IntEnum):
 class FfnWeights:
     """One layer's FFN as the compiled one-token decode takes it: the named contract with the C++.
 
-    Matrices are bf16 [rows, d] or compact uint8 rows (runtime/quant.py: Q4_1 or Q8_0 blocks along d),
-    which ROWS and TOKENWISE take (every matrix there is per neuron rows).
+    Matrices are bf16 [rows, d] or compact (runtime/quant.py), which ROWS and TOKENWISE take: gate/up
+    as uint8 rows of Q4_1 or Q8_0 blocks along d, `w2` (down_t) as uint8 columns whose block scales
+    are `down_table` [n / 32, 1 | 2, d] fp16 (the layer's) and `down_block` [rows of w2] int64 (each
+    row's block, neuron_id // 32); both None for bf16.
 
     `w3` is read only by TOKENWISE (the others pass w1 again); `n_base` / `n_active` and `score_scale`
     ([k] fp32: the per-neuron factor of the token-wise score; None: |act(gate)| alone) only by
@@ -320,6 +322,8 @@ class FfnWeights:
     n_base: int = 0
     n_active: int = 0
     score_scale: torch.Tensor | None = None
+    down_table: torch.Tensor | None = None
+    down_block: torch.Tensor | None = None
 
 
 class FeedForward(nn.Module):

@@ -163,22 +163,33 @@ def model_decode(
     x: torch.Tensor, norm1: list[torch.Tensor], qkv: list[torch.Tensor], o: list[torch.Tensor], k_cache: torch.Tensor,
     v_cache: torch.Tensor, inv_freq: torch.Tensor, pos: int, n_heads: int, n_kv_heads: int,
     norm2: list[torch.Tensor], kind: list[int], w1: list[torch.Tensor], w2: list[torch.Tensor], w3: list[torch.Tensor],
-    n_base: list[int], n_active: list[int], score_scale: list[torch.Tensor], comp_in: list[torch.Tensor],
-    comp_out: list[torch.Tensor], eps: float,
+    n_base: list[int], n_active: list[int], score_scale: list[torch.Tensor], down_table: list[torch.Tensor],
+    down_block: list[torch.Tensor], comp_in: list[torch.Tensor], comp_out: list[torch.Tensor], eps: float,
 ) -> torch.Tensor:
     """One token at rope position `pos` through every pre-norm layer (RMSNorm, attention, RMSNorm, FFN,
     residuals): x [D] bf16 -> [D] bf16; each layer's FFN as (kind, w1, w2, w3, n_base, n_active,
-    score_scale), the fields of `runtime.model.FfnWeights`, plus its compensation (comp_in [r, D], comp_out
-    [D, r] bf16, or empty tensors for none); k/v_cache [L, Hkv, S, hd] (slot `pos` is written);
-    inv_freq [hd/2] fp32 (cos/sin are computed inside, as the eager model computes them)."""
+    score_scale, down_table, down_block), the fields of `runtime.model.FfnWeights`, plus its compensation
+    (comp_in [r, D], comp_out [D, r] bf16, or empty tensors for none); k/v_cache [L, Hkv, S, hd] (slot
+    `pos` is written); inv_freq [hd/2] fp32 (cos/sin are computed inside, as the eager model computes them)."""
     return torch.ops.partinfer_cpu.model_decode(x, norm1, qkv, o, k_cache, v_cache, inv_freq, pos, n_heads, n_kv_heads,
-                                                norm2, kind, w1, w2, w3, n_base, n_active, score_scale, comp_in,
-                                                comp_out, eps)
+                                                norm2, kind, w1, w2, w3, n_base, n_active, score_scale, down_table,
+                                                down_block, comp_in, comp_out, eps)
 
 
 def dequantize(weight: torch.Tensor, cols: int, dtype: torch.dtype) -> torch.Tensor:
     """Compact rows [..., row_bytes] uint8 -> [..., cols] fp32 or bf16, as runtime.quant.dequantize computes them."""
     return torch.ops.partinfer_cpu.dequantize(weight, cols, dtype)
+
+
+def dequantize_columns(codes: torch.Tensor, table: torch.Tensor, blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Down columns -> [k, d] fp32 or bf16, as runtime.quant.dequantize_columns computes them."""
+    return torch.ops.partinfer_cpu.dequantize_columns(codes, table, blocks, dtype)
+
+
+def down_columns(codes: torch.Tensor, table: torch.Tensor, blocks: torch.Tensor, a: torch.Tensor,
+                 rows: torch.Tensor | None = None) -> torch.Tensor:
+    """a [R] fp32 -> [d] fp32: sum_r a[r] * column(rows[r]), the compiled decode's down kernel on one thread."""
+    return torch.ops.partinfer_cpu.down_columns(codes, table, blocks, a, rows)
 
 
 def compact_kernel_path() -> str:

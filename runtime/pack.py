@@ -3,7 +3,9 @@
 Every FFN layer is permuted hot-first by the model-level ranking and bundled per neuron (LLM in a
 flash's row-column bundling): `model.layers.{i}.mlp.bundle` [n, 3, d] holds neuron j's gate row,
 up row and down column side by side; `model.layers.{i}.mlp.perm` int64 [n] says which original
-neuron each packed row is. Loading the k hottest neurons of a layer is then one read. Everything
+neuron each packed row is. Loading the k hottest neurons of a layer is then one read. Compact
+packs hold [n, bytes] bundles (gate and up rows, down codes) and each layer's down block scales,
+`model.layers.{i}.mlp.down_table` [n / 32, 1 | 2, d] fp16 (runtime/quant.py, "Down columns"). Everything
 else is copied unchanged. One shard per layer keeps memory at one layer while packing, and the
 directory is written under a temporary name and renamed when complete; `--out` must be new, empty
 or an earlier pack (see common.output_dir), so packing never removes a file it did not write.
@@ -22,12 +24,13 @@ from tqdm import tqdm
 
 from common.neuron_file import NeuronFile
 from common.errors import PartinferError
-from runtime.loader import CheckpointReader, is_packed
+from runtime.loader import CheckpointReader, is_packed, packed_version
 from runtime.gguf_source import GgufRows
 from runtime.model import ModelConfig
-from runtime.quant import Quant, WeightFormat, quantize, weight_format
+from runtime.quant import Quant, WeightFormat, columns_from_rows, quantize, weight_format
 from common.output_dir import replace_output_dir
 
+PACK_VERSION = 2  # 2: compact down as per-neuron codes + block table (1: Q8_0 rows per neuron)
 COPIED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                 "special_tokens_map.json", "chat_template.jinja", "tokenizer.model", "vocab.json", "merges.txt")
 
@@ -77,7 +80,7 @@ def pack_checkpoint(model_dir: Path, model_neurons: Path, out: Path, weights: st
         raise PartinferError(f"compact weights need widths that are multiples of 32; use --weights bf16 for {model_dir}")
     nf = NeuronFile.load(model_neurons, cfg.fingerprint)
     gguf = gguf_source(model_dir) if fmt.compact else None
-    manifest = {"format": "partinfer-packed", "version": 1, "fingerprint": cfg.fingerprint, "weights": fmt.name,
+    manifest = {"format": "partinfer-packed", "version": PACK_VERSION, "fingerprint": cfg.fingerprint, "weights": fmt.name,
                 "model_neurons": str(model_neurons), "neurons_created": nf.created, "source": str(model_dir),
                 "gguf_source": None if gguf is None else str(gguf)}
     with replace_output_dir(out, "pack", inputs=(model_dir, model_neurons), manifest=manifest) as tmp:
@@ -88,8 +91,10 @@ def pack_checkpoint(model_dir: Path, model_neurons: Path, out: Path, weights: st
             for i in tqdm(range(cfg.n_layers), desc="pack", unit="layer"):
                 prefix = f"model.layers.{i}."
                 perm = nf.rank(i).long()
-                tensors = {f"{prefix}mlp.bundle": ffn_bundle(reader, source, prefix, fmt)[perm].contiguous(),
-                           f"{prefix}mlp.perm": perm.contiguous()}
+                bundle, down_table = ffn_bundle(reader, source, prefix, fmt)
+                tensors = {f"{prefix}mlp.bundle": bundle[perm].contiguous(), f"{prefix}mlp.perm": perm.contiguous()}
+                if down_table is not None:
+                    tensors[f"{prefix}mlp.down_table"] = down_table
                 for name in names:
                     if name.startswith(prefix) and ".mlp." not in name:
                         matrix = fmt.attention is not None and name.endswith("_proj.weight")
@@ -111,16 +116,18 @@ def pack_checkpoint(model_dir: Path, model_neurons: Path, out: Path, weights: st
     return out
 
 
-def ffn_bundle(reader: CheckpointReader, source: CompactSource, prefix: str, fmt: WeightFormat) -> torch.Tensor:
-    """One layer's neurons in original order, one row each: [n, 3, d] (bf16: gate row, up row, down
-    column) or [n, bytes] (compact: the same three as blocks end to end)."""
+def ffn_bundle(reader: CheckpointReader, source: CompactSource, prefix: str,
+               fmt: WeightFormat) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One layer's neurons in original order, one row each, and the down block table (compact only):
+    [n, 3, d] (bf16: gate row, up row, down column) or [n, bytes] (compact: gate and up rows, then the
+    down column's codes) with [n / 32, 1 | 2, d] fp16."""
     if not fmt.compact:
         gate, up, down = (reader.get(f"{prefix}mlp.{p}_proj.weight") for p in ("gate", "up", "down"))
-        return torch.stack([gate, up, down.t()], dim=1)
+        return torch.stack([gate, up, down.t()], dim=1), None
     gate = source.rows(f"{prefix}mlp.gate_proj.weight", fmt.gate_up)
     up = source.rows(f"{prefix}mlp.up_proj.weight", fmt.gate_up)
-    down_t = quantize(source.values(f"{prefix}mlp.down_proj.weight").t(), fmt.down)  # per neuron, along d
-    return torch.cat([gate, up, down_t], dim=1)
+    down_codes, down_table = columns_from_rows(source.rows(f"{prefix}mlp.down_proj.weight", fmt.down), fmt.down)
+    return torch.cat([gate, up, down_codes], dim=1), down_table
 
 
 def cached_pack(model_dir: Path, model_neurons: Path, weights: str) -> Path:
@@ -131,6 +138,6 @@ def cached_pack(model_dir: Path, model_neurons: Path, weights: str) -> Path:
     digest = hashlib.sha1(Path(model_neurons).read_bytes()).hexdigest()[:10]
     suffix = "" if weights == "bf16" else f"-{weights}"  # bf16 copies keep the name they always had
     out = cache_home() / "packed" / f"{Path(model_dir).name}-{digest}{suffix}"
-    if not is_packed(out):
+    if not is_packed(out) or packed_version(out) < PACK_VERSION:  # an older pack of ours is replaced
         pack_checkpoint(model_dir, model_neurons, out, weights)
     return out

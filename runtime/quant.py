@@ -24,6 +24,7 @@ import torch
 from common.errors import PartinferError
 from runtime.native import cpu_kernels
 from runtime.native import dequantize as native_dequantize
+from runtime.native import dequantize_columns as native_dequantize_columns
 
 BLOCK = 32
 Q4_1_BYTES = 20
@@ -41,14 +42,23 @@ class Quant(Enum):
     def row_bytes(self, k: int) -> int:
         return k // BLOCK * self.value
 
+    def code_bytes(self, k: int) -> int:
+        """Bytes of `k` codes without their scales: one neuron's down column (see `columns_from_rows`)."""
+        return k // 2 if self is Quant.Q4_1 else k
+
+    @property
+    def table_width(self) -> int:
+        """fp16 values per block in a column table: (d, m) for Q4_1, d for Q8_0."""
+        return 2 if self is Quant.Q4_1 else 1
+
 
 @dataclass(frozen=True)
 class WeightFormat:
     """How a packed checkpoint stores each kind of matrix: a Quant, or None for the source dtype (bf16).
 
-    `q4`: attention and FFN gate/up in Q4_1 (the embedded GGUF's own blocks), down per neuron and
-    embeddings in Q8_0 (down must be re-quantized along d to stay per neuron; 8 bits keep that
-    re-quantization's error small). `int8`: Q8_0 everywhere. `bf16`: no compaction."""
+    `q4`: attention, FFN gate/up and down in Q4_1 (the embedded GGUF's own blocks, down as columns:
+    `columns_from_rows`), the embedding in Q8_0 (the GGUF's own type for it). `int8`: Q8_0
+    everywhere. `bf16`: no compaction."""
 
     name: str
     attention: Quant | None
@@ -63,7 +73,7 @@ class WeightFormat:
 
 WEIGHT_FORMATS = {
     "bf16": WeightFormat("bf16", None, None, None, None),
-    "q4": WeightFormat("q4", Quant.Q4_1, Quant.Q4_1, Quant.Q8_0, Quant.Q8_0),
+    "q4": WeightFormat("q4", Quant.Q4_1, Quant.Q4_1, Quant.Q4_1, Quant.Q8_0),
     "int8": WeightFormat("int8", Quant.Q8_0, Quant.Q8_0, Quant.Q8_0, Quant.Q8_0),
 }
 
@@ -134,11 +144,6 @@ def quantize(w: torch.Tensor, quant: Quant) -> torch.Tensor:
     return torch.cat([head, codes], dim=-1).reshape(*w.shape[:-1], k // BLOCK * quant.block_bytes).contiguous()
 
 
-def dense(weight: torch.Tensor, k: int, dtype: torch.dtype) -> torch.Tensor:
-    """A weight as a float matrix: compact rows de-quantized, anything else as it is."""
-    return dequantize(weight, k, dtype) if is_compact(weight) else weight
-
-
 def quantize_activation(x: torch.Tensor) -> torch.Tensor:
     """The input values the compiled compact-row kernels multiply with (they quantize it once per
     matrix, as llama.cpp does): per block of 32, round(x / d) · d with d = max|x| / 127, in fp32."""
@@ -147,3 +152,63 @@ def quantize_activation(x: torch.Tensor) -> torch.Tensor:
     d = blocks.abs().amax(-1, keepdim=True) / 127
     inv = torch.where(d != 0, 1.0 / d, torch.zeros_like(d))
     return ((blocks * inv).round() * d).reshape(x.shape)
+
+
+# ---- Down columns ---------------------------------------------------------------------------------
+#
+# `down` [d, n] is stored by the source (and by `quantize`) as rows along n: output row r's blocks
+# each cover 32 neurons. A neuron's down weights are a column of that matrix, and partial loading
+# needs them per neuron, so the blocks are split: each neuron keeps its own codes (one per output
+# row, `Quant.code_bytes(d)` bytes: Q4_1 nibbles, or Q8_0 int8), and the blocks' scales go into a
+# per-layer table, table[b, :, r] = (d, m) (Q4_1) or (d,) (Q8_0) of row r's block b, shared by the
+# 32 neurons 32b..32b+31 (original numbering, so a neuron's block is `neuron_id // 32` however the
+# neurons are reordered). De-quantizing gives the source's values exactly, in the same bytes per
+# weight plus the table (loaded whole: n/32 blocks · d · 2 or 4 bytes per layer).
+#
+# Q4_1 codes of 32 consecutive outputs are packed as the Q4_1 blocks pack them: byte t holds output
+# t in its low nibble and output t + 16 in its high one.
+
+
+def columns_from_rows(rows: torch.Tensor, quant: Quant) -> tuple[torch.Tensor, torch.Tensor]:
+    """Compact rows [d, n / 32 * block_bytes] of down (blocks along the neurons) -> (codes [n,
+    code_bytes(d)] uint8 per neuron, table [n / 32, table_width, d] fp16)."""
+    d = rows.shape[0]
+    if d % BLOCK:
+        raise PartinferError(f"compact down columns need a width that is a multiple of {BLOCK}, not {d}")
+    blocks = rows.reshape(d, -1, quant.block_bytes)  # [d, nb, bytes]
+    nb = blocks.shape[1]
+    head = 2 * quant.table_width
+    table = blocks[..., :head].contiguous().view(torch.float16)  # [d, nb, width]
+    table = table.permute(1, 2, 0).contiguous()  # [nb, width, d]
+    if quant is Quant.Q4_1:
+        packed = blocks[..., 4:]  # [d, nb, 16]
+        q = torch.cat([packed & 0x0F, packed >> 4], dim=-1).reshape(d, nb * BLOCK)  # [d, n] codes 0..15
+        q = q.t().reshape(nb * BLOCK, d // BLOCK, BLOCK)  # [n, groups of 32 outputs, 32]
+        codes = (q[..., :16] | (q[..., 16:] << 4)).reshape(nb * BLOCK, d // 2)
+    else:
+        codes = blocks[..., 2:].reshape(d, nb * BLOCK).t()  # [n, d] int8 codes as bytes
+    return codes.contiguous(), table
+
+
+def dequantize_columns(codes: torch.Tensor, table: torch.Tensor, blocks: torch.Tensor,
+                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Down columns: codes [k, code_bytes] of neurons in blocks `blocks` [k] (neuron_id // 32) with
+    the layer's table [nb, width, d] -> [k, d] in `dtype`: the compiled kernel on a CPU that has it,
+    else `dequantize_columns_reference` (same values, tested)."""
+    if codes.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and cpu_kernels():
+        return native_dequantize_columns(codes.contiguous(), table.contiguous(), blocks.long().contiguous(), dtype)
+    return dequantize_columns_reference(codes, table, blocks, dtype)
+
+
+def dequantize_columns_reference(codes: torch.Tensor, table: torch.Tensor, blocks: torch.Tensor,
+                                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """`dequantize_columns` in torch ops (fp32 math, as the rows' reference)."""
+    k, d = codes.shape[0], table.shape[-1]
+    scales = table[blocks.long()].float()  # [k, width, d]
+    if table.shape[1] == 2:
+        packed = codes.reshape(k, d // BLOCK, 16)
+        q = torch.cat([packed & 0x0F, packed >> 4], dim=-1).reshape(k, d).float()
+        values = scales[:, 0] * q + scales[:, 1]
+    else:
+        values = scales[:, 0] * codes.view(torch.int8).float()
+    return values.to(dtype)

@@ -26,7 +26,7 @@ from torch import nn
 
 from runtime.kernels import linear
 from runtime.model import ACTIVATIONS, FeedForward, FfnKind, FfnWeights, ModelConfig, Transformer
-from runtime.quant import Quant, dequantize
+from runtime.quant import BLOCK, Quant, dequantize, dequantize_columns
 from runtime.selection import real_token_weights, sentence_active, top_count_mask
 from runtime.sparsity import LayerPlan, SparsityConfig
 from runtime.tokenwise_ffn import TokenwiseFFN
@@ -196,8 +196,11 @@ class SparseFFN(FeedForward):
 class CompactSparseFFN(SparseFFN):
     """`SparseFFN` on compact weights (runtime/quant.py): every matrix is per-neuron rows of blocks.
 
-      gate_up  [k, 2, gate_up_bytes] uint8  neuron i's gate and up rows side by side,
-      down_t   [k, down_bytes] uint8        neuron i's down column, quantized along d.
+      gate_up     [k, 2, gate_up_bytes] uint8  neuron i's gate and up rows side by side,
+      down_t      [k, code_bytes] uint8        neuron i's down column: its codes (runtime/quant.py,
+                                               "Down columns"),
+      down_table  [n / 32, 1 | 2, d] fp16      the layer's down block scales, whole; neuron i's block
+                                               is neuron_ids[i] // 32.
     The active prefix is `gate_up[:m]` and `down_t[:m]`, reordered in place as in SparseFFN; the
     compiled decode reads them as FfnKind.ROWS. With a full plan and no selection it is also the
     dense FFN of a compact model (`dense=True`), so one layout serves every layer."""
@@ -209,30 +212,38 @@ class CompactSparseFFN(SparseFFN):
         k, d = plan.loaded.shape[0], cfg.dim
         self.dim, self.dense, self.dtype = d, dense, dtype
         self.gate_up = nn.Parameter(torch.empty(k, 2, gate_up_quant.row_bytes(d), dtype=torch.uint8), requires_grad=False)
-        self.down_t = nn.Parameter(torch.empty(k, down_quant.row_bytes(d), dtype=torch.uint8), requires_grad=False)
+        self.down_t = nn.Parameter(torch.empty(k, down_quant.code_bytes(d), dtype=torch.uint8), requires_grad=False)
+        self.down_table = nn.Parameter(torch.empty(cfg.ffn_dim // BLOCK, down_quant.table_width, d, dtype=torch.float16),
+                                       requires_grad=False)
         self._init_state(cfg, plan, sparsity)
 
     @property
     def down(self) -> torch.Tensor:  # [d, k], a de-quantized copy
-        return dequantize(self.down_t, self.dim, self.dtype).t()
+        return self._down_rows(self.n_loaded, self.dtype).t()
+
+    def _down_rows(self, j: int, dtype: torch.dtype) -> torch.Tensor:
+        """The first j loaded neurons' down columns, de-quantized: [j, d]."""
+        return dequantize_columns(self.down_t[:j], self.down_table, self.neuron_ids[:j] // BLOCK, dtype)
 
     def _prefix_record(self) -> FfnWeights:
         m = self.n_active
         gate_up = self.gate_up[:m].view(2 * m, -1)  # [2m, bytes] compact rows, interleaved
-        return FfnWeights(FfnKind.ROWS, gate_up, self.down_t[:m], gate_up)
+        blocks = (self.neuron_ids[:m] // BLOCK).contiguous()
+        return FfnWeights(FfnKind.ROWS, gate_up, self.down_t[:m], gate_up, down_table=self.down_table, down_block=blocks)
 
     def _gate_up_rows(self, active: torch.Tensor) -> torch.Tensor:
         return dequantize(super()._gate_up_rows(active), self.dim, self.dtype)
 
     def _down_of(self, a: torch.Tensor) -> torch.Tensor:
-        return linear(a, dequantize(self.down_t[: a.shape[-1]], self.dim, a.dtype).t())  # [B, T, j] @ [j, D]
+        return linear(a, self._down_rows(a.shape[-1], a.dtype).t())  # [B, T, j] @ [j, D]
 
     def _reorder(self, order: torch.Tensor) -> None:
         self.gate_up.copy_(self.gate_up[order])
         self.down_t.copy_(self.down_t[order])
 
     def decode_bytes(self) -> int:
-        return self.n_active * (self.gate_up.shape[1] * self.gate_up.shape[2] + self.down_t.shape[1])
+        table = self.down_table.numel() * self.down_table.element_size()
+        return self.n_active * (self.gate_up.shape[1] * self.gate_up.shape[2] + self.down_t.shape[1]) + table
 
 
 def is_sparse(module: nn.Module) -> bool:

@@ -33,24 +33,27 @@ from torch import nn
 from runtime.kernels import linear
 from runtime.model import ACTIVATIONS, FeedForward, FfnKind, FfnWeights, ModelConfig
 from runtime.selection import real_token_weights
-from runtime.quant import Quant, dense
+from runtime.quant import BLOCK, Quant, dequantize_columns
 from runtime.sparsity import LayerPlan
 
 
 class TokenwiseFFN(FeedForward):
     def __init__(self, cfg: ModelConfig, plan: LayerPlan, token_score: str = "scaled",
                  compact: tuple[Quant, Quant] | None = None, dtype: torch.dtype = torch.bfloat16):
-        """`compact`: (gate/up format, down format) for compact rows (runtime/quant.py), de-quantized to
-        `dtype` where the eager path computes with them; None: float rows."""
+        """`compact`: (gate/up format, down format) for compact rows and down columns (runtime/quant.py),
+        de-quantized to `dtype` where the eager path computes with them; None: float rows."""
         super().__init__()
         k, d = plan.loaded.shape[0], cfg.dim
         self.dim, self.dtype = d, dtype
         if compact is None:
             self.gate, self.up, self.down_t = (nn.Parameter(torch.empty(k, d)) for _ in range(3))
+            self.register_parameter("down_table", None)
         else:
-            gate_up_bytes, down_bytes = compact[0].row_bytes(d), compact[1].row_bytes(d)
+            gate_up_bytes, down_bytes = compact[0].row_bytes(d), compact[1].code_bytes(d)
             self.gate, self.up, self.down_t = (nn.Parameter(torch.empty(k, b, dtype=torch.uint8), requires_grad=False)
                                                for b in (gate_up_bytes, gate_up_bytes, down_bytes))
+            self.down_table = nn.Parameter(torch.empty(cfg.ffn_dim // BLOCK, compact[1].table_width, d,
+                                                       dtype=torch.float16), requires_grad=False)  # [n / 32, 1 | 2, d]
         self.register_buffer("neuron_ids", plan.loaded.clone().to("cpu"), persistent=False)  # [k] original ids
         self.act = ACTIVATIONS[cfg.hidden_act]
         self.n_base, self.n_active = plan.n_base, plan.n_active
@@ -68,12 +71,15 @@ class TokenwiseFFN(FeedForward):
         return self.gate.shape[0]
 
     @property
-    def down(self) -> torch.Tensor:  # [d, k] view (a de-quantized copy for compact rows)
-        return self._rows(self.down_t).t()
+    def down(self) -> torch.Tensor:  # [d, k] view (a de-quantized copy for compact columns)
+        return self._down_rows(slice(None)).t()
 
-    def _rows(self, w: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Rows as floats: compact rows de-quantized (to `dtype`, default the layer's), float ones as they are."""
-        return dense(w, self.dim, dtype or self.dtype)
+    def _down_rows(self, index: slice | torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """down_t[index] as floats [j, d]: compact columns de-quantized with their blocks' scales."""
+        if self.down_table is None:
+            return self.down_t[index]
+        blocks = self.neuron_ids[index] // BLOCK
+        return dequantize_columns(self.down_t[index], self.down_table, blocks, dtype or self.dtype)
 
     def begin_prompt(self, token_mask: torch.Tensor | None) -> None:
         self.phase, self.token_mask = "prefill", token_mask
@@ -82,15 +88,16 @@ class TokenwiseFFN(FeedForward):
     def end_prompt(self) -> None:
         """Turn the prompt's |up| sums into this sentence's score scale s_i = mean |up_i| · ‖down_i‖."""
         if self.token_score == "scaled" and self.up_abs_sums is not None:
-            down_norm = self._rows(self.down_t, torch.float32).norm(dim=1)  # [k]
+            down_norm = self._down_rows(slice(None), torch.float32).float().norm(dim=1)  # [k]
             self.score_scale = self.up_abs_sums / self.up_counts.clamp(min=1) * down_norm  # [B, k]
         self.phase, self.token_mask = "decode", None
         self.up_abs_sums = self.up_counts = None
         self.decode_record = None
         if self.act is F.silu and (self.score_scale is None or self.score_scale.shape[0] == 1):
             scale = None if self.score_scale is None else self.score_scale[0].contiguous()  # [k] fp32
+            blocks = None if self.down_table is None else (self.neuron_ids // BLOCK).contiguous()
             self.decode_record = FfnWeights(FfnKind.TOKENWISE, self.gate, self.down_t, self.up, self.n_base,
-                                            self.n_active, scale)
+                                            self.n_active, scale, self.down_table, blocks)
 
     def _record_up(self, up: torch.Tensor) -> None:
         """Add |up| of the prompt's real tokens to the per-sequence sums. up [B, T, k]."""
@@ -110,9 +117,11 @@ class TokenwiseFFN(FeedForward):
         return self.neuron_ids.to(self.last_selected.device)[self.last_selected.flatten(0, 1)]
 
     def decode_bytes(self) -> int:
-        """Weight bytes one decode token reads: all loaded gate rows, φ of up rows and down columns."""
+        """Weight bytes one decode token reads: all loaded gate rows, φ of up rows and down columns
+        (and the down columns' block scales)."""
         row = lambda w: w.shape[1] * w.element_size()  # noqa: E731
-        return self.n_loaded * row(self.gate) + self.n_active * (row(self.up) + row(self.down_t))
+        table = 0 if self.down_table is None else self.down_table.numel() * self.down_table.element_size()
+        return self.n_loaded * row(self.gate) + self.n_active * (row(self.up) + row(self.down_t)) + table
 
     def select(self, act_gate: torch.Tensor) -> torch.Tensor:
         """act_gate [B, T, k] -> positions [B, T, m]: the base, then the highest scores of the rest
@@ -158,7 +167,8 @@ class TokenwiseFFN(FeedForward):
             rows = selected[0, 0, nb:]
             a_base = ag[:nb] * linear(xv, self.up[:nb])[0]  # [n_base]
             a_rest = ag[rows] * linear(xv, self._gather(rows, self.up))[0]  # [m - n_base]
-            down_base, down_rest = self._rows(self.down_t[:nb], xv.dtype), self._rows(self._gather(rows, self.down_t), xv.dtype)
+            down_base = self._down_rows(slice(0, nb), xv.dtype)
+            down_rest = self._gather(rows, self.down_t) if self.down_table is None else self._down_rows(rows, xv.dtype)
             y = torch.mv(down_base.t(), a_base) + torch.mv(down_rest.t(), a_rest)
             return y.view(1, 1, -1)
         mask = torch.zeros_like(act_gate).scatter_(-1, selected, 1.0)

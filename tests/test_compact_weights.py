@@ -17,7 +17,8 @@ from runtime.generate import generate
 from runtime.loader import CheckpointReader, load_model
 from runtime.native import cpu_flags, cpu_kernels
 from runtime.pack import pack_checkpoint
-from runtime.quant import Quant, dequantize, dequantize_reference, quantize, quantize_activation
+from runtime.quant import (Quant, columns_from_rows, dequantize, dequantize_columns, dequantize_columns_reference,
+                           dequantize_reference, quantize, quantize_activation)
 from runtime.sparse_ffn import CompactSparseFFN, sparse_modules
 from runtime.sparsity import METHODS, SparsityConfig, fraction_count
 from tests.helpers import make_neuron_file, tiny_prompts
@@ -44,13 +45,32 @@ def test_formats_match_ggml_reference(quant):
         assert torch.equal(dequantize(ours, 96, torch.bfloat16), ref.bfloat16())
 
 
+@pytest.mark.parametrize("quant", list(Quant))
+def test_down_columns_hold_the_rows_values_exactly(quant):
+    """Splitting down's row blocks into per-neuron codes and a block table keeps every value: any subset
+    of neurons, in any order, de-quantizes (reference and compiled) to the rows' own values."""
+    w = torch.randn(64, 96) * torch.rand(64, 1) * 3  # down [d, n]
+    w[5, 32:64] = 0.25  # a constant block
+    rows = quantize(w, quant)  # blocks along the neurons, as the GGUF stores down
+    codes, table = columns_from_rows(rows, quant)
+    assert codes.shape == (96, quant.code_bytes(64)) and table.shape == (3, quant.table_width, 64)
+    want = dequantize_reference(rows, 96).t()  # [n, d]
+    ids = torch.tensor([95, 0, 40, 33, 64, 40, 7])  # out of order, a repeat, three blocks
+    got = dequantize_columns_reference(codes[ids], table, ids // 32)
+    assert torch.equal(got, want[ids])
+    assert torch.equal(dequantize_columns_reference(codes, table, torch.arange(96) // 32), want)
+    if cpu_kernels():
+        assert torch.equal(dequantize_columns(codes[ids], table, ids // 32), want[ids])
+        assert torch.equal(dequantize_columns(codes[ids], table, ids // 32, torch.bfloat16), want[ids].bfloat16())
+
+
 KERNEL_CHECK = r"""
 import json, sys, torch
-from runtime.native import compact_kernel_path, cpu_kernels, gemv
+from runtime.native import compact_kernel_path, cpu_kernels, down_columns, gemv
 assert cpu_kernels()
-from runtime.quant import Quant, dequantize_reference, quantize, quantize_activation
+from runtime.quant import Quant, columns_from_rows, dequantize_columns_reference, dequantize_reference, quantize, quantize_activation
 torch.manual_seed(0)
-worst = {"fp32": 0.0, "bf16": 0.0}
+worst = {"fp32": 0.0, "bf16": 0.0, "down": 0.0}
 for quant in Quant:
     for rows, cols in [(1, 32), (7, 32), (45, 576), (130, 1536)]:  # odd row counts: every thread's share has a tail
         w = quantize(torch.randn(rows, cols), quant)
@@ -62,6 +82,16 @@ for quant in Quant:
                                 ("bf16", gemv(w, x.bfloat16()), ref16)]:
             error = (got.double() - want).abs().max().item() / (want.abs().max().item() + 1e-9)
             worst[kind] = max(worst[kind], error)
+    for d, n in [(32, 32), (64, 96), (576, 1536)]:  # down [d, n]: one block; three; the default model's
+        codes, table = columns_from_rows(quantize(torch.randn(d, n), quant), quant)
+        ids = torch.randperm(n)[: max(1, n * 2 // 3)]  # a loaded set, hot-first order
+        picks = [None, torch.tensor([len(ids) - 1, 0, len(ids) // 2, len(ids) - 1, 1])]  # all; out of order, a repeat
+        for pick in picks:
+            chosen = ids if pick is None else ids[pick]
+            a = torch.randn(len(chosen))
+            want = a.double() @ dequantize_columns_reference(codes[chosen], table, chosen // 32).double()
+            got = down_columns(codes[ids].contiguous(), table, (ids // 32).contiguous(), a, pick)
+            worst["down"] = max(worst["down"], (got.double() - want).abs().max().item() / (want.abs().max().item() + 1e-9))
 print(json.dumps({"path": compact_kernel_path(), "worst": worst}))
 """
 
@@ -84,6 +114,7 @@ def test_compact_gemv_equals_dequantize_then_matmul(path):
     assert result["path"] == path
     assert result["worst"]["fp32"] < 1e-5  # fp32 sums in another order
     assert result["worst"]["bf16"] < 1e-2  # the output rounded to bf16
+    assert result["worst"]["down"] < 1e-5  # down columns: fp32 sums in another order
 
 
 def test_quantize_activation_is_what_kernels_multiply():
@@ -187,8 +218,8 @@ def test_weights_option_packs_once_and_refuses_a_mismatch(compact, tiny_llama_di
 
 
 def test_embedded_model_q4_pack_keeps_the_gguf_blocks(default_model_dir, tmp_path):
-    """Packing the embedded model with q4 reproduces the GGUF's de-quantized gate, up and attention values
-    exactly (gguf-py's own de-quantizer as the reference), and its bf16 checkpoint after rounding."""
+    """Packing the embedded model with q4 reproduces the GGUF's de-quantized gate, up, down and attention
+    values exactly (gguf-py's own de-quantizer as the reference), and its bf16 checkpoint after rounding."""
     import gguf
     import gguf.quants
 
@@ -210,9 +241,9 @@ def test_embedded_model_q4_pack_keeps_the_gguf_blocks(default_model_dir, tmp_pat
             g = Quant.Q4_1.row_bytes(d)
             assert torch.equal(dequantize_reference(bundle[:, :g], d), gguf_values(f"blk.{layer}.ffn_gate.weight")[perm])
             assert torch.equal(dequantize_reference(bundle[:, g : 2 * g], d), gguf_values(f"blk.{layer}.ffn_up.weight")[perm])
-            down = dequantize_reference(bundle[:, 2 * g :], d)  # re-quantized per neuron to Q8_0: close, not equal
-            want_down = gguf_values(f"blk.{layer}.ffn_down.weight").t()[perm]
-            assert (down - want_down).abs().max() <= want_down.abs().amax(1).max() / 127
+            table = packed.get(f"model.layers.{layer}.mlp.down_table")
+            down = dequantize_columns_reference(bundle[:, 2 * g :], table, perm // 32)  # per-neuron codes + block scales
+            assert torch.equal(down, gguf_values(f"blk.{layer}.ffn_down.weight").t()[perm])
             for proj, name in (("v_proj", "attn_v"), ("o_proj", "attn_output")):
                 got = dequantize_reference(packed.get(f"model.layers.{layer}.self_attn.{proj}.weight"), d)
                 assert torch.equal(got, gguf_values(f"blk.{layer}.{name}.weight"))

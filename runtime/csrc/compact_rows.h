@@ -9,8 +9,9 @@
 //   Q4_1 . x = d_w d_x sum(q_w q_x) + m_w (d_x sum q_x)     (q_w unsigned 4-bit, q_x signed 8-bit)
 //   Q8_0 . x = d_w d_x sum(q_w q_x)                          (both signed: |q_w| times sign-adjusted q_x)
 // The u8 x s8 products are `vpmaddubsw` + `vpmaddwd` on AVX2 and one `vpdpbusd` with VNNI.
-// The transposed product (down rows, summed with per-neuron weights) de-quantizes Q8_0 in registers
-// and accumulates in fp32: its inputs are the activations, which are not reused enough to quantize.
+// The transposed product (down columns summed with per-neuron weights, `axpy_columns`) widens the
+// codes in registers and accumulates in fp32 per block of 32 neurons, then applies the block's
+// scales once per output: its inputs are the activations, which are not reused enough to quantize.
 
 // u8 x s8 products of 32 byte pairs, summed in fours -> 8 int32 lanes.
 inline __m256i dot_u8s8(__m256i u, __m256i s) {
@@ -87,32 +88,87 @@ void gemv_rows(const CompactMatrix& W, const QuantizedInput& in, const int64_t* 
   }
 }
 
-// 32 int8 codes -> four fp32 vectors, scaled and added into acc[0..3].
-inline void axpy_block_q8_0(const uint8_t* w, float a, __m256* acc) {
-  const __m256 scale = _mm256_set1_ps(a * fp16_to_float(w));
-  const __m256i codes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 2));
-  const __m128i lo = _mm256_castsi256_si128(codes), hi = _mm256_extracti128_si256(codes, 1);
-  acc[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo)), scale, acc[0]);
-  acc[1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8))), scale, acc[1]);
-  acc[2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi)), scale, acc[2]);
-  acc[3] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8))), scale, acc[3]);
+// One neuron's codes for 32 consecutive outputs, times a, added into acc[0..3] (outputs 0-7, 8-15,
+// 16-23, 24-31). Q4_1 codes: byte t holds output t (low nibble) and t + 16 (high); Q8_0: int8.
+inline void axpy_codes_q4(const uint8_t* c, __m256 a, __m256* acc) {
+  const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(c));
+  const __m128i lo = _mm_and_si128(packed, _mm_set1_epi8(0x0F));
+  const __m128i hi = _mm_and_si128(_mm_srli_epi16(packed, 4), _mm_set1_epi8(0x0F));
+  acc[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), a, acc[0]);
+  acc[1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), a, acc[1]);
+  acc[2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), a, acc[2]);
+  acc[3] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), a, acc[3]);
 }
 
-// out[K] += sum_{r in [r0, r1)} a[r] * W[row(r)] for Q8_0 rows, four rows per pass so that each block
-// of the accumulator is loaded and stored once per four weight rows.
-void axpy_rows_q8_0(const CompactMatrix& W, const float* a, const int64_t* rows, float* out, int64_t r0, int64_t r1) {
-  const int64_t nb = W.cols / 32;
-  int64_t r = r0;
-  for (; r < r1; r += 4) {
-    const int n = static_cast<int>(std::min<int64_t>(4, r1 - r));
-    const uint8_t* w[4];
-    for (int j = 0; j < n; ++j) w[j] = W.row(rows ? rows[r + j] : r + j);
-    for (int j = 0; j < n && r + 4 + j < r1; ++j) prefetch_row(W.row(rows ? rows[r + 4 + j] : r + 4 + j), W.row_bytes);
-    for (int64_t b = 0; b < nb; ++b) {
-      float* o = out + 32 * b;
-      __m256 acc[4] = {_mm256_loadu_ps(o), _mm256_loadu_ps(o + 8), _mm256_loadu_ps(o + 16), _mm256_loadu_ps(o + 24)};
-      for (int j = 0; j < n; ++j) axpy_block_q8_0(w[j] + b * Q8_0_BYTES, a[r + j], acc);
-      for (int i = 0; i < 4; ++i) _mm256_storeu_ps(o + 8 * i, acc[i]);
+inline void axpy_codes_q8(const uint8_t* c, __m256 a, __m256* acc) {
+  const __m256i codes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c));
+  const __m128i lo = _mm256_castsi256_si128(codes), hi = _mm256_extracti128_si256(codes, 1);
+  acc[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo)), a, acc[0]);
+  acc[1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8))), a, acc[1]);
+  acc[2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi)), a, acc[2]);
+  acc[3] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8))), a, acc[3]);
+}
+
+// acc[D] += sum_j a[r_j] codes(row(r_j)) over the n (<= 4) rows r, four per pass so that each group
+// of the accumulator is loaded and stored once per four neurons.
+inline void axpy_codes(const ColumnMatrix& W, const uint8_t* const* c, const float* a, int n, float* acc) {
+  const int64_t groups = W.cols / 32, step = W.q4 ? 16 : 32;
+  __m256 s[4];
+  for (int j = 0; j < n; ++j) s[j] = _mm256_set1_ps(a[j]);
+  for (int64_t g = 0; g < groups; ++g) {
+    float* o = acc + 32 * g;
+    __m256 v[4] = {_mm256_loadu_ps(o), _mm256_loadu_ps(o + 8), _mm256_loadu_ps(o + 16), _mm256_loadu_ps(o + 24)};
+    for (int j = 0; j < n; ++j) {
+      if (W.q4)
+        axpy_codes_q4(c[j] + g * step, s[j], v);
+      else
+        axpy_codes_q8(c[j] + g * step, s[j], v);
+    }
+    for (int i = 0; i < 4; ++i) _mm256_storeu_ps(o + 8 * i, v[i]);
+  }
+}
+
+// out[D] += sum_{r in [r0, r1)} a[r] * W[row(r)] for down columns: the rows are grouped by their block
+// (a counting sort of this share), each block's codes summed into acc with the activations, and the
+// block's scales applied once per output: out += d * acc (+ m * sum of the block's a for Q4_1).
+void axpy_columns(const ColumnMatrix& W, const float* a, const int64_t* rows, float* out, int64_t r0, int64_t r1) {
+  const int64_t nb = W.n_blocks, D = W.cols;
+  thread_local std::vector<int64_t> start, cursor, order;
+  thread_local std::vector<float> acc;
+  start.assign(nb + 1, 0);
+  for (int64_t r = r0; r < r1; ++r) ++start[W.blocks[rows ? rows[r] : r] + 1];
+  for (int64_t b = 0; b < nb; ++b) start[b + 1] += start[b];
+  cursor.assign(start.begin(), start.end() - 1);
+  order.resize(r1 - r0);
+  for (int64_t r = r0; r < r1; ++r) order[cursor[W.blocks[rows ? rows[r] : r]]++] = r;
+  acc.resize(D);
+  for (int64_t b = 0; b < nb; ++b) {
+    if (start[b] == start[b + 1]) continue;
+    std::fill(acc.begin(), acc.end(), 0.0f);
+    float a_sum = 0.0f;
+    for (int64_t i = start[b]; i < start[b + 1]; i += 4) {
+      const int n = static_cast<int>(std::min<int64_t>(4, start[b + 1] - i));
+      const uint8_t* c[4];
+      float aj[4];
+      for (int j = 0; j < n; ++j) {
+        const int64_t r = order[i + j];
+        c[j] = W.row(rows ? rows[r] : r);
+        aj[j] = a[r];
+        a_sum += a[r];
+      }
+      for (int j = 0; j < n && i + 4 + j < start[b + 1]; ++j) {
+        const int64_t r = order[i + 4 + j];
+        prefetch_row(W.row(rows ? rows[r] : r), W.code_bytes);
+      }
+      axpy_codes(W, c, aj, n, acc.data());
+    }
+    const uint16_t* d = W.scales(b);
+    const __m256 sum = _mm256_set1_ps(a_sum);
+    for (int64_t i = 0; i < D; i += 8) {
+      const __m256 scale = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(d + i)));
+      __m256 y = _mm256_fmadd_ps(scale, _mm256_loadu_ps(acc.data() + i), _mm256_loadu_ps(out + i));
+      if (W.q4) y = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(d + D + i))), sum, y);
+      _mm256_storeu_ps(out + i, y);
     }
   }
 }

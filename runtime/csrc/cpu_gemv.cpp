@@ -160,6 +160,19 @@ struct CompactMatrix {
   const uint8_t* row(int64_t r) const { return data + r * row_bytes; }
 };
 
+// Down columns (runtime/quant.py): each of `rows` neurons has `code_bytes` bytes of codes for `cols`
+// outputs (Q4_1 nibbles or Q8_0 int8); neuron r is in block blocks[r], whose scales are
+// table[b] = d [cols] then, for Q4_1, m [cols] (fp16).
+struct ColumnMatrix {
+  const uint8_t* codes = nullptr;
+  const uint16_t* table = nullptr;
+  const int64_t* blocks = nullptr;
+  int64_t rows = 0, cols = 0, code_bytes = 0, n_blocks = 0;
+  bool q4 = false;
+  const uint8_t* row(int64_t r) const { return codes + r * code_bytes; }
+  const uint16_t* scales(int64_t b) const { return table + b * (q4 ? 2 : 1) * cols; }
+};
+
 namespace avx2 {
 #include "compact_rows.h"
 }  // namespace avx2
@@ -178,7 +191,7 @@ namespace vnni {
 struct CompactKernels {
   const char* name;
   void (*gemv_rows)(const CompactMatrix&, const QuantizedInput&, const int64_t*, float*, int64_t, int64_t);
-  void (*axpy_rows_q8_0)(const CompactMatrix&, const float*, const int64_t*, float*, int64_t, int64_t);
+  void (*axpy_columns)(const ColumnMatrix&, const float*, const int64_t*, float*, int64_t, int64_t);
 };
 
 const CompactKernels& compact_kernels() {
@@ -186,8 +199,8 @@ const CompactKernels& compact_kernels() {
     const char* env = std::getenv("PARTINFER_VNNI");
     const bool allowed = !(env && std::string(env) == "0");
     if (allowed && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl"))
-      return CompactKernels{"avx512-vnni", vnni::gemv_rows, vnni::axpy_rows_q8_0};
-    return CompactKernels{"avx2", avx2::gemv_rows, avx2::axpy_rows_q8_0};
+      return CompactKernels{"avx512-vnni", vnni::gemv_rows, vnni::axpy_columns};
+    return CompactKernels{"avx2", avx2::gemv_rows, avx2::axpy_columns};
   }();
   return chosen;
 }
@@ -265,10 +278,12 @@ struct GemvInput {
   }
 };
 
-// A weight matrix as the kernels read it: bf16 [rows, cols], or compact rows of `cols` weights.
+// A weight matrix as the kernels read it: bf16 [rows, cols], compact rows of `cols` weights, or (a
+// down matrix, per neuron) compact columns of `cols` outputs.
 struct Matrix {
   const uint16_t* bf16 = nullptr;  // set for bf16 weights
-  CompactMatrix compact;  // set for uint8 ones
+  CompactMatrix compact;  // set for uint8 rows
+  ColumnMatrix columns;  // set for uint8 columns (`columns_of`)
   int64_t rows = 0, cols = 0;
 };
 
@@ -291,6 +306,27 @@ Matrix matrix_of(const at::Tensor& W, int64_t cols, const char* name) {
   return m;
 }
 
+// codes [rows, cols / 2 | cols] uint8, table [nb, 2 | 1, cols] fp16, blocks [rows] int64 in [0, nb).
+Matrix columns_of(const at::Tensor& codes, const at::Tensor& table, const at::Tensor& blocks, int64_t cols, const char* name) {
+  TORCH_CHECK(codes.dim() == 2 && codes.is_contiguous() && codes.device().is_cpu() && codes.scalar_type() == at::kByte &&
+              cols % 32 == 0, name, " codes must be contiguous 2-D uint8 CPU rows for a multiple of 32 outputs");
+  TORCH_CHECK(table.dim() == 3 && table.is_contiguous() && table.scalar_type() == at::kHalf && table.size(2) == cols &&
+              (table.size(1) == 1 || table.size(1) == 2), name, " table must be contiguous fp16 [blocks, 1 | 2, ", cols, "]");
+  const bool q4 = table.size(1) == 2;
+  TORCH_CHECK(codes.size(1) == (q4 ? cols / 2 : cols), name, " rows of ", codes.size(1), " bytes do not match its ",
+              q4 ? "Q4_1" : "Q8_0", " table for ", cols, " outputs");
+  TORCH_CHECK(blocks.dim() == 1 && blocks.is_contiguous() && blocks.scalar_type() == at::kLong && blocks.numel() == codes.size(0),
+              name, " blocks must be a contiguous int64 vector with one entry per row");
+  const int64_t* b = blocks.data_ptr<int64_t>();
+  for (int64_t i = 0; i < blocks.numel(); ++i) TORCH_CHECK(b[i] >= 0 && b[i] < table.size(0), name, " block ", b[i], " out of range");
+  Matrix m;
+  m.rows = codes.size(0);
+  m.cols = cols;
+  m.columns = ColumnMatrix{codes.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(table.data_ptr<at::Half>()), b,
+                           m.rows, cols, codes.size(1), table.size(0), q4};
+  return m;
+}
+
 // y[r] = W[row(r)] . in for r in [r0, r1).
 void matrix_gemv(const Matrix& W, const GemvInput& in, const int64_t* rows, float* y, int64_t r0, int64_t r1) {
   if (W.bf16)
@@ -300,13 +336,13 @@ void matrix_gemv(const Matrix& W, const GemvInput& in, const int64_t* rows, floa
 }
 
 // partial += sum_{r in [r0, r1)} a[r] W[row(r)], in the layout of W's format (bf16: even | odd | tail
-// halves, see axpy_rows; compact: natural order). `reduce_partials` sums such partials.
+// halves, see axpy_rows; compact columns: natural order). `reduce_partials` sums such partials.
 void matrix_axpy(const Matrix& W, const float* a, const int64_t* rows, float* partial, int64_t r0, int64_t r1) {
   const int64_t K16 = W.cols & ~int64_t(15);
   if (W.bf16)
     axpy_rows(W.bf16, W.cols, a, rows, partial, partial + K16 / 2, partial + K16, r0, r1);
   else
-    compact_kernels().axpy_rows_q8_0(W.compact, a, rows, partial, r0, r1);
+    compact_kernels().axpy_columns(W.columns, a, rows, partial, r0, r1);
 }
 
 void reduce_partials(const Matrix& W, const float* partials, int count, float* out) {
@@ -401,6 +437,56 @@ at::Tensor dequantize(const at::Tensor& W, int64_t cols, at::ScalarType dtype) {
     }
   });
   return out;
+}
+
+// Down columns (codes, table, blocks: see columns_of) -> [rows, cols] in `dtype`: d * q (+ m) in fp32,
+// as runtime/quant.py's reference computes them.
+at::Tensor dequantize_columns(const at::Tensor& codes, const at::Tensor& table, const at::Tensor& blocks, at::ScalarType dtype) {
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "dequantize_columns writes fp32 or bf16");
+  const ColumnMatrix C = columns_of(codes, table, blocks, table.size(-1), "down").columns;
+  const int64_t D = C.cols;
+  at::Tensor out = at::empty({C.rows, D}, codes.options().dtype(dtype));
+  float* out_f32 = dtype == at::kFloat ? out.data_ptr<float>() : nullptr;
+  at::BFloat16* out_bf16 = dtype == at::kBFloat16 ? out.data_ptr<at::BFloat16>() : nullptr;
+  at::parallel_for(0, C.rows, 64, [&](int64_t r0, int64_t r1) {
+    std::vector<float> q(D), d(D), m(D, 0.0f), row(D);
+    for (int64_t r = r0; r < r1; ++r) {
+      const uint8_t* c = C.row(r);
+      const uint16_t* s = C.scales(C.blocks[r]);
+      for (int64_t i = 0; i < D; ++i) {
+        d[i] = _cvtsh_ss(s[i]);
+        if (C.q4) m[i] = _cvtsh_ss(s[D + i]);
+      }
+      if (C.q4) {
+        for (int64_t g = 0; g < D; g += 32)
+          for (int t = 0; t < 16; ++t) {
+            q[g + t] = static_cast<float>(c[g / 2 + t] & 0x0F);
+            q[g + t + 16] = static_cast<float>(c[g / 2 + t] >> 4);
+          }
+      } else {
+        for (int64_t i = 0; i < D; ++i) q[i] = static_cast<float>(static_cast<int8_t>(c[i]));
+      }
+      for (int64_t i = 0; i < D; ++i) row[i] = d[i] * q[i] + m[i];
+      if (out_f32)
+        std::copy(row.begin(), row.end(), out_f32 + r * D);
+      else
+        for (int64_t i = 0; i < D; ++i) out_bf16[r * D + i] = at::BFloat16(row[i]);
+    }
+  });
+  return out;
+}
+
+// y [D] = sum_r a[r] W[rows[r]] for down columns, on this thread with the decode's kernel: its test.
+at::Tensor down_columns(const at::Tensor& codes, const at::Tensor& table, const at::Tensor& blocks, const at::Tensor& a,
+                        const std::optional<at::Tensor>& rows) {
+  const Matrix W = columns_of(codes, table, blocks, table.size(-1), "down");
+  check_rows(rows, W.rows);
+  const int64_t R = rows ? rows->numel() : W.rows;
+  TORCH_CHECK(a.dim() == 1 && a.is_contiguous() && a.scalar_type() == at::kFloat && a.size(0) == R,
+              "a must be a contiguous fp32 vector with one entry per row");
+  at::Tensor y = at::zeros({W.cols}, a.options());
+  matrix_axpy(W, a.data_ptr<float>(), rows ? rows->data_ptr<int64_t>() : nullptr, y.data_ptr<float>(), 0, R);
+  return y;
 }
 
 std::string compact_kernel_path() { return compact_kernels().name; }
@@ -678,7 +764,8 @@ const float* tokenwise_ffn_team(const Matrix& gate, const Matrix& up, const Matr
 // kind 1: the same with w1's gate/up rows interleaved; kind 2: token-wise, w1 = gate, w3 = up,
 // w2 = down_t (all [k, D]), scale [k] fp32 or empty (rank by |silu(gate h)| alone); kind 3: rows,
 // w1 = interleaved gate/up rows [2m, D], w2 = down_t [m, D]. Kinds 0 and 1 take bf16 weights; kinds
-// 2 and 3 also compact rows (Q4_1 or Q8_0; down_t bf16 or Q8_0).
+// 2 and 3 also compact rows (Q4_1 or Q8_0), their down_t then compact columns with the layer's
+// down_table and the rows' down_block (see columns_of; empty tensors for bf16).
 // Mirrors runtime.model.FfnKind and the fields of runtime.model.FfnWeights (tests pin the values).
 enum FfnKind : int64_t { kGated = 0, kInterleaved = 1, kTokenwise = 2, kRows = 3 };
 
@@ -690,7 +777,8 @@ struct FfnArgs {
 };
 
 FfnArgs check_ffn(int64_t kind, const at::Tensor& w1, const at::Tensor& w2, const at::Tensor& w3, int64_t n_base,
-                  int64_t n_active, const at::Tensor& scale, int64_t D) {
+                  int64_t n_active, const at::Tensor& scale, const at::Tensor& down_table, const at::Tensor& down_block,
+                  int64_t D) {
   TORCH_CHECK(kind >= kGated && kind <= kRows, "unknown FFN kind ", kind);
   FfnArgs f{kind, matrix_of(w1, D, "gate_up/gate"), {}, {}, n_base, n_active, nullptr};
   if (kind == kGated || kind == kInterleaved) {
@@ -699,8 +787,12 @@ FfnArgs check_ffn(int64_t kind, const at::Tensor& w1, const at::Tensor& w2, cons
     TORCH_CHECK(f.w2.bf16 != nullptr && f.w2.rows == D, "down must be bf16 with ", D, " rows");
     return f;
   }
-  f.w2 = matrix_of(w2, D, "down_t");
-  TORCH_CHECK(f.w2.bf16 || !f.w2.compact.q4, "down_t rows must be bf16 or Q8_0");
+  if (w2.scalar_type() == at::kBFloat16) {
+    f.w2 = matrix_of(w2, D, "down_t");
+  } else {
+    TORCH_CHECK(f.w1.bf16 == nullptr, "compact down columns go with compact gate/up rows");
+    f.w2 = columns_of(w2, down_table, down_block, D, "down_t");
+  }
   if (kind == kRows) {
     TORCH_CHECK(f.w1.rows == 2 * f.w2.rows, "gate_up must have two rows per down_t row");
     return f;
@@ -814,20 +906,21 @@ void check_norm(const at::Tensor& w, int64_t D) {
 
 // All layers for one token at rope position `pos`: x [D] bf16 -> [D] bf16 (before the final norm). Per
 // layer i: norm1[i], qkv[i], o[i], norm2[i] and the FFN (kind[i], w1[i], w2[i], w3[i], n_base[i],
-// n_active[i], scale[i]; see FfnKind); k_cache/v_cache [L, Hkv, S, hd]; inv_freq [hd/2] fp32. One op and one parallel region per decode step: no Python
+// n_active[i], scale[i], down_table[i], down_block[i]; see FfnKind); k_cache/v_cache [L, Hkv, S, hd]; inv_freq [hd/2] fp32. One op and one parallel region per decode step: no Python
 // between layers, no fork/join between matrices.
 at::Tensor model_decode(const at::Tensor& x, at::TensorList norm1, at::TensorList qkv, at::TensorList o,
                         at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& inv_freq, int64_t pos,
                         int64_t n_heads, int64_t n_kv_heads, at::TensorList norm2, at::IntArrayRef kind,
                         at::TensorList w1, at::TensorList w2, at::TensorList w3, at::IntArrayRef n_base,
-                        at::IntArrayRef n_active, at::TensorList scale, at::TensorList comp_in, at::TensorList comp_out,
-                        double eps) {
+                        at::IntArrayRef n_active, at::TensorList scale, at::TensorList down_table,
+                        at::TensorList down_block, at::TensorList comp_in, at::TensorList comp_out, double eps) {
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 1, "x must be a bf16 vector");
   const int64_t D = x.numel(), L = static_cast<int64_t>(norm1.size());
   TORCH_CHECK(qkv.size() == norm1.size() && o.size() == norm1.size() && norm2.size() == norm1.size() &&
               w1.size() == norm1.size() && w2.size() == norm1.size() && w3.size() == norm1.size() &&
               static_cast<int64_t>(kind.size()) == L && static_cast<int64_t>(n_base.size()) == L &&
               static_cast<int64_t>(n_active.size()) == L && static_cast<int64_t>(scale.size()) == L &&
+              static_cast<int64_t>(down_table.size()) == L && static_cast<int64_t>(down_block.size()) == L &&
               static_cast<int64_t>(comp_in.size()) == L && static_cast<int64_t>(comp_out.size()) == L &&
               k_cache.size(0) == L && v_cache.size(0) == L,
               "one entry per layer in every list and cache");
@@ -854,7 +947,7 @@ at::Tensor model_decode(const at::Tensor& x, at::TensorList norm1, at::TensorLis
     check_norm(norm1[i], D);
     check_norm(norm2[i], D);
     check_attention(attn[i], D);
-    ffn.push_back(check_ffn(kind[i], w1[i], w2[i], w3[i], n_base[i], n_active[i], scale[i], D));
+    ffn.push_back(check_ffn(kind[i], w1[i], w2[i], w3[i], n_base[i], n_active[i], scale[i], down_table[i], down_block[i], D));
     if (comp_in[i].numel()) {
       comp[i] = {matrix_of(comp_in[i], D, "comp_in"), matrix_of(comp_out[i], comp_in[i].size(0), "comp_out")};
       TORCH_CHECK(comp[i].first.bf16 && comp[i].second.bf16 && comp[i].second.rows == D,
@@ -914,9 +1007,12 @@ TORCH_LIBRARY(partinfer_cpu, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor", rms_norm);
   m.def("argmax(Tensor x) -> Tensor", argmax);
   m.def("dequantize(Tensor W, int cols, ScalarType dtype) -> Tensor", dequantize);
+  m.def("dequantize_columns(Tensor codes, Tensor table, Tensor blocks, ScalarType dtype) -> Tensor", dequantize_columns);
+  m.def("down_columns(Tensor codes, Tensor table, Tensor blocks, Tensor a, Tensor? rows=None) -> Tensor", down_columns);
   m.def("compact_kernel_path() -> str", compact_kernel_path);
   m.def("model_decode(Tensor x, Tensor[] norm1, Tensor[] qkv, Tensor[] o, Tensor(a!) k_cache, Tensor(b!) v_cache, "
         "Tensor inv_freq, int pos, int n_heads, int n_kv_heads, Tensor[] norm2, int[] kind, Tensor[] w1, "
-        "Tensor[] w2, Tensor[] w3, int[] n_base, int[] n_active, Tensor[] scale, Tensor[] comp_in, Tensor[] comp_out, "
+        "Tensor[] w2, Tensor[] w3, int[] n_base, int[] n_active, Tensor[] scale, Tensor[] down_table, Tensor[] down_block, "
+        "Tensor[] comp_in, Tensor[] comp_out, "
         "float eps) -> Tensor", model_decode);
 }
