@@ -71,6 +71,11 @@ assert cpu_kernels()
 from runtime.quant import Quant, columns_from_rows, dequantize_columns_reference, dequantize_reference, quantize, quantize_activation
 torch.manual_seed(0)
 worst = {"fp32": 0.0, "bf16": 0.0, "down": 0.0}
+
+
+def per_block(v):  # one 8-bit scale for a block's activations, rounded as the kernel rounds
+    d = v.abs().max() / 127
+    return (v * (1.0 / d)).round() * d if d != 0 else v * 0
 for quant in Quant:
     for rows, cols in [(1, 32), (7, 32), (45, 576), (130, 1536)]:  # odd row counts: every thread's share has a tail
         w = quantize(torch.randn(rows, cols), quant)
@@ -89,7 +94,14 @@ for quant in Quant:
         for pick in picks:
             chosen = ids if pick is None else ids[pick]
             a = torch.randn(len(chosen))
-            want = a.double() @ dequantize_columns_reference(codes[chosen], table, chosen // 32).double()
+            blocks = chosen // 32
+            values = dequantize_columns_reference(codes[chosen], table, blocks).double()  # d q + m
+            mins = table[blocks][:, 1].double() if quant is Quant.Q4_1 else torch.zeros_like(values)
+            a_q = a.clone()  # Q4_1 codes are summed in integers: a quantized to 8 bits per block of neurons
+            for block in blocks.unique() if quant is Quant.Q4_1 else []:
+                mine = blocks == block
+                a_q[mine] = per_block(a[mine])
+            want = a_q.double() @ (values - mins) + a.double() @ mins
             got = down_columns(codes[ids].contiguous(), table, (ids // 32).contiguous(), a, pick)
             worst["down"] = max(worst["down"], (got.double() - want).abs().max().item() / (want.abs().max().item() + 1e-9))
 print(json.dumps({"path": compact_kernel_path(), "worst": worst}))
@@ -215,6 +227,30 @@ def test_weights_option_packs_once_and_refuses_a_mismatch(compact, tiny_llama_di
     assert len(list((tmp_path / "packed").iterdir())) == 1
     with pytest.raises(PartinferError, match="packed with q4 weights"):
         load(compact["q4"], compact["neurons"], method="dense", weights="int8")
+
+
+def test_an_older_compact_pack_is_refused_and_the_cached_one_rebuilt(compact, tiny_llama_dir, tmp_path, monkeypatch):
+    """A version-1 compact pack (down rows per neuron) is a one-line error to load; `--weights` replaces its
+    own cached copy of that age instead of misreading it."""
+    import shutil
+
+    from common.errors import PartinferError
+    from runtime.loader import PACK_MANIFEST, packed_version
+    from runtime.pack import PACK_VERSION, cached_pack
+
+    def age(pack: Path) -> None:
+        manifest = json.loads((pack / PACK_MANIFEST).read_text())
+        (pack / PACK_MANIFEST).write_text(json.dumps({**manifest, "version": 1}))
+
+    old = shutil.copytree(compact["q4"], tmp_path / "old")
+    age(old)
+    with pytest.raises(PartinferError, match="older layout.*pack it again"):
+        load(old, compact["neurons"], method="dense")
+    monkeypatch.setenv("PARTINFER_HOME", str(tmp_path / "home"))
+    cached = cached_pack(tiny_llama_dir, compact["neurons"], "q4")
+    age(cached)
+    assert cached_pack(tiny_llama_dir, compact["neurons"], "q4") == cached and packed_version(cached) == PACK_VERSION
+    load(tiny_llama_dir, compact["neurons"], method="dense", weights="q4")
 
 
 def test_embedded_model_q4_pack_keeps_the_gguf_blocks(default_model_dir, tmp_path):

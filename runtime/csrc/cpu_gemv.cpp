@@ -191,7 +191,7 @@ namespace vnni {
 struct CompactKernels {
   const char* name;
   void (*gemv_rows)(const CompactMatrix&, const QuantizedInput&, const int64_t*, float*, int64_t, int64_t);
-  void (*axpy_columns)(const ColumnMatrix&, const float*, const int64_t*, float*, int64_t, int64_t);
+  void (*axpy_columns)(const ColumnMatrix&, const float*, const int64_t*, const float*, float*, int64_t, int64_t);
 };
 
 const CompactKernels& compact_kernels() {
@@ -335,14 +335,29 @@ void matrix_gemv(const Matrix& W, const GemvInput& in, const int64_t* rows, floa
     compact_kernels().gemv_rows(W.compact, in.quant, rows, y, r0, r1);
 }
 
+// The 8-bit scale of each block's activations for Q4_1 down columns: max |a| / 127 over all n rows
+// of the block (every thread computes the same from the whole product's a, so a result does not
+// depend on how rows are split or ordered). `units` is resized to the block count.
+void column_block_units(const Matrix& W, const float* a, const int64_t* rows, int64_t n, std::vector<float>& units) {
+  units.assign(W.columns.n_blocks, 0.0f);
+  if (W.bf16 || !W.columns.q4) return;
+  for (int64_t r = 0; r < n; ++r) {
+    float& u = units[W.columns.blocks[rows ? rows[r] : r]];
+    u = std::max(u, std::fabs(a[r]));
+  }
+  for (float& u : units) u /= 127.0f;
+}
+
 // partial += sum_{r in [r0, r1)} a[r] W[row(r)], in the layout of W's format (bf16: even | odd | tail
-// halves, see axpy_rows; compact columns: natural order). `reduce_partials` sums such partials.
-void matrix_axpy(const Matrix& W, const float* a, const int64_t* rows, float* partial, int64_t r0, int64_t r1) {
+// halves, see axpy_rows; compact columns: natural order, `units` from column_block_units).
+// `reduce_partials` sums such partials.
+void matrix_axpy(const Matrix& W, const float* a, const int64_t* rows, const std::vector<float>& units, float* partial,
+                 int64_t r0, int64_t r1) {
   const int64_t K16 = W.cols & ~int64_t(15);
   if (W.bf16)
     axpy_rows(W.bf16, W.cols, a, rows, partial, partial + K16 / 2, partial + K16, r0, r1);
   else
-    compact_kernels().axpy_columns(W.columns, a, rows, partial, r0, r1);
+    compact_kernels().axpy_columns(W.columns, a, rows, units.data(), partial, r0, r1);
 }
 
 void reduce_partials(const Matrix& W, const float* partials, int count, float* out) {
@@ -485,7 +500,10 @@ at::Tensor down_columns(const at::Tensor& codes, const at::Tensor& table, const 
   TORCH_CHECK(a.dim() == 1 && a.is_contiguous() && a.scalar_type() == at::kFloat && a.size(0) == R,
               "a must be a contiguous fp32 vector with one entry per row");
   at::Tensor y = at::zeros({W.cols}, a.options());
-  matrix_axpy(W, a.data_ptr<float>(), rows ? rows->data_ptr<int64_t>() : nullptr, y.data_ptr<float>(), 0, R);
+  const int64_t* rp = rows ? rows->data_ptr<int64_t>() : nullptr;
+  std::vector<float> units;
+  column_block_units(W, a.data_ptr<float>(), rp, R, units);
+  matrix_axpy(W, a.data_ptr<float>(), rp, units, y.data_ptr<float>(), 0, R);
   return y;
 }
 
@@ -609,7 +627,7 @@ void rope(float* v, const float* cos, const float* sin, int64_t half) {
 
 // Scratch the team shares within one step; each buffer is written by share and read after a barrier.
 struct SharedScratch {
-  std::vector<float> qkv, heads, out, gate_up, act, partial, comp;
+  std::vector<float> qkv, heads, out, gate_up, act, chosen, partial, comp;
 };
 
 // One token's scaled-dot-product attention for head hh over cache slots 0..pos, into out [hd].
@@ -705,9 +723,10 @@ const float* gated_ffn_team(const Matrix& gate_up, const Matrix& down, bool inte
 // The FFN of kind kRows by the whole team: gate_up [2m, D] interleaved rows g0, u0, g1, u1, ... and
 // down_t [m, D], both per-neuron rows (bf16 or compact). Each thread takes a share of the m neurons
 // end to end — gate/up rows, activation, its down rows into its own partial sum — so one barrier
-// before the sum is all the FFN needs. Returns the output [D] in `out`, this thread's own.
+// before the sum is all the FFN needs (and one before the down rows for Q4_1 columns, whose block
+// scales take every thread's activations). Returns the output [D] in `out`, this thread's own.
 const float* rows_ffn_team(const Matrix& gate_up, const Matrix& down_t, const GemvInput& h, SharedScratch& s,
-                           std::vector<float>& out, const Team& team) {
+                           std::vector<float>& out, std::vector<float>& units, const Team& team) {
   const int64_t m = down_t.rows, D = down_t.cols;
   const auto [i0, i1] = team.share(m);
   float* gu = s.gate_up.data();
@@ -715,7 +734,11 @@ const float* rows_ffn_team(const Matrix& gate_up, const Matrix& down_t, const Ge
   for (int64_t i = i0; i < i1; ++i) s.act[i] = silu(gu[2 * i]) * gu[2 * i + 1];
   float* partial = s.partial.data() + team.t * D;
   std::fill(partial, partial + D, 0.0f);
-  matrix_axpy(down_t, s.act.data(), nullptr, partial, i0, i1);
+  if (!down_t.bf16 && down_t.columns.q4) {  // integer down: block scales from every thread's activations
+    team_barrier();
+    column_block_units(down_t, s.act.data(), nullptr, m, units);
+  }
+  matrix_axpy(down_t, s.act.data(), nullptr, units, partial, i0, i1);
   team_barrier();
   reduce_partials(down_t, s.partial.data(), team.nt, out.data());
   return out.data();
@@ -730,7 +753,7 @@ const float* rows_ffn_team(const Matrix& gate_up, const Matrix& down_t, const Ge
 // gate and the sum need a barrier. Returns the output [D] in `out`, this thread's own.
 const float* tokenwise_ffn_team(const Matrix& gate, const Matrix& up, const Matrix& down_t, int64_t n_base,
                                 int64_t n_active, const float* scale, const GemvInput& h, SharedScratch& s,
-                                std::vector<float>& out, const Team& team) {
+                                std::vector<float>& out, std::vector<float>& units, const Team& team) {
   const int64_t k = gate.rows, D = down_t.cols;
   float* ag = s.act.data();  // silu(gate h) [k]
   float* score = s.gate_up.data();  // [k]
@@ -749,12 +772,16 @@ const float* tokenwise_ffn_team(const Matrix& gate, const Matrix& up, const Matr
   rows.resize(n_active);
   std::sort(rows.begin() + n_base, rows.end());  // ascending rows stream better
   const auto [j0, j1] = team.share(n_active);
-  std::vector<float> u(n_active);
-  matrix_gemv(up, h, rows.data(), u.data(), j0, j1);
+  float* u = s.chosen.data();  // [n_active] the chosen neurons' activations
+  matrix_gemv(up, h, rows.data(), u, j0, j1);
   for (int64_t j = j0; j < j1; ++j) u[j] *= ag[rows[j]];
   float* partial = s.partial.data() + team.t * D;
   std::fill(partial, partial + D, 0.0f);
-  matrix_axpy(down_t, u.data(), rows.data(), partial, j0, j1);
+  if (!down_t.bf16 && down_t.columns.q4) {  // integer down: block scales from every thread's activations
+    team_barrier();
+    column_block_units(down_t, u, rows.data(), n_active, units);
+  }
+  matrix_axpy(down_t, u, rows.data(), units, partial, j0, j1);
   team_barrier();
   reduce_partials(down_t, s.partial.data(), team.nt, out.data());
   return out.data();
@@ -961,6 +988,7 @@ at::Tensor model_decode(const at::Tensor& x, at::TensorList norm1, at::TensorLis
   s.out.resize(D);
   s.gate_up.resize(2 * ffn_width);
   s.act.resize(ffn_width);
+  s.chosen.resize(ffn_width);
   s.partial.resize(static_cast<size_t>(threads) * D);
   s.comp.resize(std::max(D, comp_rank));
   const std::vector<float> x_in = to_floats(x);
@@ -968,7 +996,7 @@ at::Tensor model_decode(const at::Tensor& x, at::TensorList norm1, at::TensorLis
 #pragma omp parallel num_threads(threads)
   {
     const Team team{omp_get_thread_num(), omp_get_num_threads()};
-    std::vector<float> res = x_in, ffn_out(D), compensated(D);  // each thread's own copy of the residual
+    std::vector<float> res = x_in, ffn_out(D), compensated(D), units;  // each thread's own copy of the residual
     GemvInput h(D), heads(heads_width), act(ffn_width), comp_t(comp_rank);
     for (int64_t i = 0; i < L; ++i) {
       rms_norm_row(res.data(), norm1[i].data_ptr<at::BFloat16>(), D, eps, h.x.data());
@@ -979,9 +1007,9 @@ at::Tensor model_decode(const at::Tensor& x, at::TensorList norm1, at::TensorLis
       const FfnArgs& f = ffn[i];
       const float* y;
       if (f.kind == kTokenwise) {
-        y = tokenwise_ffn_team(f.w1, f.w3, f.w2, f.n_base, f.n_active, f.scale, h, s, ffn_out, team);
+        y = tokenwise_ffn_team(f.w1, f.w3, f.w2, f.n_base, f.n_active, f.scale, h, s, ffn_out, units, team);
       } else if (f.kind == kRows) {
-        y = rows_ffn_team(f.w1, f.w2, h, s, ffn_out, team);
+        y = rows_ffn_team(f.w1, f.w2, h, s, ffn_out, units, team);
       } else {
         act.x.resize(f.w1.rows / 2);
         y = gated_ffn_team(f.w1, f.w2, f.kind == kInterleaved, h, s, act, team);
