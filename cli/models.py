@@ -29,7 +29,7 @@ def pack(
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the packed checkpoint (new, empty, or an earlier `pack --out`).")],
     model: ModelOpt = None,
     model_neurons: Annotated[Optional[Path], typer.Option("--model-neurons", help="Model-level neuron file that orders each layer (default: the shipped one for the default model).")] = None,
-    weights: Annotated[str, typer.Option("--weights", help="Weight format: q4 (Q4_1 attention and gate/up, Q8_0 down and embeddings; the embedded model's GGUF blocks kept bit for bit), int8 (Q8_0 everywhere) or bf16.")] = "q4",
+    weights: Annotated[str, typer.Option("--weights", help="Weight format: q4 (Q4_1 attention, gate, up and down, Q8_0 embeddings: the embedded model's GGUF blocks kept bit for bit), int8 (Q8_0 everywhere) or bf16.")] = "q4",
 ) -> None:
     """Write a packed checkpoint: FFN layers permuted hot-first and bundled per neuron for partial loads,
     every matrix in compact 4/8-bit rows by default (--weights)."""

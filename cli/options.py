@@ -46,7 +46,7 @@ SPARSITY_OPTIONS: dict[str, tuple[Any, tuple[str, ...], str]] = {
                      "compensate`, fit for the same γ, δ and neuron files); methods that load every neuron ignore it."),
     "budget": (str, ("--budget",), "uniform (every sparse layer loads γ and computes φ) or profiled (the same total "
                "neurons, spread by layer by the sensitivities in the neuron file: `partinfer neurons sensitivity`)."),
-    "weights": (Optional[str], ("--weights",), "Weight format: q4 (4-bit: Q4_1, with Q8_0 down and embeddings), int8 "
+    "weights": (Optional[str], ("--weights",), "Weight format: q4 (4-bit: Q4_1, with Q8_0 embeddings), int8 "
                 "(Q8_0) or bf16. A checkpoint not packed so is packed once into the cache with the model-level neuron "
                 "file (default: as the checkpoint stores them)."),
 }

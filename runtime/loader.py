@@ -88,12 +88,16 @@ def is_packed(model_dir: Path) -> bool:
     return (Path(model_dir) / PACK_MANIFEST).is_file()
 
 
-def packed_version(model_dir: Path) -> int:
-    """The pack format version a packed checkpoint was written in (runtime.pack.PACK_VERSION)."""
+PACK_VERSION = 2  # what `partinfer pack` writes; compact packs before 2 held down as Q8_0 rows per neuron
+
+
+def stale_compact_pack(model_dir: Path) -> bool:
+    """A compact packed checkpoint in a layout this version no longer reads (bf16 packs never change)."""
     from common.output_dir import read_manifest
 
-    version = (read_manifest(model_dir, "pack") or {}).get("version", 1)
-    return version if isinstance(version, int) else 1
+    manifest = read_manifest(model_dir, "pack") or {}
+    version = manifest.get("version", 1)
+    return manifest.get("weights", "bf16") != "bf16" and (not isinstance(version, int) or version < PACK_VERSION)
 
 
 def packed_weight_format(model_dir: Path) -> WeightFormat:
@@ -103,7 +107,7 @@ def packed_weight_format(model_dir: Path) -> WeightFormat:
     name = (read_manifest(model_dir, "pack") or {}).get("weights", "bf16")
     if name not in WEIGHT_FORMATS:
         raise PartinferError(f"{model_dir} was packed with weights {name!r}, which this version cannot read; pack it again")
-    if WEIGHT_FORMATS[name].compact and packed_version(model_dir) < 2:
+    if stale_compact_pack(model_dir):
         raise PartinferError(f"{model_dir} holds {name} weights in an older layout (down rows per neuron); "
                              "pack it again with `partinfer pack`")
     return WEIGHT_FORMATS[name]

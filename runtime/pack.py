@@ -24,13 +24,12 @@ from tqdm import tqdm
 
 from common.neuron_file import NeuronFile
 from common.errors import PartinferError
-from runtime.loader import CheckpointReader, is_packed, packed_version
+from runtime.loader import PACK_VERSION, CheckpointReader, is_packed, stale_compact_pack
 from runtime.gguf_source import GgufRows
 from runtime.model import ModelConfig
 from runtime.quant import Quant, WeightFormat, columns_from_rows, quantize, weight_format
 from common.output_dir import replace_output_dir
 
-PACK_VERSION = 2  # 2: compact down as per-neuron codes + block table (1: Q8_0 rows per neuron)
 COPIED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                 "special_tokens_map.json", "chat_template.jinja", "tokenizer.model", "vocab.json", "merges.txt")
 
@@ -138,6 +137,6 @@ def cached_pack(model_dir: Path, model_neurons: Path, weights: str) -> Path:
     digest = hashlib.sha1(Path(model_neurons).read_bytes()).hexdigest()[:10]
     suffix = "" if weights == "bf16" else f"-{weights}"  # bf16 copies keep the name they always had
     out = cache_home() / "packed" / f"{Path(model_dir).name}-{digest}{suffix}"
-    if not is_packed(out) or packed_version(out) < PACK_VERSION:  # an older pack of ours is replaced
+    if not is_packed(out) or stale_compact_pack(out):  # an older layout of our own copy is replaced
         pack_checkpoint(model_dir, model_neurons, out, weights)
     return out

@@ -11,7 +11,9 @@ loading of γ stays a positioned read of a hot-first prefix.
 
 The byte layout is ggml's, so the embedded model's GGUF blocks are kept bit for bit. Which format a
 row uses follows from its byte count and K (20 or 34 bytes per 32 weights), so a kernel needs no
-other tag. `WeightFormat` names the choice a packed checkpoint makes for each kind of matrix.
+other tag. `WeightFormat` names the choice a packed checkpoint makes for each kind of matrix. FFN
+down matrices are kept per neuron as columns, codes plus a table of block scales ("Down columns",
+below).
 """
 
 from __future__ import annotations

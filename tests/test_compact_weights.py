@@ -235,8 +235,8 @@ def test_an_older_compact_pack_is_refused_and_the_cached_one_rebuilt(compact, ti
     import shutil
 
     from common.errors import PartinferError
-    from runtime.loader import PACK_MANIFEST, packed_version
-    from runtime.pack import PACK_VERSION, cached_pack
+    from runtime.loader import PACK_MANIFEST, stale_compact_pack
+    from runtime.pack import cached_pack
 
     def age(pack: Path) -> None:
         manifest = json.loads((pack / PACK_MANIFEST).read_text())
@@ -249,7 +249,8 @@ def test_an_older_compact_pack_is_refused_and_the_cached_one_rebuilt(compact, ti
     monkeypatch.setenv("PARTINFER_HOME", str(tmp_path / "home"))
     cached = cached_pack(tiny_llama_dir, compact["neurons"], "q4")
     age(cached)
-    assert cached_pack(tiny_llama_dir, compact["neurons"], "q4") == cached and packed_version(cached) == PACK_VERSION
+    assert stale_compact_pack(cached)
+    assert cached_pack(tiny_llama_dir, compact["neurons"], "q4") == cached and not stale_compact_pack(cached)
     load(tiny_llama_dir, compact["neurons"], method="dense", weights="q4")
 
 
