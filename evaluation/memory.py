@@ -221,11 +221,12 @@ def ffn_layer_bytes(model_dir: Path, dtype: str) -> int:
     """One FFN layer's weights as the checkpoint's format keeps them."""
     from runtime.loader import packed_weight_format
     from runtime.model import ModelConfig
+    from runtime.quant import BLOCK
 
     cfg = ModelConfig.from_dir(Path(model_dir))
     fmt = packed_weight_format(model_dir)
     if fmt.compact:
-        table = cfg.ffn_dim // 32 * fmt.down.table_width * cfg.dim * 2  # the down block scales (fp16)
+        table = cfg.ffn_dim // BLOCK * fmt.down.table_width * cfg.dim * 2  # the down block scales (fp16)
         return cfg.ffn_dim * (2 * fmt.gate_up.row_bytes(cfg.dim) + fmt.down.code_bytes(cfg.dim)) + table
     return 3 * cfg.dim * cfg.ffn_dim * (4 if dtype in ("fp32", "float32") else 2)
 

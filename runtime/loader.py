@@ -95,7 +95,10 @@ def stale_compact_pack(model_dir: Path) -> bool:
     """A compact packed checkpoint in a layout this version no longer reads (bf16 packs never change)."""
     from common.output_dir import read_manifest
 
-    manifest = read_manifest(model_dir, "pack") or {}
+    return _stale(read_manifest(model_dir, "pack") or {})
+
+
+def _stale(manifest: dict) -> bool:
     version = manifest.get("version", 1)
     return manifest.get("weights", "bf16") != "bf16" and (not isinstance(version, int) or version < PACK_VERSION)
 
@@ -104,10 +107,11 @@ def packed_weight_format(model_dir: Path) -> WeightFormat:
     """The weight format a packed checkpoint was written in (bf16 for any other checkpoint)."""
     from common.output_dir import read_manifest
 
-    name = (read_manifest(model_dir, "pack") or {}).get("weights", "bf16")
+    manifest = read_manifest(model_dir, "pack") or {}
+    name = manifest.get("weights", "bf16")
     if name not in WEIGHT_FORMATS:
         raise PartinferError(f"{model_dir} was packed with weights {name!r}, which this version cannot read; pack it again")
-    if stale_compact_pack(model_dir):
+    if _stale(manifest):
         raise PartinferError(f"{model_dir} holds {name} weights in an older layout (down rows per neuron); "
                              "pack it again with `partinfer pack`")
     return WEIGHT_FORMATS[name]

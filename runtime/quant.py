@@ -171,6 +171,11 @@ def quantize_activation(x: torch.Tensor) -> torch.Tensor:
 # t in its low nibble and output t + 16 in its high one.
 
 
+def neuron_blocks(neuron_ids: torch.Tensor) -> torch.Tensor:
+    """Original neuron ids [k] -> the down-table block of each [k] int64 (32 neurons per block)."""
+    return neuron_ids.long() // BLOCK
+
+
 def columns_from_rows(rows: torch.Tensor, quant: Quant) -> tuple[torch.Tensor, torch.Tensor]:
     """Compact rows [d, n / 32 * block_bytes] of down (blocks along the neurons) -> (codes [n,
     code_bytes(d)] uint8 per neuron, table [n / 32, table_width, d] fp16)."""

@@ -26,7 +26,7 @@ from torch import nn
 
 from runtime.kernels import linear
 from runtime.model import ACTIVATIONS, FeedForward, FfnKind, FfnWeights, ModelConfig, Transformer
-from runtime.quant import BLOCK, Quant, dequantize, dequantize_columns
+from runtime.quant import BLOCK, Quant, dequantize, dequantize_columns, neuron_blocks
 from runtime.selection import real_token_weights, sentence_active, top_count_mask
 from runtime.sparsity import LayerPlan, SparsityConfig
 from runtime.tokenwise_ffn import TokenwiseFFN
@@ -223,12 +223,12 @@ class CompactSparseFFN(SparseFFN):
 
     def _down_rows(self, j: int, dtype: torch.dtype) -> torch.Tensor:
         """The first j loaded neurons' down columns, de-quantized: [j, d]."""
-        return dequantize_columns(self.down_t[:j], self.down_table, self.neuron_ids[:j] // BLOCK, dtype)
+        return dequantize_columns(self.down_t[:j], self.down_table, neuron_blocks(self.neuron_ids[:j]), dtype)
 
     def _prefix_record(self) -> FfnWeights:
         m = self.n_active
         gate_up = self.gate_up[:m].view(2 * m, -1)  # [2m, bytes] compact rows, interleaved
-        blocks = (self.neuron_ids[:m] // BLOCK).contiguous()
+        blocks = neuron_blocks(self.neuron_ids[:m])
         return FfnWeights(FfnKind.ROWS, gate_up, self.down_t[:m], gate_up, down_table=self.down_table, down_block=blocks)
 
     def _gate_up_rows(self, active: torch.Tensor) -> torch.Tensor:

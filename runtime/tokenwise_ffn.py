@@ -33,7 +33,7 @@ from torch import nn
 from runtime.kernels import linear
 from runtime.model import ACTIVATIONS, FeedForward, FfnKind, FfnWeights, ModelConfig
 from runtime.selection import real_token_weights
-from runtime.quant import BLOCK, Quant, dequantize_columns
+from runtime.quant import BLOCK, Quant, dequantize_columns, neuron_blocks
 from runtime.sparsity import LayerPlan
 
 
@@ -78,7 +78,7 @@ class TokenwiseFFN(FeedForward):
         """down_t[index] as floats [j, d]: compact columns de-quantized with their blocks' scales."""
         if self.down_table is None:
             return self.down_t[index]
-        blocks = self.neuron_ids[index] // BLOCK
+        blocks = neuron_blocks(self.neuron_ids[index])
         return dequantize_columns(self.down_t[index], self.down_table, blocks, dtype or self.dtype)
 
     def begin_prompt(self, token_mask: torch.Tensor | None) -> None:
@@ -95,7 +95,7 @@ class TokenwiseFFN(FeedForward):
         self.decode_record = None
         if self.act is F.silu and (self.score_scale is None or self.score_scale.shape[0] == 1):
             scale = None if self.score_scale is None else self.score_scale[0].contiguous()  # [k] fp32
-            blocks = None if self.down_table is None else (self.neuron_ids // BLOCK).contiguous()
+            blocks = None if self.down_table is None else neuron_blocks(self.neuron_ids)
             self.decode_record = FfnWeights(FfnKind.TOKENWISE, self.gate, self.down_t, self.up, self.n_base,
                                             self.n_active, scale, self.down_table, blocks)
 

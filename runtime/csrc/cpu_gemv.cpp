@@ -720,6 +720,25 @@ const float* gated_ffn_team(const Matrix& gate_up, const Matrix& down, bool inte
   return s.out.data();
 }
 
+// out = sum_r a[r] down_t[row(r)] over all n rows, by the whole team: this thread adds rows [r0, r1)
+// into its own partial sum, and after a barrier every thread sums the partials into its `out`.
+// a [n] must be shared; Q4_1 columns take one more barrier first, for block scales computed from all
+// n activations (column_block_units). Returns out.data().
+const float* down_team(const Matrix& down_t, const float* a, const int64_t* rows, int64_t n, int64_t r0, int64_t r1,
+                       SharedScratch& s, std::vector<float>& out, std::vector<float>& units, const Team& team) {
+  const int64_t D = down_t.cols;
+  float* partial = s.partial.data() + team.t * D;
+  std::fill(partial, partial + D, 0.0f);
+  if (!down_t.bf16 && down_t.columns.q4) {
+    team_barrier();
+    column_block_units(down_t, a, rows, n, units);
+  }
+  matrix_axpy(down_t, a, rows, units, partial, r0, r1);
+  team_barrier();
+  reduce_partials(down_t, s.partial.data(), team.nt, out.data());
+  return out.data();
+}
+
 // The FFN of kind kRows by the whole team: gate_up [2m, D] interleaved rows g0, u0, g1, u1, ... and
 // down_t [m, D], both per-neuron rows (bf16 or compact). Each thread takes a share of the m neurons
 // end to end — gate/up rows, activation, its down rows into its own partial sum — so one barrier
@@ -727,21 +746,12 @@ const float* gated_ffn_team(const Matrix& gate_up, const Matrix& down, bool inte
 // scales take every thread's activations). Returns the output [D] in `out`, this thread's own.
 const float* rows_ffn_team(const Matrix& gate_up, const Matrix& down_t, const GemvInput& h, SharedScratch& s,
                            std::vector<float>& out, std::vector<float>& units, const Team& team) {
-  const int64_t m = down_t.rows, D = down_t.cols;
+  const int64_t m = down_t.rows;
   const auto [i0, i1] = team.share(m);
   float* gu = s.gate_up.data();
   matrix_gemv(gate_up, h, nullptr, gu, 2 * i0, 2 * i1);
   for (int64_t i = i0; i < i1; ++i) s.act[i] = silu(gu[2 * i]) * gu[2 * i + 1];
-  float* partial = s.partial.data() + team.t * D;
-  std::fill(partial, partial + D, 0.0f);
-  if (!down_t.bf16 && down_t.columns.q4) {  // integer down: block scales from every thread's activations
-    team_barrier();
-    column_block_units(down_t, s.act.data(), nullptr, m, units);
-  }
-  matrix_axpy(down_t, s.act.data(), nullptr, units, partial, i0, i1);
-  team_barrier();
-  reduce_partials(down_t, s.partial.data(), team.nt, out.data());
-  return out.data();
+  return down_team(down_t, s.act.data(), nullptr, m, i0, i1, s, out, units, team);
 }
 
 // Token-wise FFN (--method tokenwise) by the whole team: gate [k, D], up [k, D], down_t [k, D] of the
@@ -754,7 +764,7 @@ const float* rows_ffn_team(const Matrix& gate_up, const Matrix& down_t, const Ge
 const float* tokenwise_ffn_team(const Matrix& gate, const Matrix& up, const Matrix& down_t, int64_t n_base,
                                 int64_t n_active, const float* scale, const GemvInput& h, SharedScratch& s,
                                 std::vector<float>& out, std::vector<float>& units, const Team& team) {
-  const int64_t k = gate.rows, D = down_t.cols;
+  const int64_t k = gate.rows;
   float* ag = s.act.data();  // silu(gate h) [k]
   float* score = s.gate_up.data();  // [k]
   const auto [i0, i1] = team.share(k);
@@ -775,16 +785,7 @@ const float* tokenwise_ffn_team(const Matrix& gate, const Matrix& up, const Matr
   float* u = s.chosen.data();  // [n_active] the chosen neurons' activations
   matrix_gemv(up, h, rows.data(), u, j0, j1);
   for (int64_t j = j0; j < j1; ++j) u[j] *= ag[rows[j]];
-  float* partial = s.partial.data() + team.t * D;
-  std::fill(partial, partial + D, 0.0f);
-  if (!down_t.bf16 && down_t.columns.q4) {  // integer down: block scales from every thread's activations
-    team_barrier();
-    column_block_units(down_t, u, rows.data(), n_active, units);
-  }
-  matrix_axpy(down_t, u, rows.data(), units, partial, j0, j1);
-  team_barrier();
-  reduce_partials(down_t, s.partial.data(), team.nt, out.data());
-  return out.data();
+  return down_team(down_t, u, rows.data(), n_active, j0, j1, s, out, units, team);
 }
 
 // A layer's FFN as model_decode sees it. kind 0: gated, w1 = [gate; up] [2n, D], w2 = down [D, n];
