@@ -70,9 +70,12 @@ def memory(
     sparsity: SparsityConfig,
 ) -> None:
     """Measure resident memory per configuration, each in a fresh process, against the bytes it should keep."""
+    from common.output_file import check_output_file
     from evaluation.memory import DEFAULT_GAMMAS, format_memory, plot_memory, run_memory
     from runtime.prepare import resolve_model
 
+    if plot is not None:
+        check_output_file(plot, "memory")  # before the measurements
     sparse_methods = tuple(m for m in split_list(methods) if m != "dense")
     report = run_memory(resolve_model(model), sparsity, tuple(gamma or DEFAULT_GAMMAS), sparse_methods, dtype, device,
                         packed, peers, progress=lambda name: typer.echo(f"measuring {name} ...", err=True))

@@ -80,10 +80,13 @@ def neurons_show(
 ) -> None:
     """Per layer, the share of activation mass carried by the top 10/20/40/70 % of neurons; overlap of two files."""
     from common.neuron_file import NeuronFile
+    from common.output_file import check_output_file
     from profiler.report import coverage, format_show, plot_coverage, top_overlap
 
     if not 1 <= len(files) <= 2:
         raise PartinferError("give one or two neuron files")
+    if plot is not None:
+        check_output_file(plot, "neurons show", inputs=files)  # before any work
     loaded = [NeuronFile.load(f) for f in files]
     if len(loaded) == 2 and loaded[0].fingerprint != loaded[1].fingerprint:
         raise PartinferError(f"{files[0]} and {files[1]} are for different models; compare files of one model")
@@ -95,7 +98,7 @@ def neurons_show(
     else:
         typer.echo(format_show(files, loaded, gamma))
     if plot is not None:
-        typer.echo(f"plot: {plot_coverage({f.name: nf for f, nf in zip(files, loaded)}, plot)}", err=True)
+        typer.echo(f"plot: {plot_coverage({f.name: nf for f, nf in zip(files, loaded)}, plot, tuple(files))}", err=True)
 
 
 def refuse_to_replace(out: Path, force: bool, load: Callable[[Path], object], what: str) -> None:

@@ -10,6 +10,7 @@ soon as it finishes and reused by a later run with the same settings, so a long 
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -138,7 +139,7 @@ def run_eval(
             if not isinstance(saved, dict) or not isinstance(saved.get("results"), dict):
                 raise PartinferError(f"raw results {path} are not an eval result object; delete it, or run with --no-resume")
             if saved.get("settings") == settings:
-                print(f"{method}: reusing {path}")
+                print(f"{method}: reusing {path}", file=sys.stderr)
                 runs[method] = saved
                 continue
         if table_only:

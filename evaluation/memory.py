@@ -256,10 +256,13 @@ def format_memory(report: dict) -> str:
 
 
 def plot_memory(report: dict, out: Path) -> Path:
-    """Measured and expected model memory against γ per method, dense and the peer as lines."""
+    """Measured and expected model memory against γ per method, dense and the peer as lines (a new
+    path, or an earlier `memory` plot: common.output_file)."""
+    from common.output_file import check_output_file
     from profiler.plotting import png_axes
 
-    with png_axes(out, "γ (fraction of FFN neurons loaded)", "model memory (MiB, RSS - baseline)", 7) as ax:
+    check_output_file(out, "memory")
+    with png_axes(out, "memory", "γ (fraction of FFN neurons loaded)", "model memory (MiB, RSS - baseline)", 7) as ax:
         methods = sorted({r["method"] for r in report["rows"] if r["method"] not in ("dense", "transformers", "llama.cpp")})
         for method in methods:
             rows = sorted((r for r in report["rows"] if r["method"] == method), key=lambda r: r["gamma"])

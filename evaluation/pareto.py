@@ -140,7 +140,7 @@ def plot_pareto(report: dict, out: Path) -> Path:
     rows = [("ratio", "perplexity ÷ dense bf16 (lower is better)")]
     if report.get("mc2_questions"):
         rows.append(("mc2_ratio", "TruthfulQA MC2 ÷ dense bf16 (higher is better)"))
-    with png_figure(out, ncols=2, nrows=len(rows), figsize=(11, 4.5 * len(rows)), sharey="row", squeeze=False) as (fig, axes):
+    with png_figure(out, "pareto", ncols=2, nrows=len(rows), figsize=(11, 4.5 * len(rows)), sharey="row", squeeze=False) as (fig, axes):
         for row, (quality, ylabel) in enumerate(rows):
             for ax, x, label in ((axes[row][0], "weights_mib", "weights kept in memory (MiB)"),
                                  (axes[row][1], "mb_per_token", "weight bytes read per decode token (MB)")):

@@ -7,13 +7,15 @@ from pathlib import Path
 from typing import Iterator
 
 from common.atomic import atomic_file
+from common.output_file import png_mark
 
 
 @contextmanager
-def png_figure(out: Path, ncols: int = 1, figsize: tuple[float, float] = (6, 4), nrows: int = 1,
+def png_figure(out: Path, command: str, ncols: int = 1, figsize: tuple[float, float] = (6, 4), nrows: int = 1,
                **subplots) -> Iterator[object]:
     """Yields a matplotlib figure and its axes (an array when there are several, as plt.subplots gives
-    them); on exit lays it out and writes `out` atomically."""
+    them); on exit lays it out and writes `out` atomically, marked as `command`'s output (so a later
+    run of the same command may replace it, and nothing else: common.output_file)."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
@@ -24,15 +26,15 @@ def png_figure(out: Path, ncols: int = 1, figsize: tuple[float, float] = (6, 4),
         yield fig, axes
         fig.tight_layout()
         with atomic_file(Path(out)) as tmp:
-            fig.savefig(tmp, dpi=120, format="png")
+            fig.savefig(tmp, dpi=120, format="png", metadata=png_mark(command))
     finally:
         plt.close(fig)
 
 
 @contextmanager
-def png_axes(out: Path, xlabel: str, ylabel: str, legend_size: int = 8) -> Iterator[object]:
+def png_axes(out: Path, command: str, xlabel: str, ylabel: str, legend_size: int = 8) -> Iterator[object]:
     """Yields matplotlib axes to draw on; on exit adds labels, legend and grid and writes `out` atomically."""
-    with png_figure(out) as (_, ax):
+    with png_figure(out, command) as (_, ax):
         yield ax
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from common.neuron_file import NeuronFile
+from common.output_file import check_output_file
 from profiler.plotting import png_axes
 
 COVERAGE_FRACTIONS = (0.1, 0.2, 0.4, 0.7)
@@ -40,9 +41,11 @@ def top_overlap(a: NeuronFile, b: NeuronFile, fraction: float) -> list[float]:
     return out
 
 
-def plot_coverage(files: dict[str, NeuronFile], out: Path) -> Path:
-    """Coverage curves (mean over layers, and min/max band) for each file, written as a PNG."""
-    with png_axes(out, "fraction of neurons (ranked by mean |a|)", "share of activation mass") as ax:
+def plot_coverage(files: dict[str, NeuronFile], out: Path, inputs: tuple[Path, ...] = ()) -> Path:
+    """Coverage curves (mean over layers, and min/max band) for each file, written as a PNG (a new
+    path, or an earlier `neurons show` plot: common.output_file)."""
+    check_output_file(out, "neurons show", inputs=inputs)
+    with png_axes(out, "neurons show", "fraction of neurons (ranked by mean |a|)", "share of activation mass") as ax:
         for name, nf in files.items():
             curves = torch.stack([coverage_curve(nf, i) for i in range(nf.n_layers)])  # [L, n]
             x = torch.arange(1, curves.shape[1] + 1) / curves.shape[1]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -111,7 +112,8 @@ def pack_checkpoint(model_dir: Path, model_neurons: Path, out: Path, weights: st
                 shutil.copy2(model_dir / name, tmp / name)
         if fmt.compact:
             print(f"compact weights ({fmt.name}): {source.copied} matrices copied bit for bit from {gguf}, "
-                  f"{source.quantized} quantized" if gguf else f"compact weights ({fmt.name}): all matrices quantized")
+                  f"{source.quantized} quantized" if gguf else f"compact weights ({fmt.name}): all matrices quantized",
+                  file=sys.stderr)  # a report, not output: `--json` stdout holds only JSON
     return out
 
 

@@ -167,3 +167,42 @@ def test_a_killed_writers_temporary_inside_an_output_is_not_foreign(tmp_path):
     stale.write_text("half")
     IncrementalOutput(tmp_path / "results", "eval")
     assert not stale.exists() and (tmp_path / "results" / "raw" / "dense.json").read_text() == "{}"
+
+
+# ---- single-file outputs (`--plot`): new, or an earlier plot of the same command; never an input ----
+
+
+def test_plot_onto_the_input_neuron_file_is_refused(tiny_neurons, tmp_path):
+    before = tiny_neurons.read_bytes()
+    done = runner.invoke(app, ["neurons", "show", str(tiny_neurons), "--plot", str(tiny_neurons)])
+    assert_clean_error(done, "input", "--plot")
+    assert tiny_neurons.read_bytes() == before
+
+
+def test_plot_onto_a_users_file_is_refused(tiny_neurons, tmp_path):
+    mine = user_dir(tmp_path)
+    assert_clean_error(runner.invoke(app, ["neurons", "show", str(tiny_neurons), "--plot", str(mine)]),
+                       "not written by", "--plot")
+    assert mine.read_text() == "my thesis"
+
+
+def test_plot_onto_a_users_png_is_refused_but_its_own_plot_is_replaced(tiny_neurons, tmp_path):
+    from common.output_file import png_text
+
+    theirs = tmp_path / "photo.png"
+    theirs.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 64)  # a PNG that is not ours
+    assert_clean_error(runner.invoke(app, ["neurons", "show", str(tiny_neurons), "--plot", str(theirs)]), "not written by")
+    assert theirs.read_bytes() == b"\x89PNG\r\n\x1a\n" + b"\0" * 64
+    ours = tmp_path / "coverage.png"
+    for _ in range(2):  # new, then an earlier plot of the same command
+        done = runner.invoke(app, ["neurons", "show", str(tiny_neurons), "--plot", str(ours)])
+        assert done.exit_code == 0, done.output
+    assert png_text(ours)["partinfer-output"] == "neurons show"
+    # another command's plot is not this command's to replace
+    assert_clean_error(runner.invoke(app, ["memory", "--plot", str(ours), "--no-peers"]), "not written by")
+
+
+def test_memory_plot_onto_a_users_file_is_refused_before_measuring(tmp_path):
+    mine = user_dir(tmp_path)
+    assert_clean_error(runner.invoke(app, ["memory", "--plot", str(mine), "--no-peers"]), "not written by", "--plot")
+    assert mine.read_text() == "my thesis"
