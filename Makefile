@@ -20,7 +20,7 @@ setup: $(STAMP)
 
 model: setup
 	.venv/bin/partinfer prepare
-	$(PY) -m runtime.native
+	$(PY) -m partinfer.runtime.native
 
 demo: model
 	.venv/bin/partinfer generate --function predefined-prompts --weights q4 --max-new-tokens 48

@@ -1,5 +1,5 @@
 """The `partinfer` command line, the top layer: thin typer commands over the library API."""
 
-from common.process_env import apply_process_env
+from partinfer.common.process_env import apply_process_env
 
 apply_process_env()  # before any command imports torch

@@ -1,4 +1,4 @@
-"""`python -m cli ...` runs the `partinfer` command line."""
-from cli.app import main
+"""`python -m partinfer.cli ...` runs the `partinfer` command line."""
+from partinfer.cli.app import main
 
 main()

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import typer
 
-from cli import measure, models, profiling, run, serve
-from cli.errors import ErrorHandlingGroup
+from partinfer.cli import measure, models, profiling, run, serve
+from partinfer.cli.errors import ErrorHandlingGroup
 
 
 def build_app() -> typer.Typer:

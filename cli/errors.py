@@ -13,7 +13,7 @@ import traceback
 import typer
 from typer.core import TyperGroup
 
-from common.errors import PartinferError
+from partinfer.common.errors import PartinferError
 
 OS_ERROR_FIXES = {
     errno.ENOSPC: "free some disk space and run again",

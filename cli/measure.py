@@ -8,8 +8,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from cli.options import DeviceOpt, DtypeOpt, JsonOpt, MethodsOpt, ModelOpt, split_list, with_sparsity_options
-from runtime.sparsity import SparsityConfig
+from partinfer.cli.options import DeviceOpt, DtypeOpt, JsonOpt, MethodsOpt, ModelOpt, split_list, with_sparsity_options
+from partinfer.runtime.sparsity import SparsityConfig
 
 
 @with_sparsity_options(exclude=("method",))
@@ -27,7 +27,7 @@ def bench(
     sparsity: SparsityConfig,
 ) -> None:
     """Prefill and decode tokens/s per method and of transformers, beside the memory-bandwidth floor, in one run."""
-    from evaluation.bench import format_bench, run_bench
+    from partinfer.evaluation.bench import format_bench, run_bench
 
     report = run_bench(model, split_list(methods), sparsity, dtype, device, prompt_len, new_tokens, repeats, peers)
     typer.echo(json.dumps(report, indent=2) if as_json else format_bench(report))
@@ -48,7 +48,7 @@ def perplexity(
     sparsity: SparsityConfig,
 ) -> None:
     """Continuation perplexity per method on held-out text: what each way of choosing neurons costs in accuracy."""
-    from evaluation.perplexity import format_perplexity, run_perplexity
+    from partinfer.evaluation.perplexity import format_perplexity, run_perplexity
 
     report = run_perplexity(model, split_list(methods), sparsity, dataset, num_samples, prompt_tokens, cont_tokens,
                             dtype, device)
@@ -70,9 +70,9 @@ def memory(
     sparsity: SparsityConfig,
 ) -> None:
     """Measure resident memory per configuration, each in a fresh process, against the bytes it should keep."""
-    from common.output_file import check_output_file
-    from evaluation.memory import DEFAULT_GAMMAS, format_memory, plot_memory, run_memory
-    from runtime.prepare import resolve_model
+    from partinfer.common.output_file import check_output_file
+    from partinfer.evaluation.memory import DEFAULT_GAMMAS, format_memory, plot_memory, run_memory
+    from partinfer.runtime.prepare import resolve_model
 
     if plot is not None:
         check_output_file(plot, "memory")  # before the measurements
@@ -102,8 +102,8 @@ def evaluate(
     sparsity: SparsityConfig,
 ) -> None:
     """Accuracy by method with lm-eval: raw results per method and a task × method table with ratios to dense."""
-    from evaluation.accuracy import format_table, resolve_tasks, run_eval
-    from runtime.prepare import resolve_model
+    from partinfer.evaluation.accuracy import format_table, resolve_tasks, run_eval
+    from partinfer.runtime.prepare import resolve_model
 
     task_list = resolve_tasks(list(split_list(tasks)))
     report = run_eval(resolve_model(model), task_list, split_list(methods), sparsity, out, limit, dtype, device,
@@ -129,8 +129,8 @@ def pareto(
 ) -> None:
     """Quality (perplexity ÷ dense bf16, and MC2 with --mc2) against memory and bytes per token over a grid of methods, γ and
     weight formats: the chart to pick an operating point from."""
-    from evaluation.pareto import format_pareto, run_pareto
-    from runtime.prepare import resolve_model
+    from partinfer.evaluation.pareto import format_pareto, run_pareto
+    from partinfer.runtime.prepare import resolve_model
 
     report = run_pareto(resolve_model(model), tuple(m for m in split_list(methods) if m != "dense"),
                         tuple(gamma or (0.5, 0.6, 0.7, 0.8, 0.9)), split_list(weights), sparsity, out, dataset,

@@ -7,8 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from cli.options import ModelOpt
-from common.errors import PartinferError
+from partinfer.cli.options import ModelOpt
+from partinfer.common.errors import PartinferError
 
 
 def prepare(
@@ -17,7 +17,7 @@ def prepare(
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Directory for the converted default model (new, empty, or an earlier `prepare --out`); default: the cache.")] = None,
 ) -> None:
     """Obtain a model (converting the embedded default GGUF to bf16 safetensors once) and print where it is."""
-    from runtime.prepare import prepare_default_model, resolve_model
+    from partinfer.runtime.prepare import prepare_default_model, resolve_model
 
     if model is not None and out is not None:
         raise PartinferError("--out applies to the default model's conversion; omit MODEL, or omit --out")
@@ -33,9 +33,9 @@ def pack(
 ) -> None:
     """Write a packed checkpoint: FFN layers permuted hot-first and bundled per neuron for partial loads,
     every matrix in compact 4/8-bit rows by default (--weights)."""
-    from runtime.defaults import shipped_model_neurons
-    from runtime.pack import pack_checkpoint
-    from runtime.prepare import resolve_model
+    from partinfer.runtime.defaults import shipped_model_neurons
+    from partinfer.runtime.pack import pack_checkpoint
+    from partinfer.runtime.prepare import resolve_model
 
     neurons = model_neurons or shipped_model_neurons(model)
     if neurons is None:

@@ -11,7 +11,7 @@ from typing import Annotated, Any, Callable, Optional
 
 import typer
 
-from runtime.sparsity import METHODS, TOKEN_SCORES, SparsityConfig
+from partinfer.runtime.sparsity import METHODS, TOKEN_SCORES, SparsityConfig
 
 ModelOpt = Annotated[
     Optional[str],
@@ -56,7 +56,7 @@ assert set(SPARSITY_OPTIONS) == {f.name for f in fields(SparsityConfig)}, "every
 def sparsity_config(model: str | None, values: dict[str, Any]) -> SparsityConfig:
     """The one place command-line values become a SparsityConfig; the shipped neuron file is the
     default model's default."""
-    from runtime.defaults import shipped_model_neurons
+    from partinfer.runtime.defaults import shipped_model_neurons
 
     if values.get("model_neurons") is None:
         values = {**values, "model_neurons": shipped_model_neurons(model)}

@@ -8,9 +8,9 @@ from typing import Annotated, Callable, Optional
 
 import typer
 
-from cli.options import DeviceOpt, JsonOpt, ModelOpt, with_sparsity_options
-from common.errors import PartinferError
-from runtime.sparsity import SparsityConfig
+from partinfer.cli.options import DeviceOpt, JsonOpt, ModelOpt, with_sparsity_options
+from partinfer.common.errors import PartinferError
+from partinfer.runtime.sparsity import SparsityConfig
 
 
 def profile(
@@ -36,11 +36,11 @@ def profile(
     Runs unchanged under `torchrun --nproc-per-node N` (and multi-node torchrun): each process profiles
     a shard of every data set, the statistics are summed over processes, and rank 0 writes the files.
     """
-    from common.output_dir import check_output_dir
-    from profiler.distributed import process_group
-    from profiler.profile import ProfileConfig, profile_inputs, run_profile
-    from runtime.engine import load_engine
-    from runtime.prepare import resolve_model
+    from partinfer.common.output_dir import check_output_dir
+    from partinfer.profiler.distributed import process_group
+    from partinfer.profiler.profile import ProfileConfig, profile_inputs, run_profile
+    from partinfer.runtime.engine import load_engine
+    from partinfer.runtime.prepare import resolve_model
 
     cfg = ProfileConfig(num_samples, gen_tokens, batch_size, max_prompt_tokens, token_sparsity, core_score, split)
     model_dir = resolve_model(model)
@@ -66,7 +66,7 @@ def data_fetch(
     force: Annotated[bool, typer.Option("--force", help="Extract again.")] = False,
 ) -> None:
     """Download the bigbench source archive from PyPI once and extract the built-in tasks as JSONL."""
-    from common.data import fetch_data
+    from partinfer.common.data import fetch_data
 
     for task, path in fetch_data(tasks, force).items():
         typer.echo(f"{task}\t{path}")
@@ -79,9 +79,9 @@ def neurons_show(
     as_json: JsonOpt = False,
 ) -> None:
     """Per layer, the share of activation mass carried by the top 10/20/40/70 % of neurons; overlap of two files."""
-    from common.neuron_file import NeuronFile
-    from common.output_file import check_output_file
-    from profiler.report import coverage, format_show, plot_coverage, top_overlap
+    from partinfer.common.neuron_file import NeuronFile
+    from partinfer.common.output_file import check_output_file
+    from partinfer.profiler.report import coverage, format_show, plot_coverage, top_overlap
 
     if not 1 <= len(files) <= 2:
         raise PartinferError("give one or two neuron files")
@@ -117,7 +117,7 @@ def neurons_merge(
 ) -> None:
     """Merge neuron files made apart (shards, machines, data sets): sums and counts add, so the result
     equals one profile over all their data. One data set gives a dataset-level file, several a model-level one."""
-    from common.neuron_file import NeuronFile, merge
+    from partinfer.common.neuron_file import NeuronFile, merge
 
     if len(files) < 2:
         raise PartinferError("give two or more neuron files to merge")
@@ -145,13 +145,13 @@ def compensate(
     load would add; `--compensation FILE` then adds it at prefill and decode (same γ, δ, neuron files)."""
     from dataclasses import replace
 
-    from common.compensation_file import Compensation
-    from common.data import load_texts
-    from profiler.compensation import fit_compensation
-    from runtime.engine import load_engine
-    from runtime.model import ModelConfig
-    from runtime.prepare import resolve_model
-    from runtime.sparsity import plan_layers
+    from partinfer.common.compensation_file import Compensation
+    from partinfer.common.data import load_texts
+    from partinfer.profiler.compensation import fit_compensation
+    from partinfer.runtime.engine import load_engine
+    from partinfer.runtime.model import ModelConfig
+    from partinfer.runtime.prepare import resolve_model
+    from partinfer.runtime.sparsity import plan_layers
 
     refuse_to_replace(out, force, Compensation.load, "compensation file")
     model_dir = resolve_model(model)
@@ -178,11 +178,11 @@ def neurons_sensitivity(
     loaded neurons by."""
     from dataclasses import replace
 
-    from common.data import load_texts
-    from common.neuron_file import NeuronFile
-    from profiler.sensitivity import measure_sensitivity
-    from runtime.engine import load_engine
-    from runtime.prepare import resolve_model
+    from partinfer.common.data import load_texts
+    from partinfer.common.neuron_file import NeuronFile
+    from partinfer.profiler.sensitivity import measure_sensitivity
+    from partinfer.runtime.engine import load_engine
+    from partinfer.runtime.prepare import resolve_model
 
     if not 0 < gamma <= 1:
         raise PartinferError(f"--gamma must be in (0, 1], got {gamma}")

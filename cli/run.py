@@ -8,9 +8,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from cli.options import DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, with_sparsity_options
-from common.errors import PartinferError
-from runtime.sparsity import SparsityConfig
+from partinfer.cli.options import DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, with_sparsity_options
+from partinfer.common.errors import PartinferError
+from partinfer.runtime.sparsity import SparsityConfig
 
 
 @with_sparsity_options()
@@ -30,11 +30,11 @@ def generate(
     sparsity: SparsityConfig,
 ) -> None:
     """Generate text, streaming tokens; each answer reports tokens/s and the fraction of FFN neurons computed."""
-    from runtime.chat import PREDEFINED_PROMPTS
-    from runtime.engine import load_engine
-    from runtime.generate import SamplingConfig
-    from runtime.sparse_ffn import sparsity_summary
-    from runtime.text import require_utf8
+    from partinfer.runtime.chat import PREDEFINED_PROMPTS
+    from partinfer.runtime.engine import load_engine
+    from partinfer.runtime.generate import SamplingConfig
+    from partinfer.runtime.sparse_ffn import sparsity_summary
+    from partinfer.runtime.text import require_utf8
 
     if function == "predefined-prompts":
         prompts = list(PREDEFINED_PROMPTS)
@@ -83,9 +83,9 @@ def chat(
     """
     import torch
 
-    from runtime.chat import ChatSession
-    from runtime.engine import load_engine
-    from runtime.generate import SamplingConfig
+    from partinfer.runtime.chat import ChatSession
+    from partinfer.runtime.engine import load_engine
+    from partinfer.runtime.generate import SamplingConfig
 
     device = "cuda" if torch.cuda.is_available() and not cpu_only else "cpu"
     engine = load_engine(model, dtype, device, sparsity)

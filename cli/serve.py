@@ -6,9 +6,9 @@ from typing import Annotated
 
 import typer
 
-from cli.options import DtypeOpt, ModelOpt, with_sparsity_options
-from common.errors import PartinferError
-from runtime.sparsity import SparsityConfig
+from partinfer.cli.options import DtypeOpt, ModelOpt, with_sparsity_options
+from partinfer.common.errors import PartinferError
+from partinfer.runtime.sparsity import SparsityConfig
 
 
 @with_sparsity_options()
@@ -28,9 +28,9 @@ def serve(
     chat page at /. Each request selects its own neurons from its own prompt."""
     import uvicorn
 
-    from runtime.engine import load_engine
-    from server.app import build_app
-    from server.worker import ModelWorker, ServeConfig
+    from partinfer.runtime.engine import load_engine
+    from partinfer.server.app import build_app
+    from partinfer.server.worker import ModelWorker, ServeConfig
 
     engine = load_engine(model, dtype, device, sparsity)
     config = ServeConfig(model_name=engine.model_dir.name, method=sparsity.method, context=context,

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from common.errors import PartinferError
+from partinfer.common.errors import PartinferError
 
 TEMP_MARK = ".partinfer-tmp-"
 

@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from common.atomic import atomic_file
-from common.errors import PartinferError
-from common.safetensors_io import read_whole_file
+from partinfer.common.atomic import atomic_file
+from partinfer.common.errors import PartinferError
+from partinfer.common.safetensors_io import read_whole_file
 
 FORMAT = "partinfer-compensation"
 VERSION = 1

@@ -19,9 +19,9 @@ import tarfile
 from pathlib import Path
 from typing import Callable, Iterable
 
-from common.atomic import atomic_file
-from common.errors import PartinferError
-from common.paths import cache_home
+from partinfer.common.atomic import atomic_file
+from partinfer.common.errors import PartinferError
+from partinfer.common.paths import cache_home
 
 BIGBENCH_PIP = "bigbench==1.0.0"
 BIGBENCH_FILE = "bigbench-1.0.0.tar.gz"

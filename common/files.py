@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from common.errors import PartinferError
+from partinfer.common.errors import PartinferError
 
 
 def read_json(path: Path, what: str, fix: str) -> Any:

@@ -27,9 +27,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from common.atomic import atomic_file
-from common.errors import PartinferError
-from common.safetensors_io import read_whole_file
+from partinfer.common.atomic import atomic_file
+from partinfer.common.errors import PartinferError
+from partinfer.common.safetensors_io import read_whole_file
 
 FORMAT = "partinfer-neurons"
 VERSION = 1

@@ -28,8 +28,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from common.atomic import TEMP_MARK, atomic_file, clean_stale_temporaries, temp_prefix
-from common.errors import PartinferError
+from partinfer.common.atomic import TEMP_MARK, atomic_file, clean_stale_temporaries, temp_prefix
+from partinfer.common.errors import PartinferError
 
 MANIFEST_FORMAT = "partinfer-output"
 

@@ -14,7 +14,7 @@ import zlib
 from pathlib import Path
 from typing import Iterable
 
-from common.errors import PartinferError
+from partinfer.common.errors import PartinferError
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 MARK_KEY = "partinfer-output"

@@ -14,10 +14,10 @@ import sys
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from common.errors import PartinferError
-from common.files import read_json
-from common.output_dir import IncrementalOutput
-from runtime.sparsity import METHODS, SparsityConfig
+from partinfer.common.errors import PartinferError
+from partinfer.common.files import read_json
+from partinfer.common.output_dir import IncrementalOutput
+from partinfer.runtime.sparsity import METHODS, SparsityConfig
 
 TASKS_DIR = Path(__file__).parent / "tasks"
 OFFLINE_TASKS = {  # short name -> lm-eval task name of evaluation/tasks/*.yaml
@@ -91,7 +91,7 @@ def run_method(model_dir: Path, method: str, sparsity: SparsityConfig, tasks: li
     """lm-eval's results for one method: {task: {metric: value}}, samples per task."""
     import lm_eval
 
-    from evaluation.lm_eval_adapter import PartinferLM
+    from partinfer.evaluation.lm_eval_adapter import PartinferLM
 
     lm = PartinferLM(model=str(model_dir), sparsity=replace(sparsity, method=method), dtype=dtype, device=device,
                      batch_size=batch_size)

@@ -15,13 +15,13 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from runtime.engine import parse_device, parse_dtype
-from runtime.generate import generate
-from runtime.loader import load_model
-from runtime.model import Transformer
-from runtime.native import compact_kernel_path, cpu_kernels
-from runtime.prepare import default_gguf_path, default_model_dir, resolve_model
-from runtime.sparsity import SparsityConfig
+from partinfer.runtime.engine import parse_device, parse_dtype
+from partinfer.runtime.generate import generate
+from partinfer.runtime.loader import load_model
+from partinfer.runtime.model import Transformer
+from partinfer.runtime.native import compact_kernel_path, cpu_kernels
+from partinfer.runtime.prepare import default_gguf_path, default_model_dir, resolve_model
+from partinfer.runtime.sparsity import SparsityConfig
 
 
 @dataclass
@@ -67,7 +67,7 @@ def measure_gemv_rate(cols: int, n_bytes: int = 256 << 20, repeats: int = 5) -> 
     what a CPU decode step could reach if it were nothing but weight streaming. A GEMV only reads,
     while the copy figure counts reads and writes, so this, not the floor, is the practical ceiling of
     a decode's share of the floor. None where the compiled kernels are unavailable."""
-    from runtime.native import gemv
+    from partinfer.runtime.native import gemv
 
     if not cpu_kernels():
         return None
@@ -83,7 +83,7 @@ def weight_bytes_per_token(model: Transformer) -> int:
     reads one row, so it is not counted); per FFN layer, all its weights, or for a sparse layer
     only its active neurons (φ of the layer; all loaded ones for load-only).
     """
-    from runtime.sparse_ffn import is_sparse
+    from partinfer.runtime.sparse_ffn import is_sparse
 
     total = 0
     for name, p in model.named_parameters():

@@ -18,12 +18,12 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
-from evaluation.scoring import score_continuations
-from runtime.defaults import shipped_model_neurons
-from runtime.engine import load_engine
-from runtime.generate import SamplingConfig, generate
-from runtime.sparsity import SparsityConfig
-from runtime.text import TextStream
+from partinfer.evaluation.scoring import score_continuations
+from partinfer.runtime.defaults import shipped_model_neurons
+from partinfer.runtime.engine import load_engine
+from partinfer.runtime.generate import SamplingConfig, generate
+from partinfer.runtime.sparsity import SparsityConfig
+from partinfer.runtime.text import TextStream
 
 
 @register_model("partinfer")

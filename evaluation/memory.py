@@ -24,10 +24,10 @@ import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from common.errors import PartinferError
-from common.process_env import MKL_SETTINGS
-from runtime.process_memory import proc_status
-from runtime.sparsity import SparsityConfig
+from partinfer.common.errors import PartinferError
+from partinfer.common.process_env import MKL_SETTINGS
+from partinfer.runtime.process_memory import proc_status
+from partinfer.runtime.sparsity import SparsityConfig
 
 MIB = 2**20
 DEFAULT_GAMMAS = (0.9, 0.8, 0.7, 0.5)
@@ -87,10 +87,10 @@ def run_worker(spec: MemorySpec) -> dict:
         return llama_cpp_worker(spec)
     import torch
 
-    from runtime.engine import parse_dtype
-    from runtime.generate import generate
-    from runtime.model import ModelConfig
-    from runtime.native import cpu_kernels, gemv
+    from partinfer.runtime.engine import parse_dtype
+    from partinfer.runtime.generate import generate
+    from partinfer.runtime.model import ModelConfig
+    from partinfer.runtime.native import cpu_kernels, gemv
 
     dtype = parse_dtype(spec.dtype)
     cfg = ModelConfig.from_dir(Path(spec.model_dir))
@@ -105,14 +105,14 @@ def run_worker(spec: MemorySpec) -> dict:
         if dtype == torch.bfloat16 and cpu_kernels():  # the compiled decode kernels' library, too
             gemv(w, x[0, 0].float())
             if cfg.dim % 32 == 0:  # and its compact-row kernels and de-quantizer
-                from runtime.quant import Quant, dequantize, quantize
+                from partinfer.runtime.quant import Quant, dequantize, quantize
 
                 for quant in Quant:
                     rows = quantize(w, quant)
                     gemv(rows, x[0, 0].float())
                     dequantize(rows, cfg.dim, dtype)
     # Building a module on the `meta` device imports torch's meta machinery once.
-    from runtime.model import Transformer
+    from partinfer.runtime.model import Transformer
 
     with torch.device("meta"):
         Transformer(replace(cfg, n_layers=1, vocab_size=8, ffn_dim=8))
@@ -132,8 +132,8 @@ def run_worker(spec: MemorySpec) -> dict:
         weights = sum(p.numel() * p.element_size() for p in model.parameters())
         expected = {"non_ffn": None, "ffn_loaded": None, "compact": 0, "weights": weights}
     else:
-        from runtime.loader import load_model
-        from runtime.sparse_ffn import SparseFFN
+        from partinfer.runtime.loader import load_model
+        from partinfer.runtime.sparse_ffn import SparseFFN
 
         sparsity = SparsityConfig.from_dict(spec.sparsity or {"method": "dense"})
         model = load_model(Path(spec.model_dir), dtype, spec.device, sparsity)
@@ -175,7 +175,7 @@ WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20), **MKL_SETTINGS}
 
 def measure(spec: MemorySpec) -> dict:
     """Run one configuration in a fresh interpreter and return its report."""
-    done = subprocess.run([sys.executable, "-m", "evaluation.memory", json.dumps(spec.__dict__)],
+    done = subprocess.run([sys.executable, "-m", "partinfer.evaluation.memory", json.dumps(spec.__dict__)],
                           capture_output=True, text=True, env={**os.environ, **WORKER_ENV})
     if done.returncode != 0:
         tail = done.stderr.strip().splitlines()[-1:] or ["no output"]
@@ -188,8 +188,8 @@ def run_memory(model_dir: Path, sparsity: SparsityConfig, gammas=DEFAULT_GAMMAS,
                progress=None) -> dict:
     """Measure dense, each method at each γ (the rest of `sparsity` as given), and the transformers peer;
     one fresh process each. Every configuration is validated here, before the first worker starts."""
-    from runtime.pack import cached_pack
-    from runtime.prepare import default_gguf_path, default_model_dir
+    from partinfer.runtime.pack import cached_pack
+    from partinfer.runtime.prepare import default_gguf_path, default_model_dir
 
     weights = sparsity.weights or "bf16"
     compact = weights != "bf16"
@@ -219,9 +219,9 @@ def run_memory(model_dir: Path, sparsity: SparsityConfig, gammas=DEFAULT_GAMMAS,
 
 def ffn_layer_bytes(model_dir: Path, dtype: str) -> int:
     """One FFN layer's weights as the checkpoint's format keeps them."""
-    from runtime.loader import packed_weight_format
-    from runtime.model import ModelConfig
-    from runtime.quant import BLOCK
+    from partinfer.runtime.loader import packed_weight_format
+    from partinfer.runtime.model import ModelConfig
+    from partinfer.runtime.quant import BLOCK
 
     cfg = ModelConfig.from_dir(Path(model_dir))
     fmt = packed_weight_format(model_dir)
@@ -258,8 +258,8 @@ def format_memory(report: dict) -> str:
 def plot_memory(report: dict, out: Path) -> Path:
     """Measured and expected model memory against γ per method, dense and the peer as lines (a new
     path, or an earlier `memory` plot: common.output_file)."""
-    from common.output_file import check_output_file
-    from profiler.plotting import png_axes
+    from partinfer.common.output_file import check_output_file
+    from partinfer.profiler.plotting import png_axes
 
     check_output_file(out, "memory")
     with png_axes(out, "memory", "γ (fraction of FFN neurons loaded)", "model memory (MiB, RSS - baseline)", 7) as ax:

@@ -18,16 +18,16 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from common.output_dir import IncrementalOutput
-from evaluation.accuracy import OFFLINE_TASKS, run_method
-from evaluation.bench import weight_bytes_per_token
-from evaluation.memory import MIB, expected_bytes
-from evaluation.perplexity import corpus_perplexity, perplexity_texts
-from runtime.engine import parse_device, parse_dtype
-from runtime.loader import load_model
-from runtime.sparse_ffn import SparseFFN
-from runtime.sparsity import SparsityConfig
-from runtime.text import load_tokenizer
+from partinfer.common.output_dir import IncrementalOutput
+from partinfer.evaluation.accuracy import OFFLINE_TASKS, run_method
+from partinfer.evaluation.bench import weight_bytes_per_token
+from partinfer.evaluation.memory import MIB, expected_bytes
+from partinfer.evaluation.perplexity import corpus_perplexity, perplexity_texts
+from partinfer.runtime.engine import parse_device, parse_dtype
+from partinfer.runtime.loader import load_model
+from partinfer.runtime.sparse_ffn import SparseFFN
+from partinfer.runtime.sparsity import SparsityConfig
+from partinfer.runtime.text import load_tokenizer
 
 PHI_SHARE, DELTA_SHARE = 4 / 7, 3 / 7  # φ/γ and δ/γ of the paper's budget (0.4 and 0.3 at γ 0.7)
 
@@ -134,7 +134,7 @@ def format_pareto(report: dict) -> str:
 def plot_pareto(report: dict, out: Path) -> Path:
     """Quality ratio against weights kept (MiB) and against bytes read per decode token: one row of
     panels for perplexity, and one for MC2 when it was measured."""
-    from profiler.plotting import png_figure
+    from partinfer.profiler.plotting import png_figure
 
     points = report["points"]
     rows = [("ratio", "perplexity ÷ dense bf16 (lower is better)")]

@@ -14,14 +14,14 @@ from dataclasses import replace
 import torch
 from tqdm import tqdm
 
-from evaluation.scoring import score_continuations
-from runtime.engine import parse_device, parse_dtype
-from common.errors import PartinferError
-from runtime.loader import load_model
-from runtime.model import Transformer
-from runtime.prepare import resolve_model
-from runtime.sparsity import SparsityConfig
-from runtime.text import load_tokenizer
+from partinfer.evaluation.scoring import score_continuations
+from partinfer.runtime.engine import parse_device, parse_dtype
+from partinfer.common.errors import PartinferError
+from partinfer.runtime.loader import load_model
+from partinfer.runtime.model import Transformer
+from partinfer.runtime.prepare import resolve_model
+from partinfer.runtime.sparsity import SparsityConfig
+from partinfer.runtime.text import load_tokenizer
 
 
 def continuation_logprobs(model: Transformer, prompt: list[int], continuation: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,7 +48,7 @@ def corpus_perplexity(model: Transformer, ids: list[list[int]], prompt_tokens: i
 
 def perplexity_texts(dataset: str, num_samples: int, tokenizer, length: int) -> list[list[int]]:
     """Token ids of the first `num_samples` texts of the data set's eval split with at least `length` tokens."""
-    from common.data import BUILTIN_TASKS, load_task_records, load_texts
+    from partinfer.common.data import BUILTIN_TASKS, load_task_records, load_texts
 
     if dataset in BUILTIN_TASKS:
         records = load_task_records(dataset, "eval")

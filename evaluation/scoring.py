@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from runtime.model import KVCache, Transformer, prefill
+from partinfer.runtime.model import KVCache, Transformer, prefill
 
 
 def _expand_cache(cache: KVCache, batch: int) -> KVCache:

@@ -17,9 +17,9 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from profiler.profile import ProfileConfig, profile_prompts, to_neuron_file
-from common.atomic import atomic_file
-from runtime.loader import load_dense_model
+from partinfer.profiler.profile import ProfileConfig, profile_prompts, to_neuron_file
+from partinfer.common.atomic import atomic_file
+from partinfer.runtime.loader import load_dense_model
 
 # Hugging Face LlamaConfig fields per shape. llama-3.1-8b: the published Llama-3.1-8B geometry.
 SHAPES: dict[str, dict] = {

@@ -15,12 +15,12 @@ from __future__ import annotations
 import torch
 from tqdm import tqdm
 
-from common.compensation_file import Compensation
-from runtime.engine import Engine
-from runtime.generate import left_pad
-from runtime.kernels import linear
-from runtime.model import FFN, FeedForward, KVCache, Transformer, prefill
-from runtime.sparsity import LayerPlan, loaded_digest
+from partinfer.common.compensation_file import Compensation
+from partinfer.runtime.engine import Engine
+from partinfer.runtime.generate import left_pad
+from partinfer.runtime.kernels import linear
+from partinfer.runtime.model import FFN, FeedForward, KVCache, Transformer, prefill
+from partinfer.runtime.sparsity import LayerPlan, loaded_digest
 
 
 class CompensationRecorder(FeedForward):

@@ -18,8 +18,8 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
-from common.errors import PartinferError
-from profiler.stats import ActivationStats
+from partinfer.common.errors import PartinferError
+from partinfer.profiler.stats import ActivationStats
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from common.atomic import atomic_file
-from common.output_file import png_mark
+from partinfer.common.atomic import atomic_file
+from partinfer.common.output_file import png_mark
 
 
 @contextmanager

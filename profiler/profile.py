@@ -15,16 +15,16 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from common.data import load_texts
-from common.neuron_file import NeuronFile, merge
-from profiler.distributed import SINGLE, Ranks, all_reduce_stats, shard_by_tokens
-from profiler.stats import ActivationStats, attach_recorders, detach_recorders
-from runtime.engine import Engine
-from common.errors import PartinferError
-from runtime.generate import left_pad
-from runtime.model import KVCache, Transformer, decode_step, prefill
-from common.output_dir import check_output_dir, replace_output_dir
-from runtime.selection import CORE_SCORES
+from partinfer.common.data import load_texts
+from partinfer.common.neuron_file import NeuronFile, merge
+from partinfer.profiler.distributed import SINGLE, Ranks, all_reduce_stats, shard_by_tokens
+from partinfer.profiler.stats import ActivationStats, attach_recorders, detach_recorders
+from partinfer.runtime.engine import Engine
+from partinfer.common.errors import PartinferError
+from partinfer.runtime.generate import left_pad
+from partinfer.runtime.model import KVCache, Transformer, decode_step, prefill
+from partinfer.common.output_dir import check_output_dir, replace_output_dir
+from partinfer.runtime.selection import CORE_SCORES
 
 
 @dataclass(frozen=True)

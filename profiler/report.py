@@ -6,9 +6,9 @@ from pathlib import Path
 
 import torch
 
-from common.neuron_file import NeuronFile
-from common.output_file import check_output_file
-from profiler.plotting import png_axes
+from partinfer.common.neuron_file import NeuronFile
+from partinfer.common.output_file import check_output_file
+from partinfer.profiler.plotting import png_axes
 
 COVERAGE_FRACTIONS = (0.1, 0.2, 0.4, 0.7)
 

@@ -13,11 +13,11 @@ from __future__ import annotations
 import torch
 from tqdm import tqdm
 
-from common.neuron_file import LayerSensitivity, NeuronFile
-from profiler.stats import require_plain_ffns
-from runtime.kernels import linear
-from runtime.model import FFN, FeedForward, KVCache, Transformer, prefill
-from runtime.sparsity import fraction_count
+from partinfer.common.neuron_file import LayerSensitivity, NeuronFile
+from partinfer.profiler.stats import require_plain_ffns
+from partinfer.runtime.kernels import linear
+from partinfer.runtime.model import FFN, FeedForward, KVCache, Transformer, prefill
+from partinfer.runtime.sparsity import fraction_count
 
 
 class TruncatedFFN(FeedForward):

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import torch
 
-from common.errors import PartinferError
+from partinfer.common.errors import PartinferError
 
-from runtime.kernels import linear
-from runtime.model import FFN, FeedForward, Transformer
-from runtime.selection import token_core_mask
+from partinfer.runtime.kernels import linear
+from partinfer.runtime.model import FFN, FeedForward, Transformer
+from partinfer.runtime.selection import token_core_mask
 
 
 class ActivationStats:

@@ -14,12 +14,12 @@ from typing import Callable
 
 import torch
 
-from runtime.engine import Engine
-from common.errors import PartinferError
-from runtime.generate import GenerationResult, SamplingConfig, generate
-from runtime.process_memory import proc_status
-from runtime.sparse_ffn import sparse_modules, sparsity_summary
-from runtime.text import TextStream, require_utf8
+from partinfer.runtime.engine import Engine
+from partinfer.common.errors import PartinferError
+from partinfer.runtime.generate import GenerationResult, SamplingConfig, generate
+from partinfer.runtime.process_memory import proc_status
+from partinfer.runtime.sparse_ffn import sparse_modules, sparsity_summary
+from partinfer.runtime.text import TextStream, require_utf8
 
 PREDEFINED_PROMPTS = (
     "What is the capital of France? Answer in one sentence.",

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from runtime.model import KVCache, Transformer
+from partinfer.runtime.model import KVCache, Transformer
 
 WARMUP_STEPS = 2  # lazy cuBLAS/cuDNN set-up must happen before capture, on a side stream
 

@@ -22,10 +22,10 @@ from dataclasses import dataclass
 
 import torch
 
-from runtime.cuda_graph import GraphedDecode
-from runtime.model import EagerDecode, FfnWeights, KVCache, Transformer
-from runtime.native import argmax as native_argmax
-from runtime.native import cpu_kernels, gemv, model_decode, rms_norm
+from partinfer.runtime.cuda_graph import GraphedDecode
+from partinfer.runtime.model import EagerDecode, FfnWeights, KVCache, Transformer
+from partinfer.runtime.native import argmax as native_argmax
+from partinfer.runtime.native import cpu_kernels, gemv, model_decode, rms_norm
 
 
 @dataclass(frozen=True)

@@ -5,13 +5,13 @@ from __future__ import annotations
 from importlib.resources import files
 from pathlib import Path
 
-from runtime.prepare import DEFAULT_MODEL_NAME
+from partinfer.runtime.prepare import DEFAULT_MODEL_NAME
 
 
 def shipped_neuron_files() -> Path:
     """The installed `neuron_files` package: its data files sit beside its __init__.py, in a source tree
     or after a wheel install alike."""
-    return Path(str(files("neuron_files")))
+    return Path(str(files("partinfer.neuron_files")))
 
 
 def shipped_model_neurons(model: str | None) -> Path | None:
@@ -21,7 +21,7 @@ def shipped_model_neurons(model: str | None) -> Path | None:
     if model in (None, "", "default", DEFAULT_MODEL_NAME) and path.is_file():
         return path
     if model is not None and Path(model).is_dir():
-        from common.output_dir import read_manifest
+        from partinfer.common.output_dir import read_manifest
 
         packed_with = (read_manifest(Path(model), "pack") or {}).get("model_neurons")
         if isinstance(packed_with, str) and Path(packed_with).is_file():

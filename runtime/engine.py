@@ -8,13 +8,13 @@ from typing import Callable
 
 import torch
 
-from common.errors import PartinferError
-from runtime.generate import GenerationResult, SamplingConfig, generate
-from runtime.loader import load_model
-from runtime.model import KVCache, Transformer
-from runtime.prepare import resolve_model
-from runtime.sparsity import SparsityConfig
-from runtime.text import TextStream, encode_prompt, load_tokenizer, stop_token_ids
+from partinfer.common.errors import PartinferError
+from partinfer.runtime.generate import GenerationResult, SamplingConfig, generate
+from partinfer.runtime.loader import load_model
+from partinfer.runtime.model import KVCache, Transformer
+from partinfer.runtime.prepare import resolve_model
+from partinfer.runtime.sparsity import SparsityConfig
+from partinfer.runtime.text import TextStream, encode_prompt, load_tokenizer, stop_token_ids
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32,
           "fp16": torch.float16, "float16": torch.float16}

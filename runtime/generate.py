@@ -9,8 +9,8 @@ from typing import Callable
 
 import torch
 
-from common.errors import PartinferError
-from runtime.model import KVCache, Transformer, decode_step, prefill
+from partinfer.common.errors import PartinferError
+from partinfer.runtime.model import KVCache, Transformer, decode_step, prefill
 
 
 @dataclass(frozen=True)

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from common.errors import PartinferError
-from runtime.model import ModelConfig
-from runtime.quant import Quant, dequantize
+from partinfer.common.errors import PartinferError
+from partinfer.runtime.model import ModelConfig
+from partinfer.runtime.quant import Quant, dequantize
 
 GGUF_QUANTS = {"Q4_1": Quant.Q4_1, "Q8_0": Quant.Q8_0}
 

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from runtime.native import cpu_flags
-from runtime.quant import dequantize, is_compact
+from partinfer.runtime.native import cpu_flags
+from partinfer.runtime.quant import dequantize, is_compact
 
 UPCAST_MIN_TOKENS = 32  # below it (e.g. batch-8 decode) the weight upcast costs more than it saves
 

@@ -11,17 +11,17 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from common.errors import PartinferError
-from common.files import read_json
-from runtime.model import CompactEmbedding, ModelConfig, Transformer
-from runtime.quant import WEIGHT_FORMATS, WeightFormat
-from runtime.decode import choose_backend
-from runtime.native import cpu_kernels
-from common.output_dir import manifest_name
-from common.safetensors_io import SafetensorsFile
+from partinfer.common.errors import PartinferError
+from partinfer.common.files import read_json
+from partinfer.runtime.model import CompactEmbedding, ModelConfig, Transformer
+from partinfer.runtime.quant import WEIGHT_FORMATS, WeightFormat
+from partinfer.runtime.decode import choose_backend
+from partinfer.runtime.native import cpu_kernels
+from partinfer.common.output_dir import manifest_name
+from partinfer.common.safetensors_io import SafetensorsFile
 
 if TYPE_CHECKING:
-    from runtime.sparsity import SparsityConfig
+    from partinfer.runtime.sparsity import SparsityConfig
 
 
 def checkpoint_shards(model_dir: Path) -> dict[str, Path]:
@@ -93,7 +93,7 @@ PACK_VERSION = 2  # what `partinfer pack` writes; compact packs before 2 held do
 
 def stale_compact_pack(model_dir: Path) -> bool:
     """A compact packed checkpoint in a layout this version no longer reads (bf16 packs never change)."""
-    from common.output_dir import read_manifest
+    from partinfer.common.output_dir import read_manifest
 
     return _stale(read_manifest(model_dir, "pack") or {})
 
@@ -105,7 +105,7 @@ def _stale(manifest: dict) -> bool:
 
 def packed_weight_format(model_dir: Path) -> WeightFormat:
     """The weight format a packed checkpoint was written in (bf16 for any other checkpoint)."""
-    from common.output_dir import read_manifest
+    from partinfer.common.output_dir import read_manifest
 
     manifest = read_manifest(model_dir, "pack") or {}
     name = manifest.get("weights", "bf16")
@@ -206,8 +206,8 @@ def load_model(
 
     Dense layers (outside --start-num..--end-num) and everything that is not an FFN load whole.
     """
-    from runtime.sparse_ffn import CompactSparseFFN, is_sparse
-    from runtime.sparsity import SparsityConfig, plan_layers
+    from partinfer.runtime.sparse_ffn import CompactSparseFFN, is_sparse
+    from partinfer.runtime.sparsity import SparsityConfig, plan_layers
 
     sparsity = sparsity or SparsityConfig(method="dense")
     if dtype == torch.bfloat16 and str(device).startswith("cpu"):
@@ -264,7 +264,7 @@ def load_model(
 def weights_source(model_dir: Path, sparsity: "SparsityConfig") -> Path:
     """The checkpoint that holds `sparsity.weights`: `model_dir` itself when it stores that format (or no
     format is asked for), else its packed copy in the cache (made once, runtime.pack.cached_pack)."""
-    from runtime.pack import cached_pack
+    from partinfer.runtime.pack import cached_pack
 
     stored = packed_weight_format(model_dir).name
     if sparsity.weights in (None, stored):
@@ -284,9 +284,9 @@ def build_model(cfg: ModelConfig, plans: dict, sparsity: "SparsityConfig", fmt: 
                 dtype: torch.dtype) -> Transformer:
     """The model on `meta`, with the FFN modules each layer needs and, for a compact pack, every
     matrix declared as compact rows (runtime/quant.py) so the loaded uint8 tensors fit by shape."""
-    from runtime.sparse_ffn import CompactSparseFFN, SparseFFN
-    from runtime.sparsity import LayerPlan, SparsityConfig
-    from runtime.tokenwise_ffn import TokenwiseFFN
+    from partinfer.runtime.sparse_ffn import CompactSparseFFN, SparseFFN
+    from partinfer.runtime.sparsity import LayerPlan, SparsityConfig
+    from partinfer.runtime.tokenwise_ffn import TokenwiseFFN
 
     every = LayerPlan(torch.arange(cfg.ffn_dim), 0, cfg.ffn_dim)  # a compact model's dense layers
     with torch.device("meta"):
@@ -319,8 +319,8 @@ def build_model(cfg: ModelConfig, plans: dict, sparsity: "SparsityConfig", fmt: 
 def attach_compensation(model: Transformer, plans: dict, sparsity: "SparsityConfig") -> None:
     """Give each sparse layer its compensation, when a file is given and some neurons are not loaded
     (methods that load every neuron have nothing to compensate and ignore it)."""
-    from common.compensation_file import Compensation
-    from runtime.sparsity import loaded_digest
+    from partinfer.common.compensation_file import Compensation
+    from partinfer.runtime.sparsity import loaded_digest
 
     n = model.cfg.ffn_dim
     if sparsity.compensation is None or all(plan.loaded.shape[0] == n for plan in plans.values()):
@@ -346,7 +346,7 @@ def packed_perms_to_check(model_dir: Path, sparsity: "SparsityConfig", cfg: Mode
     """For a packed checkpoint read with a model-level neuron file: the permutation each layer must have."""
     if not is_packed(model_dir) or sparsity.model_neurons is None:
         return {}
-    from common.neuron_file import NeuronFile
+    from partinfer.common.neuron_file import NeuronFile
 
     nf = NeuronFile.load(sparsity.model_neurons, cfg.fingerprint)
     return {i: nf.rank(i).long() for i in range(cfg.n_layers)}

@@ -18,11 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.errors import PartinferError
-from common.files import read_json
-from runtime.kernels import Linear, linear
-from runtime.process_memory import release_free_heap
-from runtime.quant import dequantize
+from partinfer.common.errors import PartinferError
+from partinfer.common.files import read_json
+from partinfer.runtime.kernels import Linear, linear
+from partinfer.runtime.process_memory import release_free_heap
+from partinfer.runtime.quant import dequantize
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from common.paths import cache_home
+from partinfer.common.paths import cache_home
 
 SOURCE = Path(__file__).parent / "csrc" / "cpu_gemv.cpp"
 HEADERS = (Path(__file__).parent / "csrc" / "compact_rows.h",)
@@ -100,7 +100,7 @@ def _build_once(build: Path) -> None:
         (build / "lock").unlink(missing_ok=True)  # torch's own lock file, left by a killed build: nobody holds it now
         (build / "partinfer_cpu.ready").unlink(missing_ok=True)
         print("building partinfer's CPU kernels once (~30 s) ...", file=sys.stderr)
-        child = subprocess.Popen([sys.executable, "-m", "runtime.native", "--compile"], start_new_session=True,
+        child = subprocess.Popen([sys.executable, "-m", "partinfer.runtime.native", "--compile"], start_new_session=True,
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         try:
             out, _ = child.communicate(timeout=BUILD_TIMEOUT_S)

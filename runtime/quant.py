@@ -23,10 +23,10 @@ from enum import Enum
 
 import torch
 
-from common.errors import PartinferError
-from runtime.native import cpu_kernels
-from runtime.native import dequantize as native_dequantize
-from runtime.native import dequantize_columns as native_dequantize_columns
+from partinfer.common.errors import PartinferError
+from partinfer.runtime.native import cpu_kernels
+from partinfer.runtime.native import dequantize as native_dequantize
+from partinfer.runtime.native import dequantize_columns as native_dequantize_columns
 
 BLOCK = 32
 Q4_1_BYTES = 20

@@ -24,12 +24,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from runtime.kernels import linear
-from runtime.model import ACTIVATIONS, FeedForward, FfnKind, FfnWeights, ModelConfig, Transformer
-from runtime.quant import BLOCK, Quant, dequantize, dequantize_columns, neuron_blocks
-from runtime.selection import real_token_weights, sentence_active, top_count_mask
-from runtime.sparsity import LayerPlan, SparsityConfig
-from runtime.tokenwise_ffn import TokenwiseFFN
+from partinfer.runtime.kernels import linear
+from partinfer.runtime.model import ACTIVATIONS, FeedForward, FfnKind, FfnWeights, ModelConfig, Transformer
+from partinfer.runtime.quant import BLOCK, Quant, dequantize, dequantize_columns, neuron_blocks
+from partinfer.runtime.selection import real_token_weights, sentence_active, top_count_mask
+from partinfer.runtime.sparsity import LayerPlan, SparsityConfig
+from partinfer.runtime.tokenwise_ffn import TokenwiseFFN
 
 SELECTING_METHODS = ("coreinfer", "partinfer")
 

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import torch
 
-from common.errors import PartinferError
-from common.neuron_file import NeuronFile
-from runtime.model import ModelConfig
-from runtime.quant import WEIGHT_FORMATS
-from runtime.selection import CORE_SCORES, loaded_order
+from partinfer.common.errors import PartinferError
+from partinfer.common.neuron_file import NeuronFile
+from partinfer.runtime.model import ModelConfig
+from partinfer.runtime.quant import WEIGHT_FORMATS
+from partinfer.runtime.selection import CORE_SCORES, loaded_order
 
 METHODS = ("dense", "load-only", "static", "coreinfer", "partinfer", "tokenwise")
 # How `tokenwise` ranks a token's neurons beyond the base: "gate" = |act(gate_i)|; "scaled" = |act(gate_i)|

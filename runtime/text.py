@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from common.errors import PartinferError
+from partinfer.common.errors import PartinferError
 
 
 def load_tokenizer(model_dir: Path):

@@ -30,11 +30,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from runtime.kernels import linear
-from runtime.model import ACTIVATIONS, FeedForward, FfnKind, FfnWeights, ModelConfig
-from runtime.selection import real_token_weights
-from runtime.quant import BLOCK, Quant, dequantize_columns, neuron_blocks
-from runtime.sparsity import LayerPlan
+from partinfer.runtime.kernels import linear
+from partinfer.runtime.model import ACTIVATIONS, FeedForward, FfnKind, FfnWeights, ModelConfig
+from partinfer.runtime.selection import real_token_weights
+from partinfer.runtime.quant import BLOCK, Quant, dequantize_columns, neuron_blocks
+from partinfer.runtime.sparsity import LayerPlan
 
 
 class TokenwiseFFN(FeedForward):

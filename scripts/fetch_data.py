@@ -5,7 +5,7 @@ Same as `partinfer data fetch`; run with the project's venv (`.venv/bin/python s
 
 import sys
 
-from common.data import fetch_data
+from partinfer.common.data import fetch_data
 
 if __name__ == "__main__":
     for task, path in fetch_data(sys.argv[1:] or None).items():

@@ -15,9 +15,9 @@ import argparse
 import json
 from pathlib import Path
 
-from evaluation.bench import format_bench, run_bench
-from evaluation.synthetic_model import SHAPES, profile_random_model, save_random_llama
-from runtime.sparsity import SparsityConfig
+from partinfer.evaluation.bench import format_bench, run_bench
+from partinfer.evaluation.synthetic_model import SHAPES, profile_random_model, save_random_llama
+from partinfer.runtime.sparsity import SparsityConfig
 
 
 def main() -> None:

@@ -3,7 +3,7 @@
 Same as `partinfer prepare`; run with the project's venv (`.venv/bin/python scripts/prepare_default_model.py`).
 """
 
-from runtime.prepare import prepare_default_model
+from partinfer.runtime.prepare import prepare_default_model
 
 if __name__ == "__main__":
     print(prepare_default_model())

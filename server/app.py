@@ -18,12 +18,12 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 
-from common.errors import PartinferError
-from runtime.generate import SamplingConfig
-from runtime.text import encode_messages, require_utf8
-from server.protocol import (BadRequest, ChatRequest, CompletionRequest, SamplingFields, chat_chunk, chat_response,
+from partinfer.common.errors import PartinferError
+from partinfer.runtime.generate import SamplingConfig
+from partinfer.runtime.text import encode_messages, require_utf8
+from partinfer.server.protocol import (BadRequest, ChatRequest, CompletionRequest, SamplingFields, chat_chunk, chat_response,
                              completion_id, error_body, text_chunk, text_response, usage)
-from server.worker import Completion, Job, ModelWorker
+from partinfer.server.worker import Completion, Job, ModelWorker
 
 
 def build_app(worker: ModelWorker) -> FastAPI:
@@ -53,7 +53,7 @@ def build_app(worker: ModelWorker) -> FastAPI:
 
     @app.get("/", response_class=HTMLResponse)
     async def page() -> str:
-        return (files("server") / "static" / "index.html").read_text(encoding="utf-8")
+        return (files("partinfer.server") / "static" / "index.html").read_text(encoding="utf-8")
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest):

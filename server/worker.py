@@ -19,11 +19,11 @@ from typing import Callable
 
 import torch
 
-from runtime.engine import Engine
-from runtime.generate import SamplingConfig, generate
-from runtime.sparse_ffn import sparsity_summary
-from runtime.text import TextStream
-from server.protocol import BadRequest
+from partinfer.runtime.engine import Engine
+from partinfer.runtime.generate import SamplingConfig, generate
+from partinfer.runtime.sparse_ffn import sparsity_summary
+from partinfer.runtime.text import TextStream
+from partinfer.server.protocol import BadRequest
 
 
 @dataclass(frozen=True)

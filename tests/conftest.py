@@ -14,7 +14,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 @pytest.fixture(scope="session")
 def default_model_dir() -> Path:
     """The embedded SmolLM2-135M-Instruct as bf16 safetensors (`make test` prepares it first)."""
-    from runtime.prepare import prepare_default_model
+    from partinfer.runtime.prepare import prepare_default_model
 
     return prepare_default_model()
 

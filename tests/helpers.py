@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch
 
-from common.neuron_file import NeuronFile
-from profiler.profile import ProfileConfig, profile_prompts
-from runtime.loader import load_dense_model
+from partinfer.common.neuron_file import NeuronFile
+from partinfer.profiler.profile import ProfileConfig, profile_prompts
+from partinfer.runtime.loader import load_dense_model
 
 
 def tiny_prompts(count: int = 6, seed: int = 0, vocab: int = 128) -> list[list[int]]:

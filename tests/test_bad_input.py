@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from common.data import load_texts
-from common.neuron_file import NeuronFile
-from cli.app import app
-from common.errors import PartinferError
-from common.safetensors_io import SafetensorsFile
+from partinfer.common.data import load_texts
+from partinfer.common.neuron_file import NeuronFile
+from partinfer.cli.app import app
+from partinfer.common.errors import PartinferError
+from partinfer.common.safetensors_io import SafetensorsFile
 from tests.helpers import make_neuron_file
 from tests.test_cli import assert_clean_error
 
@@ -194,7 +194,7 @@ def test_a_killed_first_kernel_build_neither_hangs_nor_leaves_compilers(tmp_path
     """SIGKILL during the first build, then `partinfer generate`: it builds again and answers, well
     within its timeout, and the killed build's compilers are gone."""
     env = {**os.environ, "PARTINFER_HOME": str(tmp_path)}
-    first = subprocess.Popen([sys.executable, "-m", "runtime.native"], env=env, stderr=subprocess.PIPE,
+    first = subprocess.Popen([sys.executable, "-m", "partinfer.runtime.native"], env=env, stderr=subprocess.PIPE,
                              stdout=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while not compilers_in(tmp_path) and time.monotonic() < deadline:

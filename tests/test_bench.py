@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from evaluation.bench import floor_tps, weight_bytes_per_token
-from runtime.generate import generate
-from runtime.loader import load_dense_model, load_model
-from runtime.sparsity import SparsityConfig
+from partinfer.evaluation.bench import floor_tps, weight_bytes_per_token
+from partinfer.runtime.generate import generate
+from partinfer.runtime.loader import load_dense_model, load_model
+from partinfer.runtime.sparsity import SparsityConfig
 from tests.helpers import make_neuron_file, tiny_prompts
 
 
@@ -40,8 +40,8 @@ def test_floor():
 
 
 def test_continuation_nll_dense_equals_one_forward(tiny_llama_dir):
-    from evaluation.perplexity import continuation_nll
-    from runtime.model import KVCache, prefill
+    from partinfer.evaluation.perplexity import continuation_nll
+    from partinfer.runtime.model import KVCache, prefill
 
     model = load_dense_model(tiny_llama_dir, dtype=torch.float32)
     tokens = tiny_prompts(1, seed=9)[0] + tiny_prompts(1, seed=10)[0]
@@ -54,7 +54,7 @@ def test_continuation_nll_dense_equals_one_forward(tiny_llama_dir):
 
 
 def test_continuation_nll_sparse_methods_at_phi_gamma_one(tiny_llama_dir, tmp_path):
-    from evaluation.perplexity import continuation_nll
+    from partinfer.evaluation.perplexity import continuation_nll
 
     neurons = make_neuron_file(tiny_llama_dir, tmp_path / "n.safetensors")
     tokens = tiny_prompts(1, seed=12)[0] * 2

@@ -9,15 +9,15 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cli.app import app
-from common.errors import PartinferError
-from common.neuron_file import LayerSensitivity, NeuronFile, merge
-from profiler.sensitivity import TruncatedFFN, measure_sensitivity
-from runtime.generate import generate
-from runtime.kernels import linear
-from runtime.loader import load_dense_model, load_model
-from runtime.model import ModelConfig
-from runtime.sparsity import BUDGET_DAMPING, SparsityConfig, fraction_count, layer_budgets, plan_layers
+from partinfer.cli.app import app
+from partinfer.common.errors import PartinferError
+from partinfer.common.neuron_file import LayerSensitivity, NeuronFile, merge
+from partinfer.profiler.sensitivity import TruncatedFFN, measure_sensitivity
+from partinfer.runtime.generate import generate
+from partinfer.runtime.kernels import linear
+from partinfer.runtime.loader import load_dense_model, load_model
+from partinfer.runtime.model import ModelConfig
+from partinfer.runtime.sparsity import BUDGET_DAMPING, SparsityConfig, fraction_count, layer_budgets, plan_layers
 from tests.helpers import make_neuron_file, tiny_prompts
 
 

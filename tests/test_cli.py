@@ -6,8 +6,8 @@ import json
 
 from typer.testing import CliRunner
 
-from evaluation.bench import format_bench
-from cli.app import app
+from partinfer.evaluation.bench import format_bench
+from partinfer.cli.app import app
 
 runner = CliRunner()
 
@@ -129,7 +129,7 @@ def test_the_command_line_turns_off_mkls_buffer_cache_before_torch_loads():
     import subprocess
     import sys
 
-    from evaluation.memory import WORKER_ENV
+    from partinfer.evaluation.memory import WORKER_ENV
 
     probe = "import cli, os, sys; print(os.environ.get('MKL_DISABLE_FAST_MM'), 'torch' in sys.modules)"
     env = {k: v for k, v in os.environ.items() if k != "MKL_DISABLE_FAST_MM"}

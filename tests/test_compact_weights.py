@@ -13,14 +13,14 @@ import numpy as np
 import pytest
 import torch
 
-from runtime.generate import generate
-from runtime.loader import CheckpointReader, load_model
-from runtime.native import cpu_flags, cpu_kernels
-from runtime.pack import pack_checkpoint
-from runtime.quant import (Quant, columns_from_rows, dequantize, dequantize_columns, dequantize_columns_reference,
+from partinfer.runtime.generate import generate
+from partinfer.runtime.loader import CheckpointReader, load_model
+from partinfer.runtime.native import cpu_flags, cpu_kernels
+from partinfer.runtime.pack import pack_checkpoint
+from partinfer.runtime.quant import (Quant, columns_from_rows, dequantize, dequantize_columns, dequantize_columns_reference,
                            dequantize_reference, quantize, quantize_activation)
-from runtime.sparse_ffn import CompactSparseFFN, sparse_modules
-from runtime.sparsity import METHODS, SparsityConfig, fraction_count
+from partinfer.runtime.sparse_ffn import CompactSparseFFN, sparse_modules
+from partinfer.runtime.sparsity import METHODS, SparsityConfig, fraction_count
 from tests.helpers import make_neuron_file, tiny_prompts
 
 GGML_TYPES = {Quant.Q4_1: "Q4_1", Quant.Q8_0: "Q8_0"}
@@ -66,9 +66,9 @@ def test_down_columns_hold_the_rows_values_exactly(quant):
 
 KERNEL_CHECK = r"""
 import json, sys, torch
-from runtime.native import compact_kernel_path, cpu_kernels, down_columns, gemv
+from partinfer.runtime.native import compact_kernel_path, cpu_kernels, down_columns, gemv
 assert cpu_kernels()
-from runtime.quant import Quant, columns_from_rows, dequantize_columns_reference, dequantize_reference, quantize, quantize_activation
+from partinfer.runtime.quant import Quant, columns_from_rows, dequantize_columns_reference, dequantize_reference, quantize, quantize_activation
 torch.manual_seed(0)
 worst = {"fp32": 0.0, "bf16": 0.0, "down": 0.0}
 
@@ -167,7 +167,7 @@ def test_phi_gamma_one_gives_dense_tokens_of_the_same_weights(compact, weights, 
 def test_compiled_decode_equals_eager_on_compact_rows(compact, method):
     """The one-op decode on compact rows (ROWS and TOKENWISE kinds) against the eager forward of the same
     weights: logits agree up to the 8-bit input quantization of the kernels."""
-    from runtime.model import EagerDecode, KVCache, decode_step, prefill
+    from partinfer.runtime.model import EagerDecode, KVCache, decode_step, prefill
 
     if not cpu_kernels():
         pytest.skip("no compiled CPU kernels on this machine")
@@ -203,7 +203,7 @@ def test_compact_partial_load_reads_only_the_packed_prefix(compact, weights):
 
 def test_compact_pack_is_smaller_and_close_to_bf16(compact, tiny_llama_dir):
     """q4 and int8 dense logits stay near the fp32 model's (the quantization error of random weights)."""
-    from runtime.model import KVCache, prefill
+    from partinfer.runtime.model import KVCache, prefill
 
     ref = load(tiny_llama_dir, compact["neurons"], method="dense")
     prompt = torch.tensor([tiny_prompts(1, seed=2)[0]])
@@ -217,7 +217,7 @@ def test_compact_pack_is_smaller_and_close_to_bf16(compact, tiny_llama_dir):
 
 
 def test_weights_option_packs_once_and_refuses_a_mismatch(compact, tiny_llama_dir, tmp_path, monkeypatch):
-    from common.errors import PartinferError
+    from partinfer.common.errors import PartinferError
 
     monkeypatch.setenv("PARTINFER_HOME", str(tmp_path))
     model = load(tiny_llama_dir, compact["neurons"], method="load-only", weights="int8")
@@ -234,9 +234,9 @@ def test_an_older_compact_pack_is_refused_and_the_cached_one_rebuilt(compact, ti
     own cached copy of that age instead of misreading it."""
     import shutil
 
-    from common.errors import PartinferError
-    from runtime.loader import PACK_MANIFEST, stale_compact_pack
-    from runtime.pack import cached_pack
+    from partinfer.common.errors import PartinferError
+    from partinfer.runtime.loader import PACK_MANIFEST, stale_compact_pack
+    from partinfer.runtime.pack import cached_pack
 
     def age(pack: Path) -> None:
         manifest = json.loads((pack / PACK_MANIFEST).read_text())
@@ -260,8 +260,8 @@ def test_embedded_model_q4_pack_keeps_the_gguf_blocks(default_model_dir, tmp_pat
     import gguf
     import gguf.quants
 
-    from runtime.defaults import shipped_model_neurons
-    from runtime.prepare import default_gguf_path
+    from partinfer.runtime.defaults import shipped_model_neurons
+    from partinfer.runtime.prepare import default_gguf_path
 
     out = pack_checkpoint(default_model_dir, shipped_model_neurons(None), tmp_path / "q4", "q4")
     source = {t.name: t for t in gguf.GGUFReader(default_gguf_path()).tensors}
@@ -297,8 +297,8 @@ def test_pareto_grid_writes_table_and_chart(tiny_with_tokenizer, tmp_path, monke
     any output."""
     import json as _json
 
-    from common.errors import PartinferError
-    from evaluation.pareto import run_pareto
+    from partinfer.common.errors import PartinferError
+    from partinfer.evaluation.pareto import run_pareto
     from tests.helpers import write_offline_data
 
     monkeypatch.setenv("PARTINFER_HOME", str(tmp_path / "home"))

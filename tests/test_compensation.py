@@ -7,15 +7,15 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cli.app import app
-from common.compensation_file import Compensation
-from common.errors import PartinferError
-from profiler.compensation import fit_compensation
-from runtime.engine import load_engine
-from runtime.generate import generate
-from runtime.loader import load_model
-from runtime.model import KVCache, prefill
-from runtime.sparsity import SparsityConfig, loaded_digest, plan_layers
+from partinfer.cli.app import app
+from partinfer.common.compensation_file import Compensation
+from partinfer.common.errors import PartinferError
+from partinfer.profiler.compensation import fit_compensation
+from partinfer.runtime.engine import load_engine
+from partinfer.runtime.generate import generate
+from partinfer.runtime.loader import load_model
+from partinfer.runtime.model import KVCache, prefill
+from partinfer.runtime.sparsity import SparsityConfig, loaded_digest, plan_layers
 from tests.test_cli import assert_clean_error
 
 TEXTS = {"calib": [f"Sentence number {i} tells of rivers, mountains, kings and the weights of small models." for i in range(8)]}
@@ -23,7 +23,7 @@ runner = CliRunner()
 
 
 def plans_for(model_dir, neurons, gamma):
-    from runtime.model import ModelConfig
+    from partinfer.runtime.model import ModelConfig
 
     return plan_layers(SparsityConfig(method="load-only", gamma=gamma, delta=min(0.3, gamma), phi=gamma,
                                       model_neurons=neurons, start_num=1, end_num=2), ModelConfig.from_dir(model_dir))
@@ -119,9 +119,9 @@ def test_compensation_is_added_and_moves_logits_toward_dense(tiny_with_tokenizer
 def test_compiled_decode_adds_the_compensation_as_eager_does(tiny_with_tokenizer, tmp_path, method):
     """The one-op decode takes the map (no eager fallback): its steps match the eager path's, and differ
     from the same model without the map."""
-    from runtime.decode import CompiledCPUDecode, DecodePlan
-    from runtime.model import EagerDecode, decode_step
-    from runtime.native import cpu_kernels
+    from partinfer.runtime.decode import CompiledCPUDecode, DecodePlan
+    from partinfer.runtime.model import EagerDecode, decode_step
+    from partinfer.runtime.native import cpu_kernels
 
     if not cpu_kernels():
         pytest.skip("no compiled CPU kernels on this machine")

@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM
 
-from runtime.generate import generate
-from runtime.loader import load_dense_model
-from runtime.model import KVCache, prefill
-from runtime.text import encode_prompt, load_tokenizer
+from partinfer.runtime.generate import generate
+from partinfer.runtime.loader import load_dense_model
+from partinfer.runtime.model import KVCache, prefill
+from partinfer.runtime.text import encode_prompt, load_tokenizer
 
 
 def test_default_model_matches_transformers_greedy(default_model_dir):

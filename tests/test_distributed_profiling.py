@@ -14,9 +14,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cli.app import app
-from common.neuron_file import NeuronFile
-from profiler.distributed import Ranks, shard_by_tokens
+from partinfer.cli.app import app
+from partinfer.common.neuron_file import NeuronFile
+from partinfer.profiler.distributed import Ranks, shard_by_tokens
 from tests.test_cli import assert_clean_error
 
 runner = CliRunner()
@@ -35,7 +35,7 @@ def test_shards_are_disjoint_complete_and_balanced():
 
 
 def profile_command(model: Path, data: Path, out: Path) -> list[str]:
-    return ["-m", "cli", "profile", "--model", str(model), "-d", str(data), "-n", str(len(TEXTS)), "--gen-tokens", "2",
+    return ["-m", "partinfer.cli", "profile", "--model", str(model), "-d", str(data), "-n", str(len(TEXTS)), "--gen-tokens", "2",
             "--batch-size", "1", "--out", str(out), "--json"]
 
 
@@ -66,8 +66,8 @@ def test_two_gloo_processes_write_what_one_process_writes(tiny_with_tokenizer, t
 
 
 def test_merging_two_halves_equals_profiling_the_whole(tiny_with_tokenizer, tmp_path):
-    from profiler.profile import ProfileConfig, profile_texts, to_neuron_file
-    from runtime.engine import load_engine
+    from partinfer.profiler.profile import ProfileConfig, profile_texts, to_neuron_file
+    from partinfer.runtime.engine import load_engine
 
     engine = load_engine(str(tiny_with_tokenizer / "model"), "fp32")
     cfg = ProfileConfig(num_samples=len(TEXTS), gen_tokens=2, batch_size=1)

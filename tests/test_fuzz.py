@@ -13,11 +13,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from common.neuron_file import NeuronFile
-from cli.app import app
-from common.errors import PartinferError
-from runtime.model import ModelConfig
-from common.safetensors_io import SafetensorsFile
+from partinfer.common.neuron_file import NeuronFile
+from partinfer.cli.app import app
+from partinfer.common.errors import PartinferError
+from partinfer.runtime.model import ModelConfig
+from partinfer.common.safetensors_io import SafetensorsFile
 from tests.helpers import make_neuron_file
 from tests.test_cli import assert_clean_error
 

@@ -29,10 +29,18 @@ def test_wheel_install_runs_partinfer_with_the_shipped_neuron_file(default_model
                     str(wheel)], check=True, capture_output=True, timeout=300)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     env.pop("PYTHONPATH", None)
-    where = subprocess.run([str(python), "-c", "import cli, neuron_files; print(cli.__file__)"], cwd=tmp_path, env=env,
-                           check=True, capture_output=True, text=True).stdout
+    where = subprocess.run([str(python), "-c", "import partinfer.cli, partinfer.neuron_files; print(partinfer.cli.__file__)"],
+                           cwd=tmp_path, env=env, check=True, capture_output=True, text=True).stdout
     assert where.startswith(str(site)), where  # the installed copy, not this source tree
-    done = subprocess.run([str(python), "-m", "cli", "generate", "--method", "partinfer", "-p", "Name a colour.",
+    # everything under one namespace: no generic top-level name that another project could also install
+    installed = {p.name for p in site.iterdir() if (p / "__init__.py").is_file() or p.suffix == ".py"}
+    assert not installed & {"common", "cli", "server", "runtime", "profiler", "evaluation", "neuron_files"}, installed
+    assert sorted(p.name for p in (site / "partinfer").iterdir() if p.is_dir() and p.name != "__pycache__") == [
+        "cli", "common", "evaluation", "neuron_files", "profiler", "runtime", "server"]
+    console = subprocess.run([str(python), str(site / "bin" / "partinfer"), "--help"], cwd=tmp_path, env=env, capture_output=True,
+                             text=True, timeout=300)
+    assert console.returncode == 0 and "generate" in console.stdout, console.stderr
+    done = subprocess.run([str(python), "-m", "partinfer.cli", "generate", "--method", "partinfer", "-p", "Name a colour.",
                            "-n", "4", "--json"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)

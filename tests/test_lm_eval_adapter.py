@@ -10,9 +10,9 @@ import torch
 from lm_eval.api.instance import Instance
 from transformers import AutoModelForCausalLM
 
-from evaluation.lm_eval_adapter import PartinferLM
+from partinfer.evaluation.lm_eval_adapter import PartinferLM
 from tests.helpers import write_offline_data
-from runtime.sparsity import METHODS
+from partinfer.runtime.sparsity import METHODS
 
 PAIRS = [("The capital of France is", " Paris."), ("Two plus two equals", " four"), ("Once upon a time ", "there was")]
 
@@ -82,8 +82,8 @@ def test_offline_tasks_load_and_eval_writes_table(tiny_with_tokenizer, tmp_path,
     """Every task YAML loads without a hub; `run_eval` writes raw results and the table, then resumes."""
     from lm_eval.tasks import TaskManager
 
-    from evaluation.accuracy import OFFLINE_TASKS, TASKS_DIR, resolve_tasks, run_eval
-    from runtime.sparsity import SparsityConfig
+    from partinfer.evaluation.accuracy import OFFLINE_TASKS, TASKS_DIR, resolve_tasks, run_eval
+    from partinfer.runtime.sparsity import SparsityConfig
 
     monkeypatch.setenv("PARTINFER_HOME", str(tmp_path / "home"))
     write_offline_data(tmp_path / "home")
@@ -113,9 +113,9 @@ def test_offline_tasks_load_and_eval_writes_table(tiny_with_tokenizer, tmp_path,
 
 def test_eval_include_path_runs_a_users_task(tiny_with_tokenizer, tmp_path):
     """`eval --include-path DIR`: a task YAML of the user's, on a local JSONL file, runs next to ours."""
-    from common.errors import PartinferError
-    from evaluation.accuracy import run_eval
-    from runtime.sparsity import SparsityConfig
+    from partinfer.common.errors import PartinferError
+    from partinfer.evaluation.accuracy import run_eval
+    from partinfer.runtime.sparsity import SparsityConfig
 
     tasks_dir = tmp_path / "my_tasks"
     tasks_dir.mkdir()

@@ -6,12 +6,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cli.app import app
-from common.errors import PartinferError
-from runtime.generate import generate
-from runtime.loader import load_dense_model, load_model
-from runtime.sparse_ffn import sparse_modules
-from runtime.sparsity import METHODS, SparsityConfig, fraction_count
+from partinfer.cli.app import app
+from partinfer.common.errors import PartinferError
+from partinfer.runtime.generate import generate
+from partinfer.runtime.loader import load_dense_model, load_model
+from partinfer.runtime.sparse_ffn import sparse_modules
+from partinfer.runtime.sparsity import METHODS, SparsityConfig, fraction_count
 from tests.helpers import make_neuron_file, tiny_prompts
 
 
@@ -43,7 +43,7 @@ def test_tokenwise_gate_score_at_phi_gamma_one_gives_dense_tokens(tiny_llama_dir
 def test_tokenwise_scaled_score_ranks_by_gate_times_sentence_scale(tiny_llama_dir, neurons):
     """After a prefill, a layer's scale is the prompt's mean |up_i| times ‖down_i‖, and decode keeps the
     base plus the highest |act(gate_i)| · scale_i of the rest."""
-    from runtime.generate import KVCache, prefill
+    from partinfer.runtime.generate import KVCache, prefill
 
     model = load(tiny_llama_dir, neurons, method="tokenwise", gamma=0.7, delta=0.3, phi=0.4)
     layer = sparse_modules(model)[0]
@@ -120,8 +120,8 @@ def test_missing_neuron_file(tiny_llama_dir, tmp_path):
 
 
 def test_chat_reselects_between_turns(default_model_dir):
-    from runtime.chat import ChatSession
-    from runtime.engine import load_engine
+    from partinfer.runtime.chat import ChatSession
+    from partinfer.runtime.engine import load_engine
 
     engine = load_engine(sparsity=SparsityConfig(method="partinfer", model_neurons=_shipped()))
     session = ChatSession(engine, context=1024, max_new_tokens=16)
@@ -144,7 +144,7 @@ def test_chat_cli_two_turns(default_model_dir):
 
 
 def _shipped():
-    from runtime.defaults import shipped_model_neurons
+    from partinfer.runtime.defaults import shipped_model_neurons
 
     path = shipped_model_neurons(None)
     assert path is not None, "neuron_files/model.safetensors is missing"
@@ -158,8 +158,8 @@ def test_prompt_longer_than_context(tiny_llama_dir):
 
 
 def test_chat_longer_than_context_says_how_to_go_on(default_model_dir):
-    from runtime.chat import ChatSession
-    from runtime.engine import load_engine
+    from partinfer.runtime.chat import ChatSession
+    from partinfer.runtime.engine import load_engine
 
     session = ChatSession(load_engine(sparsity=SparsityConfig(method="dense")), context=64, max_new_tokens=8)
     with pytest.raises(PartinferError, match="/reset"):
@@ -170,7 +170,7 @@ def test_chat_longer_than_context_says_how_to_go_on(default_model_dir):
 
 @pytest.mark.parametrize("token_score", ["scaled", "gate"])
 def test_tokenwise_computes_phi_per_token_with_base(tiny_llama_dir, neurons, token_score):
-    from runtime.tokenwise_ffn import TokenwiseFFN
+    from partinfer.runtime.tokenwise_ffn import TokenwiseFFN
 
     model = load(tiny_llama_dir, neurons, method="tokenwise", gamma=0.7, delta=0.3, phi=0.4, token_score=token_score)
     layers = sparse_modules(model)

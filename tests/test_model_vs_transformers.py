@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from runtime.generate import generate
-from runtime.loader import load_dense_model
-from runtime.model import KVCache, decode_step, prefill
+from partinfer.runtime.generate import generate
+from partinfer.runtime.loader import load_dense_model
+from partinfer.runtime.model import KVCache, decode_step, prefill
 from tests.tiny_models import TINY_CONFIGS, save_tiny_model
 
 

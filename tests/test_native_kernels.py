@@ -11,12 +11,12 @@ import torch.nn.functional as F
 import re
 from pathlib import Path
 
-from runtime.decode import CompiledCPUDecode
-from runtime.loader import load_model
-from runtime.model import EagerDecode, FfnKind, KVCache, decode_step, prefill
-from runtime.native import SOURCE, _cpu_has_avx2_fma, cpu_kernels, gemv, gemv_t
-from runtime.sparse_ffn import sparse_modules
-from runtime.sparsity import SparsityConfig, fraction_count
+from partinfer.runtime.decode import CompiledCPUDecode
+from partinfer.runtime.loader import load_model
+from partinfer.runtime.model import EagerDecode, FfnKind, KVCache, decode_step, prefill
+from partinfer.runtime.native import SOURCE, _cpu_has_avx2_fma, cpu_kernels, gemv, gemv_t
+from partinfer.runtime.sparse_ffn import sparse_modules
+from partinfer.runtime.sparsity import SparsityConfig, fraction_count
 from tests.helpers import make_neuron_file
 
 pytestmark = pytest.mark.skipif(
@@ -58,13 +58,13 @@ def test_the_compiled_backend_is_chosen_once_for_bf16_on_this_cpu(tiny_llama_dir
 
 def test_prefill_upcasts_bf16_only_without_bf16_instructions(monkeypatch):
     """Many bf16 tokens compute in fp32 on AVX2-only CPUs and stay bf16 where the CPU has bf16 math."""
-    import runtime.kernels
-    from runtime.kernels import cpu_prefers_fp32
+    import partinfer.runtime.kernels
+    from partinfer.runtime.kernels import cpu_prefers_fp32
 
     W, prompt, token = torch.randn(48, 32).bfloat16(), torch.randn(1, 64, 32).bfloat16(), torch.randn(1, 1, 32).bfloat16()
-    monkeypatch.setattr(runtime.kernels, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    monkeypatch.setattr(partinfer.runtime.kernels, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
     assert cpu_prefers_fp32(prompt, W) and not cpu_prefers_fp32(token, W)
-    monkeypatch.setattr(runtime.kernels, "cpu_flags", lambda: frozenset({"avx2", "fma", "avx512_bf16"}))
+    monkeypatch.setattr(partinfer.runtime.kernels, "cpu_flags", lambda: frozenset({"avx2", "fma", "avx512_bf16"}))
     assert not cpu_prefers_fp32(prompt, W) and cpu_prefers_fp32(prompt, W.half())
 
 
@@ -114,7 +114,7 @@ def test_compiled_decode_as_accurate_as_eager_bf16(tiny_llama_dir, tmp_path, met
 
 def test_argmax_matches_torch():
     """The greedy sampler's compiled argmax: first maximum on ties, NaN first, fp32 and bf16 rows."""
-    from runtime.native import argmax
+    from partinfer.runtime.native import argmax
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4, 1003, generator=g)  # not a multiple of the 8-wide vector

@@ -10,8 +10,8 @@ import os
 import pytest
 from typer.testing import CliRunner
 
-from cli.app import app
-from common.output_dir import IncrementalOutput, manifest_name, replace_output_dir
+from partinfer.cli.app import app
+from partinfer.common.output_dir import IncrementalOutput, manifest_name, replace_output_dir
 from tests.helpers import make_neuron_file
 from tests.test_cli import assert_clean_error
 
@@ -133,12 +133,11 @@ def test_a_failure_inside_the_block_leaves_nothing(tmp_path):
 
 
 def test_full_disk_is_a_one_line_error_and_leaves_no_file(default_model_dir, tmp_path, monkeypatch):
-    import common.neuron_file
-
+    import partinfer.common.neuron_file
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(common.neuron_file, "save_file", full)
+    monkeypatch.setattr(partinfer.common.neuron_file, "save_file", full)
     data = tmp_path / "prompts.txt"
     data.write_text("The cat sat on the mat.\n")
     result = runner.invoke(app, ["profile", "-d", str(data), "-n", "1", "--gen-tokens", "1", "--out", str(tmp_path / "nf")])
@@ -147,12 +146,11 @@ def test_full_disk_is_a_one_line_error_and_leaves_no_file(default_model_dir, tmp
 
 
 def test_a_bug_keeps_its_traceback(monkeypatch):
-    import runtime.prepare
-
+    import partinfer.runtime.prepare
     def broken(*args, **kwargs):
         raise ZeroDivisionError("a genuine bug")
 
-    monkeypatch.setattr(runtime.prepare, "prepare_default_model", broken)
+    monkeypatch.setattr(partinfer.runtime.prepare, "prepare_default_model", broken)
     result = runner.invoke(app, ["prepare"])
     assert result.exit_code == 1
     assert "Traceback" in result.stderr and "ZeroDivisionError" in result.stderr and "please report it" in result.stderr
@@ -187,7 +185,7 @@ def test_plot_onto_a_users_file_is_refused(tiny_neurons, tmp_path):
 
 
 def test_plot_onto_a_users_png_is_refused_but_its_own_plot_is_replaced(tiny_neurons, tmp_path):
-    from common.output_file import png_text
+    from partinfer.common.output_file import png_text
 
     theirs = tmp_path / "photo.png"
     theirs.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 64)  # a PNG that is not ours

@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from common.neuron_file import NeuronFile
-from common.errors import PartinferError
-from runtime.generate import generate
-from runtime.loader import load_dense_model, load_model
-from runtime.pack import pack_checkpoint
-from runtime.sparse_ffn import SparseFFN
-from runtime.sparsity import SparsityConfig, fraction_count
+from partinfer.common.neuron_file import NeuronFile
+from partinfer.common.errors import PartinferError
+from partinfer.runtime.generate import generate
+from partinfer.runtime.loader import load_dense_model, load_model
+from partinfer.runtime.pack import pack_checkpoint
+from partinfer.runtime.sparse_ffn import SparseFFN
+from partinfer.runtime.sparsity import SparsityConfig, fraction_count
 from tests.helpers import make_neuron_file, tiny_prompts
 
 
@@ -116,7 +116,7 @@ def test_partinfer_without_neuron_file(tiny):
 
 
 def test_packed_partial_load_reads_only_loaded_rows(tiny):
-    from runtime.loader import CheckpointReader
+    from partinfer.runtime.loader import CheckpointReader
 
     sparsity = SparsityConfig(method="load-only", gamma=0.3, delta=0.3, phi=0.3, model_neurons=tiny["model_nf"],
                               start_num=1, end_num=2)

@@ -16,8 +16,8 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
-from cli.app import app
-from runtime.sparsity import SparsityConfig
+from partinfer.cli.app import app
+from partinfer.runtime.sparsity import SparsityConfig
 
 PROMPT = "Name three colours."
 runner = CliRunner()
@@ -255,11 +255,11 @@ def test_the_chat_page_streams_an_answer_in_a_real_browser(server):
 def test_a_conversation_that_extends_the_cache_reuses_it_and_answers_as_a_fresh_start(tiny_with_tokenizer):
     """The next turn of a conversation prefills only its new tokens; with every neuron computed (dense)
     the answer equals that of a worker that starts from nothing."""
-    from runtime.engine import load_engine
-    from runtime.generate import SamplingConfig
-    from runtime.sparsity import SparsityConfig
-    from runtime.text import encode_messages
-    from server.worker import ModelWorker, ServeConfig
+    from partinfer.runtime.engine import load_engine
+    from partinfer.runtime.generate import SamplingConfig
+    from partinfer.runtime.sparsity import SparsityConfig
+    from partinfer.runtime.text import encode_messages
+    from partinfer.server.worker import ModelWorker, ServeConfig
 
     engine = load_engine(str(tiny_with_tokenizer / "model"), "fp32", "cpu", SparsityConfig(method="dense"))
     config = ServeConfig(model_name="tiny", method="dense", context=256)

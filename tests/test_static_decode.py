@@ -9,10 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from runtime.generate import generate
-from runtime.loader import load_model
-from runtime.model import KVCache, decode_step, prefill
-from runtime.sparsity import SparsityConfig
+from partinfer.runtime.generate import generate
+from partinfer.runtime.loader import load_model
+from partinfer.runtime.model import KVCache, decode_step, prefill
+from partinfer.runtime.sparsity import SparsityConfig
 from tests.helpers import make_neuron_file
 from tests.tiny_models import save_tiny_model
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM
 
-from evaluation.bench import run_bench
-from evaluation.synthetic_model import SHAPES, llama_tensor_shapes, profile_random_model, save_random_llama
-from common.neuron_file import NeuronFile
-from runtime.loader import load_dense_model
-from runtime.sparsity import SparsityConfig
+from partinfer.evaluation.bench import run_bench
+from partinfer.evaluation.synthetic_model import SHAPES, llama_tensor_shapes, profile_random_model, save_random_llama
+from partinfer.common.neuron_file import NeuronFile
+from partinfer.runtime.loader import load_dense_model
+from partinfer.runtime.sparsity import SparsityConfig
 
 
 def test_random_llama_loads_in_partinfer_and_transformers(tmp_path):
@@ -19,7 +19,7 @@ def test_random_llama_loads_in_partinfer_and_transformers(tmp_path):
     assert sum(p.numel() for p in theirs.parameters()) == sum(
         torch.Size(s).numel() for s in llama_tensor_shapes(SHAPES["tiny"]).values())
     tokens = torch.tensor([[5, 17, 99, 3]])
-    from runtime.model import KVCache, prefill
+    from partinfer.runtime.model import KVCache, prefill
 
     cache = KVCache(ours.cfg, 1, 8, torch.float32, "cpu")
     with torch.inference_mode():

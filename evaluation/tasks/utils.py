@@ -15,7 +15,7 @@ from collections import Counter
 import datasets
 import numpy as np
 
-from common.data import load_task_records
+from partinfer.common.data import load_task_records
 
 # The standard 6-shot QA primer of TruthfulQA's multiple-choice setting (Lin et al., 2021).
 QA_PRIMER = (
