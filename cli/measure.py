@@ -8,7 +8,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from partinfer.cli.options import DeviceOpt, DtypeOpt, JsonOpt, MethodsOpt, ModelOpt, split_list, with_sparsity_options
+from partinfer.cli.options import (DeviceOpt, DtypeOpt, JsonOpt, MethodsOpt, ModelOpt, WeightsOpt, split_list,
+                                   with_sparsity_options)
 from partinfer.runtime.sparsity import SparsityConfig
 
 
@@ -22,6 +23,7 @@ def bench(
     peers: Annotated[bool, typer.Option("--peers/--no-peers", help="Also time transformers generate() (and llama.cpp where installed) in the same run.")] = True,
     dtype: DtypeOpt = "bf16",
     device: DeviceOpt = "cpu",
+    weights: WeightsOpt = None,
     as_json: JsonOpt = False,
     *,
     sparsity: SparsityConfig,
@@ -29,7 +31,7 @@ def bench(
     """Prefill and decode tokens/s per method and of transformers, beside the memory-bandwidth floor, in one run."""
     from partinfer.evaluation.bench import format_bench, run_bench
 
-    report = run_bench(model, split_list(methods), sparsity, dtype, device, prompt_len, new_tokens, repeats, peers)
+    report = run_bench(model, split_list(methods), sparsity, dtype, device, prompt_len, new_tokens, repeats, peers, weights)
     typer.echo(json.dumps(report, indent=2) if as_json else format_bench(report))
 
 
@@ -43,6 +45,7 @@ def perplexity(
     cont_tokens: Annotated[int, typer.Option("--cont-tokens", min=2, max=1_048_576, help="Tokens scored after them.")] = 128,
     dtype: DtypeOpt = "bf16",
     device: DeviceOpt = "cpu",
+    weights: WeightsOpt = None,
     as_json: JsonOpt = False,
     *,
     sparsity: SparsityConfig,
@@ -51,7 +54,7 @@ def perplexity(
     from partinfer.evaluation.perplexity import format_perplexity, run_perplexity
 
     report = run_perplexity(model, split_list(methods), sparsity, dataset, num_samples, prompt_tokens, cont_tokens,
-                            dtype, device)
+                            dtype, device, weights)
     typer.echo(json.dumps(report, indent=2) if as_json else format_perplexity(report))
 
 
@@ -65,6 +68,7 @@ def memory(
     dtype: DtypeOpt = "bf16",
     device: DeviceOpt = "cpu",
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Write measured vs expected memory against γ to this PNG.")] = None,
+    weights: WeightsOpt = None,
     as_json: JsonOpt = False,
     *,
     sparsity: SparsityConfig,
@@ -78,7 +82,7 @@ def memory(
         check_output_file(plot, "memory")  # before the measurements
     sparse_methods = tuple(m for m in split_list(methods) if m != "dense")
     report = run_memory(resolve_model(model), sparsity, tuple(gamma or DEFAULT_GAMMAS), sparse_methods, dtype, device,
-                        packed, peers, progress=lambda name: typer.echo(f"measuring {name} ...", err=True))
+                        packed, peers, progress=lambda name: typer.echo(f"measuring {name} ...", err=True), weights=weights)
     typer.echo(json.dumps(report, indent=2) if as_json else format_memory(report))
     if plot is not None:
         typer.echo(f"plot: {plot_memory(report, plot)}", err=True)
@@ -97,6 +101,7 @@ def evaluate(
     include_path: Annotated[Optional[Path], typer.Option("--include-path", help="A directory of your own lm-eval task YAMLs (as lm_eval --include_path); --tasks may then name them.")] = None,
     dtype: DtypeOpt = "bf16",
     device: DeviceOpt = "cpu",
+    weights: WeightsOpt = None,
     as_json: JsonOpt = False,
     *,
     sparsity: SparsityConfig,
@@ -107,12 +112,12 @@ def evaluate(
 
     task_list = resolve_tasks(list(split_list(tasks)))
     report = run_eval(resolve_model(model), task_list, split_list(methods), sparsity, out, limit, dtype, device,
-                      batch_size, resume, table_only, include_path)
+                      batch_size, resume, table_only, include_path, weights)
     typer.echo(json.dumps(report, indent=2) if as_json else format_table(report))
     typer.echo(f"wrote {out / 'results.md'} and {out / 'raw'}/", err=True)
 
 
-@with_sparsity_options(exclude=("method", "gamma", "delta", "phi", "weights"))
+@with_sparsity_options(exclude=("method", "gamma", "delta", "phi"))
 def pareto(
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory for pareto.md, pareto.json and pareto.png (new, empty, or an earlier `pareto --out`).")],
     model: ModelOpt = None,

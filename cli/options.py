@@ -21,6 +21,13 @@ DtypeOpt = Annotated[str, typer.Option("--dtype", help="Weight and compute dtype
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu or cuda.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print a JSON object instead of text.")]
 MethodsOpt = Annotated[str, typer.Option("--methods", help=f"Comma-separated methods to compare ({', '.join(METHODS)}).")]
+# A load option, not a sparsity one: which weight scheme the rows are read in (packing once if needed).
+WeightsOpt = Annotated[
+    Optional[str],
+    typer.Option("--weights", help="Weight format: q4 (4-bit: Q4_1, with Q8_0 embeddings), int8 (Q8_0) or bf16. A "
+                 "checkpoint not packed so is packed once into the cache with the model-level neuron file (default: as "
+                 "the checkpoint stores them)."),
+]
 
 
 def split_list(value: str) -> tuple[str, ...]:
@@ -46,9 +53,6 @@ SPARSITY_OPTIONS: dict[str, tuple[Any, tuple[str, ...], str]] = {
                      "compensate`, fit for the same γ, δ and neuron files); methods that load every neuron ignore it."),
     "budget": (str, ("--budget",), "uniform (every sparse layer loads γ and computes φ) or profiled (the same total "
                "neurons, spread by layer by the sensitivities in the neuron file: `partinfer neurons sensitivity`)."),
-    "weights": (Optional[str], ("--weights",), "Weight format: q4 (4-bit: Q4_1, with Q8_0 embeddings), int8 "
-                "(Q8_0) or bf16. A checkpoint not packed so is packed once into the cache with the model-level neuron "
-                "file (default: as the checkpoint stores them)."),
 }
 assert set(SPARSITY_OPTIONS) == {f.name for f in fields(SparsityConfig)}, "every SparsityConfig field is an option"
 

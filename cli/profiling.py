@@ -126,7 +126,7 @@ def neurons_merge(
     typer.echo(f"{merged.save(out)}\t{merged.level}-level, {merged.tokens} tokens, {merged.sequences} sequences")
 
 
-@with_sparsity_options(exclude=("method", "phi", "token_sparsity", "core_score", "token_score", "compensation", "weights"))
+@with_sparsity_options(exclude=("method", "phi", "token_sparsity", "core_score", "token_score", "compensation"))
 def compensate(
     out: Annotated[Path, typer.Option("--out", "-o", help="The compensation file to write (a new path, or --force).")],
     dataset: Annotated[list[str], typer.Option("--dataset", "-d", help="Calibration data: built-in tasks (their profile split) or local files; repeat for several.")] = ["truthfulqa", "squad", "xsum", "coqa", "wikilingua"],
@@ -149,7 +149,7 @@ def compensate(
     from partinfer.common.data import load_texts
     from partinfer.profiler.compensation import fit_compensation
     from partinfer.runtime.engine import load_engine
-    from partinfer.runtime.model import ModelConfig
+    from partinfer.runtime.config import ModelConfig
     from partinfer.runtime.prepare import resolve_model
     from partinfer.runtime.sparsity import plan_layers
 

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from partinfer.cli.options import DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, with_sparsity_options
+from partinfer.cli.options import DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, WeightsOpt, with_sparsity_options
 from partinfer.common.errors import PartinferError
 from partinfer.runtime.sparsity import SparsityConfig
 
@@ -25,6 +25,7 @@ def generate(
     seed: Annotated[int, typer.Option("--seed", min=0, max=2**63 - 1, help="Sampling seed.")] = 0,
     dtype: DtypeOpt = "bf16",
     device: DeviceOpt = "cpu",
+    weights: WeightsOpt = None,
     as_json: JsonOpt = False,
     *,
     sparsity: SparsityConfig,
@@ -45,7 +46,7 @@ def generate(
     else:
         raise PartinferError(f"unknown --function {function!r}; use normal or predefined-prompts")
     sampling = SamplingConfig(temperature=temperature, top_p=top_p, seed=seed)
-    engine = load_engine(model, dtype, device, sparsity)
+    engine = load_engine(model, dtype, device, sparsity, weights)
     answers = []
     for text in prompts:
         if not as_json and len(prompts) > 1:
@@ -73,6 +74,7 @@ def chat(
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", min=1, max=1_048_576, help="Reply length limit.")] = 256,
     temperature: Annotated[float, typer.Option("--temperature", "-t", help="0 = greedy.")] = 0.0,
     dtype: DtypeOpt = "bf16",
+    weights: WeightsOpt = None,
     *,
     sparsity: SparsityConfig,
 ) -> None:
@@ -88,7 +90,7 @@ def chat(
     from partinfer.runtime.generate import SamplingConfig
 
     device = "cuda" if torch.cuda.is_available() and not cpu_only else "cpu"
-    engine = load_engine(model, dtype, device, sparsity)
+    engine = load_engine(model, dtype, device, sparsity, weights)
     session = ChatSession(engine, context, max_new_tokens, SamplingConfig(temperature=temperature))
     typer.echo(f"partinfer chat ({sparsity.method}, γ {sparsity.gamma}, φ {sparsity.phi}, {device}); /reset, /stats, /exit",
                err=True)

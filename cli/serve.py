@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from partinfer.cli.options import DtypeOpt, ModelOpt, with_sparsity_options
+from partinfer.cli.options import DtypeOpt, ModelOpt, WeightsOpt, with_sparsity_options
 from partinfer.common.errors import PartinferError
 from partinfer.runtime.sparsity import SparsityConfig
 
@@ -21,6 +21,7 @@ def serve(
     default_max_tokens: Annotated[int, typer.Option("--default-max-tokens", min=1, max=1_048_576, help="Reply length when a request gives no max_tokens.")] = 256,
     dtype: DtypeOpt = "bf16",
     device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
+    weights: WeightsOpt = None,
     *,
     sparsity: SparsityConfig,
 ) -> None:
@@ -32,7 +33,7 @@ def serve(
     from partinfer.server.app import build_app
     from partinfer.server.worker import ModelWorker, ServeConfig
 
-    engine = load_engine(model, dtype, device, sparsity)
+    engine = load_engine(model, dtype, device, sparsity, weights)
     config = ServeConfig(model_name=engine.model_dir.name, method=sparsity.method, context=context,
                          max_queue=max_queue, default_max_tokens=default_max_tokens)
     worker = ModelWorker(engine, config)

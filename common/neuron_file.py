@@ -17,6 +17,7 @@ measured with the file's own ranking, which a merge changes, so a merge drops th
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -82,6 +83,11 @@ class NeuronFile:
     dtype: str = "bfloat16"
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     sensitivity: LayerSensitivity | None = None
+    # Set by `load` only (not fields, so `dataclasses.replace` and `merge` never carry them over to
+    # other statistics): the file's own rankings (`layers.{i}.rank`, checked when read), so a load
+    # never sorts them again, and the digest of the content read.
+    _file_ranks = None  # tuple[torch.Tensor, ...] | None
+    digest = ""  # str: content digest of the file it was read from ("" when not read from a file)
 
     @property
     def n_layers(self) -> int:
@@ -94,7 +100,14 @@ class NeuronFile:
         return (self.core_count[layer] / max(self.tokens, 1)).float()
 
     def rank(self, layer: int) -> torch.Tensor:
-        """Neuron indices, largest mean |a| first (ties by index, so the order is deterministic)."""
+        """Neuron indices, largest mean |a| first (ties by index, so the order is deterministic): the
+        file's stored ranking when it was read from one."""
+        if self._file_ranks is not None:
+            return self._file_ranks[layer]
+        return self.derived_rank(layer)
+
+    def derived_rank(self, layer: int) -> torch.Tensor:
+        """The ranking the statistics give (what `save` writes)."""
         return torch.sort(self.mean_abs(layer), descending=True, stable=True).indices.to(torch.int32)
 
     def check_model(self, fingerprint: str, path: Path | str = "neuron file") -> None:
@@ -114,7 +127,7 @@ class NeuronFile:
             tensors[f"layers.{i}.core_count"] = self.core_count[i].double().contiguous()
             tensors[f"layers.{i}.mean_abs"] = self.mean_abs(i).contiguous()
             tensors[f"layers.{i}.core_freq"] = self.core_freq(i).contiguous()
-            tensors[f"layers.{i}.rank"] = self.rank(i).contiguous()
+            tensors[f"layers.{i}.rank"] = self.derived_rank(i).contiguous()
         metadata = {
             "format": FORMAT, "version": str(VERSION), "model": self.model, "fingerprint": self.fingerprint,
             "dtype": self.dtype, "level": self.level, "datasets": json.dumps(list(self.datasets)),
@@ -155,12 +168,20 @@ class NeuronFile:
         if meta["level"] not in ("model", "dataset"):
             raise ValueError(f"level {meta['level']!r} is neither model nor dataset")
         sensitivity = LayerSensitivity.from_json(meta["sensitivity"], n_layers) if "sensitivity" in meta else None
-        return cls(
+        ranks = tuple(tensors[f"layers.{i}.rank"] for i in range(n_layers))
+        for i, rank in enumerate(ranks):
+            if rank.dtype != torch.int32 or tuple(rank.shape) != (n,) or bool((rank < 0).any() | (rank >= n).any()) \
+                    or not bool((torch.bincount(rank.long(), minlength=n) == 1).all()):
+                raise ValueError(f"layers.{i}.rank is not a permutation of the layer's {n} neurons")
+        nf = cls(
             sum_abs=stats["sum_abs"], core_count=stats["core_count"], tokens=tokens, model=meta["model"],
             fingerprint=meta["fingerprint"], level=meta["level"], datasets=tuple(str(d) for d in datasets),
             sequences=int(meta["sequences"]), gen_tokens=int(meta["gen_tokens"]), token_sparsity=token_sparsity,
             core_score=meta["core_score"], dtype=meta["dtype"], created=meta["created"], sensitivity=sensitivity,
         )
+        object.__setattr__(nf, "_file_ranks", ranks)
+        object.__setattr__(nf, "digest", content_digest(meta, tensors))
+        return nf
 
     @classmethod
     def load(cls, path: Path | str, fingerprint: str | None = None) -> "NeuronFile":
@@ -184,6 +205,15 @@ class NeuronFile:
         if fingerprint is not None:
             nf.check_model(fingerprint, path)
         return nf
+
+
+def content_digest(meta: dict[str, str], tensors: dict[str, torch.Tensor]) -> str:
+    """Names a file's content (metadata and every tensor's bytes), independent of its path."""
+    digest = hashlib.sha256(json.dumps(meta, sort_keys=True).encode())
+    for name in sorted(tensors):
+        digest.update(name.encode())
+        digest.update(tensors[name].contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:20]
 
 
 FINGERPRINT_GEOMETRY = re.compile(r"-L(\d+)-d\d+-n(\d+)-")

@@ -54,8 +54,9 @@ def resolve_tasks(names: list[str]) -> list[str]:
 
 
 def _settings(model_dir: Path, method: str, sparsity: SparsityConfig, tasks: list[str], limit: int | None,
-              dtype: str, include_path: Path | None = None) -> dict:
+              dtype: str, include_path: Path | None = None, weights: str | None = None) -> dict:
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(replace(sparsity, method=method)).items()}
+    config["weights"] = weights  # a load option, recorded beside the sparsity settings as it always was
     if method != "tokenwise":
         del config["token_score"]  # only tokenwise reads it: other methods' results stay valid when it changes
     for optional in ("compensation", "weights"):
@@ -87,14 +88,15 @@ def task_manager(include_path: Path | None = None, tasks: list[str] | None = Non
 
 
 def run_method(model_dir: Path, method: str, sparsity: SparsityConfig, tasks: list[str], limit: int | None,
-               dtype: str, device: str, batch_size: int, include_path: Path | None = None) -> dict:
+               dtype: str, device: str, batch_size: int, include_path: Path | None = None,
+               weights: str | None = None) -> dict:
     """lm-eval's results for one method: {task: {metric: value}}, samples per task."""
     import lm_eval
 
     from partinfer.evaluation.lm_eval_adapter import PartinferLM
 
     lm = PartinferLM(model=str(model_dir), sparsity=replace(sparsity, method=method), dtype=dtype, device=device,
-                     batch_size=batch_size)
+                     batch_size=batch_size, weights=weights)
     try:
         out = lm_eval.simple_evaluate(model=lm, tasks=tasks, limit=limit, bootstrap_iters=1000,
                                       task_manager=task_manager(include_path, tasks), log_samples=False)
@@ -117,7 +119,7 @@ def run_method(model_dir: Path, method: str, sparsity: SparsityConfig, tasks: li
 def run_eval(
     model_dir: Path, tasks: list[str], methods: tuple[str, ...], sparsity: SparsityConfig, out_dir: Path,
     limit: int | None = None, dtype: str = "bf16", device: str = "cpu", batch_size: int = 1, resume: bool = True,
-    table_only: bool = False, include_path: Path | None = None,
+    table_only: bool = False, include_path: Path | None = None, weights: str | None = None,
 ) -> dict:
     """Evaluate every method; write out_dir/raw/<method>.json and out_dir/results.md; return the report.
 
@@ -132,7 +134,7 @@ def run_eval(
     raw_dir = out_dir / "raw"
     runs = {}
     for method in methods:
-        settings = _settings(model_dir, method, sparsity, tasks, limit, dtype, include_path)
+        settings = _settings(model_dir, method, sparsity, tasks, limit, dtype, include_path, weights)
         path = raw_dir / f"{method}.json"
         if (resume or table_only) and path.is_file():
             saved = read_json(path, "raw results", "delete it, or run again with --no-resume to replace it")
@@ -145,7 +147,7 @@ def run_eval(
         if table_only:
             continue
         runs[method] = {"settings": settings, **run_method(model_dir, method, sparsity, tasks, limit, dtype, device,
-                                                           batch_size, include_path)}
+                                                           batch_size, include_path, weights)}
         output.write_text(f"raw/{method}.json", json.dumps(runs[method], indent=2))
     if not runs:
         raise PartinferError(f"no results with these settings in {raw_dir}; run without --table-only first")

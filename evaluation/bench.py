@@ -168,13 +168,14 @@ def bench_llama_cpp(gguf: Path, prompt: list[int], new_tokens: int, repeats: int
 def run_bench(
     model: str | None = None, methods: tuple[str, ...] = ("dense", "partinfer"), sparsity: SparsityConfig | None = None,
     dtype: str = "bf16", device: str = "cpu", prompt_len: int = 64, new_tokens: int = 64, repeats: int = 3,
-    peers: bool = True,
+    peers: bool = True, weights: str | None = None,
 ) -> dict:
-    """Measure every method and the peers in one process, on the same prompt, and return a JSON-able report."""
+    """Measure every method and the peers in one process, on the same prompt, and return a JSON-able
+    report; `weights`: the weight scheme every method runs on (None: as stored)."""
     sparsity = sparsity or SparsityConfig()
     model_dir = resolve_model(model)
     torch_dtype, device = parse_dtype(dtype), parse_device(device)
-    dense = load_model(model_dir, torch_dtype, device, replace(sparsity, method="dense"))  # --weights applies here too
+    dense = load_model(model_dir, torch_dtype, device, replace(sparsity, method="dense"), weights)
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(min(100, dense.cfg.vocab_size // 4), dense.cfg.vocab_size - 1, (prompt_len,), generator=g).tolist()
     on_cpu_bf16 = device.startswith("cpu") and torch_dtype == torch.bfloat16
@@ -184,7 +185,7 @@ def run_bench(
     copies: list[float] = []  # one before each row's timing, and one at the end
     timed = []  # (name, prefill tok/s, decode tok/s, bytes per token)
     for method in methods:
-        m = dense if method == "dense" else load_model(model_dir, torch_dtype, device, replace(sparsity, method=method))
+        m = dense if method == "dense" else load_model(model_dir, torch_dtype, device, replace(sparsity, method=method), weights)
         copies.append(measure_bandwidth(device=device))
         pre, dec = bench_ours(m, prompt, new_tokens, repeats)
         timed.append((method, pre, dec, weight_bytes_per_token(m)))  # bytes after a generation: active sets held
@@ -207,7 +208,7 @@ def run_bench(
         rows.append(BenchRow(name, pre, dec, nbytes, bandwidth / 1e9, floor_tps(bandwidth, nbytes)))
     return {
         "model": str(model_dir), "dtype": dtype, "device": device, "threads": torch.get_num_threads(),
-        "weights": sparsity.weights or "as stored",
+        "weights": weights or "as stored",
         "decode_kernels": (f"compiled AVX2 GEMV, compact rows: {compact_kernel_path()}" if on_cpu_bf16 and cpu_kernels()
                            else "stock PyTorch, one CUDA graph per step" if device.startswith("cuda") else "stock PyTorch"),
         "prompt_len": prompt_len, "new_tokens": new_tokens, "repeats": repeats,

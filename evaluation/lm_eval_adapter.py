@@ -31,10 +31,10 @@ class PartinferLM(LM):
     def __init__(
         self, model: str | None = None, sparsity: SparsityConfig | None = None, dtype: str = "bf16",
         device: str = "cpu", max_length: int = 2048, batch_size: int | str = 1, score_batch: int = 16,
-        prompt_tokens: int = 64, **settings,
+        prompt_tokens: int = 64, weights: str | None = None, **settings,
     ):
         """`sparsity` from our runner, or its fields as strings from lm-eval's `--model_args`
-        (e.g. `method=partinfer,gamma=0.7`); lm-eval's own extra arguments are ignored."""
+        (e.g. `method=partinfer,gamma=0.7,weights=q4`); lm-eval's own extra arguments are ignored."""
         super().__init__()
         if sparsity is None:
             known = {f.name for f in fields(SparsityConfig)}
@@ -42,7 +42,7 @@ class PartinferLM(LM):
             if not values.get("model_neurons"):
                 values["model_neurons"] = shipped_model_neurons(model)
             sparsity = SparsityConfig.from_dict(values)
-        self.engine = load_engine(model, dtype, device, sparsity)
+        self.engine = load_engine(model, dtype, device, sparsity, weights or None)
         self.tokenizer = self.engine.tokenizer
         self.max_length = min(int(max_length), self.engine.model.cfg.max_seq_len)
         self.prefix_token = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 0

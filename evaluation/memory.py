@@ -89,7 +89,7 @@ def run_worker(spec: MemorySpec) -> dict:
 
     from partinfer.runtime.engine import parse_dtype
     from partinfer.runtime.generate import generate
-    from partinfer.runtime.model import ModelConfig
+    from partinfer.runtime.config import ModelConfig
     from partinfer.runtime.native import cpu_kernels, gemv
 
     dtype = parse_dtype(spec.dtype)
@@ -105,12 +105,14 @@ def run_worker(spec: MemorySpec) -> dict:
         if dtype == torch.bfloat16 and cpu_kernels():  # the compiled decode kernels' library, too
             gemv(w, x[0, 0].float())
             if cfg.dim % 32 == 0:  # and its compact-row kernels and de-quantizer
-                from partinfer.runtime.quant import Quant, dequantize, quantize
+                from partinfer.common.formats.blocks import BLOCK_FORMATS
+                from partinfer.runtime.quant import dequantize
 
-                for quant in Quant:
-                    rows = quantize(w, quant)
-                    gemv(rows, x[0, 0].float())
-                    dequantize(rows, cfg.dim, dtype)
+                for fmt in BLOCK_FORMATS.values():
+                    if fmt.kernel is not None and fmt.quantize_blocks is not None:
+                        rows = fmt.quantize(w)
+                        gemv(rows, x[0, 0].float())
+                        dequantize(rows, fmt, cfg.dim, dtype)
     # Building a module on the `meta` device imports torch's meta machinery once.
     from partinfer.runtime.model import Transformer
 
@@ -185,19 +187,20 @@ def measure(spec: MemorySpec) -> dict:
 
 def run_memory(model_dir: Path, sparsity: SparsityConfig, gammas=DEFAULT_GAMMAS, methods=("load-only", "partinfer"),
                dtype: str = "bf16", device: str = "cpu", packed: bool = True, peers: bool = True,
-               progress=None) -> dict:
+               progress=None, weights: str | None = None) -> dict:
     """Measure dense, each method at each γ (the rest of `sparsity` as given), and the transformers peer;
-    one fresh process each. Every configuration is validated here, before the first worker starts."""
+    one fresh process each, all on the weight scheme `weights` (None: bf16). Every configuration is
+    validated here, before the first worker starts."""
     from partinfer.runtime.pack import cached_pack
     from partinfer.runtime.prepare import default_gguf_path, default_model_dir
 
-    weights = sparsity.weights or "bf16"
+    weights = weights or "bf16"
     compact = weights != "bf16"
     if (methods or compact) and sparsity.model_neurons is None:
         raise PartinferError("sparse methods and --weights need --model-neurons FILE (a model-level neuron file)")
     if compact and not packed:
         raise PartinferError(f"--weights {weights} is read from a packed copy; drop --plain")
-    source = cached_pack(model_dir, sparsity.model_neurons, weights) if packed and (methods or compact) else model_dir
+    source = cached_pack(model_dir, sparsity.model_neurons, weights).path if packed and (methods or compact) else model_dir
     specs = [MemorySpec(f"dense {weights}" if compact else "dense", str(source if compact else model_dir), "dense",
                         dtype=dtype, device=device)]
     for method in methods:
@@ -218,16 +221,17 @@ def run_memory(model_dir: Path, sparsity: SparsityConfig, gammas=DEFAULT_GAMMAS,
 
 
 def ffn_layer_bytes(model_dir: Path, dtype: str) -> int:
-    """One FFN layer's weights as the checkpoint's format keeps them."""
-    from partinfer.runtime.loader import packed_weight_format
-    from partinfer.runtime.model import ModelConfig
-    from partinfer.runtime.quant import BLOCK
+    """One FFN layer's weights as the checkpoint's format keeps them (layer 0's formats)."""
+    from partinfer.common.formats.pack_format import PackManifest, matrix_name
+    from partinfer.runtime.config import ModelConfig
 
     cfg = ModelConfig.from_dir(Path(model_dir))
-    fmt = packed_weight_format(model_dir)
-    if fmt.compact:
-        table = cfg.ffn_dim // BLOCK * fmt.down.table_width * cfg.dim * 2  # the down block scales (fp16)
-        return cfg.ffn_dim * (2 * fmt.gate_up.row_bytes(cfg.dim) + fmt.down.code_bytes(cfg.dim)) + table
+    manifest = PackManifest.read(Path(model_dir))
+    gate_up = None if manifest is None else manifest.format_of(matrix_name(0, "gate_proj"))
+    if gate_up is not None:
+        down = manifest.format_of(matrix_name(0, "down_proj"))
+        table = cfg.ffn_dim // down.block * down.scales * cfg.dim * 2  # the down block scales (fp16)
+        return cfg.ffn_dim * (2 * gate_up.row_bytes(cfg.dim) + down.column_code_bytes(cfg.dim)) + table
     return 3 * cfg.dim * cfg.ffn_dim * (4 if dtype in ("fp32", "float32") else 2)
 
 

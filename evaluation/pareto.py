@@ -18,6 +18,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from partinfer.common.formats.blocks import weight_scheme
 from partinfer.common.output_dir import IncrementalOutput
 from partinfer.evaluation.accuracy import OFFLINE_TASKS, run_method
 from partinfer.evaluation.bench import weight_bytes_per_token
@@ -48,16 +49,17 @@ class ParetoPoint:
 
 
 def grid(methods: tuple[str, ...], gammas: tuple[float, ...], weights: tuple[str, ...],
-         base: SparsityConfig) -> list[SparsityConfig]:
-    """Dense per weight format, then every method at every γ (φ, δ at the paper's proportions of γ)."""
+         base: SparsityConfig) -> list[tuple[SparsityConfig, str]]:
+    """(configuration, weight scheme): dense per weight scheme, then every method at every γ (φ, δ at
+    the paper's proportions of γ)."""
     configs = []
     for w in weights:
-        configs.append(replace(base, method="dense", weights=w))
+        weight_scheme(w)  # an unknown name fails here, before any output
+        configs.append((replace(base, method="dense"), w))
         for method in methods:
             for g in gammas:
                 phi = g if method == "load-only" else round(PHI_SHARE * g, 4)
-                configs.append(replace(base, method=method, weights=w, gamma=g, phi=phi,
-                                       delta=min(round(DELTA_SHARE * g, 4), phi)))
+                configs.append((replace(base, method=method, gamma=g, phi=phi, delta=min(round(DELTA_SHARE * g, 4), phi)), w))
     return configs
 
 
@@ -73,8 +75,8 @@ def run_pareto(model_dir: Path, methods: tuple[str, ...], gammas: tuple[float, .
     ids = perplexity_texts(dataset, num_samples, load_tokenizer(model_dir), prompt_tokens + cont_tokens)
     points: list[ParetoPoint] = []
     reference = mc2_reference = None
-    for config in tqdm(configs, desc="pareto", unit="config"):
-        model = load_model(model_dir, parse_dtype(dtype), parse_device(device), config)
+    for config, scheme in tqdm(configs, desc="pareto", unit="config"):
+        model = load_model(model_dir, parse_dtype(dtype), parse_device(device), config, scheme)
         ppl = corpus_perplexity(model, ids, prompt_tokens)
         weights_mib, mb_per_token = expected_bytes(model, SparseFFN)["weights"] / MIB, weight_bytes_per_token(model) / 1e6
         del model
@@ -82,13 +84,14 @@ def run_pareto(model_dir: Path, methods: tuple[str, ...], gammas: tuple[float, .
         mc2 = mc2_ratio = mc2_stderr = None
         if mc2_limit > 0:
             task = OFFLINE_TASKS["truthfulqa_mc2"]
-            scores = run_method(model_dir, config.method, config, [task], mc2_limit, dtype, device, 1)["results"][task]
+            scores = run_method(model_dir, config.method, config, [task], mc2_limit, dtype, device, 1,
+                                weights=scheme)["results"][task]
             mc2, mc2_stderr = scores["acc"], scores.get("acc_stderr")
             mc2_reference = mc2 if mc2_reference is None else mc2_reference
             mc2_ratio = mc2 / mc2_reference if mc2_reference else None
         loaded = config.loaded_fraction
         computed = config.phi if config.method in ("static", "coreinfer", "partinfer", "tokenwise") else loaded
-        points.append(ParetoPoint(config.method, config.weights, loaded, computed, ppl, ppl / reference,
+        points.append(ParetoPoint(config.method, scheme, loaded, computed, ppl, ppl / reference,
                                   weights_mib, mb_per_token, mc2, mc2_ratio, mc2_stderr))
     report = {"model": str(model_dir), "dataset": dataset, "split": "eval", "texts": len(ids),
               "prompt_tokens": prompt_tokens, "cont_tokens": cont_tokens, "dtype": dtype, "mc2_questions": mc2_limit,

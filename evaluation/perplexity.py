@@ -70,12 +70,13 @@ def perplexity_texts(dataset: str, num_samples: int, tokenizer, length: int) -> 
 def run_perplexity(
     model: str | None, methods: tuple[str, ...], sparsity: SparsityConfig, dataset: str = "xsum",
     num_samples: int = 32, prompt_tokens: int = 64, cont_tokens: int = 128, dtype: str = "bf16", device: str = "cpu",
+    weights: str | None = None,
 ) -> dict:
     model_dir = resolve_model(model)
     ids = perplexity_texts(dataset, num_samples, load_tokenizer(model_dir), prompt_tokens + cont_tokens)
     rows = []
     for method in methods:
-        m = load_model(model_dir, parse_dtype(dtype), parse_device(device), replace(sparsity, method=method))
+        m = load_model(model_dir, parse_dtype(dtype), parse_device(device), replace(sparsity, method=method), weights)
         rows.append({"method": method, "perplexity": corpus_perplexity(m, ids, prompt_tokens, desc=method)})
         del m
     return {"model": str(model_dir), "dataset": dataset, "split": "eval", "texts": len(ids),

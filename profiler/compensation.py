@@ -19,7 +19,8 @@ from partinfer.common.compensation_file import Compensation
 from partinfer.runtime.engine import Engine
 from partinfer.runtime.generate import left_pad
 from partinfer.runtime.kernels import linear
-from partinfer.runtime.model import FFN, FeedForward, KVCache, Transformer, prefill
+from partinfer.runtime.ffn import FFN, FeedForward
+from partinfer.runtime.model import KVCache, Transformer, prefill
 from partinfer.runtime.sparsity import LayerPlan, loaded_digest
 
 

@@ -16,7 +16,8 @@ from tqdm import tqdm
 from partinfer.common.neuron_file import LayerSensitivity, NeuronFile
 from partinfer.profiler.stats import require_plain_ffns
 from partinfer.runtime.kernels import linear
-from partinfer.runtime.model import FFN, FeedForward, KVCache, Transformer, prefill
+from partinfer.runtime.ffn import FFN, FeedForward
+from partinfer.runtime.model import KVCache, Transformer, prefill
 from partinfer.runtime.sparsity import fraction_count
 
 

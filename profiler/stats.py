@@ -12,7 +12,8 @@ import torch
 from partinfer.common.errors import PartinferError
 
 from partinfer.runtime.kernels import linear
-from partinfer.runtime.model import FFN, FeedForward, Transformer
+from partinfer.runtime.ffn import FFN, FeedForward
+from partinfer.runtime.model import Transformer
 from partinfer.runtime.selection import token_core_mask
 
 

@@ -3,7 +3,7 @@
 Each backend has the same interface — `decode(model, tokens, cache) -> logits`, `prompt_ended()`,
 `argmax(logits)` — and runs every case it is not built for through the eager path it inherits:
 
-- `EagerDecode` (runtime/model.py): the model's PyTorch forward. Any model, dtype, device, batch.
+- `EagerDecode`: the model's PyTorch forward. Any model, dtype, device, batch.
 - `CompiledCPUDecode`: a bf16 one-token step of one unpadded sequence on an x86 CPU with AVX2 is
   one C++ op for the whole model (`runtime.native.model_decode`), on bf16 or compact weights;
   batches and padded steps run eager.
@@ -11,7 +11,7 @@ Each backend has the same interface — `decode(model, tokens, cache) -> logits`
   as a CUDA graph and replayed per token (runtime/cuda_graph.py).
 
 The compiled step reads each layer's FFN as an `FfnWeights` record (the named contract with the
-C++, runtime/model.py). Records change only when a sentence ends (a new active set, a new score
+C++, runtime/decode_contract.py). Records change only when a sentence ends (a new active set, a new score
 scale), so the backend keeps the op's argument lists (`DecodePlan`) from one `prompt_ended()` to the
 next instead of gathering them from the modules every token.
 """
@@ -23,9 +23,27 @@ from dataclasses import dataclass
 import torch
 
 from partinfer.runtime.cuda_graph import GraphedDecode
-from partinfer.runtime.model import EagerDecode, FfnWeights, KVCache, Transformer
+from partinfer.runtime.decode_contract import FfnWeights
+from partinfer.runtime.kernels import CompactEmbedding, CompactLinear
+from partinfer.runtime.model import KVCache, Transformer, eager_decode_step
 from partinfer.runtime.native import argmax as native_argmax
 from partinfer.runtime.native import cpu_kernels, gemv, model_decode, rms_norm
+
+
+class EagerDecode:
+    """The eager decode backend: the model's PyTorch forward for any model, dtype, device and batch.
+    The faster backends subclass it and fall back to it for what they do not cover."""
+
+    def prompt_ended(self) -> None:
+        """A sentence ended: FFN weights may have been laid out anew."""
+
+    def decode(self, model: Transformer, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """tokens [B] -> logits [B, V], appending one slot to the cache."""
+        return eager_decode_step(model, tokens, cache)
+
+    def argmax(self, logits: torch.Tensor) -> torch.Tensor:
+        """Greedy choice: logits [B, V] -> [B]."""
+        return logits.argmax(dim=-1)
 
 
 @dataclass(frozen=True)
@@ -99,7 +117,7 @@ class CompiledCPUDecode(EagerDecode):
                          cfg.norm_eps)
         x = rms_norm(x, model.norm.weight, cfg.norm_eps)
         cache.length = start + 1
-        return gemv(model.output_weight(), x)[None]  # [1, V] bf16
+        return gemv(model.output_head.weight, x)[None]  # [1, V] bf16
 
     def argmax(self, logits: torch.Tensor) -> torch.Tensor:
         if logits.device.type == "cpu" and logits.dtype in (torch.float32, torch.bfloat16) and logits.is_contiguous():
@@ -129,6 +147,12 @@ def choose_backend(model: Transformer) -> EagerDecode:
     if device.type == "cuda":
         return CUDAGraphDecode()
     plain_llama = not (cfg.qk_norm or cfg.qkv_bias or cfg.o_bias) and cfg.head_dim % 16 == 0
-    if device.type == "cpu" and model.dtype == torch.bfloat16 and plain_llama and cpu_kernels():
+    if device.type == "cpu" and model.dtype == torch.bfloat16 and plain_llama and compiled_formats(model) and cpu_kernels():
         return CompiledCPUDecode()
     return EagerDecode()
+
+
+def compiled_formats(model: Transformer) -> bool:
+    """Every compact matrix outside the FFNs (attention, embedding, output head) is in a block format
+    that has compiled kernels (the FFNs say so themselves, in `decode_weights`)."""
+    return all(m.fmt.kernel is not None for m in model.modules() if isinstance(m, (CompactLinear, CompactEmbedding)))

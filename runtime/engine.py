@@ -78,9 +78,11 @@ class Engine:
 
 def load_engine(
     model: str | None = None, dtype: str = "bf16", device: str = "cpu", sparsity: SparsityConfig | None = None,
+    weights: str | None = None,
 ) -> Engine:
-    """Resolve `--model`, load the weights that `sparsity` keeps (all by default) and the tokenizer."""
+    """Resolve `--model`, load the weights that `sparsity` keeps (all by default) in the weight scheme
+    `weights` (None: as stored; runtime/load_plan.py) and the tokenizer."""
     model_dir = resolve_model(model)
-    torch_model = load_model(model_dir, parse_dtype(dtype), parse_device(device), sparsity)
+    torch_model = load_model(model_dir, parse_dtype(dtype), parse_device(device), sparsity, weights)
     tokenizer = load_tokenizer(model_dir)
     return Engine(torch_model, tokenizer, model_dir, stop_token_ids(tokenizer, model_dir))

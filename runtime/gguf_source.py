@@ -17,14 +17,14 @@ from pathlib import Path
 import torch
 
 from partinfer.common.errors import PartinferError
-from partinfer.runtime.model import ModelConfig
-from partinfer.runtime.quant import Quant, dequantize
-
-GGUF_QUANTS = {"Q4_1": Quant.Q4_1, "Q8_0": Quant.Q8_0}
+from partinfer.common.formats.blocks import BLOCK_FORMATS, BlockFormat
+from partinfer.runtime.config import ModelConfig
+from partinfer.runtime.quant import dequantize
 
 
 class GgufRows:
-    """Hugging Face tensor name -> (Quant, rows [N, row_bytes] uint8 in HF row order) from a GGUF."""
+    """Hugging Face tensor name -> compact rows [N, row_bytes] uint8 in HF row order, from a GGUF whose
+    tensor types are registered block formats (ggml's type names are our format names)."""
 
     def __init__(self, path: Path, cfg: ModelConfig):
         import gguf
@@ -48,12 +48,12 @@ class GgufRows:
                      "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}.get(proj, "")
         return f"blk.{i}.{gguf_name}.weight", {"q_proj": "q", "k_proj": "k"}.get(proj)
 
-    def rows(self, name: str, quant: Quant) -> torch.Tensor | None:
+    def rows(self, name: str, fmt: BlockFormat) -> torch.Tensor | None:
         """The GGUF's own rows for `name` [N, row_bytes] (blocks along the input dimension) when they are in
-        `quant`, else None."""
+        `fmt`, else None."""
         gguf_name, rope = self._hf_to_gguf(name)
         t = self.tensors.get(gguf_name)
-        if t is None or GGUF_QUANTS.get(t.tensor_type.name) is not quant:
+        if t is None or t.tensor_type.name != fmt.name:
             return None
         return self._hf_row_order(torch.from_numpy(t.data.copy()), rope)  # [N, row_bytes] uint8
 
@@ -61,10 +61,11 @@ class GgufRows:
         """The source's fp32 values [N, K] in HF row order, de-quantized exactly, or None (not in the GGUF)."""
         gguf_name, rope = self._hf_to_gguf(name)
         t = self.tensors.get(gguf_name)
-        if t is None or t.tensor_type.name not in GGUF_QUANTS:
+        if t is None or t.tensor_type.name not in BLOCK_FORMATS:
             return None
         k = int(t.shape[0])  # ggml ne0: the contiguous (input) dimension
-        return self._hf_row_order(dequantize(torch.from_numpy(t.data.copy()), k), rope)
+        fmt = BLOCK_FORMATS[t.tensor_type.name]
+        return self._hf_row_order(dequantize(torch.from_numpy(t.data.copy()), fmt, k), rope)
 
     def _hf_row_order(self, rows: torch.Tensor, rope: str | None) -> torch.Tensor:
         """Undo llama.cpp's q/k row interleave: GGUF row (head, i, half) is HF row (head, half, i)."""

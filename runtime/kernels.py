@@ -1,4 +1,4 @@
-"""Matmul kernels chosen per shape and device.
+"""Matmul kernels chosen per shape and device, and the linear modules on float or compact weights.
 
 On CPUs without native bf16 arithmetic (AVX2 only), torch's bf16 GEMM is several times slower than
 fp32 for prefill-sized inputs, so with many tokens we upcast the bf16 weight to fp32 for the call:
@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from partinfer.common.formats.blocks import BlockFormat
 from partinfer.runtime.native import cpu_flags
-from partinfer.runtime.quant import dequantize, is_compact
+from partinfer.runtime.quant import dequantize
 
 UPCAST_MIN_TOKENS = 32  # below it (e.g. batch-8 decode) the weight upcast costs more than it saves
 
@@ -36,19 +37,43 @@ def cpu_has_bf16_math() -> bool:
     return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+# Compact weights are de-quantized for a many-token call in tiles of at most this many bytes (of the
+# de-quantized values), each tile multiplied as soon as it exists: no transient larger than a tile.
+DEQUANT_TILE_BYTES = 4 << 20
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           fmt: BlockFormat | None = None) -> torch.Tensor:
     """F.linear, with fp32 compute on CPU for many-token half-precision inputs (result in x's dtype).
-    The compiled one-token decode (runtime/decode.py) does not come through here. A compact weight
-    (uint8 rows, runtime/quant.py) is de-quantized for the call: prefill and the eager path pay one
-    de-quantization per matrix, the weights stay compact in memory."""
-    compact = is_compact(weight)
-    wide = cpu_prefers_fp32(x, weight, x.dtype if compact else None)
-    if compact:  # straight to fp32 where the call upcasts anyway
-        weight = dequantize(weight, x.shape[-1], torch.float32 if wide else x.dtype)
-    if wide:
-        b = None if bias is None else bias.float()
-        return F.linear(x.float(), weight.float(), b).to(x.dtype)
-    return F.linear(x, weight, bias)
+    The compiled one-token decode (runtime/decode.py) does not come through here.
+
+    `fmt`: the block format of a compact `weight` (uint8 rows [N, row_bytes], common/formats/blocks.py),
+    which the module holding it names. Its output rows are de-quantized tile by tile (DEQUANT_TILE_BYTES)
+    into the compute dtype and multiplied at once, so the weights stay compact in memory and a call adds
+    at most one tile."""
+    if fmt is None:
+        if weight.dtype == torch.uint8:
+            raise TypeError("a compact weight needs its block format (fmt=...)")
+        if cpu_prefers_fp32(x, weight):
+            b = None if bias is None else bias.float()
+            return F.linear(x.float(), weight.float(), b).to(x.dtype)
+        return F.linear(x, weight, bias)
+    k = x.shape[-1]
+    wide = cpu_prefers_fp32(x, weight, x.dtype)
+    compute = torch.float32 if wide else x.dtype
+    xc = x.to(compute)
+    rows = max(1, DEQUANT_TILE_BYTES // (k * torch.empty((), dtype=compute).element_size()))
+    if rows >= weight.shape[0]:
+        y = F.linear(xc, dequantize(weight, fmt, k, compute), None if bias is None else bias.to(compute))
+        return y.to(x.dtype)
+    out = torch.empty(*x.shape[:-1], weight.shape[0], dtype=compute, device=x.device)
+    for r0 in range(0, weight.shape[0], rows):
+        r1 = min(r0 + rows, weight.shape[0])
+        tile = dequantize(weight[r0:r1], fmt, k, compute)  # [r1 - r0, k]
+        out[..., r0:r1] = F.linear(xc, tile)
+    if bias is not None:
+        out += bias.to(compute)
+    return out.to(x.dtype)
 
 
 class Linear(nn.Linear):
@@ -56,3 +81,42 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
+
+
+class CompactLinear(nn.Module):
+    """A linear layer on compact rows (gpt-fast's WeightOnlyInt8Linear, for ggml blocks): weight
+    [out, row_bytes] uint8 in `fmt`, an optional float bias; the same state-dict names as nn.Linear, so
+    a packed checkpoint's rows load by name. `fmt` is the module's own: nothing is guessed from sizes."""
+
+    def __init__(self, in_features: int, out_features: int, fmt: BlockFormat, bias: bool = False):
+        super().__init__()
+        self.in_features, self.out_features, self.fmt = in_features, out_features, fmt
+        self.weight = nn.Parameter(torch.empty(out_features, fmt.row_bytes(in_features), dtype=torch.uint8),
+                                   requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
+        return linear(x, self.weight, self.bias, self.fmt)
+
+
+class Embedding(nn.Embedding):
+    """nn.Embedding that can also be the tied output head (`attend`)."""
+
+    def attend(self, x: torch.Tensor) -> torch.Tensor:  # [..., D] -> [..., V]
+        return linear(x, self.weight)
+
+
+class CompactEmbedding(nn.Module):
+    """The token embedding as compact rows: weight [V, row_bytes] uint8 in `fmt`; a lookup de-quantizes
+    only the looked-up rows, and as the tied output head it de-quantizes tile by tile (`linear`)."""
+
+    def __init__(self, vocab_size: int, dim: int, fmt: BlockFormat, dtype: torch.dtype = torch.bfloat16):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(vocab_size, fmt.row_bytes(dim), dtype=torch.uint8), requires_grad=False)
+        self.dim, self.fmt, self.dtype = dim, fmt, dtype
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # [...] -> [..., D]
+        return dequantize(self.weight[tokens], self.fmt, self.dim, self.dtype)
+
+    def attend(self, x: torch.Tensor) -> torch.Tensor:  # [..., D] -> [..., V]
+        return linear(x, self.weight, None, self.fmt)

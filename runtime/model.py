@@ -1,157 +1,24 @@
 """A lean decoder-only transformer (Llama family) with a static KV cache, in the gpt-fast style.
 
-The configuration is a frozen dataclass read from a Hugging Face `config.json`; the model is plain
-modules named like transformers' so checkpoints load by name; `prefill()` and `decode_step()` are
-the whole forward API. The FFN is a module of its own (`FFN`) so that sparse variants can be
-swapped in without touching attention or the cache.
+The configuration (runtime/config.py) is a frozen dataclass read from a Hugging Face `config.json`;
+the model is plain modules named like transformers' so checkpoints load by name; `prefill()` and
+`decode_step()` are the whole forward API. The FFN is a module of its own (runtime/ffn.py) so that
+sparse variants can be swapped in without touching attention or the cache.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from enum import IntEnum
-from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from partinfer.common.errors import PartinferError
-from partinfer.common.files import read_json
-from partinfer.runtime.kernels import Linear, linear
+from partinfer.runtime.config import ModelConfig
+from partinfer.runtime.ffn import FFN, FeedForward
+from partinfer.runtime.kernels import Embedding, Linear
 from partinfer.runtime.process_memory import release_free_heap
-from partinfer.runtime.quant import dequantize
-
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-
-ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "silu": F.silu,
-    "gelu": F.gelu,
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-}
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """Everything the runtime needs to know about a checkpoint's architecture."""
-
-    model_type: str
-    vocab_size: int
-    dim: int  # d, hidden size
-    n_layers: int
-    n_heads: int
-    n_kv_heads: int
-    head_dim: int
-    ffn_dim: int  # n, FFN neurons per layer
-    norm_eps: float
-    max_seq_len: int
-    hidden_act: str = "silu"
-    rope_theta: float = 10000.0
-    rope_type: str = "default"  # default | linear | llama3
-    rope_factor: float = 1.0
-    rope_low_freq_factor: float = 1.0
-    rope_high_freq_factor: float = 4.0
-    rope_original_max_pos: int = 8192
-    tie_embeddings: bool = False
-    qkv_bias: bool = False
-    o_bias: bool = False
-    qk_norm: bool = False
-    sliding_window: int | None = None
-
-    def __post_init__(self) -> None:
-        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "max_seq_len",
-                     "rope_original_max_pos"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise PartinferError(f"config.json: {name} must be a positive integer, not {value!r}")
-        for name in ("norm_eps", "rope_theta", "rope_factor", "rope_low_freq_factor", "rope_high_freq_factor"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-                raise PartinferError(f"config.json: {name} must be a positive finite number, not {value!r}")
-        if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window < 1):
-            raise PartinferError(f"config.json: sliding_window must be a positive integer, not {self.sliding_window!r}")
-        if self.model_type not in SUPPORTED_MODEL_TYPES:
-            raise PartinferError(
-                f"unsupported architecture model_type={self.model_type!r}; "
-                f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
-            )
-        if self.hidden_act not in ACTIVATIONS:
-            raise PartinferError(f"unsupported FFN activation {self.hidden_act!r}; supported: {', '.join(ACTIVATIONS)}")
-        if self.rope_type not in ("default", "linear", "llama3"):
-            raise PartinferError(f"unsupported rope scaling {self.rope_type!r}; supported: default, linear, llama3")
-        if self.n_heads % self.n_kv_heads:
-            raise PartinferError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
-
-    @property
-    def fingerprint(self) -> str:
-        """Identifies the FFN geometry a neuron file or packed checkpoint was made for."""
-        return f"{self.model_type}-L{self.n_layers}-d{self.dim}-n{self.ffn_dim}-v{self.vocab_size}"
-
-    @classmethod
-    def from_dir(cls, model_dir: Path) -> "ModelConfig":
-        """Read `config.json` of a Hugging Face model directory."""
-        path = Path(model_dir) / "config.json"
-        if not path.is_file():
-            raise PartinferError(f"no config.json in {model_dir}; pass a Hugging Face model directory or run `partinfer prepare`")
-        return cls.from_hf_dict(read_json(path, "model config", "fix the file or re-download the model"))
-
-    @classmethod
-    def from_hf_dict(cls, c: object) -> "ModelConfig":
-        """The config of a transformers `config.json` dict; a missing key or a wrong type is a one-line error."""
-        if not isinstance(c, dict):
-            raise PartinferError(f"config.json must hold a JSON object, not {type(c).__name__}")
-        try:
-            return cls._from_hf_dict(c)
-        except KeyError as e:
-            raise PartinferError(f"config.json lacks the key {e.args[0]!r}; it is not a complete transformers config") from e
-        except (TypeError, ValueError, AttributeError, OverflowError, ZeroDivisionError) as e:
-            raise PartinferError(f"config.json has a value of the wrong type ({e}); fix the file or re-download the model") from e
-
-    @classmethod
-    def _from_hf_dict(cls, c: dict) -> "ModelConfig":
-        model_type = c.get("model_type", "<missing>")
-        if model_type not in SUPPORTED_MODEL_TYPES:
-            raise PartinferError(
-                f"unsupported architecture model_type={model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
-            )
-        if c.get("mlp_bias"):
-            raise PartinferError("FFN biases (mlp_bias=true) are not supported")
-        # transformers 5 writes `rope_parameters`; older files use rope_theta + rope_scaling.
-        rope = dict(c.get("rope_parameters") or {})
-        if not rope:
-            rope = dict(c.get("rope_scaling") or {})
-            rope.setdefault("rope_theta", c.get("rope_theta", 10000.0))
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        n_heads = c["num_attention_heads"]
-        sliding = None
-        if model_type == "mistral" or (model_type in ("qwen2", "qwen3") and c.get("use_sliding_window")):
-            sliding = c.get("sliding_window")
-        return cls(
-            model_type=model_type,
-            vocab_size=c["vocab_size"],
-            dim=c["hidden_size"],
-            n_layers=c["num_hidden_layers"],
-            n_heads=n_heads,
-            n_kv_heads=c.get("num_key_value_heads") or n_heads,
-            head_dim=c.get("head_dim") or c["hidden_size"] // n_heads,
-            ffn_dim=c["intermediate_size"],
-            norm_eps=c.get("rms_norm_eps", 1e-6),
-            max_seq_len=c.get("max_position_embeddings", 2048),
-            hidden_act=c.get("hidden_act", "silu"),
-            rope_theta=float(rope.get("rope_theta", 10000.0)),
-            rope_type=rope_type,
-            rope_factor=float(rope.get("factor", 1.0)),
-            rope_low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
-            rope_high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
-            rope_original_max_pos=int(rope.get("original_max_position_embeddings", 8192)),
-            tie_embeddings=bool(c.get("tie_word_embeddings", False)),
-            qkv_bias=model_type == "qwen2" or (model_type in ("llama", "qwen3") and bool(c.get("attention_bias"))),
-            o_bias=model_type in ("llama", "qwen3") and bool(c.get("attention_bias")),
-            qk_norm=model_type == "qwen3",
-            sliding_window=sliding,
-        )
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -292,100 +159,6 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 
-class FfnKind(IntEnum):
-    """How the compiled decode reads an FFN's matrices; mirrors `enum FfnKind` in runtime/csrc/cpu_gemv.cpp
-    (tests/test_native_kernels.py pins the two to the same values)."""
-
-    GATED = 0  # w1 = [gate; up] [2n, d], w2 = down [d, n]
-    INTERLEAVED = 1  # w1 rows g0, u0, g1, u1, ... [2m, d] (the active prefix), w2 = down [d, m]
-    TOKENWISE = 2  # w1 = gate, w2 = down_t, w3 = up, all [k, d]; per token base + top by score
-    ROWS = 3  # w1 rows g0, u0, g1, u1, ... [2m, d], w2 = down_t [m, d]: every matrix per neuron rows (compact)
-
-
-@dataclass(frozen=True)
-class FfnWeights:
-    """One layer's FFN as the compiled one-token decode takes it: the named contract with the C++.
-
-    Matrices are bf16 [rows, d] or compact (runtime/quant.py), which ROWS and TOKENWISE take: gate/up
-    as uint8 rows of Q4_1 or Q8_0 blocks along d, `w2` (down_t) as uint8 columns whose block scales
-    are `down_table` [n / 32, 1 | 2, d] fp16 (the layer's) and `down_block` [rows of w2] int64 (each
-    row's block, neuron_id // 32); both None for bf16.
-
-    `w3` is read only by TOKENWISE (the others pass w1 again); `n_base` / `n_active` and `score_scale`
-    ([k] fp32: the per-neuron factor of the token-wise score; None: |act(gate)| alone) only by
-    TOKENWISE. A sparse FFN builds its record when a sentence ends, so it is fixed until the next."""
-
-    kind: FfnKind
-    w1: torch.Tensor
-    w2: torch.Tensor
-    w3: torch.Tensor
-    n_base: int = 0
-    n_active: int = 0
-    score_scale: torch.Tensor | None = None
-    down_table: torch.Tensor | None = None
-    down_block: torch.Tensor | None = None
-
-
-class FeedForward(nn.Module):
-    """What every FFN module offers the model and its decode backends.
-
-    A sentence is bracketed by `begin_prompt` (before its prefill: compute every loaded neuron, record
-    what selection needs) and `end_prompt` (select, lay out the weights for decode); `prefill(...,
-    select=True)` does both. `decode_weights` is this layer for the compiled decode, or None when it
-    cannot take it (the eager path then runs the step). A sparse layer may carry a compensation: a
-    low-rank map `comp_out(comp_in(x))` that stands in for what its unloaded neurons would add."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.register_parameter("comp_in", None)  # [r, d]
-        self.register_parameter("comp_out", None)  # [d, r]
-
-    def set_compensation(self, a: torch.Tensor, b: torch.Tensor) -> None:
-        """a [d, r], b [r, d] (fp32 from the file): y += (x @ a) @ b, kept in the layer's dtype and device."""
-        like = next(p for p in self.parameters() if p is not self.comp_in and p is not self.comp_out)
-        dtype = like.dtype if like.is_floating_point() else self.dtype  # compact layers: their compute dtype
-        self.comp_in = nn.Parameter(a.t().to(dtype).contiguous().to(like.device), requires_grad=False)
-        self.comp_out = nn.Parameter(b.t().to(dtype).contiguous().to(like.device), requires_grad=False)
-
-    def compensate(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """x [B, T, D], y [B, T, D] the computed neurons' output -> y plus the compensation, if any."""
-        return y if self.comp_in is None else y + linear(linear(x, self.comp_in), self.comp_out)
-
-    def begin_prompt(self, token_mask: torch.Tensor | None) -> None:
-        pass
-
-    def end_prompt(self) -> None:
-        pass
-
-    def decode_weights(self) -> FfnWeights | None:
-        return None
-
-
-class FFN(FeedForward):
-    """Dense gated FFN: y = down(act(gate(x)) * up(x)), with gate and up fused into one matmul.
-
-    Neuron i is row i of gate (row n + i of `gate_up`) and column i of `down`. Sparse variants replace
-    this module.
-    """
-
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.gate_up = nn.Parameter(torch.empty(2 * cfg.ffn_dim, cfg.dim))  # [gate; up], [2n, d]
-        self.down = nn.Parameter(torch.empty(cfg.dim, cfg.ffn_dim))  # [d, n]
-        self.act = ACTIVATIONS[cfg.hidden_act]
-
-    def activations(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, D] -> a [B, T, n]
-        gate, up = linear(x, self.gate_up).chunk(2, dim=-1)
-        return self.act(gate) * up
-
-    def decode_weights(self) -> FfnWeights | None:
-        """The whole layer (a record per call is cheap: backends ask once per sentence); None for non-SiLU."""
-        return FfnWeights(FfnKind.GATED, self.gate_up, self.down, self.gate_up) if self.act is F.silu else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, D] -> [B, T, D]
-        return linear(self.activations(x), self.down)
-
-
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -405,48 +178,19 @@ class Block(nn.Module):
         x = x + self.self_attn.forward_at(self.input_layernorm(x), cos, sin, k_cache, v_cache, slot, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
-class EagerDecode:
-    """The eager decode backend: the model's PyTorch forward for any model, dtype, device and batch.
-    The faster backends (runtime/decode.py) subclass it and fall back to it for what they do not cover."""
-
-    def prompt_ended(self) -> None:
-        """A sentence ended: FFN weights may have been laid out anew."""
-
-    def decode(self, model: "Transformer", tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """tokens [B] -> logits [B, V], appending one slot to the cache."""
-        return prefill(model, tokens[:, None], cache, logits_for="last", select=False)[:, -1]
-
-    def argmax(self, logits: torch.Tensor) -> torch.Tensor:
-        """Greedy choice: logits [B, V] -> [B]."""
-        return logits.argmax(dim=-1)
-
-
-class CompactEmbedding(nn.Module):
-    """The token embedding as compact rows (runtime/quant.py): weight [V, row_bytes] uint8; a lookup
-    de-quantizes only the looked-up rows."""
-
-    def __init__(self, vocab_size: int, dim: int, row_bytes: int, dtype: torch.dtype = torch.bfloat16):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(vocab_size, row_bytes, dtype=torch.uint8), requires_grad=False)
-        self.dim, self.dtype = dim, dtype
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # [...] -> [..., D]
-        return dequantize(self.weight[tokens], self.dim, self.dtype)
-
-
 class Transformer(nn.Module):
     """Parameter names mirror transformers' `model.*` so checkpoints map one to one."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.embed_tokens: nn.Module = Embedding(cfg.vocab_size, cfg.dim)  # or a CompactEmbedding (the loader)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.lm_head: nn.Module | None = None if cfg.tie_embeddings else Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
         self.checkpoint_bytes_read = 0  # set by the loader: tensor bytes it read from disk
-        self.backend: EagerDecode = EagerDecode()  # the loader puts the fastest one it can here
+        self.backend = None  # a decode backend (runtime/decode.py) the loader chooses; None: eager steps
 
     def init_buffers(self, device: torch.device | str) -> None:
         """Recompute non-persistent buffers after the model was built on `meta` and weights assigned."""
@@ -468,10 +212,15 @@ class Transformer(nn.Module):
         mask = allowed[:, None, None, :]  # [B, 1, 1, S]
         for i, layer in enumerate(self.layers):
             x = layer.forward_at(x, cos, sin, cache.k[i], cache.v[i], slot, mask)
-        return linear(self.norm(x), self.output_weight())[:, -1]
+        return self.logits(self.norm(x))[:, -1]
 
-    def output_weight(self) -> torch.Tensor:
-        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The output head: x [..., D] -> [..., V] (the tied embedding when there is no lm_head)."""
+        return self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
+
+    @property
+    def output_head(self) -> nn.Module:
+        return self.embed_tokens if self.lm_head is None else self.lm_head
 
     @property
     def dtype(self) -> torch.dtype:
@@ -512,7 +261,7 @@ class Transformer(nn.Module):
             x = layer(x, cos, sin, cache.k[i], cache.v[i], start, mask)
         if logits_for == "last":
             x = x[:, -1:]
-        return linear(self.norm(x), self.output_weight())
+        return self.logits(self.norm(x))
 
 
 def prefill(
@@ -546,11 +295,19 @@ def prefill(
     if select:
         for block in model.layers:
             block.mlp.end_prompt()
-        model.backend.prompt_ended()
+        if model.backend is not None:
+            model.backend.prompt_ended()
         release_free_heap()  # the sentence's transient buffers are freed now; hand their pages back
     return logits
 
 
 def decode_step(model: Transformer, token: torch.Tensor, cache: KVCache) -> torch.Tensor:
     """One token per sequence through the model's decode backend: token [B] -> logits [B, V]."""
+    if model.backend is None:
+        return eager_decode_step(model, token, cache)
     return model.backend.decode(model, token, cache)
+
+
+def eager_decode_step(model: Transformer, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """The model's PyTorch forward for one token per sequence: tokens [B] -> logits [B, V]."""
+    return prefill(model, tokens[:, None], cache, logits_for="last", select=False)[:, -1]

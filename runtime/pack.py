@@ -13,7 +13,6 @@ or an earlier pack (see common.output_dir), so packing never removes a file it d
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import sys
@@ -23,13 +22,16 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from partinfer.common.neuron_file import NeuronFile
 from partinfer.common.errors import PartinferError
-from partinfer.runtime.loader import PACK_VERSION, CheckpointReader, is_packed, stale_compact_pack
-from partinfer.runtime.gguf_source import GgufRows
-from partinfer.runtime.model import ModelConfig
-from partinfer.runtime.quant import Quant, WeightFormat, columns_from_rows, quantize, weight_format
+from partinfer.common.formats.blocks import BlockFormat, WeightScheme, block_format, weight_scheme
+from partinfer.common.formats.pack_format import (PACK_COMMAND, PackManifest, bundle_name, checkpoint_identity,
+                                                  down_table_name, manifest_entry, perm_name)
+from partinfer.common.neuron_file import NeuronFile
 from partinfer.common.output_dir import replace_output_dir
+from partinfer.runtime.checkpoint import CheckpointReader
+from partinfer.runtime.gguf_source import GgufRows
+from partinfer.runtime.config import ModelConfig
+from partinfer.runtime.quant import columns_from_rows
 
 COPIED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                 "special_tokens_map.json", "chat_template.jinja", "tokenizer.model", "vocab.json", "merges.txt")
@@ -43,13 +45,13 @@ class CompactSource:
         self.reader, self.gguf = reader, gguf
         self.copied = self.quantized = 0  # matrices taken bit for bit / re-quantized
 
-    def rows(self, name: str, quant: Quant) -> torch.Tensor:
-        rows = self.gguf.rows(name, quant) if self.gguf is not None else None
+    def rows(self, name: str, fmt: BlockFormat) -> torch.Tensor:
+        rows = self.gguf.rows(name, fmt) if self.gguf is not None else None
         if rows is not None:
             self.copied += 1
             return rows
         self.quantized += 1
-        return quantize(self.values(name), quant)
+        return fmt.quantize(self.values(name))
 
     def values(self, name: str) -> torch.Tensor:
         """A matrix's values: the GGUF's exact de-quantized ones where it has them, else the checkpoint's."""
@@ -69,21 +71,25 @@ def gguf_source(model_dir: Path) -> Path | None:
     return Path(source) if isinstance(source, str) and source.endswith(".gguf") and Path(source).is_file() else None
 
 
-def pack_checkpoint(model_dir: Path, model_neurons: Path, out: Path, weights: str = "bf16") -> Path:
-    """Pack `model_dir` hot-first by `model_neurons` into `out`, in the weight format `weights` (bf16, q4, int8)."""
+def pack_checkpoint(model_dir: Path, model_neurons: Path, out: Path, weights: str = "bf16",
+                    neurons: NeuronFile | None = None) -> Path:
+    """Pack `model_dir` hot-first by `model_neurons` into `out`, in the weight scheme `weights` (bf16, q4,
+    int8); `neurons`: that file, when the caller has read it already."""
     model_dir, out = Path(model_dir), Path(out)
-    fmt = weight_format(weights)
-    if is_packed(model_dir):
+    scheme = weight_scheme(weights)
+    if PackManifest.read(model_dir) is not None:
         raise PartinferError(f"{model_dir} is already packed; pack the original checkpoint")
     cfg = ModelConfig.from_dir(model_dir)
-    if fmt.compact and (cfg.dim % 32 or cfg.ffn_dim % 32 or cfg.n_heads * cfg.head_dim % 32):
-        raise PartinferError(f"compact weights need widths that are multiples of 32; use --weights bf16 for {model_dir}")
-    nf = NeuronFile.load(model_neurons, cfg.fingerprint)
-    gguf = gguf_source(model_dir) if fmt.compact else None
-    manifest = {"format": "partinfer-packed", "version": PACK_VERSION, "fingerprint": cfg.fingerprint, "weights": fmt.name,
-                "model_neurons": str(model_neurons), "neurons_created": nf.created, "source": str(model_dir),
-                "gguf_source": None if gguf is None else str(gguf)}
-    with replace_output_dir(out, "pack", inputs=(model_dir, model_neurons), manifest=manifest) as tmp:
+    formats = {kind: block_format(getattr(scheme, kind)) for kind in ("attention", "gate_up", "down", "embedding")
+               if getattr(scheme, kind) is not None}
+    for fmt in formats.values():  # every width a format splits must hold whole blocks
+        for width in (cfg.dim, cfg.ffn_dim, cfg.n_heads * cfg.head_dim):
+            fmt.check_width(width)
+    nf = neurons if neurons is not None else NeuronFile.load(model_neurons, cfg.fingerprint)
+    gguf = gguf_source(model_dir) if scheme.compact else None
+    manifest = manifest_entry(scheme, cfg.fingerprint, model_neurons, nf.digest, model_dir,
+                              cfg.n_layers, not cfg.tie_embeddings, gguf)
+    with replace_output_dir(out, PACK_COMMAND, inputs=(model_dir, model_neurons), manifest=manifest) as tmp:
         weight_map: dict[str, str] = {}
         with CheckpointReader(model_dir) as reader:
             names = list(reader.shards)
@@ -91,18 +97,19 @@ def pack_checkpoint(model_dir: Path, model_neurons: Path, out: Path, weights: st
             for i in tqdm(range(cfg.n_layers), desc="pack", unit="layer"):
                 prefix = f"model.layers.{i}."
                 perm = nf.rank(i).long()
-                bundle, down_table = ffn_bundle(reader, source, prefix, fmt)
-                tensors = {f"{prefix}mlp.bundle": bundle[perm].contiguous(), f"{prefix}mlp.perm": perm.contiguous()}
+                bundle, down_table = ffn_bundle(reader, source, prefix, formats)
+                tensors = {bundle_name(i): bundle[perm].contiguous(), perm_name(i): perm.contiguous()}
                 if down_table is not None:
-                    tensors[f"{prefix}mlp.down_table"] = down_table
+                    tensors[down_table_name(i)] = down_table
                 for name in names:
                     if name.startswith(prefix) and ".mlp." not in name:
-                        matrix = fmt.attention is not None and name.endswith("_proj.weight")
-                        tensors[name] = source.rows(name, fmt.attention) if matrix else reader.get(name)
+                        matrix = "attention" in formats and name.endswith("_proj.weight")
+                        tensors[name] = source.rows(name, formats["attention"]) if matrix else reader.get(name)
                 shard = f"layer-{i:03d}.safetensors"
                 save_file(tensors, tmp / shard, metadata={"format": "pt"})
                 weight_map.update({name: shard for name in tensors})
-            rest = {name: source.rows(name, fmt.embedding) if fmt.embedding and name.endswith(("embed_tokens.weight", "lm_head.weight"))
+            embedding = formats.get("embedding")
+            rest = {name: source.rows(name, embedding) if embedding and name.endswith(("embed_tokens.weight", "lm_head.weight"))
                     else reader.get(name) for name in names if not name.startswith("model.layers.")}
             save_file(rest, tmp / "rest.safetensors", metadata={"format": "pt"})
             weight_map.update({name: "rest.safetensors" for name in rest})
@@ -110,35 +117,52 @@ def pack_checkpoint(model_dir: Path, model_neurons: Path, out: Path, weights: st
         for name in COPIED_FILES:
             if (model_dir / name).is_file():
                 shutil.copy2(model_dir / name, tmp / name)
-        if fmt.compact:
-            print(f"compact weights ({fmt.name}): {source.copied} matrices copied bit for bit from {gguf}, "
-                  f"{source.quantized} quantized" if gguf else f"compact weights ({fmt.name}): all matrices quantized",
-                  file=sys.stderr)  # a report, not output: `--json` stdout holds only JSON
+        if scheme.compact:  # a report, not output: `--json` stdout holds only JSON
+            print(f"compact weights ({scheme.name}): {source.copied} matrices copied bit for bit from {gguf}, "
+                  f"{source.quantized} quantized" if gguf else f"compact weights ({scheme.name}): all matrices quantized",
+                  file=sys.stderr)
     return out
 
 
 def ffn_bundle(reader: CheckpointReader, source: CompactSource, prefix: str,
-               fmt: WeightFormat) -> tuple[torch.Tensor, torch.Tensor | None]:
+               formats: dict[str, BlockFormat]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One layer's neurons in original order, one row each, and the down block table (compact only):
     [n, 3, d] (bf16: gate row, up row, down column) or [n, bytes] (compact: gate and up rows, then the
-    down column's codes) with [n / 32, 1 | 2, d] fp16."""
-    if not fmt.compact:
+    down column's codes) with [n / block, scales, d] fp16."""
+    if "gate_up" not in formats:
         gate, up, down = (reader.get(f"{prefix}mlp.{p}_proj.weight") for p in ("gate", "up", "down"))
         return torch.stack([gate, up, down.t()], dim=1), None
-    gate = source.rows(f"{prefix}mlp.gate_proj.weight", fmt.gate_up)
-    up = source.rows(f"{prefix}mlp.up_proj.weight", fmt.gate_up)
-    down_codes, down_table = columns_from_rows(source.rows(f"{prefix}mlp.down_proj.weight", fmt.down), fmt.down)
+    gate = source.rows(f"{prefix}mlp.gate_proj.weight", formats["gate_up"])
+    up = source.rows(f"{prefix}mlp.up_proj.weight", formats["gate_up"])
+    down_codes, down_table = columns_from_rows(source.rows(f"{prefix}mlp.down_proj.weight", formats["down"]), formats["down"])
     return torch.cat([gate, up, down_codes], dim=1), down_table
 
 
-def cached_pack(model_dir: Path, model_neurons: Path, weights: str) -> Path:
-    """A packed copy of `model_dir` ordered by `model_neurons`, in format `weights`, made once in the
-    cache (`$PARTINFER_HOME/packed/`) and reused: what `--weights` and `partinfer memory` load."""
+def cached_pack(model_dir: Path, model_neurons: Path, weights: str, neurons: NeuronFile | None = None) -> PackManifest:
+    """A packed copy of `model_dir` ordered by `model_neurons`, in scheme `weights`, made once in the
+    cache (`$PARTINFER_HOME/packed/`) and reused: what `--weights` and `partinfer memory` load. Returns
+    the copy's manifest (its `path` is the copy); `neurons`: the file at `model_neurons`, when read already.
+
+    The entry is named by the checkpoint's content identity, the neuron file's digest and the scheme,
+    and its manifest must still name that source and identity: a directory of the same name with other
+    weights, or a model changed in place, gets a pack of its own; a stale, foreign or damaged entry
+    (one whose manifest cannot be read) is rebuilt, never used."""
     from partinfer.common.paths import cache_home
 
-    digest = hashlib.sha1(Path(model_neurons).read_bytes()).hexdigest()[:10]
-    suffix = "" if weights == "bf16" else f"-{weights}"  # bf16 copies keep the name they always had
-    out = cache_home() / "packed" / f"{Path(model_dir).name}-{digest}{suffix}"
-    if not is_packed(out) or stale_compact_pack(out):  # an older layout of our own copy is replaced
-        pack_checkpoint(model_dir, model_neurons, out, weights)
-    return out
+    cfg = ModelConfig.from_dir(model_dir)
+    neurons = neurons if neurons is not None else NeuronFile.load(model_neurons, cfg.fingerprint)
+    identity, digest = checkpoint_identity(model_dir), neurons.digest
+    out = cache_home() / "packed" / f"{Path(model_dir).name}-{identity[:12]}-{digest[:10]}-{weights}"
+    try:
+        manifest = PackManifest.read(out)
+    except PartinferError:
+        manifest = None
+    current = (manifest is not None and not manifest.stale and manifest.weights == weights
+               and manifest.source == str(Path(model_dir).resolve()) and manifest.source_identity == identity
+               and manifest.neurons_digest == digest)
+    if current:
+        return manifest
+    if manifest is None and out.exists():  # our cache entry, but unreadable: make it again
+        shutil.rmtree(out)
+    pack_checkpoint(model_dir, model_neurons, out, weights, neurons)
+    return PackManifest.read(out)

@@ -24,10 +24,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from partinfer.common.formats.blocks import BlockFormat
+from partinfer.runtime.config import ACTIVATIONS, ModelConfig
+from partinfer.runtime.decode_contract import FfnKind, FfnWeights
+from partinfer.runtime.ffn import FeedForward, FfnRows, column_linear
 from partinfer.runtime.kernels import linear
-from partinfer.runtime.model import ACTIVATIONS, FeedForward, FfnKind, FfnWeights, ModelConfig, Transformer
-from partinfer.runtime.quant import BLOCK, Quant, dequantize, dequantize_columns, neuron_blocks
+from partinfer.runtime.quant import dequantize, dequantize_columns, down_table_shape, neuron_blocks
 from partinfer.runtime.selection import real_token_weights, sentence_active, top_count_mask
+from partinfer.runtime.model import Transformer
 from partinfer.runtime.sparsity import LayerPlan, SparsityConfig
 from partinfer.runtime.tokenwise_ffn import TokenwiseFFN
 
@@ -35,8 +39,6 @@ SELECTING_METHODS = ("coreinfer", "partinfer")
 
 
 class SparseFFN(FeedForward):
-    dense = False  # True only for a compact model's dense layer (CompactSparseFFN)
-
     def __init__(self, cfg: ModelConfig, plan: LayerPlan, sparsity: SparsityConfig):
         super().__init__()
         k, d = plan.loaded.shape[0], cfg.dim
@@ -44,6 +46,23 @@ class SparseFFN(FeedForward):
         self.down_head = nn.Parameter(torch.empty(d, plan.n_active))
         self.down_tail = nn.Parameter(torch.empty(d, k - plan.n_active))
         self._init_state(cfg, plan, sparsity)
+
+    @classmethod
+    def from_rows(cls, cfg: ModelConfig, plan: LayerPlan, rows: FfnRows, sparsity: SparsityConfig,
+                  dtype: torch.dtype) -> "SparseFFN":
+        """The layer from its loaded rows (plan order): float rows, or compact ones (`CompactSparseFFN`)."""
+        if rows.compact:
+            return CompactSparseFFN.from_rows(cfg, plan, rows, sparsity, dtype)
+        with torch.device("meta"):
+            ffn = cls(cfg, plan, sparsity)
+        h = plan.n_active
+        down_t = rows.down_t.to(dtype)
+        own = dict(memory_format=torch.contiguous_format)  # clone: a view would keep down_t's storage alive
+        ffn.gate_up = nn.Parameter(torch.stack([rows.gate, rows.up], dim=1).to(dtype), requires_grad=False)  # [k, 2, d]
+        ffn.down_head = nn.Parameter(down_t[:h].t().clone(**own), requires_grad=False)  # [d, h]
+        ffn.down_tail = nn.Parameter(down_t[h:].t().clone(**own), requires_grad=False)  # [d, k - h]
+        ffn.neuron_ids = rows.neuron_ids.clone()
+        return ffn
 
     def _init_state(self, cfg: ModelConfig, plan: LayerPlan, sparsity: SparsityConfig) -> None:
         """Everything but the weights: shared with the compact layout."""
@@ -103,6 +122,10 @@ class SparseFFN(FeedForward):
     def _gate_up_rows(self, active: torch.Tensor) -> torch.Tensor:
         """active [B, m] -> [B, 2m, d] float copies of those neurons' gate/up rows (interleaved)."""
         return self.gate_up[active].reshape(active.shape[0], 2 * active.shape[1], -1)
+
+    def _gate_up_linear(self, x: torch.Tensor, m: int) -> torch.Tensor:
+        """x [B, T, D] -> the first m loaded neurons' gate/up pre-activations [B, T, 2m] (interleaved)."""
+        return linear(x, self.gate_up[:m].view(2 * m, -1))
 
     def _down_of(self, a: torch.Tensor) -> torch.Tensor:
         """a [B, T, j] activations of the first j loaded positions (j = n_active or all) -> [B, T, D]."""
@@ -184,58 +207,84 @@ class SparseFFN(FeedForward):
             if self.c_gate_up is not None:  # per-sequence active sets
                 a = self._act(torch.bmm(x, self.c_gate_up.transpose(1, 2)))  # [B, T, m]
                 return torch.bmm(a, self.c_down.transpose(1, 2))  # [B, T, D]
-            m = self.n_active
-            a = self._act(linear(x, self.gate_up[:m].view(2 * m, -1)))  # [B, T, m]
+            a = self._act(self._gate_up_linear(x, self.n_active))  # [B, T, m]
             return self._down_of(a)
-        a = self._act(linear(x, self.gate_up.view(2 * self.n_loaded, -1)))  # [B, T, k]
+        a = self._act(self._gate_up_linear(x, self.n_loaded))  # [B, T, k]
         if self.phase == "prefill" and self.selects:
             self._record(a)
         return self._down_of(a)
 
 
 class CompactSparseFFN(SparseFFN):
-    """`SparseFFN` on compact weights (runtime/quant.py): every matrix is per-neuron rows of blocks.
+    """`SparseFFN` on compact rows (common/formats/blocks.py): every matrix is per-neuron rows of blocks.
 
-      gate_up     [k, 2, gate_up_bytes] uint8  neuron i's gate and up rows side by side,
-      down_t      [k, code_bytes] uint8        neuron i's down column: its codes (runtime/quant.py,
-                                               "Down columns"),
-      down_table  [n / 32, 1 | 2, d] fp16      the layer's down block scales, whole; neuron i's block
-                                               is neuron_ids[i] // 32.
+      gate_up     [k, 2, row_bytes] uint8   neuron i's gate and up rows side by side, in `gate_up_format`,
+      down_t      [k, code_bytes] uint8     neuron i's down column codes, in `down_format`,
+      down_table  [n / block, scales, d]    the layer's down block scales (fp16); neuron i's block is
+                                            neuron_ids[i] // block.
     The active prefix is `gate_up[:m]` and `down_t[:m]`, reordered in place as in SparseFFN; the
-    compiled decode reads them as FfnKind.ROWS. With a full plan and no selection it is also the
-    dense FFN of a compact model (`dense=True`), so one layout serves every layer."""
+    compiled decode reads them as FfnKind.ROWS when both formats have kernels."""
 
-    def __init__(self, cfg: ModelConfig, plan: LayerPlan, sparsity: SparsityConfig, gate_up_quant: Quant,
-                 down_quant: Quant, dtype: torch.dtype = torch.bfloat16, dense: bool = False):
+    def __init__(self, cfg: ModelConfig, plan: LayerPlan, sparsity: SparsityConfig, gate_up_format: BlockFormat,
+                 down_format: BlockFormat, dtype: torch.dtype = torch.bfloat16):
         """`dtype`: what the rows are de-quantized to where the eager path computes with them."""
         FeedForward.__init__(self)  # not SparseFFN's: its bf16 weights are not made
         k, d = plan.loaded.shape[0], cfg.dim
-        self.dim, self.dense, self.dtype = d, dense, dtype
-        self.gate_up = nn.Parameter(torch.empty(k, 2, gate_up_quant.row_bytes(d), dtype=torch.uint8), requires_grad=False)
-        self.down_t = nn.Parameter(torch.empty(k, down_quant.code_bytes(d), dtype=torch.uint8), requires_grad=False)
-        self.down_table = nn.Parameter(torch.empty(cfg.ffn_dim // BLOCK, down_quant.table_width, d, dtype=torch.float16),
+        self.dim, self.dtype = d, dtype
+        self.gate_up_format, self.down_format = gate_up_format, down_format
+        self.gate_up = nn.Parameter(torch.empty(k, 2, gate_up_format.row_bytes(d), dtype=torch.uint8), requires_grad=False)
+        self.down_t = nn.Parameter(torch.empty(k, down_format.column_code_bytes(d), dtype=torch.uint8), requires_grad=False)
+        self.down_table = nn.Parameter(torch.empty(down_table_shape(down_format, cfg.ffn_dim, d), dtype=torch.float16),
                                        requires_grad=False)
         self._init_state(cfg, plan, sparsity)
+
+    @classmethod
+    def from_rows(cls, cfg: ModelConfig, plan: LayerPlan, rows: FfnRows, sparsity: SparsityConfig,
+                  dtype: torch.dtype) -> "CompactSparseFFN":
+        with torch.device("meta"):
+            ffn = cls(cfg, plan, sparsity, rows.gate_up_format, rows.down_format, dtype)
+        # each final tensor made once from the rows (views of one read), no other transient
+        ffn.gate_up = nn.Parameter(torch.stack([rows.gate, rows.up], dim=1), requires_grad=False)  # [k, 2, bytes]
+        ffn.down_t = nn.Parameter(rows.down_t.clone(memory_format=torch.contiguous_format), requires_grad=False)
+        ffn.down_table = nn.Parameter(rows.down_table, requires_grad=False)
+        ffn.neuron_ids = rows.neuron_ids.clone()
+        return ffn
+
+    @property
+    def compiled_formats(self) -> bool:
+        return self.gate_up_format.kernel is not None and self.down_format.kernel is not None
 
     @property
     def down(self) -> torch.Tensor:  # [d, k], a de-quantized copy
         return self._down_rows(self.n_loaded, self.dtype).t()
 
+    def _blocks(self, j: int) -> torch.Tensor:
+        return neuron_blocks(self.neuron_ids[:j], self.down_format)
+
     def _down_rows(self, j: int, dtype: torch.dtype) -> torch.Tensor:
         """The first j loaded neurons' down columns, de-quantized: [j, d]."""
-        return dequantize_columns(self.down_t[:j], self.down_table, neuron_blocks(self.neuron_ids[:j]), dtype)
+        return dequantize_columns(self.down_t[:j], self.down_table, self._blocks(j), self.down_format, dtype)
+
+    def end_prompt(self) -> None:
+        super().end_prompt()
+        if not self.compiled_formats:
+            self.decode_record = None  # the eager path runs formats without kernels
 
     def _prefix_record(self) -> FfnWeights:
         m = self.n_active
         gate_up = self.gate_up[:m].view(2 * m, -1)  # [2m, bytes] compact rows, interleaved
-        blocks = neuron_blocks(self.neuron_ids[:m])
-        return FfnWeights(FfnKind.ROWS, gate_up, self.down_t[:m], gate_up, down_table=self.down_table, down_block=blocks)
+        return FfnWeights(FfnKind.ROWS, gate_up, self.down_t[:m], gate_up, down_table=self.down_table,
+                          down_block=self._blocks(m))
 
     def _gate_up_rows(self, active: torch.Tensor) -> torch.Tensor:
-        return dequantize(super()._gate_up_rows(active), self.dim, self.dtype)
+        return dequantize(super()._gate_up_rows(active), self.gate_up_format, self.dim, self.dtype)
 
-    def _down_of(self, a: torch.Tensor) -> torch.Tensor:
-        return linear(a, self._down_rows(a.shape[-1], a.dtype).t())  # [B, T, j] @ [j, D]
+    def _gate_up_linear(self, x: torch.Tensor, m: int) -> torch.Tensor:
+        return linear(x, self.gate_up[:m].view(2 * m, -1), fmt=self.gate_up_format)
+
+    def _down_of(self, a: torch.Tensor) -> torch.Tensor:  # [B, T, j] @ the first j columns -> [B, T, D]
+        j = a.shape[-1]
+        return column_linear(a, self.down_t[:j], self.down_table, self._blocks(j), self.down_format)
 
     def _reorder(self, order: torch.Tensor) -> None:
         self.gate_up.copy_(self.gate_up[order])
@@ -247,8 +296,8 @@ class CompactSparseFFN(SparseFFN):
 
 
 def is_sparse(module: nn.Module) -> bool:
-    """A sparse FFN variant: SparseFFN (per-sentence methods) or TokenwiseFFN; not a compact model's dense layer."""
-    return isinstance(module, TokenwiseFFN) or (isinstance(module, SparseFFN) and not module.dense)
+    """A sparse FFN variant: SparseFFN (per-sentence methods) or TokenwiseFFN; not a dense layer."""
+    return isinstance(module, (SparseFFN, TokenwiseFFN))
 
 
 def sparse_modules(model: Transformer) -> list[nn.Module]:

@@ -21,8 +21,7 @@ import torch
 
 from partinfer.common.errors import PartinferError
 from partinfer.common.neuron_file import NeuronFile
-from partinfer.runtime.model import ModelConfig
-from partinfer.runtime.quant import WEIGHT_FORMATS
+from partinfer.runtime.config import ModelConfig
 from partinfer.runtime.selection import CORE_SCORES, loaded_order
 
 METHODS = ("dense", "load-only", "static", "coreinfer", "partinfer", "tokenwise")
@@ -62,7 +61,6 @@ class SparsityConfig:
     model_neurons: Path | None = None
     dataset_neurons: Path | None = None
     compensation: Path | None = None  # a compensation file for the unloaded neurons (`partinfer compensate`)
-    weights: str | None = None  # weight format of the loaded rows (runtime/quant.py); None: as the checkpoint stores them
     budget: str = "uniform"  # how γ and φ are spread over the sparse layers, see BUDGETS
 
     def __post_init__(self) -> None:
@@ -90,8 +88,6 @@ class SparsityConfig:
             raise PartinferError("--base-neurons-type must be model or dataset")
         if self.budget not in BUDGETS:
             raise PartinferError(f"--budget must be one of {', '.join(BUDGETS)}, got {self.budget!r}")
-        if self.weights is not None and self.weights not in WEIGHT_FORMATS:
-            raise PartinferError(f"--weights must be one of {', '.join(WEIGHT_FORMATS)}, got {self.weights!r}")
         if self.base_neurons_type == "dataset" and self.method != "dense" and self.dataset_neurons is None:
             raise PartinferError("--base-neurons-type dataset needs --dataset-neurons FILE")
 
@@ -168,17 +164,30 @@ def fraction_count(fraction: float, n: int) -> int:
     return max(1, min(n, round(fraction * n)))
 
 
-def plan_layers(sparsity: SparsityConfig, cfg: ModelConfig) -> dict[int, LayerPlan]:
-    """Decide, per sparse layer, the loaded set and counts from the neuron files (docs/design.md, §1 "Online")."""
+@dataclass(frozen=True)
+class NeuronFiles:
+    """The neuron files a configuration names, each read once (and checked against the model)."""
+
+    model: NeuronFile | None = None
+    dataset: NeuronFile | None = None
+
+    @classmethod
+    def read(cls, sparsity: SparsityConfig, cfg: ModelConfig) -> "NeuronFiles":
+        def load(path: Path | None) -> NeuronFile | None:
+            return None if path is None else NeuronFile.load(path, cfg.fingerprint)
+
+        return cls(load(sparsity.model_neurons), load(sparsity.dataset_neurons))
+
+
+def plan_layers(sparsity: SparsityConfig, cfg: ModelConfig, files: NeuronFiles | None = None) -> dict[int, LayerPlan]:
+    """Decide, per sparse layer, the loaded set and counts from the neuron files (docs/design.md, §1
+    "Online"); `files`: those `sparsity` names, when read already (else they are read here)."""
     layers = sparsity.sparse_layers(cfg.n_layers)
     if not layers:
         return {}
     n = cfg.ffn_dim
-    model_nf = dataset_nf = None
-    if sparsity.model_neurons is not None:
-        model_nf = NeuronFile.load(sparsity.model_neurons, cfg.fingerprint)
-    if sparsity.dataset_neurons is not None:
-        dataset_nf = NeuronFile.load(sparsity.dataset_neurons, cfg.fingerprint)
+    files = files if files is not None else NeuronFiles.read(sparsity, cfg)
+    model_nf, dataset_nf = files.model, files.dataset
     if sparsity.method == "coreinfer":
         return {i: LayerPlan(torch.arange(n), 0, fraction_count(sparsity.phi, n)) for i in layers}
     if model_nf is None and dataset_nf is None:

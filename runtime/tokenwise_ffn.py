@@ -30,30 +30,34 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from partinfer.common.formats.blocks import BlockFormat
+from partinfer.runtime.config import ACTIVATIONS, ModelConfig
+from partinfer.runtime.decode_contract import FfnKind, FfnWeights
+from partinfer.runtime.ffn import FeedForward, FfnRows, column_linear
 from partinfer.runtime.kernels import linear
-from partinfer.runtime.model import ACTIVATIONS, FeedForward, FfnKind, FfnWeights, ModelConfig
+from partinfer.runtime.quant import dequantize_columns, down_table_shape, neuron_blocks
 from partinfer.runtime.selection import real_token_weights
-from partinfer.runtime.quant import BLOCK, Quant, dequantize_columns, neuron_blocks
-from partinfer.runtime.sparsity import LayerPlan
+from partinfer.runtime.sparsity import LayerPlan, SparsityConfig
 
 
 class TokenwiseFFN(FeedForward):
     def __init__(self, cfg: ModelConfig, plan: LayerPlan, token_score: str = "scaled",
-                 compact: tuple[Quant, Quant] | None = None, dtype: torch.dtype = torch.bfloat16):
-        """`compact`: (gate/up format, down format) for compact rows and down columns (runtime/quant.py),
-        de-quantized to `dtype` where the eager path computes with them; None: float rows."""
+                 compact: tuple[BlockFormat, BlockFormat] | None = None, dtype: torch.dtype = torch.bfloat16):
+        """`compact`: (gate/up format, down format) for compact rows and down columns, de-quantized to
+        `dtype` where the eager path computes with them; None: float rows."""
         super().__init__()
         k, d = plan.loaded.shape[0], cfg.dim
         self.dim, self.dtype = d, dtype
+        self.gate_up_format, self.down_format = compact or (None, None)
         if compact is None:
             self.gate, self.up, self.down_t = (nn.Parameter(torch.empty(k, d)) for _ in range(3))
             self.register_parameter("down_table", None)
         else:
-            gate_up_bytes, down_bytes = compact[0].row_bytes(d), compact[1].code_bytes(d)
+            gate_up_bytes, down_bytes = compact[0].row_bytes(d), compact[1].column_code_bytes(d)
             self.gate, self.up, self.down_t = (nn.Parameter(torch.empty(k, b, dtype=torch.uint8), requires_grad=False)
                                                for b in (gate_up_bytes, gate_up_bytes, down_bytes))
-            self.down_table = nn.Parameter(torch.empty(cfg.ffn_dim // BLOCK, compact[1].table_width, d,
-                                                       dtype=torch.float16), requires_grad=False)  # [n / 32, 1 | 2, d]
+            self.down_table = nn.Parameter(torch.empty(down_table_shape(compact[1], cfg.ffn_dim, d), dtype=torch.float16),
+                                           requires_grad=False)  # [n / block, scales, d]
         self.register_buffer("neuron_ids", plan.loaded.clone().to("cpu"), persistent=False)  # [k] original ids
         self.act = ACTIVATIONS[cfg.hidden_act]
         self.n_base, self.n_active = plan.n_base, plan.n_active
@@ -66,9 +70,32 @@ class TokenwiseFFN(FeedForward):
         self.last_selected: torch.Tensor | None = None  # [B, T, m] positions computed by the last decode call
         self.decode_record: FfnWeights | None = None  # built at end_prompt for the compiled decode
 
+    @classmethod
+    def from_rows(cls, cfg: ModelConfig, plan: LayerPlan, rows: FfnRows, sparsity: SparsityConfig,
+                  dtype: torch.dtype) -> "TokenwiseFFN":
+        """The layer from its loaded rows (plan order, base first), float or compact alike."""
+        compact = (rows.gate_up_format, rows.down_format) if rows.compact else None
+        with torch.device("meta"):
+            ffn = cls(cfg, plan, sparsity.token_score, compact, dtype)
+        own = dict(memory_format=torch.contiguous_format)  # rows arrive as views of one read: own copies
+        cast = (lambda t: t.clone(**own)) if rows.compact else (lambda t: t.to(dtype).clone(**own))  # noqa: E731
+        ffn.gate, ffn.up, ffn.down_t = (nn.Parameter(cast(t), requires_grad=False) for t in (rows.gate, rows.up, rows.down_t))
+        if rows.compact:
+            ffn.down_table = nn.Parameter(rows.down_table, requires_grad=False)
+        ffn.neuron_ids = rows.neuron_ids.clone()
+        return ffn
+
     @property
     def n_loaded(self) -> int:
         return self.gate.shape[0]
+
+    def _rows_linear(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """x [..., D] against gate or up rows w [j, D or row_bytes] -> [..., j]."""
+        return linear(x, w, fmt=self.gate_up_format)
+
+    @property
+    def compiled_formats(self) -> bool:
+        return self.down_table is None or (self.gate_up_format.kernel is not None and self.down_format.kernel is not None)
 
     @property
     def down(self) -> torch.Tensor:  # [d, k] view (a de-quantized copy for compact columns)
@@ -78,8 +105,8 @@ class TokenwiseFFN(FeedForward):
         """down_t[index] as floats [j, d]: compact columns de-quantized with their blocks' scales."""
         if self.down_table is None:
             return self.down_t[index]
-        blocks = neuron_blocks(self.neuron_ids[index])
-        return dequantize_columns(self.down_t[index], self.down_table, blocks, dtype or self.dtype)
+        blocks = neuron_blocks(self.neuron_ids[index], self.down_format)
+        return dequantize_columns(self.down_t[index], self.down_table, blocks, self.down_format, dtype or self.dtype)
 
     def begin_prompt(self, token_mask: torch.Tensor | None) -> None:
         self.phase, self.token_mask = "prefill", token_mask
@@ -93,9 +120,10 @@ class TokenwiseFFN(FeedForward):
         self.phase, self.token_mask = "decode", None
         self.up_abs_sums = self.up_counts = None
         self.decode_record = None
-        if self.act is F.silu and (self.score_scale is None or self.score_scale.shape[0] == 1):
+        single = self.score_scale is None or self.score_scale.shape[0] == 1
+        if self.act is F.silu and single and self.compiled_formats:
             scale = None if self.score_scale is None else self.score_scale[0].contiguous()  # [k] fp32
-            blocks = None if self.down_table is None else neuron_blocks(self.neuron_ids)
+            blocks = None if self.down_table is None else neuron_blocks(self.neuron_ids, self.down_format)
             self.decode_record = FfnWeights(FfnKind.TOKENWISE, self.gate, self.down_t, self.up, self.n_base,
                                             self.n_active, scale, self.down_table, blocks)
 
@@ -153,23 +181,30 @@ class TokenwiseFFN(FeedForward):
 
     def _computed(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, D]: the chosen neurons' output
         B, T, _ = x.shape
-        act_gate = self.act(linear(x, self.gate))  # [B, T, k]
+        act_gate = self.act(self._rows_linear(x, self.gate))  # [B, T, k]
         if self.phase == "prefill":
-            up = linear(x, self.up)  # [B, T, k]
+            up = self._rows_linear(x, self.up)  # [B, T, k]
             if self.token_score == "scaled":
                 self._record_up(up)
-            return linear(act_gate * up, self.down)
+            return self._down_linear(act_gate * up)
         selected = self.select(act_gate)  # [B, T, m]
         self.last_selected = selected
         if B == 1 and T == 1:
             # Base neurons are the contiguous prefix 0..n_base-1: read in place; only the rest is gathered.
             nb, xv, ag = self.n_base, x[0, 0][None], act_gate[0, 0]
             rows = selected[0, 0, nb:]
-            a_base = ag[:nb] * linear(xv, self.up[:nb])[0]  # [n_base]
-            a_rest = ag[rows] * linear(xv, self._gather(rows, self.up))[0]  # [m - n_base]
+            a_base = ag[:nb] * self._rows_linear(xv, self.up[:nb])[0]  # [n_base]
+            a_rest = ag[rows] * self._rows_linear(xv, self._gather(rows, self.up))[0]  # [m - n_base]
             down_base = self._down_rows(slice(0, nb), xv.dtype)
             down_rest = self._gather(rows, self.down_t) if self.down_table is None else self._down_rows(rows, xv.dtype)
             y = torch.mv(down_base.t(), a_base) + torch.mv(down_rest.t(), a_rest)
             return y.view(1, 1, -1)
         mask = torch.zeros_like(act_gate).scatter_(-1, selected, 1.0)
-        return linear(act_gate * mask * linear(x, self.up), self.down)
+        return self._down_linear(act_gate * mask * self._rows_linear(x, self.up))
+
+    def _down_linear(self, a: torch.Tensor) -> torch.Tensor:
+        """a [B, T, k] over every loaded neuron -> [B, T, D] (compact columns a tile at a time)."""
+        if self.down_table is None:
+            return linear(a, self.down_t.t())
+        return column_linear(a, self.down_t, self.down_table, neuron_blocks(self.neuron_ids, self.down_format),
+                             self.down_format)

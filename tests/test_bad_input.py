@@ -91,7 +91,7 @@ def model_copy(src: Path, dst: Path, **config_changes) -> Path:
 def test_weights_that_do_not_match_the_config_are_refused(tiny_llama_dir, tmp_path):
     model = model_copy(tiny_llama_dir, tmp_path / "m", intermediate_size=64)
     assert_clean_error(runner.invoke(app, ["generate", "-p", "hi", "--model", str(model), "--method", "dense"]),
-                       "layers.0.mlp.gate_up has shape [192, 64]", "do not match")
+                       "layers.0.mlp.gate_proj.weight has shape [96, 64]", "do not match")
 
 
 def test_malformed_config_json(tiny_llama_dir, tmp_path):

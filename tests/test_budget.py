@@ -16,7 +16,7 @@ from partinfer.profiler.sensitivity import TruncatedFFN, measure_sensitivity
 from partinfer.runtime.generate import generate
 from partinfer.runtime.kernels import linear
 from partinfer.runtime.loader import load_dense_model, load_model
-from partinfer.runtime.model import ModelConfig
+from partinfer.runtime.config import ModelConfig
 from partinfer.runtime.sparsity import BUDGET_DAMPING, SparsityConfig, fraction_count, layer_budgets, plan_layers
 from tests.helpers import make_neuron_file, tiny_prompts
 

@@ -14,61 +14,64 @@ import pytest
 import torch
 
 from partinfer.runtime.generate import generate
-from partinfer.runtime.loader import CheckpointReader, load_model
+from partinfer.runtime.checkpoint import CheckpointReader
+from partinfer.runtime.loader import load_model
 from partinfer.runtime.native import cpu_flags, cpu_kernels
 from partinfer.runtime.pack import pack_checkpoint
-from partinfer.runtime.quant import (Quant, columns_from_rows, dequantize, dequantize_columns, dequantize_columns_reference,
-                           dequantize_reference, quantize, quantize_activation)
+from partinfer.common.formats.blocks import BLOCK_FORMATS, Q4_1
+from partinfer.runtime.quant import (columns_from_rows, dequantize, dequantize_columns, dequantize_columns_reference,
+                                     quantize_activation)
 from partinfer.runtime.sparse_ffn import CompactSparseFFN, sparse_modules
 from partinfer.runtime.sparsity import METHODS, SparsityConfig, fraction_count
 from tests.helpers import make_neuron_file, tiny_prompts
 
-GGML_TYPES = {Quant.Q4_1: "Q4_1", Quant.Q8_0: "Q8_0"}
+FORMATS = [BLOCK_FORMATS["Q4_1"], BLOCK_FORMATS["Q8_0"]]
 needs_kernels = pytest.mark.skipif(not cpu_kernels(), reason="no compiled CPU kernels on this machine")
 
 
-@pytest.mark.parametrize("quant", list(Quant))
-def test_formats_match_ggml_reference(quant):
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
+def test_formats_match_ggml_reference(fmt):
     """Our quantizer writes the bytes gguf-py's ggml reference writes; de-quantizing gives its values."""
     import gguf.quants
 
-    qtype = getattr(gguf.GGMLQuantizationType, GGML_TYPES[quant])
+    qtype = getattr(gguf.GGMLQuantizationType, fmt.name)
     w = torch.randn(37, 96) * torch.rand(37, 1) * 3
     w[3, :32] = 0.5  # a constant block (zero scale)
-    ours = quantize(w, quant)
+    ours = fmt.quantize(w)
     theirs = gguf.quants.quantize(w.numpy(), qtype)
     assert np.array_equal(ours.numpy(), theirs)
     ref = torch.from_numpy(gguf.quants.dequantize(theirs, qtype).astype(np.float32))
-    assert torch.equal(dequantize_reference(ours, 96), ref)
+    assert torch.equal(fmt.dequantize(ours, 96), ref)
     if cpu_kernels():
-        assert torch.equal(dequantize(ours, 96), ref)  # the compiled de-quantizer: same values
-        assert torch.equal(dequantize(ours, 96, torch.bfloat16), ref.bfloat16())
+        assert torch.equal(dequantize(ours, fmt, 96), ref)  # the compiled de-quantizer: same values
+        assert torch.equal(dequantize(ours, fmt, 96, torch.bfloat16), ref.bfloat16())
 
 
-@pytest.mark.parametrize("quant", list(Quant))
-def test_down_columns_hold_the_rows_values_exactly(quant):
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
+def test_down_columns_hold_the_rows_values_exactly(fmt):
     """Splitting down's row blocks into per-neuron codes and a block table keeps every value: any subset
     of neurons, in any order, de-quantizes (reference and compiled) to the rows' own values."""
     w = torch.randn(64, 96) * torch.rand(64, 1) * 3  # down [d, n]
     w[5, 32:64] = 0.25  # a constant block
-    rows = quantize(w, quant)  # blocks along the neurons, as the GGUF stores down
-    codes, table = columns_from_rows(rows, quant)
-    assert codes.shape == (96, quant.code_bytes(64)) and table.shape == (3, quant.table_width, 64)
-    want = dequantize_reference(rows, 96).t()  # [n, d]
+    rows = fmt.quantize(w)  # blocks along the neurons, as the GGUF stores down
+    codes, table = columns_from_rows(rows, fmt)
+    assert codes.shape == (96, fmt.column_code_bytes(64)) and table.shape == (3, fmt.scales, 64)
+    want = fmt.dequantize(rows, 96).t()  # [n, d]
     ids = torch.tensor([95, 0, 40, 33, 64, 40, 7])  # out of order, a repeat, three blocks
-    got = dequantize_columns_reference(codes[ids], table, ids // 32)
+    got = dequantize_columns_reference(codes[ids], table, ids // 32, fmt)
     assert torch.equal(got, want[ids])
-    assert torch.equal(dequantize_columns_reference(codes, table, torch.arange(96) // 32), want)
+    assert torch.equal(dequantize_columns_reference(codes, table, torch.arange(96) // 32, fmt), want)
     if cpu_kernels():
-        assert torch.equal(dequantize_columns(codes[ids], table, ids // 32), want[ids])
-        assert torch.equal(dequantize_columns(codes[ids], table, ids // 32, torch.bfloat16), want[ids].bfloat16())
+        assert torch.equal(dequantize_columns(codes[ids], table, ids // 32, fmt), want[ids])
+        assert torch.equal(dequantize_columns(codes[ids], table, ids // 32, fmt, torch.bfloat16), want[ids].bfloat16())
 
 
 KERNEL_CHECK = r"""
 import json, sys, torch
 from partinfer.runtime.native import compact_kernel_path, cpu_kernels, down_columns, gemv
 assert cpu_kernels()
-from partinfer.runtime.quant import Quant, columns_from_rows, dequantize_columns_reference, dequantize_reference, quantize, quantize_activation
+from partinfer.common.formats.blocks import BLOCK_FORMATS, Q4_1
+from partinfer.runtime.quant import columns_from_rows, dequantize_columns_reference, quantize_activation
 torch.manual_seed(0)
 worst = {"fp32": 0.0, "bf16": 0.0, "down": 0.0}
 
@@ -76,29 +79,29 @@ worst = {"fp32": 0.0, "bf16": 0.0, "down": 0.0}
 def per_block(v):  # one 8-bit scale for a block's activations, rounded as the kernel rounds
     d = v.abs().max() / 127
     return (v * (1.0 / d)).round() * d if d != 0 else v * 0
-for quant in Quant:
+for fmt in (BLOCK_FORMATS["Q4_1"], BLOCK_FORMATS["Q8_0"]):
     for rows, cols in [(1, 32), (7, 32), (45, 576), (130, 1536)]:  # odd row counts: every thread's share has a tail
-        w = quantize(torch.randn(rows, cols), quant)
+        w = fmt.quantize(torch.randn(rows, cols))
         x = torch.randn(cols)
-        ref = dequantize_reference(w, cols).double() @ quantize_activation(x).double()
-        ref16 = dequantize_reference(w, cols).double() @ quantize_activation(x.bfloat16().float()).double()
+        ref = fmt.dequantize(w, cols).double() @ quantize_activation(x).double()
+        ref16 = fmt.dequantize(w, cols).double() @ quantize_activation(x.bfloat16().float()).double()
         pick = torch.tensor([rows - 1, 0, rows // 2, rows - 1])  # a subset, out of order, with a repeat
         for kind, got, want in [("fp32", gemv(w, x), ref), ("fp32", gemv(w, x, pick), ref[pick]),
                                 ("bf16", gemv(w, x.bfloat16()), ref16)]:
             error = (got.double() - want).abs().max().item() / (want.abs().max().item() + 1e-9)
             worst[kind] = max(worst[kind], error)
     for d, n in [(32, 32), (64, 96), (576, 1536)]:  # down [d, n]: one block; three; the default model's
-        codes, table = columns_from_rows(quantize(torch.randn(d, n), quant), quant)
+        codes, table = columns_from_rows(fmt.quantize(torch.randn(d, n)), fmt)
         ids = torch.randperm(n)[: max(1, n * 2 // 3)]  # a loaded set, hot-first order
         picks = [None, torch.tensor([len(ids) - 1, 0, len(ids) // 2, len(ids) - 1, 1])]  # all; out of order, a repeat
         for pick in picks:
             chosen = ids if pick is None else ids[pick]
             a = torch.randn(len(chosen))
             blocks = chosen // 32
-            values = dequantize_columns_reference(codes[chosen], table, blocks).double()  # d q + m
-            mins = table[blocks][:, 1].double() if quant is Quant.Q4_1 else torch.zeros_like(values)
+            values = dequantize_columns_reference(codes[chosen], table, blocks, fmt).double()  # d q + m
+            mins = table[blocks][:, 1].double() if fmt is Q4_1 else torch.zeros_like(values)
             a_q = a.clone()  # Q4_1 codes are summed in integers: a quantized to 8 bits per block of neurons
-            for block in blocks.unique() if quant is Quant.Q4_1 else []:
+            for block in blocks.unique() if fmt is Q4_1 else []:
                 mine = blocks == block
                 a_q[mine] = per_block(a[mine])
             want = a_q.double() @ (values - mins) + a.double() @ mins
@@ -144,8 +147,8 @@ def compact(tiny_llama_dir, tmp_path_factory):
             "int8": pack_checkpoint(tiny_llama_dir, neurons, root / "int8", "int8")}
 
 
-def load(model_dir, neurons, dtype=torch.float32, **kwargs):
-    return load_model(model_dir, dtype, "cpu", SparsityConfig(model_neurons=neurons, **kwargs))
+def load(model_dir, neurons, dtype=torch.float32, weights=None, **kwargs):
+    return load_model(model_dir, dtype, "cpu", SparsityConfig(model_neurons=neurons, **kwargs), weights)
 
 
 @pytest.mark.parametrize("weights", ["q4", "int8"])
@@ -167,7 +170,8 @@ def test_phi_gamma_one_gives_dense_tokens_of_the_same_weights(compact, weights, 
 def test_compiled_decode_equals_eager_on_compact_rows(compact, method):
     """The one-op decode on compact rows (ROWS and TOKENWISE kinds) against the eager forward of the same
     weights: logits agree up to the 8-bit input quantization of the kernels."""
-    from partinfer.runtime.model import EagerDecode, KVCache, decode_step, prefill
+    from partinfer.runtime.decode import EagerDecode
+    from partinfer.runtime.model import KVCache, decode_step, prefill
 
     if not cpu_kernels():
         pytest.skip("no compiled CPU kernels on this machine")
@@ -235,8 +239,11 @@ def test_an_older_compact_pack_is_refused_and_the_cached_one_rebuilt(compact, ti
     import shutil
 
     from partinfer.common.errors import PartinferError
-    from partinfer.runtime.loader import PACK_MANIFEST, stale_compact_pack
+    from partinfer.common.formats.pack_format import PACK_MANIFEST, PackManifest
     from partinfer.runtime.pack import cached_pack
+
+    def stale_compact_pack(pack: Path) -> bool:
+        return PackManifest.read(pack).stale
 
     def age(pack: Path) -> None:
         manifest = json.loads((pack / PACK_MANIFEST).read_text())
@@ -247,10 +254,10 @@ def test_an_older_compact_pack_is_refused_and_the_cached_one_rebuilt(compact, ti
     with pytest.raises(PartinferError, match="older layout.*pack it again"):
         load(old, compact["neurons"], method="dense")
     monkeypatch.setenv("PARTINFER_HOME", str(tmp_path / "home"))
-    cached = cached_pack(tiny_llama_dir, compact["neurons"], "q4")
+    cached = cached_pack(tiny_llama_dir, compact["neurons"], "q4").path
     age(cached)
     assert stale_compact_pack(cached)
-    assert cached_pack(tiny_llama_dir, compact["neurons"], "q4") == cached and not stale_compact_pack(cached)
+    assert cached_pack(tiny_llama_dir, compact["neurons"], "q4").path == cached and not stale_compact_pack(cached)
     load(tiny_llama_dir, compact["neurons"], method="dense", weights="q4")
 
 
@@ -275,19 +282,19 @@ def test_embedded_model_q4_pack_keeps_the_gguf_blocks(default_model_dir, tmp_pat
         for layer in (0, 17, 29):
             perm = packed.get(f"model.layers.{layer}.mlp.perm").long()
             bundle = packed.get(f"model.layers.{layer}.mlp.bundle")  # [n, gate | up | down_t]
-            g = Quant.Q4_1.row_bytes(d)
-            assert torch.equal(dequantize_reference(bundle[:, :g], d), gguf_values(f"blk.{layer}.ffn_gate.weight")[perm])
-            assert torch.equal(dequantize_reference(bundle[:, g : 2 * g], d), gguf_values(f"blk.{layer}.ffn_up.weight")[perm])
+            g = Q4_1.row_bytes(d)
+            assert torch.equal(Q4_1.dequantize(bundle[:, :g], d), gguf_values(f"blk.{layer}.ffn_gate.weight")[perm])
+            assert torch.equal(Q4_1.dequantize(bundle[:, g : 2 * g], d), gguf_values(f"blk.{layer}.ffn_up.weight")[perm])
             table = packed.get(f"model.layers.{layer}.mlp.down_table")
-            down = dequantize_columns_reference(bundle[:, 2 * g :], table, perm // 32)  # per-neuron codes + block scales
+            down = dequantize_columns_reference(bundle[:, 2 * g :], table, perm // 32, Q4_1)  # per-neuron codes + block scales
             assert torch.equal(down, gguf_values(f"blk.{layer}.ffn_down.weight").t()[perm])
             for proj, name in (("v_proj", "attn_v"), ("o_proj", "attn_output")):
-                got = dequantize_reference(packed.get(f"model.layers.{layer}.self_attn.{proj}.weight"), d)
+                got = Q4_1.dequantize(packed.get(f"model.layers.{layer}.self_attn.{proj}.weight"), d)
                 assert torch.equal(got, gguf_values(f"blk.{layer}.{name}.weight"))
             for proj in ("q_proj", "k_proj"):  # llama.cpp interleaves their rows; the pack restores HF order
-                got = dequantize_reference(packed.get(f"model.layers.{layer}.self_attn.{proj}.weight"), d)
+                got = Q4_1.dequantize(packed.get(f"model.layers.{layer}.self_attn.{proj}.weight"), d)
                 assert torch.equal(got.bfloat16(), plain.get(f"model.layers.{layer}.self_attn.{proj}.weight"))
-        embedding = dequantize_reference(packed.get("model.embed_tokens.weight"), d)
+        embedding = BLOCK_FORMATS["Q8_0"].dequantize(packed.get("model.embed_tokens.weight"), d)
         assert torch.equal(embedding, gguf_values("token_embd.weight"))
 
 

@@ -23,7 +23,7 @@ runner = CliRunner()
 
 
 def plans_for(model_dir, neurons, gamma):
-    from partinfer.runtime.model import ModelConfig
+    from partinfer.runtime.config import ModelConfig
 
     return plan_layers(SparsityConfig(method="load-only", gamma=gamma, delta=min(0.3, gamma), phi=gamma,
                                       model_neurons=neurons, start_num=1, end_num=2), ModelConfig.from_dir(model_dir))
@@ -120,7 +120,8 @@ def test_compiled_decode_adds_the_compensation_as_eager_does(tiny_with_tokenizer
     """The one-op decode takes the map (no eager fallback): its steps match the eager path's, and differ
     from the same model without the map."""
     from partinfer.runtime.decode import CompiledCPUDecode, DecodePlan
-    from partinfer.runtime.model import EagerDecode, decode_step
+    from partinfer.runtime.decode import EagerDecode
+    from partinfer.runtime.model import decode_step
     from partinfer.runtime.native import cpu_kernels
 
     if not cpu_kernels():

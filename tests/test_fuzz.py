@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from partinfer.common.neuron_file import NeuronFile
 from partinfer.cli.app import app
 from partinfer.common.errors import PartinferError
-from partinfer.runtime.model import ModelConfig
+from partinfer.runtime.config import ModelConfig
 from partinfer.common.safetensors_io import SafetensorsFile
 from tests.helpers import make_neuron_file
 from tests.test_cli import assert_clean_error

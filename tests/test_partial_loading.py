@@ -116,7 +116,7 @@ def test_partinfer_without_neuron_file(tiny):
 
 
 def test_packed_partial_load_reads_only_loaded_rows(tiny):
-    from partinfer.runtime.loader import CheckpointReader
+    from partinfer.runtime.checkpoint import CheckpointReader
 
     sparsity = SparsityConfig(method="load-only", gamma=0.3, delta=0.3, phi=0.3, model_neurons=tiny["model_nf"],
                               start_num=1, end_num=2)

@@ -15,7 +15,7 @@ from partinfer.common.neuron_file import NeuronFile, merge
 from partinfer.profiler.profile import ProfileConfig, profile_prompts
 from partinfer.common.errors import PartinferError
 from partinfer.runtime.loader import load_dense_model
-from partinfer.runtime.model import ModelConfig
+from partinfer.runtime.config import ModelConfig
 from partinfer.runtime.selection import token_core_mask
 
 PROMPTS = [[5, 17, 33, 9, 60, 11, 7], [44, 21, 3], [90, 12, 13, 14, 15, 100, 101, 102, 103, 4, 8]]

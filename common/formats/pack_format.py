@@ -1,0 +1,159 @@
+"""The packed-checkpoint format (`partinfer pack`): tensor names, the manifest, versions, stale checks.
+
+A packed checkpoint is a directory of safetensors shards, one per layer plus `rest.safetensors`, and
+the manifest `partinfer_pack.json` (common/output_dir.py writes it). Each FFN layer i is permuted
+hot-first by the model-level ranking and bundled per neuron:
+  model.layers.{i}.mlp.bundle      [n, 3, d] (bf16: gate row, up row, down column), or [n, bytes]
+                                   uint8 (compact: gate row | up row | down column codes)
+  model.layers.{i}.mlp.perm        int64 [n]: packed row j holds original neuron perm[j]
+  model.layers.{i}.mlp.down_table  fp16 [n / block, scales, d] (compact only): the down blocks' scales
+Everything else keeps its Hugging Face name.
+
+Down columns. `down` [d, n] stores its blocks along the neurons (row r's block b covers neurons
+b·block .. b·block + block - 1), but a partial load needs each neuron's column apart. So a compact pack
+splits the blocks: each neuron keeps its own codes, one per output row, packed along d as its
+format packs codes; the blocks' scales go into the per-layer table, table[b, :, r] = the scales of
+row r's block b. A neuron's block is its *original* index // block, however neurons are reordered.
+
+The manifest is read once per load (`PackManifest.read`) and names, for every compact matrix (by its
+Hugging Face name, e.g. model.layers.3.mlp.gate_proj.weight), its block format: nothing infers a
+format from a size. It also names what the pack was made from (`source`, `source_identity`: see
+`checkpoint_identity`) and with which neuron file (`neurons_digest`, the neuron file's content digest), so a cached copy that no longer
+matches its source is rebuilt rather than used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from partinfer.common.errors import PartinferError
+from partinfer.common.formats.blocks import BlockFormat, WeightScheme, block_format
+from partinfer.common.output_dir import manifest_name, read_manifest
+
+PACK_COMMAND = "pack"
+PACK_MANIFEST = manifest_name(PACK_COMMAND)
+PACK_FORMAT = "partinfer-packed"
+# 3: every compact matrix's block format by name, the source's identity; 2: down as columns + table;
+# 1: down as Q8_0 rows per neuron. bf16 packs read the same in every version.
+PACK_VERSION = 3
+
+
+def bundle_name(layer: int) -> str:
+    return f"model.layers.{layer}.mlp.bundle"
+
+
+def perm_name(layer: int) -> str:
+    return f"model.layers.{layer}.mlp.perm"
+
+
+def down_table_name(layer: int) -> str:
+    return f"model.layers.{layer}.mlp.down_table"
+
+
+def matrix_name(layer: int, proj: str) -> str:
+    """The Hugging Face name of one layer's matrix: proj in gate_proj, up_proj, down_proj, q_proj, ..."""
+    part = "mlp" if proj in ("gate_proj", "up_proj", "down_proj") else "self_attn"
+    return f"model.layers.{layer}.{part}.{proj}.weight"
+
+
+@dataclass(frozen=True)
+class PackManifest:
+    """What a packed checkpoint's manifest says, checked once when read."""
+
+    path: Path
+    weights: str  # the WeightScheme name it was packed with
+    version: int
+    fingerprint: str | None
+    model_neurons: str | None
+    neurons_digest: str | None
+    source: str | None
+    source_identity: str | None
+    tensor_formats: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def read(cls, model_dir: Path) -> "PackManifest | None":
+        """The manifest of a packed checkpoint, or None when `model_dir` is not one."""
+        manifest = read_manifest(Path(model_dir), PACK_COMMAND)
+        if manifest is None:
+            return None
+        version = manifest.get("version", 1)
+        formats = manifest.get("tensor_formats", {})
+        if not isinstance(formats, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in formats.items()):
+            raise PartinferError(f"{model_dir}/{PACK_MANIFEST} has no valid tensor_formats; pack it again")
+        strings = {key: manifest.get(key) if isinstance(manifest.get(key), str) else None
+                   for key in ("fingerprint", "model_neurons", "neurons_digest", "source", "source_identity")}
+        weights = manifest.get("weights", "bf16")
+        return cls(Path(model_dir), weights if isinstance(weights, str) else "?",
+                   version if isinstance(version, int) else 0, tensor_formats=formats, **strings)
+
+    @property
+    def compact(self) -> bool:
+        return self.weights != "bf16"
+
+    @property
+    def stale(self) -> bool:
+        """A compact pack in a layout this version no longer reads (bf16 packs never change)."""
+        return self.compact and self.version < PACK_VERSION
+
+    def check_readable(self) -> None:
+        """A one-line error for a pack this version cannot read."""
+        if self.stale:
+            raise PartinferError(f"{self.path} holds {self.weights} weights in an older layout (pack version "
+                                 f"{self.version}); pack it again with `partinfer pack`")
+        for name in set(self.tensor_formats.values()):
+            block_format(name)  # an unknown format is a one-line error naming it
+
+    def format_of(self, name: str) -> BlockFormat | None:
+        """The block format of the matrix `name` (its Hugging Face name), None when it is not compact."""
+        fmt = self.tensor_formats.get(name)
+        return None if fmt is None else block_format(fmt)
+
+
+def scheme_tensor_formats(scheme: WeightScheme, n_layers: int, has_lm_head: bool) -> dict[str, str]:
+    """Every compact matrix's block format under `scheme`, by Hugging Face name (what the manifest records)."""
+    if not scheme.compact:
+        return {}
+    formats = {}
+    for i in range(n_layers):
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            formats[matrix_name(i, proj)] = scheme.attention
+        formats[matrix_name(i, "gate_proj")] = formats[matrix_name(i, "up_proj")] = scheme.gate_up
+        formats[matrix_name(i, "down_proj")] = scheme.down
+    formats["model.embed_tokens.weight"] = scheme.embedding
+    if has_lm_head:
+        formats["lm_head.weight"] = scheme.embedding
+    return formats
+
+
+def checkpoint_identity(model_dir: Path) -> str:
+    """Names a checkpoint's content cheaply: config.json's bytes and, per safetensors file, its name,
+    size, modification time and header (tensor names, dtypes, shapes, offsets). A copy with other
+    weights, or the same directory rewritten in place, gets another identity; reading it costs a few
+    KiB per shard, not a pass over the weights."""
+    model_dir = Path(model_dir)
+    digest = hashlib.sha256()
+    config = model_dir / "config.json"
+    if config.is_file():
+        digest.update(config.read_bytes())
+    for shard in sorted(model_dir.glob("*.safetensors")):
+        stat = shard.stat()
+        digest.update(f"{shard.name}:{stat.st_size}:{stat.st_mtime_ns}:".encode())
+        with open(shard, "rb") as f:
+            head = f.read(8)
+            if len(head) == 8:
+                (length,) = struct.unpack("<Q", head)
+                digest.update(f.read(min(length, 1 << 26)))
+    return digest.hexdigest()[:20]
+
+
+def manifest_entry(scheme: WeightScheme, fingerprint: str, model_neurons: Path, neurons_digest: str, source: Path,
+                   n_layers: int, has_lm_head: bool, gguf_source: Path | None) -> dict:
+    """The manifest fields `partinfer pack` writes (beside common.output_dir's file list)."""
+    return {"format": PACK_FORMAT, "version": PACK_VERSION, "fingerprint": fingerprint, "weights": scheme.name,
+            "model_neurons": str(model_neurons), "neurons_digest": neurons_digest, "source": str(Path(source).resolve()),
+            "source_identity": checkpoint_identity(source), "gguf_source": None if gguf_source is None else str(gguf_source),
+            "tensor_formats": scheme_tensor_formats(scheme, n_layers, has_lm_head)}
+

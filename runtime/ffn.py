@@ -1,0 +1,182 @@
+"""FFN layers: what every FFN module offers (`FeedForward`), the rows a loader hands them (`FfnRows`),
+and the dense layer on float (`FFN`) or compact (`CompactFFN`) weights. Sparse variants:
+runtime/sparse_ffn.py, runtime/tokenwise_ffn.py; which one a layer gets: runtime/ffns.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from partinfer.common.formats.blocks import BlockFormat
+from partinfer.runtime.config import ACTIVATIONS, ModelConfig
+from partinfer.runtime.decode_contract import FfnKind, FfnWeights
+from partinfer.runtime.kernels import linear
+from partinfer.runtime.quant import dequantize_columns, down_table_shape, neuron_blocks
+
+
+@dataclass(frozen=True)
+class FfnRows:
+    """One FFN layer's loaded neurons as read from a checkpoint, neuron-major, in the plan's order:
+    what every FFN module builds itself from (`from_rows`), so no loader names their parameters.
+
+    Float rows: gate, up, down_t [k, d]. Compact rows (both formats set): gate and up [k, row_bytes]
+    uint8 in `gate_up_format`; down_t [k, column_code_bytes(d)] uint8 codes in `down_format`, whose
+    block scales are the layer's `down_table` [n / block, scales, d] fp16 (common/formats/pack_format.py)."""
+
+    neuron_ids: torch.Tensor  # [k] int64 original neuron indices
+    gate: torch.Tensor
+    up: torch.Tensor
+    down_t: torch.Tensor
+    down_table: torch.Tensor | None = None
+    gate_up_format: BlockFormat | None = None
+    down_format: BlockFormat | None = None
+
+    @property
+    def compact(self) -> bool:
+        return self.gate_up_format is not None
+
+
+class FeedForward(nn.Module):
+    """What every FFN module offers the model and its decode backends.
+
+    A sentence is bracketed by `begin_prompt` (before its prefill: compute every loaded neuron, record
+    what selection needs) and `end_prompt` (select, lay out the weights for decode); `prefill(...,
+    select=True)` does both. `decode_weights` is this layer for the compiled decode, or None when it
+    cannot take it (the eager path then runs the step). A sparse layer may carry a compensation: a
+    low-rank map `comp_out(comp_in(x))` that stands in for what its unloaded neurons would add."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_parameter("comp_in", None)  # [r, d]
+        self.register_parameter("comp_out", None)  # [d, r]
+
+    def set_compensation(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        """a [d, r], b [r, d] (fp32 from the file): y += (x @ a) @ b, kept in the layer's dtype and device."""
+        like = next(p for p in self.parameters() if p is not self.comp_in and p is not self.comp_out)
+        dtype = like.dtype if like.is_floating_point() else self.dtype  # compact layers: their compute dtype
+        self.comp_in = nn.Parameter(a.t().to(dtype).contiguous().to(like.device), requires_grad=False)
+        self.comp_out = nn.Parameter(b.t().to(dtype).contiguous().to(like.device), requires_grad=False)
+
+    def compensate(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """x [B, T, D], y [B, T, D] the computed neurons' output -> y plus the compensation, if any."""
+        return y if self.comp_in is None else y + linear(linear(x, self.comp_in), self.comp_out)
+
+    def begin_prompt(self, token_mask: torch.Tensor | None) -> None:
+        pass
+
+    def end_prompt(self) -> None:
+        pass
+
+    def decode_weights(self) -> FfnWeights | None:
+        return None
+
+
+class FFN(FeedForward):
+    """Dense gated FFN: y = down(act(gate(x)) * up(x)), with gate and up fused into one matmul.
+
+    Neuron i is row i of gate (row n + i of `gate_up`) and column i of `down`. Sparse variants replace
+    this module; `CompactFFN` is the same layer on compact rows.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_up = nn.Parameter(torch.empty(2 * cfg.ffn_dim, cfg.dim))  # [gate; up], [2n, d]
+        self.down = nn.Parameter(torch.empty(cfg.dim, cfg.ffn_dim))  # [d, n]
+        self.act = ACTIVATIONS[cfg.hidden_act]
+
+    @classmethod
+    def from_rows(cls, cfg: ModelConfig, rows: "FfnRows", dtype: torch.dtype) -> FeedForward:
+        """The dense layer from every neuron's rows (in original order): float rows, or compact ones."""
+        if rows.compact:
+            return CompactFFN.from_rows(cfg, rows, dtype)
+        with torch.device("meta"):
+            ffn = cls(cfg)
+        ffn.gate_up = nn.Parameter(torch.cat([rows.gate, rows.up]).to(dtype), requires_grad=False)
+        ffn.down = nn.Parameter(rows.down_t.t().to(dtype).contiguous(), requires_grad=False)
+        return ffn
+
+    def activations(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, D] -> a [B, T, n]
+        gate, up = linear(x, self.gate_up).chunk(2, dim=-1)
+        return self.act(gate) * up
+
+    def decode_weights(self) -> FfnWeights | None:
+        """The whole layer (a record per call is cheap: backends ask once per sentence); None for non-SiLU."""
+        return FfnWeights(FfnKind.GATED, self.gate_up, self.down, self.gate_up) if self.act is F.silu else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, D] -> [B, T, D]
+        return linear(self.activations(x), self.down)
+
+
+COLUMN_TILE_BYTES = 4 << 20  # de-quantized down columns per tile of `column_linear`
+
+
+def column_linear(a: torch.Tensor, codes: torch.Tensor, table: torch.Tensor, blocks: torch.Tensor,
+                  fmt: BlockFormat) -> torch.Tensor:
+    """a [B, T, j] activations of j neurons whose down columns are compact (`codes` [j, code_bytes],
+    their blocks `blocks` [j], the layer's `table`) -> [B, T, D]: the columns de-quantized a tile of
+    neurons at a time into a's dtype (no transient larger than COLUMN_TILE_BYTES) and summed."""
+    j, d = codes.shape[0], table.shape[-1]
+    step = max(1, COLUMN_TILE_BYTES // (d * a.element_size()))
+    if step >= j:
+        return linear(a, dequantize_columns(codes, table, blocks, fmt, a.dtype).t())
+    y = None
+    for n0 in range(0, j, step):
+        down = dequantize_columns(codes[n0 : n0 + step], table, blocks[n0 : n0 + step], fmt, a.dtype)  # [tile, D]
+        part = linear(a[..., n0 : n0 + step], down.t())
+        y = part if y is None else y + part
+    return y
+
+
+class CompactFFN(FeedForward):
+    """The dense gated FFN on compact rows (every neuron, original order):
+
+      gate_up     [n, 2, row_bytes] uint8  neuron i's gate and up rows side by side, in `gate_up_format`,
+      down_t      [n, code_bytes] uint8    neuron i's down column codes, in `down_format`,
+      down_table  [n / block, scales, d]   the layer's down block scales (fp16).
+    The eager path de-quantizes tile by tile into `dtype`; the compiled decode reads the rows as
+    FfnKind.ROWS, as it reads a compact sparse layer's active prefix."""
+
+    def __init__(self, cfg: ModelConfig, gate_up_format: BlockFormat, down_format: BlockFormat,
+                 dtype: torch.dtype = torch.bfloat16):
+        super().__init__()
+        n, d = cfg.ffn_dim, cfg.dim
+        self.dim, self.dtype = d, dtype
+        self.gate_up_format, self.down_format = gate_up_format, down_format
+        self.gate_up = nn.Parameter(torch.empty(n, 2, gate_up_format.row_bytes(d), dtype=torch.uint8), requires_grad=False)
+        self.down_t = nn.Parameter(torch.empty(n, down_format.column_code_bytes(d), dtype=torch.uint8), requires_grad=False)
+        self.down_table = nn.Parameter(torch.empty(down_table_shape(down_format, n, d), dtype=torch.float16),
+                                       requires_grad=False)
+        self.register_buffer("neuron_ids", torch.arange(n), persistent=False)
+        self.act = ACTIVATIONS[cfg.hidden_act]
+
+    @classmethod
+    def from_rows(cls, cfg: ModelConfig, rows: FfnRows, dtype: torch.dtype) -> "CompactFFN":
+        with torch.device("meta"):
+            ffn = cls(cfg, rows.gate_up_format, rows.down_format, dtype)
+        ffn.gate_up = nn.Parameter(torch.stack([rows.gate, rows.up], dim=1), requires_grad=False)  # [n, 2, bytes]
+        ffn.down_t = nn.Parameter(rows.down_t.clone(memory_format=torch.contiguous_format), requires_grad=False)
+        ffn.down_table = nn.Parameter(rows.down_table, requires_grad=False)
+        ffn.neuron_ids = rows.neuron_ids.clone()
+        return ffn
+
+    def decode_weights(self) -> FfnWeights | None:
+        """Every neuron as compact rows, when both formats have compiled kernels and the layer is SiLU."""
+        if self.act is not F.silu or self.gate_up_format.kernel is None or self.down_format.kernel is None:
+            return None
+        gate_up = self.gate_up.view(2 * self.gate_up.shape[0], -1)  # [2n, bytes], gate/up rows interleaved
+        return FfnWeights(FfnKind.ROWS, gate_up, self.down_t, gate_up, down_table=self.down_table,
+                          down_block=neuron_blocks(self.neuron_ids, self.down_format))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, D] -> [B, T, D]
+        h = linear(x, self.gate_up.view(2 * self.gate_up.shape[0], -1), fmt=self.gate_up_format).unflatten(-1, (-1, 2))
+        a = self.act(h[..., 0]) * h[..., 1]  # [B, T, n]
+        return column_linear(a, self.down_t, self.down_table, neuron_blocks(self.neuron_ids, self.down_format),
+                             self.down_format)
+
+    def decode_bytes(self) -> int:
+        table = self.down_table.numel() * self.down_table.element_size()
+        return self.gate_up.numel() + self.down_t.numel() + table
