@@ -12,13 +12,12 @@ Each backend has the same interface — `decode(model, tokens, cache) -> logits`
 
 The compiled step reads each layer's FFN as an `FfnWeights` record (the named contract with the
 C++, runtime/decode_contract.py). Records change only when a sentence ends (a new active set, a new score
-scale), so the backend keeps the op's argument lists (`DecodePlan`) from one `prompt_ended()` to the
-next instead of gathering them from the modules every token.
+scale), so the backend turns them into one C++ `DecodePlan` (checked once, in C++) at the first step
+after a `prompt_ended()` and passes it by handle to every step until the next.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import torch
 
@@ -27,7 +26,7 @@ from partinfer.runtime.decode_contract import FfnWeights
 from partinfer.runtime.kernels import CompactEmbedding, CompactLinear
 from partinfer.runtime.model import KVCache, Transformer, eager_decode_step
 from partinfer.runtime.native import argmax as native_argmax
-from partinfer.runtime.native import cpu_kernels, gemv, model_decode, rms_norm
+from partinfer.runtime.native import cpu_kernels, decode_plan, gemv, model_decode, rms_norm
 
 
 class EagerDecode:
@@ -46,58 +45,44 @@ class EagerDecode:
         return logits.argmax(dim=-1)
 
 
-@dataclass(frozen=True)
-class DecodePlan:
-    """`model_decode`'s per-layer argument lists, built from the layers' `FfnWeights` records."""
-
-    norm1: list[torch.Tensor]
-    qkv: list[torch.Tensor]
-    o: list[torch.Tensor]
-    norm2: list[torch.Tensor]
-    kind: list[int]
-    w1: list[torch.Tensor]
-    w2: list[torch.Tensor]
-    w3: list[torch.Tensor]
-    n_base: list[int]
-    n_active: list[int]
-    scale: list[torch.Tensor]  # an empty tensor: no per-neuron scale
-    down_table: list[torch.Tensor]  # compact down columns' scales and blocks; empty: bf16 down
-    down_block: list[torch.Tensor]
-    comp_in: list[torch.Tensor]  # the layer's compensation (FeedForward.comp_in/comp_out); empty: none
-    comp_out: list[torch.Tensor]
-
-    @classmethod
-    def build(cls, model: Transformer) -> "DecodePlan | None":
-        """None when a layer's FFN has no record now (prefill phase, per-sequence sets, not SiLU)."""
-        records: list[FfnWeights | None] = [block.mlp.decode_weights() for block in model.layers]
-        if any(r is None for r in records):
-            return None
-        return cls(
-            [b.input_layernorm.weight for b in model.layers], [b.self_attn.qkv_proj.weight for b in model.layers],
-            [b.self_attn.o_proj.weight for b in model.layers], [b.post_attention_layernorm.weight for b in model.layers],
-            [int(r.kind) for r in records], [r.w1 for r in records], [r.w2 for r in records], [r.w3 for r in records],
-            [r.n_base for r in records], [r.n_active for r in records],
-            [torch.empty(0) if r.score_scale is None else r.score_scale for r in records],
-            [torch.empty(0) if r.down_table is None else r.down_table for r in records],
-            [torch.empty(0) if r.down_block is None else r.down_block for r in records],
-            [torch.empty(0) if b.mlp.comp_in is None else b.mlp.comp_in for b in model.layers],
-            [torch.empty(0) if b.mlp.comp_out is None else b.mlp.comp_out for b in model.layers],
-        )
+def build_decode_plan(model: Transformer) -> object | None:
+    """The C++ decode plan for the model's current FFN records (checked once, in C++), or None when a
+    layer's FFN has no record now (prefill phase, per-sequence sets, not SiLU, a format without kernels)."""
+    records: list[FfnWeights | None] = [block.mlp.decode_weights() for block in model.layers]
+    if any(r is None for r in records):
+        return None
+    none = torch.empty(0)
+    layers = {
+        "norm1": [b.input_layernorm.weight for b in model.layers], "qkv": [b.self_attn.qkv_proj.weight for b in model.layers],
+        "o": [b.self_attn.o_proj.weight for b in model.layers], "norm2": [b.post_attention_layernorm.weight for b in model.layers],
+        "kind": [int(r.kind) for r in records], "w1": [r.w1 for r in records], "w2": [r.w2 for r in records],
+        "w3": [r.w3 for r in records], "n_base": [r.n_base for r in records], "n_active": [r.n_active for r in records],
+        "scale": [none if r.score_scale is None else r.score_scale for r in records],
+        "down_table": [none if r.down_table is None else r.down_table for r in records],
+        "down_block": [none if r.down_block is None else r.down_block for r in records],
+        "comp_in": [none if b.mlp.comp_in is None else b.mlp.comp_in for b in model.layers],
+        "comp_out": [none if b.mlp.comp_out is None else b.mlp.comp_out for b in model.layers],
+    }
+    cfg = model.cfg
+    return decode_plan(cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.norm_eps, model.inv_freq, layers)
 
 
 class CompiledCPUDecode(EagerDecode):
-    """One C++ op per decode step for a single unpadded sequence; everything else eager."""
+    """One C++ op per decode step for a single unpadded sequence; everything else eager. The op takes
+    the sentence's decode plan by handle: built and checked once per sentence (`plans_built` counts)."""
 
     def __init__(self) -> None:
-        self.plan: DecodePlan | None = None
+        self.plan: object | None = None
         self.plan_current = False  # False after a sentence ends: the records may have changed
+        self.plans_built = 0
 
     def prompt_ended(self) -> None:
         self.plan_current = False
 
-    def current_plan(self, model: Transformer) -> DecodePlan | None:
+    def current_plan(self, model: Transformer) -> object | None:
         if not self.plan_current:
-            self.plan, self.plan_current = DecodePlan.build(model), True
+            self.plan, self.plan_current = build_decode_plan(model), True
+            self.plans_built += self.plan is not None
         return self.plan
 
     def decode(self, model: Transformer, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
@@ -111,10 +96,7 @@ class CompiledCPUDecode(EagerDecode):
         cfg = model.cfg
         cache.valid[:, start] = True
         x = model.embed_tokens(tokens).view(-1)  # [D] bf16
-        x = model_decode(x, plan.norm1, plan.qkv, plan.o, cache.k[:, 0], cache.v[:, 0], model.inv_freq, start,
-                         cfg.n_heads, cfg.n_kv_heads, plan.norm2, plan.kind, plan.w1, plan.w2, plan.w3, plan.n_base,
-                         plan.n_active, plan.scale, plan.down_table, plan.down_block, plan.comp_in, plan.comp_out,
-                         cfg.norm_eps)
+        x = model_decode(x, plan, cache.k[:, 0], cache.v[:, 0], start)
         x = rms_norm(x, model.norm.weight, cfg.norm_eps)
         cache.length = start + 1
         return gemv(model.output_head.weight, x)[None]  # [1, V] bf16

@@ -1,4 +1,4 @@
-"""The optional compiled CPU kernels (runtime/csrc/cpu_gemv.cpp, compact_rows.h): bf16 and compact 4/8-bit GEMV on AVX2.
+"""The optional compiled CPU kernels (runtime/csrc/partinfer_cpu.cpp and its headers): bf16 and compact 4/8-bit GEMV on AVX2.
 
 Built once with torch's C++ extension tooling (g++ and ninja) into
 `$PARTINFER_HOME/build/<torch version>/`, then loaded from there. The build holds an `flock` (released
@@ -25,8 +25,8 @@ import torch
 
 from partinfer.common.paths import cache_home
 
-SOURCE = Path(__file__).parent / "csrc" / "cpu_gemv.cpp"
-HEADERS = (Path(__file__).parent / "csrc" / "compact_rows.h",)
+SOURCE = Path(__file__).parent / "csrc" / "partinfer_cpu.cpp"  # one translation unit, each concern a header
+HEADERS = tuple(sorted((Path(__file__).parent / "csrc").glob("*.h")))
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
@@ -159,21 +159,29 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.ops.partinfer_cpu.rms_norm(x, weight, eps)
 
 
-def model_decode(
-    x: torch.Tensor, norm1: list[torch.Tensor], qkv: list[torch.Tensor], o: list[torch.Tensor], k_cache: torch.Tensor,
-    v_cache: torch.Tensor, inv_freq: torch.Tensor, pos: int, n_heads: int, n_kv_heads: int,
-    norm2: list[torch.Tensor], kind: list[int], w1: list[torch.Tensor], w2: list[torch.Tensor], w3: list[torch.Tensor],
-    n_base: list[int], n_active: list[int], score_scale: list[torch.Tensor], down_table: list[torch.Tensor],
-    down_block: list[torch.Tensor], comp_in: list[torch.Tensor], comp_out: list[torch.Tensor], eps: float,
-) -> torch.Tensor:
+def decode_plan(dim: int, n_heads: int, n_kv_heads: int, head_dim: int, eps: float, inv_freq: torch.Tensor,
+                layers: dict[str, list]) -> object:
+    """A `DecodePlan` (a C++ object, torch.classes.partinfer_cpu.DecodePlan): every layer's weights for
+    the one-op decode, checked once here. `layers` holds one list per field, one entry per layer: norm1,
+    qkv, o, norm2 (tensors), then the FFN record (kind, w1, w2, w3, n_base, n_active, scale, down_table,
+    down_block: the fields of runtime/decode_contract.py's FfnWeights) and comp_in, comp_out (empty
+    tensors for none); inv_freq [hd/2] fp32 (cos/sin are computed inside, as the eager model computes them)."""
+    order = ("norm1", "qkv", "o", "norm2", "kind", "w1", "w2", "w3", "n_base", "n_active", "scale", "down_table",
+             "down_block", "comp_in", "comp_out")
+    return torch.classes.partinfer_cpu.DecodePlan(dim, n_heads, n_kv_heads, head_dim, eps, inv_freq,
+                                                  *(layers[name] for name in order))
+
+
+def model_decode(x: torch.Tensor, plan: object, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: int) -> torch.Tensor:
     """One token at rope position `pos` through every pre-norm layer (RMSNorm, attention, RMSNorm, FFN,
-    residuals): x [D] bf16 -> [D] bf16; each layer's FFN as (kind, w1, w2, w3, n_base, n_active,
-    score_scale, down_table, down_block), the fields of `runtime.model.FfnWeights`, plus its compensation
-    (comp_in [r, D], comp_out [D, r] bf16, or empty tensors for none); k/v_cache [L, Hkv, S, hd] (slot
-    `pos` is written); inv_freq [hd/2] fp32 (cos/sin are computed inside, as the eager model computes them)."""
-    return torch.ops.partinfer_cpu.model_decode(x, norm1, qkv, o, k_cache, v_cache, inv_freq, pos, n_heads, n_kv_heads,
-                                                norm2, kind, w1, w2, w3, n_base, n_active, score_scale, down_table,
-                                                down_block, comp_in, comp_out, eps)
+    residuals) with the weights of `plan` (`decode_plan`): x [D] bf16 -> [D] bf16; k/v_cache
+    [L, Hkv, S, hd] (slot `pos` is written)."""
+    return torch.ops.partinfer_cpu.model_decode(x, plan, k_cache, v_cache, pos)
+
+
+def kernel_block_bytes(kernel: str) -> int:
+    """Bytes per block of the compact format whose compiled kernels are `kernel` (as the C++ has them)."""
+    return torch.ops.partinfer_cpu.kernel_block_bytes(kernel)
 
 
 def dequantize(weight: torch.Tensor, cols: int, dtype: torch.dtype) -> torch.Tensor:

@@ -15,7 +15,7 @@ from partinfer.runtime.decode import CompiledCPUDecode, EagerDecode
 from partinfer.runtime.decode_contract import FfnKind
 from partinfer.runtime.loader import load_model
 from partinfer.runtime.model import KVCache, decode_step, prefill
-from partinfer.runtime.native import SOURCE, _cpu_has_avx2_fma, cpu_kernels, gemv, gemv_t
+from partinfer.runtime.native import HEADERS, SOURCE, _cpu_has_avx2_fma, cpu_kernels, gemv, gemv_t
 from partinfer.runtime.sparse_ffn import sparse_modules
 from partinfer.runtime.sparsity import SparsityConfig, fraction_count
 from partinfer.runtime.tokenwise_ffn import TokenwiseFFN
@@ -46,11 +46,25 @@ def test_gemv_and_gemv_t_match_fp32_reference(n_rows, k):
 
 
 def test_ffn_kinds_are_the_same_in_python_and_cpp():
-    """The named contract: runtime.model.FfnKind mirrors `enum FfnKind` of the C++ source."""
-    enum = re.search(r"enum FfnKind : int64_t \{([^}]*)\}", Path(SOURCE).read_text()).group(1)
+    """The named contract: runtime/decode_contract.py's FfnKind mirrors `enum FfnKind` of the C++ source."""
+    source = "".join(p.read_text() for p in (SOURCE, *HEADERS))
+    enum = re.search(r"enum FfnKind : int64_t \{([^}]*)\}", source).group(1)
     cpp = {name.strip().removeprefix("k").upper(): int(value) for name, value in
            (item.split("=") for item in enum.split(","))}
     assert cpp == {kind.name.replace("_", ""): kind.value for kind in FfnKind}
+
+
+def test_block_formats_with_kernels_match_the_cpp_constants():
+    """Each block format whose record names compiled kernels has the block size the C++ kernels assume."""
+    from partinfer.common.formats.blocks import BLOCK_FORMATS
+    from partinfer.runtime.native import kernel_block_bytes
+
+    with_kernels = [f for f in BLOCK_FORMATS.values() if f.kernel is not None]
+    assert {f.name for f in with_kernels} == {"Q4_1", "Q8_0"}
+    for fmt in with_kernels:
+        assert fmt.block == 32 and kernel_block_bytes(fmt.kernel) == fmt.block_bytes, fmt.name
+    with pytest.raises(RuntimeError, match="no compiled kernels"):
+        kernel_block_bytes("q4_k")
 
 
 def test_the_compiled_backend_is_chosen_once_for_bf16_on_this_cpu(tiny_llama_dir):
@@ -128,9 +142,9 @@ def test_argmax_matches_torch():
 
 
 def test_kept_decode_arguments_follow_a_new_prompt(tiny_llama_dir, tmp_path):
-    """The backend keeps model_decode's argument lists between tokens (DecodePlan). A new prompt gives the
-    token-wise layers a new score scale, which must reach them: decoding after a second prompt equals
-    decoding it on a freshly loaded model."""
+    """The backend keeps one C++ decode plan between tokens, built and checked once per sentence. A new
+    prompt gives the token-wise layers a new score scale, which must reach them: decoding after a second
+    prompt equals decoding it on a freshly loaded model."""
     neurons = make_neuron_file(tiny_llama_dir, tmp_path / "model.safetensors")
     sparsity = SparsityConfig(method="tokenwise", gamma=0.7, delta=0.3, phi=0.4, model_neurons=neurons, start_num=0,
                               end_num=3)
@@ -138,8 +152,9 @@ def test_kept_decode_arguments_follow_a_new_prompt(tiny_llama_dir, tmp_path):
     reused = load_model(tiny_llama_dir, torch.bfloat16, "cpu", sparsity)
     decode_logits(reused, first, tokens)
     plan = reused.backend.plan
+    assert reused.backend.plans_built == 1  # six tokens, one plan: checked once for the sentence
     again = decode_logits(reused, second, tokens)
-    assert plan is not None and reused.backend.plan is not plan
+    assert plan is not None and reused.backend.plan is not plan and reused.backend.plans_built == 2
     fresh = decode_logits(load_model(tiny_llama_dir, torch.bfloat16, "cpu", sparsity), second, tokens)
     assert torch.equal(again, fresh)
 
@@ -153,8 +168,10 @@ def test_kept_partinfer_arguments_are_the_live_active_prefix(tiny_llama_dir, tmp
     model = load_model(tiny_llama_dir, torch.bfloat16, "cpu", sparsity)
     decode_logits(model, [5, 17, 99, 3, 42, 7], [11, 23])
     decode_logits(model, [90, 1, 30, 77, 64, 60, 9], [11, 23])
-    for layer, w1, w2 in zip(model.layers, model.backend.plan.w1, model.backend.plan.w2):
-        m = layer.mlp.n_active
+    assert model.backend.plans_built == 2
+    for layer in model.layers:
+        record = layer.mlp.decode_weights()  # what the sentence's plan was made from
+        w1, w2, m = record.w1, record.w2, layer.mlp.n_active
         assert w1.data_ptr() == layer.mlp.gate_up.data_ptr() and torch.equal(w1, layer.mlp.gate_up[:m].view(2 * m, -1))
         assert w2 is layer.mlp.down_head
 

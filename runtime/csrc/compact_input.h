@@ -1,0 +1,114 @@
+// Compact weights as the kernels see them: the 8-bit quantized input, compact rows and down columns,
+// and the compact-row kernels (compact_rows.h, built for AVX2 and AVX-512 VNNI) chosen once per process.
+// Included by partinfer_cpu.cpp inside its anonymous namespace.
+
+constexpr int64_t Q4_1_BYTES = 20, Q8_0_BYTES = 34;  // bytes per block of 32 weights (runtime/quant.py)
+
+inline float fp16_to_float(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, sizeof h);
+  return _cvtsh_ss(h);
+}
+
+// Two consecutive fp16 values (a Q4_1 block's d, m) -> lanes 0 and 1 of a float vector.
+inline __m128 fp16_pair(const uint8_t* p) {
+  int32_t both;
+  std::memcpy(&both, p, sizeof both);
+  return _mm_cvtph_ps(_mm_cvtsi32_si128(both));
+}
+
+// A GEMV input quantized as compact-row kernels read it: per block of 32, int8 codes q, scale d and
+// d * sum(q) (see compact_rows.h). Rounds to nearest even, as torch.round (runtime/quant.py's reference).
+struct QuantizedInput {
+  std::vector<int8_t> q;
+  std::vector<float> d, s, ds;  // ds: (d, s) interleaved, as the Q4_1 kernel reads them
+  // Vectorized: every layer quantizes four inputs per decode step on every thread.
+  void quantize(const float* x, int64_t n) {
+    const int64_t nb = n / 32;
+    q.resize(32 * nb);
+    d.resize(nb);
+    s.resize(nb);
+    ds.resize(2 * nb);
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    for (int64_t b = 0; b < nb; ++b) {
+      const float* xb = x + 32 * b;
+      __m256 v[4], amax = _mm256_setzero_ps();
+      for (int i = 0; i < 4; ++i) {
+        v[i] = _mm256_loadu_ps(xb + 8 * i);
+        amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[i]));
+      }
+      __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+      m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+      m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+      const float scale = _mm_cvtss_f32(m4) / 127.0f, inv = scale != 0.0f ? 1.0f / scale : 0.0f;
+      __m256i ints[4];
+      for (int i = 0; i < 4; ++i)  // round to nearest even, as std::nearbyint and torch.round
+        ints[i] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[i], _mm256_set1_ps(inv)),
+                                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+      const __m256i total = _mm256_add_epi32(_mm256_add_epi32(ints[0], ints[1]), _mm256_add_epi32(ints[2], ints[3]));
+      // int32 -> int8 in order: packs interleave 128-bit lanes, a final permute puts them back.
+      const __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(ints[0], ints[1]), _mm256_packs_epi32(ints[2], ints[3]));
+      const __m256i ordered = _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(q.data() + 32 * b), ordered);
+      __m128i t = _mm_add_epi32(_mm256_castsi256_si128(total), _mm256_extracti128_si256(total, 1));
+      t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4E));
+      t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0xB1));
+      d[b] = ds[2 * b] = scale;
+      s[b] = ds[2 * b + 1] = scale * static_cast<float>(_mm_cvtsi128_si32(t));
+    }
+  }
+};
+
+// Compact rows: `rows` rows of `cols` weights, each `row_bytes` bytes of Q4_1 (q4) or Q8_0 blocks.
+struct CompactMatrix {
+  const uint8_t* data = nullptr;
+  int64_t rows = 0, cols = 0, row_bytes = 0;
+  bool q4 = false;
+  const uint8_t* row(int64_t r) const { return data + r * row_bytes; }
+};
+
+// Down columns (runtime/quant.py): each of `rows` neurons has `code_bytes` bytes of codes for `cols`
+// outputs (Q4_1 nibbles or Q8_0 int8); neuron r is in block blocks[r], whose scales are
+// table[b] = d [cols] then, for Q4_1, m [cols] (fp16).
+struct ColumnMatrix {
+  const uint8_t* codes = nullptr;
+  const uint16_t* table = nullptr;
+  const int64_t* blocks = nullptr;
+  int64_t rows = 0, cols = 0, code_bytes = 0, n_blocks = 0;
+  bool q4 = false;
+  const uint8_t* row(int64_t r) const { return codes + r * code_bytes; }
+  const uint16_t* scales(int64_t b) const { return table + b * (q4 ? 2 : 1) * cols; }
+};
+
+namespace avx2 {
+#include "compact_rows.h"
+}  // namespace avx2
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni")
+namespace vnni {
+#define PARTINFER_VNNI 1
+#include "compact_rows.h"
+#undef PARTINFER_VNNI
+}  // namespace vnni
+#pragma GCC pop_options
+
+// The compact-row kernels of this CPU, chosen once: VNNI where the CPU has it (PARTINFER_VNNI=0 forces
+// the AVX2 ones, which tests use to check both on a VNNI machine).
+struct CompactKernels {
+  const char* name;
+  void (*gemv_rows)(const CompactMatrix&, const QuantizedInput&, const int64_t*, float*, int64_t, int64_t);
+  void (*axpy_columns)(const ColumnMatrix&, const float*, const int64_t*, const float*, float*, int64_t, int64_t);
+};
+
+const CompactKernels& compact_kernels() {
+  static const CompactKernels chosen = [] {
+    const char* env = std::getenv("PARTINFER_VNNI");
+    const bool allowed = !(env && std::string(env) == "0");
+    if (allowed && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl"))
+      return CompactKernels{"avx512-vnni", vnni::gemv_rows, vnni::axpy_columns};
+    return CompactKernels{"avx2", avx2::gemv_rows, avx2::axpy_columns};
+  }();
+  return chosen;
+}
+
