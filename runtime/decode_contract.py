@@ -28,7 +28,7 @@ class FfnKind(IntEnum):
 class FfnWeights:
     """One layer's FFN as the compiled one-token decode takes it: the named contract with the C++.
 
-    Matrices are bf16 [rows, d] or compact (runtime/quant.py), which ROWS and TOKENWISE take: gate/up
+    Matrices are bf16 [rows, d] or compact (common/formats/blocks.py), which ROWS and TOKENWISE take: gate/up
     as uint8 rows of Q4_1 or Q8_0 blocks along d, `w2` (down_t) as uint8 columns whose block scales
     are `down_table` [n / 32, 1 | 2, d] fp16 (the layer's) and `down_block` [rows of w2] int64 (each
     row's block, neuron_id // 32); both None for bf16.

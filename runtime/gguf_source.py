@@ -2,7 +2,7 @@
 
 A GGUF of a Llama model stores attention q/k/v/o, FFN gate/up/down in Q4_1 (or other types) and
 the token embedding in Q8_0, every matrix as rows along its input dimension — the same row layout
-as runtime/quant.py. Where a GGUF matrix is in the format a packed checkpoint wants, `partinfer
+as common/formats/blocks.py. Where a GGUF matrix is in the format a packed checkpoint wants, `partinfer
 pack` keeps its blocks instead of re-quantizing the bf16 values:
   - gate, up, q, k, v, o and the embedding: rows are output rows, kept as they are (q and k rows
     are put back in Hugging Face order: llama.cpp's converter interleaves each head's rope halves);

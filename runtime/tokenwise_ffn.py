@@ -158,7 +158,7 @@ class TokenwiseFFN(FeedForward):
         score = act_gate[..., self.n_base :].abs()
         if self.score_scale is not None:
             score = score * self.score_scale[:, None, self.n_base :].to(score.device)  # [B, 1, k - n_base]
-        # Ties go to the lower position, as in the compiled decode (cpu_gemv.cpp, `tokenwise_ffn_team`): a
+        # Ties go to the lower position, as in the compiled decode (runtime/csrc/decode_team.h, `tokenwise_ffn_team`): a
         # stable descending sort, where torch.topk leaves the order of equal scores unspecified.
         top = torch.sort(score, dim=-1, descending=True, stable=True).indices[..., : self.n_active - self.n_base]
         top = top + self.n_base

@@ -128,3 +128,55 @@ def test_one_generate_reads_the_neuron_file_and_the_manifest_once(tiny_with_toke
         json.loads(done.stdout)  # stdout holds only JSON, even on the run that packs
         assert loads == {neurons.resolve(): 1}, run
         assert list(reads.values()) == [1], run  # the cached pack's manifest; the plain model has none
+
+
+# ---- the pack cache serves only the weights it was made from ----
+
+
+def _copy_with_other_weights(src: Path, dst: Path, seed: int) -> Path:
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    tensors = load_file(dst / "model.safetensors")
+    g = torch.Generator().manual_seed(seed)
+    save_file({k: torch.randn(v.shape, generator=g).to(v.dtype) * 0.05 for k, v in tensors.items()},
+              dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
+
+
+@pytest.mark.parametrize("weights", ["q4", "int8"])
+def test_same_named_models_and_a_model_changed_in_place_get_their_own_packs(tiny_llama_dir, neurons, tmp_path,
+                                                                           monkeypatch, weights):
+    monkeypatch.setenv("PARTINFER_HOME", str(tmp_path / "home"))
+    first = _copy_with_other_weights(tiny_llama_dir, tmp_path / "a" / "model", 1)
+    second = _copy_with_other_weights(tiny_llama_dir, tmp_path / "b" / "model", 2)  # same directory name
+    prompt = [tiny_prompts(1, seed=3)[0]]
+
+    def tokens(model_dir):
+        return generate(load_model(model_dir, torch.float32, "cpu", SparsityConfig(method="dense", model_neurons=neurons),
+                                   weights), prompt, 8).tokens
+
+    def packed_tokens_of(model_dir):  # the same weights packed apart: what the cache must serve
+        out = pack_checkpoint(model_dir, neurons, tmp_path / f"own-{len(list(tmp_path.iterdir()))}", weights)
+        return generate(load_model(out, torch.float32, "cpu"), prompt, 8).tokens
+
+    assert tokens(first) == packed_tokens_of(first)
+    assert tokens(second) == packed_tokens_of(second) != tokens(first)
+    _copy_with_other_weights(tiny_llama_dir, tmp_path / "c", 3)
+    import shutil
+
+    shutil.copy2(tmp_path / "c" / "model.safetensors", first / "model.safetensors")  # changed in place
+    assert tokens(first) == packed_tokens_of(first)
+    assert len(list((tmp_path / "home" / "packed").iterdir())) == 3
+
+
+def test_a_damaged_cache_entry_is_rebuilt_not_refused(tiny_llama_dir, neurons, tmp_path, monkeypatch):
+    from partinfer.runtime.pack import cached_pack
+
+    monkeypatch.setenv("PARTINFER_HOME", str(tmp_path / "home"))
+    entry = cached_pack(tiny_llama_dir, neurons, "q4").path
+    (entry / PACK_MANIFEST).write_text("{ truncated")
+    assert cached_pack(tiny_llama_dir, neurons, "q4").path == entry
+    assert PackManifest.read(entry).weights == "q4"

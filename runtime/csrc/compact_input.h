@@ -2,7 +2,7 @@
 // and the compact-row kernels (compact_rows.h, built for AVX2 and AVX-512 VNNI) chosen once per process.
 // Included by partinfer_cpu.cpp inside its anonymous namespace.
 
-constexpr int64_t Q4_1_BYTES = 20, Q8_0_BYTES = 34;  // bytes per block of 32 weights (runtime/quant.py)
+constexpr int64_t Q4_1_BYTES = 20, Q8_0_BYTES = 34;  // bytes per block of 32 weights (common/formats/blocks.py; pinned by a test)
 
 inline float fp16_to_float(const uint8_t* p) {
   uint16_t h;

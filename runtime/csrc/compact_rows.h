@@ -1,6 +1,6 @@
-// Kernels for compact weight rows (runtime/quant.py: ggml Q4_1 and Q8_0 blocks of 32 along a row).
+// Kernels for compact weight rows (common/formats/blocks.py: ggml Q4_1 and Q8_0 blocks of 32 along a row).
 //
-// Included twice by cpu_gemv.cpp, inside `namespace avx2` and, compiled for AVX-512 VNNI, inside
+// Included twice by compact_input.h, inside `namespace avx2` and, compiled for AVX-512 VNNI, inside
 // `namespace vnni` (PARTINFER_VNNI defined); the loader picks one set once per process.
 //
 // As llama.cpp does on the CPU, the input vector is quantized once per matrix to 8 bits per weight

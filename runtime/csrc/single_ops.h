@@ -37,7 +37,7 @@ at::Tensor gemv(const at::Tensor& W, const at::Tensor& x, const std::optional<at
 }
 
 // Compact rows [..., row_bytes] uint8 of `cols` weights -> [..., cols] in `dtype` (fp32 or bf16), the
-// values d * q (+ m) in fp32 as runtime/quant.py computes them: prefill's per-matrix expansion.
+// values d * q (+ m) in fp32 as the formats' references (common/formats/blocks.py) compute them: prefill's per-matrix expansion.
 at::Tensor dequantize(const at::Tensor& W, int64_t cols, at::ScalarType dtype) {
   TORCH_CHECK(W.dim() >= 1 && W.is_contiguous() && W.device().is_cpu() && W.scalar_type() == at::kByte,
               "dequantize takes contiguous uint8 CPU rows");
@@ -79,7 +79,7 @@ at::Tensor dequantize(const at::Tensor& W, int64_t cols, at::ScalarType dtype) {
 }
 
 // Down columns (codes, table, blocks: see columns_of) -> [rows, cols] in `dtype`: d * q (+ m) in fp32,
-// as runtime/quant.py's reference computes them.
+// as the reference (runtime/quant.py) computes them.
 at::Tensor dequantize_columns(const at::Tensor& codes, const at::Tensor& table, const at::Tensor& blocks, at::ScalarType dtype) {
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "dequantize_columns writes fp32 or bf16");
   const ColumnMatrix C = columns_of(codes, table, blocks, table.size(-1), "down").columns;
