@@ -230,7 +230,7 @@ def ffn_layer_bytes(model_dir: Path, dtype: str) -> int:
     gate_up = None if manifest is None else manifest.format_of(matrix_name(0, "gate_proj"))
     if gate_up is not None:
         down = manifest.format_of(matrix_name(0, "down_proj"))
-        table = cfg.ffn_dim // down.block * down.scales * cfg.dim * 2  # the down block scales (fp16)
+        table = cfg.ffn_dim // down.block * down.head_bytes * cfg.dim  # the down blocks' heads
         return cfg.ffn_dim * (2 * gate_up.row_bytes(cfg.dim) + down.column_code_bytes(cfg.dim)) + table
     return 3 * cfg.dim * cfg.ffn_dim * (4 if dtype in ("fp32", "float32") else 2)
 

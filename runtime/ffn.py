@@ -114,18 +114,18 @@ class FFN(FeedForward):
 COLUMN_TILE_BYTES = 4 << 20  # de-quantized down columns per tile of `column_linear`
 
 
-def column_linear(a: torch.Tensor, codes: torch.Tensor, table: torch.Tensor, blocks: torch.Tensor,
+def column_linear(a: torch.Tensor, codes: torch.Tensor, table: torch.Tensor, neuron_ids: torch.Tensor,
                   fmt: BlockFormat) -> torch.Tensor:
     """a [B, T, j] activations of j neurons whose down columns are compact (`codes` [j, code_bytes],
-    their blocks `blocks` [j], the layer's `table`) -> [B, T, D]: the columns de-quantized a tile of
-    neurons at a time into a's dtype (no transient larger than COLUMN_TILE_BYTES) and summed."""
+    their original ids `neuron_ids` [j], the layer's `table`) -> [B, T, D]: the columns de-quantized a
+    tile of neurons at a time into a's dtype (no transient larger than COLUMN_TILE_BYTES) and summed."""
     j, d = codes.shape[0], table.shape[-1]
     step = max(1, COLUMN_TILE_BYTES // (d * a.element_size()))
     if step >= j:
-        return linear(a, dequantize_columns(codes, table, blocks, fmt, a.dtype).t())
+        return linear(a, dequantize_columns(codes, table, neuron_ids, fmt, a.dtype).t())
     y = None
     for n0 in range(0, j, step):
-        down = dequantize_columns(codes[n0 : n0 + step], table, blocks[n0 : n0 + step], fmt, a.dtype)  # [tile, D]
+        down = dequantize_columns(codes[n0 : n0 + step], table, neuron_ids[n0 : n0 + step], fmt, a.dtype)  # [tile, D]
         part = linear(a[..., n0 : n0 + step], down.t())
         y = part if y is None else y + part
     return y
@@ -174,8 +174,7 @@ class CompactFFN(FeedForward):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, D] -> [B, T, D]
         h = linear(x, self.gate_up.view(2 * self.gate_up.shape[0], -1), fmt=self.gate_up_format).unflatten(-1, (-1, 2))
         a = self.act(h[..., 0]) * h[..., 1]  # [B, T, n]
-        return column_linear(a, self.down_t, self.down_table, neuron_blocks(self.neuron_ids, self.down_format),
-                             self.down_format)
+        return column_linear(a, self.down_t, self.down_table, self.neuron_ids, self.down_format)
 
     def decode_bytes(self) -> int:
         table = self.down_table.numel() * self.down_table.element_size()

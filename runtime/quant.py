@@ -57,41 +57,44 @@ def neuron_blocks(neuron_ids: torch.Tensor, fmt: BlockFormat) -> torch.Tensor:
 
 
 def down_table_shape(fmt: BlockFormat, n: int, d: int) -> tuple[int, int, int]:
-    """A layer's down table: [n / block, scales, d] fp16."""
+    """A layer's down table: [n / block, head_bytes / 2, d], each block's head kept as 2-byte units
+    (fp16: for Q4_1 and Q8_0 they are its scales themselves)."""
     fmt.check_width(n)
-    return n // fmt.block, fmt.scales, d
+    return n // fmt.block, fmt.head_bytes // 2, d
 
 
 def columns_from_rows(rows: torch.Tensor, fmt: BlockFormat) -> tuple[torch.Tensor, torch.Tensor]:
     """Compact rows [d, n / block · block_bytes] of down (blocks along the neurons) -> (codes [n,
-    column_code_bytes(d)] uint8 per neuron, table [n / block, scales, d] fp16), the same values exactly."""
+    column_code_bytes(d)] uint8 per neuron, table `down_table_shape`), the same values exactly."""
     d = rows.shape[0]
     fmt.check_width(d)
-    blocks = rows.reshape(d, -1, fmt.block_bytes)  # [d, nb, bytes]
-    nb = blocks.shape[1]
-    table = blocks[..., : 2 * fmt.scales].contiguous().view(torch.float16)  # [d, nb, scales]
-    table = table.permute(1, 2, 0).contiguous()  # [nb, scales, d]
-    q = fmt.unpack(blocks[..., 2 * fmt.scales :]).reshape(d, nb * fmt.block)  # [d, n] codes as values
+    head, codes = fmt.split(rows.reshape(d, -1, fmt.block_bytes))  # [d, nb, head_bytes], [d, nb, code_bytes]
+    nb = head.shape[1]
+    table = head.contiguous().view(torch.float16).permute(1, 2, 0).contiguous()  # [nb, head_bytes / 2, d]
+    q = fmt.unpack(codes).reshape(d, nb * fmt.block)  # [d, n] codes as values
     q = q.t().reshape(nb * fmt.block, d // fmt.block, fmt.block)  # [n, groups of `block` outputs, block]
-    codes = fmt.pack(q).reshape(nb * fmt.block, fmt.column_code_bytes(d))
-    return codes.contiguous(), table
+    return fmt.pack(q).reshape(nb * fmt.block, fmt.column_code_bytes(d)).contiguous(), table
 
 
-def dequantize_columns(codes: torch.Tensor, table: torch.Tensor, blocks: torch.Tensor, fmt: BlockFormat,
+def dequantize_columns(codes: torch.Tensor, table: torch.Tensor, neuron_ids: torch.Tensor, fmt: BlockFormat,
                        dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Down columns: codes [k, code_bytes] of neurons in blocks `blocks` [k] with the layer's table
-    [nb, scales, d] -> [k, d] in `dtype`: the compiled kernel where the format has one, else
+    """Down columns: codes [k, code_bytes] of the neurons `neuron_ids` [k] (original ids) with the layer's
+    table -> [k, d] in `dtype`: the compiled kernel where the format has one, else
     `dequantize_columns_reference` (same values, tested)."""
     if compiled(fmt, codes, dtype):
-        return native_dequantize_columns(codes.contiguous(), table.contiguous(), blocks.long().contiguous(), dtype)
-    return dequantize_columns_reference(codes, table, blocks, fmt, dtype)
+        blocks = neuron_blocks(neuron_ids, fmt).contiguous()
+        return native_dequantize_columns(codes.contiguous(), table.contiguous(), blocks, dtype)
+    return dequantize_columns_reference(codes, table, neuron_ids, fmt, dtype)
 
 
-def dequantize_columns_reference(codes: torch.Tensor, table: torch.Tensor, blocks: torch.Tensor, fmt: BlockFormat,
+def dequantize_columns_reference(codes: torch.Tensor, table: torch.Tensor, neuron_ids: torch.Tensor, fmt: BlockFormat,
                                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """`dequantize_columns` in torch ops (fp32 math, as the rows' reference): each weight's value from
-    its own code and its row's block scales."""
+    """`dequantize_columns` in torch ops (fp32 math, as the rows' reference): each weight's value from its
+    own code, its row's block head and the neuron's position in that block."""
     k, d = codes.shape[0], table.shape[-1]
+    ids = neuron_ids.long()
     q = fmt.unpack(codes.reshape(k, d // fmt.block, fmt.code_bytes)).reshape(k, d, 1)  # [k, d, 1]
-    scales = table[blocks.long()].float().transpose(1, 2)  # [k, d, scales]
-    return fmt.values(scales, q).reshape(k, d).to(dtype)
+    halves = table.shape[1]
+    head = table[ids // fmt.block].transpose(1, 2).reshape(k, d * halves).view(torch.uint8)
+    head = head.reshape(k, d, 2 * halves)  # [k, d, head_bytes]
+    return fmt.values(head, q, (ids % fmt.block).reshape(k, 1, 1)).reshape(k, d).to(dtype)

@@ -263,7 +263,7 @@ class CompactSparseFFN(SparseFFN):
 
     def _down_rows(self, j: int, dtype: torch.dtype) -> torch.Tensor:
         """The first j loaded neurons' down columns, de-quantized: [j, d]."""
-        return dequantize_columns(self.down_t[:j], self.down_table, self._blocks(j), self.down_format, dtype)
+        return dequantize_columns(self.down_t[:j], self.down_table, self.neuron_ids[:j], self.down_format, dtype)
 
     def end_prompt(self) -> None:
         super().end_prompt()
@@ -284,7 +284,7 @@ class CompactSparseFFN(SparseFFN):
 
     def _down_of(self, a: torch.Tensor) -> torch.Tensor:  # [B, T, j] @ the first j columns -> [B, T, D]
         j = a.shape[-1]
-        return column_linear(a, self.down_t[:j], self.down_table, self._blocks(j), self.down_format)
+        return column_linear(a, self.down_t[:j], self.down_table, self.neuron_ids[:j], self.down_format)
 
     def _reorder(self, order: torch.Tensor) -> None:
         self.gate_up.copy_(self.gate_up[order])

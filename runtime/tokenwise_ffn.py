@@ -105,8 +105,8 @@ class TokenwiseFFN(FeedForward):
         """down_t[index] as floats [j, d]: compact columns de-quantized with their blocks' scales."""
         if self.down_table is None:
             return self.down_t[index]
-        blocks = neuron_blocks(self.neuron_ids[index], self.down_format)
-        return dequantize_columns(self.down_t[index], self.down_table, blocks, self.down_format, dtype or self.dtype)
+        return dequantize_columns(self.down_t[index], self.down_table, self.neuron_ids[index], self.down_format,
+                                  dtype or self.dtype)
 
     def begin_prompt(self, token_mask: torch.Tensor | None) -> None:
         self.phase, self.token_mask = "prefill", token_mask
@@ -206,5 +206,4 @@ class TokenwiseFFN(FeedForward):
         """a [B, T, k] over every loaded neuron -> [B, T, D] (compact columns a tile at a time)."""
         if self.down_table is None:
             return linear(a, self.down_t.t())
-        return column_linear(a, self.down_t, self.down_table, neuron_blocks(self.neuron_ids, self.down_format),
-                             self.down_format)
+        return column_linear(a, self.down_t, self.down_table, self.neuron_ids, self.down_format)

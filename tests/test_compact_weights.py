@@ -55,15 +55,15 @@ def test_down_columns_hold_the_rows_values_exactly(fmt):
     w[5, 32:64] = 0.25  # a constant block
     rows = fmt.quantize(w)  # blocks along the neurons, as the GGUF stores down
     codes, table = columns_from_rows(rows, fmt)
-    assert codes.shape == (96, fmt.column_code_bytes(64)) and table.shape == (3, fmt.scales, 64)
+    assert codes.shape == (96, fmt.column_code_bytes(64)) and table.shape == (3, fmt.head_bytes // 2, 64)
     want = fmt.dequantize(rows, 96).t()  # [n, d]
     ids = torch.tensor([95, 0, 40, 33, 64, 40, 7])  # out of order, a repeat, three blocks
-    got = dequantize_columns_reference(codes[ids], table, ids // 32, fmt)
+    got = dequantize_columns_reference(codes[ids], table, ids, fmt)
     assert torch.equal(got, want[ids])
-    assert torch.equal(dequantize_columns_reference(codes, table, torch.arange(96) // 32, fmt), want)
+    assert torch.equal(dequantize_columns_reference(codes, table, torch.arange(96), fmt), want)
     if cpu_kernels():
-        assert torch.equal(dequantize_columns(codes[ids], table, ids // 32, fmt), want[ids])
-        assert torch.equal(dequantize_columns(codes[ids], table, ids // 32, fmt, torch.bfloat16), want[ids].bfloat16())
+        assert torch.equal(dequantize_columns(codes[ids], table, ids, fmt), want[ids])
+        assert torch.equal(dequantize_columns(codes[ids], table, ids, fmt, torch.bfloat16), want[ids].bfloat16())
 
 
 KERNEL_CHECK = r"""
@@ -98,7 +98,7 @@ for fmt in (BLOCK_FORMATS["Q4_1"], BLOCK_FORMATS["Q8_0"]):
             chosen = ids if pick is None else ids[pick]
             a = torch.randn(len(chosen))
             blocks = chosen // 32
-            values = dequantize_columns_reference(codes[chosen], table, blocks, fmt).double()  # d q + m
+            values = dequantize_columns_reference(codes[chosen], table, chosen, fmt).double()  # d q + m
             mins = table[blocks][:, 1].double() if fmt is Q4_1 else torch.zeros_like(values)
             a_q = a.clone()  # Q4_1 codes are summed in integers: a quantized to 8 bits per block of neurons
             for block in blocks.unique() if fmt is Q4_1 else []:
@@ -286,7 +286,7 @@ def test_embedded_model_q4_pack_keeps_the_gguf_blocks(default_model_dir, tmp_pat
             assert torch.equal(Q4_1.dequantize(bundle[:, :g], d), gguf_values(f"blk.{layer}.ffn_gate.weight")[perm])
             assert torch.equal(Q4_1.dequantize(bundle[:, g : 2 * g], d), gguf_values(f"blk.{layer}.ffn_up.weight")[perm])
             table = packed.get(f"model.layers.{layer}.mlp.down_table")
-            down = dequantize_columns_reference(bundle[:, 2 * g :], table, perm // 32, Q4_1)  # per-neuron codes + block scales
+            down = dequantize_columns_reference(bundle[:, 2 * g :], table, perm, Q4_1)  # per-neuron codes + block scales
             assert torch.equal(down, gguf_values(f"blk.{layer}.ffn_down.weight").t()[perm])
             for proj, name in (("v_proj", "attn_v"), ("o_proj", "attn_output")):
                 got = Q4_1.dequantize(packed.get(f"model.layers.{layer}.self_attn.{proj}.weight"), d)
@@ -334,3 +334,36 @@ def test_pareto_grid_writes_table_and_chart(tiny_with_tokenizer, tmp_path, monke
         run_pareto(tiny_with_tokenizer / "model", ("partinfer",), (0.5,), ("q5",), SparsityConfig(model_neurons=neurons),
                    tmp_path / "out2", str(text))
     assert not (tmp_path / "out2").exists()
+
+
+def random_k_blocks(fmt, rows: int, k: int, seed: int = 0) -> torch.Tensor:
+    """Real K-quant blocks: random codes and packed scales, finite fp16 super-block scales."""
+    g = torch.Generator().manual_seed(seed)
+    blocks = torch.randint(0, 256, (rows, k // fmt.block, fmt.block_bytes), dtype=torch.uint8, generator=g)
+    scales = (torch.rand(rows, k // fmt.block, 2, generator=g) * 0.02).half().view(torch.uint8)  # [.., 2 fp16] -> 4 bytes
+    if fmt.name == "Q4_K":
+        blocks[..., 0:4] = scales.reshape(rows, k // fmt.block, 4)
+    else:  # Q6_K: d is the last fp16
+        blocks[..., -2:] = scales.reshape(rows, k // fmt.block, 4)[..., :2]
+    return blocks.reshape(rows, -1)
+
+
+@pytest.mark.parametrize("name", ["Q4_K", "Q6_K"])
+def test_k_quants_equal_gguf_py_on_random_blocks(name):
+    """Q4_K and Q6_K (what a Q4_K_M GGUF holds) de-quantize to gguf-py's values exactly; down split into
+    per-neuron columns keeps every value, for any subset and order of neurons."""
+    import gguf.quants
+
+    fmt = BLOCK_FORMATS[name]
+    rows = random_k_blocks(fmt, 24, 512)
+    theirs = gguf.quants.dequantize(rows.numpy(), getattr(gguf.GGMLQuantizationType, name))
+    want = torch.from_numpy(theirs.astype(np.float32))
+    assert torch.equal(fmt.dequantize(rows, 512), want)
+    head, codes = fmt.split(rows.reshape(24, 2, fmt.block_bytes))
+    assert torch.equal(fmt.join(head, fmt.pack(fmt.unpack(codes))).reshape(24, -1), rows)  # codes round-trip
+    down = random_k_blocks(fmt, 512, 768, seed=1)  # down [d 512, n 768]: blocks run across 256 neurons
+    codes, table = columns_from_rows(down, fmt)
+    assert codes.shape == (768, fmt.column_code_bytes(512)) and table.shape == (3, fmt.head_bytes // 2, 512)
+    ids = torch.tensor([767, 0, 300, 256, 255, 300, 17])  # out of order, a repeat, every block
+    values = fmt.dequantize(down, 768).t()  # [n, d]
+    assert torch.equal(dequantize_columns(codes[ids], table, ids, fmt), values[ids])

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from partinfer.cli.app import app
 from partinfer.common.errors import PartinferError
 from partinfer.common.formats import blocks
-from partinfer.common.formats.blocks import BlockFormat, WeightScheme
+from partinfer.common.formats.blocks import BlockFormat, WeightScheme, f16, fp16_head
 from partinfer.common.formats.pack_format import PACK_MANIFEST, PackManifest
 from partinfer.common.neuron_file import NeuronFile
 from partinfer.runtime.decode import EagerDecode
@@ -27,14 +27,16 @@ from tests.helpers import make_neuron_file, tiny_prompts
 
 
 def _u8_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A test format: per 16 weights one fp16 scale d and 16 unsigned codes, w = d·(q - 128)."""
+    """A test format: per 16 weights 16 unsigned codes, then one fp16 scale d; w = d·(q - 128)."""
     d = x.abs().amax(-1, keepdim=True) / 127
     inv = torch.where(d != 0, 1.0 / d, torch.zeros_like(d))
-    return d, (x * inv).round().clamp(-127, 127) + 128
+    return fp16_head(d), (x * inv).round().clamp(-127, 127) + 128
 
 
-U8 = BlockFormat("U8_TEST", 16, 18, 1, unpack=lambda c: c.float(), pack=lambda q: q.to(torch.uint8),
-                 values=lambda s, q: s[..., 0:1] * (q - 128), quantize_blocks=_u8_quantize, kernel=None)
+U8 = BlockFormat("U8_TEST", 16, 18, 2, split=lambda b: (b[..., 16:], b[..., :16]),
+                 join=lambda head, codes: torch.cat([codes, head], dim=-1), unpack=lambda c: c.float(),
+                 pack=lambda q: q.to(torch.uint8), values=lambda h, q, pos: f16(h, 0) * (q - 128),
+                 quantize_blocks=_u8_quantize, kernel=None)
 
 
 @pytest.fixture

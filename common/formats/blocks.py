@@ -2,8 +2,8 @@
 
 A compact matrix is a uint8 tensor [N, K / block * block_bytes]: row r holds the blocks of output row
 r along the input dimension K, so a row (a neuron's gate or up row, an attention output row, a token's
-embedding) is one contiguous, separately readable run. Every block starts with its scales (`scales`
-fp16 values) and holds `block` codes after them. A record says how to turn codes into values and back,
+embedding) is one contiguous, separately readable run. A block holds its scales (the head) and the
+codes of `block` weights. A record says how to turn codes into values and back,
 in torch ops (the reference every compiled kernel is tested against), and which compiled kernels take
 it (`kernel`, None: the eager reference path only). Adding a format is adding a record (and, for
 speed, its kernels); nothing else reads a format's byte layout, and nothing infers a format from a
@@ -12,6 +12,8 @@ byte count: every compact tensor is recorded by format name (common/formats/pack
   Q4_1  20 bytes per 32 weights: fp16 scale d, fp16 minimum m, 16 bytes of 4-bit codes q (byte j
         holds weight j in its low nibble and weight j + 16 in its high one); w = d·q + m.
   Q8_0  34 bytes per 32 weights: fp16 scale d, 32 int8 codes q; w = d·q.
+  Q4_K, Q6_K  llama.cpp's K-quants, super-blocks of 256 (below): what a Q4_K_M GGUF stores; reference
+        only so far (no compiled kernels: such a model runs the eager path).
 
 The byte layouts are ggml's, so a GGUF's blocks are kept bit for bit.
 
@@ -32,22 +34,28 @@ Tensor = torch.Tensor
 
 @dataclass(frozen=True)
 class BlockFormat:
-    """One block format. Shapes: `...` is any leading shape, `b` = `block`."""
+    """One block format. A block is `head_bytes` of scales (`split` takes them out of a block, `join`
+    puts them back) and `code_bytes` of codes (`unpack` -> one value per weight). `values` turns a
+    block's head and codes into weights: head uint8 [..., head_bytes], q fp32 [..., m] and pos
+    [..., m] (each code's position in its block, broadcast against q) -> fp32 [..., m]; a format
+    whose scales depend on the position (K-quants' sub-blocks) reads `pos`, others ignore it."""
 
     name: str
     block: int  # weights per block
-    block_bytes: int  # bytes per block: 2·scales of fp16 scales, then the codes
-    scales: int  # fp16 values at the start of each block
-    unpack: Callable[[Tensor], Tensor]  # codes uint8 [..., code_bytes] -> q [..., b] fp32
-    pack: Callable[[Tensor], Tensor]  # q [..., b] (integers as unpack gives them) -> codes uint8 [..., code_bytes]
-    values: Callable[[Tensor, Tensor], Tensor]  # scales fp32 [..., scales], q fp32 [..., b] -> w fp32 [..., b]
-    quantize_blocks: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None  # x fp32 [..., b] -> (scales fp16, q)
+    block_bytes: int
+    head_bytes: int  # bytes of scales per block (even: a down-column table keeps them as 2-byte units)
+    split: Callable[[Tensor], tuple[Tensor, Tensor]]  # blocks [..., block_bytes] -> (head, codes)
+    join: Callable[[Tensor, Tensor], Tensor]  # (head, codes) -> blocks
+    unpack: Callable[[Tensor], Tensor]  # codes uint8 [..., code_bytes] -> q [..., block] fp32
+    pack: Callable[[Tensor], Tensor]  # q [..., block] (as unpack gives them) -> codes uint8 [..., code_bytes]
+    values: Callable[[Tensor, Tensor, Tensor], Tensor]  # (head, q, pos) -> weights fp32
+    quantize_blocks: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None  # x fp32 [..., b] -> (head, q)
     kernel: str | None = None  # the compiled kernels that take it (runtime/csrc), None: eager reference only
 
     @property
     def code_bytes(self) -> int:
         """Bytes of one block's codes (a block without its scales)."""
-        return self.block_bytes - 2 * self.scales
+        return self.block_bytes - self.head_bytes
 
     def row_bytes(self, k: int) -> int:
         """Bytes of a compact row of `k` weights."""
@@ -64,19 +72,18 @@ class BlockFormat:
             raise PartinferError(f"{self.name} rows need a width that is a multiple of {self.block}, not {k}; "
                                  "use --weights bf16 for this model")
 
-    def split(self, rows: Tensor, k: int) -> tuple[Tensor, Tensor]:
-        """Compact rows [..., row_bytes] -> (scales fp32 [..., k / b, scales], q fp32 [..., k / b, b])."""
+    def blocks_of(self, rows: Tensor, k: int) -> Tensor:
+        """Compact rows [..., row_bytes] -> blocks [..., k / block, block_bytes] (checked)."""
         if rows.dtype != torch.uint8 or rows.shape[-1] != self.row_bytes(k):
             raise PartinferError(f"{self.name} rows of {k} weights are {self.row_bytes(k)} uint8 bytes, "
                                  f"not {rows.shape[-1]} {rows.dtype}; the checkpoint is damaged or of another format")
-        blocks = rows.reshape(*rows.shape[:-1], k // self.block, self.block_bytes)
-        scales = blocks[..., : 2 * self.scales].contiguous().view(torch.float16).float()
-        return scales, self.unpack(blocks[..., 2 * self.scales :])
+        return rows.reshape(*rows.shape[:-1], k // self.block, self.block_bytes)
 
     def dequantize(self, rows: Tensor, k: int, dtype: torch.dtype = torch.float32) -> Tensor:
         """Compact rows [..., row_bytes] -> [..., k] in `dtype`, computed in fp32 as ggml does."""
-        scales, q = self.split(rows, k)
-        return self.values(scales, q).reshape(*rows.shape[:-1], k).to(dtype)
+        head, codes = self.split(self.blocks_of(rows, k))
+        values = self.values(head, self.unpack(codes), torch.arange(self.block))
+        return values.reshape(*rows.shape[:-1], k).to(dtype)
 
     def quantize(self, x: Tensor) -> Tensor:
         """[..., k] float -> compact rows [..., row_bytes] uint8, rounding as ggml's reference quantizers do."""
@@ -84,9 +91,24 @@ class BlockFormat:
             raise PartinferError(f"{self.name} has no quantizer; pack from a source that holds {self.name} blocks")
         k = x.shape[-1]
         self.check_width(k)
-        scales, q = self.quantize_blocks(x.float().reshape(*x.shape[:-1], k // self.block, self.block))
-        head = scales.to(torch.float16).contiguous().view(torch.uint8)  # [..., nb, 2·scales]
-        return torch.cat([head, self.pack(q)], dim=-1).reshape(*x.shape[:-1], self.row_bytes(k)).contiguous()
+        head, q = self.quantize_blocks(x.float().reshape(*x.shape[:-1], k // self.block, self.block))
+        return self.join(head, self.pack(q)).reshape(*x.shape[:-1], self.row_bytes(k)).contiguous()
+
+
+def f16(head: Tensor, at: int) -> Tensor:
+    """The fp16 value at byte `at` of each head [..., head_bytes] -> fp32 [..., 1]."""
+    return head[..., at : at + 2].contiguous().view(torch.float16).float()
+
+
+def head_first(head_bytes: int) -> tuple[Callable, Callable]:
+    """split/join of a block whose scales come first (ggml's Q4_0/1, Q5_0/1, Q8_0, Q4_K)."""
+    return (lambda b: (b[..., :head_bytes], b[..., head_bytes:]),
+            lambda head, codes: torch.cat([head, codes], dim=-1))
+
+
+def fp16_head(values: Tensor) -> Tensor:
+    """fp32 scales [..., s] -> their fp16 bytes [..., 2s] (a block's head)."""
+    return values.to(torch.float16).contiguous().view(torch.uint8)
 
 
 def _nibbles_unpack(codes: Tensor) -> Tensor:  # [..., 16] -> [..., 32]: low nibbles are weights 0..15
@@ -103,21 +125,94 @@ def _q4_1_quantize(x: Tensor) -> tuple[Tensor, Tensor]:
     d = (hi - lo) / 15
     inv = torch.where(d != 0, 1.0 / d, torch.zeros_like(d))
     q = ((x - lo) * inv + 0.5).floor().clamp(0, 15)  # ggml: (x - min) * id + 0.5, truncated
-    return torch.cat([d, lo], dim=-1), q
+    return fp16_head(torch.cat([d, lo], dim=-1)), q
 
 
 def _q8_0_quantize(x: Tensor) -> tuple[Tensor, Tensor]:
     d = x.abs().amax(-1, keepdim=True) / 127
     inv = torch.where(d != 0, 1.0 / d, torch.zeros_like(d))
-    return d, (x * inv).round().clamp(-127, 127)
+    return fp16_head(d), (x * inv).round().clamp(-127, 127)
 
 
-Q4_1 = BlockFormat("Q4_1", 32, 20, 2, _nibbles_unpack, _nibbles_pack,
-                   lambda s, q: s[..., 0:1] * q + s[..., 1:2], _q4_1_quantize, kernel="q4_1")
-Q8_0 = BlockFormat("Q8_0", 32, 34, 1, lambda c: c.view(torch.int8).float(), lambda q: q.to(torch.int8).view(torch.uint8),
-                   lambda s, q: s[..., 0:1] * q, _q8_0_quantize, kernel="q8_0")
+Q4_1 = BlockFormat("Q4_1", 32, 20, 4, *head_first(4), _nibbles_unpack, _nibbles_pack,
+                   lambda h, q, pos: f16(h, 0) * q + f16(h, 2), _q4_1_quantize, kernel="q4_1")
+Q8_0 = BlockFormat("Q8_0", 32, 34, 2, *head_first(2), lambda c: c.view(torch.int8).float(),
+                   lambda q: q.to(torch.int8).view(torch.uint8), lambda h, q, pos: f16(h, 0) * q, _q8_0_quantize,
+                   kernel="q8_0")
 
-BLOCK_FORMATS: dict[str, BlockFormat] = {f.name: f for f in (Q4_1, Q8_0)}
+
+# ---- K-quants (super-blocks of 256) ------------------------------------------------------------------
+#
+# Q4_K, 144 bytes: fp16 d, fp16 dmin, 12 bytes of eight 6-bit (scale, min) pairs, 128 bytes of nibbles
+#   (32-byte chunk c: low nibbles are sub-block 2c's 32 weights, high nibbles sub-block 2c + 1's);
+#   w = (d·sc_s)·q − dmin·m_s for a weight of sub-block s.
+# Q6_K, 210 bytes: 128 bytes ql (low 4 bits), 64 bytes qh (high 2 bits), 16 int8 scales (one per 16
+#   weights), fp16 d last; per half h of 128 weights, ql byte 64h + j holds weights 128h + j (low
+#   nibble) and 128h + 64 + j (high), qh byte 32h + j holds bits 4..5 of weights 128h + 32t + j in its
+#   bits 2t..2t+1; w = (d·scale_i)·(q − 32).
+QK = 256
+
+
+def _q4_k_scales(head: Tensor) -> tuple[Tensor, Tensor]:
+    """The 12 packed bytes of a Q4_K head (bytes 4..15) -> (scales, mins) fp32 [..., 8] (6 bits each)."""
+    p = head[..., 4:16].long()
+    lo, hi = p[..., 0:4], p[..., 4:8]  # sub-blocks 0..3: 6 low bits of bytes 0..3 (scale) and 4..7 (min)
+    top = p[..., 8:12]  # sub-blocks 4..7: low 4 bits from bytes 8..11, the 2 high bits from bytes 0..7's top
+    sc = torch.cat([lo & 63, (top & 15) | ((lo >> 6) << 4)], dim=-1)
+    mn = torch.cat([hi & 63, (top >> 4) | ((hi >> 6) << 4)], dim=-1)
+    return sc.float(), mn.float()
+
+
+def _take(table: Tensor, index: Tensor) -> Tensor:
+    """table [..., s] gathered at index (broadcast against table's leading dims) -> [..., m]."""
+    shape = torch.broadcast_shapes(table.shape[:-1] + (1,), index.shape)
+    return torch.gather(table.expand(*shape[:-1], table.shape[-1]), -1, index.expand(shape))
+
+
+def _q4_k_values(head: Tensor, q: Tensor, pos: Tensor) -> Tensor:
+    sc, mn = _q4_k_scales(head)
+    sub = (pos // 32).long()
+    return (f16(head, 0) * _take(sc, sub)) * q - f16(head, 2) * _take(mn, sub)
+
+
+def _q4_k_unpack(codes: Tensor) -> Tensor:  # [..., 128] -> [..., 256]
+    c = codes.reshape(*codes.shape[:-1], 4, 1, 32)
+    return torch.cat([c & 0x0F, c >> 4], dim=-2).reshape(*codes.shape[:-1], QK).float()
+
+
+def _q4_k_pack(q: Tensor) -> Tensor:  # [..., 256] 0..15 -> [..., 128]
+    q = q.to(torch.uint8).reshape(*q.shape[:-1], 4, 2, 32)
+    return (q[..., 0, :] | (q[..., 1, :] << 4)).reshape(*q.shape[:-3], 128)
+
+
+def _q6_k_unpack(codes: Tensor) -> Tensor:  # ql [128] | qh [64] -> q [..., 256] in 0..63
+    ql = codes[..., :128].reshape(*codes.shape[:-1], 2, 1, 64)
+    qh = codes[..., 128:].reshape(*codes.shape[:-1], 2, 1, 32)
+    low = torch.cat([ql & 0x0F, ql >> 4], dim=-2).reshape(*codes.shape[:-1], 2, 128)
+    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8).reshape(4, 1)
+    high = ((qh >> shifts) & 3).reshape(*codes.shape[:-1], 2, 128)
+    return (low | (high << 4)).reshape(*codes.shape[:-1], QK).float()
+
+
+def _q6_k_pack(q: Tensor) -> Tensor:  # q [..., 256] in 0..63 -> ql | qh [..., 192]
+    q = q.to(torch.uint8).reshape(*q.shape[:-1], 2, 128)
+    low, high = q & 0x0F, q >> 4
+    ql = (low[..., :64] | (low[..., 64:] << 4)).reshape(*q.shape[:-2], 128)
+    h = high.reshape(*q.shape[:-2], 2, 4, 32)
+    qh = (h[..., 0, :] | (h[..., 1, :] << 2) | (h[..., 2, :] << 4) | (h[..., 3, :] << 6)).reshape(*q.shape[:-2], 64)
+    return torch.cat([ql, qh], dim=-1)
+
+
+def _q6_k_values(head: Tensor, q: Tensor, pos: Tensor) -> Tensor:
+    scales = head[..., 0:16].contiguous().view(torch.int8).float()
+    return (f16(head, 16) * _take(scales, (pos // 16).long())) * (q - 32)
+
+
+Q4_K = BlockFormat("Q4_K", QK, 144, 16, *head_first(16), _q4_k_unpack, _q4_k_pack, _q4_k_values)
+Q6_K = BlockFormat("Q6_K", QK, 210, 18, lambda b: (b[..., 192:], b[..., :192]),
+                   lambda head, codes: torch.cat([codes, head], dim=-1), _q6_k_unpack, _q6_k_pack, _q6_k_values)
+
+BLOCK_FORMATS: dict[str, BlockFormat] = {f.name: f for f in (Q4_1, Q8_0, Q4_K, Q6_K)}
 
 
 def block_format(name: object) -> BlockFormat:
