@@ -40,6 +40,8 @@ class GgufRows:
         """(GGUF name, 'q'/'k' when rows need un-permuting)."""
         if name == "model.embed_tokens.weight":
             return "token_embd.weight", None
+        if name == "lm_head.weight":
+            return "output.weight", None
         parts = name.split(".")  # model.layers.{i}.{self_attn|mlp}.{proj}.weight
         if len(parts) != 6 or parts[1] != "layers":
             return "", None
@@ -57,6 +59,11 @@ class GgufRows:
             return None
         return self._hf_row_order(torch.from_numpy(t.data.copy()), rope)  # [N, row_bytes] uint8
 
+    def format_of(self, name: str) -> BlockFormat | None:
+        """The registered block format the GGUF stores `name` in, or None (not in the GGUF, or unregistered)."""
+        t = self.tensors.get(self._hf_to_gguf(name)[0])
+        return None if t is None else BLOCK_FORMATS.get(t.tensor_type.name)
+
     def values(self, name: str) -> torch.Tensor | None:
         """The source's fp32 values [N, K] in HF row order, de-quantized exactly, or None (not in the GGUF)."""
         gguf_name, rope = self._hf_to_gguf(name)
@@ -68,8 +75,9 @@ class GgufRows:
         return self._hf_row_order(dequantize(torch.from_numpy(t.data.copy()), fmt, k), rope)
 
     def _hf_row_order(self, rows: torch.Tensor, rope: str | None) -> torch.Tensor:
-        """Undo llama.cpp's q/k row interleave: GGUF row (head, i, half) is HF row (head, half, i)."""
-        if rope is None:
+        """Undo llama.cpp's q/k row interleave: GGUF row (head, i, half) is HF row (head, half, i). Its
+        converter interleaves them for Llama-family models only (Qwen2's rope reads the halves as HF does)."""
+        if rope is None or self.cfg.model_type not in ("llama", "mistral"):
             return rows
         heads = self.cfg.n_heads if rope == "q" else self.cfg.n_kv_heads
         hd = rows.shape[0] // heads

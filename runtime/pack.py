@@ -25,7 +25,7 @@ from tqdm import tqdm
 from partinfer.common.errors import PartinferError
 from partinfer.common.formats.blocks import BlockFormat, WeightScheme, block_format, weight_scheme
 from partinfer.common.formats.pack_format import (PACK_COMMAND, PackManifest, bundle_name, checkpoint_identity,
-                                                  down_table_name, manifest_entry, perm_name)
+                                                  down_table_name, manifest_entry, perm_name, scheme_matrices)
 from partinfer.common.neuron_file import NeuronFile
 from partinfer.common.output_dir import replace_output_dir
 from partinfer.runtime.checkpoint import CheckpointReader
@@ -80,20 +80,17 @@ def pack_checkpoint(model_dir: Path, model_neurons: Path, out: Path, weights: st
     if PackManifest.read(model_dir) is not None:
         raise PartinferError(f"{model_dir} is already packed; pack the original checkpoint")
     cfg = ModelConfig.from_dir(model_dir)
-    formats = {kind: block_format(getattr(scheme, kind)) for kind in ("attention", "gate_up", "down", "embedding")
-               if getattr(scheme, kind) is not None}
-    for fmt in formats.values():  # every width a format splits must hold whole blocks
-        for width in (cfg.dim, cfg.ffn_dim, cfg.n_heads * cfg.head_dim):
-            fmt.check_width(width)
     nf = neurons if neurons is not None else NeuronFile.load(model_neurons, cfg.fingerprint)
     gguf = gguf_source(model_dir) if scheme.compact else None
+    gguf_rows = GgufRows(gguf, cfg) if gguf is not None else None
+    formats = matrix_formats(cfg, scheme, gguf_rows)
     manifest = manifest_entry(scheme, cfg.fingerprint, model_neurons, nf.digest, model_dir,
-                              cfg.n_layers, not cfg.tie_embeddings, gguf)
+                              {name: fmt.name for name, fmt in formats.items()}, gguf)
     with replace_output_dir(out, PACK_COMMAND, inputs=(model_dir, model_neurons), manifest=manifest) as tmp:
         weight_map: dict[str, str] = {}
         with CheckpointReader(model_dir) as reader:
             names = list(reader.shards)
-            source = CompactSource(reader, GgufRows(gguf, cfg) if gguf is not None else None)
+            source = CompactSource(reader, gguf_rows)
             for i in tqdm(range(cfg.n_layers), desc="pack", unit="layer"):
                 prefix = f"model.layers.{i}."
                 perm = nf.rank(i).long()
@@ -103,14 +100,12 @@ def pack_checkpoint(model_dir: Path, model_neurons: Path, out: Path, weights: st
                     tensors[down_table_name(i)] = down_table
                 for name in names:
                     if name.startswith(prefix) and ".mlp." not in name:
-                        matrix = "attention" in formats and name.endswith("_proj.weight")
-                        tensors[name] = source.rows(name, formats["attention"]) if matrix else reader.get(name)
+                        tensors[name] = source.rows(name, formats[name]) if name in formats else reader.get(name)
                 shard = f"layer-{i:03d}.safetensors"
                 save_file(tensors, tmp / shard, metadata={"format": "pt"})
                 weight_map.update({name: shard for name in tensors})
-            embedding = formats.get("embedding")
-            rest = {name: source.rows(name, embedding) if embedding and name.endswith(("embed_tokens.weight", "lm_head.weight"))
-                    else reader.get(name) for name in names if not name.startswith("model.layers.")}
+            rest = {name: source.rows(name, formats[name]) if name in formats else reader.get(name)
+                    for name in names if not name.startswith("model.layers.")}
             save_file(rest, tmp / "rest.safetensors", metadata={"format": "pt"})
             weight_map.update({name: "rest.safetensors" for name in rest})
         (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
@@ -124,17 +119,36 @@ def pack_checkpoint(model_dir: Path, model_neurons: Path, out: Path, weights: st
     return out
 
 
+def matrix_formats(cfg: ModelConfig, scheme: WeightScheme, gguf: GgufRows | None) -> dict[str, BlockFormat]:
+    """Each compact matrix's block format (Hugging Face name -> format): the scheme's for its kind, or,
+    for a scheme that keeps the source's blocks, the GGUF's own where it stores every matrix of a fused
+    group in one registered format. Every width a format splits must hold whole blocks (checked)."""
+    formats = {}
+    for names, wanted in scheme_matrices(scheme, cfg.n_layers, not cfg.tie_embeddings):
+        own = {gguf.format_of(n) for n in names} if scheme.keep_source and gguf is not None else {None}
+        fmt = own.pop() if len(own) == 1 and None not in own else block_format(wanted)
+        formats.update({n: fmt for n in names})
+    for name, fmt in formats.items():
+        fmt.check_width(cfg.ffn_dim if name.endswith("down_proj.weight") else cfg.n_heads * cfg.head_dim
+                        if name.endswith("o_proj.weight") else cfg.dim)
+        if name.endswith("down_proj.weight"):
+            fmt.check_width(cfg.dim)  # its columns are packed along d too
+    return formats
+
+
 def ffn_bundle(reader: CheckpointReader, source: CompactSource, prefix: str,
                formats: dict[str, BlockFormat]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One layer's neurons in original order, one row each, and the down block table (compact only):
     [n, 3, d] (bf16: gate row, up row, down column) or [n, bytes] (compact: gate and up rows, then the
-    down column's codes) with [n / block, scales, d] fp16."""
-    if "gate_up" not in formats:
-        gate, up, down = (reader.get(f"{prefix}mlp.{p}_proj.weight") for p in ("gate", "up", "down"))
+    down column's codes) with the table [n / block, head_bytes / 2, d]."""
+    names = {p: f"{prefix}mlp.{p}_proj.weight" for p in ("gate", "up", "down")}
+    if names["gate"] not in formats:
+        gate, up, down = (reader.get(names[p]) for p in ("gate", "up", "down"))
         return torch.stack([gate, up, down.t()], dim=1), None
-    gate = source.rows(f"{prefix}mlp.gate_proj.weight", formats["gate_up"])
-    up = source.rows(f"{prefix}mlp.up_proj.weight", formats["gate_up"])
-    down_codes, down_table = columns_from_rows(source.rows(f"{prefix}mlp.down_proj.weight", formats["down"]), formats["down"])
+    gate = source.rows(names["gate"], formats[names["gate"]])
+    up = source.rows(names["up"], formats[names["up"]])
+    down_fmt = formats[names["down"]]
+    down_codes, down_table = columns_from_rows(source.rows(names["down"], down_fmt), down_fmt)
     return torch.cat([gate, up, down_codes], dim=1), down_table
 
 

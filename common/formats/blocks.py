@@ -226,15 +226,18 @@ def block_format(name: object) -> BlockFormat:
 @dataclass(frozen=True)
 class WeightScheme:
     """How a packed checkpoint stores each kind of matrix: a block format name, or None for the
-    source dtype (bf16). `q4`: attention, FFN gate/up/down in Q4_1 (the embedded GGUF's own blocks,
-    down split into columns), embeddings in Q8_0 (the GGUF's own type for them). `int8`: Q8_0
-    everywhere. `bf16`: no compaction."""
+    source dtype (bf16). `q4`: a GGUF source's own blocks (the embedded model: Q4_1 with Q8_0
+    embeddings; a Q4_K_M model: Q4_K with Q6_K down and output), else attention, FFN gate/up/down in
+    Q4_1 and embeddings in Q8_0. `int8`: Q8_0 everywhere. `bf16`: no compaction."""
 
     name: str
     attention: str | None
     gate_up: str | None
     down: str | None
     embedding: str | None
+    # Packing from a GGUF: keep a matrix's own blocks when the GGUF stores it in a registered format
+    # (a Q4_K_M file keeps its Q4_K and Q6_K), else use the kind's format above.
+    keep_source: bool = False
 
     @property
     def compact(self) -> bool:
@@ -243,7 +246,7 @@ class WeightScheme:
 
 WEIGHT_SCHEMES: dict[str, WeightScheme] = {s.name: s for s in (
     WeightScheme("bf16", None, None, None, None),
-    WeightScheme("q4", "Q4_1", "Q4_1", "Q4_1", "Q8_0"),
+    WeightScheme("q4", "Q4_1", "Q4_1", "Q4_1", "Q8_0", keep_source=True),
     WeightScheme("int8", "Q8_0", "Q8_0", "Q8_0", "Q8_0"),
 )}
 

@@ -112,20 +112,20 @@ class PackManifest:
         return None if fmt is None else block_format(fmt)
 
 
-def scheme_tensor_formats(scheme: WeightScheme, n_layers: int, has_lm_head: bool) -> dict[str, str]:
-    """Every compact matrix's block format under `scheme`, by Hugging Face name (what the manifest records)."""
+FUSED = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))  # used together
+
+
+def scheme_matrices(scheme: WeightScheme, n_layers: int, has_lm_head: bool) -> list[tuple[tuple[str, ...], str]]:
+    """Every compact matrix under `scheme`, as groups used fused (same format) with the scheme's format
+    name for them: [((Hugging Face names), format name)]; empty for bf16."""
     if not scheme.compact:
-        return {}
-    formats = {}
-    for i in range(n_layers):
-        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            formats[matrix_name(i, proj)] = scheme.attention
-        formats[matrix_name(i, "gate_proj")] = formats[matrix_name(i, "up_proj")] = scheme.gate_up
-        formats[matrix_name(i, "down_proj")] = scheme.down
-    formats["model.embed_tokens.weight"] = scheme.embedding
+        return []
+    kind = {"q_proj": scheme.attention, "o_proj": scheme.attention, "gate_proj": scheme.gate_up, "down_proj": scheme.down}
+    groups = [(tuple(matrix_name(i, p) for p in projs), kind[projs[0]]) for i in range(n_layers) for projs in FUSED]
+    groups.append((("model.embed_tokens.weight",), scheme.embedding))
     if has_lm_head:
-        formats["lm_head.weight"] = scheme.embedding
-    return formats
+        groups.append((("lm_head.weight",), scheme.embedding))
+    return groups
 
 
 def checkpoint_identity(model_dir: Path) -> str:
@@ -150,10 +150,10 @@ def checkpoint_identity(model_dir: Path) -> str:
 
 
 def manifest_entry(scheme: WeightScheme, fingerprint: str, model_neurons: Path, neurons_digest: str, source: Path,
-                   n_layers: int, has_lm_head: bool, gguf_source: Path | None) -> dict:
+                   tensor_formats: dict[str, str], gguf_source: Path | None) -> dict:
     """The manifest fields `partinfer pack` writes (beside common.output_dir's file list)."""
     return {"format": PACK_FORMAT, "version": PACK_VERSION, "fingerprint": fingerprint, "weights": scheme.name,
             "model_neurons": str(model_neurons), "neurons_digest": neurons_digest, "source": str(Path(source).resolve()),
             "source_identity": checkpoint_identity(source), "gguf_source": None if gguf_source is None else str(gguf_source),
-            "tensor_formats": scheme_tensor_formats(scheme, n_layers, has_lm_head)}
+            "tensor_formats": tensor_formats}
 

@@ -1,0 +1,121 @@
+"""A tiny Qwen2-shaped model whose GGUF source holds real Q4_K and Q6_K blocks, as the 1.5B coding model's
+Q4_K_M file does: `--weights q4` keeps every block bit for bit, and every method runs on them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from partinfer.common.formats.blocks import BLOCK_FORMATS
+from partinfer.common.formats.pack_format import PackManifest
+from partinfer.common.output_dir import manifest_name
+from partinfer.runtime.checkpoint import CheckpointReader
+from partinfer.runtime.generate import generate
+from partinfer.runtime.loader import load_model
+from partinfer.runtime.model import KVCache, prefill
+from partinfer.runtime.pack import pack_checkpoint
+from partinfer.runtime.sparsity import METHODS, SparsityConfig
+from tests.helpers import make_neuron_file, tiny_prompts
+from tests.test_compact_weights import random_k_blocks
+
+D, N, HEADS, KV, LAYERS, VOCAB = 256, 512, 4, 2, 3, 256
+# HF name -> (GGUF name, format): the Q4_K_M layout of the coding model (down and the head in Q6_K)
+GGUF_NAMES = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
+              "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
+
+
+def k_format(proj: str) -> str:
+    return "Q6_K" if proj in ("down_proj", "lm_head") else "Q4_K"
+
+
+@pytest.fixture(scope="module")
+def k_model(tmp_path_factory) -> dict:
+    """A Qwen2 checkpoint whose matrices are a GGUF's K-quant values (its `partinfer prepare` manifest
+    names that GGUF as the source, as a converted registry model's does)."""
+    import gguf
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    root = tmp_path_factory.mktemp("kq")
+    config = Qwen2Config(vocab_size=VOCAB, hidden_size=D, intermediate_size=N, num_hidden_layers=LAYERS,
+                         num_attention_heads=HEADS, num_key_value_heads=KV, max_position_embeddings=128,
+                         tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    writer = gguf.GGUFWriter(str(root / "tiny.gguf"), "qwen2")
+    seed = 0
+    state = model.state_dict()
+
+    def add(hf_name: str, gguf_name: str, fmt_name: str, rows: int, cols: int) -> None:
+        nonlocal seed
+        fmt = BLOCK_FORMATS[fmt_name]
+        blocks = random_k_blocks(fmt, rows, cols, seed=seed)
+        seed += 1
+        writer.add_tensor(gguf_name, blocks.numpy(), raw_shape=(rows, fmt.row_bytes(cols)),
+                          raw_dtype=getattr(gguf.GGMLQuantizationType, fmt_name))
+        state[hf_name].copy_(fmt.dequantize(blocks, cols))
+
+    for i in range(LAYERS):
+        for proj, short in GGUF_NAMES.items():
+            part = "mlp" if proj.endswith(("gate_proj", "up_proj", "down_proj")) else "self_attn"
+            name = f"model.layers.{i}.{part}.{proj}.weight"
+            add(name, f"blk.{i}.{short}.weight", k_format(proj), *state[name].shape)
+    add("model.embed_tokens.weight", "token_embd.weight", "Q4_K", VOCAB, D)
+    add("lm_head.weight", "output.weight", "Q6_K", VOCAB, D)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    model.load_state_dict(state)
+    model.save_pretrained(root / "model")
+    (root / "model" / manifest_name("prepare")).write_text(json.dumps(
+        {"output": "partinfer-output", "command": "prepare", "files": [], "source": str(root / "tiny.gguf")}))
+    neurons = make_neuron_file(root / "model", root / "neurons.safetensors")
+    return {"model": root / "model", "gguf": root / "tiny.gguf", "neurons": neurons,
+            "q4": pack_checkpoint(root / "model", neurons, root / "q4", "q4")}
+
+
+def test_q4_pack_keeps_every_k_quant_block_bit_for_bit(k_model):
+    import gguf
+
+    manifest = PackManifest.read(k_model["q4"])
+    formats = manifest.tensor_formats
+    assert formats["model.layers.0.mlp.gate_proj.weight"] == "Q4_K" and formats["lm_head.weight"] == "Q6_K"
+    assert formats["model.layers.2.mlp.down_proj.weight"] == "Q6_K"
+    source = {t.name: t for t in gguf.GGUFReader(k_model["gguf"]).tensors}
+    with CheckpointReader(k_model["q4"]) as packed:
+        for name in ("model.layers.1.self_attn.q_proj.weight", "model.embed_tokens.weight", "lm_head.weight"):
+            short = {"model.embed_tokens.weight": "token_embd.weight", "lm_head.weight": "output.weight"}.get(
+                name, "blk.1.attn_q.weight")
+            assert np.array_equal(packed.get(name).numpy(), source[short].data)  # the same bytes
+        perm = packed.get("model.layers.1.mlp.perm").long()
+        bundle = packed.get("model.layers.1.mlp.bundle")
+        q4k = BLOCK_FORMATS["Q4_K"]
+        g = q4k.row_bytes(D)
+        assert np.array_equal(bundle[:, :g].numpy(), source["blk.1.ffn_gate.weight"].data[perm.numpy()])
+        from partinfer.runtime.quant import dequantize_columns
+
+        q6k = BLOCK_FORMATS["Q6_K"]
+        down = dequantize_columns(bundle[:, 2 * g :], packed.get("model.layers.1.mlp.down_table"), perm, q6k)
+        theirs = gguf.quants.dequantize(source["blk.1.ffn_down.weight"].data, gguf.GGMLQuantizationType.Q6_K)
+        assert torch.equal(down, torch.from_numpy(theirs.astype(np.float32)).t()[perm])
+
+
+def test_k_quant_weights_run_every_method_and_give_dense_tokens_at_full_budget(k_model):
+    ref = load_model(k_model["model"], torch.float32, "cpu")  # the same values, as fp32 safetensors
+    dense = load_model(k_model["q4"], torch.float32, "cpu")
+    ids = torch.tensor([tiny_prompts(1, seed=5, vocab=VOCAB)[0]])
+    want = prefill(ref, ids, KVCache(ref.cfg, 1, 32, torch.float32, "cpu"), logits_for="all")
+    got = prefill(dense, ids, KVCache(dense.cfg, 1, 32, torch.float32, "cpu"), logits_for="all")
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    prompts = tiny_prompts(2, seed=6, vocab=VOCAB)
+    dense_tokens = generate(dense, prompts, 5).tokens
+    for method in METHODS[1:]:
+        full = SparsityConfig(method=method, gamma=1.0, delta=0.3 if method != "load-only" else 1.0, phi=1.0,
+                              model_neurons=k_model["neurons"], start_num=0, end_num=LAYERS - 1)
+        assert generate(load_model(k_model["q4"], torch.float32, "cpu", full), prompts, 5).tokens == dense_tokens, method
+    sparse = load_model(k_model["q4"], torch.bfloat16, "cpu", SparsityConfig(model_neurons=k_model["neurons"]))
+    assert len(generate(sparse, prompts[:1], 4).tokens[0]) == 4  # the default method, bf16, on K-quant rows
