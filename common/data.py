@@ -19,6 +19,7 @@ import tarfile
 from pathlib import Path
 from typing import Callable, Iterable
 
+from partinfer.common import code_data
 from partinfer.common.atomic import atomic_file
 from partinfer.common.errors import PartinferError
 from partinfer.common.paths import cache_home
@@ -182,8 +183,17 @@ def read_jsonl(path: Path, fix: str = "fix the file") -> list[dict]:
     return records
 
 
+def is_builtin(name: str) -> bool:
+    """A built-in task: one of the bigbench ones, or the standard library's code (common/code_data.py)."""
+    return name in BUILTIN_TASKS or name == code_data.NAME
+
+
 def load_task_records(name: str, split: str = "profile") -> list[dict]:
     """Records of a built-in task (fetched on first use)."""
+    if name == code_data.NAME:
+        if split not in SPLITS:
+            raise PartinferError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
+        return [dict(r) for r in code_data.code_records(split)]
     path = fetch_data([name])[name]
     records = read_jsonl(path, f"run `partinfer data fetch --force {name}` to extract it again")
     if any("prompt" not in r for r in records):
@@ -196,7 +206,7 @@ def load_texts(
     config: str | None = None, hub_split: str = "train",
 ) -> list[str]:
     """Prompts of a data set: a built-in task, a local .json/.jsonl/.txt/.parquet file, or a hub data set."""
-    if name in BUILTIN_TASKS:
+    if is_builtin(name):
         texts = [r["prompt"] for r in load_task_records(name, split)]
     else:
         texts = _load_external(name, column, config, hub_split)
@@ -233,7 +243,7 @@ def _load_external(name: str, column: str | None, config: str | None, hub_split:
             ds = datasets.load_dataset(name, config, split=hub_split)
         except Exception as e:  # hub errors come in many types
             raise PartinferError(
-                f"unknown task {name!r}: not a built-in task ({', '.join(BUILTIN_TASKS)}), not a local file, "
+                f"unknown task {name!r}: not a built-in task ({', '.join([*BUILTIN_TASKS, code_data.NAME])}), not a local file, "
                 f"and not loadable from the hub ({type(e).__name__})"
             ) from e
     column = column or next((c for c in ("text", "prompt", "question", "input", "document") if c in ds.column_names), None)

@@ -48,9 +48,9 @@ def corpus_perplexity(model: Transformer, ids: list[list[int]], prompt_tokens: i
 
 def perplexity_texts(dataset: str, num_samples: int, tokenizer, length: int) -> list[list[int]]:
     """Token ids of the first `num_samples` texts of the data set's eval split with at least `length` tokens."""
-    from partinfer.common.data import BUILTIN_TASKS, load_task_records, load_texts
+    from partinfer.common.data import is_builtin, load_task_records, load_texts
 
-    if dataset in BUILTIN_TASKS:
+    if is_builtin(dataset):
         records = load_task_records(dataset, "eval")
         texts = [r.get("document") or r.get("story") or r.get("context") or r["prompt"] for r in records]
     else:
