@@ -189,6 +189,11 @@ def dequantize(weight: torch.Tensor, cols: int, dtype: torch.dtype) -> torch.Ten
     return torch.ops.partinfer_cpu.dequantize(weight, cols, dtype)
 
 
+def dequantize_k(weight: torch.Tensor, cols: int, kernel: str, dtype: torch.dtype) -> torch.Tensor:
+    """K-quant rows ("q4_k" | "q6_k") [..., row_bytes] uint8 -> [..., cols] fp32 or bf16, equal to the format's reference."""
+    return torch.ops.partinfer_cpu.dequantize_k(weight, cols, kernel, dtype)
+
+
 def dequantize_columns(codes: torch.Tensor, table: torch.Tensor, blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Down columns -> [k, d] fp32 or bf16, as runtime.quant.dequantize_columns computes them."""
     return torch.ops.partinfer_cpu.dequantize_columns(codes, table, blocks, dtype)

@@ -13,6 +13,7 @@ from partinfer.common.errors import PartinferError
 from partinfer.common.formats.blocks import BlockFormat
 from partinfer.runtime.native import cpu_kernels
 from partinfer.runtime.native import dequantize as native_dequantize
+from partinfer.runtime.native import dequantize_k as native_dequantize_k
 from partinfer.runtime.native import dequantize_columns as native_dequantize_columns
 
 ACTIVATION_BLOCK = 32  # the compiled kernels quantize their input per 32 values (`quantize_activation`)
@@ -35,6 +36,9 @@ def dequantize(w: torch.Tensor, fmt: BlockFormat, k: int, dtype: torch.dtype = t
                              "the checkpoint is damaged or of another format")
     if compiled(fmt, w, dtype):
         return native_dequantize(w.contiguous(), k, dtype)
+    if fmt.dequant_kernel is not None and w.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) \
+            and cpu_kernels():
+        return native_dequantize_k(w.contiguous(), k, fmt.dequant_kernel, dtype)
     return fmt.dequantize(w, k, dtype)
 
 

@@ -359,6 +359,9 @@ def test_k_quants_equal_gguf_py_on_random_blocks(name):
     theirs = gguf.quants.dequantize(rows.numpy(), getattr(gguf.GGMLQuantizationType, name))
     want = torch.from_numpy(theirs.astype(np.float32))
     assert torch.equal(fmt.dequantize(rows, 512), want)
+    if cpu_kernels():  # the compiled de-quantizer: the same values, fp32 and bf16
+        assert torch.equal(dequantize(rows, fmt, 512), want)
+        assert torch.equal(dequantize(rows[3:9], fmt, 512, torch.bfloat16), want[3:9].bfloat16())
     head, codes = fmt.split(rows.reshape(24, 2, fmt.block_bytes))
     assert torch.equal(fmt.join(head, fmt.pack(fmt.unpack(codes))).reshape(24, -1), rows)  # codes round-trip
     down = random_k_blocks(fmt, 512, 768, seed=1)  # down [d 512, n 768]: blocks run across 256 neurons

@@ -63,8 +63,11 @@ def test_block_formats_with_kernels_match_the_cpp_constants():
     assert {f.name for f in with_kernels} == {"Q4_1", "Q8_0"}
     for fmt in with_kernels:
         assert fmt.block == 32 and kernel_block_bytes(fmt.kernel) == fmt.block_bytes, fmt.name
+    for fmt in BLOCK_FORMATS.values():  # formats with a compiled de-quantizer alone
+        if fmt.dequant_kernel is not None:
+            assert fmt.block == 256 and kernel_block_bytes(fmt.dequant_kernel) == fmt.block_bytes, fmt.name
     with pytest.raises(RuntimeError, match="no compiled kernels"):
-        kernel_block_bytes("q4_k")
+        kernel_block_bytes("q5_0")
 
 
 def test_the_compiled_backend_is_chosen_once_for_bf16_on_this_cpu(tiny_llama_dir):

@@ -12,8 +12,8 @@ byte count: every compact tensor is recorded by format name (common/formats/pack
   Q4_1  20 bytes per 32 weights: fp16 scale d, fp16 minimum m, 16 bytes of 4-bit codes q (byte j
         holds weight j in its low nibble and weight j + 16 in its high one); w = d·q + m.
   Q8_0  34 bytes per 32 weights: fp16 scale d, 32 int8 codes q; w = d·q.
-  Q4_K, Q6_K  llama.cpp's K-quants, super-blocks of 256 (below): what a Q4_K_M GGUF stores; reference
-        only so far (no compiled kernels: such a model runs the eager path).
+  Q4_K, Q6_K  llama.cpp's K-quants, super-blocks of 256 (below): what a Q4_K_M GGUF stores; a compiled
+        de-quantizer, but no compiled decode kernels yet: such a model runs the eager path.
 
 The byte layouts are ggml's, so a GGUF's blocks are kept bit for bit.
 
@@ -51,6 +51,7 @@ class BlockFormat:
     values: Callable[[Tensor, Tensor, Tensor], Tensor]  # (head, q, pos) -> weights fp32
     quantize_blocks: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None  # x fp32 [..., b] -> (head, q)
     kernel: str | None = None  # the compiled kernels that take it (runtime/csrc), None: eager reference only
+    dequant_kernel: str | None = None  # a compiled de-quantizer alone (prefill, eager), when there is no `kernel`
 
     @property
     def code_bytes(self) -> int:
@@ -164,9 +165,9 @@ def _q4_k_scales(head: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _take(table: Tensor, index: Tensor) -> Tensor:
-    """table [..., s] gathered at index (broadcast against table's leading dims) -> [..., m]."""
-    shape = torch.broadcast_shapes(table.shape[:-1] + (1,), index.shape)
-    return torch.gather(table.expand(*shape[:-1], table.shape[-1]), -1, index.expand(shape))
+    """table [..., s] gathered along its last dim at index (broadcast against table's leading dims) -> [..., m]."""
+    index = index.reshape((1,) * (table.dim() - index.dim()) + tuple(index.shape))
+    return torch.take_along_dim(table, index, dim=-1)
 
 
 def _q4_k_values(head: Tensor, q: Tensor, pos: Tensor) -> Tensor:
@@ -208,9 +209,11 @@ def _q6_k_values(head: Tensor, q: Tensor, pos: Tensor) -> Tensor:
     return (f16(head, 16) * _take(scales, (pos // 16).long())) * (q - 32)
 
 
-Q4_K = BlockFormat("Q4_K", QK, 144, 16, *head_first(16), _q4_k_unpack, _q4_k_pack, _q4_k_values)
+Q4_K = BlockFormat("Q4_K", QK, 144, 16, *head_first(16), _q4_k_unpack, _q4_k_pack, _q4_k_values,
+                   dequant_kernel="q4_k")
 Q6_K = BlockFormat("Q6_K", QK, 210, 18, lambda b: (b[..., 192:], b[..., :192]),
-                   lambda head, codes: torch.cat([codes, head], dim=-1), _q6_k_unpack, _q6_k_pack, _q6_k_values)
+                   lambda head, codes: torch.cat([codes, head], dim=-1), _q6_k_unpack, _q6_k_pack, _q6_k_values,
+                   dequant_kernel="q6_k")
 
 BLOCK_FORMATS: dict[str, BlockFormat] = {f.name: f for f in (Q4_1, Q8_0, Q4_K, Q6_K)}
 

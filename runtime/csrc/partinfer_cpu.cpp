@@ -42,6 +42,7 @@ namespace {
 #include "compact_input.h"
 #include "matrix.h"
 #include "single_ops.h"
+#include "k_quants.h"
 #include "decode_team.h"
 #include "decode_plan.h"
 
@@ -50,6 +51,8 @@ namespace {
 int64_t kernel_block_bytes(const std::string& kernel) {
   if (kernel == "q4_1") return Q4_1_BYTES;
   if (kernel == "q8_0") return Q8_0_BYTES;
+  if (kernel == "q4_k") return Q4_K_BYTES;  // a de-quantizer only (k_quants.h)
+  if (kernel == "q6_k") return Q6_K_BYTES;
   TORCH_CHECK(false, "no compiled kernels for ", kernel);
 }
 
@@ -74,5 +77,6 @@ TORCH_LIBRARY(partinfer_cpu, m) {
   m.def("model_decode(Tensor x, __torch__.torch.classes.partinfer_cpu.DecodePlan plan, Tensor(a!) k_cache, "
         "Tensor(b!) v_cache, int pos) -> Tensor", model_decode);
   m.def("kernel_block_bytes(str kernel) -> int", kernel_block_bytes);
+  m.def("dequantize_k(Tensor W, int cols, str kernel, ScalarType dtype) -> Tensor", dequantize_k);
 }
 
