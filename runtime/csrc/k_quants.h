@@ -34,11 +34,16 @@ void dequantize_q6_k_block(const uint8_t* b, float* out) {
   const uint8_t* qh = b + 128;
   const int8_t* scales = reinterpret_cast<const int8_t*>(b + 192);
   const float d = fp16_to_float(b + 208);
-  for (int i = 0; i < QK_K; ++i) {
-    const int h = i / 128, r = i % 128;  // half, position in it
-    const int low = (r < 64) ? (ql[64 * h + r] & 15) : (ql[64 * h + r - 64] >> 4);
-    const int high = (qh[32 * h + r % 32] >> (2 * (r / 32))) & 3;
-    out[i] = (d * static_cast<float>(scales[i / 16])) * static_cast<float>((low | (high << 4)) - 32);
+  for (int h = 0; h < 2; ++h) {  // halves of 128; quarter t of a half: 32 weights
+    for (int t = 0; t < 4; ++t) {
+      const uint8_t* low = ql + 64 * h + 32 * (t % 2);
+      const int shift = t < 2 ? 0 : 4;
+      for (int j = 0; j < 32; ++j) {
+        const int i = 128 * h + 32 * t + j;
+        const int q = ((low[j] >> shift) & 15) | (((qh[32 * h + j] >> (2 * t)) & 3) << 4);
+        out[i] = (d * static_cast<float>(scales[i / 16])) * static_cast<float>(q - 32);
+      }
+    }
   }
 }
 
