@@ -23,7 +23,7 @@ import torch
 
 from partinfer.runtime.cuda_graph import GraphedDecode
 from partinfer.runtime.decode_contract import FfnWeights
-from partinfer.runtime.kernels import CompactEmbedding, CompactLinear
+from partinfer.runtime.kernels import CompactEmbedding, CompactLinear, MixedCompactLinear
 from partinfer.runtime.model import KVCache, Transformer, eager_decode_step
 from partinfer.runtime.native import argmax as native_argmax
 from partinfer.runtime.native import cpu_kernels, decode_plan, gemv, model_decode, rms_norm
@@ -137,4 +137,6 @@ def choose_backend(model: Transformer) -> EagerDecode:
 def compiled_formats(model: Transformer) -> bool:
     """Every compact matrix outside the FFNs (attention, embedding, output head) is in a block format
     that has compiled kernels (the FFNs say so themselves, in `decode_weights`)."""
+    if any(isinstance(m, MixedCompactLinear) for m in model.modules()):
+        return False  # the compiled step takes one q/k/v matrix per layer
     return all(m.fmt.kernel is not None for m in model.modules() if isinstance(m, (CompactLinear, CompactEmbedding)))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from importlib.resources import files
 from pathlib import Path
 
+from partinfer.common.model_registry import NAMED_MODELS
 from partinfer.runtime.prepare import DEFAULT_MODEL_NAME
 
 
@@ -15,11 +16,14 @@ def shipped_neuron_files() -> Path:
 
 
 def shipped_model_neurons(model: str | None) -> Path | None:
-    """The model-level neuron file to use when none is given: the shipped one for the default model, or
-    the one a packed checkpoint was packed with (its rows are ordered by it), when the file exists."""
+    """The model-level neuron file to use when none is given: the shipped one for the default model or a
+    named model (`neuron_files/<name>/`), or the one a packed checkpoint was packed with (its rows are
+    ordered by it), when the file exists."""
     path = shipped_neuron_files() / "model.safetensors"
     if model in (None, "", "default", DEFAULT_MODEL_NAME) and path.is_file():
         return path
+    if model in NAMED_MODELS and (shipped_neuron_files() / model / "model.safetensors").is_file():
+        return shipped_neuron_files() / model / "model.safetensors"
     if model is not None and Path(model).is_dir():
         from partinfer.common.output_dir import read_manifest
 

@@ -99,6 +99,22 @@ class CompactLinear(nn.Module):
         return linear(x, self.weight, self.bias, self.fmt)
 
 
+class MixedCompactLinear(nn.Module):
+    """Fused output blocks in different compact formats (q, k and v of a Q4_K_M model: Q4_K, Q4_K,
+    Q6_K): one CompactLinear per part (state names `<name>.parts.<j>.weight`, bias as one vector), the
+    outputs concatenated. The compiled decode, which takes one matrix, does not take it."""
+
+    def __init__(self, in_features: int, out_parts: list[int], formats: list[BlockFormat], bias: bool = False):
+        super().__init__()
+        self.in_features, self.out_features = in_features, sum(out_parts)
+        self.parts = nn.ModuleList(CompactLinear(in_features, out, fmt) for out, fmt in zip(out_parts, formats))
+        self.bias = nn.Parameter(torch.empty(self.out_features)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., sum(out_parts)]
+        y = torch.cat([part(x) for part in self.parts], dim=-1)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+
 class Embedding(nn.Embedding):
     """nn.Embedding that can also be the tied output head (`attend`)."""
 

@@ -19,7 +19,7 @@ from partinfer.runtime.checkpoint import CheckpointReader, contiguous_runs, read
 from partinfer.runtime.decode import choose_backend
 from partinfer.runtime.ffn import FfnRows
 from partinfer.runtime.ffns import build_ffn
-from partinfer.runtime.kernels import CompactEmbedding, CompactLinear
+from partinfer.runtime.kernels import CompactEmbedding, CompactLinear, MixedCompactLinear
 from partinfer.runtime.load_plan import LoadPlan
 from partinfer.runtime.model import Transformer
 from partinfer.runtime.native import cpu_kernels
@@ -93,6 +93,9 @@ def hf_names(name: str) -> list[str]:
     if name.startswith("lm_head"):
         return [name]
     hf = f"model.{name}"
+    for j, proj in enumerate(("q_proj", "k_proj", "v_proj")):  # a MixedCompactLinear's parts
+        if f".self_attn.qkv_proj.parts.{j}." in hf:
+            return [hf.replace(f"qkv_proj.parts.{j}", proj)]
     if ".self_attn.qkv_proj." in hf:
         return [hf.replace("qkv_proj", p) for p in ("q_proj", "k_proj", "v_proj")]
     return [hf]
@@ -150,11 +153,16 @@ def build_model(plan: LoadPlan, dtype: torch.dtype) -> Transformer:
         model = Transformer(cfg)
         for i, block in enumerate(model.layers):
             attn = block.self_attn
-            for attr, projs in (("qkv_proj", ("q_proj", "k_proj", "v_proj")), ("o_proj", ("o_proj",))):
-                fmt = plan.layer_format(i, projs)
-                linear = getattr(attn, attr)
+            qkv = [plan.format_of(matrix_name(i, p)) for p in ("q_proj", "k_proj", "v_proj")]
+            if len(set(qkv)) > 1 and None not in qkv:  # each part keeps its own blocks
+                attn.qkv_proj = MixedCompactLinear(cfg.dim, list(attn.split), qkv, bias=cfg.qkv_bias)
+            else:
+                fmt = plan.layer_format(i, ("q_proj", "k_proj", "v_proj"))
                 if fmt is not None:
-                    setattr(attn, attr, compact_linear(linear, fmt))
+                    attn.qkv_proj = compact_linear(attn.qkv_proj, fmt)
+            fmt = plan.format_of(matrix_name(i, "o_proj"))
+            if fmt is not None:
+                attn.o_proj = compact_linear(attn.o_proj, fmt)
         embedding = plan.format_of("model.embed_tokens.weight")
         if embedding is not None:
             model.embed_tokens = CompactEmbedding(cfg.vocab_size, cfg.dim, embedding, dtype)

@@ -28,8 +28,9 @@ GGUF_NAMES = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_pro
               "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
 
 
-def k_format(proj: str) -> str:
-    return "Q6_K" if proj in ("down_proj", "lm_head") else "Q4_K"
+def k_format(proj: str, layer: int = 0) -> str:
+    """As the 1.5B file: Q4_K, but Q6_K for the head and, in every other layer, for v and down."""
+    return "Q6_K" if proj == "lm_head" or (proj in ("v_proj", "down_proj") and layer % 2 == 0) else "Q4_K"
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +63,7 @@ def k_model(tmp_path_factory) -> dict:
         for proj, short in GGUF_NAMES.items():
             part = "mlp" if proj.endswith(("gate_proj", "up_proj", "down_proj")) else "self_attn"
             name = f"model.layers.{i}.{part}.{proj}.weight"
-            add(name, f"blk.{i}.{short}.weight", k_format(proj), *state[name].shape)
+            add(name, f"blk.{i}.{short}.weight", k_format(proj, i), *state[name].shape)
     add("model.embed_tokens.weight", "token_embd.weight", "Q4_K", VOCAB, D)
     add("lm_head.weight", "output.weight", "Q6_K", VOCAB, D)
     writer.write_header_to_file()
@@ -84,29 +85,34 @@ def test_q4_pack_keeps_every_k_quant_block_bit_for_bit(k_model):
     manifest = PackManifest.read(k_model["q4"])
     formats = manifest.tensor_formats
     assert formats["model.layers.0.mlp.gate_proj.weight"] == "Q4_K" and formats["lm_head.weight"] == "Q6_K"
-    assert formats["model.layers.2.mlp.down_proj.weight"] == "Q6_K"
+    assert formats["model.layers.2.mlp.down_proj.weight"] == "Q6_K" and formats["model.layers.1.mlp.down_proj.weight"] == "Q4_K"
+    assert formats["model.layers.0.self_attn.v_proj.weight"] == "Q6_K" and formats["model.layers.0.self_attn.q_proj.weight"] == "Q4_K"
     source = {t.name: t for t in gguf.GGUFReader(k_model["gguf"]).tensors}
     with CheckpointReader(k_model["q4"]) as packed:
-        for name in ("model.layers.1.self_attn.q_proj.weight", "model.embed_tokens.weight", "lm_head.weight"):
-            short = {"model.embed_tokens.weight": "token_embd.weight", "lm_head.weight": "output.weight"}.get(
-                name, "blk.1.attn_q.weight")
+        for name in ("model.layers.1.self_attn.q_proj.weight", "model.layers.0.self_attn.v_proj.weight",
+                     "model.embed_tokens.weight", "lm_head.weight"):
+            short = {"model.embed_tokens.weight": "token_embd.weight", "lm_head.weight": "output.weight",
+                     "model.layers.0.self_attn.v_proj.weight": "blk.0.attn_v.weight"}.get(name, "blk.1.attn_q.weight")
             assert np.array_equal(packed.get(name).numpy(), source[short].data)  # the same bytes
-        perm = packed.get("model.layers.1.mlp.perm").long()
-        bundle = packed.get("model.layers.1.mlp.bundle")
+        perm = packed.get("model.layers.2.mlp.perm").long()
+        bundle = packed.get("model.layers.2.mlp.bundle")
         q4k = BLOCK_FORMATS["Q4_K"]
         g = q4k.row_bytes(D)
-        assert np.array_equal(bundle[:, :g].numpy(), source["blk.1.ffn_gate.weight"].data[perm.numpy()])
+        assert np.array_equal(bundle[:, :g].numpy(), source["blk.2.ffn_gate.weight"].data[perm.numpy()])
         from partinfer.runtime.quant import dequantize_columns
 
         q6k = BLOCK_FORMATS["Q6_K"]
-        down = dequantize_columns(bundle[:, 2 * g :], packed.get("model.layers.1.mlp.down_table"), perm, q6k)
-        theirs = gguf.quants.dequantize(source["blk.1.ffn_down.weight"].data, gguf.GGMLQuantizationType.Q6_K)
+        down = dequantize_columns(bundle[:, 2 * g :], packed.get("model.layers.2.mlp.down_table"), perm, q6k)
+        theirs = gguf.quants.dequantize(source["blk.2.ffn_down.weight"].data, gguf.GGMLQuantizationType.Q6_K)
         assert torch.equal(down, torch.from_numpy(theirs.astype(np.float32)).t()[perm])
 
 
 def test_k_quant_weights_run_every_method_and_give_dense_tokens_at_full_budget(k_model):
     ref = load_model(k_model["model"], torch.float32, "cpu")  # the same values, as fp32 safetensors
     dense = load_model(k_model["q4"], torch.float32, "cpu")
+    from partinfer.runtime.kernels import MixedCompactLinear
+
+    assert isinstance(dense.layers[0].self_attn.qkv_proj, MixedCompactLinear)  # Q4_K q, k with a Q6_K v
     ids = torch.tensor([tiny_prompts(1, seed=5, vocab=VOCAB)[0]])
     want = prefill(ref, ids, KVCache(ref.cfg, 1, 32, torch.float32, "cpu"), logits_for="all")
     got = prefill(dense, ids, KVCache(dense.cfg, 1, 32, torch.float32, "cpu"), logits_for="all")

@@ -112,7 +112,9 @@ class PackManifest:
         return None if fmt is None else block_format(fmt)
 
 
-FUSED = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))  # used together
+# Matrices a pack stores in one format: gate and up share a bundle row. q, k and v may each keep their
+# own (a Q4_K_M file mixes Q4_K and Q6_K there); the runtime fuses them per format.
+FUSED = (("q_proj",), ("k_proj",), ("v_proj",), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
 
 
 def scheme_matrices(scheme: WeightScheme, n_layers: int, has_lm_head: bool) -> list[tuple[tuple[str, ...], str]]:
@@ -120,7 +122,8 @@ def scheme_matrices(scheme: WeightScheme, n_layers: int, has_lm_head: bool) -> l
     name for them: [((Hugging Face names), format name)]; empty for bf16."""
     if not scheme.compact:
         return []
-    kind = {"q_proj": scheme.attention, "o_proj": scheme.attention, "gate_proj": scheme.gate_up, "down_proj": scheme.down}
+    kind = {"q_proj": scheme.attention, "k_proj": scheme.attention, "v_proj": scheme.attention, "o_proj": scheme.attention,
+            "gate_proj": scheme.gate_up, "down_proj": scheme.down}
     groups = [(tuple(matrix_name(i, p) for p in projs), kind[projs[0]]) for i in range(n_layers) for projs in FUSED]
     groups.append((("model.embed_tokens.weight",), scheme.embedding))
     if has_lm_head:
