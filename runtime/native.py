@@ -194,6 +194,12 @@ def dequantize_k(weight: torch.Tensor, cols: int, kernel: str, dtype: torch.dtyp
     return torch.ops.partinfer_cpu.dequantize_k(weight, cols, kernel, dtype)
 
 
+def dequantize_columns_k(codes: torch.Tensor, table: torch.Tensor, ids: torch.Tensor, kernel: str,
+                         dtype: torch.dtype) -> torch.Tensor:
+    """K-quant down columns of the neurons `ids` -> [k, d], equal to runtime.quant's reference."""
+    return torch.ops.partinfer_cpu.dequantize_columns_k(codes, table, ids, kernel, dtype)
+
+
 def dequantize_columns(codes: torch.Tensor, table: torch.Tensor, blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Down columns -> [k, d] fp32 or bf16, as runtime.quant.dequantize_columns computes them."""
     return torch.ops.partinfer_cpu.dequantize_columns(codes, table, blocks, dtype)

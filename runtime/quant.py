@@ -15,6 +15,7 @@ from partinfer.runtime.native import cpu_kernels
 from partinfer.runtime.native import dequantize as native_dequantize
 from partinfer.runtime.native import dequantize_k as native_dequantize_k
 from partinfer.runtime.native import dequantize_columns as native_dequantize_columns
+from partinfer.runtime.native import dequantize_columns_k as native_dequantize_columns_k
 
 ACTIVATION_BLOCK = 32  # the compiled kernels quantize their input per 32 values (`quantize_activation`)
 
@@ -28,6 +29,12 @@ def compiled(fmt: BlockFormat, t: torch.Tensor, dtype: torch.dtype) -> bool:
     return fmt.kernel is not None and t.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and cpu_kernels()
 
 
+def compiled_dequantizer(fmt: BlockFormat, t: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether a compiled de-quantizer alone (no decode kernels) takes this format here."""
+    return fmt.dequant_kernel is not None and t.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) \
+        and cpu_kernels()
+
+
 def dequantize(w: torch.Tensor, fmt: BlockFormat, k: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Compact rows [..., row_bytes] uint8 in `fmt` -> [..., k] in `dtype`: the compiled kernel where the
     format has one (10x faster, same values: tested), else the format's reference."""
@@ -36,8 +43,7 @@ def dequantize(w: torch.Tensor, fmt: BlockFormat, k: int, dtype: torch.dtype = t
                              "the checkpoint is damaged or of another format")
     if compiled(fmt, w, dtype):
         return native_dequantize(w.contiguous(), k, dtype)
-    if fmt.dequant_kernel is not None and w.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) \
-            and cpu_kernels():
+    if compiled_dequantizer(fmt, w, dtype):
         return native_dequantize_k(w.contiguous(), k, fmt.dequant_kernel, dtype)
     return fmt.dequantize(w, k, dtype)
 
@@ -88,6 +94,9 @@ def dequantize_columns(codes: torch.Tensor, table: torch.Tensor, neuron_ids: tor
     if compiled(fmt, codes, dtype):
         blocks = neuron_blocks(neuron_ids, fmt).contiguous()
         return native_dequantize_columns(codes.contiguous(), table.contiguous(), blocks, dtype)
+    if compiled_dequantizer(fmt, codes, dtype):
+        return native_dequantize_columns_k(codes.contiguous(), table.contiguous(), neuron_ids.long().contiguous(),
+                                           fmt.dequant_kernel, dtype)
     return dequantize_columns_reference(codes, table, neuron_ids, fmt, dtype)
 
 

@@ -369,4 +369,6 @@ def test_k_quants_equal_gguf_py_on_random_blocks(name):
     assert codes.shape == (768, fmt.column_code_bytes(512)) and table.shape == (3, fmt.head_bytes // 2, 512)
     ids = torch.tensor([767, 0, 300, 256, 255, 300, 17])  # out of order, a repeat, every block
     values = fmt.dequantize(down, 768).t()  # [n, d]
-    assert torch.equal(dequantize_columns(codes[ids], table, ids, fmt), values[ids])
+    assert torch.equal(dequantize_columns_reference(codes[ids], table, ids, fmt), values[ids])
+    assert torch.equal(dequantize_columns(codes[ids], table, ids, fmt), values[ids])  # compiled where built
+    assert torch.equal(dequantize_columns(codes[ids], table, ids, fmt, torch.bfloat16), values[ids].bfloat16())

@@ -47,6 +47,83 @@ void dequantize_q6_k_block(const uint8_t* b, float* out) {
   }
 }
 
+// The 256 codes of one K-quant block's code bytes -> q[256] (Q4_K: 0..15, Q6_K: 0..63), as the
+// format's `unpack`. Down columns keep each neuron's codes in this layout along d.
+void unpack_k_codes(const uint8_t* codes, bool q4_k, int* q) {
+  if (q4_k) {
+    for (int s = 0; s < 8; ++s)
+      for (int j = 0; j < 32; ++j) q[32 * s + j] = (s % 2) ? (codes[32 * (s / 2) + j] >> 4) : (codes[32 * (s / 2) + j] & 15);
+    return;
+  }
+  for (int h = 0; h < 2; ++h)
+    for (int t = 0; t < 4; ++t)
+      for (int j = 0; j < 32; ++j)
+        q[128 * h + 32 * t + j] = ((codes[64 * h + 32 * (t % 2) + j] >> (t < 2 ? 0 : 4)) & 15) |
+                                  (((codes[128 + 32 * h + j] >> (2 * t)) & 3) << 4);
+}
+
+// Down columns in a K-quant: codes [k, d / 256 * code_bytes] of the neurons `ids` [k] (original ids),
+// table [n / 256, head_bytes / 2, d] (each block head kept as 2-byte units, pack_format "down columns")
+// -> [k, d] in `dtype`, the same values as runtime/quant.py's reference.
+__attribute__((optimize("fp-contract=off")))
+at::Tensor dequantize_columns_k(const at::Tensor& codes, const at::Tensor& table, const at::Tensor& ids,
+                                const std::string& kernel, at::ScalarType dtype) {
+  TORCH_CHECK(kernel == "q4_k" || kernel == "q6_k", "no K-quant de-quantizer for ", kernel);
+  const bool q4_k = kernel == "q4_k";
+  const int64_t code_bytes = q4_k ? 128 : 192, halves = q4_k ? 8 : 9;
+  TORCH_CHECK(codes.scalar_type() == at::kByte && codes.is_contiguous() && codes.dim() == 2, "codes: contiguous uint8 [k, bytes]");
+  TORCH_CHECK(table.scalar_type() == at::kHalf && table.is_contiguous() && table.dim() == 3 && table.size(1) == halves,
+              "table: contiguous fp16 [n / 256, ", halves, ", d]");
+  TORCH_CHECK(ids.scalar_type() == at::kLong && ids.is_contiguous() && ids.numel() == codes.size(0), "ids: int64 [k]");
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "dequantize_columns_k gives fp32 or bf16");
+  const int64_t k = codes.size(0), d = table.size(2), nb = table.size(0);
+  TORCH_CHECK(d % QK_K == 0 && codes.size(1) == d / QK_K * code_bytes, "codes do not hold d = ", d, " outputs");
+  const int64_t* idp = ids.data_ptr<int64_t>();
+  for (int64_t i = 0; i < k; ++i) TORCH_CHECK(idp[i] >= 0 && idp[i] / QK_K < nb, "neuron id ", idp[i], " outside the table");
+  at::Tensor out = at::empty({k, d}, codes.options().dtype(dtype));
+  const uint8_t* tab = reinterpret_cast<const uint8_t*>(table.data_ptr<at::Half>());
+  at::parallel_for(0, k, 8, [&](int64_t n0, int64_t n1) {
+    std::vector<int> q(QK_K);
+    std::vector<float> row(d);
+    for (int64_t n = n0; n < n1; ++n) {
+      const int64_t b = idp[n] / QK_K, pos = idp[n] % QK_K;
+      const uint8_t* unit = tab + b * halves * d * 2;  // unit u of output r: bytes unit + 2 (u d + r)
+      auto head_byte = [&](int64_t j, int64_t r) { return unit[2 * ((j / 2) * d + r) + j % 2]; };
+      for (int64_t g = 0; g < d / QK_K; ++g) {
+        unpack_k_codes(codes.data_ptr<uint8_t>() + n * codes.size(1) + g * code_bytes, q4_k, q.data());
+        for (int64_t o = 0; o < QK_K; ++o) {
+          const int64_t r = g * QK_K + o;
+          if (q4_k) {
+            const uint8_t both[2] = {head_byte(0, r), head_byte(1, r)}, mins[2] = {head_byte(2, r), head_byte(3, r)};
+            const int s = static_cast<int>(pos / 32);
+            int sc, m;
+            if (s < 4) {
+              sc = head_byte(4 + s, r) & 63;
+              m = head_byte(8 + s, r) & 63;
+            } else {
+              sc = (head_byte(8 + s, r) & 15) | ((head_byte(s, r) >> 6) << 4);
+              m = (head_byte(8 + s, r) >> 4) | ((head_byte(4 + s, r) >> 6) << 4);
+            }
+            row[r] = (fp16_to_float(both) * static_cast<float>(sc)) * static_cast<float>(q[o]) -
+                     fp16_to_float(mins) * static_cast<float>(m);
+          } else {
+            const uint8_t dd[2] = {head_byte(16, r), head_byte(17, r)};
+            const int8_t scale = static_cast<int8_t>(head_byte(pos / 16, r));
+            row[r] = (fp16_to_float(dd) * static_cast<float>(scale)) * static_cast<float>(q[o] - 32);
+          }
+        }
+      }
+      if (dtype == at::kFloat) {
+        std::copy(row.begin(), row.end(), out.data_ptr<float>() + n * d);
+      } else {
+        at::BFloat16* o = out.data_ptr<at::BFloat16>() + n * d;
+        for (int64_t r = 0; r < d; ++r) o[r] = at::BFloat16(row[r]);
+      }
+    }
+  });
+  return out;
+}
+
 // Compact rows [..., cols / 256 * block_bytes] uint8 in the K-quant `kernel` ("q4_k" | "q6_k") -> [..., cols]
 // in `dtype` (fp32 or bf16).
 at::Tensor dequantize_k(const at::Tensor& W, int64_t cols, const std::string& kernel, at::ScalarType dtype) {

@@ -78,5 +78,7 @@ TORCH_LIBRARY(partinfer_cpu, m) {
         "Tensor(b!) v_cache, int pos) -> Tensor", model_decode);
   m.def("kernel_block_bytes(str kernel) -> int", kernel_block_bytes);
   m.def("dequantize_k(Tensor W, int cols, str kernel, ScalarType dtype) -> Tensor", dequantize_k);
+  m.def("dequantize_columns_k(Tensor codes, Tensor table, Tensor ids, str kernel, ScalarType dtype) -> Tensor",
+        dequantize_columns_k);
 }
 
