@@ -46,7 +46,7 @@ def score_continuations(
     or None): with `score_context`, the context's own tokens 1.. are scored too, by the prefill that
     computes them (every loaded neuron), as a runtime computes a prompt.
     """
-    device = model.embed_tokens.weight.device
+    device = model.device
     longest = max(len(c) for c in continuations)
     cache = KVCache(model.cfg, 1, len(context) + longest, model.dtype, device)
     ctx_logits = prefill(model, torch.tensor([context], device=device), cache,  # the sentence: selects

@@ -71,11 +71,11 @@ def fit_compensation(engine: Engine, texts: dict[str, list[str]], plans: dict[in
     for i, plan in plans.items():
         keep = torch.zeros(n, dtype=torch.bool)
         keep[plan.loaded] = True
-        recorders[i] = CompensationRecorder(model.layers[i].mlp, (~keep).nonzero()[:, 0].to(model.embed_tokens.weight.device))
+        recorders[i] = CompensationRecorder(model.layers[i].mlp, (~keep).nonzero()[:, 0].to(model.device))
         model.layers[i].mlp = recorders[i]
     pad = engine.tokenizer.pad_token_id if engine.tokenizer.pad_token_id is not None else 0
     prompts = [engine.encode(t, chat_template=False)[-max_prompt_tokens:] for items in texts.values() for t in items]
-    device, dtype = model.embed_tokens.weight.device, model.dtype
+    device, dtype = model.device, model.dtype
     try:
         for start in tqdm(range(0, len(prompts), batch_size), desc="compensate", unit="batch"):
             tokens, mask = left_pad(prompts[start : start + batch_size], pad)

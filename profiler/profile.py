@@ -76,14 +76,13 @@ def profile_prompts(model: Transformer, prompts: list[list[int]], cfg: ProfileCo
                     desc: str = "profile", progress: bool = True) -> ActivationStats:
     """Statistics over token-id prompts, each followed by `cfg.gen_tokens` greedy tokens."""
     stats = ActivationStats(model.cfg.n_layers, model.cfg.ffn_dim, cfg.token_sparsity, cfg.core_score)
-    weight = model.embed_tokens.weight
     attach_recorders(model, stats)
     try:
         with tqdm(total=len(prompts), desc=desc, unit="seq", disable=not progress) as bar:
             for start in range(0, len(prompts), cfg.batch_size):
                 tokens, mask = left_pad(prompts[start : start + cfg.batch_size], pad_id)
-                tokens, mask = tokens.to(weight.device), mask.to(weight.device)
-                cache = KVCache(model.cfg, tokens.shape[0], tokens.shape[1] + cfg.gen_tokens, weight.dtype, weight.device)
+                tokens, mask = tokens.to(model.device), mask.to(model.device)
+                cache = KVCache(model.cfg, tokens.shape[0], tokens.shape[1] + cfg.gen_tokens, model.dtype, model.device)
                 stats.token_mask = mask.bool()  # padding does not count
                 logits = prefill(model, tokens, cache, mask)[:, -1]
                 stats.token_mask = None

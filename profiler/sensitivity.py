@@ -40,7 +40,7 @@ def log_probs(model: Transformer, prompts: list[list[int]]) -> list[torch.Tensor
     """Next-token log-probabilities of every position of every prompt: [T, V] float32 each."""
     out = []
     for ids in prompts:
-        cache = KVCache(model.cfg, 1, len(ids), model.dtype, model.embed_tokens.weight.device)
+        cache = KVCache(model.cfg, 1, len(ids), model.dtype, model.device)
         logits = prefill(model, torch.tensor([ids], device=cache.k[0].device), cache, logits_for="all", select=False)
         out.append(torch.log_softmax(logits[0].float(), dim=-1).cpu())
     return out

@@ -124,7 +124,7 @@ class CUDAGraphDecode(EagerDecode):
 
 def choose_backend(model: Transformer) -> EagerDecode:
     """The fastest backend this model, dtype and machine support, chosen once after loading."""
-    device = model.embed_tokens.weight.device
+    device = model.device
     cfg = model.cfg
     if device.type == "cuda":
         return CUDAGraphDecode()

@@ -43,7 +43,7 @@ class Engine:
 
     @property
     def device(self) -> torch.device:
-        return self.model.embed_tokens.weight.device
+        return self.model.device
 
     @property
     def dtype(self) -> torch.dtype:

@@ -100,7 +100,7 @@ def generate(
     The prompt is a new sentence (each sparse layer selects its neurons from it); decode steps run on
     the model's backend (runtime/decode.py).
     """
-    device = model.embed_tokens.weight.device
+    device = model.device
     tokens, mask = left_pad(prompts, pad_id)
     B, T = tokens.shape
     if cache is None:

@@ -13,7 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from partinfer.common.errors import PartinferError
 from partinfer.common.formats.blocks import BlockFormat
+from partinfer.common.safetensors_io import SafetensorsFile
 from partinfer.runtime.native import cpu_flags
 from partinfer.runtime.quant import dequantize
 
@@ -97,6 +99,31 @@ class CompactLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
         return linear(x, self.weight, self.bias, self.fmt)
+
+
+class DiskEmbedding(nn.Module):
+    """An untied model's token embedding left on disk: each lookup reads only its tokens' compact rows
+    with positioned reads (one row per distinct token) and de-quantizes them, so the matrix (131 MB in
+    Q4_K on the 1.5B coding model) never becomes resident. The file stays open as long as the module."""
+
+    def __init__(self, file: SafetensorsFile, name: str, vocab_size: int, dim: int, fmt: BlockFormat,
+                 dtype: torch.dtype = torch.bfloat16):
+        super().__init__()
+        if file.shape(name) != [vocab_size, fmt.row_bytes(dim)]:
+            raise PartinferError(f"{file.path}: {name} is {file.shape(name)}, not [{vocab_size}, {fmt.row_bytes(dim)}] "
+                                 f"{fmt.name} rows; the checkpoint and its config.json do not match")
+        self.file, self.name, self.vocab_size, self.dim, self.fmt, self.dtype = file, name, vocab_size, dim, fmt, dtype
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # [...] -> [..., D]
+        ids, inverse = torch.unique(tokens.flatten().cpu(), return_inverse=True)  # sorted, distinct
+        if ids.numel() and (ids[0] < 0 or ids[-1] >= self.vocab_size):
+            raise IndexError(f"token id out of the vocabulary of {self.vocab_size}")
+        rows = self.file.read_rows(self.name, [(int(i), int(i) + 1) for i in ids])  # [u, row_bytes]
+        values = dequantize(rows, self.fmt, self.dim, self.dtype)[inverse]  # [tokens, D]
+        return values.reshape(*tokens.shape, self.dim).to(tokens.device)
+
+    def __del__(self) -> None:
+        self.file.close()
 
 
 class MixedCompactLinear(nn.Module):

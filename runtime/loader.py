@@ -1,5 +1,6 @@
 """Loading a model from its load plan: non-FFN weights by name into a model built on `meta`, and each
-FFN layer from only its loaded rows (the FFN module builds itself from them: runtime/ffns.py).
+FFN layer from only its loaded rows (the FFN module builds itself from them: runtime/ffns.py). An
+untied compact embedding stays on disk and is read per token (`DiskEmbedding`).
 
 Every tensor is copied into memory the process owns and the file handle is dropped afterwards, so
 RSS reflects exactly the weights we keep (a tensor left memory-mapped only counts once touched).
@@ -19,7 +20,8 @@ from partinfer.runtime.checkpoint import CheckpointReader, contiguous_runs, read
 from partinfer.runtime.decode import choose_backend
 from partinfer.runtime.ffn import FfnRows
 from partinfer.runtime.ffns import build_ffn
-from partinfer.runtime.kernels import CompactEmbedding, CompactLinear, MixedCompactLinear
+from partinfer.common.safetensors_io import SafetensorsFile
+from partinfer.runtime.kernels import CompactEmbedding, CompactLinear, DiskEmbedding, MixedCompactLinear
 from partinfer.runtime.load_plan import LoadPlan
 from partinfer.runtime.model import Transformer
 from partinfer.runtime.native import cpu_kernels
@@ -120,6 +122,11 @@ def load_planned(plan: LoadPlan, dtype: torch.dtype = torch.bfloat16, device: st
     cfg = plan.cfg
     model = build_model(plan, dtype)
     with CheckpointReader(plan.checkpoint) as reader:
+        embedding = plan.format_of("model.embed_tokens.weight")
+        if embedding is not None and not cfg.tie_embeddings and str(device) == "cpu":  # read per token, never resident
+            name = "model.embed_tokens.weight"
+            model.embed_tokens = DiskEmbedding(SafetensorsFile(reader.shards[name]), name, cfg.vocab_size, cfg.dim,
+                                               embedding, dtype)
         for i in range(cfg.n_layers):
             layer_plan = plan.layers.get(i)
             neurons = layer_plan.loaded if layer_plan is not None else torch.arange(cfg.ffn_dim)

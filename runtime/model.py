@@ -219,6 +219,10 @@ class Transformer(nn.Module):
         return self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
 
     @property
+    def device(self) -> torch.device:
+        return self.norm.weight.device
+
+    @property
     def output_head(self) -> nn.Module:
         return self.embed_tokens if self.lm_head is None else self.lm_head
 

@@ -187,3 +187,20 @@ def test_a_damaged_part_leaves_no_half_assembled_file(fake_parts):
     with pytest.raises(PartinferError, match="SHA-256.*reinstall the parts"):
         assemble_gguf(fake_parts["entry"])
     assert list((fake_parts["site"].parent / "home" / "gguf").iterdir()) == []
+
+
+def test_an_untied_compact_embedding_stays_on_disk(k_model):
+    """The input embedding of an untied model is read per token, never resident: no embedding tensor in
+    the model, the same logits as the resident rows give."""
+    from partinfer.runtime.kernels import CompactEmbedding, DiskEmbedding
+
+    model = load_model(k_model["q4"], torch.float32, "cpu")
+    assert isinstance(model.embed_tokens, DiskEmbedding)
+    assert not any("embed_tokens" in name for name, _ in model.named_parameters())
+    tokens = torch.tensor([[5, 200, 5, 17], [0, 255, 9, 9]])
+    with CheckpointReader(k_model["q4"]) as reader:
+        resident = CompactEmbedding(VOCAB, D, BLOCK_FORMATS["Q4_K"], torch.float32)
+        resident.weight = torch.nn.Parameter(reader.get("model.embed_tokens.weight"), requires_grad=False)
+    assert torch.equal(model.embed_tokens(tokens), resident(tokens))
+    with pytest.raises(IndexError):
+        model.embed_tokens(torch.tensor([VOCAB]))

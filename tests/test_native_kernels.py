@@ -108,7 +108,7 @@ def test_tokenwise_decode_layer(tiny_llama_dir, tmp_path):
 
 def decode_logits(model, prompt: list[int], tokens: list[int]) -> torch.Tensor:
     """Logits [len(tokens), V] of one-token decode steps after a prefill of `prompt`."""
-    cache = KVCache(model.cfg, 1, len(prompt) + len(tokens), model.embed_tokens.weight.dtype, "cpu")
+    cache = KVCache(model.cfg, 1, len(prompt) + len(tokens), model.dtype, "cpu")
     with torch.inference_mode():
         prefill(model, torch.tensor([prompt]), cache)  # selects
         return torch.stack([decode_step(model, torch.tensor([t]), cache)[0].float() for t in tokens])
