@@ -31,8 +31,12 @@ test: model
 	$(PY) -m pytest -q
 
 # llama.cpp for the bench's peer row: llama-cpp-python builds it from source once (about 10 minutes on 2 cores).
+# Native, but without ggml's AMX kernels: a VM may advertise AMX and trap its instructions (SIGILL seen on
+# an AVX-512 VNNI Xeon); the bench also runs every peer in a child process, so a crash costs only its row.
+NO_AMX  := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
 $(PEERS): $(STAMP)
-	CMAKE_ARGS="-DGGML_NATIVE=ON" $(PY) -m pip install -q --disable-pip-version-check llama-cpp-python==0.3.36
+	CMAKE_ARGS="-DGGML_NATIVE=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF -DCMAKE_C_FLAGS='$(NO_AMX)' -DCMAKE_CXX_FLAGS='$(NO_AMX)'" \
+		$(PY) -m pip install -q --disable-pip-version-check llama-cpp-python==0.3.36
 	touch $(PEERS)
 
 peers: $(PEERS)

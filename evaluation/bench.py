@@ -6,7 +6,6 @@ tokens/s <= bandwidth / bytes-per-token. We print the measured rate, that floor 
 
 from __future__ import annotations
 
-import importlib.util
 import statistics
 import time
 from collections.abc import Callable
@@ -15,12 +14,13 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
+from partinfer.evaluation.peers import PEER_MODULE, peer_specs, run_peer
 from partinfer.runtime.engine import parse_device, parse_dtype
 from partinfer.runtime.generate import generate
 from partinfer.runtime.loader import load_model
 from partinfer.runtime.model import Transformer
 from partinfer.runtime.native import compact_kernel_path, cpu_kernels
-from partinfer.runtime.prepare import default_gguf_path, default_model_dir, resolve_model
+from partinfer.runtime.prepare import resolve_model
 from partinfer.runtime.sparsity import SparsityConfig
 
 
@@ -32,6 +32,7 @@ class BenchRow:
     bytes_per_token: int
     bandwidth_gbs: float  # the copy tests around this row's runs
     floor_tps: float
+    note: str | None = None  # a peer that gave no numbers: what happened (its speeds are 0)
 
     @property
     def share_of_floor(self) -> float:
@@ -115,63 +116,15 @@ def bench_ours(model: Transformer, prompt: list[int], new_tokens: int, repeats: 
     return statistics.median(r.prefill_tps for r in runs), statistics.median(r.decode_tps for r in runs)
 
 
-def bench_transformers(model_dir: Path, dtype: torch.dtype, device: str, prompt: list[int], new_tokens: int,
-                       repeats: int) -> tuple[float, float]:
-    """transformers `generate()` on the same weights and dtype: decode = (t(N tokens) - t(1 token)) / (N - 1)."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
-    ids = torch.tensor([prompt], device=device)
-
-    def timed(n: int) -> float:
-        t0 = time.perf_counter()
-        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                       do_sample=False, pad_token_id=0)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        return time.perf_counter() - t0
-
-    with torch.inference_mode():
-        timed(new_tokens)  # warm-up
-        first = statistics.median(timed(1) for _ in range(repeats))
-        full = statistics.median(timed(new_tokens) for _ in range(repeats))
-    return len(prompt) / first, (new_tokens - 1) / max(full - first, 1e-9)
-
-
-def bench_llama_cpp(gguf: Path, prompt: list[int], new_tokens: int, repeats: int) -> tuple[float, float]:
-    """llama.cpp (`llama-cpp-python`, an optional extra: the caller checks it is installed) on a GGUF file.
-
-    Decode = (t(N tokens) - t(first token)) / (N - 1), greedy, the same thread count as torch.
-    """
-    from llama_cpp import Llama
-
-    llm = Llama(model_path=str(gguf), n_ctx=len(prompt) + new_tokens + 8, n_threads=torch.get_num_threads(),
-                n_batch=max(len(prompt), 8), verbose=False)
-
-    def timed() -> tuple[float, float]:
-        # llama-cpp-python keeps the previous prompt cached even with reset=True (it reuses the longest
-        # matching prefix), so without an explicit reset a timed prefill would be a cache hit.
-        llm.reset()
-        t0 = time.perf_counter()
-        tokens = llm.generate(prompt, temp=0.0, reset=True)
-        next(tokens)
-        t1 = time.perf_counter()
-        for _ in range(new_tokens - 1):
-            next(tokens)
-        return len(prompt) / (t1 - t0), (new_tokens - 1) / (time.perf_counter() - t1)
-
-    timed()  # warm-up
-    runs = [timed() for _ in range(repeats)]
-    return statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
-
-
 def run_bench(
     model: str | None = None, methods: tuple[str, ...] = ("dense", "partinfer"), sparsity: SparsityConfig | None = None,
     dtype: str = "bf16", device: str = "cpu", prompt_len: int = 64, new_tokens: int = 64, repeats: int = 3,
-    peers: bool = True, weights: str | None = None,
+    peers: bool = True, weights: str | None = None, peer_module: str = PEER_MODULE,
 ) -> dict:
     """Measure every method and the peers in one process, on the same prompt, and return a JSON-able
-    report; `weights`: the weight scheme every method runs on (None: as stored)."""
+    report; `weights`: the weight scheme every method runs on (None: as stored). Each peer runs in a
+    child process (`peer_module`, evaluation/peers.py): one that fails or crashes becomes a row that
+    says so, and the others are still measured."""
     sparsity = sparsity or SparsityConfig()
     model_dir = resolve_model(model)
     torch_dtype, device = parse_dtype(dtype), parse_device(device)
@@ -190,22 +143,19 @@ def run_bench(
         pre, dec = bench_ours(m, prompt, new_tokens, repeats)
         timed.append((method, pre, dec, weight_bytes_per_token(m)))  # bytes after a generation: active sets held
         del m
-    if peers:
-        dense_bytes = weight_bytes_per_token(dense)
+    notes: dict[int, str] = {}  # row -> why a peer gave no numbers
+    specs = peer_specs(model_dir, dtype, device, prompt, new_tokens, repeats) if peers else []
+    for name, spec, nbytes in specs:
         copies.append(measure_bandwidth(device=device))
-        pre, dec = bench_transformers(model_dir, torch_dtype, device, prompt, new_tokens, repeats)
-        timed.append(("transformers generate()", pre, dec, dense_bytes))
-        # llama.cpp runs the GGUF the default model was converted from, when the optional extra is installed
-        if model_dir == default_model_dir() and importlib.util.find_spec("llama_cpp") is not None:
-            gguf = default_gguf_path()
-            copies.append(measure_bandwidth(device=device))
-            speeds = bench_llama_cpp(gguf, prompt, new_tokens, repeats)
-            timed.append(("llama.cpp (Q4_1 GGUF)", *speeds, gguf.stat().st_size))
+        outcome = run_peer(spec, peer_module)  # its own process: a peer that crashes takes only its row
+        if outcome.error is not None:
+            notes[len(timed)] = outcome.error
+        timed.append((name, outcome.prefill_tps, outcome.decode_tps, nbytes or weight_bytes_per_token(dense)))
     copies.append(measure_bandwidth(device=device))
     rows = []
     for i, (name, pre, dec, nbytes) in enumerate(timed):
         bandwidth = row_bandwidth(copies, i)
-        rows.append(BenchRow(name, pre, dec, nbytes, bandwidth / 1e9, floor_tps(bandwidth, nbytes)))
+        rows.append(BenchRow(name, pre, dec, nbytes, bandwidth / 1e9, floor_tps(bandwidth, nbytes), notes.get(i)))
     return {
         "model": str(model_dir), "dtype": dtype, "device": device, "threads": torch.get_num_threads(),
         "weights": weights or "as stored",
@@ -234,6 +184,9 @@ def format_bench(report: dict) -> str:
     ]
     first = report["rows"][0]
     for r in report["rows"]:
+        if r.get("note"):
+            lines.append(f"{r['name']:<26}{'':>14}{'':>14}{r['bytes_per_token'] / 1e6:>10.1f}  no result: {r['note']}")
+            continue
         ratio = r["decode_tps"] / first["decode_tps"]
         ideal = first["bytes_per_token"] / r["bytes_per_token"]
         lines.append(

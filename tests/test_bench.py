@@ -66,3 +66,23 @@ def test_continuation_nll_sparse_methods_at_phi_gamma_one(tiny_llama_dir, tmp_pa
     sparse = load_model(tiny_llama_dir, torch.float32, "cpu",
                         SparsityConfig(method="partinfer", gamma=0.7, phi=0.4, model_neurons=neurons))
     assert continuation_nll(sparse, tokens[:6], tokens[6:]) != dense  # the sparse path really runs
+
+
+def test_a_peer_that_crashes_is_a_row_and_the_table_is_printed(tiny_llama_dir):
+    """The peer runs in its own process: a SIGILL there becomes a one-line row, our rows are measured."""
+    from partinfer.evaluation.bench import format_bench, run_bench
+
+    report = run_bench(str(tiny_llama_dir), ("dense",), None, "fp32", "cpu", 8, 4, 1, True, peer_module="tests.crash_peer")
+    ours, peer = report["rows"]
+    assert ours["name"] == "dense" and ours["decode_tps"] > 0 and ours["note"] is None
+    assert peer["name"] == "transformers generate()" and "crashed (SIGILL)" in peer["note"] and peer["decode_tps"] == 0
+    table = format_bench(report)
+    assert "no result: crashed (SIGILL)" in table and table.splitlines()[3].startswith("dense")
+
+
+def test_the_peer_child_measures_transformers(tiny_llama_dir):
+    from partinfer.evaluation.peers import peer_specs, run_peer
+
+    (name, spec, _), *_ = peer_specs(tiny_llama_dir, "fp32", "cpu", [5, 6, 7, 8], 3, 1)
+    outcome = run_peer(spec)
+    assert name == "transformers generate()" and outcome.error is None and outcome.decode_tps > 0
