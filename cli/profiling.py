@@ -122,7 +122,13 @@ def neurons_merge(
     if len(files) < 2:
         raise PartinferError("give two or more neuron files to merge")
     refuse_to_replace(out, force, NeuronFile.load, "neuron file")
-    merged = merge([NeuronFile.load(f) for f in files], names=[str(f) for f in files])
+    loaded = [NeuronFile.load(f) for f in files]
+    seen: dict[str, Path] = {}
+    for path, nf in zip(files, loaded):  # the same statistics twice would count their tokens twice
+        if nf.digest in seen:
+            raise PartinferError(f"{path} holds the same statistics as {seen[nf.digest]}; give each file once")
+        seen[nf.digest] = path
+    merged = merge(loaded, names=[str(f) for f in files])
     typer.echo(f"{merged.save(out)}\t{merged.level}-level, {merged.tokens} tokens, {merged.sequences} sequences")
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -22,6 +22,8 @@ def serve(
     dtype: DtypeOpt = "bf16",
     device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
     weights: WeightsOpt = None,
+    max_body_mb: Annotated[float, typer.Option("--max-body-mb", min=0.001, max=4096, help="Largest request body; larger ones get 413.")] = 4.0,
+    allowed_host: Annotated[Optional[list[str]], typer.Option("--allowed-host", help="A Host name to serve besides the loopback ones (repeat); the bound --host is allowed too.")] = None,
     *,
     sparsity: SparsityConfig,
 ) -> None:
@@ -34,8 +36,10 @@ def serve(
     from partinfer.server.worker import ModelWorker, ServeConfig
 
     engine = load_engine(model, dtype, device, sparsity, weights)
+    hosts = frozenset([*(allowed_host or ()), *([host] if host not in ("0.0.0.0", "::") else [])])
     config = ServeConfig(model_name=engine.model_dir.name, method=sparsity.method, context=context,
-                         max_queue=max_queue, default_max_tokens=default_max_tokens)
+                         max_queue=max_queue, default_max_tokens=default_max_tokens,
+                         max_body_bytes=int(max_body_mb * (1 << 20)), allowed_hosts=hosts)
     worker = ModelWorker(engine, config)
     server = uvicorn.Server(uvicorn.Config(build_app(worker), host=host, port=port, log_level="warning"))
     typer.echo(f"partinfer serve: {config.model_name} ({sparsity.method}) on http://{host}:{port} "

@@ -17,18 +17,27 @@ from typing import AsyncIterator, Callable
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from partinfer.common.errors import PartinferError
 from partinfer.runtime.generate import SamplingConfig
 from partinfer.runtime.text import encode_messages, require_utf8
 from partinfer.server.protocol import (BadRequest, ChatRequest, CompletionRequest, SamplingFields, chat_chunk, chat_response,
                              completion_id, error_body, text_chunk, text_response, usage)
+from partinfer.server.guard import RequestGuard
 from partinfer.server.worker import Completion, Job, ModelWorker
 
 
-def build_app(worker: ModelWorker) -> FastAPI:
+def build_app(worker: ModelWorker) -> RequestGuard:
+    """The API behind the Host check and body limit of server/guard.py (an ASGI app for uvicorn)."""
     config = worker.config
     app = FastAPI(title="partinfer", docs_url=None, redoc_url=None)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return JSONResponse(error_body(str(exc.detail), kind=kind), status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -59,7 +68,7 @@ def build_app(worker: ModelWorker) -> FastAPI:
     async def chat(body: ChatRequest):
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         try:
-            ids = encode_messages(worker.engine.tokenizer, messages)
+            ids = await asyncio.to_thread(encode_messages, worker.engine.tokenizer, messages)  # not on the event loop
         except PartinferError as e:
             raise BadRequest(str(e), param="messages") from None
         rid = completion_id("chatcmpl")
@@ -72,7 +81,8 @@ def build_app(worker: ModelWorker) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest):
         try:
-            ids = worker.engine.encode(require_utf8(body.prompt, "the prompt"), chat_template=False)
+            text = require_utf8(body.prompt, "the prompt")
+            ids = await asyncio.to_thread(worker.engine.encode, text, False)  # not on the event loop
         except PartinferError as e:
             raise BadRequest(str(e), param="prompt") from None
         rid = completion_id("cmpl")
@@ -126,7 +136,7 @@ def build_app(worker: ModelWorker) -> FastAPI:
         finally:
             job.cancelled.set()  # a client that went away stops its generation and frees its place
 
-    return app
+    return RequestGuard(app, config.max_body_bytes, config.allowed_hosts)
 
 
 def sse(payload: dict) -> str:

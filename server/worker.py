@@ -34,6 +34,8 @@ class ServeConfig:
     max_queue: int = 16  # requests running or waiting; more get 429
     default_max_tokens: int = 256
     retry_after_s: int = 1
+    max_body_bytes: int = 4 << 20  # a larger request body is refused (413) before it is read
+    allowed_hosts: frozenset[str] = frozenset()  # Host names served besides the loopback ones
 
 
 @dataclass

@@ -136,7 +136,7 @@ def test_prompt_that_is_not_utf8(tiny_llama_dir):
 
 def test_chat_survives_a_line_that_is_not_utf8(default_model_dir):
     env = {**os.environ, "PYTHONIOENCODING": "utf-8", "LC_ALL": "C.UTF-8"}
-    done = subprocess.run([sys.executable, "-m", "cli", "chat", "-n", "4"], input=b"caf\xe9\nHello\n/exit\n",
+    done = subprocess.run([sys.executable, "-m", "partinfer.cli", "chat", "-n", "4"], input=b"caf\xe9\nHello\n/exit\n",
                           capture_output=True, env=env, timeout=300)
     err = done.stderr.decode()
     assert done.returncode == 0, err
@@ -206,7 +206,7 @@ def test_a_killed_first_kernel_build_neither_hangs_nor_leaves_compilers(tmp_path
     assert compilers_in(tmp_path) == [], "compilers outlived the killed build"
     # torch's own lock file is left behind by the killed build: the next run must not wait on it
     started = time.monotonic()
-    second = subprocess.run([sys.executable, "-m", "cli", "generate", "-p", "Hi", "-n", "2", "--method", "dense",
+    second = subprocess.run([sys.executable, "-m", "partinfer.cli", "generate", "-p", "Hi", "-n", "2", "--method", "dense",
                              "--model", str(tiny_with_tokenizer / "model"), "--dtype", "bf16", "--json"],
                             env=env, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stderr

@@ -113,3 +113,15 @@ def test_merge_never_replaces_a_file_that_is_not_a_neuron_file(tiny_with_tokeniz
     assert_clean_error(runner.invoke(app, ["neurons", "merge", nf, nf, "-o", str(mine)]), "exists")
     assert_clean_error(runner.invoke(app, ["neurons", "merge", nf, nf, "-o", str(mine), "--force"]), "notes.txt")
     assert mine.read_text() == "my thesis"
+
+
+def test_merge_refuses_the_same_file_twice_by_content(tiny_with_tokenizer, tmp_path):
+    """`neurons merge A A' B` (A' a copy of A) would count A's tokens twice: refused, nothing written."""
+    import shutil
+
+    a = tiny_with_tokenizer / "neurons.safetensors"
+    copy = shutil.copy(a, tmp_path / "copy.safetensors")
+    other = replace(NeuronFile.load(a), tokens=NeuronFile.load(a).tokens + 1).save(tmp_path / "b.safetensors")
+    result = runner.invoke(app, ["neurons", "merge", str(a), str(copy), str(other), "-o", str(tmp_path / "m.safetensors")])
+    assert_clean_error(result, "same statistics", "give each file once")
+    assert not (tmp_path / "m.safetensors").exists()

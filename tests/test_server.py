@@ -30,13 +30,13 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """`python -m cli serve ...` on a free loopback port, stopped at the end."""
+    """`python -m partinfer.cli serve ...` on a free loopback port, stopped at the end."""
 
     def __init__(self, *args: str):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-        self.proc = subprocess.Popen([sys.executable, "-m", "cli", "serve", "--port", str(self.port), *args], env=env,
+        self.proc = subprocess.Popen([sys.executable, "-m", "partinfer.cli", "serve", "--port", str(self.port), *args], env=env,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
@@ -145,6 +145,36 @@ def test_bad_input_is_a_4xx_and_the_server_goes_on(server, path, body, fragment)
     error = response.json()["error"]
     assert fragment in error["message"] or fragment == error.get("param"), error
     assert httpx.get(server.url + "/health").status_code == 200
+
+
+def test_a_huge_body_gets_413_while_health_keeps_answering(server):
+    """A 50 MiB chat message is refused before it is read (an OpenAI error object), and the server goes on."""
+    big = b'{"messages": [{"role": "user", "content": "' + b"a" * (50 << 20) + b'"}]}'
+    answers = {}
+
+    def post() -> None:
+        answers["big"] = httpx.post(server.url + "/v1/chat/completions", content=big,
+                                    headers={"Content-Type": "application/json"}, timeout=60)
+
+    thread = threading.Thread(target=post)
+    thread.start()
+    t0 = time.monotonic()
+    assert httpx.get(server.url + "/health", timeout=5).status_code == 200
+    assert time.monotonic() - t0 < 1.0
+    thread.join(60)
+    assert answers["big"].status_code == 413 and answers["big"].json()["error"]["code"] == "body_too_large"
+
+
+def test_a_foreign_host_header_is_refused(server):
+    """DNS rebinding: a request that names another host is not served; loopback names are."""
+    refused = httpx.get(server.url + "/v1/models", headers={"Host": "evil.example:8000"})
+    assert refused.status_code == 400 and refused.json()["error"]["code"] == "host_not_allowed"
+    assert httpx.get(server.url + "/v1/models", headers={"Host": "localhost"}).status_code == 200
+
+
+def test_unknown_routes_and_methods_are_openai_error_objects(server):
+    for response, status in ((httpx.get(server.url + "/v1/nothing"), 404), (httpx.get(server.url + "/v1/completions"), 405)):
+        assert response.status_code == status and set(response.json()["error"]) >= {"message", "type"}
 
 
 def test_unknown_fields_are_ignored(server):
