@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from typing import Annotated, Optional
 
 import typer
@@ -35,7 +36,13 @@ def serve(
     from partinfer.server.app import build_app
     from partinfer.server.worker import ModelWorker, ServeConfig
 
-    engine = load_engine(model, dtype, device, sparsity, weights)
+    sock = listen(host, port)  # before loading: a taken port fails at once
+    port = sock.getsockname()[1]  # the real one for --port 0
+    try:
+        engine = load_engine(model, dtype, device, sparsity, weights)
+    except BaseException:
+        sock.close()
+        raise
     hosts = frozenset([*(allowed_host or ()), *([host] if host not in ("0.0.0.0", "::") else [])])
     config = ServeConfig(model_name=engine.model_dir.name, method=sparsity.method, context=context,
                          max_queue=max_queue, default_max_tokens=default_max_tokens,
@@ -45,8 +52,18 @@ def serve(
     typer.echo(f"partinfer serve: {config.model_name} ({sparsity.method}) on http://{host}:{port} "
                "(OpenAI API under /v1, chat page at /); Ctrl-C stops", err=True)
     try:
-        server.run()
-    except OSError as e:
-        raise PartinferError(f"cannot listen on {host}:{port} ({e.strerror}); choose another --port") from e
+        server.run(sockets=[sock])
     finally:
         worker.close()
+        sock.close()
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port; a taken port or a bad address is a one-line error."""
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.create_server((host, port), family=family, backlog=128)
+    except OSError as e:
+        raise PartinferError(f"cannot listen on {host}:{port} ({e.strerror or e}); choose another --port or --host") from e
+    sock.setblocking(False)
+    return sock

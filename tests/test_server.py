@@ -309,3 +309,38 @@ def test_a_conversation_that_extends_the_cache_reuses_it_and_answers_as_a_fresh_
     got = answer(reused, second)
     assert got == answer(ModelWorker(engine, config), second)
     assert extends, "the chat template re-rendered the first turn; the cache could not be reused"
+
+
+def test_a_taken_port_is_a_one_line_error(tiny_args):
+    from tests.test_cli import assert_clean_error
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert_clean_error(runner.invoke(app, ["serve", "--port", str(port), *tiny_args]), "cannot listen", str(port))
+
+
+def test_port_zero_prints_the_real_port(tiny_args):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "partinfer.cli", "serve", "--port", "0", *tiny_args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        line = ""
+        deadline = time.monotonic() + 180
+        while "http://127.0.0.1:" not in line and time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            assert line or proc.poll() is None, "the server exited"
+        port = int(line.split("http://127.0.0.1:")[1].split()[0])
+        assert port > 0
+        for _ in range(100):
+            try:
+                assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200
+                break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        else:
+            raise AssertionError("no answer on the printed port")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
