@@ -102,6 +102,10 @@ def run_method(model_dir: Path, method: str, sparsity: SparsityConfig, tasks: li
                                       task_manager=task_manager(include_path, tasks), log_samples=False)
     except KeyError as e:  # lm-eval's way of saying a task name is unknown
         raise PartinferError(f"lm-eval does not know task {e}; offline tasks: {', '.join(OFFLINE_TASKS)}") from e
+    except ImportError as e:  # a task YAML's `!function` names a module that cannot be imported
+        where = f" from {include_path}" if include_path is not None else ""
+        raise PartinferError(f"a task YAML{where} could not be loaded ({type(e).__name__}: {e}); fix its "
+                             "`!function` module, which must sit beside the YAML") from e
     except Exception as e:
         hub = type(e).__module__.split(".")[0] in ("datasets", "huggingface_hub", "requests", "urllib3")
         if not (hub or isinstance(e, (ConnectionError, OSError))):

@@ -134,3 +134,21 @@ def test_eval_include_path_runs_a_users_task(tiny_with_tokenizer, tmp_path):
         run_eval(tiny_with_tokenizer / "model", ["my_words"], ("dense",), sparsity, tmp_path / "out2",
                  include_path=tmp_path / "missing")
     assert not (tmp_path / "out2").exists()
+
+
+def test_a_task_yaml_that_cannot_be_loaded_is_a_one_line_error(tiny_with_tokenizer, tmp_path):
+    """`!function` naming a module that does not exist: our error names the directory and the cause."""
+    from partinfer.common.errors import PartinferError
+    from partinfer.evaluation.accuracy import run_eval
+    from partinfer.runtime.sparsity import SparsityConfig
+
+    tasks_dir = tmp_path / "broken"
+    tasks_dir.mkdir()
+    (tasks_dir / "broken.yaml").write_text(
+        "task: broken_task\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: x.jsonl\ntest_split: test\n"
+        "output_type: loglikelihood_rolling\ndoc_to_text: !function no_such_module.to_text\n"
+        "doc_to_target: \"{{text}}\"\nmetric_list:\n  - metric: word_perplexity\n")
+    sparsity = SparsityConfig(model_neurons=tiny_with_tokenizer / "neurons.safetensors")
+    with pytest.raises(PartinferError, match="could not be loaded.*no_such_module"):
+        run_eval(tiny_with_tokenizer / "model", ["broken_task"], ("dense",), sparsity, tmp_path / "out", limit=2,
+                 dtype="fp32", include_path=tasks_dir)
