@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 
 from partinfer.common.atomic import atomic_file
 from partinfer.common.errors import PartinferError
-from partinfer.common.safetensors_io import read_whole_file
+from partinfer.common.safetensors_io import DIGEST_KEY, check_digest, content_digest, read_whole_file
 
 FORMAT = "partinfer-compensation"
 VERSION = 1
@@ -46,6 +46,7 @@ class Compensation:
                     "rank": str(self.rank), "ridge": str(self.ridge), "tokens": str(self.tokens),
                     "datasets": json.dumps(list(self.datasets)), "created": self.created,
                     "layers": json.dumps(sorted(self.a))}
+        metadata[DIGEST_KEY] = content_digest(metadata, tensors)  # checked on every load
         with atomic_file(Path(path)) as tmp:
             save_file(tensors, tmp, metadata=metadata)
         return Path(path)
@@ -58,6 +59,7 @@ class Compensation:
         if not path.is_file():
             raise PartinferError(f"compensation file {path} does not exist; make one with `partinfer compensate`")
         meta, tensors = read_whole_file(path)
+        check_digest(path, meta, tensors, "make it again with `partinfer compensate`")
         if meta.get("format") != FORMAT or meta.get("version") != str(VERSION):
             raise PartinferError(f"{path} is not a partinfer compensation file (version {VERSION})")
         try:

@@ -17,7 +17,6 @@ measured with the file's own ranking, which a merge changes, so a merge drops th
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import re
@@ -30,7 +29,7 @@ from safetensors.torch import save_file
 
 from partinfer.common.atomic import atomic_file
 from partinfer.common.errors import PartinferError
-from partinfer.common.safetensors_io import read_whole_file
+from partinfer.common.safetensors_io import DIGEST_KEY, check_digest, content_digest, read_whole_file
 
 FORMAT = "partinfer-neurons"
 VERSION = 1
@@ -137,6 +136,7 @@ class NeuronFile:
         }
         if self.sensitivity is not None:
             metadata["sensitivity"] = self.sensitivity.to_json()
+        metadata[DIGEST_KEY] = content_digest(metadata, tensors)  # checked on every load
         with atomic_file(path) as tmp:
             save_file(tensors, tmp, metadata=metadata)
         return path
@@ -180,7 +180,7 @@ class NeuronFile:
             core_score=meta["core_score"], dtype=meta["dtype"], created=meta["created"], sensitivity=sensitivity,
         )
         object.__setattr__(nf, "_file_ranks", ranks)
-        object.__setattr__(nf, "digest", content_digest(meta, tensors))
+        object.__setattr__(nf, "digest", content_digest(meta, tensors)[:20])
         return nf
 
     @classmethod
@@ -190,6 +190,7 @@ class NeuronFile:
         if not path.is_file():
             raise PartinferError(f"neuron file {path} does not exist; make one with `partinfer profile` or fix the path")
         meta, tensors = read_whole_file(path)  # checks the header against the file before any data is read
+        check_digest(path, meta, tensors, "profile again, or restore a good copy")
         if meta.get("format") != FORMAT:
             raise PartinferError(f"{path} is not a partinfer neuron file (format={meta.get('format')!r})")
         if meta.get("version") != str(VERSION):
@@ -205,15 +206,6 @@ class NeuronFile:
         if fingerprint is not None:
             nf.check_model(fingerprint, path)
         return nf
-
-
-def content_digest(meta: dict[str, str], tensors: dict[str, torch.Tensor]) -> str:
-    """Names a file's content (metadata and every tensor's bytes), independent of its path."""
-    digest = hashlib.sha256(json.dumps(meta, sort_keys=True).encode())
-    for name in sorted(tensors):
-        digest.update(name.encode())
-        digest.update(tensors[name].contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:20]
 
 
 FINGERPRINT_GEOMETRY = re.compile(r"-L(\d+)-d\d+-n(\d+)-")

@@ -12,6 +12,8 @@ header {name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {...}}
 
 from __future__ import annotations
 
+import hashlib
+
 import json
 import os
 import struct
@@ -67,6 +69,25 @@ def _read_header(fd: int, file_size: int) -> tuple[dict, int, dict]:
         if elems * DTYPES[dtype].itemsize != offsets[1] - offsets[0]:
             raise PartinferError(f"tensor {name!r}: shape {shape} {dtype} does not match its {offsets[1] - offsets[0]} bytes")
     return header, 8 + n, metadata
+
+
+DIGEST_KEY = "content_sha256"
+
+
+def content_digest(meta: dict[str, str], tensors: dict[str, torch.Tensor]) -> str:
+    """Names a file's content: its metadata (but this digest) and every tensor's name and bytes."""
+    digest = hashlib.sha256(json.dumps({k: v for k, v in meta.items() if k != DIGEST_KEY}, sort_keys=True).encode())
+    for name in sorted(tensors):
+        digest.update(name.encode())
+        digest.update(tensors[name].contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def check_digest(path: Path, meta: dict[str, str], tensors: dict[str, torch.Tensor], fix: str) -> None:
+    """A file written with a digest (DIGEST_KEY in its metadata) must still match it: flipped bytes
+    anywhere in it are a one-line error, not silently different values. Files written before digests: accepted."""
+    if DIGEST_KEY in meta and meta[DIGEST_KEY] != content_digest(meta, tensors):
+        raise PartinferError(f"{path} is damaged: its content does not match the digest it was written with; {fix}")
 
 
 def read_whole_file(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:

@@ -9,6 +9,7 @@ import struct
 from pathlib import Path
 
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
@@ -135,3 +136,31 @@ def test_option_parser_on_random_values(values):
         args += [option, str(value)]
     result = CliRunner().invoke(app, args)  # valid values get as far as the missing model, still exit 2
     assert_clean_error(result)
+
+
+@pytest.mark.parametrize("kind", ["neuron", "compensation"])
+def test_flipped_bytes_in_a_written_file_are_a_one_line_error(kind, tmp_path):
+    """Files we write carry a content digest: 64 flipped bytes inside the tensor data are refused, not
+    read as other values that still look finite."""
+    from partinfer.common.compensation_file import Compensation
+    from partinfer.common.errors import PartinferError
+    from partinfer.common.neuron_file import NeuronFile
+
+    if kind == "neuron":
+        n = 64
+        path = NeuronFile(sum_abs=[torch.rand(n, dtype=torch.float64) for _ in range(2)],
+                          core_count=[torch.rand(n, dtype=torch.float64) for _ in range(2)], tokens=10, model="m",
+                          fingerprint=f"llama-L2-d8-n{n}-v16", level="model", datasets=("x",), sequences=1,
+                          gen_tokens=0, token_sparsity=0.2, core_score="abs").save(tmp_path / "f.safetensors")
+        load = lambda p: NeuronFile.load(p)  # noqa: E731
+    else:
+        path = Compensation({0: torch.rand(8, 4)}, {0: torch.rand(4, 8)}, "llama-L2-d8-n64-v16", "abc", 4, 1e-3, 10,
+                            ("x",)).save(tmp_path / "f.safetensors")
+        load = lambda p: Compensation.load(p)  # noqa: E731
+    load(path)  # a good file loads
+    data = bytearray(path.read_bytes())
+    for i in range(len(data) - 64, len(data)):  # the last tensor bytes: finite values, other numbers
+        data[i] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(PartinferError, match="damaged"):
+        load(path)
