@@ -18,7 +18,6 @@ after a `prompt_ended()` and passes it by handle to every step until the next.
 
 from __future__ import annotations
 
-
 import torch
 
 from partinfer.runtime.cuda_graph import GraphedDecode

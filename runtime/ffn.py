@@ -25,7 +25,7 @@ class FfnRows:
 
     Float rows: gate, up, down_t [k, d]. Compact rows (both formats set): gate and up [k, row_bytes]
     uint8 in `gate_up_format`; down_t [k, column_code_bytes(d)] uint8 codes in `down_format`, whose
-    block scales are the layer's `down_table` [n / block, scales, d] fp16 (common/formats/pack_format.py)."""
+    block heads are the layer's `down_table` [n / block, head_bytes / 2, d] (2-byte units) (common/formats/pack_format.py)."""
 
     neuron_ids: torch.Tensor  # [k] int64 original neuron indices
     gate: torch.Tensor
@@ -136,7 +136,7 @@ class CompactFFN(FeedForward):
 
       gate_up     [n, 2, row_bytes] uint8  neuron i's gate and up rows side by side, in `gate_up_format`,
       down_t      [n, code_bytes] uint8    neuron i's down column codes, in `down_format`,
-      down_table  [n / block, scales, d]   the layer's down block scales (fp16).
+      down_table  [n / block, head / 2, d] the layer's down block heads (2-byte units).
     The eager path de-quantizes tile by tile into `dtype`; the compiled decode reads the rows as
     FfnKind.ROWS, as it reads a compact sparse layer's active prefix."""
 

@@ -5,7 +5,7 @@ flash's row-column bundling): `model.layers.{i}.mlp.bundle` [n, 3, d] holds neur
 up row and down column side by side; `model.layers.{i}.mlp.perm` int64 [n] says which original
 neuron each packed row is. Loading the k hottest neurons of a layer is then one read. Compact
 packs hold [n, bytes] bundles (gate and up rows, down codes) and each layer's down block scales,
-`model.layers.{i}.mlp.down_table` [n / block, scales, d] fp16 (common/formats/pack_format.py, "Down columns"). Everything
+`model.layers.{i}.mlp.down_table` [n / block, head_bytes / 2, d] fp16 (common/formats/pack_format.py, "Down columns"). Everything
 else is copied unchanged. One shard per layer keeps memory at one layer while packing, and the
 directory is written under a temporary name and renamed when complete; `--out` must be new, empty
 or an earlier pack (see common.output_dir), so packing never removes a file it did not write.

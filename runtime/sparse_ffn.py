@@ -29,9 +29,9 @@ from partinfer.runtime.config import ACTIVATIONS, ModelConfig
 from partinfer.runtime.decode_contract import FfnKind, FfnWeights
 from partinfer.runtime.ffn import FeedForward, FfnRows, column_linear
 from partinfer.runtime.kernels import linear
+from partinfer.runtime.model import Transformer
 from partinfer.runtime.quant import dequantize, dequantize_columns, down_table_shape, neuron_blocks
 from partinfer.runtime.selection import real_token_weights, sentence_active, top_count_mask
-from partinfer.runtime.model import Transformer
 from partinfer.runtime.sparsity import LayerPlan, SparsityConfig
 from partinfer.runtime.tokenwise_ffn import TokenwiseFFN
 
@@ -220,8 +220,8 @@ class CompactSparseFFN(SparseFFN):
 
       gate_up     [k, 2, row_bytes] uint8   neuron i's gate and up rows side by side, in `gate_up_format`,
       down_t      [k, code_bytes] uint8     neuron i's down column codes, in `down_format`,
-      down_table  [n / block, scales, d]    the layer's down block scales (fp16); neuron i's block is
-                                            neuron_ids[i] // block.
+      down_table  [n / block, head / 2, d]  the layer's down block heads (2-byte units); neuron i's
+                                            block is neuron_ids[i] // block.
     The active prefix is `gate_up[:m]` and `down_t[:m]`, reordered in place as in SparseFFN; the
     compiled decode reads them as FfnKind.ROWS when both formats have kernels."""
 

@@ -57,7 +57,7 @@ class TokenwiseFFN(FeedForward):
             self.gate, self.up, self.down_t = (nn.Parameter(torch.empty(k, b, dtype=torch.uint8), requires_grad=False)
                                                for b in (gate_up_bytes, gate_up_bytes, down_bytes))
             self.down_table = nn.Parameter(torch.empty(down_table_shape(compact[1], cfg.ffn_dim, d), dtype=torch.float16),
-                                           requires_grad=False)  # [n / block, scales, d]
+                                           requires_grad=False)  # [n / block, head_bytes / 2, d]
         self.register_buffer("neuron_ids", plan.loaded.clone().to("cpu"), persistent=False)  # [k] original ids
         self.act = ACTIVATIONS[cfg.hidden_act]
         self.n_base, self.n_active = plan.n_base, plan.n_active

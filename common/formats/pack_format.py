@@ -6,7 +6,7 @@ hot-first by the model-level ranking and bundled per neuron:
   model.layers.{i}.mlp.bundle      [n, 3, d] (bf16: gate row, up row, down column), or [n, bytes]
                                    uint8 (compact: gate row | up row | down column codes)
   model.layers.{i}.mlp.perm        int64 [n]: packed row j holds original neuron perm[j]
-  model.layers.{i}.mlp.down_table  fp16 [n / block, scales, d] (compact only): the down blocks' scales
+  model.layers.{i}.mlp.down_table  [n / block, head_bytes / 2, d] (compact only): the down blocks' heads as 2-byte units (fp16: for Q4_1 and Q8_0 their scales)
 Everything else keeps its Hugging Face name.
 
 Down columns. `down` [d, n] stores its blocks along the neurons (row r's block b covers neurons
