@@ -5,50 +5,8 @@
 
 constexpr int64_t Q4_K_BYTES = 144, Q6_K_BYTES = 210, QK_K = 256;
 
-__attribute__((optimize("fp-contract=off")))
-void dequantize_q4_k_block(const uint8_t* b, float* out) {
-  const float d = fp16_to_float(b), dmin = fp16_to_float(b + 2);
-  const uint8_t* p = b + 4;  // 12 bytes of 6-bit (scale, min) pairs
-  const uint8_t* qs = b + 16;
-  for (int s = 0; s < 8; ++s) {
-    int sc, m;
-    if (s < 4) {
-      sc = p[s] & 63;
-      m = p[s + 4] & 63;
-    } else {
-      sc = (p[s + 4] & 15) | ((p[s - 4] >> 6) << 4);
-      m = (p[s + 4] >> 4) | ((p[s] >> 6) << 4);
-    }
-    const float scale = d * static_cast<float>(sc), offset = dmin * static_cast<float>(m);
-    const uint8_t* chunk = qs + 32 * (s / 2);
-    for (int j = 0; j < 32; ++j) {
-      const int q = (s % 2) ? (chunk[j] >> 4) : (chunk[j] & 15);
-      out[32 * s + j] = scale * static_cast<float>(q) - offset;
-    }
-  }
-}
-
-__attribute__((optimize("fp-contract=off")))
-void dequantize_q6_k_block(const uint8_t* b, float* out) {
-  const uint8_t* ql = b;
-  const uint8_t* qh = b + 128;
-  const int8_t* scales = reinterpret_cast<const int8_t*>(b + 192);
-  const float d = fp16_to_float(b + 208);
-  for (int h = 0; h < 2; ++h) {  // halves of 128; quarter t of a half: 32 weights
-    for (int t = 0; t < 4; ++t) {
-      const uint8_t* low = ql + 64 * h + 32 * (t % 2);
-      const int shift = t < 2 ? 0 : 4;
-      for (int j = 0; j < 32; ++j) {
-        const int i = 128 * h + 32 * t + j;
-        const int q = ((low[j] >> shift) & 15) | (((qh[32 * h + j] >> (2 * t)) & 3) << 4);
-        out[i] = (d * static_cast<float>(scales[i / 16])) * static_cast<float>(q - 32);
-      }
-    }
-  }
-}
-
 // The 256 codes of one K-quant block's code bytes -> q[256] (Q4_K: 0..15, Q6_K: 0..63), as the
-// format's `unpack`. Down columns keep each neuron's codes in this layout along d.
+// format's `unpack`. Rows hold them so per block; down columns per neuron, along d.
 void unpack_k_codes(const uint8_t* codes, bool q4_k, int* q) {
   if (q4_k) {
     for (int s = 0; s < 8; ++s)
@@ -60,6 +18,49 @@ void unpack_k_codes(const uint8_t* codes, bool q4_k, int* q) {
       for (int j = 0; j < 32; ++j)
         q[128 * h + 32 * t + j] = ((codes[64 * h + 32 * (t % 2) + j] >> (t < 2 ? 0 : 4)) & 15) |
                                   (((codes[128 + 32 * h + j] >> (2 * t)) & 3) << 4);
+}
+
+// A block's head (Q4_K: d, dmin, 12 bytes of 6-bit scale/min pairs; Q6_K: 16 int8 scales, then d) ->
+// the scale and offset of the weight at position `pos`: w = scale·q − offset (Q6_K: q − 32, offset 0).
+// The same fp32 products as the Python reference, FMA contraction off.
+__attribute__((optimize("fp-contract=off")))
+void k_scale_offset(const uint8_t* head, bool q4_k, int pos, float& scale, float& offset) {
+  if (!q4_k) {
+    scale = fp16_to_float(head + 16) * static_cast<float>(static_cast<int8_t>(head[pos / 16]));
+    offset = 0.0f;
+    return;
+  }
+  const uint8_t* p = head + 4;
+  const int s = pos / 32;
+  int sc, m;
+  if (s < 4) {
+    sc = p[s] & 63;
+    m = p[s + 4] & 63;
+  } else {
+    sc = (p[s + 4] & 15) | ((p[s - 4] >> 6) << 4);
+    m = (p[s + 4] >> 4) | ((p[s] >> 6) << 4);
+  }
+  scale = fp16_to_float(head) * static_cast<float>(sc);
+  offset = fp16_to_float(head + 2) * static_cast<float>(m);
+}
+
+// One weight from its code and its scale and offset (k_scale_offset), in the reference's order.
+__attribute__((optimize("fp-contract=off")))
+inline float k_value(bool q4_k, float scale, float offset, int q) {
+  return q4_k ? scale * static_cast<float>(q) - offset : scale * static_cast<float>(q - 32);
+}
+
+// One block -> out[256]; scales are constant over each 16 weights (Q6_K's sub-blocks, half a Q4_K one).
+__attribute__((optimize("fp-contract=off")))
+void dequantize_k_block(const uint8_t* b, bool q4_k, float* out) {
+  int q[QK_K];
+  const uint8_t* head = q4_k ? b : b + 192;  // Q4_K: head first; Q6_K: ql | qh, then the head
+  unpack_k_codes(q4_k ? b + 16 : b, q4_k, q);
+  for (int i0 = 0; i0 < QK_K; i0 += 16) {
+    float scale, offset;
+    k_scale_offset(head, q4_k, i0, scale, offset);
+    for (int i = i0; i < i0 + 16; ++i) out[i] = k_value(q4_k, scale, offset, q[i]);
+  }
 }
 
 // Down columns in a K-quant: codes [k, d / 256 * code_bytes] of the neurons `ids` [k] (original ids),
@@ -93,24 +94,11 @@ at::Tensor dequantize_columns_k(const at::Tensor& codes, const at::Tensor& table
         unpack_k_codes(codes.data_ptr<uint8_t>() + n * codes.size(1) + g * code_bytes, q4_k, q.data());
         for (int64_t o = 0; o < QK_K; ++o) {
           const int64_t r = g * QK_K + o;
-          if (q4_k) {
-            const uint8_t both[2] = {head_byte(0, r), head_byte(1, r)}, mins[2] = {head_byte(2, r), head_byte(3, r)};
-            const int s = static_cast<int>(pos / 32);
-            int sc, m;
-            if (s < 4) {
-              sc = head_byte(4 + s, r) & 63;
-              m = head_byte(8 + s, r) & 63;
-            } else {
-              sc = (head_byte(8 + s, r) & 15) | ((head_byte(s, r) >> 6) << 4);
-              m = (head_byte(8 + s, r) >> 4) | ((head_byte(4 + s, r) >> 6) << 4);
-            }
-            row[r] = (fp16_to_float(both) * static_cast<float>(sc)) * static_cast<float>(q[o]) -
-                     fp16_to_float(mins) * static_cast<float>(m);
-          } else {
-            const uint8_t dd[2] = {head_byte(16, r), head_byte(17, r)};
-            const int8_t scale = static_cast<int8_t>(head_byte(pos / 16, r));
-            row[r] = (fp16_to_float(dd) * static_cast<float>(scale)) * static_cast<float>(q[o] - 32);
-          }
+          uint8_t head[18];  // row r's head of the neuron's block
+          for (int64_t j = 0; j < 2 * halves; ++j) head[j] = head_byte(j, r);
+          float scale, offset;
+          k_scale_offset(head, q4_k, static_cast<int>(pos), scale, offset);
+          row[r] = k_value(q4_k, scale, offset, q[o]);
         }
       }
       if (dtype == at::kFloat) {
@@ -143,8 +131,7 @@ at::Tensor dequantize_k(const at::Tensor& W, int64_t cols, const std::string& ke
     for (int64_t r = r0; r < r1; ++r) {
       for (int64_t b = 0; b < nb; ++b) {
         const uint8_t* blk = w + (r * nb + b) * block_bytes;
-        if (block_bytes == Q4_K_BYTES) dequantize_q4_k_block(blk, values.data());
-        else dequantize_q6_k_block(blk, values.data());
+        dequantize_k_block(blk, block_bytes == Q4_K_BYTES, values.data());
         if (dtype == at::kFloat) {
           std::copy(values.begin(), values.end(), out.data_ptr<float>() + r * cols + b * QK_K);
         } else {
