@@ -22,6 +22,7 @@ import torch
 
 from partinfer.runtime.cuda_graph import GraphedDecode
 from partinfer.runtime.decode_contract import FfnWeights
+from partinfer.runtime.ffn import decode_kernels
 from partinfer.runtime.kernels import CompactEmbedding, CompactLinear, MixedCompactLinear
 from partinfer.runtime.model import KVCache, Transformer, eager_decode_step
 from partinfer.runtime.native import argmax as native_argmax
@@ -138,4 +139,4 @@ def compiled_formats(model: Transformer) -> bool:
     that has compiled kernels (the FFNs say so themselves, in `decode_weights`)."""
     if any(isinstance(m, MixedCompactLinear) for m in model.modules()):
         return False  # the compiled step takes one q/k/v matrix per layer
-    return all(m.fmt.kernel is not None for m in model.modules() if isinstance(m, (CompactLinear, CompactEmbedding)))
+    return decode_kernels(*(m.fmt for m in model.modules() if isinstance(m, (CompactLinear, CompactEmbedding))))

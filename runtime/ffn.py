@@ -111,6 +111,11 @@ class FFN(FeedForward):
         return linear(self.activations(x), self.down)
 
 
+def decode_kernels(*formats: BlockFormat | None) -> bool:
+    """Whether the compiled decode takes rows in these formats (None: float rows, always taken)."""
+    return all(fmt is None or fmt.kernel is not None for fmt in formats)
+
+
 COLUMN_TILE_BYTES = 4 << 20  # de-quantized down columns per tile of `column_linear`
 
 
@@ -165,7 +170,7 @@ class CompactFFN(FeedForward):
 
     def decode_weights(self) -> FfnWeights | None:
         """Every neuron as compact rows, when both formats have compiled kernels and the layer is SiLU."""
-        if self.act is not F.silu or self.gate_up_format.kernel is None or self.down_format.kernel is None:
+        if self.act is not F.silu or not decode_kernels(self.gate_up_format, self.down_format):
             return None
         gate_up = self.gate_up.view(2 * self.gate_up.shape[0], -1)  # [2n, bytes], gate/up rows interleaved
         return FfnWeights(FfnKind.ROWS, gate_up, self.down_t, gate_up, down_table=self.down_table,

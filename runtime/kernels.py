@@ -16,6 +16,7 @@ from torch import nn
 from partinfer.common.errors import PartinferError
 from partinfer.common.formats.blocks import BlockFormat
 from partinfer.common.safetensors_io import SafetensorsFile
+from partinfer.runtime.checkpoint import contiguous_runs
 from partinfer.runtime.native import cpu_flags
 from partinfer.runtime.quant import dequantize
 
@@ -118,7 +119,7 @@ class DiskEmbedding(nn.Module):
         ids, inverse = torch.unique(tokens.flatten().cpu(), return_inverse=True)  # sorted, distinct
         if ids.numel() and (ids[0] < 0 or ids[-1] >= self.vocab_size):
             raise IndexError(f"token id out of the vocabulary of {self.vocab_size}")
-        rows = self.file.read_rows(self.name, [(int(i), int(i) + 1) for i in ids])  # [u, row_bytes]
+        rows = self.file.read_rows(self.name, contiguous_runs(ids))  # [u, row_bytes], adjacent ids in one read
         values = dequantize(rows, self.fmt, self.dim, self.dtype)[inverse]  # [tokens, D]
         return values.reshape(*tokens.shape, self.dim).to(tokens.device)
 

@@ -4,7 +4,7 @@
 rankings as the file stores them) and the pack manifest of the checkpoint it will read (once), and
 derives the per-layer plans from them. Packing is one visible step of it: when `weights` asks for a
 format the checkpoint does not store, the checkpoint is packed once into the cache (runtime/pack.py,
-`cached_pack`) and the plan reads that copy (`packed_now` says whether this load made it).
+`cached_pack`) and the plan reads that copy (`from_cached_pack`).
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ class LoadPlan:
     manifest: PackManifest | None  # the checkpoint's pack manifest; None: a plain checkpoint
     neurons: NeuronFiles
     layers: dict[int, LayerPlan]  # the sparse layers' plans
-    packed_now: bool = False
 
     @classmethod
     def build(cls, model_dir: Path, sparsity: SparsityConfig | None = None, weights: str | None = None) -> "LoadPlan":
@@ -44,7 +43,7 @@ class LoadPlan:
         if manifest is not None:
             manifest.check_readable()
         stored = "bf16" if manifest is None else manifest.weights
-        checkpoint, packed_now = model_dir, False
+        checkpoint = model_dir
         if weights is not None and weights != stored:
             weight_scheme(weights)  # a one-line error for an unknown name
             if manifest is not None:
@@ -56,16 +55,13 @@ class LoadPlan:
                                          "(a model-level neuron file) to order it; or pass a checkpoint made by "
                                          "`partinfer pack`")
                 manifest = cached_pack(model_dir, sparsity.model_neurons, weights, neurons.model)
-                checkpoint, packed_now = manifest.path, True
-        return cls(model_dir, checkpoint, cfg, sparsity, manifest, neurons, plan_layers(sparsity, cfg, neurons), packed_now)
+                checkpoint = manifest.path
+        return cls(model_dir, checkpoint, cfg, sparsity, manifest, neurons, plan_layers(sparsity, cfg, neurons))
 
     @property
-    def packed(self) -> bool:
-        return self.manifest is not None
-
-    @property
-    def weights(self) -> str:
-        return "bf16" if self.manifest is None else self.manifest.weights
+    def from_cached_pack(self) -> bool:
+        """Whether the weights come from the packed copy this load asked for (`--weights`)."""
+        return self.checkpoint != self.source
 
     def format_of(self, name: str) -> BlockFormat | None:
         """The block format of the matrix `name` (Hugging Face name), None when it is stored as floats."""

@@ -16,11 +16,11 @@ from torch import nn
 from partinfer.common.errors import PartinferError
 from partinfer.common.formats.blocks import BlockFormat
 from partinfer.common.formats.pack_format import bundle_name, down_table_name, matrix_name, perm_name
+from partinfer.common.safetensors_io import SafetensorsFile
 from partinfer.runtime.checkpoint import CheckpointReader, contiguous_runs, read_fused
 from partinfer.runtime.decode import choose_backend
 from partinfer.runtime.ffn import FfnRows
 from partinfer.runtime.ffns import build_ffn
-from partinfer.common.safetensors_io import SafetensorsFile
 from partinfer.runtime.kernels import CompactEmbedding, CompactLinear, DiskEmbedding, MixedCompactLinear
 from partinfer.runtime.load_plan import LoadPlan
 from partinfer.runtime.model import Transformer
@@ -36,8 +36,11 @@ def read_ffn_rows(reader: CheckpointReader, plan: LoadPlan, layer: int, neurons:
     read for a hot-first prefix; a compact layer's down table is read whole. Plain checkpoint:
     coalesced row runs of gate/up; down is read whole for its column gather (one layer).
     Float rows come in the checkpoint's dtype (the FFN casts them once)."""
-    check_ffn_shapes(reader, plan, layer)
-    if bundle_name(layer) in reader:
+    packed = bundle_name(layer) in reader
+    gate_up = plan.layer_format(layer, ("gate_proj", "up_proj")) if packed else None
+    down = plan.format_of(matrix_name(layer, "down_proj")) if packed else None
+    check_ffn_shapes(reader, plan, layer, gate_up, down)
+    if packed:
         perm = reader.get(perm_name(layer)).long()  # packed row j holds original neuron perm[j]
         expected = plan.expected_perm(layer)
         if expected is not None and not torch.equal(perm, expected):
@@ -52,10 +55,8 @@ def read_ffn_rows(reader: CheckpointReader, plan: LoadPlan, layer: int, neurons:
         rows = reader.read_rows(bundle_name(layer), contiguous_runs(positions[order]))  # ascending
         rows = rows if torch.equal(order, torch.arange(len(order))) else rows[torch.argsort(order)]
         rows = rows.to(device=device)
-        gate_up = plan.layer_format(layer, ("gate_proj", "up_proj"))
         if gate_up is None:  # [k, 3, d]
             return FfnRows(neurons, rows[:, 0], rows[:, 1], rows[:, 2])
-        down = plan.format_of(matrix_name(layer, "down_proj"))
         g = gate_up.row_bytes(plan.cfg.dim)  # [k, bytes]: gate | up blocks | down codes, views of one read
         return FfnRows(neurons, rows[:, :g], rows[:, g : 2 * g], rows[:, 2 * g :],
                        reader.get(down_table_name(layer)).to(device), gate_up, down)
@@ -71,11 +72,12 @@ def read_ffn_rows(reader: CheckpointReader, plan: LoadPlan, layer: int, neurons:
     return FfnRows(neurons, gate.to(device), up.to(device), down_t.to(device))
 
 
-def check_ffn_shapes(reader: CheckpointReader, plan: LoadPlan, layer: int) -> None:
-    """The layer's FFN tensors must have the shapes config.json (and the manifest's formats) imply."""
+def check_ffn_shapes(reader: CheckpointReader, plan: LoadPlan, layer: int, gate_up: BlockFormat | None,
+                     down: BlockFormat | None) -> None:
+    """The layer's FFN tensors must have the shapes config.json and the manifest's formats (`gate_up`,
+    `down`: None for float rows) imply."""
     n, d = plan.cfg.ffn_dim, plan.cfg.dim
     if bundle_name(layer) in reader:
-        gate_up, down = plan.layer_format(layer, ("gate_proj", "up_proj")), plan.format_of(matrix_name(layer, "down_proj"))
         bundle = [n, 3, d] if gate_up is None else [n, 2 * gate_up.row_bytes(d) + down.column_code_bytes(d)]
         expected = {bundle_name(layer): bundle, perm_name(layer): [n]}
         if gate_up is not None:

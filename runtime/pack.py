@@ -163,8 +163,8 @@ def cached_pack(model_dir: Path, model_neurons: Path, weights: str, neurons: Neu
     (one whose manifest cannot be read) is rebuilt, never used."""
     from partinfer.common.paths import cache_home
 
-    cfg = ModelConfig.from_dir(model_dir)
-    neurons = neurons if neurons is not None else NeuronFile.load(model_neurons, cfg.fingerprint)
+    if neurons is None:
+        neurons = NeuronFile.load(model_neurons, ModelConfig.from_dir(model_dir).fingerprint)
     identity, digest = checkpoint_identity(model_dir), neurons.digest
     out = cache_home() / "packed" / f"{Path(model_dir).name}-{identity[:12]}-{digest[:10]}-{weights}"
     try:

@@ -20,19 +20,13 @@ from partinfer.runtime.native import dequantize_columns_k as native_dequantize_c
 ACTIVATION_BLOCK = 32  # the compiled kernels quantize their input per 32 values (`quantize_activation`)
 
 
-def is_compact(weight: torch.Tensor) -> bool:
-    return weight.dtype == torch.uint8
-
-
-def compiled(fmt: BlockFormat, t: torch.Tensor, dtype: torch.dtype) -> bool:
-    """Whether the compiled kernels take this format, tensor and result dtype here."""
-    return fmt.kernel is not None and t.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and cpu_kernels()
-
-
-def compiled_dequantizer(fmt: BlockFormat, t: torch.Tensor, dtype: torch.dtype) -> bool:
-    """Whether a compiled de-quantizer alone (no decode kernels) takes this format here."""
-    return fmt.dequant_kernel is not None and t.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) \
-        and cpu_kernels()
+def native_kernel(fmt: BlockFormat, t: torch.Tensor, dtype: torch.dtype) -> str | None:
+    """Which compiled ops de-quantize `t` (of format `fmt`) into `dtype` here: "rows" (the format's
+    decode kernels, which de-quantize too), "k" (a de-quantizer alone: the K-quants), or None (the
+    format's reference in torch ops)."""
+    if t.device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16) or not cpu_kernels():
+        return None
+    return "rows" if fmt.kernel is not None else "k" if fmt.dequant_kernel is not None else None
 
 
 def dequantize(w: torch.Tensor, fmt: BlockFormat, k: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -41,9 +35,10 @@ def dequantize(w: torch.Tensor, fmt: BlockFormat, k: int, dtype: torch.dtype = t
     if w.shape[-1] != fmt.row_bytes(k):
         raise PartinferError(f"{fmt.name} rows of {k} weights are {fmt.row_bytes(k)} bytes, not {w.shape[-1]}; "
                              "the checkpoint is damaged or of another format")
-    if compiled(fmt, w, dtype):
+    native = native_kernel(fmt, w, dtype)
+    if native == "rows":
         return native_dequantize(w.contiguous(), k, dtype)
-    if compiled_dequantizer(fmt, w, dtype):
+    if native == "k":
         return native_dequantize_k(w.contiguous(), k, fmt.dequant_kernel, dtype)
     return fmt.dequantize(w, k, dtype)
 
@@ -91,10 +86,11 @@ def dequantize_columns(codes: torch.Tensor, table: torch.Tensor, neuron_ids: tor
     """Down columns: codes [k, code_bytes] of the neurons `neuron_ids` [k] (original ids) with the layer's
     table -> [k, d] in `dtype`: the compiled kernel where the format has one, else
     `dequantize_columns_reference` (same values, tested)."""
-    if compiled(fmt, codes, dtype):
+    native = native_kernel(fmt, codes, dtype)
+    if native == "rows":
         blocks = neuron_blocks(neuron_ids, fmt).contiguous()
         return native_dequantize_columns(codes.contiguous(), table.contiguous(), blocks, dtype)
-    if compiled_dequantizer(fmt, codes, dtype):
+    if native == "k":
         return native_dequantize_columns_k(codes.contiguous(), table.contiguous(), neuron_ids.long().contiguous(),
                                            fmt.dequant_kernel, dtype)
     return dequantize_columns_reference(codes, table, neuron_ids, fmt, dtype)

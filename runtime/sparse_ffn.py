@@ -27,7 +27,7 @@ from torch import nn
 from partinfer.common.formats.blocks import BlockFormat
 from partinfer.runtime.config import ACTIVATIONS, ModelConfig
 from partinfer.runtime.decode_contract import FfnKind, FfnWeights
-from partinfer.runtime.ffn import FeedForward, FfnRows, column_linear
+from partinfer.runtime.ffn import FeedForward, FfnRows, column_linear, decode_kernels
 from partinfer.runtime.kernels import linear
 from partinfer.runtime.model import Transformer
 from partinfer.runtime.quant import dequantize, dequantize_columns, down_table_shape, neuron_blocks
@@ -251,10 +251,6 @@ class CompactSparseFFN(SparseFFN):
         return ffn
 
     @property
-    def compiled_formats(self) -> bool:
-        return self.gate_up_format.kernel is not None and self.down_format.kernel is not None
-
-    @property
     def down(self) -> torch.Tensor:  # [d, k], a de-quantized copy
         return self._down_rows(self.n_loaded, self.dtype).t()
 
@@ -267,7 +263,7 @@ class CompactSparseFFN(SparseFFN):
 
     def end_prompt(self) -> None:
         super().end_prompt()
-        if not self.compiled_formats:
+        if not decode_kernels(self.gate_up_format, self.down_format):
             self.decode_record = None  # the eager path runs formats without kernels
 
     def _prefix_record(self) -> FfnWeights:

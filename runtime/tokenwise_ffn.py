@@ -33,7 +33,7 @@ from torch import nn
 from partinfer.common.formats.blocks import BlockFormat
 from partinfer.runtime.config import ACTIVATIONS, ModelConfig
 from partinfer.runtime.decode_contract import FfnKind, FfnWeights
-from partinfer.runtime.ffn import FeedForward, FfnRows, column_linear
+from partinfer.runtime.ffn import FeedForward, FfnRows, column_linear, decode_kernels
 from partinfer.runtime.kernels import linear
 from partinfer.runtime.quant import dequantize_columns, down_table_shape, neuron_blocks
 from partinfer.runtime.selection import real_token_weights
@@ -93,9 +93,6 @@ class TokenwiseFFN(FeedForward):
         """x [..., D] against gate or up rows w [j, D or row_bytes] -> [..., j]."""
         return linear(x, w, fmt=self.gate_up_format)
 
-    @property
-    def compiled_formats(self) -> bool:
-        return self.down_table is None or (self.gate_up_format.kernel is not None and self.down_format.kernel is not None)
 
     @property
     def down(self) -> torch.Tensor:  # [d, k] view (a de-quantized copy for compact columns)
@@ -121,7 +118,7 @@ class TokenwiseFFN(FeedForward):
         self.up_abs_sums = self.up_counts = None
         self.decode_record = None
         single = self.score_scale is None or self.score_scale.shape[0] == 1
-        if self.act is F.silu and single and self.compiled_formats:
+        if self.act is F.silu and single and decode_kernels(self.gate_up_format, self.down_format):
             scale = None if self.score_scale is None else self.score_scale[0].contiguous()  # [k] fp32
             blocks = None if self.down_table is None else neuron_blocks(self.neuron_ids, self.down_format)
             self.decode_record = FfnWeights(FfnKind.TOKENWISE, self.gate, self.down_t, self.up, self.n_base,
