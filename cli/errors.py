@@ -13,7 +13,7 @@ import traceback
 import typer
 from typer.core import TyperGroup
 
-from partinfer.common.errors import PartinferError
+from partinfer.common.errors import PartinferError, disk_full_cause
 
 OS_ERROR_FIXES = {
     errno.ENOSPC: "free some disk space and run again",
@@ -31,6 +31,9 @@ OS_ERROR_FIXES = {
 
 def known_failure(e: BaseException) -> str | None:
     """A one-line message for failures of the user's input or environment that libraries raise; None for a bug."""
+    full = disk_full_cause(e)
+    if full is not None:
+        e = full  # whatever wrapped it: the fix is disk space
     if isinstance(e, PartinferError):
         return str(e)
     if isinstance(e, OSError) and e.errno in OS_ERROR_FIXES:

@@ -24,6 +24,7 @@ def serve(
     device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
     weights: WeightsOpt = None,
     max_body_mb: Annotated[float, typer.Option("--max-body-mb", min=0.001, max=4096, help="Largest request body; larger ones get 413.")] = 4.0,
+    idle_timeout: Annotated[float, typer.Option("--idle-timeout", min=0.1, max=3600, help="Seconds a connection may stay open without sending a request before it is closed.")] = 5.0,
     allowed_host: Annotated[Optional[list[str]], typer.Option("--allowed-host", help="A Host name to serve besides the loopback ones (repeat); the bound --host is allowed too.")] = None,
     *,
     sparsity: SparsityConfig,
@@ -34,6 +35,7 @@ def serve(
 
     from partinfer.runtime.engine import load_engine
     from partinfer.server.app import build_app
+    from partinfer.server.guard import IdleClosingH11Protocol
     from partinfer.server.worker import ModelWorker, ServeConfig
 
     sock = listen(host, port)  # before loading: a taken port fails at once
@@ -48,7 +50,8 @@ def serve(
                          max_queue=max_queue, default_max_tokens=default_max_tokens,
                          max_body_bytes=int(max_body_mb * (1 << 20)), allowed_hosts=hosts)
     worker = ModelWorker(engine, config)
-    server = uvicorn.Server(uvicorn.Config(build_app(worker), host=host, port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(build_app(worker), host=host, port=port, log_level="warning",
+                                           http=IdleClosingH11Protocol, timeout_keep_alive=idle_timeout))
     typer.echo(f"partinfer serve: {config.model_name} ({sparsity.method}) on http://{host}:{port} "
                "(OpenAI API under /v1, chat page at /); Ctrl-C stops", err=True)
     try:

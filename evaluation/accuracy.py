@@ -14,7 +14,7 @@ import sys
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from partinfer.common.errors import PartinferError
+from partinfer.common.errors import PartinferError, disk_full_cause
 from partinfer.common.files import read_json
 from partinfer.common.output_dir import IncrementalOutput
 from partinfer.runtime.sparsity import METHODS, SparsityConfig
@@ -70,6 +70,21 @@ def _settings(model_dir: Path, method: str, sparsity: SparsityConfig, tasks: lis
     return settings
 
 
+def task_data_error(e: Exception, include_path: Path | None) -> PartinferError | None:
+    """Our one-line error for a failure to load a task's data, or None when `e` is not one (a bug: re-raised)."""
+    where = f" in {include_path}" if include_path is not None else ""
+    if isinstance(e, FileNotFoundError):  # a task YAML's data_files naming a file that is not there
+        return PartinferError(f"a task's data file could not be found ({e}); fix the path in its task YAML{where}")
+    full = disk_full_cause(e)
+    if full is not None:
+        return PartinferError(f"no space left on the disk while preparing a task's data ({full.strerror}); free some "
+                              "disk space (or point HF_DATASETS_CACHE at a larger disk) and run again")
+    if type(e).__module__.split(".")[0] in ("datasets", "huggingface_hub", "requests", "urllib3") or isinstance(e, OSError):
+        return PartinferError(f"a task's data could not be loaded from the hub ({type(e).__name__}); "
+                              f"upstream tasks need the hub, offline tasks: {', '.join(OFFLINE_TASKS)}")
+    return None
+
+
 def check_include_path(include_path: Path | None) -> None:
     if include_path is not None and not Path(include_path).is_dir():
         raise PartinferError(f"--include-path {include_path} is not a directory; pass a directory of lm-eval task YAMLs")
@@ -107,11 +122,10 @@ def run_method(model_dir: Path, method: str, sparsity: SparsityConfig, tasks: li
         raise PartinferError(f"a task YAML{where} could not be loaded ({type(e).__name__}: {e}); fix its "
                              "`!function` module, which must sit beside the YAML") from e
     except Exception as e:
-        hub = type(e).__module__.split(".")[0] in ("datasets", "huggingface_hub", "requests", "urllib3")
-        if not (hub or isinstance(e, (ConnectionError, OSError))):
+        error = task_data_error(e, include_path)
+        if error is None:
             raise
-        raise PartinferError(f"a task's data could not be loaded from the hub ({type(e).__name__}); "
-                             f"upstream tasks need the hub, offline tasks: {', '.join(OFFLINE_TASKS)}") from e
+        raise error from e
     results = {
         task: {k.split(",")[0]: v for k, v in metrics.items() if isinstance(v, (int, float)) and "," in k}
         for task, metrics in out["results"].items()

@@ -4,8 +4,11 @@
 torchrun sets RANK and WORLD_SIZE, `process_group` joins the group (gloo on CPU, NCCL on CUDA),
 every rank profiles a disjoint, deterministic shard of each data set (balanced by tokens), and the
 statistics — sums and counts, which add exactly — are all-reduced, so every rank holds the totals
-and rank 0 alone writes the files. A rank that fails ends the run: torchrun stops the others, and
-since files are written only after the last all-reduce, nothing is written.
+and rank 0 alone writes the files. A rank that fails does not leave the others waiting in a
+collective until gloo drops them with a traceback: each step of a rank's own work runs under
+`together`, which lets every rank learn whether any failed, and how, before the next collective, so
+every rank stops with one line naming the failed rank's error. Files are written only after the last
+all-reduce, so a failed run writes nothing.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -39,6 +42,7 @@ class Ranks:
 
 
 SINGLE = Ranks()
+T = TypeVar("T")
 
 
 @contextmanager
@@ -59,6 +63,31 @@ def process_group(device: str) -> Iterator[Ranks]:
         yield Ranks(dist.get_rank(), dist.get_world_size())
     finally:
         dist.destroy_process_group()
+
+
+def together(ranks: Ranks, work: Callable[[], T]) -> T:
+    """Run this rank's `work`, then agree with every other rank on whether all succeeded. The failed
+    rank re-raises its own error (a traceback when it is a bug); the others raise a one-line
+    PartinferError naming the first failed rank and its error, instead of waiting for it in the next
+    collective."""
+    result, error = None, None
+    try:
+        result = work()
+    except Exception as e:
+        if not ranks.distributed:
+            raise
+        error = e
+    if not ranks.distributed:
+        return result
+    mine = None if error is None else str(error) if isinstance(error, PartinferError) else f"{type(error).__name__}: {error}"
+    failures: list[str | None] = [None] * ranks.world
+    dist.all_gather_object(failures, mine)
+    if error is not None:
+        raise error
+    for rank, failure in enumerate(failures):
+        if failure is not None:
+            raise PartinferError(f"rank {rank} of {ranks.world} failed, so this rank stops too: {failure}")
+    return result
 
 
 def shard_by_tokens(lengths: list[int], ranks: Ranks) -> list[int]:

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from partinfer.common.data import load_texts
 from partinfer.common.neuron_file import NeuronFile, merge
-from partinfer.profiler.distributed import SINGLE, Ranks, all_reduce_stats, shard_by_tokens
+from partinfer.profiler.distributed import SINGLE, Ranks, all_reduce_stats, shard_by_tokens, together
 from partinfer.profiler.stats import ActivationStats, attach_recorders, detach_recorders
 from partinfer.runtime.engine import Engine
 from partinfer.common.errors import PartinferError
@@ -65,10 +65,13 @@ def profile_texts(engine: Engine, texts: list[str], cfg: ProfileConfig, desc: st
     """Activation statistics of the dense model over `texts` (+ generated tokens). With several ranks,
     this rank profiles its shard and the returned statistics are the sum over all ranks."""
     pad = engine.tokenizer.pad_token_id if engine.tokenizer.pad_token_id is not None else 0
-    prompts = [engine.encode(t, cfg.chat_template)[-cfg.max_prompt_tokens :] for t in texts]
-    shard = [prompts[i] for i in shard_by_tokens([len(p) for p in prompts], ranks)]
-    stats = profile_prompts(engine.model, shard, cfg, pad, desc, progress=ranks.is_main)
-    return all_reduce_stats(stats, ranks)
+
+    def own_shard() -> ActivationStats:
+        prompts = [engine.encode(t, cfg.chat_template)[-cfg.max_prompt_tokens :] for t in texts]
+        shard = [prompts[i] for i in shard_by_tokens([len(p) for p in prompts], ranks)]
+        return profile_prompts(engine.model, shard, cfg, pad, desc, progress=ranks.is_main)
+
+    return all_reduce_stats(together(ranks, own_shard), ranks)
 
 
 @torch.inference_mode()
@@ -129,7 +132,7 @@ def run_profile(engine: Engine, datasets: list[str], out_dir: Path, cfg: Profile
         raise PartinferError(f"data sets {', '.join(datasets)} would share an output file name; profile them in separate runs")
     inputs = profile_inputs(engine.model_dir, datasets)
     check_output_dir(out_dir, "profile", inputs)  # before the work, not after it
-    texts = {name: load_texts(name, cfg.num_samples, cfg.split, **data_options) for name in datasets}
+    texts = together(ranks, lambda: {name: load_texts(name, cfg.num_samples, cfg.split, **data_options) for name in datasets})
     t0 = time.perf_counter()
     per_dataset = []
     for name, items in texts.items():

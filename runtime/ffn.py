@@ -14,7 +14,8 @@ from torch import nn
 from partinfer.common.formats.blocks import BlockFormat
 from partinfer.runtime.config import ACTIVATIONS, ModelConfig
 from partinfer.runtime.decode_contract import FfnKind, FfnWeights
-from partinfer.runtime.kernels import linear
+from partinfer.runtime.kernels import few_token_k_kernel, linear
+from partinfer.runtime.native import down_k as native_down_k
 from partinfer.runtime.quant import dequantize_columns, down_table_shape, neuron_blocks
 
 
@@ -125,6 +126,10 @@ def column_linear(a: torch.Tensor, codes: torch.Tensor, table: torch.Tensor, neu
     their original ids `neuron_ids` [j], the layer's `table`) -> [B, T, D]: the columns de-quantized a
     tile of neurons at a time into a's dtype (no transient larger than COLUMN_TILE_BYTES) and summed."""
     j, d = codes.shape[0], table.shape[-1]
+    kernel = few_token_k_kernel(a, codes, fmt)
+    if kernel is not None:  # a few tokens: the compiled column sum, no de-quantized column
+        y = native_down_k(codes.contiguous(), table, neuron_ids.contiguous(), a.reshape(-1, j).float().contiguous(), kernel)
+        return y.reshape(*a.shape[:-1], d).to(a.dtype)
     step = max(1, COLUMN_TILE_BYTES // (d * a.element_size()))
     if step >= j:
         return linear(a, dequantize_columns(codes, table, neuron_ids, fmt, a.dtype).t())

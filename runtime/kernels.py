@@ -18,7 +18,8 @@ from partinfer.common.formats.blocks import BlockFormat
 from partinfer.common.safetensors_io import SafetensorsFile
 from partinfer.runtime.checkpoint import contiguous_runs
 from partinfer.runtime.native import cpu_flags
-from partinfer.runtime.quant import dequantize
+from partinfer.runtime.native import gemv_k as native_gemv_k
+from partinfer.runtime.quant import dequantize, native_kernel
 
 UPCAST_MIN_TOKENS = 32  # below it (e.g. batch-8 decode) the weight upcast costs more than it saves
 
@@ -43,6 +44,17 @@ def cpu_has_bf16_math() -> bool:
 # Compact weights are de-quantized for a many-token call in tiles of at most this many bytes (of the
 # de-quantized values), each tile multiplied as soon as it exists: no transient larger than a tile.
 DEQUANT_TILE_BYTES = 4 << 20
+# Up to this many tokens (decode, batched decode) K-quant rows are multiplied in place by the compiled
+# products (runtime/csrc/k_quant_products.h), reading each block once; de-quantizing costs more there.
+FEW_TOKENS = 8
+
+
+def few_token_k_kernel(x: torch.Tensor, weight: torch.Tensor, fmt: BlockFormat) -> str | None:
+    """The compiled K-quant product for x @ weight (fmt) when x is a few tokens, else None."""
+    tokens = x.numel() // x.shape[-1]
+    if tokens > FEW_TOKENS or weight.dim() != 2 or native_kernel(fmt, weight, torch.float32) != "k":
+        return None
+    return fmt.dequant_kernel
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -62,6 +74,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             return F.linear(x.float(), weight.float(), b).to(x.dtype)
         return F.linear(x, weight, bias)
     k = x.shape[-1]
+    kernel = few_token_k_kernel(x, weight, fmt)
+    if kernel is not None:
+        y = native_gemv_k(weight.contiguous(), x.reshape(-1, k).float().contiguous(), kernel)  # [tokens, N] fp32
+        if bias is not None:
+            y += bias.float()
+        return y.reshape(*x.shape[:-1], weight.shape[0]).to(x.dtype)
     wide = cpu_prefers_fp32(x, weight, x.dtype)
     compute = torch.float32 if wide else x.dtype
     xc = x.to(compute)

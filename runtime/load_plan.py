@@ -42,6 +42,7 @@ class LoadPlan:
         manifest = PackManifest.read(model_dir)
         if manifest is not None:
             manifest.check_readable()
+            manifest.check_intact()
         stored = "bf16" if manifest is None else manifest.weights
         checkpoint = model_dir
         if weights is not None and weights != stored:

@@ -200,6 +200,17 @@ def dequantize_columns_k(codes: torch.Tensor, table: torch.Tensor, ids: torch.Te
     return torch.ops.partinfer_cpu.dequantize_columns_k(codes, table, ids, kernel, dtype)
 
 
+def gemv_k(weight: torch.Tensor, x: torch.Tensor, kernel: str, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """K-quant rows ("q4_k" | "q6_k") [N, row_bytes] uint8, x [T, cols] fp32 -> [T, R or N] fp32: weight[rows] @ x[t]
+    with x quantized per 256 to 8 bits (llama.cpp's Q8_K), as `quantize_activation_k` computes it."""
+    return torch.ops.partinfer_cpu.gemv_k(weight, x, kernel, rows)
+
+
+def down_k(codes: torch.Tensor, table: torch.Tensor, ids: torch.Tensor, a: torch.Tensor, kernel: str) -> torch.Tensor:
+    """K-quant down columns of the neurons `ids` [j], a [T, j] fp32 -> [T, d] fp32: sum_i a[t, i] * column(ids[i])."""
+    return torch.ops.partinfer_cpu.down_k(codes, table, ids, a, kernel)
+
+
 def dequantize_columns(codes: torch.Tensor, table: torch.Tensor, blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Down columns -> [k, d] fp32 or bf16, as runtime.quant.dequantize_columns computes them."""
     return torch.ops.partinfer_cpu.dequantize_columns(codes, table, blocks, dtype)

@@ -25,7 +25,9 @@ from tqdm import tqdm
 from partinfer.common.errors import PartinferError
 from partinfer.common.formats.blocks import BlockFormat, WeightScheme, block_format, weight_scheme
 from partinfer.common.formats.pack_format import (PACK_COMMAND, PackManifest, bundle_name, checkpoint_identity,
-                                                  down_table_name, manifest_entry, perm_name, scheme_matrices)
+                                                  down_table_name, manifest_digest, manifest_entry, perm_name,
+                                                  scheme_matrices)
+from partinfer.common.integrity import directory_digests
 from partinfer.common.neuron_file import NeuronFile
 from partinfer.common.output_dir import replace_output_dir
 from partinfer.runtime.checkpoint import CheckpointReader
@@ -112,6 +114,8 @@ def pack_checkpoint(model_dir: Path, model_neurons: Path, out: Path, weights: st
         for name in COPIED_FILES:
             if (model_dir / name).is_file():
                 shutil.copy2(model_dir / name, tmp / name)
+        manifest["file_digests"] = directory_digests(tmp)  # the manifest is written when the block ends
+        manifest["manifest_sha256"] = manifest_digest(manifest)
         if scheme.compact:  # a report, not output: `--json` stdout holds only JSON
             print(f"compact weights ({scheme.name}): {source.copied} matrices copied bit for bit from {gguf}, "
                   f"{source.quantized} quantized" if gguf else f"compact weights ({scheme.name}): all matrices quantized",
@@ -160,7 +164,7 @@ def cached_pack(model_dir: Path, model_neurons: Path, weights: str, neurons: Neu
     The entry is named by the checkpoint's content identity, the neuron file's digest and the scheme,
     and its manifest must still name that source and identity: a directory of the same name with other
     weights, or a model changed in place, gets a pack of its own; a stale, foreign or damaged entry
-    (one whose manifest cannot be read) is rebuilt, never used."""
+    (a manifest that cannot be read, a file that no longer matches its digest) is rebuilt, never used."""
     from partinfer.common.paths import cache_home
 
     if neurons is None:
@@ -173,7 +177,7 @@ def cached_pack(model_dir: Path, model_neurons: Path, weights: str, neurons: Neu
         manifest = None
     current = (manifest is not None and not manifest.stale and manifest.weights == weights
                and manifest.source == str(Path(model_dir).resolve()) and manifest.source_identity == identity
-               and manifest.neurons_digest == digest)
+               and manifest.neurons_digest == digest and manifest.intact)
     if current:
         return manifest
     if manifest is None and out.exists():  # our cache entry, but unreadable: make it again

@@ -43,11 +43,12 @@ def dequantize(w: torch.Tensor, fmt: BlockFormat, k: int, dtype: torch.dtype = t
     return fmt.dequantize(w, k, dtype)
 
 
-def quantize_activation(x: torch.Tensor) -> torch.Tensor:
+def quantize_activation(x: torch.Tensor, block: int = ACTIVATION_BLOCK) -> torch.Tensor:
     """The input values the compiled compact-row kernels multiply with (they quantize it once per
-    matrix, as llama.cpp does): per block of 32, round(x / d) · d with d = max|x| / 127, in fp32."""
+    matrix, as llama.cpp does): per block of 32 (256 for the K-quants' kernels, llama.cpp's Q8_K),
+    round(x / d) · d with d = max|x| / 127, in fp32."""
     k = x.shape[-1]
-    blocks = x.float().reshape(*x.shape[:-1], k // ACTIVATION_BLOCK, ACTIVATION_BLOCK)
+    blocks = x.float().reshape(*x.shape[:-1], k // block, block)
     d = blocks.abs().amax(-1, keepdim=True) / 127
     inv = torch.where(d != 0, 1.0 / d, torch.zeros_like(d))
     return ((blocks * inv).round() * d).reshape(x.shape)

@@ -192,9 +192,12 @@ class TokenwiseFFN(FeedForward):
             rows = selected[0, 0, nb:]
             a_base = ag[:nb] * self._rows_linear(xv, self.up[:nb])[0]  # [n_base]
             a_rest = ag[rows] * self._rows_linear(xv, self._gather(rows, self.up))[0]  # [m - n_base]
-            down_base = self._down_rows(slice(0, nb), xv.dtype)
-            down_rest = self._gather(rows, self.down_t) if self.down_table is None else self._down_rows(rows, xv.dtype)
-            y = torch.mv(down_base.t(), a_base) + torch.mv(down_rest.t(), a_rest)
+            if self.down_table is not None:  # compact columns: summed in place (no de-quantized copy for few tokens)
+                y = (column_linear(a_base[None], self.down_t[:nb], self.down_table, self.neuron_ids[:nb], self.down_format)
+                     + column_linear(a_rest[None], self.down_t[rows], self.down_table, self.neuron_ids[rows],
+                                     self.down_format))
+                return y.view(1, 1, -1)
+            y = torch.mv(self.down_t[:nb].t(), a_base) + torch.mv(self._gather(rows, self.down_t).t(), a_rest)
             return y.view(1, 1, -1)
         mask = torch.zeros_like(act_gate).scatter_(-1, selected, 1.0)
         return self._down_linear(act_gate * mask * self._rows_linear(x, self.up))

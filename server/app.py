@@ -65,28 +65,28 @@ def build_app(worker: ModelWorker) -> RequestGuard:
         return (files("partinfer.server") / "static" / "index.html").read_text(encoding="utf-8")
 
     @app.post("/v1/chat/completions")
-    async def chat(body: ChatRequest):
+    async def chat(body: ChatRequest, request: Request):
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         try:
             ids = await asyncio.to_thread(encode_messages, worker.engine.tokenizer, messages)  # not on the event loop
         except PartinferError as e:
             raise BadRequest(str(e), param="messages") from None
         rid = completion_id("chatcmpl")
-        return await respond(body, ids, rid, lambda c: chat_response(rid, config.model_name, c.text, c.finish_reason,
+        return await respond(request, body, ids, rid, lambda c: chat_response(rid, config.model_name, c.text, c.finish_reason,
                                                                   c.prompt_tokens, c.completion_tokens, c.extension),
                              lambda piece: chat_chunk(rid, config.model_name, {"content": piece}),
                              lambda c: chat_chunk(rid, config.model_name, {}, c.finish_reason, final_extra(c)),
                              first=chat_chunk(rid, config.model_name, {"role": "assistant", "content": ""}))
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest):
+    async def completions(body: CompletionRequest, request: Request):
         try:
             text = require_utf8(body.prompt, "the prompt")
             ids = await asyncio.to_thread(worker.engine.encode, text, False)  # not on the event loop
         except PartinferError as e:
             raise BadRequest(str(e), param="prompt") from None
         rid = completion_id("cmpl")
-        return await respond(body, ids, rid, lambda c: text_response(rid, config.model_name, c.text, c.finish_reason,
+        return await respond(request, body, ids, rid, lambda c: text_response(rid, config.model_name, c.text, c.finish_reason,
                                                                   c.prompt_tokens, c.completion_tokens, c.extension),
                              lambda piece: text_chunk(rid, config.model_name, piece),
                              lambda c: text_chunk(rid, config.model_name, "", c.finish_reason, final_extra(c)))
@@ -94,7 +94,7 @@ def build_app(worker: ModelWorker) -> RequestGuard:
     def final_extra(c: Completion) -> dict:
         return {"usage": usage(c.prompt_tokens, c.completion_tokens), "partinfer": c.extension}
 
-    async def respond(body: SamplingFields, ids: list[int], rid: str, whole: Callable[[Completion], dict],
+    async def respond(request: Request, body: SamplingFields, ids: list[int], rid: str, whole: Callable[[Completion], dict],
                       piece_chunk: Callable[[str], dict], last_chunk: Callable[[Completion], dict],
                       first: dict | None = None):
         body.refuse_unsupported()
@@ -105,13 +105,23 @@ def build_app(worker: ModelWorker) -> RequestGuard:
                                            kind="rate_limit_error", code="queue_full"),
                                 status_code=429, headers={"Retry-After": str(config.retry_after_s)})
         if not body.stream:
-            return whole(await asyncio.wrap_future(worker.submit(job)))
+            return whole(await until_done_or_gone(request, job, asyncio.wrap_future(worker.submit(job))))
         loop = asyncio.get_running_loop()
         pieces: asyncio.Queue[str] = asyncio.Queue()
         job.emit = lambda piece: loop.call_soon_threadsafe(pieces.put_nowait, piece)
         done = asyncio.wrap_future(worker.submit(job))  # submitted now: its place is freed however the client acts
         return StreamingResponse(stream(job, pieces, done, piece_chunk, last_chunk, first),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    async def until_done_or_gone(request: Request, job: Job, done: asyncio.Future) -> Completion:
+        """The job's completion; a client that disconnects first cancels it (at the next token), so its
+        place goes to the next request instead of a reply nobody reads."""
+        while not done.done():
+            await asyncio.wait({done}, timeout=DISCONNECT_POLL_S)
+            if not done.done() and await request.is_disconnected():
+                job.cancelled.set()
+                break
+        return await done
 
     async def stream(job: Job, pieces: asyncio.Queue, done: asyncio.Future, piece_chunk: Callable[[str], dict],
                      last_chunk: Callable[[Completion], dict], first: dict | None) -> AsyncIterator[str]:
@@ -137,6 +147,9 @@ def build_app(worker: ModelWorker) -> RequestGuard:
             job.cancelled.set()  # a client that went away stops its generation and frees its place
 
     return RequestGuard(app, config.max_body_bytes, config.allowed_hosts)
+
+
+DISCONNECT_POLL_S = 0.05  # how often a non-streaming request checks that its client is still there
 
 
 def sse(payload: dict) -> str:

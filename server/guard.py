@@ -1,17 +1,24 @@
-"""An ASGI layer in front of the API: a Host-header check (DNS rebinding) and a request-body limit,
-both answered with OpenAI error objects before the body is parsed.
+"""In front of the API: a Host-header check (DNS rebinding) and a request-body limit, both answered
+with OpenAI error objects before the body is parsed (an ASGI layer); and connections that idle are closed
+(the HTTP protocol uvicorn runs).
 
 A page on another site can make a browser send requests to 127.0.0.1 under a name it controls (DNS
 rebinding); such requests carry that name in `Host`, so only loopback names and the names given with
 `--allowed-host` are served. A body larger than the limit is refused with 413 as soon as its
 `Content-Length` (or, for a chunked body, the bytes received) passes it, so one request cannot make
 the server read, hold and tokenize tens of MiB while every other client waits.
+
+uvicorn closes a kept-alive connection that idles after a response, but not one that never sends a
+request, or sends only part of one: hundreds of such sockets would stay open forever and use up the
+process's file descriptors. `IdleClosingH11Protocol` applies the same timeout to them.
 """
 
 from __future__ import annotations
 
 import json
 from typing import Awaitable, Callable
+
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from partinfer.server.protocol import error_body
 
@@ -76,3 +83,22 @@ async def reply(send: Send, status: int, body: dict) -> None:
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
     await send({"type": "http.response.body", "body": data})
+
+
+class IdleClosingH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol, whose keep-alive timeout (`timeout_keep_alive`) also closes a connection
+    that sends no complete request head: from its start, and after each response, until a request arrives."""
+
+    def connection_made(self, transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_idle_timeout()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self.cycle is None or self.cycle.response_complete:  # still waiting for a whole request head
+            self._arm_idle_timeout()
+
+    def _arm_idle_timeout(self) -> None:
+        if self.timeout_keep_alive_task is not None:
+            self.timeout_keep_alive_task.cancel()
+        self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive, self.timeout_keep_alive_handler)

@@ -248,8 +248,9 @@ def test_an_older_compact_pack_is_refused_and_the_cached_one_rebuilt(compact, ti
         return PackManifest.read(pack).stale
 
     def age(pack: Path) -> None:
-        manifest = json.loads((pack / PACK_MANIFEST).read_text())
-        (pack / PACK_MANIFEST).write_text(json.dumps({**manifest, "version": 1}))
+        manifest = json.loads((pack / PACK_MANIFEST).read_text())  # as version 1 wrote it: no digests
+        old = {k: v for k, v in manifest.items() if k not in ("manifest_sha256", "file_digests")}
+        (pack / PACK_MANIFEST).write_text(json.dumps({**old, "version": 1}))
 
     old = shutil.copytree(compact["q4"], tmp_path / "old")
     age(old)
@@ -261,6 +262,49 @@ def test_an_older_compact_pack_is_refused_and_the_cached_one_rebuilt(compact, ti
     assert stale_compact_pack(cached)
     assert cached_pack(tiny_llama_dir, compact["neurons"], "q4").path == cached and not stale_compact_pack(cached)
     load(tiny_llama_dir, compact["neurons"], method="dense", weights="q4")
+
+
+def flip_bytes(path: Path, offset_from_end: int, count: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(-offset_from_end, 2)
+        data = bytearray(f.read(count))
+        f.seek(-offset_from_end, 2)
+        f.write(bytes(b ^ 0x5A for b in data))
+
+
+def test_a_damaged_pack_is_an_error_and_a_damaged_cached_pack_is_rebuilt(compact, tiny_llama_dir, tmp_path, monkeypatch):
+    """Flipped bytes inside a layer's bundle: a user's pack is a one-line error naming the file; the
+    cached copy `--weights` made is packed again and gives the same tokens as before. A truncated cached
+    file is rebuilt too, and an unchanged pack is hashed once, not on every load."""
+    import shutil
+
+    import partinfer.common.integrity as integrity
+    from partinfer.common.errors import PartinferError
+    from partinfer.runtime.pack import cached_pack
+
+    monkeypatch.setenv("PARTINFER_HOME", str(tmp_path / "home"))
+    mine = shutil.copytree(compact["q4"], tmp_path / "mine")
+    load(mine, compact["neurons"], method="dense")
+    flip_bytes(mine / "layer-001.safetensors", 2000, 1000)
+    with pytest.raises(PartinferError, match=r"layer-001.safetensors is damaged.*partinfer pack"):
+        load(mine, compact["neurons"], method="dense")
+
+    prompts = tiny_prompts(2, seed=3)
+    before = generate(load(tiny_llama_dir, compact["neurons"], method="partinfer", weights="q4"), prompts, 4).tokens
+    cached = cached_pack(tiny_llama_dir, compact["neurons"], "q4").path
+    flip_bytes(cached / "layer-002.safetensors", 3000, 2000)
+    after = generate(load(tiny_llama_dir, compact["neurons"], method="partinfer", weights="q4"), prompts, 4).tokens
+    assert after == before
+    assert cached_pack(tiny_llama_dir, compact["neurons"], "q4").intact
+    with open(cached / "rest.safetensors", "r+b") as f:
+        f.truncate(f.seek(0, 2) // 2)
+    load(tiny_llama_dir, compact["neurons"], method="dense", weights="q4")
+    assert cached_pack(tiny_llama_dir, compact["neurons"], "q4").intact
+
+    hashed = []
+    monkeypatch.setattr(integrity, "file_sha256", lambda path: hashed.append(path) or pytest.fail("hashed again"))
+    load(tiny_llama_dir, compact["neurons"], method="dense", weights="q4")  # unchanged since checked: no hashing
+    assert hashed == []
 
 
 def test_embedded_model_q4_pack_keeps_the_gguf_blocks(default_model_dir, tmp_path):

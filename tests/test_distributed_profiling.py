@@ -125,3 +125,45 @@ def test_merge_refuses_the_same_file_twice_by_content(tiny_with_tokenizer, tmp_p
     result = runner.invoke(app, ["neurons", "merge", str(a), str(copy), str(other), "-o", str(tmp_path / "m.safetensors")])
     assert_clean_error(result, "same statistics", "give each file once")
     assert not (tmp_path / "m.safetensors").exists()
+
+
+def _rank_that_fails(rank: int, world: int, port: int, results) -> None:
+    import torch.distributed as dist
+
+    from partinfer.common.errors import PartinferError
+    from partinfer.profiler.distributed import Ranks, together
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        def work() -> int:
+            if rank == 1:
+                raise PartinferError("data file shard.jsonl line 3 is not valid JSON; fix the file")
+            return 7
+
+        try:
+            together(Ranks(rank, world), work)
+            results[rank] = "no error"
+        except PartinferError as e:
+            results[rank] = str(e)
+        results[f"{rank} ok"] = together(Ranks(rank, world), lambda: rank)  # the group is still usable
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_failed_rank_stops_every_rank_with_its_one_line_error():
+    """Two gloo processes, rank 1's work fails with our error: rank 1 raises it, rank 0 raises one line
+    naming rank 1 and that error (not gloo's "Connection closed by peer" from a collective it waits in)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_rank_that_fails, args=(2, port, results), nprocs=2, join=True)
+        results = dict(results)
+    assert results[1] == "data file shard.jsonl line 3 is not valid JSON; fix the file"
+    assert results[0] == "rank 1 of 2 failed, so this rank stops too: data file shard.jsonl line 3 is not valid JSON; fix the file"
+    assert results["0 ok"] == 0 and results["1 ok"] == 1

@@ -15,7 +15,7 @@ from partinfer.cli.app import app
 from partinfer.common.errors import PartinferError
 from partinfer.common.formats import blocks
 from partinfer.common.formats.blocks import BlockFormat, WeightScheme, f16, fp16_head
-from partinfer.common.formats.pack_format import PACK_MANIFEST, PackManifest
+from partinfer.common.formats.pack_format import PACK_MANIFEST, PackManifest, manifest_digest
 from partinfer.common.neuron_file import NeuronFile
 from partinfer.runtime.decode import EagerDecode
 from partinfer.runtime.generate import generate
@@ -95,6 +95,10 @@ def test_the_format_is_never_guessed_from_a_size(tiny_llama_dir, neurons, tmp_pa
     packed = pack_checkpoint(tiny_llama_dir, neurons, tmp_path / "q4", "q4")
     manifest = json.loads((packed / PACK_MANIFEST).read_text())
     del manifest["tensor_formats"]["model.layers.0.self_attn.q_proj.weight"]
+    (packed / PACK_MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(PartinferError, match="partinfer_pack.json is damaged"):  # an edit is refused by the digest
+        load_model(packed, torch.float32, "cpu")
+    manifest["manifest_sha256"] = manifest_digest(manifest)  # signed again: the format check behind it
     (packed / PACK_MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(PartinferError, match="different formats"):
         load_model(packed, torch.float32, "cpu")

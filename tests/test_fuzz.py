@@ -164,3 +164,99 @@ def test_flipped_bytes_in_a_written_file_are_a_one_line_error(kind, tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(PartinferError, match="damaged"):
         load(path)
+
+
+COMPENSATION_KEYS = ["format", "version", "fingerprint", "loaded", "rank", "ridge", "tokens", "datasets", "created", "layers"]
+
+
+def compensation_file(path: Path, meta_changes: dict, a_shape=(8, 4), b_shape=(4, 8)) -> Path:
+    """A compensation file whose metadata is changed as given, written with a digest that matches it (so the
+    reader's checks behind the digest are what is exercised)."""
+    from safetensors.torch import save_file
+
+    from partinfer.common.compensation_file import Compensation
+    from partinfer.common.safetensors_io import DIGEST_KEY, content_digest, read_whole_file
+
+    good = Compensation({0: torch.rand(*a_shape)}, {0: torch.rand(*b_shape)}, "llama-L2-d8-n64-v16", "abc", 4, 1e-3, 10,
+                        ("x",)).save(path)
+    meta, tensors = read_whole_file(good)
+    meta = {**{k: v for k, v in meta.items() if k != DIGEST_KEY}, **meta_changes}
+    meta[DIGEST_KEY] = content_digest(meta, tensors)
+    save_file(tensors, path, metadata=meta)
+    return path
+
+
+@FAST
+@given(changes=st.dictionaries(st.sampled_from(COMPENSATION_KEYS), st.text(max_size=12) | st.builds(
+    json.dumps, json_values), max_size=3),
+       shapes=st.sampled_from([((8, 4), (4, 8)), ((8, 4), (3, 8)), ((8, 4), (4, 7)), ((8, 0), (0, 8))]))
+def test_compensation_reader_on_random_metadata(tmp_path_factory, changes, shapes):
+    from partinfer.common.compensation_file import Compensation
+
+    path = compensation_file(tmp_path_factory.mktemp("comp") / "c.safetensors", changes, *shapes)
+    try:
+        comp = Compensation.load(path, fingerprint="llama-L2-d8-n64-v16")
+    except PartinferError:
+        return
+    for i in comp.a:  # what is accepted is usable: matching shapes, finite values
+        assert comp.a[i].shape[1] == comp.b[i].shape[0] and comp.a[i].shape[0] == comp.b[i].shape[1]
+        assert bool(comp.a[i].isfinite().all()) and bool(comp.b[i].isfinite().all())
+
+
+@FAST
+@given(flips=st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), min_size=1, max_size=6))
+def test_compensation_reader_on_corrupted_files(tmp_path_factory, flips):
+    from partinfer.common.compensation_file import Compensation
+
+    path = compensation_file(tmp_path_factory.mktemp("comp") / "c.safetensors", {})
+    data = bytearray(path.read_bytes())
+    for position, value in flips:
+        data[position % len(data)] = value
+    path.write_bytes(bytes(data))
+    try:
+        Compensation.load(path)
+    except PartinferError:
+        pass
+
+
+@pytest.fixture(scope="module")
+def packed_tiny(tiny_llama_dir, tmp_path_factory) -> dict:
+    from partinfer.common.formats.pack_format import PACK_MANIFEST
+    from partinfer.runtime.pack import pack_checkpoint
+
+    root = tmp_path_factory.mktemp("pack")
+    neurons = make_neuron_file(tiny_llama_dir, root / "model.safetensors")
+    pack = pack_checkpoint(tiny_llama_dir, neurons, root / "q4", "q4")
+    return {"pack": pack, "neurons": neurons, "manifest": json.loads((pack / PACK_MANIFEST).read_text())}
+
+
+PACK_FIELDS = ["version", "weights", "fingerprint", "tensor_formats", "file_digests", "source_identity", "format", "files"]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(changes=st.dictionaries(st.sampled_from(PACK_FIELDS), json_values, min_size=1, max_size=3),
+       format_change=st.one_of(st.none(), st.tuples(st.integers(0, 10**4), json_values | st.sampled_from(["Q8_0", "Q4_K"]))),
+       signed=st.booleans())
+def test_pack_manifest_on_random_values(tmp_path_factory, packed_tiny, changes, format_change, signed):
+    """A pack whose manifest fields hold random JSON: loading it is our one-line error or a model that runs.
+    Unsigned edits are refused by the manifest's digest; signed ones (digest recomputed) reach the checks behind it."""
+    import shutil
+
+    from partinfer.common.formats.pack_format import PACK_MANIFEST, manifest_digest
+    from partinfer.runtime.generate import generate
+    from partinfer.runtime.loader import load_model
+    from partinfer.runtime.sparsity import SparsityConfig
+
+    pack = shutil.copytree(packed_tiny["pack"], tmp_path_factory.mktemp("pk") / "q4")
+    manifest = {**packed_tiny["manifest"], **changes}
+    if format_change is not None and isinstance(manifest.get("tensor_formats"), dict) and manifest["tensor_formats"]:
+        names = sorted(manifest["tensor_formats"])
+        manifest["tensor_formats"] = {**manifest["tensor_formats"], names[format_change[0] % len(names)]: format_change[1]}
+    if signed:
+        manifest["manifest_sha256"] = manifest_digest(manifest)
+    (pack / PACK_MANIFEST).write_text(json.dumps(manifest))
+    try:
+        model = load_model(pack, torch.float32, "cpu", SparsityConfig(method="partinfer", model_neurons=packed_tiny["neurons"]))
+    except PartinferError:
+        return
+    generate(model, [[1, 2, 3]], 2)

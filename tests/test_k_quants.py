@@ -17,7 +17,9 @@ from partinfer.runtime.checkpoint import CheckpointReader
 from partinfer.runtime.generate import generate
 from partinfer.runtime.loader import load_model
 from partinfer.runtime.model import KVCache, prefill
+from partinfer.runtime.native import cpu_kernels
 from partinfer.runtime.pack import pack_checkpoint
+from partinfer.runtime.quant import columns_from_rows
 from partinfer.runtime.sparsity import METHODS, SparsityConfig
 from tests.helpers import make_neuron_file, tiny_prompts
 from tests.test_compact_weights import random_k_blocks
@@ -204,3 +206,42 @@ def test_an_untied_compact_embedding_stays_on_disk(k_model):
     assert torch.equal(model.embed_tokens(tokens), resident(tokens))
     with pytest.raises(IndexError):
         model.embed_tokens(torch.tensor([VOCAB]))
+
+
+@pytest.mark.skipif(not cpu_kernels(), reason="no compiled kernels on this CPU")
+@pytest.mark.parametrize("name", ["Q4_K", "Q6_K"])
+def test_k_quant_row_products_equal_dequantize_then_fp64_matmul(name):
+    """`gemv_k`: rows . inputs quantized per 256 (Q8_K) against de-quantized rows times those inputs in fp64:
+    all rows, a row subset out of order, several tokens, inputs of very different sizes."""
+    from partinfer.runtime.native import gemv_k
+    from partinfer.runtime.quant import quantize_activation
+
+    fmt = BLOCK_FORMATS[name]
+    rows = random_k_blocks(fmt, 37, 768, seed=5)  # 37 rows: no multiple of the threads' share
+    x = torch.randn(3, 768) * torch.tensor([1.0, 1e-3, 40.0]).repeat_interleave(256)
+    w = fmt.dequantize(rows, 768).double()
+    want = quantize_activation(x, 256).double() @ w.t()  # [3, 37]
+    got = gemv_k(rows, x, fmt.dequant_kernel)
+    assert torch.allclose(got.double(), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+    subset = torch.tensor([30, 2, 2, 17, 0, 36])
+    assert torch.allclose(gemv_k(rows, x, fmt.dequant_kernel, subset).double(), want[:, subset], rtol=1e-4,
+                          atol=1e-4 * want.abs().max().item())
+
+
+@pytest.mark.skipif(not cpu_kernels(), reason="no compiled kernels on this CPU")
+@pytest.mark.parametrize("name", ["Q4_K", "Q6_K"])
+def test_k_quant_down_columns_sum_equals_the_fp64_sum(name):
+    """`down_k`: the down columns of any neuron subset, in any order, summed with per-token activations,
+    against the de-quantized columns in fp64."""
+    from partinfer.runtime.native import down_k
+
+    fmt = BLOCK_FORMATS[name]
+    d, n = 512, 768
+    down_rows = random_k_blocks(fmt, d, n, seed=7)  # down [d, n]: blocks along the neurons
+    codes, table = columns_from_rows(down_rows, fmt)
+    columns = fmt.dequantize(down_rows, n).t().double()  # [n, d]
+    for ids in (torch.arange(n), torch.tensor([700, 3, 256, 255, 4, 511, 300, 301, 17]), torch.randperm(n)[:333]):
+        a = torch.randn(2, ids.numel())
+        got = down_k(codes[ids].contiguous(), table, ids, a, fmt.dequant_kernel)
+        want = a.double() @ columns[ids]
+        assert torch.allclose(got.double(), want, rtol=1e-4, atol=1e-4 * want.abs().max().item()), ids[:5]

@@ -152,3 +152,23 @@ def test_a_task_yaml_that_cannot_be_loaded_is_a_one_line_error(tiny_with_tokeniz
     with pytest.raises(PartinferError, match="could not be loaded.*no_such_module"):
         run_eval(tiny_with_tokenizer / "model", ["broken_task"], ("dense",), sparsity, tmp_path / "out", limit=2,
                  dtype="fp32", include_path=tasks_dir)
+
+
+def test_a_task_whose_data_file_is_missing_names_the_path(tiny_with_tokenizer, tmp_path):
+    """A user's task YAML whose data_files names a file that is not there: the error names that path (not "the hub")."""
+    from partinfer.common.errors import PartinferError
+    from partinfer.evaluation.accuracy import run_eval
+    from partinfer.runtime.sparsity import SparsityConfig
+
+    tasks_dir = tmp_path / "tasks"
+    tasks_dir.mkdir()
+    missing = tmp_path / "gone" / "words.jsonl"
+    (tasks_dir / "words.yaml").write_text(
+        f"task: gone_words\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {missing}\ntest_split: test\n"
+        "output_type: loglikelihood_rolling\ndoc_to_text: \"\"\ndoc_to_target: \"{{text}}\"\n"
+        "metric_list:\n  - metric: word_perplexity\n")
+    sparsity = SparsityConfig(model_neurons=tiny_with_tokenizer / "neurons.safetensors")
+    with pytest.raises(PartinferError, match="could not be found") as raised:
+        run_eval(tiny_with_tokenizer / "model", ["gone_words"], ("dense",), sparsity, tmp_path / "out", limit=2,
+                 dtype="fp32", include_path=tasks_dir)
+    assert str(missing) in str(raised.value) and "hub" not in str(raised.value)

@@ -145,6 +145,27 @@ def test_full_disk_is_a_one_line_error_and_leaves_no_file(default_model_dir, tmp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["prompts.txt"]
 
 
+def test_a_full_disk_while_reading_data_is_named_as_a_full_disk(default_model_dir, tmp_path, monkeypatch):
+    """datasets writes a cache while it reads a data file and wraps the OSError in its own error: the
+    message must say the disk is full, not "check the file and its format"."""
+    import datasets
+    from datasets.exceptions import DatasetGenerationError
+
+    def full_cache(*args, **kwargs):
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError as e:
+            raise DatasetGenerationError("An error occurred while generating the dataset") from e
+
+    monkeypatch.setattr(datasets, "load_dataset", full_cache)
+    data = tmp_path / "prompts.jsonl"
+    data.write_text('{"text": "The cat sat on the mat."}\n')
+    result = runner.invoke(app, ["profile", "-d", str(data), "-n", "1", "--gen-tokens", "1", "--out", str(tmp_path / "nf")])
+    assert_clean_error(result, "No space left on device", "free some disk space")
+    assert "check" not in result.stderr.splitlines()[-1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prompts.jsonl"]
+
+
 def test_a_bug_keeps_its_traceback(monkeypatch):
     import partinfer.runtime.prepare
     def broken(*args, **kwargs):

@@ -129,6 +129,9 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "temperature": float("nan")}, "temperature"),
     ("/v1/completions", {"prompt": ["a", "b"]}, "prompt"),
     ("/v1/completions", {"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": ' + b"9" * 5000 + b"}", "body"),
+    ("/v1/chat/completions", b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "body"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "\xff\xfe hi"}]}', "body"),
 ]
 
 
@@ -344,3 +347,54 @@ def test_port_zero_prints_the_real_port(tiny_args):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_idle_connections_are_closed(tiny_args):
+    """Sockets that never send a request, or only part of one, are closed after --idle-timeout; a
+    request after the timeout on a fresh connection is still answered."""
+    running = ServerProcess(*tiny_args, "--context", "64", "--idle-timeout", "1")
+    try:
+        idle = [socket.create_connection(("127.0.0.1", running.port), timeout=10) for _ in range(40)]
+        idle[0].sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # a head never finished
+        t0 = time.monotonic()
+        for s in idle:
+            assert s.recv(1024) == b"", "the server kept an idle connection open"  # b"": closed by the server
+            s.close()
+        assert time.monotonic() - t0 < 5
+        assert httpx.get(running.url + "/health", timeout=5).status_code == 200
+    finally:
+        running.stop()
+
+
+@pytest.fixture(scope="module")
+def long_context_model(tiny_with_tokenizer, tmp_path_factory) -> list[str]:
+    """The tiny model with room for thousands of positions (same weights; rotary positions need no table),
+    so one reply can be long enough to outlast its client."""
+    import json
+
+    model = shutil.copytree(tiny_with_tokenizer / "model", tmp_path_factory.mktemp("long") / "model")
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 8192}))
+    return ["--model", str(model), "--model-neurons", str(tiny_with_tokenizer / "neurons.safetensors"), "--dtype", "fp32"]
+
+
+def test_a_non_streaming_client_that_leaves_cancels_its_generation(long_context_model):
+    """A `stream: false` request for thousands of tokens whose client gives up after 0.5 s: its generation
+    stops (the queue is empty again within a second) and the next request is answered at once."""
+    running = ServerProcess(*long_context_model, "--context", "8192")
+    try:
+        body = {"messages": [{"role": "user", "content": PROMPT}], "max_tokens": 8000}
+        t0 = time.monotonic()
+        full = httpx.post(running.url + "/v1/chat/completions", json={**body, "max_tokens": 2000}, timeout=300)
+        per_token = (time.monotonic() - t0) / max(full.json()["usage"]["completion_tokens"], 1)
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(running.url + "/v1/chat/completions", json=body, timeout=httpx.Timeout(5, read=0.5))
+        left = time.monotonic()
+        while httpx.get(running.url + "/health").json()["queued"] and time.monotonic() - left < 5:
+            time.sleep(0.02)
+        freed = time.monotonic() - left
+        assert freed < 1.0, f"the worker stayed busy {freed:.1f} s after its client left ({per_token * 1e3:.1f} ms a token)"
+        quick = httpx.post(running.url + "/v1/chat/completions", json={**body, "max_tokens": 2}, timeout=30)
+        assert quick.status_code == 200
+    finally:
+        running.stop()

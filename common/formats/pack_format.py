@@ -19,26 +19,29 @@ The manifest is read once per load (`PackManifest.read`) and names, for every co
 Hugging Face name, e.g. model.layers.3.mlp.gate_proj.weight), its block format: nothing infers a
 format from a size. It also names what the pack was made from (`source`, `source_identity`: see
 `checkpoint_identity`) and with which neuron file (`neurons_digest`, the neuron file's content digest), so a cached copy that no longer
-matches its source is rebuilt rather than used.
+matches its source is rebuilt rather than used; and the SHA-256 of every file it holds (`file_digests`),
+checked once per change of a file (common/integrity.py) before the pack is used.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from partinfer.common.errors import PartinferError
 from partinfer.common.formats.blocks import BlockFormat, WeightScheme, block_format
+from partinfer.common.integrity import check_files, damaged_files
 from partinfer.common.output_dir import manifest_name, read_manifest
 
 PACK_COMMAND = "pack"
 PACK_MANIFEST = manifest_name(PACK_COMMAND)
 PACK_FORMAT = "partinfer-packed"
-# 3: every compact matrix's block format by name, the source's identity; 2: down as columns + table;
-# 1: down as Q8_0 rows per neuron. bf16 packs read the same in every version.
-PACK_VERSION = 3
+# 4: every file's digest; 3: every compact matrix's block format by name, the source's identity;
+# 2: down as columns + table; 1: down as Q8_0 rows per neuron. bf16 packs read the same in every version.
+PACK_VERSION = 4
 
 
 def bundle_name(layer: int) -> str:
@@ -72,6 +75,7 @@ class PackManifest:
     source: str | None
     source_identity: str | None
     tensor_formats: dict[str, str] = field(default_factory=dict)
+    file_digests: dict[str, str] = field(default_factory=dict)  # file name -> SHA-256; empty before version 4
 
     @classmethod
     def read(cls, model_dir: Path) -> "PackManifest | None":
@@ -80,14 +84,22 @@ class PackManifest:
         if manifest is None:
             return None
         version = manifest.get("version", 1)
+        signed = isinstance(version, int) and version >= 4 and manifest.get("weights", "bf16") != "bf16"
+        if ("manifest_sha256" in manifest or signed) and manifest.get("manifest_sha256") != manifest_digest(manifest):
+            raise PartinferError(f"{model_dir}/{PACK_MANIFEST} is damaged: it does not match the digest it was written "
+                                 "with; pack the original checkpoint again with `partinfer pack`")
         formats = manifest.get("tensor_formats", {})
         if not isinstance(formats, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in formats.items()):
             raise PartinferError(f"{model_dir}/{PACK_MANIFEST} has no valid tensor_formats; pack it again")
+        digests = manifest.get("file_digests", {})
+        if not isinstance(digests, dict) or not all(isinstance(k, str) and "/" not in k and isinstance(v, str)
+                                                    for k, v in digests.items()):
+            raise PartinferError(f"{model_dir}/{PACK_MANIFEST} has no valid file_digests; pack it again")
         strings = {key: manifest.get(key) if isinstance(manifest.get(key), str) else None
                    for key in ("fingerprint", "model_neurons", "neurons_digest", "source", "source_identity")}
         weights = manifest.get("weights", "bf16")
         return cls(Path(model_dir), weights if isinstance(weights, str) else "?",
-                   version if isinstance(version, int) else 0, tensor_formats=formats, **strings)
+                   version if isinstance(version, int) else 0, tensor_formats=formats, file_digests=digests, **strings)
 
     @property
     def compact(self) -> bool:
@@ -105,6 +117,15 @@ class PackManifest:
                                  f"{self.version}); pack it again with `partinfer pack`")
         for name in set(self.tensor_formats.values()):
             block_format(name)  # an unknown format is a one-line error naming it
+
+    @property
+    def intact(self) -> bool:
+        """Whether every file the pack recorded still matches its digest (hashed once per change of a file)."""
+        return not damaged_files(self.path, self.file_digests)
+
+    def check_intact(self) -> None:
+        """A one-line error naming a file of the pack whose bytes changed since it was written."""
+        check_files(self.path, self.file_digests, "pack the original checkpoint again with `partinfer pack`")
 
     def format_of(self, name: str) -> BlockFormat | None:
         """The block format of the matrix `name` (its Hugging Face name), None when it is not compact."""
@@ -150,6 +171,16 @@ def checkpoint_identity(model_dir: Path) -> str:
                 (length,) = struct.unpack("<Q", head)
                 digest.update(f.read(min(length, 1 << 26)))
     return digest.hexdigest()[:20]
+
+
+MANIFEST_BOOKKEEPING = ("output", "command", "files", "manifest_sha256")  # common/output_dir.py's fields, and this digest
+
+
+def manifest_digest(manifest: dict) -> str:
+    """The SHA-256 of a manifest's pack fields (all but common/output_dir.py's bookkeeping): an edited
+    format name or digest is refused, not used to read the weights."""
+    fields = {k: v for k, v in manifest.items() if k not in MANIFEST_BOOKKEEPING}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
 def manifest_entry(scheme: WeightScheme, fingerprint: str, model_neurons: Path, neurons_digest: str, source: Path,

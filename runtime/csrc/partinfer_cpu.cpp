@@ -22,6 +22,8 @@
 // Compact weights (uint8 rows of Q4_1 or Q8_0 blocks, common/formats/blocks.py) are taken wherever a bf16
 // matrix is, by `gemv` and by `model_decode` (kernels in compact_rows.h, an AVX2 and an AVX-512
 // VNNI build chosen once per process: `compact_kernel_path()`); `dequantize` expands them for prefill.
+// K-quant rows (Q4_K, Q6_K) have their own products for decode-sized inputs (k_quant_products.h:
+// `gemv_k`, `down_k`) and de-quantizers (k_quants.h).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/custom_class.h>
@@ -43,6 +45,7 @@ namespace {
 #include "matrix.h"
 #include "single_ops.h"
 #include "k_quants.h"
+#include "k_quant_products.h"
 #include "decode_team.h"
 #include "decode_plan.h"
 
@@ -80,5 +83,7 @@ TORCH_LIBRARY(partinfer_cpu, m) {
   m.def("dequantize_k(Tensor W, int cols, str kernel, ScalarType dtype) -> Tensor", dequantize_k);
   m.def("dequantize_columns_k(Tensor codes, Tensor table, Tensor ids, str kernel, ScalarType dtype) -> Tensor",
         dequantize_columns_k);
+  m.def("gemv_k(Tensor W, Tensor x, str kernel, Tensor? rows=None) -> Tensor", kq::gemv_k);
+  m.def("down_k(Tensor codes, Tensor table, Tensor ids, Tensor a, str kernel) -> Tensor", kq::down_k);
 }
 

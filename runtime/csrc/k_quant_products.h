@@ -1,0 +1,268 @@
+// K-quant products for decode-sized inputs (k_quants.h has the block layouts and the de-quantizers).
+//
+//   gemv_k(W [N, cols / 256 * block_bytes] uint8, x [T, cols] fp32, kernel, rows [R] int64 or None)
+//       -> y [T, R or N] fp32, y[t, r] = W[rows[r]] . x[t]
+//   down_k(codes [j, d / 256 * code_bytes] uint8, table [n / 256, head_bytes / 2, d] fp16, ids [j] int64,
+//          a [T, j] fp32, kernel) -> y [T, d] fp32, y[t] = sum_i a[t, i] * column(ids[i])
+//
+// Rows: as llama.cpp does, the input is quantized once per matrix to 8 bits per weight in blocks of 256
+// (its Q8_K: a float scale d_x, int8 codes, and the sum of each 16 codes), so a super-block's product is
+// integer multiply-adds with the 6- or 8-bit sub-block scales and two float terms:
+//   Q4_K . x = d_x (d sum_s sc_s sum_j q_j q_x_j  -  dmin sum_s m_s sum_j q_x_j)      (8 sub-blocks of 32)
+//   Q6_K . x = d_x d sum_s sc_s (sum_j q_j q_x_j  -  32 sum_j q_x_j)                 (16 sub-blocks of 16)
+// The u8 x s8 code products are `vpmaddubsw`, the scales multiply in with `vpmaddwd`. |partial sums| stay
+// far inside int16 (15 * 127 * 2, 63 * 127 * 2) and int32.
+// Down columns: the neurons are grouped by their block's sub-block (the neurons that share one scale
+// and offset per output: 32 for Q4_K, 16 for Q6_K), each group's codes summed with its activations
+// in fp32, and the group's scales applied once per output. Threads split the outputs (256 at a time),
+// so no thread's sums need another's.
+
+namespace kq {
+
+// An input quantized per 256 as the row kernels read it: codes q, scale d, and each 16 codes' sum.
+struct Q8KInput {
+  std::vector<int8_t> q;
+  std::vector<float> d;
+  std::vector<int32_t> sums16;
+  void quantize(const float* x, int64_t n) {
+    const int64_t nb = n / QK_K;
+    q.resize(n);
+    d.resize(nb);
+    sums16.resize(16 * nb);
+    for (int64_t b = 0; b < nb; ++b) {
+      const float* xb = x + QK_K * b;
+      float amax = 0.0f;
+      for (int64_t i = 0; i < QK_K; ++i) amax = std::max(amax, std::fabs(xb[i]));
+      const float scale = amax / 127.0f, inv = scale != 0.0f ? 1.0f / scale : 0.0f;
+      d[b] = scale;
+      for (int64_t g = 0; g < 16; ++g) {
+        int32_t sum = 0;
+        for (int64_t i = 16 * g; i < 16 * g + 16; ++i) {
+          const int8_t v = static_cast<int8_t>(std::nearbyint(xb[i] * inv));  // round half to even, as torch.round
+          q[QK_K * b + i] = v;
+          sum += v;
+        }
+        sums16[16 * b + g] = sum;
+      }
+    }
+  }
+};
+
+inline __m256i load32(const void* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+
+inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+// A Q4_K head's 12 bytes of 6-bit (scale, min) pairs -> sc[8], m[8] (as k_scale_offset reads them).
+inline void q4_k_scales(const uint8_t* p, int* sc, int* m) {
+  for (int s = 0; s < 4; ++s) {
+    sc[s] = p[s] & 63;
+    m[s] = p[s + 4] & 63;
+  }
+  for (int s = 4; s < 8; ++s) {
+    sc[s] = (p[s + 4] & 15) | ((p[s - 4] >> 6) << 4);
+    m[s] = (p[s + 4] >> 4) | ((p[s] >> 6) << 4);
+  }
+}
+
+// 32 Q6_K codes (0..63) of group g = 4h + t of a block's code bytes (ql [128] | qh [64]): outputs or
+// weights 128h + 32t .. +31, as unpack_k_codes orders them.
+inline __m256i q6_k_codes(const uint8_t* codes, int g) {
+  const int h = g / 4, t = g % 4;
+  const __m256i low4 = _mm256_set1_epi8(0x0F), low2 = _mm256_set1_epi8(0x03);
+  const __m256i ql = load32(codes + 64 * h + 32 * (t % 2));
+  const __m256i nib = _mm256_and_si256(t < 2 ? ql : _mm256_srli_epi16(ql, 4), low4);
+  const __m256i qh = _mm256_and_si256(_mm256_srli_epi16(load32(codes + 128 + 32 * h), 2 * t), low2);
+  return _mm256_or_si256(nib, _mm256_slli_epi16(qh, 4));
+}
+
+// 32 Q4_K codes (0..15) of sub-block s of a block's 128 code bytes.
+inline __m256i q4_k_codes(const uint8_t* codes, int s) {
+  const __m256i bytes = load32(codes + 32 * (s / 2));
+  return _mm256_and_si256(s % 2 ? _mm256_srli_epi16(bytes, 4) : bytes, _mm256_set1_epi8(0x0F));
+}
+
+inline float dot_q4_k(const uint8_t* w, int64_t nb, const Q8KInput& in) {
+  __m256 acc = _mm256_setzero_ps();
+  float mins = 0.0f;
+  for (int64_t b = 0; b < nb; ++b, w += Q4_K_BYTES) {
+    int sc[8], m[8];
+    q4_k_scales(w + 4, sc, m);
+    const int8_t* qx = in.q.data() + QK_K * b;
+    __m256i isum = _mm256_setzero_si256();
+    for (int s = 0; s < 8; ++s) {
+      const __m256i p = _mm256_maddubs_epi16(q4_k_codes(w + 16, s), load32(qx + 32 * s));
+      isum = _mm256_add_epi32(isum, _mm256_madd_epi16(p, _mm256_set1_epi16(static_cast<int16_t>(sc[s]))));
+    }
+    const float dx = in.d[b];
+    acc = _mm256_fmadd_ps(_mm256_set1_ps(fp16_to_float(w) * dx), _mm256_cvtepi32_ps(isum), acc);
+    const int32_t* sums = in.sums16.data() + 16 * b;
+    int32_t msum = 0;
+    for (int s = 0; s < 8; ++s) msum += m[s] * (sums[2 * s] + sums[2 * s + 1]);
+    mins += fp16_to_float(w + 2) * dx * static_cast<float>(msum);
+  }
+  return hsum8(acc) - mins;
+}
+
+inline float dot_q6_k(const uint8_t* w, int64_t nb, const Q8KInput& in) {
+  __m256 acc = _mm256_setzero_ps();
+  float bias = 0.0f;
+  for (int64_t b = 0; b < nb; ++b, w += Q6_K_BYTES) {
+    const int8_t* scales = reinterpret_cast<const int8_t*>(w + 192);
+    const int8_t* qx = in.q.data() + QK_K * b;
+    __m256i isum = _mm256_setzero_si256();
+    for (int g = 0; g < 8; ++g) {  // 32 weights: sub-blocks 2g (int16 lanes 0-7) and 2g + 1 (lanes 8-15)
+      const __m256i p = _mm256_maddubs_epi16(q6_k_codes(w, g), load32(qx + 32 * g));
+      const __m256i s = _mm256_set_m128i(_mm_set1_epi16(scales[2 * g + 1]), _mm_set1_epi16(scales[2 * g]));
+      isum = _mm256_add_epi32(isum, _mm256_madd_epi16(p, s));
+    }
+    const float dd = fp16_to_float(w + 208) * in.d[b];
+    acc = _mm256_fmadd_ps(_mm256_set1_ps(dd), _mm256_cvtepi32_ps(isum), acc);
+    const int32_t* sums = in.sums16.data() + 16 * b;
+    int32_t ssum = 0;
+    for (int s = 0; s < 16; ++s) ssum += scales[s] * sums[s];
+    bias += 32.0f * dd * static_cast<float>(ssum);
+  }
+  return hsum8(acc) - bias;
+}
+
+at::Tensor gemv_k(const at::Tensor& W, const at::Tensor& x, const std::string& kernel,
+                  const std::optional<at::Tensor>& rows) {
+  TORCH_CHECK(kernel == "q4_k" || kernel == "q6_k", "no K-quant product for ", kernel);
+  const bool q4_k = kernel == "q4_k";
+  const int64_t block_bytes = q4_k ? Q4_K_BYTES : Q6_K_BYTES;
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() == 2, "x: contiguous fp32 [T, cols]");
+  const int64_t T = x.size(0), cols = x.size(1), nb = cols / QK_K;
+  TORCH_CHECK(W.scalar_type() == at::kByte && W.is_contiguous() && W.dim() == 2 && cols % QK_K == 0 &&
+              W.size(1) == nb * block_bytes, "W: contiguous uint8 [N, ", nb * block_bytes, "] for ", cols, " inputs");
+  const int64_t* rp = nullptr;
+  int64_t R = W.size(0);
+  if (rows.has_value()) {
+    TORCH_CHECK(rows->scalar_type() == at::kLong && rows->is_contiguous() && rows->dim() == 1, "rows: int64 [R]");
+    rp = rows->data_ptr<int64_t>();
+    R = rows->numel();
+    for (int64_t r = 0; r < R; ++r) TORCH_CHECK(rp[r] >= 0 && rp[r] < W.size(0), "row ", rp[r], " out of range");
+  }
+  std::vector<Q8KInput> inputs(T);
+  for (int64_t t = 0; t < T; ++t) inputs[t].quantize(x.data_ptr<float>() + t * cols, cols);
+  at::Tensor y = at::empty({T, R}, x.options());
+  float* yp = y.data_ptr<float>();
+  const uint8_t* w = W.data_ptr<uint8_t>();
+  at::parallel_for(0, R, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const uint8_t* row = w + (rp ? rp[r] : r) * W.size(1);
+      for (int64_t t = 0; t < T; ++t) yp[t * R + r] = q4_k ? dot_q4_k(row, nb, inputs[t]) : dot_q6_k(row, nb, inputs[t]);
+    }
+  });
+  return y;
+}
+
+// Eight outputs' head byte k of one block's heads in the down table ([head_bytes / 2, d] 2-byte units of
+// this block; unit u of output r at unit[u * d + r]) -> 8 int32 lanes, 0..255.
+inline __m256i head_bytes8(const uint16_t* unit, int64_t d, int k, int64_t r) {
+  const __m256i u = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(unit + (k / 2) * d + r)));
+  return _mm256_and_si256(_mm256_srli_epi32(u, 8 * (k % 2)), _mm256_set1_epi32(0xFF));
+}
+
+inline __m256 fp16_8(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+
+// y[r] += scale(r) * acc[r] - offset(r) * a_sum for the 256 outputs o0 .. o0 + 255 of one group of
+// neurons (block b's sub-block s), the scales decoded from the down table as k_scale_offset does.
+inline void fold_group(bool q4_k, const uint16_t* unit, int64_t d, int s, int64_t o0, const float* acc, float a_sum,
+                       float* y) {
+  const __m256 sum = _mm256_set1_ps(a_sum);
+  for (int64_t i = 0; i < QK_K; i += 8) {
+    const int64_t r = o0 + i;
+    __m256 scale, offset;
+    if (q4_k) {
+      __m256i sc, m;
+      if (s < 4) {
+        sc = _mm256_and_si256(head_bytes8(unit, d, 4 + s, r), _mm256_set1_epi32(63));  // head byte 4 + s: p[s]
+        m = _mm256_and_si256(head_bytes8(unit, d, 8 + s, r), _mm256_set1_epi32(63));
+      } else {  // p = head + 4: sc = p[s + 4] & 15 | (p[s - 4] >> 6) << 4, m = p[s + 4] >> 4 | (p[s] >> 6) << 4
+        const __m256i hi = head_bytes8(unit, d, 8 + s, r);
+        sc = _mm256_or_si256(_mm256_and_si256(hi, _mm256_set1_epi32(15)),
+                             _mm256_slli_epi32(_mm256_srli_epi32(head_bytes8(unit, d, s, r), 6), 4));
+        m = _mm256_or_si256(_mm256_srli_epi32(hi, 4), _mm256_slli_epi32(_mm256_srli_epi32(head_bytes8(unit, d, 4 + s, r), 6), 4));
+      }
+      scale = _mm256_mul_ps(fp16_8(unit + r), _mm256_cvtepi32_ps(sc));
+      offset = _mm256_mul_ps(fp16_8(unit + d + r), _mm256_cvtepi32_ps(m));
+    } else {
+      const __m256i raw = head_bytes8(unit, d, s, r);
+      const __m256i signed_sc = _mm256_sub_epi32(_mm256_xor_si256(raw, _mm256_set1_epi32(0x80)), _mm256_set1_epi32(0x80));
+      scale = _mm256_mul_ps(fp16_8(unit + 8 * d + r), _mm256_cvtepi32_ps(signed_sc));
+      offset = _mm256_mul_ps(scale, _mm256_set1_ps(32.0f));
+    }
+    const __m256 v = _mm256_fmadd_ps(scale, _mm256_loadu_ps(acc + i), _mm256_loadu_ps(y + r));
+    _mm256_storeu_ps(y + r, _mm256_fnmadd_ps(offset, sum, v));
+  }
+}
+
+// acc[0..255] += a * the 256 codes of one neuron's output group (its code bytes for those outputs).
+inline void axpy_codes_k(bool q4_k, const uint8_t* codes, float a, float* acc) {
+  const __m256 av = _mm256_set1_ps(a);
+  for (int g = 0; g < 8; ++g) {
+    const __m256i q = q4_k ? q4_k_codes(codes, g) : q6_k_codes(codes, g);
+    const __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
+    const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+    float* o = acc + 32 * g;
+    for (int i = 0; i < 4; ++i)
+      _mm256_storeu_ps(o + 8 * i, _mm256_fmadd_ps(av, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(parts[i])),
+                                                  _mm256_loadu_ps(o + 8 * i)));
+  }
+}
+
+at::Tensor down_k(const at::Tensor& codes, const at::Tensor& table, const at::Tensor& ids, const at::Tensor& a,
+                  const std::string& kernel) {
+  TORCH_CHECK(kernel == "q4_k" || kernel == "q6_k", "no K-quant product for ", kernel);
+  const bool q4_k = kernel == "q4_k";
+  const int64_t code_bytes = q4_k ? 128 : 192, halves = q4_k ? 8 : 9, group = q4_k ? 32 : 16;
+  TORCH_CHECK(codes.scalar_type() == at::kByte && codes.is_contiguous() && codes.dim() == 2, "codes: contiguous uint8 [j, bytes]");
+  TORCH_CHECK(table.scalar_type() == at::kHalf && table.is_contiguous() && table.dim() == 3 && table.size(1) == halves,
+              "table: contiguous fp16 [n / 256, ", halves, ", d]");
+  TORCH_CHECK(ids.scalar_type() == at::kLong && ids.is_contiguous() && ids.numel() == codes.size(0), "ids: int64 [j]");
+  TORCH_CHECK(a.scalar_type() == at::kFloat && a.is_contiguous() && a.dim() == 2 && a.size(1) == codes.size(0),
+              "a: contiguous fp32 [T, j]");
+  const int64_t j = codes.size(0), d = table.size(2), nb = table.size(0), T = a.size(0);
+  TORCH_CHECK(d % QK_K == 0 && codes.size(1) == d / QK_K * code_bytes, "codes do not hold d = ", d, " outputs");
+  const int64_t* idp = ids.data_ptr<int64_t>();
+  const int64_t n_groups = nb * QK_K / group;
+  std::vector<int64_t> start(n_groups + 1, 0), order(j);
+  for (int64_t i = 0; i < j; ++i) {
+    TORCH_CHECK(idp[i] >= 0 && idp[i] / QK_K < nb, "neuron id ", idp[i], " outside the table");
+    ++start[idp[i] / group + 1];
+  }
+  for (int64_t g = 0; g < n_groups; ++g) start[g + 1] += start[g];
+  std::vector<int64_t> cursor(start.begin(), start.end() - 1);
+  for (int64_t i = 0; i < j; ++i) order[cursor[idp[i] / group]++] = i;
+  at::Tensor y = at::zeros({T, d}, a.options());
+  const uint16_t* tab = reinterpret_cast<const uint16_t*>(table.data_ptr<at::Half>());
+  const uint8_t* cp = codes.data_ptr<uint8_t>();
+  const float* ap = a.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, d / QK_K, 1, [&](int64_t og0, int64_t og1) {
+    alignas(32) float acc[QK_K];
+    for (int64_t og = og0; og < og1; ++og)
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t g = 0; g < n_groups; ++g) {
+          if (start[g] == start[g + 1]) continue;
+          std::fill(acc, acc + QK_K, 0.0f);
+          float a_sum = 0.0f;
+          for (int64_t k = start[g]; k < start[g + 1]; ++k) {
+            const int64_t i = order[k];
+            const float ai = ap[t * j + i];
+            a_sum += ai;
+            axpy_codes_k(q4_k, cp + i * codes.size(1) + og * code_bytes, ai, acc);
+          }
+          const int64_t b = g * group / QK_K;
+          const int s = static_cast<int>((g * group % QK_K) / (q4_k ? 32 : 16));
+          fold_group(q4_k, tab + b * halves * d, d, s, og * QK_K, acc, a_sum, yp + t * d);
+        }
+  });
+  return y;
+}
+
+}  // namespace kq
