@@ -89,6 +89,7 @@ def check_files(directory: Path, digests: dict[str, str], fix: str) -> None:
     """A one-line error naming the first file of `directory` that is missing or does not match its digest."""
     damaged = damaged_files(directory, digests)
     if damaged:
+        path = Path(directory) / damaged[0]
         more = f" (and {len(damaged) - 1} more)" if len(damaged) > 1 else ""
-        raise PartinferError(f"{Path(directory) / damaged[0]}{more} is damaged or missing: its content does not match "
-                             f"the digest it was written with; {fix}")
+        what = "is missing" if not path.exists() else "is damaged: its content does not match the digest it was written with"
+        raise PartinferError(f"{path} {what}{more}; {fix}")

@@ -169,13 +169,13 @@ inline __m256i head_bytes8(const uint16_t* unit, int64_t d, int k, int64_t r) {
 
 inline __m256 fp16_8(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
 
-// y[r] += scale(r) * acc[r] - offset(r) * a_sum for the 256 outputs o0 .. o0 + 255 of one group of
+// y[r] += scale(r) * acc[r] - offset(r) * a_sum for the 32 outputs o0 .. o0 + 31 of one group of
 // neurons (block b's sub-block s), the scales decoded from the down table as k_scale_offset does.
-inline void fold_group(bool q4_k, const uint16_t* unit, int64_t d, int s, int64_t o0, const float* acc, float a_sum,
+inline void fold_group(bool q4_k, const uint16_t* unit, int64_t d, int s, int64_t o0, const __m256* acc, float a_sum,
                        float* y) {
   const __m256 sum = _mm256_set1_ps(a_sum);
-  for (int64_t i = 0; i < QK_K; i += 8) {
-    const int64_t r = o0 + i;
+  for (int64_t i = 0; i < 4; ++i) {
+    const int64_t r = o0 + 8 * i;
     __m256 scale, offset;
     if (q4_k) {
       __m256i sc, m;
@@ -196,23 +196,19 @@ inline void fold_group(bool q4_k, const uint16_t* unit, int64_t d, int s, int64_
       scale = _mm256_mul_ps(fp16_8(unit + 8 * d + r), _mm256_cvtepi32_ps(signed_sc));
       offset = _mm256_mul_ps(scale, _mm256_set1_ps(32.0f));
     }
-    const __m256 v = _mm256_fmadd_ps(scale, _mm256_loadu_ps(acc + i), _mm256_loadu_ps(y + r));
+    const __m256 v = _mm256_fmadd_ps(scale, acc[i], _mm256_loadu_ps(y + r));
     _mm256_storeu_ps(y + r, _mm256_fnmadd_ps(offset, sum, v));
   }
 }
 
-// acc[0..255] += a * the 256 codes of one neuron's output group (its code bytes for those outputs).
-inline void axpy_codes_k(bool q4_k, const uint8_t* codes, float a, float* acc) {
+// acc[0..3] (32 outputs) += a * 32 codes (0..63) of one neuron.
+inline void axpy_codes32(__m256i q, float a, __m256* acc) {
   const __m256 av = _mm256_set1_ps(a);
-  for (int g = 0; g < 8; ++g) {
-    const __m256i q = q4_k ? q4_k_codes(codes, g) : q6_k_codes(codes, g);
-    const __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
-    const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
-    float* o = acc + 32 * g;
-    for (int i = 0; i < 4; ++i)
-      _mm256_storeu_ps(o + 8 * i, _mm256_fmadd_ps(av, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(parts[i])),
-                                                  _mm256_loadu_ps(o + 8 * i)));
-  }
+  const __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
+  acc[0] = _mm256_fmadd_ps(av, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), acc[0]);
+  acc[1] = _mm256_fmadd_ps(av, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), acc[1]);
+  acc[2] = _mm256_fmadd_ps(av, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), acc[2]);
+  acc[3] = _mm256_fmadd_ps(av, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), acc[3]);
 }
 
 at::Tensor down_k(const at::Tensor& codes, const at::Tensor& table, const at::Tensor& ids, const at::Tensor& a,
@@ -243,24 +239,30 @@ at::Tensor down_k(const at::Tensor& codes, const at::Tensor& table, const at::Te
   const uint8_t* cp = codes.data_ptr<uint8_t>();
   const float* ap = a.data_ptr<float>();
   float* yp = y.data_ptr<float>();
+  // A group's sums for 32 outputs stay in four registers while its neurons' codes stream past (a
+  // group's codes for 256 outputs, at most 6 KiB, stay in L1 across the eight 32-output chunks).
   at::parallel_for(0, d / QK_K, 1, [&](int64_t og0, int64_t og1) {
-    alignas(32) float acc[QK_K];
     for (int64_t og = og0; og < og1; ++og)
-      for (int64_t t = 0; t < T; ++t)
-        for (int64_t g = 0; g < n_groups; ++g) {
-          if (start[g] == start[g + 1]) continue;
-          std::fill(acc, acc + QK_K, 0.0f);
+      for (int64_t g = 0; g < n_groups; ++g) {
+        if (start[g] == start[g + 1]) continue;
+        const int64_t b = g * group / QK_K;
+        const int s = static_cast<int>((g * group % QK_K) / group);
+        const uint16_t* unit = tab + b * halves * d;
+        for (int64_t t = 0; t < T; ++t) {
+          const float* at = ap + t * j;
           float a_sum = 0.0f;
-          for (int64_t k = start[g]; k < start[g + 1]; ++k) {
-            const int64_t i = order[k];
-            const float ai = ap[t * j + i];
-            a_sum += ai;
-            axpy_codes_k(q4_k, cp + i * codes.size(1) + og * code_bytes, ai, acc);
+          for (int64_t k = start[g]; k < start[g + 1]; ++k) a_sum += at[order[k]];
+          for (int c = 0; c < 8; ++c) {
+            __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+            for (int64_t k = start[g]; k < start[g + 1]; ++k) {
+              const int64_t i = order[k];
+              const uint8_t* c0 = cp + i * codes.size(1) + og * code_bytes;
+              axpy_codes32(q4_k ? q4_k_codes(c0, c) : q6_k_codes(c0, c), at[i], acc);
+            }
+            fold_group(q4_k, unit, d, s, og * QK_K + 32 * c, acc, a_sum, yp + t * d);
           }
-          const int64_t b = g * group / QK_K;
-          const int s = static_cast<int>((g * group % QK_K) / (q4_k ? 32 : 16));
-          fold_group(q4_k, tab + b * halves * d, d, s, og * QK_K, acc, a_sum, yp + t * d);
         }
+      }
   });
   return y;
 }
