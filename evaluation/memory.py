@@ -191,8 +191,7 @@ def run_memory(model_dir: Path, sparsity: SparsityConfig, gammas=DEFAULT_GAMMAS,
     """Measure dense, each method at each γ (the rest of `sparsity` as given), and the transformers peer;
     one fresh process each, all on the weight scheme `weights` (None: bf16). Every configuration is
     validated here, before the first worker starts."""
-    from partinfer.runtime.pack import cached_pack
-    from partinfer.runtime.prepare import default_gguf_path, default_model_dir
+    from partinfer.runtime.pack import cached_pack, gguf_source
 
     weights = weights or "bf16"
     compact = weights != "bf16"
@@ -209,8 +208,9 @@ def run_memory(model_dir: Path, sparsity: SparsityConfig, gammas=DEFAULT_GAMMAS,
             specs.append(MemorySpec(f"{method} γ={g}", str(source), method, config.to_dict(), dtype, device))
     if peers:
         specs.append(MemorySpec("transformers", str(model_dir), "transformers", dtype=dtype, device=device))
-        if Path(model_dir) == default_model_dir() and importlib.util.find_spec("llama_cpp") is not None:
-            specs.append(MemorySpec("llama.cpp Q4_1", str(default_gguf_path()), "llama.cpp", device=device))
+        gguf = gguf_source(model_dir)  # the GGUF `partinfer prepare` converted it from, when it is still there
+        if gguf is not None and importlib.util.find_spec("llama_cpp") is not None and device.startswith("cpu"):
+            specs.append(MemorySpec(f"llama.cpp ({gguf.name})", str(gguf), "llama.cpp", device=device))
     rows = []
     for spec in specs:
         if progress:

@@ -121,15 +121,22 @@ COLUMN_TILE_BYTES = 4 << 20  # de-quantized down columns per tile of `column_lin
 
 
 def column_linear(a: torch.Tensor, codes: torch.Tensor, table: torch.Tensor, neuron_ids: torch.Tensor,
-                  fmt: BlockFormat) -> torch.Tensor:
+                  fmt: BlockFormat, rows: torch.Tensor | None = None) -> torch.Tensor:
     """a [B, T, j] activations of j neurons whose down columns are compact (`codes` [j, code_bytes],
     their original ids `neuron_ids` [j], the layer's `table`) -> [B, T, D]: the columns de-quantized a
-    tile of neurons at a time into a's dtype (no transient larger than COLUMN_TILE_BYTES) and summed."""
-    j, d = codes.shape[0], table.shape[-1]
+    tile of neurons at a time into a's dtype (no transient larger than COLUMN_TILE_BYTES) and summed.
+    `rows` [j]: the neurons are codes[rows] with ids neuron_ids[rows] (read in place where the compiled
+    K-quant sum takes them, gathered otherwise)."""
+    d = table.shape[-1]
     kernel = few_token_k_kernel(a, codes, fmt)
     if kernel is not None:  # a few tokens: the compiled column sum, no de-quantized column
-        y = native_down_k(codes.contiguous(), table, neuron_ids.contiguous(), a.reshape(-1, j).float().contiguous(), kernel)
+        ids = neuron_ids if rows is None else neuron_ids[rows]
+        y = native_down_k(codes.contiguous(), table, ids.contiguous(), a.reshape(-1, ids.numel()).float().contiguous(),
+                          kernel, rows)
         return y.reshape(*a.shape[:-1], d).to(a.dtype)
+    if rows is not None:
+        codes, neuron_ids = codes[rows], neuron_ids[rows]
+    j = codes.shape[0]
     step = max(1, COLUMN_TILE_BYTES // (d * a.element_size()))
     if step >= j:
         return linear(a, dequantize_columns(codes, table, neuron_ids, fmt, a.dtype).t())

@@ -206,9 +206,11 @@ def gemv_k(weight: torch.Tensor, x: torch.Tensor, kernel: str, rows: torch.Tenso
     return torch.ops.partinfer_cpu.gemv_k(weight, x, kernel, rows)
 
 
-def down_k(codes: torch.Tensor, table: torch.Tensor, ids: torch.Tensor, a: torch.Tensor, kernel: str) -> torch.Tensor:
-    """K-quant down columns of the neurons `ids` [j], a [T, j] fp32 -> [T, d] fp32: sum_i a[t, i] * column(ids[i])."""
-    return torch.ops.partinfer_cpu.down_k(codes, table, ids, a, kernel)
+def down_k(codes: torch.Tensor, table: torch.Tensor, ids: torch.Tensor, a: torch.Tensor, kernel: str,
+           rows: torch.Tensor | None = None) -> torch.Tensor:
+    """K-quant down columns of the neurons `ids` [j], a [T, j] fp32 -> [T, d] fp32: sum_i a[t, i] * column(ids[i]),
+    entry i's codes being codes[rows[i]] (codes[i] when `rows` is None): chosen neurons read in place."""
+    return torch.ops.partinfer_cpu.down_k(codes, table, ids, a, kernel, rows)
 
 
 def dequantize_columns(codes: torch.Tensor, table: torch.Tensor, blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -34,7 +34,8 @@ from partinfer.common.formats.blocks import BlockFormat
 from partinfer.runtime.config import ACTIVATIONS, ModelConfig
 from partinfer.runtime.decode_contract import FfnKind, FfnWeights
 from partinfer.runtime.ffn import FeedForward, FfnRows, column_linear, decode_kernels
-from partinfer.runtime.kernels import linear
+from partinfer.runtime.kernels import few_token_k_kernel, linear
+from partinfer.runtime.native import gemv_k as native_gemv_k
 from partinfer.runtime.quant import dequantize_columns, down_table_shape, neuron_blocks
 from partinfer.runtime.selection import real_token_weights
 from partinfer.runtime.sparsity import LayerPlan, SparsityConfig
@@ -89,9 +90,16 @@ class TokenwiseFFN(FeedForward):
     def n_loaded(self) -> int:
         return self.gate.shape[0]
 
-    def _rows_linear(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """x [..., D] against gate or up rows w [j, D or row_bytes] -> [..., j]."""
-        return linear(x, w, fmt=self.gate_up_format)
+    def _rows_linear(self, x: torch.Tensor, w: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """x [..., D] against gate or up rows w [j, D or row_bytes] (w[rows] when given) -> [..., j or len(rows)];
+        K-quant rows chosen by `rows` are read in place by the compiled product (no gathered copy)."""
+        if rows is None:
+            return linear(x, w, fmt=self.gate_up_format)
+        kernel = None if self.gate_up_format is None else few_token_k_kernel(x, w, self.gate_up_format)
+        if kernel is None:
+            return linear(x, self._gather(rows, w), fmt=self.gate_up_format)
+        y = native_gemv_k(w, x.reshape(-1, x.shape[-1]).float().contiguous(), kernel, rows.contiguous())
+        return y.reshape(*x.shape[:-1], rows.numel()).to(x.dtype)
 
 
     @property
@@ -191,11 +199,10 @@ class TokenwiseFFN(FeedForward):
             nb, xv, ag = self.n_base, x[0, 0][None], act_gate[0, 0]
             rows = selected[0, 0, nb:]
             a_base = ag[:nb] * self._rows_linear(xv, self.up[:nb])[0]  # [n_base]
-            a_rest = ag[rows] * self._rows_linear(xv, self._gather(rows, self.up))[0]  # [m - n_base]
+            a_rest = ag[rows] * self._rows_linear(xv, self.up, rows)[0]  # [m - n_base]
             if self.down_table is not None:  # compact columns: summed in place (no de-quantized copy for few tokens)
                 y = (column_linear(a_base[None], self.down_t[:nb], self.down_table, self.neuron_ids[:nb], self.down_format)
-                     + column_linear(a_rest[None], self.down_t[rows], self.down_table, self.neuron_ids[rows],
-                                     self.down_format))
+                     + column_linear(a_rest[None], self.down_t, self.down_table, self.neuron_ids, self.down_format, rows))
                 return y.view(1, 1, -1)
             y = torch.mv(self.down_t[:nb].t(), a_base) + torch.mv(self._gather(rows, self.down_t).t(), a_rest)
             return y.view(1, 1, -1)

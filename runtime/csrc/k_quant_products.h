@@ -2,8 +2,9 @@
 //
 //   gemv_k(W [N, cols / 256 * block_bytes] uint8, x [T, cols] fp32, kernel, rows [R] int64 or None)
 //       -> y [T, R or N] fp32, y[t, r] = W[rows[r]] . x[t]
-//   down_k(codes [j, d / 256 * code_bytes] uint8, table [n / 256, head_bytes / 2, d] fp16, ids [j] int64,
-//          a [T, j] fp32, kernel) -> y [T, d] fp32, y[t] = sum_i a[t, i] * column(ids[i])
+//   down_k(codes [k, d / 256 * code_bytes] uint8, table [n / 256, head_bytes / 2, d] fp16, ids [j] int64,
+//          a [T, j] fp32, kernel, rows [j] int64 or None) -> y [T, d] fp32, y[t] = sum_i a[t, i] * column(ids[i]),
+//          entry i's codes in row rows[i] of `codes` (row i when None; then k = j)
 //
 // Rows: as llama.cpp does, the input is quantized once per matrix to 8 bits per weight in blocks of 256
 // (its Q8_K: a float scale d_x, int8 codes, and the sum of each 16 codes), so a super-block's product is
@@ -201,28 +202,43 @@ inline void fold_group(bool q4_k, const uint16_t* unit, int64_t d, int s, int64_
   }
 }
 
-// acc[0..3] (32 outputs) += a * 32 codes (0..63) of one neuron.
-inline void axpy_codes32(__m256i q, float a, __m256* acc) {
-  const __m256 av = _mm256_set1_ps(a);
-  const __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
-  acc[0] = _mm256_fmadd_ps(av, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), acc[0]);
-  acc[1] = _mm256_fmadd_ps(av, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), acc[1]);
-  acc[2] = _mm256_fmadd_ps(av, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), acc[2]);
-  acc[3] = _mm256_fmadd_ps(av, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), acc[3]);
+// The sums over one group's neurons of a * their 32 codes (0..63) at chunk c of an output group:
+// acc[0..3] for the 32 outputs. `codes[k]` points at neuron k's code bytes of that output group.
+template <bool Q4K>
+inline void group_chunk(const uint8_t* const* codes, const float* a, int64_t count, int c, __m256* acc) {
+  __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps(), s2 = _mm256_setzero_ps(), s3 = _mm256_setzero_ps();
+  for (int64_t k = 0; k < count; ++k) {
+    const __m256i q = Q4K ? q4_k_codes(codes[k], c) : q6_k_codes(codes[k], c);
+    const __m256 av = _mm256_set1_ps(a[k]);
+    const __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
+    s0 = _mm256_fmadd_ps(av, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), s0);
+    s1 = _mm256_fmadd_ps(av, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), s1);
+    s2 = _mm256_fmadd_ps(av, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), s2);
+    s3 = _mm256_fmadd_ps(av, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), s3);
+  }
+  acc[0] = s0, acc[1] = s1, acc[2] = s2, acc[3] = s3;
 }
 
 at::Tensor down_k(const at::Tensor& codes, const at::Tensor& table, const at::Tensor& ids, const at::Tensor& a,
-                  const std::string& kernel) {
+                  const std::string& kernel, const std::optional<at::Tensor>& rows) {
   TORCH_CHECK(kernel == "q4_k" || kernel == "q6_k", "no K-quant product for ", kernel);
   const bool q4_k = kernel == "q4_k";
   const int64_t code_bytes = q4_k ? 128 : 192, halves = q4_k ? 8 : 9, group = q4_k ? 32 : 16;
   TORCH_CHECK(codes.scalar_type() == at::kByte && codes.is_contiguous() && codes.dim() == 2, "codes: contiguous uint8 [j, bytes]");
   TORCH_CHECK(table.scalar_type() == at::kHalf && table.is_contiguous() && table.dim() == 3 && table.size(1) == halves,
               "table: contiguous fp16 [n / 256, ", halves, ", d]");
-  TORCH_CHECK(ids.scalar_type() == at::kLong && ids.is_contiguous() && ids.numel() == codes.size(0), "ids: int64 [j]");
-  TORCH_CHECK(a.scalar_type() == at::kFloat && a.is_contiguous() && a.dim() == 2 && a.size(1) == codes.size(0),
-              "a: contiguous fp32 [T, j]");
-  const int64_t j = codes.size(0), d = table.size(2), nb = table.size(0), T = a.size(0);
+  TORCH_CHECK(ids.scalar_type() == at::kLong && ids.is_contiguous() && ids.dim() == 1, "ids: int64 [j]");
+  const int64_t j = ids.numel(), d = table.size(2), nb = table.size(0);
+  const int64_t* rp = nullptr;  // entry i's codes are row rows[i] of `codes` (the token-wise method's chosen neurons, in place)
+  if (rows.has_value()) {
+    TORCH_CHECK(rows->scalar_type() == at::kLong && rows->is_contiguous() && rows->numel() == j, "rows: int64 [j]");
+    rp = rows->data_ptr<int64_t>();
+    for (int64_t i = 0; i < j; ++i) TORCH_CHECK(rp[i] >= 0 && rp[i] < codes.size(0), "row ", rp[i], " out of range");
+  } else {
+    TORCH_CHECK(codes.size(0) == j, "codes: one row per id");
+  }
+  TORCH_CHECK(a.scalar_type() == at::kFloat && a.is_contiguous() && a.dim() == 2 && a.size(1) == j, "a: contiguous fp32 [T, j]");
+  const int64_t T = a.size(0);
   TORCH_CHECK(d % QK_K == 0 && codes.size(1) == d / QK_K * code_bytes, "codes do not hold d = ", d, " outputs");
   const int64_t* idp = ids.data_ptr<int64_t>();
   const int64_t n_groups = nb * QK_K / group;
@@ -237,33 +253,55 @@ at::Tensor down_k(const at::Tensor& codes, const at::Tensor& table, const at::Te
   at::Tensor y = at::zeros({T, d}, a.options());
   const uint16_t* tab = reinterpret_cast<const uint16_t*>(table.data_ptr<at::Half>());
   const uint8_t* cp = codes.data_ptr<uint8_t>();
+  const int64_t cb = codes.size(1);
   const float* ap = a.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  // A group's sums for 32 outputs stay in four registers while its neurons' codes stream past (a
-  // group's codes for 256 outputs, at most 6 KiB, stay in L1 across the eight 32-output chunks).
-  at::parallel_for(0, d / QK_K, 1, [&](int64_t og0, int64_t og1) {
-    for (int64_t og = og0; og < og1; ++og)
-      for (int64_t g = 0; g < n_groups; ++g) {
+  // A group's sums for 32 outputs stay in four registers while its neurons' codes stream past. The
+  // threads split the groups (each reads whole neurons' codes front to back: one sequential stream)
+  // into partial outputs, summed at the end; the next group's codes are fetched while one is summed.
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), j));
+  std::vector<int64_t> first(parts + 1, n_groups);  // part p sums groups first[p] .. first[p + 1] - 1
+  for (int64_t p = 0, g = 0; p < parts; ++p) {
+    first[p] = g;
+    while (g < n_groups && start[g] < (p + 1) * j / parts) ++g;
+  }
+  std::vector<float> partial(static_cast<size_t>(parts) * T * d, 0.0f);
+  at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      float* out = partial.data() + p * T * d;
+      for (int64_t g = first[p], next = first[p]; g < first[p + 1]; ++g) {
         if (start[g] == start[g + 1]) continue;
+        for (next = std::max(next, g + 1); next < n_groups && start[next] == start[next + 1];) ++next;
+        if (next < n_groups)
+          for (int64_t k = start[next]; k < start[next + 1]; ++k)
+            for (int64_t line = 0; line < cb; line += 64)
+              _mm_prefetch(reinterpret_cast<const char*>(cp + (rp ? rp[order[k]] : order[k]) * cb + line), _MM_HINT_T0);
         const int64_t b = g * group / QK_K;
         const int s = static_cast<int>((g * group % QK_K) / group);
         const uint16_t* unit = tab + b * halves * d;
+        const int64_t count = start[g + 1] - start[g];
+        const uint8_t* ptr[32];
+        float av[32];
         for (int64_t t = 0; t < T; ++t) {
-          const float* at = ap + t * j;
           float a_sum = 0.0f;
-          for (int64_t k = start[g]; k < start[g + 1]; ++k) a_sum += at[order[k]];
-          for (int c = 0; c < 8; ++c) {
-            __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-            for (int64_t k = start[g]; k < start[g + 1]; ++k) {
-              const int64_t i = order[k];
-              const uint8_t* c0 = cp + i * codes.size(1) + og * code_bytes;
-              axpy_codes32(q4_k ? q4_k_codes(c0, c) : q6_k_codes(c0, c), at[i], acc);
+          for (int64_t k = 0; k < count; ++k) a_sum += (av[k] = ap[t * j + order[start[g] + k]]);
+          for (int64_t og = 0; og < d / QK_K; ++og) {
+            for (int64_t k = 0; k < count; ++k) ptr[k] = cp + (rp ? rp[order[start[g] + k]] : order[start[g] + k]) * cb + og * code_bytes;
+            for (int c = 0; c < 8; ++c) {
+              __m256 acc[4];
+              if (q4_k)
+                group_chunk<true>(ptr, av, count, c, acc);
+              else
+                group_chunk<false>(ptr, av, count, c, acc);
+              fold_group(q4_k, unit, d, s, og * QK_K + 32 * c, acc, a_sum, out + t * d);
             }
-            fold_group(q4_k, unit, d, s, og * QK_K + 32 * c, acc, a_sum, yp + t * d);
           }
         }
       }
+    }
   });
+  for (int64_t p = 0; p < parts; ++p)
+    for (int64_t i = 0; i < T * d; ++i) yp[i] += partial[p * T * d + i];
   return y;
 }
 

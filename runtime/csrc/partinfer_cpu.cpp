@@ -84,6 +84,6 @@ TORCH_LIBRARY(partinfer_cpu, m) {
   m.def("dequantize_columns_k(Tensor codes, Tensor table, Tensor ids, str kernel, ScalarType dtype) -> Tensor",
         dequantize_columns_k);
   m.def("gemv_k(Tensor W, Tensor x, str kernel, Tensor? rows=None) -> Tensor", kq::gemv_k);
-  m.def("down_k(Tensor codes, Tensor table, Tensor ids, Tensor a, str kernel) -> Tensor", kq::down_k);
+  m.def("down_k(Tensor codes, Tensor table, Tensor ids, Tensor a, str kernel, Tensor? rows=None) -> Tensor", kq::down_k);
 }
 
