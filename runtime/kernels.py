@@ -44,9 +44,10 @@ def cpu_has_bf16_math() -> bool:
 # Compact weights are de-quantized for a many-token call in tiles of at most this many bytes (of the
 # de-quantized values), each tile multiplied as soon as it exists: no transient larger than a tile.
 DEQUANT_TILE_BYTES = 4 << 20
-# Up to this many tokens (decode, batched decode) K-quant rows are multiplied in place by the compiled
-# products (runtime/csrc/k_quant_products.h), reading each block once; de-quantizing costs more there.
-FEW_TOKENS = 8
+# Up to this many tokens (decode, batched decode, prompts) K-quant rows are multiplied in place by the
+# compiled integer products (runtime/csrc/k_quant_products.h), each block read once for all tokens;
+# de-quantizing tiles costs more there (measured: docs/design.md §10).
+FEW_TOKENS = 128
 
 
 def few_token_k_kernel(x: torch.Tensor, weight: torch.Tensor, fmt: BlockFormat) -> str | None:

@@ -51,7 +51,13 @@ class BlockFormat:
     values: Callable[[Tensor, Tensor, Tensor], Tensor]  # (head, q, pos) -> weights fp32
     quantize_blocks: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None  # x fp32 [..., b] -> (head, q)
     kernel: str | None = None  # the compiled kernels that take it (runtime/csrc), None: eager reference only
-    dequant_kernel: str | None = None  # a compiled de-quantizer alone (prefill, eager), when there is no `kernel`
+    dequant_kernel: str | None = None  # K-quants: compiled de-quantizer and products (k_quants.h, k_quant_products.h)
+    scale_group: int = 0  # weights of a block that share one scale (and offset); 0: the whole block
+
+    @property
+    def group(self) -> int:
+        """Consecutive weights (neurons, along down's blocks) that share one scale: a block, or a K-quant sub-block."""
+        return self.scale_group or self.block
 
     @property
     def code_bytes(self) -> int:
@@ -210,10 +216,10 @@ def _q6_k_values(head: Tensor, q: Tensor, pos: Tensor) -> Tensor:
 
 
 Q4_K = BlockFormat("Q4_K", QK, 144, 16, *head_first(16), _q4_k_unpack, _q4_k_pack, _q4_k_values,
-                   dequant_kernel="q4_k")
+                   dequant_kernel="q4_k", scale_group=32)
 Q6_K = BlockFormat("Q6_K", QK, 210, 18, lambda b: (b[..., 192:], b[..., :192]),
                    lambda head, codes: torch.cat([codes, head], dim=-1), _q6_k_unpack, _q6_k_pack, _q6_k_values,
-                   dequant_kernel="q6_k")
+                   dequant_kernel="q6_k", scale_group=16)
 
 BLOCK_FORMATS: dict[str, BlockFormat] = {f.name: f for f in (Q4_1, Q8_0, Q4_K, Q6_K)}
 

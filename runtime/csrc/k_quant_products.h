@@ -219,16 +219,99 @@ inline void group_chunk(const uint8_t* const* codes, const float* a, int64_t cou
   acc[0] = s0, acc[1] = s1, acc[2] = s2, acc[3] = s3;
 }
 
+// K-quant down columns as the kernels read them: `rows` neurons, each `code_bytes` of codes for `d`
+// outputs; neuron r's scales are those of its sub-block keys[r] = original id / group (the block is
+// keys[r] * group / 256) in the layer's table [n / 256, halves, d] of head units.
+struct KColumns {
+  const uint8_t* codes = nullptr;
+  const uint16_t* table = nullptr;
+  const int64_t* keys = nullptr;
+  int64_t rows = 0, d = 0, code_bytes = 0, n_keys = 0;
+  bool q4_k = false;
+  int64_t group() const { return q4_k ? 32 : 16; }
+  int64_t halves() const { return q4_k ? 8 : 9; }
+  const uint8_t* row(int64_t r) const { return codes + r * code_bytes; }
+};
+
+// out[d] += sum_{r in [r0, r1)} a[r] * column(row(r)) (row(r) = rows[r], or r): the share grouped by
+// sub-block (a counting sort), a group's sums for 32 outputs kept in four registers while its
+// neurons' codes stream past, its scales applied once per output; the next group's codes are
+// fetched while one is summed (the neurons of a group lie anywhere in hot-first order).
+void axpy_columns_k(const KColumns& W, const float* a, const int64_t* rows, float* out, int64_t r0, int64_t r1) {
+  const int64_t G = W.n_keys, group = W.group(), halves = W.halves(), d = W.d;
+  const int64_t ob = (W.q4_k ? 128 : 192);  // code bytes per 256 outputs
+  thread_local std::vector<int64_t> start, cursor, order;
+  start.assign(G + 1, 0);
+  for (int64_t r = r0; r < r1; ++r) ++start[W.keys[rows ? rows[r] : r] + 1];
+  for (int64_t g = 0; g < G; ++g) start[g + 1] += start[g];
+  cursor.assign(start.begin(), start.end() - 1);
+  order.resize(r1 - r0);
+  for (int64_t r = r0; r < r1; ++r) order[cursor[W.keys[rows ? rows[r] : r]]++] = r;
+  const uint8_t* ptr[32];
+  float av[32];
+  for (int64_t g = 0, next = 0; g < G; ++g) {
+    if (start[g] == start[g + 1]) continue;
+    for (next = std::max(next, g + 1); next < G && start[next] == start[next + 1];) ++next;
+    if (next < G)
+      for (int64_t k = start[next]; k < start[next + 1]; ++k) {
+        const int64_t r = order[k];
+        for (int64_t line = 0; line < W.code_bytes; line += 64)
+          _mm_prefetch(reinterpret_cast<const char*>(W.row(rows ? rows[r] : r) + line), _MM_HINT_T0);
+      }
+    const int64_t count = start[g + 1] - start[g];
+    float a_sum = 0.0f;
+    for (int64_t k = 0; k < count; ++k) a_sum += (av[k] = a[order[start[g] + k]]);
+    const int64_t b = g * group / QK_K;
+    const int s = static_cast<int>((g * group % QK_K) / group);
+    const uint16_t* unit = W.table + b * halves * d;
+    for (int64_t og = 0; og < d / QK_K; ++og) {
+      for (int64_t k = 0; k < count; ++k) {
+        const int64_t r = order[start[g] + k];
+        ptr[k] = W.row(rows ? rows[r] : r) + og * ob;
+      }
+      for (int c = 0; c < 8; ++c) {
+        __m256 acc[4];
+        if (W.q4_k)
+          group_chunk<true>(ptr, av, count, c, acc);
+        else
+          group_chunk<false>(ptr, av, count, c, acc);
+        fold_group(W.q4_k, unit, d, s, og * QK_K + 32 * c, acc, a_sum, out);
+      }
+    }
+  }
+}
+
+// codes [k, d / 256 * (128 | 192)] uint8, table [nb, 8 | 9, d] fp16 (Q4_K | Q6_K), keys [k] int64 sub-block
+// indices in [0, nb * 256 / group): checked once.
+KColumns k_columns_of(const at::Tensor& codes, const at::Tensor& table, const at::Tensor& keys, const char* name) {
+  TORCH_CHECK(codes.scalar_type() == at::kByte && codes.is_contiguous() && codes.dim() == 2 && codes.device().is_cpu(),
+              name, " codes: contiguous uint8 [k, bytes]");
+  TORCH_CHECK(table.scalar_type() == at::kHalf && table.is_contiguous() && table.dim() == 3 &&
+              (table.size(1) == 8 || table.size(1) == 9), name, " table: contiguous fp16 [n / 256, 8 | 9, d]");
+  KColumns W;
+  W.q4_k = table.size(1) == 8;
+  W.d = table.size(2);
+  W.rows = codes.size(0);
+  W.code_bytes = codes.size(1);
+  W.n_keys = table.size(0) * QK_K / W.group();
+  TORCH_CHECK(W.d % QK_K == 0 && W.code_bytes == W.d / QK_K * (W.q4_k ? 128 : 192), name, " codes do not hold d = ", W.d,
+              " outputs");
+  TORCH_CHECK(keys.scalar_type() == at::kLong && keys.is_contiguous() && keys.dim() == 1 && keys.numel() == W.rows,
+              name, " keys: int64 [k]");
+  W.keys = keys.data_ptr<int64_t>();
+  for (int64_t r = 0; r < W.rows; ++r) TORCH_CHECK(W.keys[r] >= 0 && W.keys[r] < W.n_keys, name, " sub-block ", W.keys[r], " outside the table");
+  W.codes = codes.data_ptr<uint8_t>();
+  W.table = reinterpret_cast<const uint16_t*>(table.data_ptr<at::Half>());
+  return W;
+}
+
 at::Tensor down_k(const at::Tensor& codes, const at::Tensor& table, const at::Tensor& ids, const at::Tensor& a,
                   const std::string& kernel, const std::optional<at::Tensor>& rows) {
   TORCH_CHECK(kernel == "q4_k" || kernel == "q6_k", "no K-quant product for ", kernel);
-  const bool q4_k = kernel == "q4_k";
-  const int64_t code_bytes = q4_k ? 128 : 192, halves = q4_k ? 8 : 9, group = q4_k ? 32 : 16;
-  TORCH_CHECK(codes.scalar_type() == at::kByte && codes.is_contiguous() && codes.dim() == 2, "codes: contiguous uint8 [j, bytes]");
-  TORCH_CHECK(table.scalar_type() == at::kHalf && table.is_contiguous() && table.dim() == 3 && table.size(1) == halves,
-              "table: contiguous fp16 [n / 256, ", halves, ", d]");
+  TORCH_CHECK(table.dim() == 3 && table.size(1) == (kernel == "q4_k" ? 8 : 9), "table does not hold ", kernel, " heads");
   TORCH_CHECK(ids.scalar_type() == at::kLong && ids.is_contiguous() && ids.dim() == 1, "ids: int64 [j]");
-  const int64_t j = ids.numel(), d = table.size(2), nb = table.size(0);
+  const int64_t j = ids.numel(), group = kernel == "q4_k" ? 32 : 16;
+  const int64_t* idp = ids.data_ptr<int64_t>();
   const int64_t* rp = nullptr;  // entry i's codes are row rows[i] of `codes` (the token-wise method's chosen neurons, in place)
   if (rows.has_value()) {
     TORCH_CHECK(rows->scalar_type() == at::kLong && rows->is_contiguous() && rows->numel() == j, "rows: int64 [j]");
@@ -237,69 +320,25 @@ at::Tensor down_k(const at::Tensor& codes, const at::Tensor& table, const at::Te
   } else {
     TORCH_CHECK(codes.size(0) == j, "codes: one row per id");
   }
-  TORCH_CHECK(a.scalar_type() == at::kFloat && a.is_contiguous() && a.dim() == 2 && a.size(1) == j, "a: contiguous fp32 [T, j]");
-  const int64_t T = a.size(0);
-  TORCH_CHECK(d % QK_K == 0 && codes.size(1) == d / QK_K * code_bytes, "codes do not hold d = ", d, " outputs");
-  const int64_t* idp = ids.data_ptr<int64_t>();
-  const int64_t n_groups = nb * QK_K / group;
-  std::vector<int64_t> start(n_groups + 1, 0), order(j);
+  at::Tensor keys = at::zeros({codes.size(0)}, ids.options());  // each codes row's sub-block
   for (int64_t i = 0; i < j; ++i) {
-    TORCH_CHECK(idp[i] >= 0 && idp[i] / QK_K < nb, "neuron id ", idp[i], " outside the table");
-    ++start[idp[i] / group + 1];
+    TORCH_CHECK(idp[i] >= 0, "neuron id ", idp[i], " is negative");
+    keys.data_ptr<int64_t>()[rp ? rp[i] : i] = idp[i] / group;
   }
-  for (int64_t g = 0; g < n_groups; ++g) start[g + 1] += start[g];
-  std::vector<int64_t> cursor(start.begin(), start.end() - 1);
-  for (int64_t i = 0; i < j; ++i) order[cursor[idp[i] / group]++] = i;
-  at::Tensor y = at::zeros({T, d}, a.options());
-  const uint16_t* tab = reinterpret_cast<const uint16_t*>(table.data_ptr<at::Half>());
-  const uint8_t* cp = codes.data_ptr<uint8_t>();
-  const int64_t cb = codes.size(1);
-  const float* ap = a.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  // A group's sums for 32 outputs stay in four registers while its neurons' codes stream past. The
-  // threads split the groups (each reads whole neurons' codes front to back: one sequential stream)
-  // into partial outputs, summed at the end; the next group's codes are fetched while one is summed.
+  const KColumns W = k_columns_of(codes, table, keys, "down");
+  TORCH_CHECK(a.scalar_type() == at::kFloat && a.is_contiguous() && a.dim() == 2 && a.size(1) == j, "a: contiguous fp32 [T, j]");
+  const int64_t T = a.size(0), d = W.d;
+  // The threads split the neurons (each reads whole neurons' codes, one stream) into partial outputs.
   const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), j));
-  std::vector<int64_t> first(parts + 1, n_groups);  // part p sums groups first[p] .. first[p + 1] - 1
-  for (int64_t p = 0, g = 0; p < parts; ++p) {
-    first[p] = g;
-    while (g < n_groups && start[g] < (p + 1) * j / parts) ++g;
-  }
   std::vector<float> partial(static_cast<size_t>(parts) * T * d, 0.0f);
   at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p) {
-      float* out = partial.data() + p * T * d;
-      for (int64_t g = first[p], next = first[p]; g < first[p + 1]; ++g) {
-        if (start[g] == start[g + 1]) continue;
-        for (next = std::max(next, g + 1); next < n_groups && start[next] == start[next + 1];) ++next;
-        if (next < n_groups)
-          for (int64_t k = start[next]; k < start[next + 1]; ++k)
-            for (int64_t line = 0; line < cb; line += 64)
-              _mm_prefetch(reinterpret_cast<const char*>(cp + (rp ? rp[order[k]] : order[k]) * cb + line), _MM_HINT_T0);
-        const int64_t b = g * group / QK_K;
-        const int s = static_cast<int>((g * group % QK_K) / group);
-        const uint16_t* unit = tab + b * halves * d;
-        const int64_t count = start[g + 1] - start[g];
-        const uint8_t* ptr[32];
-        float av[32];
-        for (int64_t t = 0; t < T; ++t) {
-          float a_sum = 0.0f;
-          for (int64_t k = 0; k < count; ++k) a_sum += (av[k] = ap[t * j + order[start[g] + k]]);
-          for (int64_t og = 0; og < d / QK_K; ++og) {
-            for (int64_t k = 0; k < count; ++k) ptr[k] = cp + (rp ? rp[order[start[g] + k]] : order[start[g] + k]) * cb + og * code_bytes;
-            for (int c = 0; c < 8; ++c) {
-              __m256 acc[4];
-              if (q4_k)
-                group_chunk<true>(ptr, av, count, c, acc);
-              else
-                group_chunk<false>(ptr, av, count, c, acc);
-              fold_group(q4_k, unit, d, s, og * QK_K + 32 * c, acc, a_sum, out + t * d);
-            }
-          }
-        }
-      }
-    }
+    for (int64_t p = p0; p < p1; ++p)
+      for (int64_t t = 0; t < T; ++t)
+        axpy_columns_k(W, a.data_ptr<float>() + t * j, rp, partial.data() + (p * T + t) * d, p * j / parts,
+                       (p + 1) * j / parts);
   });
+  at::Tensor y = at::zeros({T, d}, a.options());
+  float* yp = y.data_ptr<float>();
   for (int64_t p = 0; p < parts; ++p)
     for (int64_t i = 0; i < T * d; ++i) yp[i] += partial[p * T * d + i];
   return y;
