@@ -52,8 +52,12 @@ def build_decode_plan(model: Transformer) -> object | None:
     if any(r is None for r in records):
         return None
     none = torch.empty(0)
+    qkv = [attention_matrices(b.self_attn.qkv_proj) for b in model.layers]
     layers = {
-        "norm1": [b.input_layernorm.weight for b in model.layers], "qkv": [b.self_attn.qkv_proj.weight for b in model.layers],
+        "norm1": [b.input_layernorm.weight for b in model.layers], "qkv": [m[0] for m in qkv],
+        "k": [m[1] for m in qkv], "v": [m[2] for m in qkv],
+        "qkv_bias": [none if b.self_attn.qkv_proj.bias is None else b.self_attn.qkv_proj.bias.float().contiguous()
+                     for b in model.layers],
         "o": [b.self_attn.o_proj.weight for b in model.layers], "norm2": [b.post_attention_layernorm.weight for b in model.layers],
         "kind": [int(r.kind) for r in records], "w1": [r.w1 for r in records], "w2": [r.w2 for r in records],
         "w3": [r.w3 for r in records], "n_base": [r.n_base for r in records], "n_active": [r.n_active for r in records],
@@ -65,6 +69,15 @@ def build_decode_plan(model: Transformer) -> object | None:
     }
     cfg = model.cfg
     return decode_plan(cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.norm_eps, model.inv_freq, layers)
+
+
+def attention_matrices(qkv_proj: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(qkv, k, v) for the plan: the fused q/k/v matrix and two empty tensors, or q, k and v apart when
+    they are stored in different formats (MixedCompactLinear)."""
+    if isinstance(qkv_proj, MixedCompactLinear):
+        q, k, v = (part.weight for part in qkv_proj.parts)
+        return q, k, v
+    return qkv_proj.weight, torch.empty(0), torch.empty(0)
 
 
 class CompiledCPUDecode(EagerDecode):
@@ -99,7 +112,10 @@ class CompiledCPUDecode(EagerDecode):
         x = model_decode(x, plan, cache.k[:, 0], cache.v[:, 0], start)
         x = rms_norm(x, model.norm.weight, cfg.norm_eps)
         cache.length = start + 1
-        return gemv(model.output_head.weight, x)[None]  # [1, V] bf16
+        head = model.output_head
+        if getattr(head, "fmt", None) is not None and head.fmt.dequant_kernel is not None:  # K-quant rows: their product
+            return head.attend(x[None]) if head is model.embed_tokens else head(x[None])  # [1, V] bf16
+        return gemv(head.weight, x)[None]  # [1, V] bf16
 
     def argmax(self, logits: torch.Tensor) -> torch.Tensor:
         if logits.device.type == "cpu" and logits.dtype in (torch.float32, torch.bfloat16) and logits.is_contiguous():
@@ -128,7 +144,7 @@ def choose_backend(model: Transformer) -> EagerDecode:
     cfg = model.cfg
     if device.type == "cuda":
         return CUDAGraphDecode()
-    plain_llama = not (cfg.qk_norm or cfg.qkv_bias or cfg.o_bias) and cfg.head_dim % 16 == 0
+    plain_llama = not (cfg.qk_norm or cfg.o_bias) and cfg.head_dim % 16 == 0  # q/k/v biases (Qwen2) are taken
     if device.type == "cpu" and model.dtype == torch.bfloat16 and plain_llama and compiled_formats(model) and cpu_kernels():
         return CompiledCPUDecode()
     return EagerDecode()
@@ -137,6 +153,6 @@ def choose_backend(model: Transformer) -> EagerDecode:
 def compiled_formats(model: Transformer) -> bool:
     """Every compact matrix outside the FFNs (attention, embedding, output head) is in a block format
     that has compiled kernels (the FFNs say so themselves, in `decode_weights`)."""
-    if any(isinstance(m, MixedCompactLinear) for m in model.modules()):
-        return False  # the compiled step takes one q/k/v matrix per layer
+    if any(isinstance(m, MixedCompactLinear) and len(m.parts) != 3 for m in model.modules()):
+        return False  # the compiled step takes one q/k/v matrix per layer, or q, k and v apart
     return decode_kernels(*(m.fmt for m in model.modules() if isinstance(m, (CompactLinear, CompactEmbedding))))

@@ -16,7 +16,7 @@ from partinfer.runtime.config import ACTIVATIONS, ModelConfig
 from partinfer.runtime.decode_contract import FfnKind, FfnWeights
 from partinfer.runtime.kernels import few_token_k_kernel, linear
 from partinfer.runtime.native import down_k as native_down_k
-from partinfer.runtime.quant import dequantize_columns, down_table_shape, neuron_blocks
+from partinfer.runtime.quant import dequantize_columns, down_table_shape, neuron_scale_groups
 
 
 @dataclass(frozen=True)
@@ -113,8 +113,9 @@ class FFN(FeedForward):
 
 
 def decode_kernels(*formats: BlockFormat | None) -> bool:
-    """Whether the compiled decode takes rows in these formats (None: float rows, always taken)."""
-    return all(fmt is None or fmt.kernel is not None for fmt in formats)
+    """Whether the compiled decode takes rows in these formats (None: float rows, always taken): the
+    formats with compiled row kernels, and the K-quants with their products."""
+    return all(fmt is None or fmt.kernel is not None or fmt.dequant_kernel is not None for fmt in formats)
 
 
 COLUMN_TILE_BYTES = 4 << 20  # de-quantized down columns per tile of `column_linear`
@@ -186,7 +187,7 @@ class CompactFFN(FeedForward):
             return None
         gate_up = self.gate_up.view(2 * self.gate_up.shape[0], -1)  # [2n, bytes], gate/up rows interleaved
         return FfnWeights(FfnKind.ROWS, gate_up, self.down_t, gate_up, down_table=self.down_table,
-                          down_block=neuron_blocks(self.neuron_ids, self.down_format))
+                          down_block=neuron_scale_groups(self.neuron_ids, self.down_format))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, D] -> [B, T, D]
         h = linear(x, self.gate_up.view(2 * self.gate_up.shape[0], -1), fmt=self.gate_up_format).unflatten(-1, (-1, 2))

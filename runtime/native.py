@@ -165,9 +165,10 @@ def decode_plan(dim: int, n_heads: int, n_kv_heads: int, head_dim: int, eps: flo
     the one-op decode, checked once here. `layers` holds one list per field, one entry per layer: norm1,
     qkv, o, norm2 (tensors), then the FFN record (kind, w1, w2, w3, n_base, n_active, scale, down_table,
     down_block: the fields of runtime/decode_contract.py's FfnWeights) and comp_in, comp_out (empty
-    tensors for none); inv_freq [hd/2] fp32 (cos/sin are computed inside, as the eager model computes them)."""
+    tensors for none), then k, v (q, k and v apart when their formats differ: qkv holds q; empty: fused)
+    and qkv_bias (fp32, empty: none); inv_freq [hd/2] fp32 (cos/sin are computed inside, as the eager model computes them)."""
     order = ("norm1", "qkv", "o", "norm2", "kind", "w1", "w2", "w3", "n_base", "n_active", "scale", "down_table",
-             "down_block", "comp_in", "comp_out")
+             "down_block", "comp_in", "comp_out", "k", "v", "qkv_bias")
     return torch.classes.partinfer_cpu.DecodePlan(dim, n_heads, n_kv_heads, head_dim, eps, inv_freq,
                                                   *(layers[name] for name in order))
 

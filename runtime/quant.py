@@ -62,6 +62,13 @@ def neuron_blocks(neuron_ids: torch.Tensor, fmt: BlockFormat) -> torch.Tensor:
     return neuron_ids.long() // fmt.block
 
 
+def neuron_scale_groups(neuron_ids: torch.Tensor, fmt: BlockFormat) -> torch.Tensor:
+    """Original neuron ids [k] -> the group of neurons whose down values share one scale per output [k]
+    int64: the block (Q4_1, Q8_0), or the K-quant sub-block (id // 32 for Q4_K, // 16 for Q6_K) that the
+    compiled decode's column sums group by."""
+    return neuron_ids.long() // fmt.group
+
+
 def down_table_shape(fmt: BlockFormat, n: int, d: int) -> tuple[int, int, int]:
     """A layer's down table: [n / block, head_bytes / 2, d], each block's head kept as 2-byte units
     (fp16: for Q4_1 and Q8_0 they are its scales themselves)."""

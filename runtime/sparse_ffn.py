@@ -30,7 +30,7 @@ from partinfer.runtime.decode_contract import FfnKind, FfnWeights
 from partinfer.runtime.ffn import FeedForward, FfnRows, column_linear, decode_kernels
 from partinfer.runtime.kernels import linear
 from partinfer.runtime.model import Transformer
-from partinfer.runtime.quant import dequantize, dequantize_columns, down_table_shape, neuron_blocks
+from partinfer.runtime.quant import dequantize, dequantize_columns, down_table_shape, neuron_scale_groups
 from partinfer.runtime.selection import real_token_weights, sentence_active, top_count_mask
 from partinfer.runtime.sparsity import LayerPlan, SparsityConfig
 from partinfer.runtime.tokenwise_ffn import TokenwiseFFN
@@ -255,7 +255,7 @@ class CompactSparseFFN(SparseFFN):
         return self._down_rows(self.n_loaded, self.dtype).t()
 
     def _blocks(self, j: int) -> torch.Tensor:
-        return neuron_blocks(self.neuron_ids[:j], self.down_format)
+        return neuron_scale_groups(self.neuron_ids[:j], self.down_format)
 
     def _down_rows(self, j: int, dtype: torch.dtype) -> torch.Tensor:
         """The first j loaded neurons' down columns, de-quantized: [j, d]."""

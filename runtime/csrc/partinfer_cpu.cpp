@@ -22,8 +22,8 @@
 // Compact weights (uint8 rows of Q4_1 or Q8_0 blocks, common/formats/blocks.py) are taken wherever a bf16
 // matrix is, by `gemv` and by `model_decode` (kernels in compact_rows.h, an AVX2 and an AVX-512
 // VNNI build chosen once per process: `compact_kernel_path()`); `dequantize` expands them for prefill.
-// K-quant rows (Q4_K, Q6_K) have their own products for decode-sized inputs (k_quant_products.h:
-// `gemv_k`, `down_k`) and de-quantizers (k_quants.h).
+// K-quant rows (Q4_K, Q6_K) have their own products (k_quant_products.h: `gemv_k`, `down_k`, and inside
+// `model_decode`) and de-quantizers (k_quants.h).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/custom_class.h>
@@ -42,10 +42,10 @@ namespace {
 
 #include "bf16_rows.h"
 #include "compact_input.h"
-#include "matrix.h"
-#include "single_ops.h"
 #include "k_quants.h"
 #include "k_quant_products.h"
+#include "matrix.h"
+#include "single_ops.h"
 #include "decode_team.h"
 #include "decode_plan.h"
 
@@ -75,7 +75,8 @@ TORCH_LIBRARY(partinfer_cpu, m) {
                        std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<int64_t>,
                        std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<int64_t>,
                        std::vector<int64_t>, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
-                       std::vector<at::Tensor>, std::vector<at::Tensor>>())
+                       std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
+                       std::vector<at::Tensor>>())
       .def("n_layers", &DecodePlan::n_layers);
   m.def("model_decode(Tensor x, __torch__.torch.classes.partinfer_cpu.DecodePlan plan, Tensor(a!) k_cache, "
         "Tensor(b!) v_cache, int pos) -> Tensor", model_decode);
