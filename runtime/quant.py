@@ -69,6 +69,19 @@ def neuron_scale_groups(neuron_ids: torch.Tensor, fmt: BlockFormat) -> torch.Ten
     return neuron_ids.long() // fmt.group
 
 
+def quantize_column_activations(a: torch.Tensor, neuron_ids: torch.Tensor, fmt: BlockFormat) -> torch.Tensor:
+    """The activations the compiled K-quant down-column sums multiply with: a [..., j] of the neurons
+    `neuron_ids` [j], quantized to 8 bits per group of neurons that share a scale (`neuron_scale_groups`):
+    round(a / u) · u with u = max |a| / 127 over the group's entries, in fp32."""
+    groups = neuron_scale_groups(neuron_ids, fmt)  # [j]
+    a = a.float()
+    amax = torch.zeros(*a.shape[:-1], int(groups.max()) + 1 if groups.numel() else 1)
+    amax = amax.scatter_reduce(-1, groups.expand_as(a), a.abs(), reduce="amax")
+    u = amax.gather(-1, groups.expand_as(a)) / 127
+    inv = torch.where(u != 0, 1.0 / u, torch.zeros_like(u))
+    return (a * inv).round() * u
+
+
 def down_table_shape(fmt: BlockFormat, n: int, d: int) -> tuple[int, int, int]:
     """A layer's down table: [n / block, head_bytes / 2, d], each block's head kept as 2-byte units
     (fp16: for Q4_1 and Q8_0 they are its scales themselves)."""

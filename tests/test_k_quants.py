@@ -20,7 +20,7 @@ from partinfer.runtime.loader import load_model
 from partinfer.runtime.model import KVCache, prefill
 from partinfer.runtime.native import cpu_kernels
 from partinfer.runtime.pack import pack_checkpoint
-from partinfer.runtime.quant import columns_from_rows
+from partinfer.runtime.quant import columns_from_rows, quantize_column_activations
 from partinfer.runtime.sparsity import METHODS, SparsityConfig
 from tests.helpers import make_neuron_file, tiny_prompts
 from tests.test_compact_weights import random_k_blocks
@@ -244,8 +244,8 @@ def test_k_quant_row_products_equal_dequantize_then_fp64_matmul(name):
 @pytest.mark.skipif(not cpu_kernels(), reason="no compiled kernels on this CPU")
 @pytest.mark.parametrize("name", ["Q4_K", "Q6_K"])
 def test_k_quant_down_columns_sum_equals_the_fp64_sum(name):
-    """`down_k`: the down columns of any neuron subset, in any order, summed with per-token activations,
-    against the de-quantized columns in fp64."""
+    """`down_k`: the down columns of any neuron subset, in any order, summed with per-token activations
+    (quantized to 8 bits per sub-block group, as the kernel does), against the de-quantized columns in fp64."""
     from partinfer.runtime.native import down_k
 
     fmt = BLOCK_FORMATS[name]
@@ -256,7 +256,7 @@ def test_k_quant_down_columns_sum_equals_the_fp64_sum(name):
     for ids in (torch.arange(n), torch.tensor([700, 3, 256, 255, 4, 511, 300, 301, 17]), torch.randperm(n)[:333]):
         a = torch.randn(2, ids.numel())
         got = down_k(codes[ids].contiguous(), table, ids, a, fmt.dequant_kernel)
-        want = a.double() @ columns[ids]
+        want = quantize_column_activations(a, ids, fmt).double() @ columns[ids]  # 8 bits per sub-block group
         assert torch.allclose(got.double(), want, rtol=1e-4, atol=1e-4 * want.abs().max().item()), ids[:5]
         in_place = down_k(codes, table, ids, a, fmt.dequant_kernel, ids)  # rows read in place: the same sums
         assert torch.allclose(in_place, got, rtol=1e-5, atol=1e-5 * got.abs().max().item())

@@ -184,7 +184,7 @@ const float* down_team(const Matrix& down_t, const float* a, const int64_t* rows
   const int64_t D = down_t.cols;
   float* partial = s.partial.data() + team.t * D;
   std::fill(partial, partial + D, 0.0f);
-  if (!down_t.bf16 && down_t.columns.q4) {
+  if (!down_t.bf16 && (down_t.columns.q4 || down_t.k_columns.codes)) {  // 8-bit activations: units from all n
     team_barrier();
     column_block_units(down_t, a, rows, n, units);
   }

@@ -202,21 +202,38 @@ inline void fold_group(bool q4_k, const uint16_t* unit, int64_t d, int s, int64_
   }
 }
 
-// The sums over one group's neurons of a * their 32 codes (0..63) at chunk c of an output group:
-// acc[0..3] for the 32 outputs. `codes[k]` points at neuron k's code bytes of that output group.
+// The sums over one group's neurons of qa * their 32 codes at chunk c of an output group, qa the
+// group's activations quantized to 8 bits: out[0..3] int32 for the 32 outputs in order. `codes[k]` points
+// at neuron k's code bytes of that output group. Four neurons at a time: their codes interleaved byte by
+// byte, so that one u8 x s8 multiply-add (`vpmaddubsw`, then `vpmaddwd` by ones) sums all four per
+// output; |partial sums| <= 2 * 63 * 127 in int16.
 template <bool Q4K>
-inline void group_chunk(const uint8_t* const* codes, const float* a, int64_t count, int c, __m256* acc) {
-  __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps(), s2 = _mm256_setzero_ps(), s3 = _mm256_setzero_ps();
-  for (int64_t k = 0; k < count; ++k) {
-    const __m256i q = Q4K ? q4_k_codes(codes[k], c) : q6_k_codes(codes[k], c);
-    const __m256 av = _mm256_set1_ps(a[k]);
-    const __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
-    s0 = _mm256_fmadd_ps(av, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), s0);
-    s1 = _mm256_fmadd_ps(av, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), s1);
-    s2 = _mm256_fmadd_ps(av, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), s2);
-    s3 = _mm256_fmadd_ps(av, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), s3);
+inline void group_chunk(const uint8_t* const* codes, const int8_t* qa, int64_t count, int c, __m256i* out) {
+  const __m256i ones = _mm256_set1_epi16(1), zero = _mm256_setzero_si256();
+  __m256i acc_a = zero, acc_b = zero, acc_c = zero, acc_d = zero;
+  for (int64_t k = 0; k < count; k += 4) {
+    __m256i q[4];
+    uint8_t quad[4] = {0, 0, 0, 0};
+    for (int i = 0; i < 4; ++i) {
+      const bool real = k + i < count;
+      q[i] = real ? (Q4K ? q4_k_codes(codes[k + i], c) : q6_k_codes(codes[k + i], c)) : zero;
+      quad[i] = real ? static_cast<uint8_t>(qa[k + i]) : 0;
+    }
+    int32_t packed;
+    std::memcpy(&packed, quad, sizeof packed);
+    const __m256i act = _mm256_set1_epi32(packed);
+    const __m256i t0 = _mm256_unpacklo_epi8(q[0], q[1]), t1 = _mm256_unpackhi_epi8(q[0], q[1]);
+    const __m256i t2 = _mm256_unpacklo_epi8(q[2], q[3]), t3 = _mm256_unpackhi_epi8(q[2], q[3]);
+    // per 128-bit lane: outputs 0-3 | 16-19, 4-7 | 20-23, 8-11 | 24-27, 12-15 | 28-31, four neurons each
+    acc_a = _mm256_add_epi32(acc_a, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_unpacklo_epi16(t0, t2), act), ones));
+    acc_b = _mm256_add_epi32(acc_b, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_unpackhi_epi16(t0, t2), act), ones));
+    acc_c = _mm256_add_epi32(acc_c, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_unpacklo_epi16(t1, t3), act), ones));
+    acc_d = _mm256_add_epi32(acc_d, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_unpackhi_epi16(t1, t3), act), ones));
   }
-  acc[0] = s0, acc[1] = s1, acc[2] = s2, acc[3] = s3;
+  out[0] = _mm256_permute2x128_si256(acc_a, acc_b, 0x20);
+  out[1] = _mm256_permute2x128_si256(acc_c, acc_d, 0x20);
+  out[2] = _mm256_permute2x128_si256(acc_a, acc_b, 0x31);
+  out[3] = _mm256_permute2x128_si256(acc_c, acc_d, 0x31);
 }
 
 // K-quant down columns as the kernels read them: `rows` neurons, each `code_bytes` of codes for `d`
@@ -234,10 +251,13 @@ struct KColumns {
 };
 
 // out[d] += sum_{r in [r0, r1)} a[r] * column(row(r)) (row(r) = rows[r], or r): the share grouped by
-// sub-block (a counting sort), a group's sums for 32 outputs kept in four registers while its
-// neurons' codes stream past, its scales applied once per output; the next group's codes are
-// fetched while one is summed (the neurons of a group lie anywhere in hot-first order).
-void axpy_columns_k(const KColumns& W, const float* a, const int64_t* rows, float* out, int64_t r0, int64_t r1) {
+// sub-block (a counting sort), a group's activations quantized to 8 bits with the unit units[group]
+// (`k_group_units`: from all of the product's activations, so a result does not depend on how rows
+// are split), its integer sums for 32 outputs kept in four registers while its neurons' codes stream
+// past, its scales applied once per output; the next group's codes are fetched while one is summed
+// (the neurons of a group lie anywhere in hot-first order).
+void axpy_columns_k(const KColumns& W, const float* a, const int64_t* rows, const float* units, float* out, int64_t r0,
+                    int64_t r1) {
   const int64_t G = W.n_keys, group = W.group(), halves = W.halves(), d = W.d;
   const int64_t ob = (W.q4_k ? 128 : 192);  // code bytes per 256 outputs
   thread_local std::vector<int64_t> start, cursor, order;
@@ -248,7 +268,7 @@ void axpy_columns_k(const KColumns& W, const float* a, const int64_t* rows, floa
   order.resize(r1 - r0);
   for (int64_t r = r0; r < r1; ++r) order[cursor[W.keys[rows ? rows[r] : r]]++] = r;
   const uint8_t* ptr[32];
-  float av[32];
+  int8_t qa[32];
   for (int64_t g = 0, next = 0; g < G; ++g) {
     if (start[g] == start[g + 1]) continue;
     for (next = std::max(next, g + 1); next < G && start[next] == start[next + 1];) ++next;
@@ -259,26 +279,45 @@ void axpy_columns_k(const KColumns& W, const float* a, const int64_t* rows, floa
           _mm_prefetch(reinterpret_cast<const char*>(W.row(rows ? rows[r] : r) + line), _MM_HINT_T0);
       }
     const int64_t count = start[g + 1] - start[g];
-    float a_sum = 0.0f;
-    for (int64_t k = 0; k < count; ++k) a_sum += (av[k] = a[order[start[g] + k]]);
+    const float unit = units[g], inv = unit != 0.0f ? 1.0f / unit : 0.0f;
+    int32_t qa_sum = 0;  // the offsets multiply the quantized activations too, as the codes do
+    for (int64_t k = 0; k < count; ++k) {
+      qa[k] = static_cast<int8_t>(std::nearbyint(a[order[start[g] + k]] * inv));  // round half to even, as torch.round
+      qa_sum += qa[k];
+    }
+    const float a_sum = unit * static_cast<float>(qa_sum);
     const int64_t b = g * group / QK_K;
     const int s = static_cast<int>((g * group % QK_K) / group);
-    const uint16_t* unit = W.table + b * halves * d;
+    const uint16_t* head = W.table + b * halves * d;
     for (int64_t og = 0; og < d / QK_K; ++og) {
       for (int64_t k = 0; k < count; ++k) {
         const int64_t r = order[start[g] + k];
         ptr[k] = W.row(rows ? rows[r] : r) + og * ob;
       }
       for (int c = 0; c < 8; ++c) {
-        __m256 acc[4];
+        __m256i sums[4];
         if (W.q4_k)
-          group_chunk<true>(ptr, av, count, c, acc);
+          group_chunk<true>(ptr, qa, count, c, sums);
         else
-          group_chunk<false>(ptr, av, count, c, acc);
-        fold_group(W.q4_k, unit, d, s, og * QK_K + 32 * c, acc, a_sum, out);
+          group_chunk<false>(ptr, qa, count, c, sums);
+        const __m256 u = _mm256_set1_ps(unit);
+        const __m256 acc[4] = {_mm256_mul_ps(u, _mm256_cvtepi32_ps(sums[0])), _mm256_mul_ps(u, _mm256_cvtepi32_ps(sums[1])),
+                               _mm256_mul_ps(u, _mm256_cvtepi32_ps(sums[2])), _mm256_mul_ps(u, _mm256_cvtepi32_ps(sums[3]))};
+        fold_group(W.q4_k, head, d, s, og * QK_K + 32 * c, acc, a_sum, out);
       }
     }
   }
+}
+
+// The 8-bit unit of each sub-block's activations: max |a| / 127 over all n entries of the product
+// (units [n_keys]); every thread computes the same from the whole product's a.
+void k_group_units(const KColumns& W, const float* a, const int64_t* rows, int64_t n, std::vector<float>& units) {
+  units.assign(W.n_keys, 0.0f);
+  for (int64_t r = 0; r < n; ++r) {
+    float& u = units[W.keys[rows ? rows[r] : r]];
+    u = std::max(u, std::fabs(a[r]));
+  }
+  for (float& u : units) u /= 127.0f;
 }
 
 // codes [k, d / 256 * (128 | 192)] uint8, table [nb, 8 | 9, d] fp16 (Q4_K | Q6_K), keys [k] int64 sub-block
@@ -328,13 +367,15 @@ at::Tensor down_k(const at::Tensor& codes, const at::Tensor& table, const at::Te
   const KColumns W = k_columns_of(codes, table, keys, "down");
   TORCH_CHECK(a.scalar_type() == at::kFloat && a.is_contiguous() && a.dim() == 2 && a.size(1) == j, "a: contiguous fp32 [T, j]");
   const int64_t T = a.size(0), d = W.d;
+  std::vector<std::vector<float>> units(T);
+  for (int64_t t = 0; t < T; ++t) k_group_units(W, a.data_ptr<float>() + t * j, rp, j, units[t]);
   // The threads split the neurons (each reads whole neurons' codes, one stream) into partial outputs.
   const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), j));
   std::vector<float> partial(static_cast<size_t>(parts) * T * d, 0.0f);
   at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p)
       for (int64_t t = 0; t < T; ++t)
-        axpy_columns_k(W, a.data_ptr<float>() + t * j, rp, partial.data() + (p * T + t) * d, p * j / parts,
+        axpy_columns_k(W, a.data_ptr<float>() + t * j, rp, units[t].data(), partial.data() + (p * T + t) * d, p * j / parts,
                        (p + 1) * j / parts);
   });
   at::Tensor y = at::zeros({T, d}, a.options());

@@ -106,6 +106,7 @@ void matrix_gemv(const Matrix& W, const GemvInput& in, const int64_t* rows, floa
 // of the block (every thread computes the same from the whole product's a, so a result does not
 // depend on how rows are split or ordered). `units` is resized to the block count.
 void column_block_units(const Matrix& W, const float* a, const int64_t* rows, int64_t n, std::vector<float>& units) {
+  if (W.k_columns.codes) return kq::k_group_units(W.k_columns, a, rows, n, units);  // per K-quant sub-block
   units.assign(W.columns.n_blocks, 0.0f);
   if (W.bf16 || !W.columns.q4) return;
   for (int64_t r = 0; r < n; ++r) {
@@ -124,7 +125,7 @@ void matrix_axpy(const Matrix& W, const float* a, const int64_t* rows, const std
   if (W.bf16)
     axpy_rows(W.bf16, W.cols, a, rows, partial, partial + K16 / 2, partial + K16, r0, r1);
   else if (W.k_columns.codes)
-    kq::axpy_columns_k(W.k_columns, a, rows, partial, r0, r1);
+    kq::axpy_columns_k(W.k_columns, a, rows, units.data(), partial, r0, r1);
   else
     compact_kernels().axpy_columns(W.columns, a, rows, units.data(), partial, r0, r1);
 }
