@@ -59,6 +59,20 @@ struct QuantizedInput {
   }
 };
 
+// A share of down columns grouped by the scale group each row's neuron is in (a counting sort): the rows
+// r of [r0, r1) whose row(r) = rows[r] (or r) has group g are order[start[g] .. start[g + 1]).
+struct RowGroups {
+  std::vector<int64_t> start, cursor, order;
+  void sort(const int64_t* group_of, int64_t n_groups, const int64_t* rows, int64_t r0, int64_t r1) {
+    start.assign(n_groups + 1, 0);
+    for (int64_t r = r0; r < r1; ++r) ++start[group_of[rows ? rows[r] : r] + 1];
+    for (int64_t g = 0; g < n_groups; ++g) start[g + 1] += start[g];
+    cursor.assign(start.begin(), start.end() - 1);
+    order.resize(r1 - r0);
+    for (int64_t r = r0; r < r1; ++r) order[cursor[group_of[rows ? rows[r] : r]]++] = r;
+  }
+};
+
 // Compact rows: `rows` rows of `cols` weights, each `row_bytes` bytes of Q4_1 (q4) or Q8_0 blocks.
 struct CompactMatrix {
   const uint8_t* data = nullptr;

@@ -155,14 +155,10 @@ inline void axpy_codes_q4_int(const ColumnMatrix& W, const uint8_t* const* c, co
 void axpy_columns(const ColumnMatrix& W, const float* a, const int64_t* rows, const float* unit, float* out, int64_t r0,
                   int64_t r1) {
   const int64_t nb = W.n_blocks, D = W.cols;
-  thread_local std::vector<int64_t> start, cursor, order;
+  thread_local RowGroups groups;
   thread_local std::vector<float> acc;
-  start.assign(nb + 1, 0);
-  for (int64_t r = r0; r < r1; ++r) ++start[W.blocks[rows ? rows[r] : r] + 1];
-  for (int64_t b = 0; b < nb; ++b) start[b + 1] += start[b];
-  cursor.assign(start.begin(), start.end() - 1);
-  order.resize(r1 - r0);
-  for (int64_t r = r0; r < r1; ++r) order[cursor[W.blocks[rows ? rows[r] : r]]++] = r;
+  groups.sort(W.blocks, nb, rows, r0, r1);
+  const std::vector<int64_t>&start = groups.start, &order = groups.order;
   acc.resize(D);
   for (int64_t b = 0; b < nb; ++b) {
     if (start[b] == start[b + 1]) continue;

@@ -260,13 +260,9 @@ void axpy_columns_k(const KColumns& W, const float* a, const int64_t* rows, cons
                     int64_t r1) {
   const int64_t G = W.n_keys, group = W.group(), halves = W.halves(), d = W.d;
   const int64_t ob = (W.q4_k ? 128 : 192);  // code bytes per 256 outputs
-  thread_local std::vector<int64_t> start, cursor, order;
-  start.assign(G + 1, 0);
-  for (int64_t r = r0; r < r1; ++r) ++start[W.keys[rows ? rows[r] : r] + 1];
-  for (int64_t g = 0; g < G; ++g) start[g + 1] += start[g];
-  cursor.assign(start.begin(), start.end() - 1);
-  order.resize(r1 - r0);
-  for (int64_t r = r0; r < r1; ++r) order[cursor[W.keys[rows ? rows[r] : r]]++] = r;
+  thread_local RowGroups groups;
+  groups.sort(W.keys, G, rows, r0, r1);
+  const std::vector<int64_t>&start = groups.start, &order = groups.order;
   const uint8_t* ptr[32];
   int8_t qa[32];
   for (int64_t g = 0, next = 0; g < G; ++g) {
