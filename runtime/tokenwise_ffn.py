@@ -101,7 +101,6 @@ class TokenwiseFFN(FeedForward):
         y = native_gemv_k(w, x.reshape(-1, x.shape[-1]).float().contiguous(), kernel, rows.contiguous())
         return y.reshape(*x.shape[:-1], rows.numel()).to(x.dtype)
 
-
     @property
     def down(self) -> torch.Tensor:  # [d, k] view (a de-quantized copy for compact columns)
         return self._down_rows(slice(None)).t()
