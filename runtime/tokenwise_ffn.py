@@ -70,6 +70,7 @@ class TokenwiseFFN(FeedForward):
         self.score_scale: torch.Tensor | None = None  # [B, k] fp32 s_i per sequence ("scaled"), set at end_prompt
         self.last_selected: torch.Tensor | None = None  # [B, T, m] positions computed by the last decode call
         self.decode_record: FfnWeights | None = None  # built at end_prompt for the compiled decode
+        self.down_norm_cache: torch.Tensor | None = None  # [k] fp32 ‖down_i‖, see down_norms
 
     @classmethod
     def from_rows(cls, cfg: ModelConfig, plan: LayerPlan, rows: FfnRows, sparsity: SparsityConfig,
@@ -112,6 +113,13 @@ class TokenwiseFFN(FeedForward):
         return dequantize_columns(self.down_t[index], self.down_table, self.neuron_ids[index], self.down_format,
                                   dtype or self.dtype)
 
+    def down_norms(self) -> torch.Tensor:
+        """‖down_i‖ of every loaded neuron [k] fp32: a property of the weights, computed on first use and
+        kept (de-quantizing every compact down column per sentence cost more than the prompt itself)."""
+        if self.down_norm_cache is None:
+            self.down_norm_cache = self._down_rows(slice(None), torch.float32).float().norm(dim=1)
+        return self.down_norm_cache
+
     def begin_prompt(self, token_mask: torch.Tensor | None) -> None:
         self.phase, self.token_mask = "prefill", token_mask
         self.up_abs_sums = self.up_counts = None
@@ -119,8 +127,7 @@ class TokenwiseFFN(FeedForward):
     def end_prompt(self) -> None:
         """Turn the prompt's |up| sums into this sentence's score scale s_i = mean |up_i| · ‖down_i‖."""
         if self.token_score == "scaled" and self.up_abs_sums is not None:
-            down_norm = self._down_rows(slice(None), torch.float32).float().norm(dim=1)  # [k]
-            self.score_scale = self.up_abs_sums / self.up_counts.clamp(min=1) * down_norm  # [B, k]
+            self.score_scale = self.up_abs_sums / self.up_counts.clamp(min=1) * self.down_norms()  # [B, k]
         self.phase, self.token_mask = "decode", None
         self.up_abs_sums = self.up_counts = None
         self.decode_record = None

@@ -236,6 +236,9 @@ def test_k_quant_row_products_equal_dequantize_then_fp64_matmul(name):
     want = quantize_activation(x, 256).double() @ w.t()  # [3, 37]
     got = gemv_k(rows, x, fmt.dequant_kernel)
     assert torch.allclose(got.double(), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+    prompt = torch.cat([x, x.flip(0), x[:1]])  # 7 tokens: four per pass over a row, then the rest
+    assert torch.allclose(gemv_k(rows, prompt, fmt.dequant_kernel).double(), torch.cat([want, want.flip(0), want[:1]]),
+                          rtol=1e-4, atol=1e-4 * want.abs().max().item())
     subset = torch.tensor([30, 2, 2, 17, 0, 36])
     assert torch.allclose(gemv_k(rows, x, fmt.dequant_kernel, subset).double(), want[:, subset], rtol=1e-4,
                           atol=1e-4 * want.abs().max().item())

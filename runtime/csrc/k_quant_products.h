@@ -86,48 +86,93 @@ inline __m256i q4_k_codes(const uint8_t* codes, int s) {
   return _mm256_and_si256(s % 2 ? _mm256_srli_epi16(bytes, 4) : bytes, _mm256_set1_epi8(0x0F));
 }
 
-inline float dot_q4_k(const uint8_t* w, int64_t nb, const Q8KInput& in) {
-  __m256 acc = _mm256_setzero_ps();
-  float mins = 0.0f;
+// One row . NT inputs (out[t] = row . in[t]): a block's scales are decoded and its codes unpacked once
+// for all NT tokens of a prompt (NT = 1 for decode).
+template <int NT>
+inline void dots_q4_k(const uint8_t* w, int64_t nb, const Q8KInput* const* in, float* out) {
+  __m256 acc[NT];
+  float mins[NT];
+  for (int t = 0; t < NT; ++t) acc[t] = _mm256_setzero_ps(), mins[t] = 0.0f;
   for (int64_t b = 0; b < nb; ++b, w += Q4_K_BYTES) {
     int sc[8], m[8];
     q4_k_scales(w + 4, sc, m);
-    const int8_t* qx = in.q.data() + QK_K * b;
-    __m256i isum = _mm256_setzero_si256();
+    __m256i isum[NT];
+    for (int t = 0; t < NT; ++t) isum[t] = _mm256_setzero_si256();
     for (int s = 0; s < 8; ++s) {
-      const __m256i p = _mm256_maddubs_epi16(q4_k_codes(w + 16, s), load32(qx + 32 * s));
-      isum = _mm256_add_epi32(isum, _mm256_madd_epi16(p, _mm256_set1_epi16(static_cast<int16_t>(sc[s]))));
+      const __m256i codes = q4_k_codes(w + 16, s), scale = _mm256_set1_epi16(static_cast<int16_t>(sc[s]));
+      for (int t = 0; t < NT; ++t) {
+        const __m256i p = _mm256_maddubs_epi16(codes, load32(in[t]->q.data() + QK_K * b + 32 * s));
+        isum[t] = _mm256_add_epi32(isum[t], _mm256_madd_epi16(p, scale));
+      }
     }
-    const float dx = in.d[b];
-    acc = _mm256_fmadd_ps(_mm256_set1_ps(fp16_to_float(w) * dx), _mm256_cvtepi32_ps(isum), acc);
-    const int32_t* sums = in.sums16.data() + 16 * b;
-    int32_t msum = 0;
-    for (int s = 0; s < 8; ++s) msum += m[s] * (sums[2 * s] + sums[2 * s + 1]);
-    mins += fp16_to_float(w + 2) * dx * static_cast<float>(msum);
+    const float d = fp16_to_float(w), dmin = fp16_to_float(w + 2);
+    for (int t = 0; t < NT; ++t) {
+      const float dx = in[t]->d[b];
+      acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * dx), _mm256_cvtepi32_ps(isum[t]), acc[t]);
+      const int32_t* sums = in[t]->sums16.data() + 16 * b;
+      int32_t msum = 0;
+      for (int s = 0; s < 8; ++s) msum += m[s] * (sums[2 * s] + sums[2 * s + 1]);
+      mins[t] += dmin * dx * static_cast<float>(msum);
+    }
   }
-  return hsum8(acc) - mins;
+  for (int t = 0; t < NT; ++t) out[t] = hsum8(acc[t]) - mins[t];
+}
+
+template <int NT>
+inline void dots_q6_k(const uint8_t* w, int64_t nb, const Q8KInput* const* in, float* out) {
+  __m256 acc[NT];
+  float bias[NT];
+  for (int t = 0; t < NT; ++t) acc[t] = _mm256_setzero_ps(), bias[t] = 0.0f;
+  for (int64_t b = 0; b < nb; ++b, w += Q6_K_BYTES) {
+    const int8_t* scales = reinterpret_cast<const int8_t*>(w + 192);
+    __m256i isum[NT];
+    for (int t = 0; t < NT; ++t) isum[t] = _mm256_setzero_si256();
+    for (int g = 0; g < 8; ++g) {  // 32 weights: sub-blocks 2g (int16 lanes 0-7) and 2g + 1 (lanes 8-15)
+      const __m256i codes = q6_k_codes(w, g);
+      const __m256i sc = _mm256_set_m128i(_mm_set1_epi16(scales[2 * g + 1]), _mm_set1_epi16(scales[2 * g]));
+      for (int t = 0; t < NT; ++t) {
+        const __m256i p = _mm256_maddubs_epi16(codes, load32(in[t]->q.data() + QK_K * b + 32 * g));
+        isum[t] = _mm256_add_epi32(isum[t], _mm256_madd_epi16(p, sc));
+      }
+    }
+    const float d = fp16_to_float(w + 208);
+    for (int t = 0; t < NT; ++t) {
+      const float dd = d * in[t]->d[b];
+      acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(dd), _mm256_cvtepi32_ps(isum[t]), acc[t]);
+      const int32_t* sums = in[t]->sums16.data() + 16 * b;
+      int32_t ssum = 0;
+      for (int s = 0; s < 16; ++s) ssum += scales[s] * sums[s];
+      bias[t] += 32.0f * dd * static_cast<float>(ssum);
+    }
+  }
+  for (int t = 0; t < NT; ++t) out[t] = hsum8(acc[t]) - bias[t];
+}
+
+inline float dot_q4_k(const uint8_t* w, int64_t nb, const Q8KInput& in) {
+  const Q8KInput* one[1] = {&in};
+  float y;
+  dots_q4_k<1>(w, nb, one, &y);
+  return y;
 }
 
 inline float dot_q6_k(const uint8_t* w, int64_t nb, const Q8KInput& in) {
-  __m256 acc = _mm256_setzero_ps();
-  float bias = 0.0f;
-  for (int64_t b = 0; b < nb; ++b, w += Q6_K_BYTES) {
-    const int8_t* scales = reinterpret_cast<const int8_t*>(w + 192);
-    const int8_t* qx = in.q.data() + QK_K * b;
-    __m256i isum = _mm256_setzero_si256();
-    for (int g = 0; g < 8; ++g) {  // 32 weights: sub-blocks 2g (int16 lanes 0-7) and 2g + 1 (lanes 8-15)
-      const __m256i p = _mm256_maddubs_epi16(q6_k_codes(w, g), load32(qx + 32 * g));
-      const __m256i s = _mm256_set_m128i(_mm_set1_epi16(scales[2 * g + 1]), _mm_set1_epi16(scales[2 * g]));
-      isum = _mm256_add_epi32(isum, _mm256_madd_epi16(p, s));
-    }
-    const float dd = fp16_to_float(w + 208) * in.d[b];
-    acc = _mm256_fmadd_ps(_mm256_set1_ps(dd), _mm256_cvtepi32_ps(isum), acc);
-    const int32_t* sums = in.sums16.data() + 16 * b;
-    int32_t ssum = 0;
-    for (int s = 0; s < 16; ++s) ssum += scales[s] * sums[s];
-    bias += 32.0f * dd * static_cast<float>(ssum);
+  const Q8KInput* one[1] = {&in};
+  float y;
+  dots_q6_k<1>(w, nb, one, &y);
+  return y;
+}
+
+// out[t] = row . in[t] for t < T, four tokens per pass over the row.
+inline void row_dots(bool q4_k, const uint8_t* row, int64_t nb, const std::vector<Q8KInput>& in, int64_t T, float* out,
+                     int64_t stride) {
+  int64_t t = 0;
+  float y[4];
+  for (; t + 4 <= T; t += 4) {
+    const Q8KInput* four[4] = {&in[t], &in[t + 1], &in[t + 2], &in[t + 3]};
+    q4_k ? dots_q4_k<4>(row, nb, four, y) : dots_q6_k<4>(row, nb, four, y);
+    for (int i = 0; i < 4; ++i) out[(t + i) * stride] = y[i];
   }
-  return hsum8(acc) - bias;
+  for (; t < T; ++t) out[t * stride] = q4_k ? dot_q4_k(row, nb, in[t]) : dot_q6_k(row, nb, in[t]);
 }
 
 at::Tensor gemv_k(const at::Tensor& W, const at::Tensor& x, const std::string& kernel,
@@ -155,7 +200,7 @@ at::Tensor gemv_k(const at::Tensor& W, const at::Tensor& x, const std::string& k
   at::parallel_for(0, R, 16, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const uint8_t* row = w + (rp ? rp[r] : r) * W.size(1);
-      for (int64_t t = 0; t < T; ++t) yp[t * R + r] = q4_k ? dot_q4_k(row, nb, inputs[t]) : dot_q6_k(row, nb, inputs[t]);
+      row_dots(q4_k, row, nb, inputs, T, yp + r, R);
     }
   });
   return y;
