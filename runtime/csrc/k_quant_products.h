@@ -24,7 +24,7 @@ namespace kq {
 struct Q8KInput {
   std::vector<int8_t> q;
   std::vector<float> d;
-  std::vector<int32_t> sums16;
+  std::vector<int16_t> sums16;  // |sum| <= 16 * 127
   void quantize(const float* x, int64_t n) {
     const int64_t nb = n / QK_K;
     q.resize(n);
@@ -43,7 +43,7 @@ struct Q8KInput {
           q[QK_K * b + i] = v;
           sum += v;
         }
-        sums16[16 * b + g] = sum;
+        sums16[16 * b + g] = static_cast<int16_t>(sum);
       }
     }
   }
@@ -51,22 +51,34 @@ struct Q8KInput {
 
 inline __m256i load32(const void* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
 
+// Ask for the next row while this one is multiplied (rows gathered out of order defeat the hardware prefetcher).
+inline void prefetch(const uint8_t* p, int64_t bytes) {
+  for (int64_t i = 0; i < bytes; i += 64) _mm_prefetch(reinterpret_cast<const char*>(p + i), _MM_HINT_T0);
+}
+
+inline int32_t hsum_i32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  return _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1)));
+}
+
 inline float hsum8(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
-// A Q4_K head's 12 bytes of 6-bit (scale, min) pairs -> sc[8], m[8] (as k_scale_offset reads them).
-inline void q4_k_scales(const uint8_t* p, int* sc, int* m) {
-  for (int s = 0; s < 4; ++s) {
-    sc[s] = p[s] & 63;
-    m[s] = p[s + 4] & 63;
-  }
-  for (int s = 4; s < 8; ++s) {
-    sc[s] = (p[s + 4] & 15) | ((p[s - 4] >> 6) << 4);
-    m[s] = (p[s + 4] >> 4) | ((p[s] >> 6) << 4);
-  }
+// A Q4_K head's 12 bytes of 6-bit (scale, min) pairs -> sc[8], m[8] bytes (as k_scale_offset reads
+// them), four at a time in 32-bit words: with p = the 12 bytes, sub-blocks 0-3 keep the low 6 bits of
+// p[s] and p[s + 4]; 4-7 take nibbles of p[s + 4] and, as their top two bits, the top bits of p[s - 4], p[s].
+inline void q4_k_scales(const uint8_t* p, uint8_t* sc, uint8_t* m) {
+  uint32_t w[3];
+  std::memcpy(w, p, sizeof w);
+  const uint32_t low6 = 0x3f3f3f3f, low4 = 0x0f0f0f0f, low2 = 0x03030303;
+  const uint32_t out[4] = {w[0] & low6, (w[2] & low4) | (((w[0] >> 6) & low2) << 4), w[1] & low6,
+                           ((w[2] >> 4) & low4) | (((w[1] >> 6) & low2) << 4)};
+  std::memcpy(sc, out, 8);
+  std::memcpy(m, out + 2, 8);
 }
 
 // 32 Q6_K codes (0..63) of group g = 4h + t of a block's code bytes (ql [128] | qh [64]): outputs or
@@ -91,15 +103,21 @@ inline __m256i q4_k_codes(const uint8_t* codes, int s) {
 template <int NT>
 inline void dots_q4_k(const uint8_t* w, int64_t nb, const Q8KInput* const* in, float* out) {
   __m256 acc[NT];
-  float mins[NT];
-  for (int t = 0; t < NT; ++t) acc[t] = _mm256_setzero_ps(), mins[t] = 0.0f;
+  __m256i mins[NT];  // int32 partial sums of m_s * (sum of the input codes of sub-block s), per block scaled below
+  float min_total[NT];
+  for (int t = 0; t < NT; ++t) acc[t] = _mm256_setzero_ps(), min_total[t] = 0.0f;
   for (int64_t b = 0; b < nb; ++b, w += Q4_K_BYTES) {
-    int sc[8], m[8];
+    alignas(16) uint8_t sc[8], m[8];
     q4_k_scales(w + 4, sc, m);
+    // the scales as int16, both 128-bit halves; sub-block s's scale broadcast by a byte shuffle
+    const __m256i sc16 = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(sc))));
+    const __m128i m8 = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(m)));
+    const __m256i m16 = _mm256_set_m128i(_mm_unpackhi_epi16(m8, m8), _mm_unpacklo_epi16(m8, m8));  // m_{i/2}, i < 16
     __m256i isum[NT];
     for (int t = 0; t < NT; ++t) isum[t] = _mm256_setzero_si256();
     for (int s = 0; s < 8; ++s) {
-      const __m256i codes = q4_k_codes(w + 16, s), scale = _mm256_set1_epi16(static_cast<int16_t>(sc[s]));
+      const __m256i pick = _mm256_set1_epi16(static_cast<int16_t>((2 * s) | ((2 * s + 1) << 8)));
+      const __m256i codes = q4_k_codes(w + 16, s), scale = _mm256_shuffle_epi8(sc16, pick);
       for (int t = 0; t < NT; ++t) {
         const __m256i p = _mm256_maddubs_epi16(codes, load32(in[t]->q.data() + QK_K * b + 32 * s));
         isum[t] = _mm256_add_epi32(isum[t], _mm256_madd_epi16(p, scale));
@@ -109,13 +127,11 @@ inline void dots_q4_k(const uint8_t* w, int64_t nb, const Q8KInput* const* in, f
     for (int t = 0; t < NT; ++t) {
       const float dx = in[t]->d[b];
       acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * dx), _mm256_cvtepi32_ps(isum[t]), acc[t]);
-      const int32_t* sums = in[t]->sums16.data() + 16 * b;
-      int32_t msum = 0;
-      for (int s = 0; s < 8; ++s) msum += m[s] * (sums[2 * s] + sums[2 * s + 1]);
-      mins[t] += dmin * dx * static_cast<float>(msum);
+      mins[t] = _mm256_madd_epi16(m16, load32(in[t]->sums16.data() + 16 * b));
+      min_total[t] += dmin * dx * static_cast<float>(hsum_i32(mins[t]));
     }
   }
-  for (int t = 0; t < NT; ++t) out[t] = hsum8(acc[t]) - mins[t];
+  for (int t = 0; t < NT; ++t) out[t] = hsum8(acc[t]) - min_total[t];
 }
 
 template <int NT>
@@ -124,12 +140,17 @@ inline void dots_q6_k(const uint8_t* w, int64_t nb, const Q8KInput* const* in, f
   float bias[NT];
   for (int t = 0; t < NT; ++t) acc[t] = _mm256_setzero_ps(), bias[t] = 0.0f;
   for (int64_t b = 0; b < nb; ++b, w += Q6_K_BYTES) {
-    const int8_t* scales = reinterpret_cast<const int8_t*>(w + 192);
+    // the sixteen int8 sub-block scales as int16 lanes 0-15; group g (32 weights) needs 2g in its low
+    // half and 2g + 1 in its high half, picked by a byte shuffle from the 128-bit half that holds them
+    const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 192)));
+    const __m256i low = _mm256_permute4x64_epi64(sc16, 0x44), high = _mm256_permute4x64_epi64(sc16, 0xEE);
     __m256i isum[NT];
     for (int t = 0; t < NT; ++t) isum[t] = _mm256_setzero_si256();
     for (int g = 0; g < 8; ++g) {  // 32 weights: sub-blocks 2g (int16 lanes 0-7) and 2g + 1 (lanes 8-15)
-      const __m256i codes = q6_k_codes(w, g);
-      const __m256i sc = _mm256_set_m128i(_mm_set1_epi16(scales[2 * g + 1]), _mm_set1_epi16(scales[2 * g]));
+      const int k = 2 * (g % 4);  // scale 2g's position in its half
+      const __m256i pick = _mm256_set_m128i(_mm_set1_epi16(static_cast<int16_t>((2 * k + 2) | ((2 * k + 3) << 8))),
+                                            _mm_set1_epi16(static_cast<int16_t>((2 * k) | ((2 * k + 1) << 8))));
+      const __m256i codes = q6_k_codes(w, g), sc = _mm256_shuffle_epi8(g < 4 ? low : high, pick);
       for (int t = 0; t < NT; ++t) {
         const __m256i p = _mm256_maddubs_epi16(codes, load32(in[t]->q.data() + QK_K * b + 32 * g));
         isum[t] = _mm256_add_epi32(isum[t], _mm256_madd_epi16(p, sc));
@@ -139,9 +160,7 @@ inline void dots_q6_k(const uint8_t* w, int64_t nb, const Q8KInput* const* in, f
     for (int t = 0; t < NT; ++t) {
       const float dd = d * in[t]->d[b];
       acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(dd), _mm256_cvtepi32_ps(isum[t]), acc[t]);
-      const int32_t* sums = in[t]->sums16.data() + 16 * b;
-      int32_t ssum = 0;
-      for (int s = 0; s < 16; ++s) ssum += scales[s] * sums[s];
+      const int32_t ssum = hsum_i32(_mm256_madd_epi16(sc16, load32(in[t]->sums16.data() + 16 * b)));
       bias[t] += 32.0f * dd * static_cast<float>(ssum);
     }
   }
@@ -199,6 +218,7 @@ at::Tensor gemv_k(const at::Tensor& W, const at::Tensor& x, const std::string& k
   const uint8_t* w = W.data_ptr<uint8_t>();
   at::parallel_for(0, R, 16, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
+      if (r + 1 < r1) prefetch(w + (rp ? rp[r + 1] : r + 1) * W.size(1), W.size(1));
       const uint8_t* row = w + (rp ? rp[r] : r) * W.size(1);
       row_dots(q4_k, row, nb, inputs, T, yp + r, R);
     }

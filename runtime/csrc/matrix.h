@@ -94,6 +94,7 @@ void matrix_gemv(const Matrix& W, const GemvInput& in, const int64_t* rows, floa
   } else if (W.k_rows) {
     const int64_t nb = W.cols / QK_K;
     for (int64_t r = r0; r < r1; ++r) {
+      if (r + 1 < r1) kq::prefetch(W.k_rows + (rows ? rows[r + 1] : r + 1) * W.k_row_bytes, W.k_row_bytes);
       const uint8_t* row = W.k_rows + (rows ? rows[r] : r) * W.k_row_bytes;
       y[r] = W.k_q4 ? kq::dot_q4_k(row, nb, in.quant_k) : kq::dot_q6_k(row, nb, in.quant_k);
     }
