@@ -319,8 +319,10 @@ struct KColumns {
 // sub-block (a counting sort), a group's activations quantized to 8 bits with the unit units[group]
 // (`k_group_units`: from all of the product's activations, so a result does not depend on how rows
 // are split), its integer sums for 32 outputs kept in four registers while its neurons' codes stream
-// past, its scales applied once per output; the next group's codes are fetched while one is summed
-// (the neurons of a group lie anywhere in hot-first order).
+// past, its scales applied once per output; the next group's codes are fetched while one is summed,
+// a 256-output slice at a time (the neurons of a group lie anywhere in hot-first order; asking for a
+// whole group at once stalled on full fill buffers). Reading each neuron front to back into sums
+// kept in L1 instead was slower (15.0 against 17.1 tok/s, dense decode of the 1.5B model).
 void axpy_columns_k(const KColumns& W, const float* a, const int64_t* rows, const float* units, float* out, int64_t r0,
                     int64_t r1) {
   const int64_t G = W.n_keys, group = W.group(), halves = W.halves(), d = W.d;
@@ -333,12 +335,6 @@ void axpy_columns_k(const KColumns& W, const float* a, const int64_t* rows, cons
   for (int64_t g = 0, next = 0; g < G; ++g) {
     if (start[g] == start[g + 1]) continue;
     for (next = std::max(next, g + 1); next < G && start[next] == start[next + 1];) ++next;
-    if (next < G)
-      for (int64_t k = start[next]; k < start[next + 1]; ++k) {
-        const int64_t r = order[k];
-        for (int64_t line = 0; line < W.code_bytes; line += 64)
-          _mm_prefetch(reinterpret_cast<const char*>(W.row(rows ? rows[r] : r) + line), _MM_HINT_T0);
-      }
     const int64_t count = start[g + 1] - start[g];
     const float unit = units[g], inv = unit != 0.0f ? 1.0f / unit : 0.0f;
     int32_t qa_sum = 0;  // the offsets multiply the quantized activations too, as the codes do
@@ -355,6 +351,11 @@ void axpy_columns_k(const KColumns& W, const float* a, const int64_t* rows, cons
         const int64_t r = order[start[g] + k];
         ptr[k] = W.row(rows ? rows[r] : r) + og * ob;
       }
+      if (next < G)  // the next group's codes for these outputs, spread over this group's work
+        for (int64_t k = start[next]; k < start[next + 1]; ++k) {
+          const int64_t r = order[k];
+          prefetch(W.row(rows ? rows[r] : r) + og * ob, ob);
+        }
       for (int c = 0; c < 8; ++c) {
         __m256i sums[4];
         if (W.q4_k)
