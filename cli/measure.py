@@ -69,11 +69,14 @@ def memory(
     device: DeviceOpt = "cpu",
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Write measured vs expected memory against γ to this PNG.")] = None,
     weights: WeightsOpt = None,
+    prompt_tokens: Annotated[int, typer.Option("--prompt-tokens", min=1, max=1_048_576, help="Prompt length each configuration prefills (random tokens).")] = 32,
+    new_tokens: Annotated[int, typer.Option("--new-tokens", min=1, max=1_048_576, help="Tokens each configuration generates after the prompt.")] = 16,
     as_json: JsonOpt = False,
     *,
     sparsity: SparsityConfig,
 ) -> None:
-    """Measure resident memory per configuration, each in a fresh process, against the bytes it should keep."""
+    """Measure resident memory per configuration, each in a fresh process, against the bytes it should keep:
+    after loading, after generating, and the peak of each."""
     from partinfer.common.output_file import check_output_file
     from partinfer.evaluation.memory import DEFAULT_GAMMAS, format_memory, plot_memory, run_memory
     from partinfer.runtime.prepare import resolve_model
@@ -82,7 +85,8 @@ def memory(
         check_output_file(plot, "memory")  # before the measurements
     sparse_methods = tuple(m for m in split_list(methods) if m != "dense")
     report = run_memory(resolve_model(model), sparsity, tuple(gamma or DEFAULT_GAMMAS), sparse_methods, dtype, device,
-                        packed, peers, progress=lambda name: typer.echo(f"measuring {name} ...", err=True), weights=weights)
+                        packed, peers, progress=lambda name: typer.echo(f"measuring {name} ...", err=True), weights=weights,
+                        prompt_tokens=prompt_tokens, new_tokens=new_tokens)
     typer.echo(json.dumps(report, indent=2) if as_json else format_memory(report))
     if plot is not None:
         typer.echo(f"plot: {plot_memory(report, plot)}", err=True)

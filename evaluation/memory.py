@@ -43,6 +43,7 @@ class MemorySpec:
     sparsity: dict | None = None  # SparsityConfig.to_dict() of a runtime method, validated by the caller
     dtype: str = "bf16"
     device: str = "cpu"
+    prompt_tokens: int = 32  # the prompt generated from (random ids)
     new_tokens: int = 16
 
 
@@ -55,10 +56,11 @@ def llama_cpp_worker(spec: MemorySpec) -> dict:
     t0 = time.perf_counter()
     from llama_cpp import Llama
 
-    llm = Llama(model_path=spec.model_dir, n_ctx=64, n_threads=os.cpu_count() or 1, verbose=False)
+    llm = Llama(model_path=spec.model_dir, n_ctx=spec.prompt_tokens + spec.new_tokens + 16, n_threads=os.cpu_count() or 1,
+                verbose=False)
     load_s = time.perf_counter() - t0
     after_load = proc_status()
-    prompt = list(range(100, 132))
+    prompt = [100 + i % 1000 for i in range(spec.prompt_tokens)]
     for _, _token in zip(range(spec.new_tokens), llm.generate(prompt, temp=0.0)):
         pass
     after_gen = proc_status()
@@ -120,7 +122,7 @@ def run_worker(spec: MemorySpec) -> dict:
         Transformer(replace(cfg, n_layers=1, vocab_size=8, ffn_dim=8))
     baseline = proc_status()
     t0 = time.perf_counter()
-    prompt = torch.randint(100, cfg.vocab_size - 100, (32,), generator=torch.Generator().manual_seed(0)).tolist()
+    prompt = torch.randint(100, cfg.vocab_size - 100, (spec.prompt_tokens,), generator=torch.Generator().manual_seed(0)).tolist()
     if spec.method == "transformers":
         from transformers import AutoModelForCausalLM
 
@@ -187,10 +189,10 @@ def measure(spec: MemorySpec) -> dict:
 
 def run_memory(model_dir: Path, sparsity: SparsityConfig, gammas=DEFAULT_GAMMAS, methods=("load-only", "partinfer"),
                dtype: str = "bf16", device: str = "cpu", packed: bool = True, peers: bool = True,
-               progress=None, weights: str | None = None) -> dict:
+               progress=None, weights: str | None = None, prompt_tokens: int = 32, new_tokens: int = 16) -> dict:
     """Measure dense, each method at each γ (the rest of `sparsity` as given), and the transformers peer;
-    one fresh process each, all on the weight scheme `weights` (None: bf16). Every configuration is
-    validated here, before the first worker starts."""
+    one fresh process each, all on the weight scheme `weights` (None: bf16), generating `new_tokens`
+    after a `prompt_tokens` prompt. Every configuration is validated here, before the first worker starts."""
     from partinfer.runtime.pack import cached_pack, gguf_source
 
     weights = weights or "bf16"
@@ -200,23 +202,24 @@ def run_memory(model_dir: Path, sparsity: SparsityConfig, gammas=DEFAULT_GAMMAS,
     if compact and not packed:
         raise PartinferError(f"--weights {weights} is read from a packed copy; drop --plain")
     source = cached_pack(model_dir, sparsity.model_neurons, weights).path if packed and (methods or compact) else model_dir
+    lengths = {"prompt_tokens": prompt_tokens, "new_tokens": new_tokens}
     specs = [MemorySpec(f"dense {weights}" if compact else "dense", str(source if compact else model_dir), "dense",
-                        dtype=dtype, device=device)]
+                        dtype=dtype, device=device, **lengths)]
     for method in methods:
         for g in gammas:
             config = replace(sparsity, method=method, gamma=g)  # raises on a δ or φ that γ cannot hold
-            specs.append(MemorySpec(f"{method} γ={g}", str(source), method, config.to_dict(), dtype, device))
+            specs.append(MemorySpec(f"{method} γ={g}", str(source), method, config.to_dict(), dtype, device, **lengths))
     if peers:
-        specs.append(MemorySpec("transformers", str(model_dir), "transformers", dtype=dtype, device=device))
+        specs.append(MemorySpec("transformers", str(model_dir), "transformers", dtype=dtype, device=device, **lengths))
         gguf = gguf_source(model_dir)  # the GGUF `partinfer prepare` converted it from, when it is still there
         if gguf is not None and importlib.util.find_spec("llama_cpp") is not None and device.startswith("cpu"):
-            specs.append(MemorySpec(f"llama.cpp ({gguf.name})", str(gguf), "llama.cpp", device=device))
+            specs.append(MemorySpec(f"llama.cpp ({gguf.name})", str(gguf), "llama.cpp", device=device, **lengths))
     rows = []
     for spec in specs:
         if progress:
             progress(spec.name)
         rows.append(measure(spec))
-    return {"model": str(model_dir), "packed": packed, "dtype": dtype, "weights": weights, "rows": rows,
+    return {"model": str(model_dir), "packed": packed, "dtype": dtype, "weights": weights, "rows": rows, **lengths,
             "ffn_layer_mib": ffn_layer_bytes(source, dtype) / MIB}
 
 
@@ -237,7 +240,8 @@ def ffn_layer_bytes(model_dir: Path, dtype: str) -> int:
 
 def format_memory(report: dict) -> str:
     lines = [f"model {report['model']} ({report['dtype']}, {report.get('weights', 'bf16')} weights, "
-             f"{'packed' if report['packed'] else 'plain'} checkpoint for sparse rows); "
+             f"{'packed' if report['packed'] else 'plain'} checkpoint for sparse rows, {report.get('prompt_tokens', 32)}-token "
+             f"prompt + {report.get('new_tokens', 16)} new); "
              "MiB; model = RSS - baseline (fresh process: interpreter + torch + tiny kernels)",
              f"{'configuration':<22}{'expected':>9}{'model':>8}{'vs exp':>8}{'peak load':>10}{'peak gen':>9}"
              f"{'RssAnon':>9}{'RssFile':>9}{'baseline':>9}"]
