@@ -47,13 +47,13 @@ DEQUANT_TILE_BYTES = 4 << 20
 # Up to this many tokens (decode, batched decode, prompts) K-quant rows are multiplied in place by the
 # compiled integer products (runtime/csrc/k_quant_products.h), each block read once for all tokens;
 # de-quantizing tiles costs more there (measured: docs/design.md §10).
-FEW_TOKENS = 128
+K_PRODUCT_MAX_TOKENS = 128
 
 
-def few_token_k_kernel(x: torch.Tensor, weight: torch.Tensor, fmt: BlockFormat) -> str | None:
-    """The compiled K-quant product for x @ weight (fmt) when x is a few tokens, else None."""
+def k_product_kernel(x: torch.Tensor, weight: torch.Tensor, fmt: BlockFormat) -> str | None:
+    """The compiled K-quant product for x @ weight (fmt) when x holds at most K_PRODUCT_MAX_TOKENS tokens, else None."""
     tokens = x.numel() // x.shape[-1]
-    if tokens > FEW_TOKENS or weight.dim() != 2 or native_kernel(fmt, weight, torch.float32) != "k":
+    if tokens > K_PRODUCT_MAX_TOKENS or weight.dim() != 2 or native_kernel(fmt, weight, torch.float32) != "k":
         return None
     return fmt.dequant_kernel
 
@@ -75,7 +75,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             return F.linear(x.float(), weight.float(), b).to(x.dtype)
         return F.linear(x, weight, bias)
     k = x.shape[-1]
-    kernel = few_token_k_kernel(x, weight, fmt)
+    kernel = k_product_kernel(x, weight, fmt)
     if kernel is not None:
         y = native_gemv_k(weight.contiguous(), x.reshape(-1, k).float().contiguous(), kernel)  # [tokens, N] fp32
         if bias is not None:
