@@ -71,7 +71,12 @@ def damaged_files(directory: Path, digests: dict[str, str]) -> list[str]:
             continue
         if record.get(name) == [*stamp, digest]:
             checked[name] = record[name]
-        elif file_sha256(path) == digest:
+            continue
+        try:
+            matches = path.is_file() and file_sha256(path) == digest
+        except OSError:  # unreadable: as good as damaged
+            matches = False
+        if matches:
             checked[name] = [*stamp, digest]
         else:
             damaged.append(name)

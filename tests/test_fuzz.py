@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
@@ -237,6 +237,7 @@ PACK_FIELDS = ["version", "weights", "fingerprint", "tensor_formats", "file_dige
 @given(changes=st.dictionaries(st.sampled_from(PACK_FIELDS), json_values, min_size=1, max_size=3),
        format_change=st.one_of(st.none(), st.tuples(st.integers(0, 10**4), json_values | st.sampled_from(["Q8_0", "Q4_K"]))),
        signed=st.booleans())
+@example(changes={"file_digests": {"": ""}}, format_change=None, signed=True)  # once a directory was hashed as a file
 def test_pack_manifest_on_random_values(tmp_path_factory, packed_tiny, changes, format_change, signed):
     """A pack whose manifest fields hold random JSON: loading it is our one-line error or a model that runs.
     Unsigned edits are refused by the manifest's digest; signed ones (digest recomputed) reach the checks behind it."""
