@@ -66,7 +66,7 @@ def damaged_files(directory: Path, digests: dict[str, str]) -> list[str]:
         path = directory / name
         try:
             stamp = _stamp(path)
-        except OSError:
+        except (OSError, ValueError):  # missing, or a name no file can have (a NUL byte)
             damaged.append(name)
             continue
         if record.get(name) == [*stamp, digest]:

@@ -93,7 +93,7 @@ class PackManifest:
             raise PartinferError(f"{model_dir}/{PACK_MANIFEST} has no valid tensor_formats; pack it again")
         digests = manifest.get("file_digests", {})
         if not isinstance(digests, dict) or not all(isinstance(k, str) and k not in ("", ".", "..") and "/" not in k
-                                                    and isinstance(v, str) for k, v in digests.items()):
+                                                    and "\0" not in k and isinstance(v, str) for k, v in digests.items()):
             raise PartinferError(f"{model_dir}/{PACK_MANIFEST} has no valid file_digests; pack it again")
         strings = {key: manifest.get(key) if isinstance(manifest.get(key), str) else None
                    for key in ("fingerprint", "model_neurons", "neurons_digest", "source", "source_identity")}
