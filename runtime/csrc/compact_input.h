@@ -59,6 +59,23 @@ struct QuantizedInput {
   }
 };
 
+inline void prefetch_row(const uint8_t* row, int64_t bytes) {
+  for (int64_t i = 0; i < bytes; i += 64) _mm_prefetch(reinterpret_cast<const char*>(row + i), _MM_HINT_T0);
+}
+
+// The 8-bit unit of each scale group's activations for column sums in integers: max |a| / 127 over all
+// n rows of the group (every thread computes the same from the whole product's a, so a result does not
+// depend on how rows are split or ordered); units [n_groups].
+void group_units(const int64_t* group_of, int64_t n_groups, const float* a, const int64_t* rows, int64_t n,
+                 std::vector<float>& units) {
+  units.assign(n_groups, 0.0f);
+  for (int64_t r = 0; r < n; ++r) {
+    float& u = units[group_of[rows ? rows[r] : r]];
+    u = std::max(u, std::fabs(a[r]));
+  }
+  for (float& u : units) u /= 127.0f;
+}
+
 // A share of down columns grouped by the scale group each row's neuron is in (a counting sort): the rows
 // r of [r0, r1) whose row(r) = rows[r] (or r) has group g are order[start[g] .. start[g + 1]).
 struct RowGroups {

@@ -73,10 +73,6 @@ inline float dot_q8_0(const uint8_t* w, int64_t nb, const QuantizedInput& in) {
   return hsum(_mm256_add_ps(acc0, acc1));
 }
 
-inline void prefetch_row(const uint8_t* row, int64_t bytes) {
-  for (int64_t i = 0; i < bytes; i += 64) _mm_prefetch(reinterpret_cast<const char*>(row + i), _MM_HINT_T0);
-}
-
 // y[r] = W[row(r)] . x for r in [r0, r1), W compact rows (Q4_1 or Q8_0); the next row is prefetched,
 // which matters for rows gathered out of order (token-wise).
 void gemv_rows(const CompactMatrix& W, const QuantizedInput& in, const int64_t* rows, float* y, int64_t r0, int64_t r1) {

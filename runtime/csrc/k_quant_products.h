@@ -1,4 +1,5 @@
-// K-quant products for decode-sized inputs (k_quants.h has the block layouts and the de-quantizers).
+// K-quant products for decode and prompts up to 128 tokens (k_quants.h has the block layouts and the
+// de-quantizers).
 //
 //   gemv_k(W [N, cols / 256 * block_bytes] uint8, x [T, cols] fp32, kernel, rows [R] int64 or None)
 //       -> y [T, R or N] fp32, y[t, r] = W[rows[r]] . x[t]
@@ -14,9 +15,9 @@
 // The u8 x s8 code products are `vpmaddubsw`, the scales multiply in with `vpmaddwd`. |partial sums| stay
 // far inside int16 (15 * 127 * 2, 63 * 127 * 2) and int32.
 // Down columns: the neurons are grouped by their block's sub-block (the neurons that share one scale
-// and offset per output: 32 for Q4_K, 16 for Q6_K), each group's codes summed with its activations
-// in fp32, and the group's scales applied once per output. Threads split the outputs (256 at a time),
-// so no thread's sums need another's.
+// and offset per output: 32 for Q4_K, 16 for Q6_K), each group's activations quantized to 8 bits and
+// summed with its codes in integers, four neurons per multiply-add, and the group's scales applied
+// once per output (`axpy_columns_k`). `down_k`'s threads split the neurons into partial outputs.
 
 namespace kq {
 
@@ -51,21 +52,10 @@ struct Q8KInput {
 
 inline __m256i load32(const void* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
 
-// Ask for the next row while this one is multiplied (rows gathered out of order defeat the hardware prefetcher).
-inline void prefetch(const uint8_t* p, int64_t bytes) {
-  for (int64_t i = 0; i < bytes; i += 64) _mm_prefetch(reinterpret_cast<const char*>(p + i), _MM_HINT_T0);
-}
-
 inline int32_t hsum_i32(__m256i v) {
   __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
   s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
   return _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1)));
-}
-
-inline float hsum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
 // A Q4_K head's 12 bytes of 6-bit (scale, min) pairs -> sc[8], m[8] bytes (as k_scale_offset reads
@@ -103,8 +93,7 @@ inline __m256i q4_k_codes(const uint8_t* codes, int s) {
 template <int NT>
 inline void dots_q4_k(const uint8_t* w, int64_t nb, const Q8KInput* const* in, float* out) {
   __m256 acc[NT];
-  __m256i mins[NT];  // int32 partial sums of m_s * (sum of the input codes of sub-block s), per block scaled below
-  float min_total[NT];
+  float min_total[NT];  // sum over blocks of dmin d_x sum_s m_s (sum of the input codes of sub-block s)
   for (int t = 0; t < NT; ++t) acc[t] = _mm256_setzero_ps(), min_total[t] = 0.0f;
   for (int64_t b = 0; b < nb; ++b, w += Q4_K_BYTES) {
     alignas(16) uint8_t sc[8], m[8];
@@ -127,11 +116,11 @@ inline void dots_q4_k(const uint8_t* w, int64_t nb, const Q8KInput* const* in, f
     for (int t = 0; t < NT; ++t) {
       const float dx = in[t]->d[b];
       acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * dx), _mm256_cvtepi32_ps(isum[t]), acc[t]);
-      mins[t] = _mm256_madd_epi16(m16, load32(in[t]->sums16.data() + 16 * b));
-      min_total[t] += dmin * dx * static_cast<float>(hsum_i32(mins[t]));
+      const int32_t msum = hsum_i32(_mm256_madd_epi16(m16, load32(in[t]->sums16.data() + 16 * b)));
+      min_total[t] += dmin * dx * static_cast<float>(msum);
     }
   }
-  for (int t = 0; t < NT; ++t) out[t] = hsum8(acc[t]) - min_total[t];
+  for (int t = 0; t < NT; ++t) out[t] = hsum(acc[t]) - min_total[t];
 }
 
 template <int NT>
@@ -164,7 +153,7 @@ inline void dots_q6_k(const uint8_t* w, int64_t nb, const Q8KInput* const* in, f
       bias[t] += 32.0f * dd * static_cast<float>(ssum);
     }
   }
-  for (int t = 0; t < NT; ++t) out[t] = hsum8(acc[t]) - bias[t];
+  for (int t = 0; t < NT; ++t) out[t] = hsum(acc[t]) - bias[t];
 }
 
 inline float dot_q4_k(const uint8_t* w, int64_t nb, const Q8KInput& in) {
@@ -218,7 +207,7 @@ at::Tensor gemv_k(const at::Tensor& W, const at::Tensor& x, const std::string& k
   const uint8_t* w = W.data_ptr<uint8_t>();
   at::parallel_for(0, R, 16, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      if (r + 1 < r1) prefetch(w + (rp ? rp[r + 1] : r + 1) * W.size(1), W.size(1));
+      if (r + 1 < r1) prefetch_row(w + (rp ? rp[r + 1] : r + 1) * W.size(1), W.size(1));
       const uint8_t* row = w + (rp ? rp[r] : r) * W.size(1);
       row_dots(q4_k, row, nb, inputs, T, yp + r, R);
     }
@@ -317,7 +306,7 @@ struct KColumns {
 
 // out[d] += sum_{r in [r0, r1)} a[r] * column(row(r)) (row(r) = rows[r], or r): the share grouped by
 // sub-block (a counting sort), a group's activations quantized to 8 bits with the unit units[group]
-// (`k_group_units`: from all of the product's activations, so a result does not depend on how rows
+// (`group_units`: from all of the product's activations, so a result does not depend on how rows
 // are split), its integer sums for 32 outputs kept in four registers while its neurons' codes stream
 // past, its scales applied once per output; the next group's codes are fetched while one is summed,
 // a 256-output slice at a time (the neurons of a group lie anywhere in hot-first order; asking for a
@@ -346,6 +335,7 @@ void axpy_columns_k(const KColumns& W, const float* a, const int64_t* rows, cons
     const int64_t b = g * group / QK_K;
     const int s = static_cast<int>((g * group % QK_K) / group);
     const uint16_t* head = W.table + b * halves * d;
+    const __m256 u = _mm256_set1_ps(unit);
     for (int64_t og = 0; og < d / QK_K; ++og) {
       for (int64_t k = 0; k < count; ++k) {
         const int64_t r = order[start[g] + k];
@@ -354,7 +344,7 @@ void axpy_columns_k(const KColumns& W, const float* a, const int64_t* rows, cons
       if (next < G)  // the next group's codes for these outputs, spread over this group's work
         for (int64_t k = start[next]; k < start[next + 1]; ++k) {
           const int64_t r = order[k];
-          prefetch(W.row(rows ? rows[r] : r) + og * ob, ob);
+          prefetch_row(W.row(rows ? rows[r] : r) + og * ob, ob);
         }
       for (int c = 0; c < 8; ++c) {
         __m256i sums[4];
@@ -362,24 +352,12 @@ void axpy_columns_k(const KColumns& W, const float* a, const int64_t* rows, cons
           group_chunk<true>(ptr, qa, count, c, sums);
         else
           group_chunk<false>(ptr, qa, count, c, sums);
-        const __m256 u = _mm256_set1_ps(unit);
         const __m256 acc[4] = {_mm256_mul_ps(u, _mm256_cvtepi32_ps(sums[0])), _mm256_mul_ps(u, _mm256_cvtepi32_ps(sums[1])),
                                _mm256_mul_ps(u, _mm256_cvtepi32_ps(sums[2])), _mm256_mul_ps(u, _mm256_cvtepi32_ps(sums[3]))};
         fold_group(W.q4_k, head, d, s, og * QK_K + 32 * c, acc, a_sum, out);
       }
     }
   }
-}
-
-// The 8-bit unit of each sub-block's activations: max |a| / 127 over all n entries of the product
-// (units [n_keys]); every thread computes the same from the whole product's a.
-void k_group_units(const KColumns& W, const float* a, const int64_t* rows, int64_t n, std::vector<float>& units) {
-  units.assign(W.n_keys, 0.0f);
-  for (int64_t r = 0; r < n; ++r) {
-    float& u = units[W.keys[rows ? rows[r] : r]];
-    u = std::max(u, std::fabs(a[r]));
-  }
-  for (float& u : units) u /= 127.0f;
 }
 
 // codes [k, d / 256 * (128 | 192)] uint8, table [nb, 8 | 9, d] fp16 (Q4_K | Q6_K), keys [k] int64 sub-block
@@ -430,7 +408,7 @@ at::Tensor down_k(const at::Tensor& codes, const at::Tensor& table, const at::Te
   TORCH_CHECK(a.scalar_type() == at::kFloat && a.is_contiguous() && a.dim() == 2 && a.size(1) == j, "a: contiguous fp32 [T, j]");
   const int64_t T = a.size(0), d = W.d;
   std::vector<std::vector<float>> units(T);
-  for (int64_t t = 0; t < T; ++t) k_group_units(W, a.data_ptr<float>() + t * j, rp, j, units[t]);
+  for (int64_t t = 0; t < T; ++t) group_units(W.keys, W.n_keys, a.data_ptr<float>() + t * j, rp, j, units[t]);
   // The threads split the neurons (each reads whole neurons' codes, one stream) into partial outputs.
   const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), j));
   std::vector<float> partial(static_cast<size_t>(parts) * T * d, 0.0f);

@@ -94,7 +94,7 @@ void matrix_gemv(const Matrix& W, const GemvInput& in, const int64_t* rows, floa
   } else if (W.k_rows) {
     const int64_t nb = W.cols / QK_K;
     for (int64_t r = r0; r < r1; ++r) {
-      if (r + 1 < r1) kq::prefetch(W.k_rows + (rows ? rows[r + 1] : r + 1) * W.k_row_bytes, W.k_row_bytes);
+      if (r + 1 < r1) prefetch_row(W.k_rows + (rows ? rows[r + 1] : r + 1) * W.k_row_bytes, W.k_row_bytes);
       const uint8_t* row = W.k_rows + (rows ? rows[r] : r) * W.k_row_bytes;
       y[r] = W.k_q4 ? kq::dot_q4_k(row, nb, in.quant_k) : kq::dot_q6_k(row, nb, in.quant_k);
     }
@@ -103,18 +103,13 @@ void matrix_gemv(const Matrix& W, const GemvInput& in, const int64_t* rows, floa
   }
 }
 
-// The 8-bit scale of each block's activations for Q4_1 down columns: max |a| / 127 over all n rows
-// of the block (every thread computes the same from the whole product's a, so a result does not
-// depend on how rows are split or ordered). `units` is resized to the block count.
+// The 8-bit scale of each scale group's activations for the column sums in integers (Q4_1 blocks,
+// K-quant sub-blocks; `group_units`); zeros for the others. `units` is resized to the group count.
 void column_block_units(const Matrix& W, const float* a, const int64_t* rows, int64_t n, std::vector<float>& units) {
-  if (W.k_columns.codes) return kq::k_group_units(W.k_columns, a, rows, n, units);  // per K-quant sub-block
-  units.assign(W.columns.n_blocks, 0.0f);
-  if (W.bf16 || !W.columns.q4) return;
-  for (int64_t r = 0; r < n; ++r) {
-    float& u = units[W.columns.blocks[rows ? rows[r] : r]];
-    u = std::max(u, std::fabs(a[r]));
-  }
-  for (float& u : units) u /= 127.0f;
+  if (W.k_columns.codes)  // per K-quant sub-block
+    return group_units(W.k_columns.keys, W.k_columns.n_keys, a, rows, n, units);
+  if (W.bf16 || !W.columns.q4) return units.assign(W.columns.n_blocks, 0.0f);
+  group_units(W.columns.blocks, W.columns.n_blocks, a, rows, n, units);
 }
 
 // partial += sum_{r in [r0, r1)} a[r] W[row(r)], in the layout of W's format (bf16: even | odd | tail
