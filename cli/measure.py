@@ -94,7 +94,7 @@ def memory(
 
 @with_sparsity_options(exclude=("method",))
 def evaluate(
-    tasks: Annotated[str, typer.Option("--tasks", help="Comma-separated: offline truthfulqa_mc1, truthfulqa_mc2, squad, coqa, xsum, perplexity, or any lm-eval task name (needs the hub).")] = "truthfulqa_mc1,truthfulqa_mc2,squad,coqa,xsum,perplexity",
+    tasks: Annotated[str, typer.Option("--tasks", help="Comma-separated: offline truthfulqa_mc1, truthfulqa_mc2, squad, coqa, xsum, perplexity, humaneval (pass@1 of code run in a contained child; needs a chat model), or any lm-eval task name (needs the hub).")] = "truthfulqa_mc1,truthfulqa_mc2,squad,coqa,xsum,perplexity",
     methods: MethodsOpt = "dense,load-only,static,coreinfer,partinfer,tokenwise",
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory for raw/<method>.json and results.md (new, empty, or an earlier `eval --out`).")] = Path("eval_results"),
     limit: Annotated[Optional[int], typer.Option("--limit", min=1, max=10_000_000, help="Examples per task (default: all of the eval split).")] = None,
@@ -103,6 +103,7 @@ def evaluate(
     resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Reuse a method's raw results from an earlier run with the same settings.")] = True,
     table_only: Annotated[bool, typer.Option("--table-only", help="Run nothing: rewrite the table from the raw results in --out.")] = False,
     include_path: Annotated[Optional[Path], typer.Option("--include-path", help="A directory of your own lm-eval task YAMLs (as lm_eval --include_path); --tasks may then name them.")] = None,
+    peers: Annotated[bool, typer.Option("--peers/--no-peers", help="With humaneval: also llama.cpp on the model's GGUF, same prompts, greedy (when installed).")] = True,
     dtype: DtypeOpt = "bf16",
     device: DeviceOpt = "cpu",
     weights: WeightsOpt = None,
@@ -116,7 +117,7 @@ def evaluate(
 
     task_list = resolve_tasks(list(split_list(tasks)))
     report = run_eval(resolve_model(model), task_list, split_list(methods), sparsity, out, limit, dtype, device,
-                      batch_size, resume, table_only, include_path, weights)
+                      batch_size, resume, table_only, include_path, weights, peers)
     typer.echo(json.dumps(report, indent=2) if as_json else format_table(report))
     typer.echo(f"wrote {out / 'results.md'} and {out / 'raw'}/", err=True)
 

@@ -17,6 +17,8 @@ from pathlib import Path
 from partinfer.common.errors import PartinferError, disk_full_cause
 from partinfer.common.files import read_json
 from partinfer.common.output_dir import IncrementalOutput
+from partinfer.evaluation import humaneval
+from partinfer.evaluation.peers import llama_cpp_gguf
 from partinfer.runtime.sparsity import METHODS, SparsityConfig
 
 TASKS_DIR = Path(__file__).parent / "tasks"
@@ -27,6 +29,7 @@ OFFLINE_TASKS = {  # short name -> lm-eval task name of evaluation/tasks/*.yaml
     "coqa": "partinfer_coqa",
     "xsum": "partinfer_xsum",
     "perplexity": "partinfer_perplexity",
+    "humaneval": "humaneval",  # not lm-eval's: evaluation/humaneval.py, executed in evaluation/sandbox.py
 }
 METRICS = {  # lm-eval task -> metrics shown in the table (the first is the headline)
     "partinfer_truthfulqa_mc1": ("acc",),
@@ -35,7 +38,9 @@ METRICS = {  # lm-eval task -> metrics shown in the table (the first is the head
     "partinfer_coqa": ("f1", "exact_match"),
     "partinfer_xsum": ("rougeL", "rouge1", "rouge2"),
     "partinfer_perplexity": ("word_perplexity",),
+    "humaneval": ("pass@1",),
 }
+LLAMA_CPP = "llama.cpp"  # the peer's column (HumanEval only: it answers the same prompts on the GGUF)
 LOWER_IS_BETTER = {"word_perplexity", "byte_perplexity", "bits_per_byte"}
 # PartInfer paper (Llama-3.2-3B, γ 0.7, φ 0.4), score ÷ dense reference (docs/design.md, §6).
 PUBLISHED_RATIOS = {
@@ -67,6 +72,8 @@ def _settings(model_dir: Path, method: str, sparsity: SparsityConfig, tasks: lis
     settings = {"model": str(model_dir), "tasks": tasks, "limit": limit, "dtype": dtype, "sparsity": config}
     if include_path is not None:  # only when given: earlier raw results stay reusable
         settings["include_path"] = str(include_path)
+    if humaneval.TASK in tasks:  # the answers depend on how the problems are asked
+        settings["humaneval"] = humaneval.SETTINGS
     return settings
 
 
@@ -105,13 +112,25 @@ def task_manager(include_path: Path | None = None, tasks: list[str] | None = Non
 def run_method(model_dir: Path, method: str, sparsity: SparsityConfig, tasks: list[str], limit: int | None,
                dtype: str, device: str, batch_size: int, include_path: Path | None = None,
                weights: str | None = None) -> dict:
-    """lm-eval's results for one method: {task: {metric: value}}, samples per task."""
-    import lm_eval
-
+    """Results for one method: {task: {metric: value}}, samples per task; HumanEval's samples and verdicts."""
     from partinfer.evaluation.lm_eval_adapter import PartinferLM
 
     lm = PartinferLM(model=str(model_dir), sparsity=replace(sparsity, method=method), dtype=dtype, device=device,
                      batch_size=batch_size, weights=weights)
+    lm_tasks = [t for t in tasks if t != humaneval.TASK]
+    run = run_lm_eval(lm, lm_tasks, limit, include_path) if lm_tasks else {"results": {}, "samples": {}}
+    if humaneval.TASK in tasks:
+        code = humaneval.run_humaneval(lambda problems: humaneval.engine_answers(lm.engine, problems), limit)
+        run["results"].update(code["results"])
+        run["samples"].update(code["samples"])
+        run["humaneval_samples"] = code["humaneval_samples"]
+    return run
+
+
+def run_lm_eval(lm, tasks: list[str], limit: int | None, include_path: Path | None) -> dict:
+    """lm-eval's results for a model on its tasks: {task: {metric: value}}, samples per task."""
+    import lm_eval
+
     try:
         out = lm_eval.simple_evaluate(model=lm, tasks=tasks, limit=limit, bootstrap_iters=1000,
                                       task_manager=task_manager(include_path, tasks), log_samples=False)
@@ -134,15 +153,37 @@ def run_method(model_dir: Path, method: str, sparsity: SparsityConfig, tasks: li
     return {"results": results, "samples": samples}
 
 
+def run_llama_cpp_humaneval(model_dir: Path, gguf: Path, limit: int | None) -> dict:
+    """HumanEval answered by llama.cpp on the model's GGUF, in its own process, with the prompts (token ids)
+    our runtime is given; scored by the same harness. A peer that fails is a run with an `error`."""
+    import torch
+
+    from partinfer.evaluation.peers import run_child
+    from partinfer.runtime.text import load_tokenizer, stop_token_ids
+
+    tokenizer = load_tokenizer(model_dir)
+    problems = humaneval.load_problems(limit)
+    spec = {"kind": "llama.cpp answers", "model": str(gguf), "prompts": humaneval.prompt_ids(tokenizer, problems),
+            "max_new_tokens": humaneval.MAX_NEW_TOKENS, "stop_ids": sorted(stop_token_ids(tokenizer, model_dir)),
+            "stop_when": "partinfer.evaluation.humaneval:answer_complete", "threads": torch.get_num_threads()}
+    result, error = run_child(spec, show_progress=True)
+    if error is not None:
+        return {"results": {}, "samples": {}, "error": f"llama.cpp {error}"}
+    answers = [tokenizer.decode(ids, skip_special_tokens=True) for ids in result["answers"]]
+    return humaneval.score(answers, problems)
+
+
 def run_eval(
     model_dir: Path, tasks: list[str], methods: tuple[str, ...], sparsity: SparsityConfig, out_dir: Path,
     limit: int | None = None, dtype: str = "bf16", device: str = "cpu", batch_size: int = 1, resume: bool = True,
-    table_only: bool = False, include_path: Path | None = None, weights: str | None = None,
+    table_only: bool = False, include_path: Path | None = None, weights: str | None = None, peers: bool = True,
 ) -> dict:
     """Evaluate every method; write out_dir/raw/<method>.json and out_dir/results.md; return the report.
 
     `include_path`: a directory of the user's own lm-eval task YAMLs, whose tasks `tasks` may name.
     `table_only`: run nothing; the table covers the methods whose raw results (same settings) exist.
+    `peers`: with humaneval among the tasks, also llama.cpp on the model's GGUF (when installed and the
+    model came from one), as a column beside the methods.
     """
     for m in methods:
         if m not in METHODS:
@@ -151,25 +192,33 @@ def run_eval(
     output = IncrementalOutput(out_dir, "eval", inputs=(model_dir,))
     raw_dir = out_dir / "raw"
     runs = {}
-    for method in methods:
-        settings = _settings(model_dir, method, sparsity, tasks, limit, dtype, include_path, weights)
-        path = raw_dir / f"{method}.json"
+    jobs = [(m, _settings(model_dir, m, sparsity, tasks, limit, dtype, include_path, weights)) for m in methods]
+    gguf = llama_cpp_gguf(model_dir) if peers and humaneval.TASK in tasks and device.startswith("cpu") else None
+    if gguf is not None:
+        jobs.append((LLAMA_CPP, {"model": str(model_dir), "gguf": str(gguf), "tasks": [humaneval.TASK], "limit": limit,
+                                 "humaneval": humaneval.SETTINGS}))
+    for name, settings in jobs:
+        path = raw_dir / f"{name}.json"
         if (resume or table_only) and path.is_file():
             saved = read_json(path, "raw results", "delete it, or run again with --no-resume to replace it")
             if not isinstance(saved, dict) or not isinstance(saved.get("results"), dict):
                 raise PartinferError(f"raw results {path} are not an eval result object; delete it, or run with --no-resume")
             if saved.get("settings") == settings:
-                print(f"{method}: reusing {path}", file=sys.stderr)
-                runs[method] = saved
+                print(f"{name}: reusing {path}", file=sys.stderr)
+                runs[name] = saved
                 continue
         if table_only:
             continue
-        runs[method] = {"settings": settings, **run_method(model_dir, method, sparsity, tasks, limit, dtype, device,
-                                                           batch_size, include_path, weights)}
-        output.write_text(f"raw/{method}.json", json.dumps(runs[method], indent=2))
+        if name == LLAMA_CPP:
+            run = run_llama_cpp_humaneval(model_dir, gguf, limit)
+        else:
+            run = run_method(model_dir, name, sparsity, tasks, limit, dtype, device, batch_size, include_path, weights)
+        runs[name] = {"settings": settings, **run}
+        if "error" not in run:  # a peer that failed is shown, not kept: the next run tries it again
+            output.write_text(f"raw/{name}.json", json.dumps(runs[name], indent=2))
     if not runs:
         raise PartinferError(f"no results with these settings in {raw_dir}; run without --table-only first")
-    report = {"model": str(model_dir), "tasks": tasks, "methods": [m for m in methods if m in runs], "limit": limit,
+    report = {"model": str(model_dir), "tasks": tasks, "methods": [name for name, _ in jobs if name in runs], "limit": limit,
               "dtype": dtype, "gamma": sparsity.gamma, "delta": sparsity.delta, "phi": sparsity.phi, "runs": runs}
     output.write_text("results.md", f"{format_table(report)}\n\nThe PartInfer paper's ratios to dense, for comparison:\n\n"
                                     f"{format_published()}\n")
@@ -212,7 +261,8 @@ def format_table(report: dict) -> str:
                              + (f" ({ratio:.2f})" if ratio is not None else ""))
             n = first.get("samples", {}).get(task, "")
             lines.append(f"| {task.removeprefix('partinfer_')} | {metric} | {n} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    failed = [f"{m}: no result: {runs[m]['error']}" for m in methods if runs[m].get("error")]
+    return "\n".join(lines + ([""] + failed if failed else []))
 
 
 def format_published() -> str:

@@ -1,5 +1,5 @@
 """A bench peer that dies the way a llama.cpp build with AMX kernels dies on a VM that traps them
-(`python -m tests.crash_peer SPEC`): SIGILL for the transformers spec, SIGSEGV otherwise."""
+(`python -m tests.crash_peer`, the spec on stdin): SIGILL for the transformers spec, SIGSEGV otherwise."""
 
 import json
 import os
@@ -7,5 +7,5 @@ import signal
 import sys
 
 if __name__ == "__main__":
-    spec = json.loads(sys.argv[1])
+    spec = json.loads(sys.stdin.read())
     os.kill(os.getpid(), signal.SIGILL if spec["kind"] == "transformers" else signal.SIGSEGV)
