@@ -19,6 +19,7 @@ def build_app() -> typer.Typer:
         help="partinfer: run LLMs with a fraction of their FFN neurons loaded and computed (PartInfer + CoreInfer).",
     )
     app.command()(models.prepare)
+    app.command("models")(models.models)
     app.command()(run.generate)
     app.command()(run.chat)
     app.command()(models.pack)

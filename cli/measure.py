@@ -132,18 +132,23 @@ def pareto(
     dataset: Annotated[str, typer.Option("--dataset", "-d", help="Built-in task (its eval split) or a local text file.")] = "xsum",
     num_samples: Annotated[int, typer.Option("--num-samples", "-n", min=1, max=10_000_000, help="Texts to score per configuration.")] = 16,
     mc2: Annotated[int, typer.Option("--mc2", min=0, max=10_000_000, help="Also score this many TruthfulQA MC2 questions per configuration (through lm-eval); 0: perplexity only.")] = 0,
+    humaneval: Annotated[int, typer.Option("--humaneval", min=0, max=164, help="Also score pass@1 on this many HumanEval problems per configuration (a chat model for code); 0: none.")] = 0,
     dtype: DtypeOpt = "bf16",
     device: DeviceOpt = "cpu",
     *,
     sparsity: SparsityConfig,
 ) -> None:
-    """Quality (perplexity ÷ dense bf16, and MC2 with --mc2) against memory and bytes per token over a grid of methods, γ and
+    """Quality (perplexity ÷ dense bf16, and MC2 with --mc2 or HumanEval pass@1 with --humaneval) against memory and bytes per token over a grid of methods, γ and
     weight formats: the chart to pick an operating point from."""
+    from partinfer.common.errors import PartinferError
     from partinfer.evaluation.pareto import format_pareto, run_pareto
     from partinfer.runtime.prepare import resolve_model
 
+    if mc2 and humaneval:
+        raise PartinferError("--mc2 and --humaneval are both a second quality axis; give one of them")
+    task, task_limit = ("partinfer_truthfulqa_mc2", mc2) if mc2 else ("humaneval", humaneval)
     report = run_pareto(resolve_model(model), tuple(m for m in split_list(methods) if m != "dense"),
                         tuple(gamma or (0.5, 0.6, 0.7, 0.8, 0.9)), split_list(weights), sparsity, out, dataset,
-                        num_samples, dtype=dtype, device=device, mc2_limit=mc2)
+                        num_samples, dtype=dtype, device=device, task=task, task_limit=task_limit)
     typer.echo(format_pareto(report))
     typer.echo(f"wrote {out / 'pareto.md'}, {out / 'pareto.json'} and {out / 'pareto.png'}", err=True)

@@ -27,6 +27,20 @@ def prepare(
     typer.echo(str(path))
 
 
+def models() -> None:
+    """List the named models: what `--model NAME` fetches, whether it is prepared, and the sparsity
+    defaults its entry chooses (options given on the command line win)."""
+    from partinfer.common.model_registry import NAMED_MODELS
+    from partinfer.runtime.prepare import named_model_dir
+
+    for named in NAMED_MODELS.values():
+        prepared = "prepared" if (named_model_dir(named) / "config.json").is_file() else \
+            f"not prepared: `partinfer prepare {named.name}`"
+        chosen = ", ".join(f"{k} {v}" for k, v in named.defaults.items()) or "the runtime's"
+        typer.echo(f"{named.name}: {named.title}, {named.gguf_file} ({named.size / 1e9:.2f} GB); {prepared}; "
+                   f"defaults: {chosen}")
+
+
 def pack(
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the packed checkpoint (new, empty, or an earlier `pack --out`).")],
     model: ModelOpt = None,

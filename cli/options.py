@@ -55,21 +55,26 @@ SPARSITY_OPTIONS: dict[str, tuple[Any, tuple[str, ...], str]] = {
                "neurons, spread by layer by the sensitivities in the neuron file: `partinfer neurons sensitivity`)."),
 }
 assert set(SPARSITY_OPTIONS) == {f.name for f in fields(SparsityConfig)}, "every SparsityConfig field is an option"
+# The fields a named model's registry entry may choose (common/model_registry.py `NamedModel.defaults`).
+MODEL_DEFAULT_FIELDS = ("method", "gamma", "delta", "phi")
 
 
 def sparsity_config(model: str | None, values: dict[str, Any]) -> SparsityConfig:
-    """The one place command-line values become a SparsityConfig; the shipped neuron file is the
-    default model's default."""
-    from partinfer.runtime.defaults import shipped_model_neurons
+    """The one place command-line values become a SparsityConfig: an option left out takes the named
+    model's default (its registry entry), then the dataclass's; the shipped neuron file is the model's."""
+    from partinfer.runtime.defaults import model_defaults, shipped_model_neurons
 
-    if values.get("model_neurons") is None:
-        values = {**values, "model_neurons": shipped_model_neurons(model)}
-    return SparsityConfig(**values)
+    chosen = {**model_defaults(model), **{k: v for k, v in values.items() if v is not None or k not in MODEL_DEFAULT_FIELDS}}
+    if chosen.get("model_neurons") is None:
+        chosen["model_neurons"] = shipped_model_neurons(model)
+    return SparsityConfig(**chosen)
 
 
 def with_sparsity_options(exclude: tuple[str, ...] = ()) -> Callable[[Callable], Callable]:
     """Adds the sparsity options (all SparsityConfig fields but `exclude`) to a command and hands it one
-    `sparsity: SparsityConfig` argument instead; excluded fields keep their dataclass defaults."""
+    `sparsity: SparsityConfig` argument instead; excluded fields keep their dataclass defaults. The
+    fields a named model may set (`MODEL_DEFAULT_FIELDS`) default to None on the command line, so that
+    `sparsity_config` can tell an option given from one left to the model's registry entry."""
     defaults = {f.name: f.default for f in fields(SparsityConfig) if f.default is not MISSING}
     names = [name for name in SPARSITY_OPTIONS if name not in exclude]
 
@@ -78,7 +83,11 @@ def with_sparsity_options(exclude: tuple[str, ...] = ()) -> Callable[[Callable],
         params = [p for p in signature.parameters.values() if p.name != "sparsity"]
         for name in names:
             kind, flags, help_text = SPARSITY_OPTIONS[name]
-            params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=defaults[name],
+            default = defaults[name]
+            if name in MODEL_DEFAULT_FIELDS:
+                kind, default = Optional[kind], None
+                help_text += f" Default {defaults[name]}, or a named model's own (`partinfer models`)."
+            params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
                                             annotation=Annotated[kind, typer.Option(*flags, help=help_text)]))
 
         @functools.wraps(command)

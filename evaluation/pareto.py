@@ -5,9 +5,10 @@ held-out text (the `eval` split, as `partinfer perplexity` scores it) as a ratio
 against the weight bytes the configuration keeps in memory and the weight bytes one decode token
 reads. φ and δ follow γ at the paper's proportions (φ = 4/7 γ, δ = 3/7 γ: 0.4 and 0.3 at γ 0.7),
 so each method is one curve per weight format. Memory here is the weights the loaded model holds
-(`partinfer memory` measures the process around them). With `mc2_limit`, each configuration also
-answers that many TruthfulQA MC2 questions through lm-eval (as `partinfer eval` scores them), a second
-quality axis: MC2 ÷ dense bf16's, where higher is better.
+(`partinfer memory` measures the process around them). With `task` and `task_limit`, each configuration
+is also scored on that many questions of a task as `partinfer eval` scores it (`SECOND_AXES`: TruthfulQA
+MC2, or HumanEval pass@1 for a coding model), a second quality axis: score ÷ dense bf16's, where
+higher is better.
 """
 
 from __future__ import annotations
@@ -34,6 +35,19 @@ PHI_SHARE, DELTA_SHARE = 4 / 7, 3 / 7  # φ/γ and δ/γ of the paper's budget (
 
 
 @dataclass(frozen=True)
+class SecondAxis:
+    task: str  # the `partinfer eval` task name
+    metric: str  # its headline metric
+    label: str  # how the table and chart name it
+
+
+SECOND_AXES = {axis.task: axis for axis in (
+    SecondAxis(OFFLINE_TASKS["truthfulqa_mc2"], "acc", "TruthfulQA MC2"),
+    SecondAxis(OFFLINE_TASKS["humaneval"], "pass@1", "HumanEval pass@1"),
+)}
+
+
+@dataclass(frozen=True)
 class ParetoPoint:
     method: str
     weights: str
@@ -43,9 +57,9 @@ class ParetoPoint:
     ratio: float  # perplexity ÷ dense bf16's (1.0 = no loss)
     weights_mib: float  # weight bytes the loaded model keeps
     mb_per_token: float  # weight bytes one decode token reads
-    mc2: float | None = None  # TruthfulQA MC2 accuracy, when asked for
-    mc2_ratio: float | None = None  # mc2 ÷ dense bf16's (1.0 = no loss, lower = a loss)
-    mc2_stderr: float | None = None  # lm-eval's standard error of `mc2`
+    score: float | None = None  # the second axis's score (MC2 accuracy, pass@1), when asked for
+    score_ratio: float | None = None  # score ÷ dense bf16's (1.0 = no loss, lower = a loss)
+    score_stderr: float | None = None  # its standard error
 
 
 def grid(methods: tuple[str, ...], gammas: tuple[float, ...], weights: tuple[str, ...],
@@ -65,36 +79,39 @@ def grid(methods: tuple[str, ...], gammas: tuple[float, ...], weights: tuple[str
 
 def run_pareto(model_dir: Path, methods: tuple[str, ...], gammas: tuple[float, ...], weights: tuple[str, ...],
                base: SparsityConfig, out: Path, dataset: str = "xsum", num_samples: int = 16, prompt_tokens: int = 64,
-               cont_tokens: int = 128, dtype: str = "bf16", device: str = "cpu", mc2_limit: int = 0) -> dict:
+               cont_tokens: int = 128, dtype: str = "bf16", device: str = "cpu", task: str | None = None,
+               task_limit: int = 0) -> dict:
     """Score every configuration of the grid and write pareto.json, pareto.md and pareto.png into `out`;
-    `mc2_limit` > 0 adds MC2 on that many questions per configuration."""
+    `task` (a `SECOND_AXES` name) with `task_limit` > 0 adds its score on that many questions per configuration."""
+    axis = SECOND_AXES[task] if task is not None and task_limit > 0 else None
     if "bf16" not in weights:
         weights = ("bf16", *weights)  # the reference every ratio is taken to
     configs = grid(methods, gammas, weights, base)  # invalid budgets fail here, before any output
     output = IncrementalOutput(out, "pareto", inputs=(model_dir,))
     ids = perplexity_texts(dataset, num_samples, load_tokenizer(model_dir), prompt_tokens + cont_tokens)
     points: list[ParetoPoint] = []
-    reference = mc2_reference = None
+    reference = score_reference = None
     for config, scheme in tqdm(configs, desc="pareto", unit="config"):
         model = load_model(model_dir, parse_dtype(dtype), parse_device(device), config, scheme)
         ppl = corpus_perplexity(model, ids, prompt_tokens)
         weights_mib, mb_per_token = expected_bytes(model, SparseFFN)["weights"] / MIB, weight_bytes_per_token(model) / 1e6
         del model
         reference = ppl if reference is None else reference  # dense bf16 comes first
-        mc2 = mc2_ratio = mc2_stderr = None
-        if mc2_limit > 0:
-            task = OFFLINE_TASKS["truthfulqa_mc2"]
-            scores = run_method(model_dir, config.method, config, [task], mc2_limit, dtype, device, 1,
-                                weights=scheme)["results"][task]
-            mc2, mc2_stderr = scores["acc"], scores.get("acc_stderr")
-            mc2_reference = mc2 if mc2_reference is None else mc2_reference
-            mc2_ratio = mc2 / mc2_reference if mc2_reference else None
+        score = score_ratio = score_stderr = None
+        if axis is not None:
+            scores = run_method(model_dir, config.method, config, [axis.task], task_limit, dtype, device, 1,
+                                weights=scheme)["results"][axis.task]
+            score, score_stderr = scores[axis.metric], scores.get(f"{axis.metric}_stderr")
+            score_reference = score if score_reference is None else score_reference
+            score_ratio = score / score_reference if score_reference else None
         loaded = config.loaded_fraction
         computed = config.phi if config.method in ("static", "coreinfer", "partinfer", "tokenwise") else loaded
         points.append(ParetoPoint(config.method, scheme, loaded, computed, ppl, ppl / reference,
-                                  weights_mib, mb_per_token, mc2, mc2_ratio, mc2_stderr))
+                                  weights_mib, mb_per_token, score, score_ratio, score_stderr))
     report = {"model": str(model_dir), "dataset": dataset, "split": "eval", "texts": len(ids),
-              "prompt_tokens": prompt_tokens, "cont_tokens": cont_tokens, "dtype": dtype, "mc2_questions": mc2_limit,
+              "prompt_tokens": prompt_tokens, "cont_tokens": cont_tokens, "dtype": dtype,
+              "task": axis.task if axis else None, "task_label": axis.label if axis else None,
+              "task_questions": task_limit if axis else 0,
               "phi_share": PHI_SHARE, "delta_share": DELTA_SHARE, "points": [asdict(p) for p in points]}
     output.write_text("pareto.json", json.dumps(report, indent=2))
     output.write_text("pareto.md", format_pareto(report) + "\n")
@@ -104,8 +121,8 @@ def run_pareto(model_dir: Path, methods: tuple[str, ...], gammas: tuple[float, .
 
 def frontier(points: list[dict], x: str, quality: str = "ratio") -> list[dict]:
     """The points no other point beats on both `x` (lower is better) and `quality`: the perplexity
-    ratio (lower is better) or the MC2 ratio (higher is better)."""
-    sign = -1 if quality == "mc2_ratio" else 1
+    ratio (lower is better) or the second axis's ratio (higher is better)."""
+    sign = -1 if quality == "score_ratio" else 1
     best = []
     for p in sorted((p for p in points if p.get(quality) is not None), key=lambda p: (p[x], sign * p[quality])):
         if not best or sign * p[quality] < sign * best[-1][quality]:
@@ -118,17 +135,17 @@ def format_pareto(report: dict) -> str:
              f"{report['prompt_tokens']} tokens, {report['cont_tokens']} scored), ratio to dense bf16; φ = "
              f"{report['phi_share']:.3f}·γ, δ = {report['delta_share']:.3f}·γ. * = on the quality/memory frontier.",
              ""]
-    mc2 = bool(report.get("mc2_questions"))
-    if mc2:
-        lines[0] += f" MC2: TruthfulQA MC2 accuracy on {report['mc2_questions']} questions of its eval split."
-    lines += ["| method | weights | γ | φ | perplexity | × dense bf16 |" + (" MC2 | ÷ dense bf16 |" if mc2 else "")
-              + " weights MiB | MB / token |", "|---|---|---:|---:|---:|---:|" + ("---:|---:|" if mc2 else "") + "---:|---:|"]
+    second = report["task_label"] if report.get("task_questions") else None
+    if second:
+        lines[0] += f" {second} on {report['task_questions']} questions."
+    lines += ["| method | weights | γ | φ | perplexity | × dense bf16 |" + (f" {second} | ÷ dense bf16 |" if second else "")
+              + " weights MiB | MB / token |", "|---|---|---:|---:|---:|---:|" + ("---:|---:|" if second else "") + "---:|---:|"]
     on_frontier = {id(p) for p in frontier(report["points"], "weights_mib")}
-    on_mc2_frontier = {id(p) for p in frontier(report["points"], "weights_mib", "mc2_ratio")}
+    on_score_frontier = {id(p) for p in frontier(report["points"], "weights_mib", "score_ratio")}
     for p in report["points"]:
         star = " *" if id(p) in on_frontier else ""
-        mc2_ratio = "–" if p["mc2_ratio"] is None else f"{p['mc2_ratio']:.2f}"
-        cells = f" {p['mc2']:.3f} | {mc2_ratio}{' *' if id(p) in on_mc2_frontier else ''} |" if mc2 else ""
+        score_ratio = "–" if p["score_ratio"] is None else f"{p['score_ratio']:.2f}"
+        cells = f" {p['score']:.3f} | {score_ratio}{' *' if id(p) in on_score_frontier else ''} |" if second else ""
         lines.append(f"| {p['method']} | {p['weights']} | {p['gamma']:.2f} | {p['phi']:.2f} | {p['perplexity']:.2f} | "
                      f"{p['ratio']:.2f}{star} |{cells} {p['weights_mib']:.1f} | {p['mb_per_token']:.1f} |")
     return "\n".join(lines)
@@ -136,13 +153,13 @@ def format_pareto(report: dict) -> str:
 
 def plot_pareto(report: dict, out: Path) -> Path:
     """Quality ratio against weights kept (MiB) and against bytes read per decode token: one row of
-    panels for perplexity, and one for MC2 when it was measured."""
+    panels for perplexity, and one for the second task when it was measured."""
     from partinfer.profiler.plotting import png_figure
 
     points = report["points"]
     rows = [("ratio", "perplexity ÷ dense bf16 (lower is better)")]
-    if report.get("mc2_questions"):
-        rows.append(("mc2_ratio", "TruthfulQA MC2 ÷ dense bf16 (higher is better)"))
+    if report.get("task_questions"):
+        rows.append(("score_ratio", f"{report['task_label']} ÷ dense bf16 (higher is better)"))
     with png_figure(out, "pareto", ncols=2, nrows=len(rows), figsize=(11, 4.5 * len(rows)), sharey="row", squeeze=False) as (fig, axes):
         for row, (quality, ylabel) in enumerate(rows):
             for ax, x, label in ((axes[row][0], "weights_mib", "weights kept in memory (MiB)"),
@@ -168,8 +185,8 @@ def plot_quality(ax, points: list[dict], x: str, quality: str) -> None:
         for p in dense:
             ax.annotate(f"dense {weights}", (p[x], p[quality]), textcoords="offset points", xytext=(4, 6), fontsize=7)
     reference = points[0]  # dense bf16
-    if quality == "mc2_ratio" and reference.get("mc2_stderr") and reference["mc2"]:
-        noise = reference["mc2_stderr"] / reference["mc2"]  # what one standard error of dense is, as a ratio
+    if quality == "score_ratio" and reference.get("score_stderr") and reference["score"]:
+        noise = reference["score_stderr"] / reference["score"]  # what one standard error of dense is, as a ratio
         ax.axhspan(1 - noise, 1 + noise, color="grey", alpha=0.12, label="dense ±1 standard error")
     edge = frontier(points, x, quality)
     ax.plot([p[x] for p in edge], [p[quality] for p in edge], color="grey", lw=3, alpha=0.3, label="frontier")

@@ -15,6 +15,18 @@ def shipped_neuron_files() -> Path:
     return Path(str(files("partinfer.neuron_files")))
 
 
+def model_defaults(model: str | None) -> dict:
+    """The sparsity defaults a named model's registry entry chooses (by its name, or by its prepared
+    directory); {} for any other model."""
+    from partinfer.runtime.prepare import named_model_dir
+
+    for named in NAMED_MODELS.values():
+        if model == named.name or (model is not None and Path(model).is_dir()
+                                   and Path(model).resolve() == named_model_dir(named).resolve()):
+            return dict(named.defaults)
+    return {}
+
+
 def shipped_model_neurons(model: str | None) -> Path | None:
     """The model-level neuron file to use when none is given: the shipped one for the default model or a
     named model (`neuron_files/<name>/`), or the one a packed checkpoint was packed with (its rows are

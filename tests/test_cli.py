@@ -151,3 +151,24 @@ def test_the_command_line_turns_off_mkls_buffer_cache_before_torch_loads():
                           text=True, check=True).stdout
     assert mine.split()[0] == "0"
     assert WORKER_ENV["MKL_DISABLE_FAST_MM"] == "1"
+
+
+def test_a_named_models_defaults_apply_where_no_option_is_given(monkeypatch, tmp_path):
+    from dataclasses import replace
+
+    from partinfer.cli.options import sparsity_config
+    from partinfer.common.model_registry import NAMED_MODELS
+
+    entry = replace(next(iter(NAMED_MODELS.values())), name="test-model",
+                    defaults={"method": "load-only", "gamma": 0.9, "phi": 0.9})
+    monkeypatch.setitem(NAMED_MODELS, "test-model", entry)
+    unset = {"method": None, "gamma": None, "delta": None, "phi": None, "model_neurons": tmp_path / "n.safetensors"}
+    chosen = sparsity_config("test-model", unset)
+    assert (chosen.method, chosen.gamma, chosen.phi, chosen.delta) == ("load-only", 0.9, 0.9, 0.3)
+    given = sparsity_config("test-model", {**unset, "gamma": 0.8, "phi": 0.5})
+    assert (given.method, given.gamma, given.phi) == ("load-only", 0.8, 0.5)  # what the command line says wins
+    other = sparsity_config(None, unset)  # the default model has no entry: the dataclass's defaults
+    assert (other.method, other.gamma, other.phi) == ("tokenwise", 0.7, 0.4)
+    listed = runner.invoke(app, ["models"])
+    assert listed.exit_code == 0 and "test-model: Qwen2.5-Coder-1.5B-Instruct" in listed.output
+    assert "defaults: method load-only, gamma 0.9, phi 0.9" in listed.output

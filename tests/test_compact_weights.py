@@ -361,7 +361,7 @@ def test_pareto_grid_writes_table_and_chart(tiny_with_tokenizer, tmp_path, monke
     neurons = tiny_with_tokenizer / "neurons.safetensors"
     report = run_pareto(tiny_with_tokenizer / "model", ("load-only", "tokenwise"), (0.5, 1.0), ("int8",),
                         SparsityConfig(model_neurons=neurons, start_num=0, end_num=3), tmp_path / "out", str(text),
-                        num_samples=2, prompt_tokens=8, cont_tokens=8, dtype="fp32", mc2_limit=2)
+                        num_samples=2, prompt_tokens=8, cont_tokens=8, dtype="fp32", task="partinfer_truthfulqa_mc2", task_limit=2)
     points = report["points"]
     assert len(points) == 2 * (1 + 2 * 2)  # bf16 added as the reference; dense + 2 methods x 2 γ per format
     assert points[0]["method"] == "dense" and points[0]["weights"] == "bf16" and points[0]["ratio"] == 1.0
@@ -369,13 +369,13 @@ def test_pareto_grid_writes_table_and_chart(tiny_with_tokenizer, tmp_path, monke
     assert by[("load-only", "bf16", 0.5)]["weights_mib"] < by[("load-only", "bf16", 1.0)]["weights_mib"]
     assert by[("load-only", "int8", 1.0)]["weights_mib"] < by[("load-only", "bf16", 1.0)]["weights_mib"]
     assert abs(by[("load-only", "bf16", 1.0)]["ratio"] - 1.0) < 1e-4  # γ = 1 loads everything: dense
-    assert points[0]["mc2_ratio"] == 1.0 and all(0 <= p["mc2"] <= 1 for p in points)
-    assert all(p["mc2_stderr"] is not None and p["mc2_stderr"] >= 0 for p in points)
-    assert abs(by[("load-only", "bf16", 1.0)]["mc2"] - points[0]["mc2"]) < 1e-4
+    assert points[0]["score_ratio"] == 1.0 and all(0 <= p["score"] <= 1 for p in points)
+    assert all(p["score_stderr"] is not None and p["score_stderr"] >= 0 for p in points)
+    assert abs(by[("load-only", "bf16", 1.0)]["score"] - points[0]["score"]) < 1e-4
     assert (tmp_path / "out" / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert _json.loads((tmp_path / "out" / "pareto.json").read_text())["points"] == points
     assert "| load-only | int8 | 0.50 |" in (tmp_path / "out" / "pareto.md").read_text()
-    assert "MC2 accuracy on 2 questions" in (tmp_path / "out" / "pareto.md").read_text()
+    assert "TruthfulQA MC2 on 2 questions" in (tmp_path / "out" / "pareto.md").read_text()
     with pytest.raises(PartinferError):
         run_pareto(tiny_with_tokenizer / "model", ("partinfer",), (0.5,), ("q5",), SparsityConfig(model_neurons=neurons),
                    tmp_path / "out2", str(text))
