@@ -38,6 +38,7 @@ def build_app() -> typer.Typer:
     neurons_app.command("show")(profiling.neurons_show)
     neurons_app.command("merge")(profiling.neurons_merge)
     neurons_app.command("sensitivity")(profiling.neurons_sensitivity)
+    neurons_app.command("contribution")(profiling.neurons_contribution)
     app.add_typer(data_app, name="data")
     app.add_typer(neurons_app, name="neurons")
     return app

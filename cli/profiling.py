@@ -168,6 +168,25 @@ def compensate(
     typer.echo(f"{comp.save(out)}\t{len(comp.a)} layers, rank {comp.rank}, {comp.tokens} tokens")
 
 
+def neurons_contribution(
+    file: Annotated[Path, typer.Argument(help="A neuron file profiled without down norms (rank_by mean_abs).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The copy of FILE ranked by contribution (a new path, or --force).")],
+    model: ModelOpt = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace --out when it is an existing neuron file.")] = False,
+) -> None:
+    """Write a copy of FILE ranked by each neuron's expected contribution, mean |a| · ‖down‖ (the down
+    norms read from the model's checkpoint), as `partinfer profile` now ranks; sensitivities are dropped."""
+    from partinfer.common.neuron_file import NeuronFile
+    from partinfer.profiler.profile import with_down_norms
+    from partinfer.runtime.config import ModelConfig
+    from partinfer.runtime.prepare import resolve_model
+
+    refuse_to_replace(out, force, NeuronFile.load, "neuron file")
+    model_dir = resolve_model(model)
+    neurons = NeuronFile.load(file, ModelConfig.from_dir(model_dir).fingerprint)
+    typer.echo(f"{with_down_norms(neurons, model_dir).save(out)}\tranked by contribution, {neurons.n_layers} layers")
+
+
 def neurons_sensitivity(
     file: Annotated[Path, typer.Argument(help="The neuron file whose ranking decides what each layer keeps (the base file of --budget profiled).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="The copy of FILE with the sensitivities (a new path, or --force).")],

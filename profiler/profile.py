@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from partinfer.common.data import load_texts
-from partinfer.common.neuron_file import NeuronFile, merge
+from partinfer.common.neuron_file import NeuronFile, down_norms, merge
 from partinfer.profiler.distributed import SINGLE, Ranks, all_reduce_stats, shard_by_tokens, together
 from partinfer.profiler.stats import ActivationStats, attach_recorders, detach_recorders
 from partinfer.runtime.engine import Engine
@@ -105,8 +105,25 @@ def to_neuron_file(stats: ActivationStats, model: Transformer, model_name: str, 
         sum_abs=stats.sum_abs, core_count=stats.core_count, tokens=stats.tokens, model=model_name,
         fingerprint=model.cfg.fingerprint, level=level, datasets=(name,), sequences=sequences,
         gen_tokens=cfg.gen_tokens, token_sparsity=cfg.token_sparsity, core_score=cfg.core_score,
-        dtype=str(model.dtype).removeprefix("torch."),
+        dtype=str(model.dtype).removeprefix("torch."), down_norm=down_norms([block.mlp.down for block in model.layers]),
     )
+
+
+def with_down_norms(neurons: NeuronFile, model_dir: Path) -> NeuronFile:
+    """`neurons` ranked by contribution: the down norms read from a plain checkpoint's down weights
+    (a file profiled before the norms were recorded). Sensitivities were measured with the old ranking,
+    so they are dropped."""
+    from dataclasses import replace
+
+    from partinfer.runtime.checkpoint import CheckpointReader
+
+    with CheckpointReader(model_dir) as reader:
+        names = [f"model.layers.{i}.mlp.down_proj.weight" for i in range(neurons.n_layers)]
+        missing = [n for n in names if n not in reader]
+        if missing:
+            raise PartinferError(f"{model_dir} holds no plain {missing[0]}; pass the original checkpoint, not a packed copy")
+        norms = down_norms([reader.get(name) for name in names])
+    return replace(neurons, down_norm=norms, sensitivity=None)
 
 
 def dataset_file_name(name: str) -> str:

@@ -59,7 +59,8 @@ def format_show(paths: list[Path], files: list[NeuronFile], gamma: float) -> str
     lines = []
     for path, nf in zip(paths, files):
         lines.append(f"{path}: {nf.level}-level, model {nf.model} ({nf.fingerprint}), data {', '.join(nf.datasets)}, "
-                     f"{nf.sequences} sequences, {nf.tokens} tokens ({nf.gen_tokens} generated per prompt)")
+                     f"{nf.sequences} sequences, {nf.tokens} tokens ({nf.gen_tokens} generated per prompt), "
+                     f"ranked by {'mean |a| · ‖down‖' if nf.rank_by == 'contribution' else 'mean |a|'}")
         cov = coverage(nf)
         head = "".join(f"{f'top {int(f * 100)}%':>10}" for f in COVERAGE_FRACTIONS)
         lines.append(f"{'layer':>6}{head}   (share of activation mass)")

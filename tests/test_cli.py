@@ -51,6 +51,9 @@ def test_profile_and_neurons_show(default_model_dir, tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["tokens"] > 0 and set(report["files"]) == {str(data), "model"}
+    from partinfer.common.neuron_file import NeuronFile
+
+    assert NeuronFile.load(out / "model.safetensors").rank_by == "contribution"  # the profile records the down norms
     shown = runner.invoke(app, ["neurons", "show", str(out / "model.safetensors"), str(out / "dataset-prompts.safetensors"),
                                 "--plot", str(tmp_path / "cov.png")])
     assert shown.exit_code == 0, shown.output

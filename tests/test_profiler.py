@@ -135,3 +135,42 @@ def test_empty_dataset_and_unknown_task(tmp_path):
         load_texts(str(empty))
     with pytest.raises(PartinferError, match="unknown task 'no_such_task_xyz'"):
         load_texts("no_such_task_xyz")
+
+
+def test_profiled_files_rank_by_contribution_and_keep_it_through_save_and_merge(tiny_llama_dir, tmp_path):
+    """mean |a_i| · ‖down_i‖: the down norms are the model's, stored with the file, kept by a merge."""
+    from partinfer.common.neuron_file import merge
+    from partinfer.profiler.profile import with_down_norms
+    from partinfer.runtime.checkpoint import CheckpointReader
+
+    cfg = ModelConfig.from_dir(tiny_llama_dir)
+    plain = make_file(cfg)
+    ranked = with_down_norms(plain, tiny_llama_dir)
+    with CheckpointReader(tiny_llama_dir) as reader:
+        down = [reader.get(f"model.layers.{i}.mlp.down_proj.weight").float() for i in range(cfg.n_layers)]
+    back = NeuronFile.load(ranked.save(tmp_path / "c.safetensors"), cfg.fingerprint)
+    assert plain.rank_by == "mean_abs" and back.rank_by == "contribution"
+    for i in range(cfg.n_layers):
+        expected = torch.argsort(plain.mean_abs(i) * down[i].norm(dim=0), descending=True, stable=True)
+        assert torch.equal(back.rank(i).long(), expected)
+        assert not torch.equal(back.rank(i), plain.rank(i))  # random weights: the norms reorder the neurons
+    merged = merge([back, with_down_norms(make_file(cfg, seed=1), tiny_llama_dir)])
+    assert merged.rank_by == "contribution"
+    assert merge([back, make_file(cfg, seed=1)]).rank_by == "mean_abs"  # one file without norms: no norms
+
+
+def test_the_contribution_command_writes_a_ranked_copy(tiny_llama_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from partinfer.cli.app import app
+
+    cfg = ModelConfig.from_dir(tiny_llama_dir)
+    source = make_file(cfg).save(tmp_path / "plain.safetensors")
+    before = source.read_bytes()
+    done = CliRunner().invoke(app, ["neurons", "contribution", str(source), "-m", str(tiny_llama_dir),
+                                    "-o", str(tmp_path / "ranked.safetensors")])
+    assert done.exit_code == 0, done.output
+    assert NeuronFile.load(tmp_path / "ranked.safetensors").rank_by == "contribution" and source.read_bytes() == before
+    again = CliRunner().invoke(app, ["neurons", "contribution", str(source), "-m", str(tiny_llama_dir),
+                                     "-o", str(source)])
+    assert again.exit_code == 2 and source.read_bytes() == before  # never over a file it did not make
