@@ -24,6 +24,7 @@ def profile(
     token_sparsity: Annotated[float, typer.Option("--token-sparsity", help="Fraction of a token's neurons that are its core neurons.")] = 0.2,
     core_score: Annotated[str, typer.Option("--core-score", help="abs (signed activations) or positive (CoreInfer).")] = "abs",
     split: Annotated[str, typer.Option("--split", help="Built-in tasks: profile (first half), eval (second half) or all.")] = "profile",
+    rank_by: Annotated[str, typer.Option("--rank-by", help="contribution (mean |a| · ‖down‖, the down norms stored in the file) or mean_abs (PartInfer's mean |a|).")] = "contribution",
     column: Annotated[Optional[str], typer.Option("--column", help="Text column of a file or hub data set.")] = None,
     config: Annotated[Optional[str], typer.Option("--config", help="Hub data set configuration.")] = None,
     hub_split: Annotated[str, typer.Option("--hub-split", help="Hub data set split.")] = "train",
@@ -42,7 +43,8 @@ def profile(
     from partinfer.runtime.engine import load_engine
     from partinfer.runtime.prepare import resolve_model
 
-    cfg = ProfileConfig(num_samples, gen_tokens, batch_size, max_prompt_tokens, token_sparsity, core_score, split)
+    cfg = ProfileConfig(num_samples, gen_tokens, batch_size, max_prompt_tokens, token_sparsity, core_score, split,
+                        rank_by=rank_by)
     model_dir = resolve_model(model)
     check_output_dir(out, "profile", profile_inputs(model_dir, dataset))  # before loading anything
     with process_group(device) as ranks:  # several processes under torchrun, else one

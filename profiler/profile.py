@@ -27,6 +27,9 @@ from partinfer.common.output_dir import check_output_dir, replace_output_dir
 from partinfer.runtime.selection import CORE_SCORES
 
 
+RANK_BY = ("contribution", "mean_abs")
+
+
 @dataclass(frozen=True)
 class ProfileConfig:
     num_samples: int = 64
@@ -37,8 +40,11 @@ class ProfileConfig:
     core_score: str = "abs"
     split: str = "profile"
     chat_template: bool = False
+    rank_by: str = "contribution"  # or "mean_abs" (PartInfer's): see common/neuron_file.py
 
     def __post_init__(self) -> None:
+        if self.rank_by not in RANK_BY:
+            raise PartinferError(f"--rank-by must be one of {', '.join(RANK_BY)}, got {self.rank_by!r}")
         if self.num_samples < 1 or self.batch_size < 1 or self.max_prompt_tokens < 1:
             raise PartinferError("--num-samples, --batch-size and --max-prompt-tokens must be >= 1")
         if self.gen_tokens < 0:
@@ -105,7 +111,8 @@ def to_neuron_file(stats: ActivationStats, model: Transformer, model_name: str, 
         sum_abs=stats.sum_abs, core_count=stats.core_count, tokens=stats.tokens, model=model_name,
         fingerprint=model.cfg.fingerprint, level=level, datasets=(name,), sequences=sequences,
         gen_tokens=cfg.gen_tokens, token_sparsity=cfg.token_sparsity, core_score=cfg.core_score,
-        dtype=str(model.dtype).removeprefix("torch."), down_norm=down_norms([block.mlp.down for block in model.layers]),
+        dtype=str(model.dtype).removeprefix("torch."),
+        down_norm=down_norms([block.mlp.down for block in model.layers]) if cfg.rank_by == "contribution" else None,
     )
 
 
