@@ -168,7 +168,7 @@ def run_llama_cpp_humaneval(model_dir: Path, gguf: Path, limit: int | None) -> d
             "stop_when": "partinfer.evaluation.humaneval:answer_complete", "threads": torch.get_num_threads()}
     result, error = run_child(spec, show_progress=True)
     if error is not None:
-        return {"results": {}, "samples": {}, "error": f"llama.cpp {error}"}
+        return {"results": {}, "samples": {}, "error": error}
     answers = [tokenizer.decode(ids, skip_special_tokens=True) for ids in result["answers"]]
     return humaneval.score(answers, problems)
 

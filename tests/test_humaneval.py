@@ -134,3 +134,18 @@ def test_the_contained_check_agrees_with_the_packages(problems):
         for completion in (problem["canonical_solution"], "    return None\n"):
             theirs = check_correctness(problem, completion, 5.0)["passed"]
             assert run_contained(check_program(problem, completion)).passed == theirs == (completion != "    return None\n")
+
+
+def test_a_peer_that_crashes_is_a_one_line_note_under_the_table():
+    from partinfer.evaluation.accuracy import format_table
+    from partinfer.evaluation.peers import run_child
+
+    result, error = run_child({"kind": "llama.cpp answers", "threads": 1}, module="tests.crash_peer")
+    assert result is None and error.startswith("crashed (SIGSEGV)")
+    report = {"gamma": 0.7, "delta": 0.3, "phi": 0.4, "dtype": "bf16", "limit": 2, "tasks": ["humaneval"],
+              "methods": ["dense", "llama.cpp"],
+              "runs": {"dense": {"results": {"humaneval": {"pass@1": 0.5, "pass@1_stderr": 0.5}}, "samples": {"humaneval": 2}},
+                       "llama.cpp": {"results": {}, "samples": {}, "error": error}}}
+    table = format_table(report)
+    assert "| humaneval | pass@1 | 2 | 0.500 ±0.500 | – |" in table
+    assert table.splitlines()[-1].startswith("llama.cpp: no result: crashed (SIGSEGV)")
