@@ -16,6 +16,7 @@ from pathlib import Path
 
 from partinfer.common.errors import PartinferError, disk_full_cause
 from partinfer.common.files import read_json
+from partinfer.common.integrity import file_sha256
 from partinfer.common.output_dir import IncrementalOutput
 from partinfer.evaluation import humaneval
 from partinfer.evaluation.peers import llama_cpp_gguf
@@ -70,6 +71,11 @@ def _settings(model_dir: Path, method: str, sparsity: SparsityConfig, tasks: lis
     if config.get("budget") == "uniform":
         del config["budget"]
     settings = {"model": str(model_dir), "tasks": tasks, "limit": limit, "dtype": dtype, "sparsity": config}
+    if method != "dense":  # a file edited in place is another setting; dense computes every neuron, whatever their order
+        contents = {name: file_sha256(Path(config[name]))[:16] for name in ("model_neurons", "dataset_neurons", "compensation")
+                    if config.get(name) and Path(config[name]).is_file()}
+        if contents:
+            settings["file_sha256"] = contents
     if include_path is not None:  # only when given: earlier raw results stay reusable
         settings["include_path"] = str(include_path)
     if humaneval.TASK in tasks:  # the answers depend on how the problems are asked

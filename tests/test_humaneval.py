@@ -149,3 +149,17 @@ def test_a_peer_that_crashes_is_a_one_line_note_under_the_table():
     table = format_table(report)
     assert "| humaneval | pass@1 | 2 | 0.500 ±0.500 | – |" in table
     assert table.splitlines()[-1].startswith("llama.cpp: no result: crashed (SIGSEGV)")
+
+
+def test_raw_results_are_not_reused_when_a_neuron_file_changes_in_place(tmp_path):
+    from partinfer.evaluation.accuracy import _settings
+    from partinfer.runtime.sparsity import SparsityConfig
+
+    neurons = tmp_path / "neurons.safetensors"
+    neurons.write_bytes(b"first ranking")
+    sparsity = SparsityConfig(model_neurons=neurons)
+    before = {m: _settings(tmp_path, m, sparsity, ["humaneval"], 2, "bf16") for m in ("dense", "partinfer")}
+    neurons.write_bytes(b"another ranking")  # the same path, other contents
+    after = {m: _settings(tmp_path, m, sparsity, ["humaneval"], 2, "bf16") for m in ("dense", "partinfer")}
+    assert after["partinfer"] != before["partinfer"]
+    assert after["dense"] == before["dense"]  # dense computes every neuron: the ranking cannot change it
