@@ -30,8 +30,9 @@ OFFLINE_TASKS = {  # short name -> lm-eval task name of evaluation/tasks/*.yaml
     "coqa": "partinfer_coqa",
     "xsum": "partinfer_xsum",
     "perplexity": "partinfer_perplexity",
-    "humaneval": "humaneval",  # not lm-eval's: evaluation/humaneval.py, executed in evaluation/sandbox.py
 }
+# Tasks of our own, not lm-eval's: HumanEval (evaluation/humaneval.py, executed in evaluation/sandbox.py).
+OWN_TASKS = (humaneval.TASK,)
 METRICS = {  # lm-eval task -> metrics shown in the table (the first is the headline)
     "partinfer_truthfulqa_mc1": ("acc",),
     "partinfer_truthfulqa_mc2": ("acc",),
@@ -53,9 +54,9 @@ PUBLISHED_RATIOS = {
 
 
 def resolve_tasks(names: list[str]) -> list[str]:
-    """Short offline names -> their lm-eval task names; any other name is an lm-eval task as is."""
+    """Short offline names -> their lm-eval task names; our own tasks and any other name as they are."""
     if not names:
-        raise PartinferError(f"no task given; offline tasks: {', '.join(OFFLINE_TASKS)}")
+        raise PartinferError(f"no task given; offline tasks: {', '.join((*OFFLINE_TASKS, *OWN_TASKS))}")
     return [OFFLINE_TASKS.get(n, n) for n in names]
 
 
@@ -123,7 +124,7 @@ def run_method(model_dir: Path, method: str, sparsity: SparsityConfig, tasks: li
 
     lm = PartinferLM(model=str(model_dir), sparsity=replace(sparsity, method=method), dtype=dtype, device=device,
                      batch_size=batch_size, weights=weights)
-    lm_tasks = [t for t in tasks if t != humaneval.TASK]
+    lm_tasks = [t for t in tasks if t not in OWN_TASKS]
     run = run_lm_eval(lm, lm_tasks, limit, include_path) if lm_tasks else {"results": {}, "samples": {}}
     if humaneval.TASK in tasks:
         code = humaneval.run_humaneval(lambda problems: humaneval.engine_answers(lm.engine, problems), limit)

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from partinfer.common.formats.blocks import weight_scheme
 from partinfer.common.output_dir import IncrementalOutput
+from partinfer.evaluation import humaneval
 from partinfer.evaluation.accuracy import OFFLINE_TASKS, run_method
 from partinfer.evaluation.bench import weight_bytes_per_token
 from partinfer.evaluation.memory import MIB, expected_bytes
@@ -43,7 +44,7 @@ class SecondAxis:
 
 SECOND_AXES = {axis.task: axis for axis in (
     SecondAxis(OFFLINE_TASKS["truthfulqa_mc2"], "acc", "TruthfulQA MC2"),
-    SecondAxis(OFFLINE_TASKS["humaneval"], "pass@1", "HumanEval pass@1"),
+    SecondAxis(humaneval.TASK, humaneval.METRIC, "HumanEval pass@1"),
 )}
 
 
