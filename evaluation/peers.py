@@ -3,8 +3,8 @@ llama.cpp (llama-cpp-python, an optional extra) on the GGUF the model was conver
 
 A peer is outside our control (a llama.cpp build can trap on an instruction the CPU advertises but
 the VM forbids: AMX, seen as SIGILL), so `run_child` starts `python -m <module>`, writes the spec to
-its stdin and reads one JSON line back; a child that dies by a signal, exits non-zero or runs past its time becomes an
-outcome with a one-line `error`, and the bench prints the rest of its table.
+its stdin and reads one JSON line back; a child that dies by a signal, exits non-zero or runs past
+its time becomes an outcome with a one-line `error`, and the bench prints the rest of its table.
 """
 
 from __future__ import annotations
