@@ -175,7 +175,12 @@ def plot_pareto(report: dict, out: Path) -> Path:
 
 
 def plot_quality(ax, points: list[dict], x: str, quality: str) -> None:
-    """One panel: a curve per method and weight format, the dense formats as stars, the frontier in grey."""
+    """One panel: a curve per method and weight format, the dense formats as stars, the frontier in grey.
+    Points without a ratio (a dense reference that scored 0) are left out."""
+    points = [p for p in points if p.get(quality) is not None]
+    if not points:
+        ax.text(0.5, 0.5, "no ratio: the dense reference scored 0", ha="center", transform=ax.transAxes)
+        return
     for weights, marker in zip(sorted({p["weights"] for p in points}), "osD^"):
         for method in sorted({p["method"] for p in points if p["method"] != "dense"}):
             curve = sorted((p for p in points if p["weights"] == weights and p["method"] == method), key=lambda p: p[x])

@@ -163,3 +163,19 @@ def test_raw_results_are_not_reused_when_a_neuron_file_changes_in_place(tmp_path
     after = {m: _settings(tmp_path, m, sparsity, ["humaneval"], 2, "bf16") for m in ("dense", "partinfer")}
     assert after["partinfer"] != before["partinfer"]
     assert after["dense"] == before["dense"]  # dense computes every neuron: the ranking cannot change it
+
+
+def test_pareto_takes_humaneval_as_its_second_axis(tiny_with_tokenizer, tmp_path, monkeypatch):
+    from partinfer.evaluation.pareto import run_pareto
+    from partinfer.runtime.sparsity import SparsityConfig
+
+    text = tmp_path / "text.txt"
+    text.write_text("\n".join(f"def f{i}(x): return x * {i} + {i * 7} if x > {i} else x - {i} ; " * 3 for i in range(4)))
+    sparsity = SparsityConfig(model_neurons=tiny_with_tokenizer / "neurons.safetensors", start_num=0, end_num=3)
+    report = run_pareto(tiny_with_tokenizer / "model", ("load-only",), (0.5,), ("bf16",), sparsity, tmp_path / "out",
+                        str(text), num_samples=2, prompt_tokens=8, cont_tokens=8, dtype="fp32", task="humaneval",
+                        task_limit=1)
+    assert report["task_label"] == "HumanEval pass@1" and report["task_questions"] == 1
+    assert all(p["score"] == 0.0 for p in report["points"])  # random weights write no working code
+    assert "HumanEval pass@1 on 1 questions" in (tmp_path / "out" / "pareto.md").read_text()
+    assert (tmp_path / "out" / "pareto.png").read_bytes()[:4] == b"\x89PNG"
