@@ -141,12 +141,14 @@ def pareto(
     """Quality (perplexity ÷ dense bf16, and MC2 with --mc2 or HumanEval pass@1 with --humaneval) against memory and bytes per token over a grid of methods, γ and
     weight formats: the chart to pick an operating point from."""
     from partinfer.common.errors import PartinferError
+    from partinfer.evaluation import humaneval as code_task
+    from partinfer.evaluation.accuracy import OFFLINE_TASKS
     from partinfer.evaluation.pareto import format_pareto, run_pareto
     from partinfer.runtime.prepare import resolve_model
 
     if mc2 and humaneval:
         raise PartinferError("--mc2 and --humaneval are both a second quality axis; give one of them")
-    task, task_limit = ("partinfer_truthfulqa_mc2", mc2) if mc2 else ("humaneval", humaneval)
+    task, task_limit = (OFFLINE_TASKS["truthfulqa_mc2"], mc2) if mc2 else (code_task.TASK, humaneval)
     report = run_pareto(resolve_model(model), tuple(m for m in split_list(methods) if m != "dense"),
                         tuple(gamma or (0.5, 0.6, 0.7, 0.8, 0.9)), split_list(weights), sparsity, out, dataset,
                         num_samples, dtype=dtype, device=device, task=task, task_limit=task_limit)

@@ -31,10 +31,10 @@ def models() -> None:
     """List the named models: what `--model NAME` fetches, whether it is prepared, and the sparsity
     defaults its entry chooses (options given on the command line win)."""
     from partinfer.common.model_registry import NAMED_MODELS
-    from partinfer.runtime.prepare import named_model_dir
+    from partinfer.runtime.prepare import is_prepared
 
     for named in NAMED_MODELS.values():
-        prepared = "prepared" if (named_model_dir(named) / "config.json").is_file() else \
+        prepared = "prepared" if is_prepared(named) else \
             f"not prepared: `partinfer prepare {named.name}`"
         chosen = ", ".join(f"{k} {v}" for k, v in named.defaults.items()) or "the runtime's"
         typer.echo(f"{named.name}: {named.title}, {named.gguf_file} ({named.size / 1e9:.2f} GB); {prepared}; "

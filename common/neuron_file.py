@@ -189,7 +189,7 @@ class NeuronFile:
             raise ValueError(f"level {meta['level']!r} is neither model nor dataset")
         sensitivity = LayerSensitivity.from_json(meta["sensitivity"], n_layers) if "sensitivity" in meta else None
         down_norm = None
-        if f"layers.0.down_norm" in tensors:
+        if "layers.0.down_norm" in tensors:
             down_norm = tuple(tensors[f"layers.{i}.down_norm"] for i in range(n_layers))
             for i, t in enumerate(down_norm):
                 if t.dtype != torch.float32 or tuple(t.shape) != (n,) or not bool(torch.isfinite(t).all()) \

@@ -16,7 +16,6 @@ selection reorders the loaded neurons in place).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -193,7 +192,8 @@ def run_memory(model_dir: Path, sparsity: SparsityConfig, gammas=DEFAULT_GAMMAS,
     """Measure dense, each method at each γ (the rest of `sparsity` as given), and the transformers peer;
     one fresh process each, all on the weight scheme `weights` (None: bf16), generating `new_tokens`
     after a `prompt_tokens` prompt. Every configuration is validated here, before the first worker starts."""
-    from partinfer.runtime.pack import cached_pack, gguf_source
+    from partinfer.evaluation.peers import llama_cpp_gguf
+    from partinfer.runtime.pack import cached_pack
 
     weights = weights or "bf16"
     compact = weights != "bf16"
@@ -211,8 +211,8 @@ def run_memory(model_dir: Path, sparsity: SparsityConfig, gammas=DEFAULT_GAMMAS,
             specs.append(MemorySpec(f"{method} γ={g}", str(source), method, config.to_dict(), dtype, device, **lengths))
     if peers:
         specs.append(MemorySpec("transformers", str(model_dir), "transformers", dtype=dtype, device=device, **lengths))
-        gguf = gguf_source(model_dir)  # the GGUF `partinfer prepare` converted it from, when it is still there
-        if gguf is not None and importlib.util.find_spec("llama_cpp") is not None and device.startswith("cpu"):
+        gguf = llama_cpp_gguf(model_dir)  # the GGUF `partinfer prepare` converted it from, when it is still there
+        if gguf is not None and device.startswith("cpu"):
             specs.append(MemorySpec(f"llama.cpp ({gguf.name})", str(gguf), "llama.cpp", device=device, **lengths))
     rows = []
     for spec in specs:

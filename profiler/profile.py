@@ -122,10 +122,11 @@ def with_down_norms(neurons: NeuronFile, model_dir: Path) -> NeuronFile:
     so they are dropped."""
     from dataclasses import replace
 
+    from partinfer.common.formats.pack_format import matrix_name
     from partinfer.runtime.checkpoint import CheckpointReader
 
     with CheckpointReader(model_dir) as reader:
-        names = [f"model.layers.{i}.mlp.down_proj.weight" for i in range(neurons.n_layers)]
+        names = [matrix_name(i, "down_proj") for i in range(neurons.n_layers)]
         missing = [n for n in names if n not in reader]
         if missing:
             raise PartinferError(f"{model_dir} holds no plain {missing[0]}; pass the original checkpoint, not a packed copy")

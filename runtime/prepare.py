@@ -124,12 +124,17 @@ def assemble_gguf(model: NamedModel, chunk: int = 8 << 20) -> Path:
     return out
 
 
+def is_prepared(model: NamedModel) -> bool:
+    """The registry model's converted directory is complete (a checkpoint and the conversion's manifest)."""
+    out = named_model_dir(model)
+    return (out / "config.json").is_file() and read_manifest(out, "prepare") is not None
+
+
 def prepare_named_model(model: NamedModel, force: bool = False) -> Path:
     """A registry model as a Hugging Face directory in the cache, assembled and converted once."""
-    out = named_model_dir(model)
-    if (out / "config.json").is_file() and read_manifest(out, "prepare") is not None and not force:
-        return out
-    return convert_gguf(assemble_gguf(model), out)
+    if is_prepared(model) and not force:
+        return named_model_dir(model)
+    return convert_gguf(assemble_gguf(model), named_model_dir(model))
 
 
 def resolve_model(model: str | None) -> Path:
