@@ -226,7 +226,8 @@ def down_columns(codes: torch.Tensor, table: torch.Tensor, blocks: torch.Tensor,
 
 
 def compact_kernel_path() -> str:
-    """Which compact-row kernels this process uses: "avx512-vnni", or "avx2" (also with PARTINFER_VNNI=0)."""
+    """Which compact-weight kernels (Q4_1/Q8_0 rows and columns, Q4_K/Q6_K products) this process uses:
+    "avx512-vnni", or "avx2" (also with PARTINFER_VNNI=0)."""
     return torch.ops.partinfer_cpu.compact_kernel_path()
 
 

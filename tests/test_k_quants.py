@@ -4,6 +4,9 @@ Q4_K_M file does: `--weights q4` keeps every block bit for bit, and every method
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +21,7 @@ from partinfer.runtime.generate import generate
 from partinfer.runtime.kernels import K_PRODUCT_MAX_TOKENS
 from partinfer.runtime.loader import load_model
 from partinfer.runtime.model import KVCache, prefill
-from partinfer.runtime.native import cpu_kernels
+from partinfer.runtime.native import cpu_flags, cpu_kernels
 from partinfer.runtime.pack import pack_checkpoint
 from partinfer.runtime.quant import columns_from_rows, quantize_column_activations
 from partinfer.runtime.sparsity import METHODS, SparsityConfig
@@ -257,12 +260,30 @@ def test_k_quant_down_columns_sum_equals_the_fp64_sum(name):
     codes, table = columns_from_rows(down_rows, fmt)
     columns = fmt.dequantize(down_rows, n).t().double()  # [n, d]
     for ids in (torch.arange(n), torch.tensor([700, 3, 256, 255, 4, 511, 300, 301, 17]), torch.randperm(n)[:333]):
-        a = torch.randn(2, ids.numel())
+        a = torch.randn(5, ids.numel())  # five tokens: four summed together, then one
         got = down_k(codes[ids].contiguous(), table, ids, a, fmt.dequant_kernel)
         want = quantize_column_activations(a, ids, fmt).double() @ columns[ids]  # 8 bits per sub-block group
         assert torch.allclose(got.double(), want, rtol=1e-4, atol=1e-4 * want.abs().max().item()), ids[:5]
         in_place = down_k(codes, table, ids, a, fmt.dequant_kernel, ids)  # rows read in place: the same sums
         assert torch.allclose(in_place, got, rtol=1e-5, atol=1e-5 * got.abs().max().item())
+
+
+@pytest.mark.skipif(not cpu_kernels(), reason="no compiled kernels on this CPU")
+@pytest.mark.parametrize("path", ["avx2", "avx512-vnni"])
+def test_k_quant_products_on_each_isa_path(path):
+    """The row and column products above, in a process that runs the AVX2 kernels (PARTINFER_VNNI=0) or
+    the AVX-512 VNNI ones (where the CPU has them): the kernels are chosen once per process."""
+    if path == "avx512-vnni" and not {"avx512_vnni", "avx512vl", "avx512bw"} <= cpu_flags():
+        pytest.skip("this CPU has no AVX-512 VNNI")
+    tests = [f"{__file__}::{name}" for name in ("test_k_quant_row_products_equal_dequantize_then_fp64_matmul",
+                                                 "test_k_quant_down_columns_sum_equals_the_fp64_sum")]
+    child = ("import sys, pytest; from partinfer.runtime.native import compact_kernel_path, cpu_kernels; cpu_kernels(); "
+             f"print('path', compact_kernel_path()); sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', *{tests!r}]))")
+    done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PARTINFER_VNNI": "1" if path == "avx512-vnni" else "0"},
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert f"path {path}" in done.stdout and "4 passed" in done.stdout
 
 
 @pytest.mark.skipif(not cpu_kernels(), reason="no compiled kernels on this CPU")

@@ -132,11 +132,16 @@ struct CompactKernels {
   void (*axpy_columns)(const ColumnMatrix&, const float*, const int64_t*, const float*, float*, int64_t, int64_t);
 };
 
+// Whether this process runs the AVX-512 VNNI kernels: the CPU has them and PARTINFER_VNNI is not 0.
+bool vnni_allowed() {
+  const char* env = std::getenv("PARTINFER_VNNI");
+  return !(env && std::string(env) == "0") && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl") &&
+         __builtin_cpu_supports("avx512bw");
+}
+
 const CompactKernels& compact_kernels() {
   static const CompactKernels chosen = [] {
-    const char* env = std::getenv("PARTINFER_VNNI");
-    const bool allowed = !(env && std::string(env) == "0");
-    if (allowed && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl"))
+    if (vnni_allowed())
       return CompactKernels{"avx512-vnni", vnni::gemv_rows, vnni::axpy_columns};
     return CompactKernels{"avx2", avx2::gemv_rows, avx2::axpy_columns};
   }();

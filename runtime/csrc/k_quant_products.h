@@ -26,9 +26,11 @@ struct Q8KInput {
   std::vector<int8_t> q;
   std::vector<float> d;
   std::vector<int16_t> sums16;  // |sum| <= 16 * 127
+  std::vector<int8_t> q_pairs;  // q with each block's sub-blocks of 32 in the order 0 2 1 3 4 6 5 7 (k_quant_vnni.h)
   void quantize(const float* x, int64_t n) {
     const int64_t nb = n / QK_K;
     q.resize(n);
+    q_pairs.resize(n);
     d.resize(nb);
     sums16.resize(16 * nb);
     for (int64_t b = 0; b < nb; ++b) {
@@ -46,6 +48,8 @@ struct Q8KInput {
         }
         sums16[16 * b + g] = static_cast<int16_t>(sum);
       }
+      static constexpr int pair_order[8] = {0, 2, 1, 3, 4, 6, 5, 7};
+      for (int i = 0; i < 8; ++i) std::memcpy(&q_pairs[QK_K * b + 32 * i], &q[QK_K * b + 32 * pair_order[i]], 32);
     }
   }
 };
@@ -156,63 +160,18 @@ inline void dots_q6_k(const uint8_t* w, int64_t nb, const Q8KInput* const* in, f
   for (int t = 0; t < NT; ++t) out[t] = hsum(acc[t]) - bias[t];
 }
 
-inline float dot_q4_k(const uint8_t* w, int64_t nb, const Q8KInput& in) {
-  const Q8KInput* one[1] = {&in};
-  float y;
-  dots_q4_k<1>(w, nb, one, &y);
-  return y;
-}
-
-inline float dot_q6_k(const uint8_t* w, int64_t nb, const Q8KInput& in) {
-  const Q8KInput* one[1] = {&in};
-  float y;
-  dots_q6_k<1>(w, nb, one, &y);
-  return y;
-}
-
-// out[t] = row . in[t] for t < T, four tokens per pass over the row.
-inline void row_dots(bool q4_k, const uint8_t* row, int64_t nb, const std::vector<Q8KInput>& in, int64_t T, float* out,
-                     int64_t stride) {
+// out[t * stride] = row . in[t] for t < T, four tokens per pass over the row.
+void row_dots(bool q4_k, const uint8_t* row, int64_t nb, const Q8KInput* const* in, int64_t T, float* out, int64_t stride) {
   int64_t t = 0;
   float y[4];
   for (; t + 4 <= T; t += 4) {
-    const Q8KInput* four[4] = {&in[t], &in[t + 1], &in[t + 2], &in[t + 3]};
-    q4_k ? dots_q4_k<4>(row, nb, four, y) : dots_q6_k<4>(row, nb, four, y);
+    q4_k ? dots_q4_k<4>(row, nb, in + t, y) : dots_q6_k<4>(row, nb, in + t, y);
     for (int i = 0; i < 4; ++i) out[(t + i) * stride] = y[i];
   }
-  for (; t < T; ++t) out[t * stride] = q4_k ? dot_q4_k(row, nb, in[t]) : dot_q6_k(row, nb, in[t]);
-}
-
-at::Tensor gemv_k(const at::Tensor& W, const at::Tensor& x, const std::string& kernel,
-                  const std::optional<at::Tensor>& rows) {
-  TORCH_CHECK(kernel == "q4_k" || kernel == "q6_k", "no K-quant product for ", kernel);
-  const bool q4_k = kernel == "q4_k";
-  const int64_t block_bytes = q4_k ? Q4_K_BYTES : Q6_K_BYTES;
-  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() == 2, "x: contiguous fp32 [T, cols]");
-  const int64_t T = x.size(0), cols = x.size(1), nb = cols / QK_K;
-  TORCH_CHECK(W.scalar_type() == at::kByte && W.is_contiguous() && W.dim() == 2 && cols % QK_K == 0 &&
-              W.size(1) == nb * block_bytes, "W: contiguous uint8 [N, ", nb * block_bytes, "] for ", cols, " inputs");
-  const int64_t* rp = nullptr;
-  int64_t R = W.size(0);
-  if (rows.has_value()) {
-    TORCH_CHECK(rows->scalar_type() == at::kLong && rows->is_contiguous() && rows->dim() == 1, "rows: int64 [R]");
-    rp = rows->data_ptr<int64_t>();
-    R = rows->numel();
-    for (int64_t r = 0; r < R; ++r) TORCH_CHECK(rp[r] >= 0 && rp[r] < W.size(0), "row ", rp[r], " out of range");
+  for (; t < T; ++t) {
+    q4_k ? dots_q4_k<1>(row, nb, in + t, y) : dots_q6_k<1>(row, nb, in + t, y);
+    out[t * stride] = y[0];
   }
-  std::vector<Q8KInput> inputs(T);
-  for (int64_t t = 0; t < T; ++t) inputs[t].quantize(x.data_ptr<float>() + t * cols, cols);
-  at::Tensor y = at::empty({T, R}, x.options());
-  float* yp = y.data_ptr<float>();
-  const uint8_t* w = W.data_ptr<uint8_t>();
-  at::parallel_for(0, R, 16, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      if (r + 1 < r1) prefetch_row(w + (rp ? rp[r + 1] : r + 1) * W.size(1), W.size(1));
-      const uint8_t* row = w + (rp ? rp[r] : r) * W.size(1);
-      row_dots(q4_k, row, nb, inputs, T, yp + r, R);
-    }
-  });
-  return y;
 }
 
 // Eight outputs' head byte k of one block's heads in the down table ([head_bytes / 2, d] 2-byte units of
@@ -360,6 +319,34 @@ void axpy_columns_k(const KColumns& W, const float* a, const int64_t* rows, cons
   }
 }
 
+// The AVX2 column sums for T tokens: out + t * out_stride += those of a + t * a_stride (units + t * n_keys).
+void axpy_columns_tokens(const KColumns& W, const float* a, int64_t T, int64_t a_stride, const int64_t* rows,
+                         const float* units, float* out, int64_t out_stride, int64_t r0, int64_t r1) {
+  for (int64_t t = 0; t < T; ++t)
+    axpy_columns_k(W, a + t * a_stride, rows, units + t * W.n_keys, out + t * out_stride, r0, r1);
+}
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni")
+#include "k_quant_vnni.h"
+#pragma GCC pop_options
+
+// The K-quant products of this CPU, chosen once by the rule of compact_kernels (PARTINFER_VNNI=0: AVX2).
+struct KQuantKernels {
+  const char* name;
+  void (*row_dots)(bool, const uint8_t*, int64_t, const Q8KInput* const*, int64_t, float*, int64_t);
+  void (*axpy_columns)(const KColumns&, const float*, int64_t, int64_t, const int64_t*, const float*, float*, int64_t,
+                       int64_t, int64_t);
+};
+
+const KQuantKernels& k_quant_kernels() {
+  static const KQuantKernels chosen = [] {
+    if (vnni_allowed()) return KQuantKernels{"avx512-vnni", vnni512::row_dots, vnni512::axpy_columns};
+    return KQuantKernels{"avx2", row_dots, axpy_columns_tokens};
+  }();
+  return chosen;
+}
+
 // codes [k, d / 256 * (128 | 192)] uint8, table [nb, 8 | 9, d] fp16 (Q4_K | Q6_K), keys [k] int64 sub-block
 // indices in [0, nb * 256 / group): checked once.
 KColumns k_columns_of(const at::Tensor& codes, const at::Tensor& table, const at::Tensor& keys, const char* name) {
@@ -382,6 +369,40 @@ KColumns k_columns_of(const at::Tensor& codes, const at::Tensor& table, const at
   W.codes = codes.data_ptr<uint8_t>();
   W.table = reinterpret_cast<const uint16_t*>(table.data_ptr<at::Half>());
   return W;
+}
+
+at::Tensor gemv_k(const at::Tensor& W, const at::Tensor& x, const std::string& kernel,
+                  const std::optional<at::Tensor>& rows) {
+  TORCH_CHECK(kernel == "q4_k" || kernel == "q6_k", "no K-quant product for ", kernel);
+  const bool q4_k = kernel == "q4_k";
+  const int64_t block_bytes = q4_k ? Q4_K_BYTES : Q6_K_BYTES;
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() == 2, "x: contiguous fp32 [T, cols]");
+  const int64_t T = x.size(0), cols = x.size(1), nb = cols / QK_K;
+  TORCH_CHECK(W.scalar_type() == at::kByte && W.is_contiguous() && W.dim() == 2 && cols % QK_K == 0 &&
+              W.size(1) == nb * block_bytes, "W: contiguous uint8 [N, ", nb * block_bytes, "] for ", cols, " inputs");
+  const int64_t* rp = nullptr;
+  int64_t R = W.size(0);
+  if (rows.has_value()) {
+    TORCH_CHECK(rows->scalar_type() == at::kLong && rows->is_contiguous() && rows->dim() == 1, "rows: int64 [R]");
+    rp = rows->data_ptr<int64_t>();
+    R = rows->numel();
+    for (int64_t r = 0; r < R; ++r) TORCH_CHECK(rp[r] >= 0 && rp[r] < W.size(0), "row ", rp[r], " out of range");
+  }
+  std::vector<Q8KInput> inputs(T);
+  std::vector<const Q8KInput*> in(T);
+  for (int64_t t = 0; t < T; ++t) inputs[t].quantize(x.data_ptr<float>() + t * cols, cols), in[t] = &inputs[t];
+  const KQuantKernels& kernels = k_quant_kernels();
+  at::Tensor y = at::empty({T, R}, x.options());
+  float* yp = y.data_ptr<float>();
+  const uint8_t* w = W.data_ptr<uint8_t>();
+  at::parallel_for(0, R, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      if (r + 1 < r1) prefetch_row(w + (rp ? rp[r + 1] : r + 1) * W.size(1), W.size(1));
+      const uint8_t* row = w + (rp ? rp[r] : r) * W.size(1);
+      kernels.row_dots(q4_k, row, nb, in.data(), T, yp + r, R);
+    }
+  });
+  return y;
 }
 
 at::Tensor down_k(const at::Tensor& codes, const at::Tensor& table, const at::Tensor& ids, const at::Tensor& a,
@@ -407,16 +428,20 @@ at::Tensor down_k(const at::Tensor& codes, const at::Tensor& table, const at::Te
   const KColumns W = k_columns_of(codes, table, keys, "down");
   TORCH_CHECK(a.scalar_type() == at::kFloat && a.is_contiguous() && a.dim() == 2 && a.size(1) == j, "a: contiguous fp32 [T, j]");
   const int64_t T = a.size(0), d = W.d;
-  std::vector<std::vector<float>> units(T);
-  for (int64_t t = 0; t < T; ++t) group_units(W.keys, W.n_keys, a.data_ptr<float>() + t * j, rp, j, units[t]);
+  std::vector<float> units(T * W.n_keys);  // [T, n_keys]
+  std::vector<float> one;
+  for (int64_t t = 0; t < T; ++t) {
+    group_units(W.keys, W.n_keys, a.data_ptr<float>() + t * j, rp, j, one);
+    std::copy(one.begin(), one.end(), units.begin() + t * W.n_keys);
+  }
   // The threads split the neurons (each reads whole neurons' codes, one stream) into partial outputs.
   const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), j));
   std::vector<float> partial(static_cast<size_t>(parts) * T * d, 0.0f);
+  const KQuantKernels& kernels = k_quant_kernels();
   at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p)
-      for (int64_t t = 0; t < T; ++t)
-        axpy_columns_k(W, a.data_ptr<float>() + t * j, rp, units[t].data(), partial.data() + (p * T + t) * d, p * j / parts,
-                       (p + 1) * j / parts);
+      kernels.axpy_columns(W, a.data_ptr<float>(), T, j, rp, units.data(), partial.data() + p * T * d, d, p * j / parts,
+                           (p + 1) * j / parts);
   });
   at::Tensor y = at::zeros({T, d}, a.options());
   float* yp = y.data_ptr<float>();

@@ -93,10 +93,12 @@ void matrix_gemv(const Matrix& W, const GemvInput& in, const int64_t* rows, floa
     gemv_rows(W.bf16, W.cols, in.x.data(), in.even.data(), in.odd.data(), rows, y, r0, r1);
   } else if (W.k_rows) {
     const int64_t nb = W.cols / QK_K;
+    const kq::Q8KInput* input = &in.quant_k;
+    const auto k_row_dots = kq::k_quant_kernels().row_dots;
     for (int64_t r = r0; r < r1; ++r) {
       if (r + 1 < r1) prefetch_row(W.k_rows + (rows ? rows[r + 1] : r + 1) * W.k_row_bytes, W.k_row_bytes);
       const uint8_t* row = W.k_rows + (rows ? rows[r] : r) * W.k_row_bytes;
-      y[r] = W.k_q4 ? kq::dot_q4_k(row, nb, in.quant_k) : kq::dot_q6_k(row, nb, in.quant_k);
+      k_row_dots(W.k_q4, row, nb, &input, 1, y + r, 1);
     }
   } else {
     compact_kernels().gemv_rows(W.compact, in.quant, rows, y, r0, r1);
@@ -121,7 +123,7 @@ void matrix_axpy(const Matrix& W, const float* a, const int64_t* rows, const std
   if (W.bf16)
     axpy_rows(W.bf16, W.cols, a, rows, partial, partial + K16 / 2, partial + K16, r0, r1);
   else if (W.k_columns.codes)
-    kq::axpy_columns_k(W.k_columns, a, rows, units.data(), partial, r0, r1);
+    kq::k_quant_kernels().axpy_columns(W.k_columns, a, 1, 0, rows, units.data(), partial, 0, r0, r1);
   else
     compact_kernels().axpy_columns(W.columns, a, rows, units.data(), partial, r0, r1);
 }

@@ -23,7 +23,7 @@
 // matrix is, by `gemv` and by `model_decode` (kernels in compact_rows.h, an AVX2 and an AVX-512
 // VNNI build chosen once per process: `compact_kernel_path()`); `dequantize` expands them for prefill.
 // K-quant rows (Q4_K, Q6_K) have their own products (k_quant_products.h: `gemv_k`, `down_k`, and inside
-// `model_decode`) and de-quantizers (k_quants.h).
+// `model_decode`; AVX2, or 512-bit VNNI in k_quant_vnni.h, chosen by the same rule) and de-quantizers (k_quants.h).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/custom_class.h>

@@ -1,0 +1,285 @@
+// K-quant products on 512-bit vectors with AVX-512 VNNI, the same sums as k_quant_products.h's AVX2 ones
+// (which the layouts and formulas there describe). Included by k_quant_products.h inside namespace kq,
+// compiled for avx512f/bw/vl/vnni; used only where the CPU has them (`k_quant_kernels`).
+//
+// Rows: a 64-byte load of a Q4_K block's codes holds two sub-blocks in its low nibbles and two in its
+// high ones, and one of a Q6_K block's low code bytes (ql) holds 128 weights whose top two bits sit in
+// one 32-byte load of qh (its high bits, shifted by lane); so a block is four 64-weight products,
+// each `vpmaddubsw` (codes x 8-bit inputs) then `vpdpwssd` (x sub-block scales, accumulated), the
+// scales spread over the lanes by one `vpermw`. The Q4_K input is stored in that sub-block order
+// (Q8KInput::q_pairs), made once per input.
+// Down columns: four neurons' 64 codes interleaved byte by byte (two unpacks), so that `vpdpbusd`
+// multiplies and sums all four per output into int32; up to four tokens share each unpacked code.
+// Measured against the AVX2 kernels: docs/benchmarks.md.
+
+namespace vnni512 {
+
+inline __m512i load64(const void* p) { return _mm512_loadu_si512(p); }
+
+// int16 lanes 0-15 = a, 16-31 = b.
+inline __m512i halves16(int16_t a, int16_t b) {
+  return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set1_epi16(a)), _mm256_set1_epi16(b), 1);
+}
+
+// Q4_K: 64-weight product j covers sub-blocks (a, b) = (0, 2), (1, 3), (4, 6), (5, 7) (the nibbles of
+// code bytes 0-63, then 64-127); its vpermw index puts sub-block a's scale in lanes 0-15, b's in 16-31.
+template <int NT>
+inline void dots_q4_k(const uint8_t* w, int64_t nb, const Q8KInput* const* in, float* out) {
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  const __m512i pick[4] = {halves16(0, 2), halves16(1, 3), halves16(4, 6), halves16(5, 7)};
+  __m512 acc[NT];
+  __m256 mins[NT];  // dmin d_x sum_s m_s (sum of sub-block s's input codes), eight lanes per token
+  for (int t = 0; t < NT; ++t) acc[t] = _mm512_setzero_ps(), mins[t] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b, w += Q4_K_BYTES) {
+    alignas(16) uint8_t sc[8], m[8];
+    q4_k_scales(w + 4, sc, m);
+    const __m512i sc16 = _mm512_castsi128_si512(_mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(sc))));
+    const __m128i m8 = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(m)));
+    const __m256i m16 = _mm256_set_m128i(_mm_unpackhi_epi16(m8, m8), _mm_unpacklo_epi16(m8, m8));  // m_{i/2}, i < 16
+    const __m512i c0 = load64(w + 16), c1 = load64(w + 80);
+    const __m512i codes[4] = {_mm512_and_si512(c0, low4), _mm512_and_si512(_mm512_srli_epi16(c0, 4), low4),
+                              _mm512_and_si512(c1, low4), _mm512_and_si512(_mm512_srli_epi16(c1, 4), low4)};
+    __m512i scale[4];
+    for (int j = 0; j < 4; ++j) scale[j] = _mm512_permutexvar_epi16(pick[j], sc16);
+    const float d = fp16_to_float(w), dmin = fp16_to_float(w + 2);
+    for (int t = 0; t < NT; ++t) {
+      const int8_t* x = in[t]->q_pairs.data() + QK_K * b;
+      __m512i isum = _mm512_setzero_si512();
+      for (int j = 0; j < 4; ++j) isum = _mm512_dpwssd_epi32(isum, _mm512_maddubs_epi16(codes[j], load64(x + 64 * j)), scale[j]);
+      const float dx = in[t]->d[b];
+      acc[t] = _mm512_fmadd_ps(_mm512_set1_ps(d * dx), _mm512_cvtepi32_ps(isum), acc[t]);
+      const __m256i msum = _mm256_madd_epi16(m16, load32(in[t]->sums16.data() + 16 * b));
+      mins[t] = _mm256_fmadd_ps(_mm256_set1_ps(dmin * dx), _mm256_cvtepi32_ps(msum), mins[t]);
+    }
+  }
+  for (int t = 0; t < NT; ++t) out[t] = _mm512_reduce_add_ps(acc[t]) - hsum(mins[t]);
+}
+
+// Q6_K: 64-weight product j covers weights 64j .. 64j + 63 in order: low code byte nibbles (ql) with
+// two high bits from qh moved to bits 4-5; sub-block scales 4j .. 4j + 3 over its 32 int16 lanes.
+template <int NT>
+inline void dots_q6_k(const uint8_t* w, int64_t nb, const Q8KInput* const* in, float* out) {
+  const __m512i low4 = _mm512_set1_epi8(0x0F), bits45 = _mm512_set1_epi8(0x30);
+  const __m512i up = _mm512_inserti64x4(_mm512_set1_epi16(4), _mm256_set1_epi16(2), 1);    // qh bits 0-1 | 2-3 -> 4-5
+  const __m512i down = _mm512_inserti64x4(_mm512_set1_epi16(0), _mm256_set1_epi16(2), 1);  // qh bits 4-5 | 6-7 -> 4-5
+  __m512i pick[4];
+  for (int j = 0; j < 4; ++j)
+    pick[j] = _mm512_inserti64x4(
+        _mm512_castsi256_si512(_mm256_set_m128i(_mm_set1_epi16(static_cast<int16_t>(4 * j + 1)), _mm_set1_epi16(static_cast<int16_t>(4 * j)))),
+        _mm256_set_m128i(_mm_set1_epi16(static_cast<int16_t>(4 * j + 3)), _mm_set1_epi16(static_cast<int16_t>(4 * j + 2))), 1);
+  __m512 acc[NT];
+  __m256 bias[NT];  // 32 d d_x sum_s sc_s (sum of sub-block s's input codes)
+  for (int t = 0; t < NT; ++t) acc[t] = _mm512_setzero_ps(), bias[t] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b, w += Q6_K_BYTES) {
+    const __m256i sc256 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 192)));
+    const __m512i sc16 = _mm512_castsi256_si512(sc256);
+    __m512i codes[4];
+    for (int h = 0; h < 2; ++h) {
+      const __m512i ql = load64(w + 64 * h);
+      const __m512i qh = _mm512_broadcast_i64x4(load32(w + 128 + 32 * h));
+      codes[2 * h] = _mm512_ternarylogic_epi32(_mm512_and_si512(ql, low4), _mm512_sllv_epi16(qh, up), bits45, 0xF8);
+      codes[2 * h + 1] = _mm512_ternarylogic_epi32(_mm512_and_si512(_mm512_srli_epi16(ql, 4), low4),
+                                                   _mm512_srlv_epi16(qh, down), bits45, 0xF8);  // a | (b & c)
+    }
+    __m512i scale[4];
+    for (int j = 0; j < 4; ++j) scale[j] = _mm512_permutexvar_epi16(pick[j], sc16);
+    const float d = fp16_to_float(w + 208);
+    for (int t = 0; t < NT; ++t) {
+      const int8_t* x = in[t]->q.data() + QK_K * b;
+      __m512i isum = _mm512_setzero_si512();
+      for (int j = 0; j < 4; ++j) isum = _mm512_dpwssd_epi32(isum, _mm512_maddubs_epi16(codes[j], load64(x + 64 * j)), scale[j]);
+      const float dd = d * in[t]->d[b];
+      acc[t] = _mm512_fmadd_ps(_mm512_set1_ps(dd), _mm512_cvtepi32_ps(isum), acc[t]);
+      const __m256i ssum = _mm256_madd_epi16(sc256, load32(in[t]->sums16.data() + 16 * b));
+      bias[t] = _mm256_fmadd_ps(_mm256_set1_ps(32.0f * dd), _mm256_cvtepi32_ps(ssum), bias[t]);
+    }
+  }
+  for (int t = 0; t < NT; ++t) out[t] = _mm512_reduce_add_ps(acc[t]) - hsum(bias[t]);
+}
+
+// out[t * stride] = row . in[t] for t < T, four tokens per pass over the row.
+void row_dots(bool q4_k, const uint8_t* row, int64_t nb, const Q8KInput* const* in, int64_t T, float* out, int64_t stride) {
+  int64_t t = 0;
+  float y[4];
+  for (; t + 4 <= T; t += 4) {
+    q4_k ? vnni512::dots_q4_k<4>(row, nb, in + t, y) : vnni512::dots_q6_k<4>(row, nb, in + t, y);
+    for (int i = 0; i < 4; ++i) out[(t + i) * stride] = y[i];
+  }
+  for (; t < T; ++t) {
+    q4_k ? vnni512::dots_q4_k<1>(row, nb, in + t, y) : vnni512::dots_q6_k<1>(row, nb, in + t, y);
+    out[t * stride] = y[0];
+  }
+}
+
+// 64 codes (0..15 | 0..63) of one neuron's code bytes for one 256-output group, part p of four:
+// Q6_K part p = outputs 64p .. 64p + 63 in order; Q4_K part p = 2h + n (n: low or high nibble) =
+// outputs 128h + 32n + (0..31) in lanes 0-31 and 128h + 64 + 32n + (0..31) in lanes 32-63.
+template <bool Q4K>
+inline __m512i column_codes(const uint8_t* codes, int p) {
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  const __m512i bytes = load64(codes + 64 * (p / 2));
+  const __m512i nib = _mm512_and_si512(p % 2 ? _mm512_srli_epi16(bytes, 4) : bytes, low4);
+  if (Q4K) return nib;
+  const __m512i qh = _mm512_broadcast_i64x4(load32(codes + 128 + 32 * (p / 2)));
+  const __m512i high = p % 2 ? _mm512_srlv_epi16(qh, _mm512_inserti64x4(_mm512_set1_epi16(0), _mm256_set1_epi16(2), 1))
+                             : _mm512_sllv_epi16(qh, _mm512_inserti64x4(_mm512_set1_epi16(4), _mm256_set1_epi16(2), 1));
+  return _mm512_ternarylogic_epi32(nib, high, _mm512_set1_epi8(0x30), 0xF8);
+}
+
+// The first output of the 16 in lanes 16m .. 16m + 15 of part p (see column_codes).
+template <bool Q4K>
+inline int64_t part_output(int p, int m) {
+  if (!Q4K) return 64 * p + 16 * m;
+  return 128 * (p / 2) + 32 * (p % 2) + (m < 2 ? 16 * m : 64 + 16 * (m - 2));
+}
+
+// 16 outputs' head byte k of one block's heads in the down table (see head_bytes8) -> 16 int32 lanes, 0..255.
+inline __m512i head_bytes16(const uint16_t* unit, int64_t d, int k, int64_t r) {
+  const __m512i u = _mm512_cvtepu16_epi32(load32(unit + (k / 2) * d + r));
+  return _mm512_and_si512(_mm512_srli_epi32(u, 8 * (k % 2)), _mm512_set1_epi32(0xFF));
+}
+
+inline __m512 fp16_16(const uint16_t* p) { return _mm512_cvtph_ps(load32(p)); }
+
+// The scale and offset of outputs r .. r + 15 for neurons of sub-block s of a block (its heads at `unit`),
+// as k_scale_offset decodes them: w = scale q - offset.
+template <bool Q4K>
+inline void column_scales(const uint16_t* unit, int64_t d, int s, int64_t r, __m512& scale, __m512& offset) {
+  if (Q4K) {
+    __m512i sc, m;
+    const __m512i six = _mm512_set1_epi32(63), four = _mm512_set1_epi32(15);
+    if (s < 4) {
+      sc = _mm512_and_si512(head_bytes16(unit, d, 4 + s, r), six);
+      m = _mm512_and_si512(head_bytes16(unit, d, 8 + s, r), six);
+    } else {
+      const __m512i hi = head_bytes16(unit, d, 8 + s, r);
+      sc = _mm512_or_si512(_mm512_and_si512(hi, four), _mm512_slli_epi32(_mm512_srli_epi32(head_bytes16(unit, d, s, r), 6), 4));
+      m = _mm512_or_si512(_mm512_srli_epi32(hi, 4), _mm512_slli_epi32(_mm512_srli_epi32(head_bytes16(unit, d, 4 + s, r), 6), 4));
+    }
+    scale = _mm512_mul_ps(fp16_16(unit + r), _mm512_cvtepi32_ps(sc));
+    offset = _mm512_mul_ps(fp16_16(unit + d + r), _mm512_cvtepi32_ps(m));
+    return;
+  }
+  const __m512i raw = _mm512_cvtepu16_epi32(load32(unit + (s / 2) * d + r));  // byte s of each head, sign-extended
+  const __m512i sc = _mm512_srai_epi32(_mm512_slli_epi32(raw, 24 - 8 * (s % 2)), 24);
+  scale = _mm512_mul_ps(fp16_16(unit + 8 * d + r), _mm512_cvtepi32_ps(sc));
+  offset = _mm512_mul_ps(scale, _mm512_set1_ps(32.0f));
+}
+
+// The column sums of one group of neurons (those of one sub-block, count <= 32) for part p of output
+// group og, NT tokens: their codes (codes[k] -> neuron k's bytes of that output group) times their
+// 8-bit activations qa[t][k], folded with the group's scales into out[t] (+= scale unit sum - offset a_sum[t]).
+template <bool Q4K, int NT>
+inline void group_part(const uint8_t* const* codes, const int8_t (*qa)[32], int64_t count, int p, const uint16_t* unit,
+                       int64_t d, int s, int64_t o0, const float* units, const float* a_sum, float* const* out) {
+  __m512i acc[NT][4];
+  for (int t = 0; t < NT; ++t)
+    for (int j = 0; j < 4; ++j) acc[t][j] = _mm512_setzero_si512();
+  const __m512i zero = _mm512_setzero_si512();
+  for (int64_t k = 0; k < count; k += 4) {
+    __m512i q[4];
+    for (int i = 0; i < 4; ++i) q[i] = k + i < count ? column_codes<Q4K>(codes[k + i], p) : zero;
+    const __m512i t0 = _mm512_unpacklo_epi8(q[0], q[1]), t1 = _mm512_unpackhi_epi8(q[0], q[1]);
+    const __m512i t2 = _mm512_unpacklo_epi8(q[2], q[3]), t3 = _mm512_unpackhi_epi8(q[2], q[3]);
+    // per 128-bit lane L (outputs 16L .. 16L + 15 of the part): u_j holds outputs 16L + 4j .. + 3, four neurons each
+    const __m512i u[4] = {_mm512_unpacklo_epi16(t0, t2), _mm512_unpackhi_epi16(t0, t2), _mm512_unpacklo_epi16(t1, t3),
+                          _mm512_unpackhi_epi16(t1, t3)};
+    for (int t = 0; t < NT; ++t) {
+      int32_t quad;  // neurons k .. k + 3's activations (zero past count: qa is zero-filled)
+      std::memcpy(&quad, qa[t] + k, sizeof quad);
+      const __m512i act = _mm512_set1_epi32(quad);
+      for (int j = 0; j < 4; ++j) acc[t][j] = _mm512_dpbusd_epi32(acc[t][j], u[j], act);
+    }
+  }
+  for (int t = 0; t < NT; ++t) {
+    // lanes back in output order: V_m = 128-bit lane m of acc[0], acc[1], acc[2], acc[3] = outputs 16m .. 16m + 15
+    const __m512i lo01 = _mm512_shuffle_i32x4(acc[t][0], acc[t][1], 0x44), lo23 = _mm512_shuffle_i32x4(acc[t][2], acc[t][3], 0x44);
+    const __m512i hi01 = _mm512_shuffle_i32x4(acc[t][0], acc[t][1], 0xEE), hi23 = _mm512_shuffle_i32x4(acc[t][2], acc[t][3], 0xEE);
+    acc[t][0] = _mm512_shuffle_i32x4(lo01, lo23, 0x88);
+    acc[t][1] = _mm512_shuffle_i32x4(lo01, lo23, 0xDD);
+    acc[t][2] = _mm512_shuffle_i32x4(hi01, hi23, 0x88);
+    acc[t][3] = _mm512_shuffle_i32x4(hi01, hi23, 0xDD);
+  }
+  for (int m = 0; m < 4; ++m) {
+    const int64_t r = o0 + part_output<Q4K>(p, m);
+    __m512 scale, offset;
+    column_scales<Q4K>(unit, d, s, r, scale, offset);
+    for (int t = 0; t < NT; ++t) {
+      const __m512 sum = _mm512_mul_ps(_mm512_set1_ps(units[t]), _mm512_cvtepi32_ps(acc[t][m]));
+      const __m512 v = _mm512_fmadd_ps(scale, sum, _mm512_loadu_ps(out[t] + r));
+      _mm512_storeu_ps(out[t] + r, _mm512_fnmadd_ps(offset, _mm512_set1_ps(a_sum[t]), v));
+    }
+  }
+}
+
+// The same as kq::axpy_columns_k for NT tokens at once: out[t][d] += sum_{r in [r0, r1)} a[t][r] column(row(r)),
+// a[t] = a + t * a_stride, units[t] = units + t * W.n_keys.
+template <int NT>
+void axpy_columns_nt(const KColumns& W, const float* a, int64_t a_stride, const int64_t* rows, const float* units,
+                     float* const* out, const RowGroups& groups) {
+  const int64_t G = W.n_keys, group = W.group(), halves = W.halves(), d = W.d;
+  const int64_t ob = W.q4_k ? 128 : 192;  // code bytes per 256 outputs
+  const std::vector<int64_t>&start = groups.start, &order = groups.order;
+  const uint8_t* ptr[32];
+  alignas(64) int8_t qa[NT][32];
+  float unit[NT], a_sum[NT];
+  for (int64_t g = 0, next = 0; g < G; ++g) {
+    if (start[g] == start[g + 1]) continue;
+    for (next = std::max(next, g + 1); next < G && start[next] == start[next + 1];) ++next;
+    const int64_t count = start[g + 1] - start[g];
+    for (int t = 0; t < NT; ++t) {
+      unit[t] = units[t * G + g];
+      const float inv = unit[t] != 0.0f ? 1.0f / unit[t] : 0.0f;
+      int32_t qa_sum = 0;
+      std::memset(qa[t], 0, sizeof qa[t]);
+      for (int64_t k = 0; k < count; ++k) {
+        qa[t][k] = static_cast<int8_t>(std::nearbyint(a[t * a_stride + order[start[g] + k]] * inv));  // half to even
+        qa_sum += qa[t][k];
+      }
+      a_sum[t] = unit[t] * static_cast<float>(qa_sum);
+    }
+    const int64_t b = g * group / QK_K;
+    const int s = static_cast<int>((g * group % QK_K) / group);
+    const uint16_t* head = W.table + b * halves * d;
+    // The next group's codes, whole rows, fetched in even shares while this group is summed (one share
+    // per 64-output part): sequential lines of few rows, which the prefetchers and fill buffers keep up with.
+    const int64_t next_count = next < G ? start[next + 1] - start[next] : 0, line_count = W.code_bytes / 64;
+    const int64_t slots = d / QK_K * 4, lines = next_count * line_count;
+    int64_t slot = 0, fetched = 0;
+    for (int64_t og = 0; og < d / QK_K; ++og) {
+      for (int64_t k = 0; k < count; ++k) {
+        const int64_t r = order[start[g] + k];
+        ptr[k] = W.row(rows ? rows[r] : r) + og * ob;
+      }
+      for (int p = 0; p < 4; ++p) {
+        for (const int64_t until = lines * ++slot / slots; fetched < until; ++fetched) {
+          const int64_t r = order[start[next] + fetched / line_count];
+          _mm_prefetch(reinterpret_cast<const char*>(W.row(rows ? rows[r] : r) + 64 * (fetched % line_count)), _MM_HINT_T0);
+        }
+        if (W.q4_k)
+          group_part<true, NT>(ptr, qa, count, p, head, d, s, og * QK_K, unit, a_sum, out);
+        else
+          group_part<false, NT>(ptr, qa, count, p, head, d, s, og * QK_K, unit, a_sum, out);
+      }
+    }
+  }
+}
+
+// out + t * out_stride += the column sums of token t < T (see kq::axpy_columns_tokens), four tokens at a time.
+void axpy_columns(const KColumns& W, const float* a, int64_t T, int64_t a_stride, const int64_t* rows, const float* units,
+                  float* out, int64_t out_stride, int64_t r0, int64_t r1) {
+  thread_local RowGroups groups;
+  groups.sort(W.keys, W.n_keys, rows, r0, r1);
+  for (int64_t t = 0; t < T;) {
+    float* outs[4];
+    const int64_t nt = T - t >= 4 ? 4 : 1;
+    for (int64_t i = 0; i < nt; ++i) outs[i] = out + (t + i) * out_stride;
+    if (nt == 4)
+      axpy_columns_nt<4>(W, a + t * a_stride, a_stride, rows, units + t * W.n_keys, outs, groups);
+    else
+      axpy_columns_nt<1>(W, a + t * a_stride, a_stride, rows, units + t * W.n_keys, outs, groups);
+    t += nt;
+  }
+}
+
+}  // namespace vnni512
