@@ -43,6 +43,16 @@ def loaded_order(base_rank: torch.Tensor, other_rank: torch.Tensor, n_base: int,
     return torch.cat([base, rest[: k - n_base]])
 
 
+def ids_sorted_within(neuron_ids: torch.Tensor, bounds: tuple[int, ...]) -> torch.Tensor:
+    """neuron_ids [k] with each segment between consecutive `bounds` (and the ends) sorted ascending.
+
+    Which neurons are base, computed or only loaded is kept; within a segment, neighbours in id share a
+    K-quant sub-block's scales, and the column kernels read such a group as one run of rows instead of
+    rows scattered in rank order (measured: docs/benchmarks.md)."""
+    edges = [0, *sorted(min(max(b, 0), neuron_ids.numel()) for b in bounds), neuron_ids.numel()]
+    return torch.cat([neuron_ids[a:b].sort().values for a, b in zip(edges, edges[1:])])
+
+
 def sentence_active(core_counts: torch.Tensor, mean_abs: torch.Tensor, n_base: int, n_active: int) -> torch.Tensor:
     """Per sequence, positions (into the loaded set) of the active neurons: base, then the ε most stable.
 

@@ -153,6 +153,9 @@ class SparseFFN(FeedForward):
         keep = torch.ones(self.n_loaded, dtype=torch.bool, device=active.device)
         keep[active] = False
         order = torch.cat([active, keep.nonzero()[:, 0]])
+        chosen = order[self.n_base : self.n_active]  # the sentence's own neurons, in id order (ids_sorted_within)
+        order[self.n_base : self.n_active] = chosen[torch.argsort(self.neuron_ids[chosen.to(self.neuron_ids.device)])
+                                                    .to(chosen.device)]
         if torch.equal(order, torch.arange(self.n_loaded, device=order.device)):
             return
         self._reorder(order)

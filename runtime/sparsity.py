@@ -22,7 +22,7 @@ import torch
 from partinfer.common.errors import PartinferError
 from partinfer.common.neuron_file import NeuronFile
 from partinfer.runtime.config import ModelConfig
-from partinfer.runtime.selection import CORE_SCORES, loaded_order
+from partinfer.runtime.selection import CORE_SCORES, ids_sorted_within, loaded_order
 
 METHODS = ("dense", "load-only", "static", "coreinfer", "partinfer", "tokenwise")
 # How `tokenwise` ranks a token's neurons beyond the base: "gate" = |act(gate_i)|; "scaled" = |act(gate_i)|
@@ -218,7 +218,8 @@ def plan_layers(sparsity: SparsityConfig, cfg: ModelConfig, files: NeuronFiles |
         # computed total as uniform, to within a neuron per layer
         above = round((n_active - n_base) * (k_i - n_base) / (k - n_base)) if k > n_base else 0
         active = k_i if sparsity.method == "load-only" else max(1, min(k_i, n_base + above))
-        plans[i] = LayerPlan(loaded, n_base if sparsity.method in ("partinfer", "tokenwise") else 0, active)
+        plans[i] = LayerPlan(ids_sorted_within(loaded, (n_base, active)),
+                             n_base if sparsity.method in ("partinfer", "tokenwise") else 0, active)
     return plans
 
 
