@@ -14,7 +14,7 @@ from torch import nn
 from partinfer.common.formats.blocks import BlockFormat
 from partinfer.runtime.config import ACTIVATIONS, ModelConfig
 from partinfer.runtime.decode_contract import FfnKind, FfnWeights
-from partinfer.runtime.kernels import k_product_kernel, linear
+from partinfer.runtime.kernels import in_token_chunks, k_product_kernel, linear
 from partinfer.runtime.native import down_k as native_down_k
 from partinfer.runtime.quant import dequantize_columns, down_table_shape, neuron_scale_groups
 
@@ -129,11 +129,11 @@ def column_linear(a: torch.Tensor, codes: torch.Tensor, table: torch.Tensor, neu
     `rows` [j]: the neurons are codes[rows] with ids neuron_ids[rows] (read in place where the compiled
     K-quant sum takes them, gathered otherwise)."""
     d = table.shape[-1]
-    kernel = k_product_kernel(a, codes, fmt)
-    if kernel is not None:  # up to K_PRODUCT_MAX_TOKENS tokens: the compiled column sum, no de-quantized column
-        ids = neuron_ids if rows is None else neuron_ids[rows]
-        y = native_down_k(codes.contiguous(), table, ids.contiguous(), a.reshape(-1, ids.numel()).float().contiguous(),
-                          kernel, rows)
+    kernel = k_product_kernel(codes, fmt)
+    if kernel is not None:  # the compiled column sum, no de-quantized column
+        ids = (neuron_ids if rows is None else neuron_ids[rows]).contiguous()
+        c = codes.contiguous()
+        y = in_token_chunks(a.reshape(-1, ids.numel()).float(), lambda chunk: native_down_k(c, table, ids, chunk, kernel, rows))
         return y.reshape(*a.shape[:-1], d).to(a.dtype)
     if rows is not None:
         codes, neuron_ids = codes[rows], neuron_ids[rows]

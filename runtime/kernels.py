@@ -44,18 +44,25 @@ def cpu_has_bf16_math() -> bool:
 # Compact weights are de-quantized for a many-token call in tiles of at most this many bytes (of the
 # de-quantized values), each tile multiplied as soon as it exists: no transient larger than a tile.
 DEQUANT_TILE_BYTES = 4 << 20
-# Up to this many tokens (decode, batched decode, prompts) K-quant rows are multiplied in place by the
-# compiled integer products (runtime/csrc/k_quant_products.h), each block read once for all tokens;
-# de-quantizing tiles costs more there (measured: docs/design.md §10).
-K_PRODUCT_MAX_TOKENS = 128
+# K-quant rows are multiplied in place by the compiled integer products (runtime/csrc/k_quant_products.h)
+# for any number of tokens, each block read once per eight tokens: faster than de-quantizing tiles
+# into a float GEMM at every prompt length measured (docs/design.md §10). A longer input runs in
+# chunks of this many tokens, so that its 8-bit copy and the column sums' partial outputs stay small.
+K_PRODUCT_TOKENS = 128
 
 
-def k_product_kernel(x: torch.Tensor, weight: torch.Tensor, fmt: BlockFormat) -> str | None:
-    """The compiled K-quant product for x @ weight (fmt) when x holds at most K_PRODUCT_MAX_TOKENS tokens, else None."""
-    tokens = x.numel() // x.shape[-1]
-    if tokens > K_PRODUCT_MAX_TOKENS or weight.dim() != 2 or native_kernel(fmt, weight, torch.float32) != "k":
+def k_product_kernel(weight: torch.Tensor, fmt: BlockFormat) -> str | None:
+    """The compiled K-quant product for a weight in `fmt` (its `dequant_kernel`), or None without one."""
+    if weight.dim() != 2 or native_kernel(fmt, weight, torch.float32) != "k":
         return None
     return fmt.dequant_kernel
+
+
+def in_token_chunks(x: torch.Tensor, fn) -> torch.Tensor:
+    """fn over x [tokens, k] fp32 in chunks of K_PRODUCT_TOKENS tokens, the results concatenated."""
+    if x.shape[0] <= K_PRODUCT_TOKENS:
+        return fn(x.contiguous())
+    return torch.cat([fn(x[t : t + K_PRODUCT_TOKENS].contiguous()) for t in range(0, x.shape[0], K_PRODUCT_TOKENS)])
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -75,9 +82,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             return F.linear(x.float(), weight.float(), b).to(x.dtype)
         return F.linear(x, weight, bias)
     k = x.shape[-1]
-    kernel = k_product_kernel(x, weight, fmt)
+    kernel = k_product_kernel(weight, fmt)
     if kernel is not None:
-        y = native_gemv_k(weight.contiguous(), x.reshape(-1, k).float().contiguous(), kernel)  # [tokens, N] fp32
+        w = weight.contiguous()
+        y = in_token_chunks(x.reshape(-1, k).float(), lambda chunk: native_gemv_k(w, chunk, kernel))  # [tokens, N] fp32
         if bias is not None:
             y += bias.float()
         return y.reshape(*x.shape[:-1], weight.shape[0]).to(x.dtype)

@@ -34,7 +34,7 @@ from partinfer.common.formats.blocks import BlockFormat
 from partinfer.runtime.config import ACTIVATIONS, ModelConfig
 from partinfer.runtime.decode_contract import FfnKind, FfnWeights
 from partinfer.runtime.ffn import FeedForward, FfnRows, column_linear, decode_kernels
-from partinfer.runtime.kernels import k_product_kernel, linear
+from partinfer.runtime.kernels import in_token_chunks, k_product_kernel, linear
 from partinfer.runtime.native import gemv_k as native_gemv_k
 from partinfer.runtime.quant import dequantize_columns, down_table_shape, neuron_scale_groups
 from partinfer.runtime.selection import real_token_weights
@@ -96,10 +96,11 @@ class TokenwiseFFN(FeedForward):
         K-quant rows chosen by `rows` are read in place by the compiled product (no gathered copy)."""
         if rows is None:
             return linear(x, w, fmt=self.gate_up_format)
-        kernel = None if self.gate_up_format is None else k_product_kernel(x, w, self.gate_up_format)
+        kernel = None if self.gate_up_format is None else k_product_kernel(w, self.gate_up_format)
         if kernel is None:
             return linear(x, self._gather(rows, w), fmt=self.gate_up_format)
-        y = native_gemv_k(w, x.reshape(-1, x.shape[-1]).float().contiguous(), kernel, rows.contiguous())
+        rows = rows.contiguous()
+        y = in_token_chunks(x.reshape(-1, x.shape[-1]).float(), lambda chunk: native_gemv_k(w, chunk, kernel, rows))
         return y.reshape(*x.shape[:-1], rows.numel()).to(x.dtype)
 
     @property

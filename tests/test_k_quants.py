@@ -18,7 +18,7 @@ from partinfer.common.formats.pack_format import PackManifest
 from partinfer.common.output_dir import manifest_name
 from partinfer.runtime.checkpoint import CheckpointReader
 from partinfer.runtime.generate import generate
-from partinfer.runtime.kernels import K_PRODUCT_MAX_TOKENS
+from partinfer.runtime.kernels import K_PRODUCT_TOKENS
 from partinfer.runtime.loader import load_model
 from partinfer.runtime.model import KVCache, prefill
 from partinfer.runtime.native import cpu_flags, cpu_kernels
@@ -125,13 +125,13 @@ def test_k_quant_weights_run_every_method_and_give_dense_tokens_at_full_budget(k
     ids = torch.tensor([tiny_prompts(1, seed=5, vocab=VOCAB)[0]])
     want = prefill(ref, ids, KVCache(ref.cfg, 1, 32, torch.float32, "cpu"), logits_for="all")
     got = prefill(dense, ids, KVCache(dense.cfg, 1, 32, torch.float32, "cpu"), logits_for="all")
-    # a short prompt runs on the integer products (inputs quantized to 8 bits per 256, as llama.cpp's): near
-    # the exact values; a long one on de-quantized tiles: equal to them
+    # prompts run on the integer products (inputs quantized to 8 bits per 256, as llama.cpp's): near the
+    # exact values; a long one in chunks of K_PRODUCT_TOKENS tokens, as near
     assert (got - want).norm() < 0.1 * want.norm(), ((got - want).norm() / want.norm()).item()  # 5.7 % here: large biases make outliers
-    long_ids = torch.randint(3, VOCAB, (1, K_PRODUCT_MAX_TOKENS + 3), generator=torch.Generator().manual_seed(5))
+    long_ids = torch.randint(3, VOCAB, (1, K_PRODUCT_TOKENS + 3), generator=torch.Generator().manual_seed(5))
     want = prefill(ref, long_ids, KVCache(ref.cfg, 1, 160, torch.float32, "cpu"), logits_for="all")
     got = prefill(dense, long_ids, KVCache(dense.cfg, 1, 160, torch.float32, "cpu"), logits_for="all")
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6 * want.abs().max().item())
+    assert (got - want).norm() < 0.2 * want.norm(), ((got - want).norm() / want.norm()).item()  # 13 %: more tokens, more outliers
     prompts = tiny_prompts(2, seed=6, vocab=VOCAB)
     dense_tokens = generate(dense, prompts, 5).tokens
     for method in METHODS[1:]:

@@ -97,10 +97,15 @@ inline void dots_q6_k(const uint8_t* w, int64_t nb, const Q8KInput* const* in, f
   for (int t = 0; t < NT; ++t) out[t] = _mm512_reduce_add_ps(acc[t]) - hsum(bias[t]);
 }
 
-// out[t * stride] = row . in[t] for t < T, four tokens per pass over the row.
+// out[t * stride] = row . in[t] for t < T, eight (then four) tokens per pass over the row: a block's
+// codes and scales are unpacked once for all of them.
 void row_dots(bool q4_k, const uint8_t* row, int64_t nb, const Q8KInput* const* in, int64_t T, float* out, int64_t stride) {
   int64_t t = 0;
-  float y[4];
+  float y[8];
+  for (; t + 8 <= T; t += 8) {
+    q4_k ? vnni512::dots_q4_k<8>(row, nb, in + t, y) : vnni512::dots_q6_k<8>(row, nb, in + t, y);
+    for (int i = 0; i < 8; ++i) out[(t + i) * stride] = y[i];
+  }
   for (; t + 4 <= T; t += 4) {
     q4_k ? vnni512::dots_q4_k<4>(row, nb, in + t, y) : vnni512::dots_q6_k<4>(row, nb, in + t, y);
     for (int i = 0; i < 4; ++i) out[(t + i) * stride] = y[i];
