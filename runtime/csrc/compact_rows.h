@@ -73,12 +73,12 @@ inline float dot_q8_0(const uint8_t* w, int64_t nb, const QuantizedInput& in) {
   return hsum(_mm256_add_ps(acc0, acc1));
 }
 
-// y[r] = W[row(r)] . x for r in [r0, r1), W compact rows (Q4_1 or Q8_0); the next row is prefetched,
-// which matters for rows gathered out of order (token-wise).
+// y[r] = W[row(r)] . x for r in [r0, r1), W compact rows (Q4_1 or Q8_0); rows are prefetched ahead
+// (rows_ahead), which matters most for rows gathered out of order (token-wise).
 void gemv_rows(const CompactMatrix& W, const QuantizedInput& in, const int64_t* rows, float* y, int64_t r0, int64_t r1) {
-  const int64_t nb = W.cols / 32;
+  const int64_t nb = W.cols / 32, ahead = rows_ahead(W.row_bytes);
   for (int64_t r = r0; r < r1; ++r) {
-    if (r + 1 < r1) prefetch_row(W.row(rows ? rows[r + 1] : r + 1), W.row_bytes);
+    if (r + ahead < r1) prefetch_row(W.row(rows ? rows[r + ahead] : r + ahead), W.row_bytes);
     const uint8_t* w = W.row(rows ? rows[r] : r);
     y[r] = W.q4 ? dot_q4_1(w, nb, in) : dot_q8_0(w, nb, in);
   }

@@ -396,8 +396,9 @@ at::Tensor gemv_k(const at::Tensor& W, const at::Tensor& x, const std::string& k
   float* yp = y.data_ptr<float>();
   const uint8_t* w = W.data_ptr<uint8_t>();
   at::parallel_for(0, R, 16, [&](int64_t r0, int64_t r1) {
+    const int64_t ahead = rows_ahead(W.size(1));
     for (int64_t r = r0; r < r1; ++r) {
-      if (r + 1 < r1) prefetch_row(w + (rp ? rp[r + 1] : r + 1) * W.size(1), W.size(1));
+      if (r + ahead < r1) prefetch_row(w + (rp ? rp[r + ahead] : r + ahead) * W.size(1), W.size(1));
       const uint8_t* row = w + (rp ? rp[r] : r) * W.size(1);
       kernels.row_dots(q4_k, row, nb, in.data(), T, yp + r, R);
     }

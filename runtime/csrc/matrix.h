@@ -95,8 +95,9 @@ void matrix_gemv(const Matrix& W, const GemvInput& in, const int64_t* rows, floa
     const int64_t nb = W.cols / QK_K;
     const kq::Q8KInput* input = &in.quant_k;
     const auto k_row_dots = kq::k_quant_kernels().row_dots;
+    const int64_t ahead = rows_ahead(W.k_row_bytes);
     for (int64_t r = r0; r < r1; ++r) {
-      if (r + 1 < r1) prefetch_row(W.k_rows + (rows ? rows[r + 1] : r + 1) * W.k_row_bytes, W.k_row_bytes);
+      if (r + ahead < r1) prefetch_row(W.k_rows + (rows ? rows[r + ahead] : r + ahead) * W.k_row_bytes, W.k_row_bytes);
       const uint8_t* row = W.k_rows + (rows ? rows[r] : r) * W.k_row_bytes;
       k_row_dots(W.k_q4, row, nb, &input, 1, y + r, 1);
     }
