@@ -160,17 +160,24 @@ inline void dots_q6_k(const uint8_t* w, int64_t nb, const Q8KInput* const* in, f
   for (int t = 0; t < NT; ++t) out[t] = hsum(acc[t]) - bias[t];
 }
 
-// out[t * stride] = row . in[t] for t < T, four tokens per pass over the row.
-void row_dots(bool q4_k, const uint8_t* row, int64_t nb, const Q8KInput* const* in, int64_t T, float* out, int64_t stride) {
-  int64_t t = 0;
-  float y[4];
-  for (; t + 4 <= T; t += 4) {
-    q4_k ? dots_q4_k<4>(row, nb, in + t, y) : dots_q6_k<4>(row, nb, in + t, y);
-    for (int i = 0; i < 4; ++i) out[(t + i) * stride] = y[i];
-  }
-  for (; t < T; ++t) {
-    q4_k ? dots_q4_k<1>(row, nb, in + t, y) : dots_q6_k<1>(row, nb, in + t, y);
-    out[t * stride] = y[0];
+// y[t * stride + r] = row(r) . in[t] for r in [r0, r1) and t < T, row(r) = w + (rows ? rows[r] : r) * row_bytes:
+// rows prefetched ahead (rows_ahead), four tokens per pass over a row.
+void rows_dots(bool q4_k, const uint8_t* w, int64_t row_bytes, const int64_t* rows, int64_t r0, int64_t r1,
+               const Q8KInput* const* in, int64_t T, float* y, int64_t stride) {
+  const int64_t nb = row_bytes / (q4_k ? Q4_K_BYTES : Q6_K_BYTES), ahead = rows_ahead(row_bytes);
+  float out[4];
+  for (int64_t r = r0; r < r1; ++r) {
+    if (r + ahead < r1) prefetch_row(w + (rows ? rows[r + ahead] : r + ahead) * row_bytes, row_bytes);
+    const uint8_t* row = w + (rows ? rows[r] : r) * row_bytes;
+    int64_t t = 0;
+    for (; t + 4 <= T; t += 4) {
+      q4_k ? dots_q4_k<4>(row, nb, in + t, out) : dots_q6_k<4>(row, nb, in + t, out);
+      for (int i = 0; i < 4; ++i) y[(t + i) * stride + r] = out[i];
+    }
+    for (; t < T; ++t) {
+      q4_k ? dots_q4_k<1>(row, nb, in + t, out) : dots_q6_k<1>(row, nb, in + t, out);
+      y[t * stride + r] = out[0];
+    }
   }
 }
 
@@ -334,15 +341,16 @@ void axpy_columns_tokens(const KColumns& W, const float* a, int64_t T, int64_t a
 // The K-quant products of this CPU, chosen once by the rule of compact_kernels (PARTINFER_VNNI=0: AVX2).
 struct KQuantKernels {
   const char* name;
-  void (*row_dots)(bool, const uint8_t*, int64_t, const Q8KInput* const*, int64_t, float*, int64_t);
+  void (*rows_dots)(bool, const uint8_t*, int64_t, const int64_t*, int64_t, int64_t, const Q8KInput* const*, int64_t, float*,
+                    int64_t);
   void (*axpy_columns)(const KColumns&, const float*, int64_t, int64_t, const int64_t*, const float*, float*, int64_t,
                        int64_t, int64_t);
 };
 
 const KQuantKernels& k_quant_kernels() {
   static const KQuantKernels chosen = [] {
-    if (vnni_allowed()) return KQuantKernels{"avx512-vnni", vnni512::row_dots, vnni512::axpy_columns};
-    return KQuantKernels{"avx2", row_dots, axpy_columns_tokens};
+    if (vnni_allowed()) return KQuantKernels{"avx512-vnni", vnni512::rows_dots, vnni512::axpy_columns};
+    return KQuantKernels{"avx2", rows_dots, axpy_columns_tokens};
   }();
   return chosen;
 }
@@ -396,12 +404,7 @@ at::Tensor gemv_k(const at::Tensor& W, const at::Tensor& x, const std::string& k
   float* yp = y.data_ptr<float>();
   const uint8_t* w = W.data_ptr<uint8_t>();
   at::parallel_for(0, R, 16, [&](int64_t r0, int64_t r1) {
-    const int64_t ahead = rows_ahead(W.size(1));
-    for (int64_t r = r0; r < r1; ++r) {
-      if (r + ahead < r1) prefetch_row(w + (rp ? rp[r + ahead] : r + ahead) * W.size(1), W.size(1));
-      const uint8_t* row = w + (rp ? rp[r] : r) * W.size(1);
-      kernels.row_dots(q4_k, row, nb, in.data(), T, yp + r, R);
-    }
+    kernels.rows_dots(q4_k, w, W.size(1), rp, r0, r1, in.data(), T, yp, R);
   });
   return y;
 }

@@ -97,22 +97,28 @@ inline void dots_q6_k(const uint8_t* w, int64_t nb, const Q8KInput* const* in, f
   for (int t = 0; t < NT; ++t) out[t] = _mm512_reduce_add_ps(acc[t]) - hsum(bias[t]);
 }
 
-// out[t * stride] = row . in[t] for t < T, eight (then four) tokens per pass over the row: a block's
-// codes and scales are unpacked once for all of them.
-void row_dots(bool q4_k, const uint8_t* row, int64_t nb, const Q8KInput* const* in, int64_t T, float* out, int64_t stride) {
-  int64_t t = 0;
-  float y[8];
-  for (; t + 8 <= T; t += 8) {
-    q4_k ? vnni512::dots_q4_k<8>(row, nb, in + t, y) : vnni512::dots_q6_k<8>(row, nb, in + t, y);
-    for (int i = 0; i < 8; ++i) out[(t + i) * stride] = y[i];
-  }
-  for (; t + 4 <= T; t += 4) {
-    q4_k ? vnni512::dots_q4_k<4>(row, nb, in + t, y) : vnni512::dots_q6_k<4>(row, nb, in + t, y);
-    for (int i = 0; i < 4; ++i) out[(t + i) * stride] = y[i];
-  }
-  for (; t < T; ++t) {
-    q4_k ? vnni512::dots_q4_k<1>(row, nb, in + t, y) : vnni512::dots_q6_k<1>(row, nb, in + t, y);
-    out[t * stride] = y[0];
+// y[t * stride + r] = row(r) . in[t] for r in [r0, r1) and t < T (as kq::rows_dots), eight (then four,
+// then one) tokens per pass over a row: a block's codes and scales are unpacked once for all of them.
+void rows_dots(bool q4_k, const uint8_t* w, int64_t row_bytes, const int64_t* rows, int64_t r0, int64_t r1,
+               const Q8KInput* const* in, int64_t T, float* y, int64_t stride) {
+  const int64_t nb = row_bytes / (q4_k ? Q4_K_BYTES : Q6_K_BYTES), ahead = rows_ahead(row_bytes);
+  float out[8];
+  for (int64_t r = r0; r < r1; ++r) {
+    if (r + ahead < r1) prefetch_row(w + (rows ? rows[r + ahead] : r + ahead) * row_bytes, row_bytes);
+    const uint8_t* row = w + (rows ? rows[r] : r) * row_bytes;
+    int64_t t = 0;
+    for (; t + 8 <= T; t += 8) {
+      q4_k ? vnni512::dots_q4_k<8>(row, nb, in + t, out) : vnni512::dots_q6_k<8>(row, nb, in + t, out);
+      for (int i = 0; i < 8; ++i) y[(t + i) * stride + r] = out[i];
+    }
+    for (; t + 4 <= T; t += 4) {
+      q4_k ? vnni512::dots_q4_k<4>(row, nb, in + t, out) : vnni512::dots_q6_k<4>(row, nb, in + t, out);
+      for (int i = 0; i < 4; ++i) y[(t + i) * stride + r] = out[i];
+    }
+    for (; t < T; ++t) {
+      q4_k ? vnni512::dots_q4_k<1>(row, nb, in + t, out) : vnni512::dots_q6_k<1>(row, nb, in + t, out);
+      y[t * stride + r] = out[0];
+    }
   }
 }
 

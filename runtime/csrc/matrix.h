@@ -92,15 +92,8 @@ void matrix_gemv(const Matrix& W, const GemvInput& in, const int64_t* rows, floa
   if (W.bf16) {
     gemv_rows(W.bf16, W.cols, in.x.data(), in.even.data(), in.odd.data(), rows, y, r0, r1);
   } else if (W.k_rows) {
-    const int64_t nb = W.cols / QK_K;
     const kq::Q8KInput* input = &in.quant_k;
-    const auto k_row_dots = kq::k_quant_kernels().row_dots;
-    const int64_t ahead = rows_ahead(W.k_row_bytes);
-    for (int64_t r = r0; r < r1; ++r) {
-      if (r + ahead < r1) prefetch_row(W.k_rows + (rows ? rows[r + ahead] : r + ahead) * W.k_row_bytes, W.k_row_bytes);
-      const uint8_t* row = W.k_rows + (rows ? rows[r] : r) * W.k_row_bytes;
-      k_row_dots(W.k_q4, row, nb, &input, 1, y + r, 1);
-    }
+    kq::k_quant_kernels().rows_dots(W.k_q4, W.k_rows, W.k_row_bytes, rows, r0, r1, &input, 1, y, 0);
   } else {
     compact_kernels().gemv_rows(W.compact, in.quant, rows, y, r0, r1);
   }
