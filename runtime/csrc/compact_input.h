@@ -63,10 +63,15 @@ inline void prefetch_row(const uint8_t* row, int64_t bytes) {
   for (int64_t i = 0; i < bytes; i += 64) _mm_prefetch(reinterpret_cast<const char*>(row + i), _MM_HINT_T0);
 }
 
-// Compact rows are prefetched about this many bytes ahead of the row being read: the next row alone
-// (864 bytes of Q4_K for 1,536 weights) arrives too late for memory's latency. Measured: docs/benchmarks.md.
-constexpr int64_t PREFETCH_AHEAD_BYTES = 4096;
-inline int64_t rows_ahead(int64_t row_bytes) { return std::max<int64_t>(1, PREFETCH_AHEAD_BYTES / row_bytes); }
+// How many rows ahead of the one being read a GEMV prefetches: about 4 KiB of short rows (the next row
+// alone, 864 bytes of Q4_K for 1,536 weights, arrives too late for memory's latency), the next of rows
+// gathered out of order; none for long rows read in order, which the hardware prefetchers stream
+// (prefetching a 7 KiB row in one burst halved the speed of Q6_K rows of 8,960 weights).
+constexpr int64_t PREFETCH_AHEAD_BYTES = 4096, SHORT_ROW_BYTES = 2048;
+inline int64_t rows_ahead(int64_t row_bytes, bool gathered) {
+  if (!gathered && row_bytes > SHORT_ROW_BYTES) return 0;
+  return std::max<int64_t>(1, PREFETCH_AHEAD_BYTES / row_bytes);
+}
 
 // The 8-bit unit of each scale group's activations for column sums in integers: max |a| / 127 over all
 // n rows of the group (every thread computes the same from the whole product's a, so a result does not

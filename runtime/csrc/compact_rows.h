@@ -76,9 +76,9 @@ inline float dot_q8_0(const uint8_t* w, int64_t nb, const QuantizedInput& in) {
 // y[r] = W[row(r)] . x for r in [r0, r1), W compact rows (Q4_1 or Q8_0); rows are prefetched ahead
 // (rows_ahead), which matters most for rows gathered out of order (token-wise).
 void gemv_rows(const CompactMatrix& W, const QuantizedInput& in, const int64_t* rows, float* y, int64_t r0, int64_t r1) {
-  const int64_t nb = W.cols / 32, ahead = rows_ahead(W.row_bytes);
+  const int64_t nb = W.cols / 32, ahead = rows_ahead(W.row_bytes, rows != nullptr);
   for (int64_t r = r0; r < r1; ++r) {
-    if (r + ahead < r1) prefetch_row(W.row(rows ? rows[r + ahead] : r + ahead), W.row_bytes);
+    if (ahead && r + ahead < r1) prefetch_row(W.row(rows ? rows[r + ahead] : r + ahead), W.row_bytes);
     const uint8_t* w = W.row(rows ? rows[r] : r);
     y[r] = W.q4 ? dot_q4_1(w, nb, in) : dot_q8_0(w, nb, in);
   }

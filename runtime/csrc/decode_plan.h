@@ -116,9 +116,10 @@ at::Tensor model_decode(const at::Tensor& x, const c10::intrusive_ptr<DecodePlan
   s.comp.resize(std::max(D, p.comp_rank));
   const std::vector<float> x_in = to_floats(x);
   std::vector<float> result;
+  std::vector<std::atomic<int64_t>> counters(L * CHUNKED_STAGES_PER_LAYER);  // zeroed: the step's chunked stages
 #pragma omp parallel num_threads(threads)
   {
-    const Team team{omp_get_thread_num(), omp_get_num_threads()};
+    const Team team{omp_get_thread_num(), omp_get_num_threads(), counters.data()};
     std::vector<float> res = x_in, ffn_out(D), compensated(D), units;  // each thread's own copy of the residual
     GemvInput h(D), heads(heads_width), act(p.ffn_width), comp_t(p.comp_rank);
     for (int64_t i = 0; i < L; ++i) {

@@ -12,23 +12,40 @@
 // Measured against a region per matrix (decode tok/s, ten alternating generations in one process):
 // partinfer +5 %, dense and token-wise within noise (+1 %, -0.5 %).
 
-// Thread t of a team of nt.
+// Thread t of a team of nt. The matrix stages hand their rows out in chunks, to whichever thread asks
+// next, instead of one fixed share each: on a shared VM one vCPU often runs slower for a while, and
+// with even shares the other waited for it at every barrier (~10 % of a 1.5B model's decode step in
+// libgomp's barrier). Every thread runs the same stages in the same order, so its own stage count
+// names the same shared counter as the others' without a barrier.
 struct Team {
   int t, nt;
+  std::atomic<int64_t>* counters;  // one per chunked stage of the step, zeroed before it
+  mutable int64_t stage = 0;  // the next chunked stage of this thread
   // [begin, end) of this thread's even share of n items.
   std::pair<int64_t, int64_t> share(int64_t n) const { return {n * t / nt, n * (t + 1) / nt}; }
+  // f(begin, end) for each chunk of [0, n) this thread takes; about eight chunks per thread, of at least
+  // `grain` items (a multiple of it: whole K-quant sub-blocks of neurons stay in one chunk).
+  template <class F>
+  void chunks(int64_t n, int64_t grain, F&& f) const {
+    std::atomic<int64_t>& next = counters[stage++];
+    const int64_t size = std::max<int64_t>(1, (n + 8 * nt * grain - 1) / (8 * nt * grain)) * grain;
+    for (int64_t c = next.fetch_add(1, std::memory_order_relaxed); c * size < n; c = next.fetch_add(1, std::memory_order_relaxed))
+      f(c * size, std::min(n, (c + 1) * size));
+  }
 };
+constexpr int64_t CHUNKED_STAGES_PER_LAYER = 12;  // at most: q, k, v, o, gate, up, down, two of compensation
 
 inline void team_barrier() {
 #pragma omp barrier
 }
 
-// y[r] = W[r] . in (+ bias[r] when given) for this thread's share of W's rows.
+// y[r] = W[r] . in (+ bias[r] when given) for the rows of W this thread takes.
 void gemv_share(const Matrix& W, const GemvInput& in, float* y, const Team& team, const float* bias = nullptr) {
-  const auto [r0, r1] = team.share(W.rows);
-  matrix_gemv(W, in, nullptr, y, r0, r1);
-  if (bias)
-    for (int64_t r = r0; r < r1; ++r) y[r] += bias[r];
+  team.chunks(W.rows, 16, [&](int64_t r0, int64_t r1) {
+    matrix_gemv(W, in, nullptr, y, r0, r1);
+    if (bias)
+      for (int64_t r = r0; r < r1; ++r) y[r] += bias[r];
+  });
 }
 
 // One decode layer's attention for one token: the plan's weights (checked once by
@@ -175,59 +192,59 @@ const float* gated_ffn_team(const Matrix& gate_up, const Matrix& down, bool inte
   return s.out.data();
 }
 
-// out = sum_r a[r] down_t[row(r)] over all n rows, by the whole team: this thread adds rows [r0, r1)
-// into its own partial sum, and after a barrier every thread sums the partials into its `out`.
-// a [n] must be shared; Q4_1 columns take one more barrier first, for block scales computed from all
-// n activations (column_block_units). Returns out.data().
-const float* down_team(const Matrix& down_t, const float* a, const int64_t* rows, int64_t n, int64_t r0, int64_t r1,
-                       SharedScratch& s, std::vector<float>& out, std::vector<float>& units, const Team& team) {
+// out = sum_r a[r] down_t[row(r)] over all n rows, by the whole team: this thread adds the chunks of rows
+// it takes into its own partial sum, and after a barrier every thread sums the partials into its `out`.
+// a [n] is shared and written by the team's chunks: a barrier first (Q4_1 and K-quant columns then
+// take block scales computed from all n activations, column_block_units). Returns out.data().
+const float* down_team(const Matrix& down_t, const float* a, const int64_t* rows, int64_t n, SharedScratch& s,
+                       std::vector<float>& out, std::vector<float>& units, const Team& team) {
   const int64_t D = down_t.cols;
   float* partial = s.partial.data() + team.t * D;
   std::fill(partial, partial + D, 0.0f);
-  if (!down_t.bf16 && (down_t.columns.q4 || down_t.k_columns.codes)) {  // 8-bit activations: units from all n
-    team_barrier();
+  team_barrier();  // a holds every thread's chunks
+  if (!down_t.bf16 && (down_t.columns.q4 || down_t.k_columns.codes))  // 8-bit activations: units from all n
     column_block_units(down_t, a, rows, n, units);
-  }
-  matrix_axpy(down_t, a, rows, units, partial, r0, r1);
+  team.chunks(n, 32, [&](int64_t r0, int64_t r1) { matrix_axpy(down_t, a, rows, units, partial, r0, r1); });
   team_barrier();
   reduce_partials(down_t, s.partial.data(), team.nt, out.data());
   return out.data();
 }
 
 // The FFN of kind kRows by the whole team: gate_up [2m, D] interleaved rows g0, u0, g1, u1, ... and
-// down_t [m, D], both per-neuron rows (bf16 or compact). Each thread takes a share of the m neurons
-// end to end — gate/up rows, activation, its down rows into its own partial sum — so one barrier
-// before the sum is all the FFN needs (and one before the down rows for Q4_1 columns, whose block
-// scales take every thread's activations). Returns the output [D] in `out`, this thread's own.
+// down_t [m, D], both per-neuron rows (bf16 or compact). The threads take chunks of the m neurons'
+// gate/up rows and activations, then (after a barrier) chunks of their down rows into partial sums,
+// summed after another. Returns the output [D] in `out`, this thread's own.
 const float* rows_ffn_team(const Matrix& gate_up, const Matrix& down_t, const GemvInput& h, SharedScratch& s,
                            std::vector<float>& out, std::vector<float>& units, const Team& team) {
   const int64_t m = down_t.rows;
-  const auto [i0, i1] = team.share(m);
   float* gu = s.gate_up.data();
-  matrix_gemv(gate_up, h, nullptr, gu, 2 * i0, 2 * i1);
-  for (int64_t i = i0; i < i1; ++i) s.act[i] = silu(gu[2 * i]) * gu[2 * i + 1];
-  return down_team(down_t, s.act.data(), nullptr, m, i0, i1, s, out, units, team);
+  team.chunks(m, 32, [&](int64_t i0, int64_t i1) {
+    matrix_gemv(gate_up, h, nullptr, gu, 2 * i0, 2 * i1);
+    for (int64_t i = i0; i < i1; ++i) s.act[i] = silu(gu[2 * i]) * gu[2 * i + 1];
+  });
+  return down_team(down_t, s.act.data(), nullptr, m, s, out, units, team);
 }
 
 // Token-wise FFN (--method tokenwise) by the whole team: gate [k, D], up [k, D], down_t [k, D] of the
 // loaded neurons (bf16 or compact rows). Computes silu(gate h) for all k, keeps positions 0..n_base-1
 // plus the (n_active - n_base) highest scores |silu(gate h)_i| (times scale[i] when `scale` is given:
 // the sentence's mean |up_i| * ||down_i||) among the rest, and reads only those rows of up and down_t.
-// Every thread makes the same choice from the shared scores; each then computes its share of the
-// chosen rows of up and adds them (scaled) into its own partial sum of down_t's rows, so only the
-// gate and the sum need a barrier. Returns the output [D] in `out`, this thread's own.
+// Every thread makes the same choice from the shared scores; the threads then take chunks of the
+// chosen rows of up, and after a barrier chunks of their down_t rows (scaled) into partial sums.
+// Returns the output [D] in `out`, this thread's own.
 const float* tokenwise_ffn_team(const Matrix& gate, const Matrix& up, const Matrix& down_t, int64_t n_base,
                                 int64_t n_active, const float* scale, const GemvInput& h, SharedScratch& s,
                                 std::vector<float>& out, std::vector<float>& units, const Team& team) {
   const int64_t k = gate.rows;
   float* ag = s.act.data();  // silu(gate h) [k]
   float* score = s.gate_up.data();  // [k]
-  const auto [i0, i1] = team.share(k);
-  matrix_gemv(gate, h, nullptr, ag, i0, i1);
-  for (int64_t i = i0; i < i1; ++i) {
-    ag[i] = silu(ag[i]);
-    score[i] = scale ? std::fabs(ag[i]) * scale[i] : std::fabs(ag[i]);
-  }
+  team.chunks(k, 16, [&](int64_t i0, int64_t i1) {
+    matrix_gemv(gate, h, nullptr, ag, i0, i1);
+    for (int64_t i = i0; i < i1; ++i) {
+      ag[i] = silu(ag[i]);
+      score[i] = scale ? std::fabs(ag[i]) * scale[i] : std::fabs(ag[i]);
+    }
+  });
   team_barrier();
   std::vector<int64_t> rows(k);
   for (int64_t i = 0; i < k; ++i) rows[i] = i;
@@ -236,11 +253,12 @@ const float* tokenwise_ffn_team(const Matrix& gate, const Matrix& up, const Matr
                    [&](int64_t a, int64_t b) { return score[a] > score[b] || (score[a] == score[b] && a < b); });
   rows.resize(n_active);
   std::sort(rows.begin() + n_base, rows.end());  // ascending rows stream better
-  const auto [j0, j1] = team.share(n_active);
   float* u = s.chosen.data();  // [n_active] the chosen neurons' activations
-  matrix_gemv(up, h, rows.data(), u, j0, j1);
-  for (int64_t j = j0; j < j1; ++j) u[j] *= ag[rows[j]];
-  return down_team(down_t, u, rows.data(), n_active, j0, j1, s, out, units, team);
+  team.chunks(n_active, 16, [&](int64_t j0, int64_t j1) {
+    matrix_gemv(up, h, rows.data(), u, j0, j1);
+    for (int64_t j = j0; j < j1; ++j) u[j] *= ag[rows[j]];
+  });
+  return down_team(down_t, u, rows.data(), n_active, s, out, units, team);
 }
 
 // A layer's FFN as model_decode sees it. kind 0: gated, w1 = [gate; up] [2n, D], w2 = down [D, n];

@@ -164,10 +164,10 @@ inline void dots_q6_k(const uint8_t* w, int64_t nb, const Q8KInput* const* in, f
 // rows prefetched ahead (rows_ahead), four tokens per pass over a row.
 void rows_dots(bool q4_k, const uint8_t* w, int64_t row_bytes, const int64_t* rows, int64_t r0, int64_t r1,
                const Q8KInput* const* in, int64_t T, float* y, int64_t stride) {
-  const int64_t nb = row_bytes / (q4_k ? Q4_K_BYTES : Q6_K_BYTES), ahead = rows_ahead(row_bytes);
+  const int64_t nb = row_bytes / (q4_k ? Q4_K_BYTES : Q6_K_BYTES), ahead = rows_ahead(row_bytes, rows != nullptr);
   float out[4];
   for (int64_t r = r0; r < r1; ++r) {
-    if (r + ahead < r1) prefetch_row(w + (rows ? rows[r + ahead] : r + ahead) * row_bytes, row_bytes);
+    if (ahead && r + ahead < r1) prefetch_row(w + (rows ? rows[r + ahead] : r + ahead) * row_bytes, row_bytes);
     const uint8_t* row = w + (rows ? rows[r] : r) * row_bytes;
     int64_t t = 0;
     for (; t + 4 <= T; t += 4) {
