@@ -27,10 +27,12 @@ struct Q8KInput {
   std::vector<float> d;
   std::vector<int16_t> sums16;  // |sum| <= 16 * 127
   std::vector<int8_t> q_pairs;  // q with each block's sub-blocks of 32 in the order 0 2 1 3 4 6 5 7 (k_quant_vnni.h)
+  std::vector<int16_t> sums32;  // each 32 codes' sum, |sum| <= 32 * 127
   void quantize(const float* x, int64_t n) {
     const int64_t nb = n / QK_K;
     q.resize(n);
     q_pairs.resize(n);
+    sums32.resize(8 * nb);
     d.resize(nb);
     sums16.resize(16 * nb);
     for (int64_t b = 0; b < nb; ++b) {
@@ -48,6 +50,7 @@ struct Q8KInput {
         }
         sums16[16 * b + g] = static_cast<int16_t>(sum);
       }
+      for (int64_t g = 0; g < 8; ++g) sums32[8 * b + g] = static_cast<int16_t>(sums16[16 * b + 2 * g] + sums16[16 * b + 2 * g + 1]);
       static constexpr int pair_order[8] = {0, 2, 1, 3, 4, 6, 5, 7};
       for (int i = 0; i < 8; ++i) std::memcpy(&q_pairs[QK_K * b + 32 * i], &q[QK_K * b + 32 * pair_order[i]], 32);
     }

@@ -21,6 +21,19 @@ inline __m512i halves16(int16_t a, int16_t b) {
   return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set1_epi16(a)), _mm256_set1_epi16(b), 1);
 }
 
+// A Q4_K head's 12 bytes of 6-bit scales and mins (p = head + 4; reads 16 bytes, the codes follow) ->
+// 16 int16 lanes: scale s in lane s, min s in lane 8 + s (as q4_k_scales, with two byte shuffles).
+inline __m256i q4_k_scales_mins(const uint8_t* p) {
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m128i low = _mm_shuffle_epi8(v, _mm_setr_epi8(0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 8, 9, 10, 11));
+  const __m128i top = _mm_shuffle_epi8(v, _mm_setr_epi8(-1, -1, -1, -1, 0, 1, 2, 3, -1, -1, -1, -1, 4, 5, 6, 7));  // -1: 0
+  const __m128i bits = _mm_or_si128(
+      _mm_and_si128(low, _mm_setr_epi8(63, 63, 63, 63, 15, 15, 15, 15, 63, 63, 63, 63, 0, 0, 0, 0)),
+      _mm_and_si128(_mm_srli_epi16(low, 4), _mm_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 15, 15, 15, 15)));
+  const __m128i high2 = _mm_and_si128(_mm_srli_epi16(top, 2), _mm_setr_epi8(0, 0, 0, 0, 48, 48, 48, 48, 0, 0, 0, 0, 48, 48, 48, 48));
+  return _mm256_cvtepu8_epi16(_mm_or_si128(bits, high2));
+}
+
 // Q4_K: 64-weight product j covers sub-blocks (a, b) = (0, 2), (1, 3), (4, 6), (5, 7) (the nibbles of
 // code bytes 0-63, then 64-127); its vpermw index puts sub-block a's scale in lanes 0-15, b's in 16-31.
 template <int NT>
@@ -28,14 +41,12 @@ inline void dots_q4_k(const uint8_t* w, int64_t nb, const Q8KInput* const* in, f
   const __m512i low4 = _mm512_set1_epi8(0x0F);
   const __m512i pick[4] = {halves16(0, 2), halves16(1, 3), halves16(4, 6), halves16(5, 7)};
   __m512 acc[NT];
-  __m256 mins[NT];  // dmin d_x sum_s m_s (sum of sub-block s's input codes), eight lanes per token
-  for (int t = 0; t < NT; ++t) acc[t] = _mm512_setzero_ps(), mins[t] = _mm256_setzero_ps();
+  __m128 mins[NT];  // dmin d_x sum_s m_s (sum of sub-block s's input codes), four lanes per token
+  for (int t = 0; t < NT; ++t) acc[t] = _mm512_setzero_ps(), mins[t] = _mm_setzero_ps();
   for (int64_t b = 0; b < nb; ++b, w += Q4_K_BYTES) {
-    alignas(16) uint8_t sc[8], m[8];
-    q4_k_scales(w + 4, sc, m);
-    const __m512i sc16 = _mm512_castsi128_si512(_mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(sc))));
-    const __m128i m8 = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(m)));
-    const __m256i m16 = _mm256_set_m128i(_mm_unpackhi_epi16(m8, m8), _mm_unpacklo_epi16(m8, m8));  // m_{i/2}, i < 16
+    const __m256i sm = q4_k_scales_mins(w + 4);
+    const __m512i sc16 = _mm512_castsi256_si512(sm);
+    const __m128i m8 = _mm256_extracti128_si256(sm, 1);
     const __m512i c0 = load64(w + 16), c1 = load64(w + 80);
     const __m512i codes[4] = {_mm512_and_si512(c0, low4), _mm512_and_si512(_mm512_srli_epi16(c0, 4), low4),
                               _mm512_and_si512(c1, low4), _mm512_and_si512(_mm512_srli_epi16(c1, 4), low4)};
@@ -44,15 +55,22 @@ inline void dots_q4_k(const uint8_t* w, int64_t nb, const Q8KInput* const* in, f
     const float d = fp16_to_float(w), dmin = fp16_to_float(w + 2);
     for (int t = 0; t < NT; ++t) {
       const int8_t* x = in[t]->q_pairs.data() + QK_K * b;
-      __m512i isum = _mm512_setzero_si512();
-      for (int j = 0; j < 4; ++j) isum = _mm512_dpwssd_epi32(isum, _mm512_maddubs_epi16(codes[j], load64(x + 64 * j)), scale[j]);
+      // two chains of two multiply-adds each: half the dependent latency of one chain of four
+      const __m512i even = _mm512_dpwssd_epi32(_mm512_madd_epi16(_mm512_maddubs_epi16(codes[0], load64(x)), scale[0]),
+                                               _mm512_maddubs_epi16(codes[2], load64(x + 128)), scale[2]);
+      const __m512i odd = _mm512_dpwssd_epi32(_mm512_madd_epi16(_mm512_maddubs_epi16(codes[1], load64(x + 64)), scale[1]),
+                                              _mm512_maddubs_epi16(codes[3], load64(x + 192)), scale[3]);
       const float dx = in[t]->d[b];
-      acc[t] = _mm512_fmadd_ps(_mm512_set1_ps(d * dx), _mm512_cvtepi32_ps(isum), acc[t]);
-      const __m256i msum = _mm256_madd_epi16(m16, load32(in[t]->sums16.data() + 16 * b));
-      mins[t] = _mm256_fmadd_ps(_mm256_set1_ps(dmin * dx), _mm256_cvtepi32_ps(msum), mins[t]);
+      acc[t] = _mm512_fmadd_ps(_mm512_set1_ps(d * dx), _mm512_cvtepi32_ps(_mm512_add_epi32(even, odd)), acc[t]);
+      const __m128i msum = _mm_madd_epi16(m8, _mm_loadu_si128(reinterpret_cast<const __m128i*>(in[t]->sums32.data() + 8 * b)));
+      mins[t] = _mm_fmadd_ps(_mm_set1_ps(dmin * dx), _mm_cvtepi32_ps(msum), mins[t]);
     }
   }
-  for (int t = 0; t < NT; ++t) out[t] = _mm512_reduce_add_ps(acc[t]) - hsum(mins[t]);
+  for (int t = 0; t < NT; ++t) {
+    __m128 m4 = _mm_add_ps(mins[t], _mm_movehl_ps(mins[t], mins[t]));
+    m4 = _mm_add_ss(m4, _mm_movehdup_ps(m4));
+    out[t] = _mm512_reduce_add_ps(acc[t]) - _mm_cvtss_f32(m4);
+  }
 }
 
 // Q6_K: 64-weight product j covers weights 64j .. 64j + 63 in order: low code byte nibbles (ql) with
@@ -86,10 +104,12 @@ inline void dots_q6_k(const uint8_t* w, int64_t nb, const Q8KInput* const* in, f
     const float d = fp16_to_float(w + 208);
     for (int t = 0; t < NT; ++t) {
       const int8_t* x = in[t]->q.data() + QK_K * b;
-      __m512i isum = _mm512_setzero_si512();
-      for (int j = 0; j < 4; ++j) isum = _mm512_dpwssd_epi32(isum, _mm512_maddubs_epi16(codes[j], load64(x + 64 * j)), scale[j]);
+      const __m512i even = _mm512_dpwssd_epi32(_mm512_madd_epi16(_mm512_maddubs_epi16(codes[0], load64(x)), scale[0]),
+                                               _mm512_maddubs_epi16(codes[2], load64(x + 128)), scale[2]);
+      const __m512i odd = _mm512_dpwssd_epi32(_mm512_madd_epi16(_mm512_maddubs_epi16(codes[1], load64(x + 64)), scale[1]),
+                                              _mm512_maddubs_epi16(codes[3], load64(x + 192)), scale[3]);
       const float dd = d * in[t]->d[b];
-      acc[t] = _mm512_fmadd_ps(_mm512_set1_ps(dd), _mm512_cvtepi32_ps(isum), acc[t]);
+      acc[t] = _mm512_fmadd_ps(_mm512_set1_ps(dd), _mm512_cvtepi32_ps(_mm512_add_epi32(even, odd)), acc[t]);
       const __m256i ssum = _mm256_madd_epi16(sc256, load32(in[t]->sums16.data() + 16 * b));
       bias[t] = _mm256_fmadd_ps(_mm256_set1_ps(32.0f * dd), _mm256_cvtepi32_ps(ssum), bias[t]);
     }
