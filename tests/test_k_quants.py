@@ -287,6 +287,23 @@ def test_k_quant_products_on_each_isa_path(path):
 
 
 @pytest.mark.skipif(not cpu_kernels(), reason="no compiled kernels on this CPU")
+def test_compiled_decode_gives_the_same_logits_whichever_thread_runs_a_chunk(k_model):
+    """The decode step hands chunks of rows to whichever thread asks: sums are kept per chunk and added in
+    chunk order, so repeated steps give bit-identical logits (which thread ran what differs run to run)."""
+    from partinfer.runtime.model import decode_step
+
+    sparsity = SparsityConfig(method="tokenwise", gamma=0.7, delta=0.3, phi=0.4, model_neurons=k_model["neurons"],
+                              start_num=0, end_num=LAYERS - 1)
+    model = load_model(k_model["q4"], torch.bfloat16, "cpu", sparsity)
+    runs = []
+    for _ in range(4):
+        cache = KVCache(model.cfg, 1, 64, torch.bfloat16, "cpu")
+        prefill(model, torch.tensor([tiny_prompts(1, seed=4, vocab=VOCAB)[0]]), cache)
+        runs.append(torch.stack([decode_step(model, torch.tensor([t]), cache) for t in (5, 9, 17, 3, 8)]))
+    assert all(torch.equal(run, runs[0]) for run in runs[1:])
+
+
+@pytest.mark.skipif(not cpu_kernels(), reason="no compiled kernels on this CPU")
 @pytest.mark.parametrize("method", ["dense", "partinfer", "tokenwise"])
 def test_compiled_decode_on_k_quants_equals_eager(k_model, method):
     """The one-op decode on Q4_K/Q6_K rows and columns, q/k/v apart (their formats differ) with Qwen2's

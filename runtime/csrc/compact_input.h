@@ -63,6 +63,28 @@ inline void prefetch_row(const uint8_t* row, int64_t bytes) {
   for (int64_t i = 0; i < bytes; i += 64) _mm_prefetch(reinterpret_cast<const char*>(row + i), _MM_HINT_T0);
 }
 
+// Items per chunk when n items are handed out in chunks: about `per_thread` chunks per thread, each a
+// multiple of `grain` items (whole K-quant sub-blocks of neurons stay in one chunk); so there are at most
+// per_thread * nt chunks.
+inline int64_t chunk_size(int64_t n, int64_t grain, int nt, int per_thread) {
+  return std::max<int64_t>(1, (n + per_thread * nt * grain - 1) / (per_thread * nt * grain)) * grain;
+}
+
+// f(begin, end, chunk) for the chunks of [0, n), each handed to whichever thread asks next: on a shared
+// VM one vCPU often runs slower for a while, and with even shares the other waited for it (the decode
+// step's Team::chunks does the same inside its region). Sums over chunks go into a partial per chunk,
+// added in chunk order, so that a result does not depend on which thread ran which chunk.
+template <class F>
+void parallel_chunks(int64_t n, int64_t grain, int per_thread, F&& f) {
+  const int nt = at::get_num_threads();
+  const int64_t size = chunk_size(n, grain, nt, per_thread);
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, nt, 1, [&](int64_t, int64_t) {
+    for (int64_t c = next.fetch_add(1, std::memory_order_relaxed); c * size < n; c = next.fetch_add(1, std::memory_order_relaxed))
+      f(c * size, std::min(n, (c + 1) * size), c);
+  });
+}
+
 // How many rows ahead of the one being read a GEMV prefetches: about 4 KiB of short rows (the next row
 // alone, 864 bytes of Q4_K for 1,536 weights, arrives too late for memory's latency), the next of rows
 // gathered out of order; none for long rows read in order, which the hardware prefetchers stream

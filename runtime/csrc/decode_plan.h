@@ -112,7 +112,7 @@ at::Tensor model_decode(const at::Tensor& x, const c10::intrusive_ptr<DecodePlan
   s.gate_up.resize(2 * p.ffn_width);
   s.act.resize(p.ffn_width);
   s.chosen.resize(p.ffn_width);
-  s.partial.resize(static_cast<size_t>(threads) * D);
+  s.partial.resize(static_cast<size_t>(Team::CHUNKS_PER_THREAD) * threads * D);  // a partial per down chunk
   s.comp.resize(std::max(D, p.comp_rank));
   const std::vector<float> x_in = to_floats(x);
   std::vector<float> result;

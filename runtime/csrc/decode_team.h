@@ -23,15 +23,15 @@ struct Team {
   mutable int64_t stage = 0;  // the next chunked stage of this thread
   // [begin, end) of this thread's even share of n items.
   std::pair<int64_t, int64_t> share(int64_t n) const { return {n * t / nt, n * (t + 1) / nt}; }
-  // f(begin, end) for each chunk of [0, n) this thread takes; about eight chunks per thread, of at least
-  // `grain` items (a multiple of it: whole K-quant sub-blocks of neurons stay in one chunk).
+  // f(begin, end, chunk) for each chunk of [0, n) this thread takes (chunk_size, CHUNKS_PER_THREAD).
   template <class F>
   void chunks(int64_t n, int64_t grain, F&& f) const {
     std::atomic<int64_t>& next = counters[stage++];
-    const int64_t size = std::max<int64_t>(1, (n + 8 * nt * grain - 1) / (8 * nt * grain)) * grain;
+    const int64_t size = chunk_size(n, grain, nt, CHUNKS_PER_THREAD);
     for (int64_t c = next.fetch_add(1, std::memory_order_relaxed); c * size < n; c = next.fetch_add(1, std::memory_order_relaxed))
-      f(c * size, std::min(n, (c + 1) * size));
+      f(c * size, std::min(n, (c + 1) * size), c);
   }
+  static constexpr int CHUNKS_PER_THREAD = 4;
 };
 constexpr int64_t CHUNKED_STAGES_PER_LAYER = 12;  // at most: q, k, v, o, gate, up, down, two of compensation
 
@@ -41,7 +41,7 @@ inline void team_barrier() {
 
 // y[r] = W[r] . in (+ bias[r] when given) for the rows of W this thread takes.
 void gemv_share(const Matrix& W, const GemvInput& in, float* y, const Team& team, const float* bias = nullptr) {
-  team.chunks(W.rows, 16, [&](int64_t r0, int64_t r1) {
+  team.chunks(W.rows, 16, [&](int64_t r0, int64_t r1, int64_t) {
     matrix_gemv(W, in, nullptr, y, r0, r1);
     if (bias)
       for (int64_t r = r0; r < r1; ++r) y[r] += bias[r];
@@ -199,14 +199,18 @@ const float* gated_ffn_team(const Matrix& gate_up, const Matrix& down, bool inte
 const float* down_team(const Matrix& down_t, const float* a, const int64_t* rows, int64_t n, SharedScratch& s,
                        std::vector<float>& out, std::vector<float>& units, const Team& team) {
   const int64_t D = down_t.cols;
-  float* partial = s.partial.data() + team.t * D;
-  std::fill(partial, partial + D, 0.0f);
   team_barrier();  // a holds every thread's chunks
   if (!down_t.bf16 && (down_t.columns.q4 || down_t.k_columns.codes))  // 8-bit activations: units from all n
     column_block_units(down_t, a, rows, n, units);
-  team.chunks(n, 32, [&](int64_t r0, int64_t r1) { matrix_axpy(down_t, a, rows, units, partial, r0, r1); });
+  // each chunk's sum in a partial of its own, added in chunk order: the same result whoever ran it
+  const int64_t size = chunk_size(n, 32, team.nt, Team::CHUNKS_PER_THREAD), chunks = (n + size - 1) / size;
+  team.chunks(n, 32, [&](int64_t r0, int64_t r1, int64_t c) {
+    float* partial = s.partial.data() + c * D;
+    std::fill(partial, partial + D, 0.0f);
+    matrix_axpy(down_t, a, rows, units, partial, r0, r1);
+  });
   team_barrier();
-  reduce_partials(down_t, s.partial.data(), team.nt, out.data());
+  reduce_partials(down_t, s.partial.data(), static_cast<int>(chunks), out.data());
   return out.data();
 }
 
@@ -218,7 +222,7 @@ const float* rows_ffn_team(const Matrix& gate_up, const Matrix& down_t, const Ge
                            std::vector<float>& out, std::vector<float>& units, const Team& team) {
   const int64_t m = down_t.rows;
   float* gu = s.gate_up.data();
-  team.chunks(m, 32, [&](int64_t i0, int64_t i1) {
+  team.chunks(m, 32, [&](int64_t i0, int64_t i1, int64_t) {
     matrix_gemv(gate_up, h, nullptr, gu, 2 * i0, 2 * i1);
     for (int64_t i = i0; i < i1; ++i) s.act[i] = silu(gu[2 * i]) * gu[2 * i + 1];
   });
@@ -238,7 +242,7 @@ const float* tokenwise_ffn_team(const Matrix& gate, const Matrix& up, const Matr
   const int64_t k = gate.rows;
   float* ag = s.act.data();  // silu(gate h) [k]
   float* score = s.gate_up.data();  // [k]
-  team.chunks(k, 16, [&](int64_t i0, int64_t i1) {
+  team.chunks(k, 16, [&](int64_t i0, int64_t i1, int64_t) {
     matrix_gemv(gate, h, nullptr, ag, i0, i1);
     for (int64_t i = i0; i < i1; ++i) {
       ag[i] = silu(ag[i]);
@@ -254,7 +258,7 @@ const float* tokenwise_ffn_team(const Matrix& gate, const Matrix& up, const Matr
   rows.resize(n_active);
   std::sort(rows.begin() + n_base, rows.end());  // ascending rows stream better
   float* u = s.chosen.data();  // [n_active] the chosen neurons' activations
-  team.chunks(n_active, 16, [&](int64_t j0, int64_t j1) {
+  team.chunks(n_active, 16, [&](int64_t j0, int64_t j1, int64_t) {
     matrix_gemv(up, h, rows.data(), u, j0, j1);
     for (int64_t j = j0; j < j1; ++j) u[j] *= ag[rows[j]];
   });

@@ -406,7 +406,7 @@ at::Tensor gemv_k(const at::Tensor& W, const at::Tensor& x, const std::string& k
   at::Tensor y = at::empty({T, R}, x.options());
   float* yp = y.data_ptr<float>();
   const uint8_t* w = W.data_ptr<uint8_t>();
-  at::parallel_for(0, R, 16, [&](int64_t r0, int64_t r1) {
+  parallel_chunks(R, 16, 8, [&](int64_t r0, int64_t r1, int64_t) {
     kernels.rows_dots(q4_k, w, W.size(1), rp, r0, r1, in.data(), T, yp, R);
   });
   return y;
@@ -428,9 +428,10 @@ at::Tensor down_k(const at::Tensor& codes, const at::Tensor& table, const at::Te
     TORCH_CHECK(codes.size(0) == j, "codes: one row per id");
   }
   at::Tensor keys = at::zeros({codes.size(0)}, ids.options());  // each codes row's sub-block
+  int64_t* kp = keys.data_ptr<int64_t>();
   for (int64_t i = 0; i < j; ++i) {
     TORCH_CHECK(idp[i] >= 0, "neuron id ", idp[i], " is negative");
-    keys.data_ptr<int64_t>()[rp ? rp[i] : i] = idp[i] / group;
+    kp[rp ? rp[i] : i] = idp[i] / group;
   }
   const KColumns W = k_columns_of(codes, table, keys, "down");
   TORCH_CHECK(a.scalar_type() == at::kFloat && a.is_contiguous() && a.dim() == 2 && a.size(1) == j, "a: contiguous fp32 [T, j]");
@@ -441,14 +442,15 @@ at::Tensor down_k(const at::Tensor& codes, const at::Tensor& table, const at::Te
     group_units(W.keys, W.n_keys, a.data_ptr<float>() + t * j, rp, j, one);
     std::copy(one.begin(), one.end(), units.begin() + t * W.n_keys);
   }
-  // The threads split the neurons (each reads whole neurons' codes, one stream) into partial outputs.
-  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), j));
+  // The threads take chunks of the neurons (whole sub-block groups: the sorted order keeps a group's rows
+  // together), each summed into a partial output of its own: two chunks per thread, so that the partials
+  // of a 128-token prompt stay under 4 MiB.
+  constexpr int per_thread = 2;
+  const int64_t parts = per_thread * at::get_num_threads();
   std::vector<float> partial(static_cast<size_t>(parts) * T * d, 0.0f);
   const KQuantKernels& kernels = k_quant_kernels();
-  at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p)
-      kernels.axpy_columns(W, a.data_ptr<float>(), T, j, rp, units.data(), partial.data() + p * T * d, d, p * j / parts,
-                           (p + 1) * j / parts);
+  parallel_chunks(j, 32, per_thread, [&](int64_t r0, int64_t r1, int64_t chunk) {
+    kernels.axpy_columns(W, a.data_ptr<float>(), T, j, rp, units.data(), partial.data() + chunk * T * d, d, r0, r1);
   });
   at::Tensor y = at::zeros({T, d}, a.options());
   float* yp = y.data_ptr<float>();
