@@ -192,8 +192,9 @@ const float* gated_ffn_team(const Matrix& gate_up, const Matrix& down, bool inte
   return s.out.data();
 }
 
-// out = sum_r a[r] down_t[row(r)] over all n rows, by the whole team: this thread adds the chunks of rows
-// it takes into its own partial sum, and after a barrier every thread sums the partials into its `out`.
+// out = sum_r a[r] down_t[row(r)] over all n rows, by the whole team: each chunk of rows a thread takes is
+// summed into a partial of its own, and after a barrier every thread adds the partials, in chunk order,
+// into its `out`.
 // a [n] is shared and written by the team's chunks: a barrier first (Q4_1 and K-quant columns then
 // take block scales computed from all n activations, column_block_units). Returns out.data().
 const float* down_team(const Matrix& down_t, const float* a, const int64_t* rows, int64_t n, SharedScratch& s,
