@@ -65,15 +65,25 @@ def in_token_chunks(x: torch.Tensor, fn) -> torch.Tensor:
     return torch.cat([fn(x[t : t + K_PRODUCT_TOKENS].contiguous()) for t in range(0, x.shape[0], K_PRODUCT_TOKENS)])
 
 
+def gather_rows(weight: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """weight[rows]: F.embedding for float rows (faster than index_select there), indexing for compact ones."""
+    return weight[rows] if weight.dtype == torch.uint8 else F.embedding(rows, weight)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-           fmt: BlockFormat | None = None) -> torch.Tensor:
+           fmt: BlockFormat | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear, with fp32 compute on CPU for many-token half-precision inputs (result in x's dtype).
     The compiled one-token decode (runtime/decode.py) does not come through here.
 
     `fmt`: the block format of a compact `weight` (uint8 rows [N, row_bytes], common/formats/blocks.py),
     which the module holding it names. Its output rows are de-quantized tile by tile (DEQUANT_TILE_BYTES)
     into the compute dtype and multiplied at once, so the weights stay compact in memory and a call adds
-    at most one tile."""
+    at most one tile.
+
+    `rows` [R] (no bias): multiply weight[rows] only -> [..., R]; K-quant rows are read in place by the
+    compiled product, others gathered first (the token-wise method's chosen neurons)."""
+    if rows is not None and (fmt is None or k_product_kernel(weight, fmt) is None):
+        weight = gather_rows(weight, rows)
     if fmt is None:
         if weight.dtype == torch.uint8:
             raise TypeError("a compact weight needs its block format (fmt=...)")
@@ -84,11 +94,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     k = x.shape[-1]
     kernel = k_product_kernel(weight, fmt)
     if kernel is not None:
-        w = weight.contiguous()
-        y = in_token_chunks(x.reshape(-1, k).float(), lambda chunk: native_gemv_k(w, chunk, kernel))  # [tokens, N] fp32
+        w, index = weight.contiguous(), None if rows is None else rows.contiguous()
+        y = in_token_chunks(x.reshape(-1, k).float(), lambda chunk: native_gemv_k(w, chunk, kernel, index))  # [tokens, N|R]
         if bias is not None:
             y += bias.float()
-        return y.reshape(*x.shape[:-1], weight.shape[0]).to(x.dtype)
+        return y.reshape(*x.shape[:-1], y.shape[-1]).to(x.dtype)
     wide = cpu_prefers_fp32(x, weight, x.dtype)
     compute = torch.float32 if wide else x.dtype
     xc = x.to(compute)

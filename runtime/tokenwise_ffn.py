@@ -34,8 +34,7 @@ from partinfer.common.formats.blocks import BlockFormat
 from partinfer.runtime.config import ACTIVATIONS, ModelConfig
 from partinfer.runtime.decode_contract import FfnKind, FfnWeights
 from partinfer.runtime.ffn import FeedForward, FfnRows, column_linear, decode_kernels
-from partinfer.runtime.kernels import in_token_chunks, k_product_kernel, linear
-from partinfer.runtime.native import gemv_k as native_gemv_k
+from partinfer.runtime.kernels import gather_rows, linear
 from partinfer.runtime.quant import dequantize_columns, down_table_shape, neuron_scale_groups
 from partinfer.runtime.selection import real_token_weights
 from partinfer.runtime.sparsity import LayerPlan, SparsityConfig
@@ -94,14 +93,7 @@ class TokenwiseFFN(FeedForward):
     def _rows_linear(self, x: torch.Tensor, w: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """x [..., D] against gate or up rows w [j, D or row_bytes] (w[rows] when given) -> [..., j or len(rows)];
         K-quant rows chosen by `rows` are read in place by the compiled product (no gathered copy)."""
-        if rows is None:
-            return linear(x, w, fmt=self.gate_up_format)
-        kernel = None if self.gate_up_format is None else k_product_kernel(w, self.gate_up_format)
-        if kernel is None:
-            return linear(x, self._gather(rows, w), fmt=self.gate_up_format)
-        rows = rows.contiguous()
-        y = in_token_chunks(x.reshape(-1, x.shape[-1]).float(), lambda chunk: native_gemv_k(w, chunk, kernel, rows))
-        return y.reshape(*x.shape[:-1], rows.numel()).to(x.dtype)
+        return linear(x, w, fmt=self.gate_up_format, rows=rows)
 
     @property
     def down(self) -> torch.Tensor:  # [d, k] view (a de-quantized copy for compact columns)
@@ -183,11 +175,6 @@ class TokenwiseFFN(FeedForward):
         per-sequence scales of a batch."""
         return self.decode_record if self.phase == "decode" else None
 
-    @staticmethod
-    def _gather(rows: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """w[rows]: F.embedding for bf16 rows (faster than index_select there), indexing for compact ones."""
-        return w[rows] if w.dtype == torch.uint8 else F.embedding(rows, w)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, D]
         return self.compensate(x, self._computed(x))
 
@@ -211,7 +198,7 @@ class TokenwiseFFN(FeedForward):
                 y = (column_linear(a_base[None], self.down_t[:nb], self.down_table, self.neuron_ids[:nb], self.down_format)
                      + column_linear(a_rest[None], self.down_t, self.down_table, self.neuron_ids, self.down_format, rows))
                 return y.view(1, 1, -1)
-            y = torch.mv(self.down_t[:nb].t(), a_base) + torch.mv(self._gather(rows, self.down_t).t(), a_rest)
+            y = torch.mv(self.down_t[:nb].t(), a_base) + torch.mv(gather_rows(self.down_t, rows).t(), a_rest)
             return y.view(1, 1, -1)
         mask = torch.zeros_like(act_gate).scatter_(-1, selected, 1.0)
         return self._down_linear(act_gate * mask * self._rows_linear(x, self.up))
