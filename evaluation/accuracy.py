@@ -226,7 +226,8 @@ def run_eval(
     if not runs:
         raise PartinferError(f"no results with these settings in {raw_dir}; run without --table-only first")
     report = {"model": str(model_dir), "tasks": tasks, "methods": [name for name, _ in jobs if name in runs], "limit": limit,
-              "dtype": dtype, "gamma": sparsity.gamma, "delta": sparsity.delta, "phi": sparsity.phi, "runs": runs}
+              "dtype": dtype, "weights": weights, "gamma": sparsity.gamma, "delta": sparsity.delta, "phi": sparsity.phi,
+              "runs": runs}
     output.write_text("results.md", f"{format_table(report)}\n\nThe PartInfer paper's ratios to dense, for comparison:\n\n"
                                     f"{format_published()}\n")
     return report
@@ -244,7 +245,8 @@ def format_table(report: dict) -> str:
     methods = report["methods"]
     runs = report["runs"]
     lines = [
-        f"γ {report['gamma']}, δ {report['delta']}, φ {report['phi']}, {report['dtype']}; "
+        f"γ {report['gamma']}, δ {report['delta']}, φ {report['phi']}, {report['dtype']}"
+        f"{', ' + report['weights'] + ' weights' if report.get('weights') else ''}; "
         f"limit {report['limit'] or 'none'} examples per task. Cells: score ±standard error (ratio to dense; "
         "for perplexity dense ÷ method, so below 1 is a loss everywhere).",
         "",
