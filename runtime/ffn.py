@@ -133,8 +133,8 @@ def column_linear(a: torch.Tensor, codes: torch.Tensor, table: torch.Tensor, neu
     if kernel is not None:  # the compiled column sum, no de-quantized column
         ids = (neuron_ids if rows is None else neuron_ids[rows]).contiguous()
         c = codes.contiguous()
-        y = in_token_chunks(a.reshape(-1, ids.numel()).float(), lambda chunk: native_down_k(c, table, ids, chunk, kernel, rows))
-        return y.reshape(*a.shape[:-1], d).to(a.dtype)
+        y = in_token_chunks(a.reshape(-1, ids.numel()), lambda chunk: native_down_k(c, table, ids, chunk, kernel, rows), a.dtype)
+        return y.reshape(*a.shape[:-1], d)
     if rows is not None:
         codes, neuron_ids = codes[rows], neuron_ids[rows]
     j = codes.shape[0]

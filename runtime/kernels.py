@@ -58,11 +58,19 @@ def k_product_kernel(weight: torch.Tensor, fmt: BlockFormat) -> str | None:
     return fmt.dequant_kernel
 
 
-def in_token_chunks(x: torch.Tensor, fn) -> torch.Tensor:
-    """fn over x [tokens, k] fp32 in chunks of K_PRODUCT_TOKENS tokens, the results concatenated."""
+def in_token_chunks(x: torch.Tensor, fn, dtype: torch.dtype) -> torch.Tensor:
+    """fn over x [tokens, k] in chunks of K_PRODUCT_TOKENS tokens, each made a contiguous fp32 copy; the
+    results (fp32 [chunk, N]) written into one [tokens, N] tensor of `dtype`. A 512-token prompt's
+    transients stay one chunk's fp32 copies, not the whole prompt's (the peak during generation)."""
+    first = fn(x[:K_PRODUCT_TOKENS].float().contiguous())
     if x.shape[0] <= K_PRODUCT_TOKENS:
-        return fn(x.contiguous())
-    return torch.cat([fn(x[t : t + K_PRODUCT_TOKENS].contiguous()) for t in range(0, x.shape[0], K_PRODUCT_TOKENS)])
+        return first.to(dtype)
+    out = torch.empty(x.shape[0], first.shape[1], dtype=dtype, device=x.device)
+    out[:K_PRODUCT_TOKENS] = first
+    del first
+    for t in range(K_PRODUCT_TOKENS, x.shape[0], K_PRODUCT_TOKENS):
+        out[t : t + K_PRODUCT_TOKENS] = fn(x[t : t + K_PRODUCT_TOKENS].float().contiguous())
+    return out
 
 
 def gather_rows(weight: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -95,10 +103,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     kernel = k_product_kernel(weight, fmt)
     if kernel is not None:
         w, index = weight.contiguous(), None if rows is None else rows.contiguous()
-        y = in_token_chunks(x.reshape(-1, k).float(), lambda chunk: native_gemv_k(w, chunk, kernel, index))  # [tokens, N|R]
-        if bias is not None:
-            y += bias.float()
-        return y.reshape(*x.shape[:-1], y.shape[-1]).to(x.dtype)
+        b = None if bias is None else bias.float()
+
+        def product(chunk: torch.Tensor) -> torch.Tensor:  # [c, k] fp32 -> [c, N|R] fp32, the bias added before rounding
+            y = native_gemv_k(w, chunk, kernel, index)
+            return y if b is None else y.add_(b)
+
+        y = in_token_chunks(x.reshape(-1, k), product, x.dtype)  # [tokens, N|R]
+        return y.reshape(*x.shape[:-1], y.shape[-1])
     wide = cpu_prefers_fp32(x, weight, x.dtype)
     compute = torch.float32 if wide else x.dtype
     xc = x.to(compute)
