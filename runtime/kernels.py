@@ -114,13 +114,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     wide = cpu_prefers_fp32(x, weight, x.dtype)
     compute = torch.float32 if wide else x.dtype
     xc = x.to(compute)
-    rows = max(1, DEQUANT_TILE_BYTES // (k * torch.empty((), dtype=compute).element_size()))
-    if rows >= weight.shape[0]:
+    tile_rows = max(1, DEQUANT_TILE_BYTES // (k * torch.empty((), dtype=compute).element_size()))
+    if tile_rows >= weight.shape[0]:
         y = F.linear(xc, dequantize(weight, fmt, k, compute), None if bias is None else bias.to(compute))
         return y.to(x.dtype)
     out = torch.empty(*x.shape[:-1], weight.shape[0], dtype=compute, device=x.device)
-    for r0 in range(0, weight.shape[0], rows):
-        r1 = min(r0 + rows, weight.shape[0])
+    for r0 in range(0, weight.shape[0], tile_rows):
+        r1 = min(r0 + tile_rows, weight.shape[0])
         tile = dequantize(weight[r0:r1], fmt, k, compute)  # [r1 - r0, k]
         out[..., r0:r1] = F.linear(xc, tile)
     if bias is not None:
