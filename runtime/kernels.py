@@ -90,7 +90,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
     `rows` [R] (no bias): multiply weight[rows] only -> [..., R]; K-quant rows are read in place by the
     compiled product, others gathered first (the token-wise method's chosen neurons)."""
-    if rows is not None and (fmt is None or k_product_kernel(weight, fmt) is None):
+    kernel = None if fmt is None else k_product_kernel(weight, fmt)
+    if rows is not None and kernel is None:
         weight = gather_rows(weight, rows)
     if fmt is None:
         if weight.dtype == torch.uint8:
@@ -100,7 +101,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             return F.linear(x.float(), weight.float(), b).to(x.dtype)
         return F.linear(x, weight, bias)
     k = x.shape[-1]
-    kernel = k_product_kernel(weight, fmt)
     if kernel is not None:
         w, index = weight.contiguous(), None if rows is None else rows.contiguous()
         b = None if bias is None else bias.float()

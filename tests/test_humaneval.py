@@ -165,7 +165,7 @@ def test_raw_results_are_not_reused_when_a_neuron_file_changes_in_place(tmp_path
     assert after["dense"] == before["dense"]  # dense computes every neuron: the ranking cannot change it
 
 
-def test_pareto_takes_humaneval_as_its_second_axis(tiny_with_tokenizer, tmp_path, monkeypatch):
+def test_pareto_takes_humaneval_as_its_second_axis(tiny_with_tokenizer, tmp_path):
     from partinfer.evaluation.pareto import run_pareto
     from partinfer.runtime.sparsity import SparsityConfig
 

@@ -70,6 +70,15 @@ inline int64_t chunk_size(int64_t n, int64_t grain, int nt, int per_thread) {
   return std::max<int64_t>(1, (n + per_thread * nt * grain - 1) / (per_thread * nt * grain)) * grain;
 }
 
+// f(begin, end, chunk) for the chunks of `size` items of [0, n) that this thread takes from the shared
+// counter `next` (each chunk goes to whichever thread asks first); returns the number of chunks.
+template <class F>
+int64_t take_chunks(std::atomic<int64_t>& next, int64_t n, int64_t size, F&& f) {
+  for (int64_t c = next.fetch_add(1, std::memory_order_relaxed); c * size < n; c = next.fetch_add(1, std::memory_order_relaxed))
+    f(c * size, std::min(n, (c + 1) * size), c);
+  return (n + size - 1) / size;
+}
+
 // f(begin, end, chunk) for the chunks of [0, n), each handed to whichever thread asks next: on a shared
 // VM one vCPU often runs slower for a while, and with even shares the other waited for it (the decode
 // step's Team::chunks does the same inside its region). Sums over chunks go into a partial per chunk,
@@ -79,10 +88,7 @@ void parallel_chunks(int64_t n, int64_t grain, int per_thread, F&& f) {
   const int nt = at::get_num_threads();
   const int64_t size = chunk_size(n, grain, nt, per_thread);
   std::atomic<int64_t> next{0};
-  at::parallel_for(0, nt, 1, [&](int64_t, int64_t) {
-    for (int64_t c = next.fetch_add(1, std::memory_order_relaxed); c * size < n; c = next.fetch_add(1, std::memory_order_relaxed))
-      f(c * size, std::min(n, (c + 1) * size), c);
-  });
+  at::parallel_for(0, nt, 1, [&](int64_t, int64_t) { take_chunks(next, n, size, f); });
 }
 
 // How many rows ahead of the one being read a GEMV prefetches: about 4 KiB of short rows (the next row

@@ -23,13 +23,11 @@ struct Team {
   mutable int64_t stage = 0;  // the next chunked stage of this thread
   // [begin, end) of this thread's even share of n items.
   std::pair<int64_t, int64_t> share(int64_t n) const { return {n * t / nt, n * (t + 1) / nt}; }
-  // f(begin, end, chunk) for each chunk of [0, n) this thread takes (chunk_size, CHUNKS_PER_THREAD).
+  // f(begin, end, chunk) for each chunk of [0, n) this thread takes (chunk_size, CHUNKS_PER_THREAD);
+  // returns the stage's number of chunks.
   template <class F>
-  void chunks(int64_t n, int64_t grain, F&& f) const {
-    std::atomic<int64_t>& next = counters[stage++];
-    const int64_t size = chunk_size(n, grain, nt, CHUNKS_PER_THREAD);
-    for (int64_t c = next.fetch_add(1, std::memory_order_relaxed); c * size < n; c = next.fetch_add(1, std::memory_order_relaxed))
-      f(c * size, std::min(n, (c + 1) * size), c);
+  int64_t chunks(int64_t n, int64_t grain, F&& f) const {
+    return take_chunks(counters[stage++], n, chunk_size(n, grain, nt, CHUNKS_PER_THREAD), f);
   }
   static constexpr int CHUNKS_PER_THREAD = 4;
 };
@@ -204,8 +202,7 @@ const float* down_team(const Matrix& down_t, const float* a, const int64_t* rows
   if (!down_t.bf16 && (down_t.columns.q4 || down_t.k_columns.codes))  // 8-bit activations: units from all n
     column_block_units(down_t, a, rows, n, units);
   // each chunk's sum in a partial of its own, added in chunk order: the same result whoever ran it
-  const int64_t size = chunk_size(n, 32, team.nt, Team::CHUNKS_PER_THREAD), chunks = (n + size - 1) / size;
-  team.chunks(n, 32, [&](int64_t r0, int64_t r1, int64_t c) {
+  const int64_t chunks = team.chunks(n, 32, [&](int64_t r0, int64_t r1, int64_t c) {
     float* partial = s.partial.data() + c * D;
     std::fill(partial, partial + D, 0.0f);
     matrix_axpy(down_t, a, rows, units, partial, r0, r1);

@@ -34,6 +34,17 @@ inline __m256i q4_k_scales_mins(const uint8_t* p) {
   return _mm256_cvtepu8_epi16(_mm_or_si128(bits, high2));
 }
 
+// One block's integer sum, 16 int32 lanes: the four 64-weight products codes[j] (u8) . x[64 j ..] (s8),
+// each pair's int16 sums weighted by scale[j]; two chains of two multiply-adds, half the dependent
+// latency of one chain of four.
+inline __m512i block_sums(const __m512i* codes, const __m512i* scale, const int8_t* x) {
+  const __m512i even = _mm512_dpwssd_epi32(_mm512_madd_epi16(_mm512_maddubs_epi16(codes[0], load64(x)), scale[0]),
+                                           _mm512_maddubs_epi16(codes[2], load64(x + 128)), scale[2]);
+  const __m512i odd = _mm512_dpwssd_epi32(_mm512_madd_epi16(_mm512_maddubs_epi16(codes[1], load64(x + 64)), scale[1]),
+                                          _mm512_maddubs_epi16(codes[3], load64(x + 192)), scale[3]);
+  return _mm512_add_epi32(even, odd);
+}
+
 // Q4_K: 64-weight product j covers sub-blocks (a, b) = (0, 2), (1, 3), (4, 6), (5, 7) (the nibbles of
 // code bytes 0-63, then 64-127); its vpermw index puts sub-block a's scale in lanes 0-15, b's in 16-31.
 template <int NT>
@@ -54,14 +65,9 @@ inline void dots_q4_k(const uint8_t* w, int64_t nb, const Q8KInput* const* in, f
     for (int j = 0; j < 4; ++j) scale[j] = _mm512_permutexvar_epi16(pick[j], sc16);
     const float d = fp16_to_float(w), dmin = fp16_to_float(w + 2);
     for (int t = 0; t < NT; ++t) {
-      const int8_t* x = in[t]->q_pairs.data() + QK_K * b;
-      // two chains of two multiply-adds each: half the dependent latency of one chain of four
-      const __m512i even = _mm512_dpwssd_epi32(_mm512_madd_epi16(_mm512_maddubs_epi16(codes[0], load64(x)), scale[0]),
-                                               _mm512_maddubs_epi16(codes[2], load64(x + 128)), scale[2]);
-      const __m512i odd = _mm512_dpwssd_epi32(_mm512_madd_epi16(_mm512_maddubs_epi16(codes[1], load64(x + 64)), scale[1]),
-                                              _mm512_maddubs_epi16(codes[3], load64(x + 192)), scale[3]);
+      const __m512i isum = block_sums(codes, scale, in[t]->q_pairs.data() + QK_K * b);
       const float dx = in[t]->d[b];
-      acc[t] = _mm512_fmadd_ps(_mm512_set1_ps(d * dx), _mm512_cvtepi32_ps(_mm512_add_epi32(even, odd)), acc[t]);
+      acc[t] = _mm512_fmadd_ps(_mm512_set1_ps(d * dx), _mm512_cvtepi32_ps(isum), acc[t]);
       const __m128i msum = _mm_madd_epi16(m8, _mm_loadu_si128(reinterpret_cast<const __m128i*>(in[t]->sums32.data() + 8 * b)));
       mins[t] = _mm_fmadd_ps(_mm_set1_ps(dmin * dx), _mm_cvtepi32_ps(msum), mins[t]);
     }
@@ -103,13 +109,9 @@ inline void dots_q6_k(const uint8_t* w, int64_t nb, const Q8KInput* const* in, f
     for (int j = 0; j < 4; ++j) scale[j] = _mm512_permutexvar_epi16(pick[j], sc16);
     const float d = fp16_to_float(w + 208);
     for (int t = 0; t < NT; ++t) {
-      const int8_t* x = in[t]->q.data() + QK_K * b;
-      const __m512i even = _mm512_dpwssd_epi32(_mm512_madd_epi16(_mm512_maddubs_epi16(codes[0], load64(x)), scale[0]),
-                                               _mm512_maddubs_epi16(codes[2], load64(x + 128)), scale[2]);
-      const __m512i odd = _mm512_dpwssd_epi32(_mm512_madd_epi16(_mm512_maddubs_epi16(codes[1], load64(x + 64)), scale[1]),
-                                              _mm512_maddubs_epi16(codes[3], load64(x + 192)), scale[3]);
+      const __m512i isum = block_sums(codes, scale, in[t]->q.data() + QK_K * b);
       const float dd = d * in[t]->d[b];
-      acc[t] = _mm512_fmadd_ps(_mm512_set1_ps(dd), _mm512_cvtepi32_ps(_mm512_add_epi32(even, odd)), acc[t]);
+      acc[t] = _mm512_fmadd_ps(_mm512_set1_ps(dd), _mm512_cvtepi32_ps(isum), acc[t]);
       const __m256i ssum = _mm256_madd_epi16(sc256, load32(in[t]->sums16.data() + 16 * b));
       bias[t] = _mm256_fmadd_ps(_mm256_set1_ps(32.0f * dd), _mm256_cvtepi32_ps(ssum), bias[t]);
     }
