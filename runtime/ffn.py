@@ -118,6 +118,20 @@ def decode_kernels(*formats: BlockFormat | None) -> bool:
     return all(fmt is None or fmt.kernel is not None or fmt.dequant_kernel is not None for fmt in formats)
 
 
+def compact_gated_activations(x: torch.Tensor, gate_up: torch.Tensor, fmt: BlockFormat, act) -> torch.Tensor:
+    """x [B, T, D], gate_up [m, 2, row_bytes] compact gate/up row pairs -> a = act(gate) * up [B, T, m].
+
+    K-quant pairs go through the compiled product as one interleaved matrix [2m, bytes] (read in place).
+    Other formats are de-quantized: the gate rows, then the up rows, each read in place with a row stride,
+    so that act and the product run on contiguous [B, T, m] halves (on the interleaved output they ran
+    5x slower, a tenth of a 64-token prompt on the default model)."""
+    m = gate_up.shape[0]
+    if k_product_kernel(gate_up.view(2 * m, -1), fmt) is not None:
+        h = linear(x, gate_up.view(2 * m, -1), fmt=fmt).unflatten(-1, (-1, 2))  # [B, T, m, 2]
+        return act(h[..., 0]) * h[..., 1]
+    return act(linear(x, gate_up[:, 0], fmt=fmt)) * linear(x, gate_up[:, 1], fmt=fmt)
+
+
 COLUMN_TILE_BYTES = 4 << 20  # de-quantized down columns per tile of `column_linear`
 
 
@@ -190,8 +204,7 @@ class CompactFFN(FeedForward):
                           down_block=neuron_scale_groups(self.neuron_ids, self.down_format))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, D] -> [B, T, D]
-        h = linear(x, self.gate_up.view(2 * self.gate_up.shape[0], -1), fmt=self.gate_up_format).unflatten(-1, (-1, 2))
-        a = self.act(h[..., 0]) * h[..., 1]  # [B, T, n]
+        a = compact_gated_activations(x, self.gate_up, self.gate_up_format, self.act)  # [B, T, n]
         return column_linear(a, self.down_t, self.down_table, self.neuron_ids, self.down_format)
 
     def decode_bytes(self) -> int:

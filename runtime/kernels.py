@@ -18,6 +18,7 @@ from partinfer.common.formats.blocks import BlockFormat
 from partinfer.common.safetensors_io import SafetensorsFile
 from partinfer.runtime.checkpoint import contiguous_runs
 from partinfer.runtime.native import cpu_flags
+from partinfer.runtime.native import gemv as native_gemv
 from partinfer.runtime.native import gemv_k as native_gemv_k
 from partinfer.runtime.quant import dequantize, native_kernel
 
@@ -49,6 +50,10 @@ DEQUANT_TILE_BYTES = 4 << 20
 # into a float GEMM at every prompt length measured (docs/design.md §10). A longer input runs in
 # chunks of this many tokens, so that its 8-bit copy and the column sums' partial outputs stay small.
 K_PRODUCT_TOKENS = 128
+# The output head on compact rows (Q4_1, Q8_0) takes at most this many tokens through the compiled
+# GEMV (`head_linear`): a prompt's last token, de-quantized, would expand the default model's whole
+# 49,152 x 576 head (a fifth of its weights) for one row of logits.
+HEAD_GEMV_TOKENS = 4
 
 
 def k_product_kernel(weight: torch.Tensor, fmt: BlockFormat) -> str | None:
@@ -128,6 +133,21 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return out.to(x.dtype)
 
 
+def head_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, fmt: BlockFormat) -> torch.Tensor:
+    """The output head x [..., k] -> [..., V]: up to HEAD_GEMV_TOKENS tokens of compact rows through the
+    compiled GEMV, one token at a time (the input quantized to 8 bits, as every decode step reads the
+    head), more through `linear`. Every method shares the head, so their tokens stay comparable."""
+    k = x.shape[-1]
+    tokens = x.numel() // k
+    if tokens > HEAD_GEMV_TOKENS or weight.dim() != 2 or native_kernel(fmt, weight, torch.float32) != "rows":
+        return linear(x, weight, bias, fmt)
+    w, flat = weight.contiguous(), x.reshape(tokens, k).float()
+    y = torch.stack([native_gemv(w, flat[t].contiguous()) for t in range(tokens)])  # [tokens, V] fp32
+    if bias is not None:
+        y += bias.float()
+    return y.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
+
+
 class Linear(nn.Linear):
     """nn.Linear whose forward goes through `linear` (same parameters, same state-dict names)."""
 
@@ -149,6 +169,13 @@ class CompactLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
         return linear(x, self.weight, self.bias, self.fmt)
+
+
+class CompactHead(CompactLinear):
+    """An untied output head on compact rows: a prompt's last token through the compiled GEMV (`head_linear`)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., V]
+        return head_linear(x, self.weight, self.bias, self.fmt)
 
 
 class DiskEmbedding(nn.Module):
@@ -201,7 +228,7 @@ class Embedding(nn.Embedding):
 
 class CompactEmbedding(nn.Module):
     """The token embedding as compact rows: weight [V, row_bytes] uint8 in `fmt`; a lookup de-quantizes
-    only the looked-up rows, and as the tied output head it de-quantizes tile by tile (`linear`)."""
+    only the looked-up rows; as the tied output head it is `head_linear`."""
 
     def __init__(self, vocab_size: int, dim: int, fmt: BlockFormat, dtype: torch.dtype = torch.bfloat16):
         super().__init__()
@@ -212,4 +239,4 @@ class CompactEmbedding(nn.Module):
         return dequantize(self.weight[tokens], self.fmt, self.dim, self.dtype)
 
     def attend(self, x: torch.Tensor) -> torch.Tensor:  # [..., D] -> [..., V]
-        return linear(x, self.weight, None, self.fmt)
+        return head_linear(x, self.weight, None, self.fmt)

@@ -21,7 +21,7 @@ from partinfer.runtime.checkpoint import CheckpointReader, contiguous_runs, read
 from partinfer.runtime.decode import choose_backend
 from partinfer.runtime.ffn import FfnRows
 from partinfer.runtime.ffns import build_ffn
-from partinfer.runtime.kernels import CompactEmbedding, CompactLinear, DiskEmbedding, MixedCompactLinear
+from partinfer.runtime.kernels import CompactEmbedding, CompactHead, CompactLinear, DiskEmbedding, MixedCompactLinear
 from partinfer.runtime.load_plan import LoadPlan
 from partinfer.runtime.model import Transformer
 from partinfer.runtime.native import cpu_kernels
@@ -177,7 +177,7 @@ def build_model(plan: LoadPlan, dtype: torch.dtype) -> Transformer:
             model.embed_tokens = CompactEmbedding(cfg.vocab_size, cfg.dim, embedding, dtype)
         head = plan.format_of("lm_head.weight")
         if model.lm_head is not None and head is not None:
-            model.lm_head = compact_linear(model.lm_head, head)
+            model.lm_head = CompactHead(cfg.dim, cfg.vocab_size, head, bias=model.lm_head.bias is not None)
     return model
 
 

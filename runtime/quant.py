@@ -36,8 +36,8 @@ def dequantize(w: torch.Tensor, fmt: BlockFormat, k: int, dtype: torch.dtype = t
         raise PartinferError(f"{fmt.name} rows of {k} weights are {fmt.row_bytes(k)} bytes, not {w.shape[-1]}; "
                              "the checkpoint is damaged or of another format")
     native = native_kernel(fmt, w, dtype)
-    if native == "rows":
-        return native_dequantize(w.contiguous(), k, dtype)
+    if native == "rows":  # 2-D rows are read in place with their row stride (every other row of gate/up pairs)
+        return native_dequantize(w if w.dim() == 2 and w.stride(-1) == 1 else w.contiguous(), k, dtype)
     if native == "k":
         return native_dequantize_k(w.contiguous(), k, fmt.dequant_kernel, dtype)
     return fmt.dequantize(w, k, dtype)

@@ -27,7 +27,7 @@ from torch import nn
 from partinfer.common.formats.blocks import BlockFormat
 from partinfer.runtime.config import ACTIVATIONS, ModelConfig
 from partinfer.runtime.decode_contract import FfnKind, FfnWeights
-from partinfer.runtime.ffn import FeedForward, FfnRows, column_linear, decode_kernels
+from partinfer.runtime.ffn import FeedForward, FfnRows, column_linear, compact_gated_activations, decode_kernels
 from partinfer.runtime.kernels import linear
 from partinfer.runtime.model import Transformer
 from partinfer.runtime.quant import dequantize, dequantize_columns, down_table_shape, neuron_scale_groups
@@ -126,9 +126,9 @@ class SparseFFN(FeedForward):
         """active [B, m] -> [B, 2m, d] float copies of those neurons' gate/up rows (interleaved)."""
         return self.gate_up[active].reshape(active.shape[0], 2 * active.shape[1], -1)
 
-    def _gate_up_linear(self, x: torch.Tensor, m: int) -> torch.Tensor:
-        """x [B, T, D] -> the first m loaded neurons' gate/up pre-activations [B, T, 2m] (interleaved)."""
-        return linear(x, self.gate_up[:m].view(2 * m, -1))
+    def _activations(self, x: torch.Tensor, m: int) -> torch.Tensor:
+        """x [B, T, D] -> the first m loaded neurons' activations [B, T, m]."""
+        return self._act(linear(x, self.gate_up[:m].view(2 * m, -1)))  # gate/up pre-activations [B, T, 2m], interleaved
 
     def _down_of(self, a: torch.Tensor) -> torch.Tensor:
         """a [B, T, j] activations of the first j loaded positions (j = n_active or all) -> [B, T, D]."""
@@ -219,9 +219,9 @@ class SparseFFN(FeedForward):
             if self.c_gate_up is not None:  # per-sequence active sets
                 a = self._act(torch.bmm(x, self.c_gate_up.transpose(1, 2)))  # [B, T, m]
                 return torch.bmm(a, self.c_down.transpose(1, 2))  # [B, T, D]
-            a = self._act(self._gate_up_linear(x, self.n_active))  # [B, T, m]
+            a = self._activations(x, self.n_active)  # [B, T, m]
             return self._down_of(a)
-        a = self._act(self._gate_up_linear(x, self.n_loaded))  # [B, T, k]
+        a = self._activations(x, self.n_loaded)  # [B, T, k]
         if self.phase == "prefill" and self.selects:
             self._record(a)
         return self._down_of(a)
@@ -287,8 +287,8 @@ class CompactSparseFFN(SparseFFN):
     def _gate_up_rows(self, active: torch.Tensor) -> torch.Tensor:
         return dequantize(super()._gate_up_rows(active), self.gate_up_format, self.dim, self.dtype)
 
-    def _gate_up_linear(self, x: torch.Tensor, m: int) -> torch.Tensor:
-        return linear(x, self.gate_up[:m].view(2 * m, -1), fmt=self.gate_up_format)
+    def _activations(self, x: torch.Tensor, m: int) -> torch.Tensor:
+        return compact_gated_activations(x, self.gate_up[:m], self.gate_up_format, self.act)
 
     def _down_of(self, a: torch.Tensor) -> torch.Tensor:  # [B, T, j] @ the first j columns -> [B, T, D]
         j = a.shape[-1]

@@ -71,9 +71,11 @@ import json, sys, torch
 from partinfer.runtime.native import compact_kernel_path, cpu_kernels, down_columns, gemv
 assert cpu_kernels()
 from partinfer.common.formats.blocks import BLOCK_FORMATS, Q4_1
-from partinfer.runtime.quant import columns_from_rows, dequantize_columns_reference, quantize_activation
+from partinfer.runtime.quant import (columns_from_rows, dequantize, dequantize_columns, dequantize_columns_reference,
+                                     quantize_activation)
 torch.manual_seed(0)
 worst = {"fp32": 0.0, "bf16": 0.0, "down": 0.0}
+unequal = []  # de-quantized tiles that differ from the reference's values in any bit
 
 
 def per_block(v):  # one 8-bit scale for a block's activations, rounded as the kernel rounds
@@ -85,6 +87,9 @@ for fmt in (BLOCK_FORMATS["Q4_1"], BLOCK_FORMATS["Q8_0"]):
         x = torch.randn(cols)
         ref = fmt.dequantize(w, cols).double() @ quantize_activation(x).double()
         ref16 = fmt.dequantize(w, cols).double() @ quantize_activation(x.bfloat16().float()).double()
+        for dtype in (torch.float32, torch.bfloat16):
+            if not torch.equal(dequantize(w, fmt, cols, dtype), fmt.dequantize(w, cols).to(dtype)):
+                unequal.append(f"{fmt.name} rows {rows}x{cols} {dtype}")
         pick = torch.tensor([rows - 1, 0, rows // 2, rows - 1])  # a subset, out of order, with a repeat
         for kind, got, want in [("fp32", gemv(w, x), ref), ("fp32", gemv(w, x, pick), ref[pick]),
                                 ("bf16", gemv(w, x.bfloat16()), ref16)]:
@@ -93,6 +98,10 @@ for fmt in (BLOCK_FORMATS["Q4_1"], BLOCK_FORMATS["Q8_0"]):
     for d, n in [(32, 32), (64, 96), (576, 1536)]:  # down [d, n]: one block; three; the default model's
         codes, table = columns_from_rows(fmt.quantize(torch.randn(d, n)), fmt)
         ids = torch.randperm(n)[: max(1, n * 2 // 3)]  # a loaded set, hot-first order
+        for dtype in (torch.float32, torch.bfloat16):
+            want = dequantize_columns_reference(codes[ids], table, ids, fmt).to(dtype)
+            if not torch.equal(dequantize_columns(codes[ids], table, ids, fmt, dtype), want):
+                unequal.append(f"{fmt.name} columns {d}x{n} {dtype}")
         picks = [None, torch.tensor([len(ids) - 1, 0, len(ids) // 2, len(ids) - 1, 1])]  # all; out of order, a repeat
         for pick in picks:
             chosen = ids if pick is None else ids[pick]
@@ -107,7 +116,7 @@ for fmt in (BLOCK_FORMATS["Q4_1"], BLOCK_FORMATS["Q8_0"]):
             want = a_q.double() @ (values - mins) + a.double() @ mins
             got = down_columns(codes[ids].contiguous(), table, (ids // 32).contiguous(), a, pick)
             worst["down"] = max(worst["down"], (got.double() - want).abs().max().item() / (want.abs().max().item() + 1e-9))
-print(json.dumps({"path": compact_kernel_path(), "worst": worst}))
+print(json.dumps({"path": compact_kernel_path(), "worst": worst, "unequal": unequal}))
 """
 
 
@@ -122,7 +131,8 @@ def run_kernel_check(env: dict) -> dict:
 @pytest.mark.parametrize("path", ["avx2", "avx512-vnni"])
 def test_compact_gemv_equals_dequantize_then_matmul(path):
     """Each compiled path (AVX2; AVX-512 VNNI where the CPU has it) equals de-quantizing the weights and the
-    8-bit input, then an fp64 matmul: all rows, a row subset, a bf16 input, tails of blocks and of rows."""
+    8-bit input, then an fp64 matmul: all rows, a row subset, a bf16 input, tails of blocks and of rows.
+    Its de-quantizers (AVX2; AVX-512 BF16 where the CPU has it) give the reference's values bit for bit."""
     if path == "avx512-vnni" and not {"avx512_vnni", "avx512vl"} <= cpu_flags():
         pytest.skip("this CPU has no AVX-512 VNNI")
     result = run_kernel_check({"PARTINFER_VNNI": "1" if path == "avx512-vnni" else "0"})
@@ -130,6 +140,7 @@ def test_compact_gemv_equals_dequantize_then_matmul(path):
     assert result["worst"]["fp32"] < 1e-5  # fp32 sums in another order
     assert result["worst"]["bf16"] < 1e-2  # the output rounded to bf16
     assert result["worst"]["down"] < 1e-5  # down columns: fp32 sums in another order
+    assert result["unequal"] == []
 
 
 def test_quantize_activation_is_what_kernels_multiply():

@@ -47,6 +47,7 @@ namespace {
 #include "k_quant_products.h"
 #include "matrix.h"
 #include "single_ops.h"
+#include "dequantize.h"
 #include "decode_team.h"
 #include "decode_plan.h"
 

@@ -1,4 +1,4 @@
-// The ops that run one kernel each (gemv, gemv_t, dequantize, dequantize_columns, down_columns, rms_norm,
+// The ops that run one kernel each (gemv, gemv_t, down_columns, rms_norm,
 // argmax), parallelised with at::parallel_for. Included by partinfer_cpu.cpp inside its anonymous namespace.
 
 void check_rows(const std::optional<at::Tensor>& rows, int64_t n) {
@@ -34,85 +34,6 @@ at::Tensor gemv(const at::Tensor& W, const at::Tensor& x, const std::optional<at
   const int64_t* rp = rows ? rows->data_ptr<int64_t>() : nullptr;
   at::parallel_for(0, (R + 3) / 4, 16, [&](int64_t b, int64_t e) { matrix_gemv(M, in, rp, yp, b * 4, std::min(e * 4, R)); });
   return half ? y.to(at::kBFloat16) : y;
-}
-
-// Compact rows [..., row_bytes] uint8 of `cols` weights -> [..., cols] in `dtype` (fp32 or bf16), the
-// values d * q (+ m) in fp32 as the formats' references (common/formats/blocks.py) compute them: prefill's per-matrix expansion.
-at::Tensor dequantize(const at::Tensor& W, int64_t cols, at::ScalarType dtype) {
-  TORCH_CHECK(W.dim() >= 1 && W.is_contiguous() && W.device().is_cpu() && W.scalar_type() == at::kByte,
-              "dequantize takes contiguous uint8 CPU rows");
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "dequantize writes fp32 or bf16");
-  const Matrix M = matrix_of(W.reshape({-1, W.size(-1)}), cols, "W");
-  std::vector<int64_t> shape(W.sizes().begin(), W.sizes().end());
-  shape.back() = cols;
-  at::Tensor out = at::empty(shape, W.options().dtype(dtype));
-  const CompactMatrix& C = M.compact;
-  const int64_t nb = cols / 32;
-  float* out_f32 = dtype == at::kFloat ? out.data_ptr<float>() : nullptr;
-  at::BFloat16* out_bf16 = dtype == at::kBFloat16 ? out.data_ptr<at::BFloat16>() : nullptr;
-  at::parallel_for(0, C.rows, 64, [&](int64_t r0, int64_t r1) {
-    std::vector<float> row(cols);
-    for (int64_t r = r0; r < r1; ++r) {
-      const uint8_t* w = C.row(r);
-      for (int64_t b = 0; b < nb; ++b) {
-        float* v = row.data() + 32 * b;
-        if (C.q4) {
-          const uint8_t* blk = w + b * Q4_1_BYTES;
-          const float d = fp16_to_float(blk), m = fp16_to_float(blk + 2);
-          for (int i = 0; i < 16; ++i) {
-            v[i] = d * static_cast<float>(blk[4 + i] & 0x0F) + m;
-            v[i + 16] = d * static_cast<float>(blk[4 + i] >> 4) + m;
-          }
-        } else {
-          const uint8_t* blk = w + b * Q8_0_BYTES;
-          const float d = fp16_to_float(blk);
-          for (int i = 0; i < 32; ++i) v[i] = d * static_cast<float>(static_cast<int8_t>(blk[2 + i]));
-        }
-      }
-      if (out_f32)
-        std::copy(row.begin(), row.end(), out_f32 + r * cols);
-      else
-        for (int64_t i = 0; i < cols; ++i) out_bf16[r * cols + i] = at::BFloat16(row[i]);
-    }
-  });
-  return out;
-}
-
-// Down columns (codes, table, blocks: see columns_of) -> [rows, cols] in `dtype`: d * q (+ m) in fp32,
-// as the reference (runtime/quant.py) computes them.
-at::Tensor dequantize_columns(const at::Tensor& codes, const at::Tensor& table, const at::Tensor& blocks, at::ScalarType dtype) {
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "dequantize_columns writes fp32 or bf16");
-  const ColumnMatrix C = columns_of(codes, table, blocks, table.size(-1), "down").columns;
-  const int64_t D = C.cols;
-  at::Tensor out = at::empty({C.rows, D}, codes.options().dtype(dtype));
-  float* out_f32 = dtype == at::kFloat ? out.data_ptr<float>() : nullptr;
-  at::BFloat16* out_bf16 = dtype == at::kBFloat16 ? out.data_ptr<at::BFloat16>() : nullptr;
-  at::parallel_for(0, C.rows, 64, [&](int64_t r0, int64_t r1) {
-    std::vector<float> q(D), d(D), m(D, 0.0f), row(D);
-    for (int64_t r = r0; r < r1; ++r) {
-      const uint8_t* c = C.row(r);
-      const uint16_t* s = C.scales(C.blocks[r]);
-      for (int64_t i = 0; i < D; ++i) {
-        d[i] = _cvtsh_ss(s[i]);
-        if (C.q4) m[i] = _cvtsh_ss(s[D + i]);
-      }
-      if (C.q4) {
-        for (int64_t g = 0; g < D; g += 32)
-          for (int t = 0; t < 16; ++t) {
-            q[g + t] = static_cast<float>(c[g / 2 + t] & 0x0F);
-            q[g + t + 16] = static_cast<float>(c[g / 2 + t] >> 4);
-          }
-      } else {
-        for (int64_t i = 0; i < D; ++i) q[i] = static_cast<float>(static_cast<int8_t>(c[i]));
-      }
-      for (int64_t i = 0; i < D; ++i) row[i] = d[i] * q[i] + m[i];
-      if (out_f32)
-        std::copy(row.begin(), row.end(), out_f32 + r * D);
-      else
-        for (int64_t i = 0; i < D; ++i) out_bf16[r * D + i] = at::BFloat16(row[i]);
-    }
-  });
-  return out;
 }
 
 // y [D] = sum_r a[r] W[rows[r]] for down columns, on this thread with the decode's kernel: its test.
