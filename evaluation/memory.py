@@ -115,10 +115,14 @@ def run_worker(spec: MemorySpec) -> dict:
                         gemv(rows, x[0, 0].float())
                         dequantize(rows, fmt, cfg.dim, dtype)
     # Building a module on the `meta` device imports torch's meta machinery once.
+    from partinfer.runtime.loader import load_model
     from partinfer.runtime.model import Transformer
+    from partinfer.runtime.sparse_ffn import SparseFFN
 
     with torch.device("meta"):
         Transformer(replace(cfg, n_layers=1, vocab_size=8, ffn_dim=8))
+    warm_up_generation(cfg, dtype)
+    warm_up_gemms(cfg, dtype, spec.prompt_tokens)
     baseline = proc_status()
     t0 = time.perf_counter()
     prompt = torch.randint(100, cfg.vocab_size - 100, (spec.prompt_tokens,), generator=torch.Generator().manual_seed(0)).tolist()
@@ -135,9 +139,6 @@ def run_worker(spec: MemorySpec) -> dict:
         weights = sum(p.numel() * p.element_size() for p in model.parameters())
         expected = {"non_ffn": None, "ffn_loaded": None, "compact": 0, "weights": weights}
     else:
-        from partinfer.runtime.loader import load_model
-        from partinfer.runtime.sparse_ffn import SparseFFN
-
         sparsity = SparsityConfig.from_dict(spec.sparsity or {"method": "dense"})
         model = load_model(Path(spec.model_dir), dtype, spec.device, sparsity)
         load_s = time.perf_counter() - t0
@@ -152,6 +153,51 @@ def run_worker(spec: MemorySpec) -> dict:
         cuda = {"cuda_max_allocated_mib": torch.cuda.max_memory_allocated() / MIB,
                 "cuda_allocated_mib": torch.cuda.memory_allocated() / MIB}
     return {**cuda, **memory_row(spec, load_s, baseline, after_load, after_gen, expected)}
+
+
+def warm_up_generation(cfg, dtype) -> None:
+    """One short generation on a one-layer random model of the real model's width, then freed: what a
+    first generation sets up once per process (thread pools and their heaps, GEMM and attention kernels'
+    state, the decode backend's code pages: ~4 MiB of heap and ~2 MiB of code on the default model, the
+    same for any model) lands in the baseline instead of in the first model's memory."""
+    import torch
+
+    from partinfer.runtime.decode import choose_backend
+    from partinfer.runtime.generate import generate
+    from partinfer.runtime.model import Transformer
+    from partinfer.runtime.process_memory import release_free_heap
+
+    tiny_cfg = replace(cfg, n_layers=1, vocab_size=256, ffn_dim=64, tie_embeddings=True)
+    tiny = Transformer(tiny_cfg)
+    with torch.no_grad():
+        for p in tiny.parameters():
+            p.normal_(0, 0.02)
+    tiny = tiny.to(dtype).eval()
+    tiny.init_buffers("cpu")
+    tiny.backend = choose_backend(tiny)
+    generate(tiny, [list(range(1, 33))], 4)
+    del tiny
+    release_free_heap()
+
+
+def warm_up_gemms(cfg, dtype, tokens: int) -> None:
+    """The prompt's float GEMMs at their shapes (x [tokens, k] times every weight shape a layer has, as
+    stored and transposed: attention, gate, up, fused gate/up, down columns): the GEMM library keeps
+    state per shape on first use (~2.5 MiB on the default model), the process's and not the model's."""
+    import torch
+    import torch.nn.functional as F
+
+    from partinfer.runtime.process_memory import release_free_heap
+
+    q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    shapes = {(q + 2 * kv, cfg.dim), (q, cfg.dim), (kv, cfg.dim), (cfg.dim, q), (cfg.ffn_dim, cfg.dim),
+              (2 * cfg.ffn_dim, cfg.dim), (cfg.dim, cfg.ffn_dim)}
+    with torch.inference_mode():
+        for n, k in sorted(shapes):
+            x = torch.randn(1, tokens, k, dtype=dtype)
+            F.linear(x, torch.randn(n, k, dtype=dtype))
+            F.linear(x, torch.randn(k, n, dtype=dtype).t())
+    release_free_heap()
 
 
 def expected_bytes(model, sparse_cls) -> dict:

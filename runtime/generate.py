@@ -11,6 +11,7 @@ import torch
 
 from partinfer.common.errors import PartinferError
 from partinfer.runtime.model import KVCache, Transformer, decode_step, prefill
+from partinfer.runtime.process_memory import release_free_heap
 
 
 @dataclass(frozen=True)
@@ -140,4 +141,6 @@ def generate(
     if device.type == "cuda":
         torch.cuda.synchronize()
     t2 = time.perf_counter()
+    del logits, nxt
+    release_free_heap()  # the decode steps' freed buffers (logits, activations) go back, as the prompt's did
     return GenerationResult(out, int(mask.sum()), t1 - t0, t2 - t1, steps)
