@@ -20,6 +20,8 @@ from partinfer.runtime.checkpoint import contiguous_runs
 from partinfer.runtime.native import cpu_flags
 from partinfer.runtime.native import gemv as native_gemv
 from partinfer.runtime.native import gemv_k as native_gemv_k
+from partinfer.runtime.native import q4_1_gemm as native_q4_1_gemm
+from partinfer.runtime.native import q4_1_gemm_available
 from partinfer.runtime.quant import dequantize, native_kernel
 
 UPCAST_MIN_TOKENS = 32  # below it (e.g. batch-8 decode) the weight upcast costs more than it saves
@@ -115,6 +117,15 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             return y if b is None else y.add_(b)
 
         y = in_token_chunks(x.reshape(-1, k), product, x.dtype)  # [tokens, N|R]
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+    if fmt.kernel == "q4_1" and weight.dim() == 2 and x.device.type == "cpu" and q4_1_gemm_available():
+        b = None if bias is None else bias.float()
+
+        def q4_1_product(chunk: torch.Tensor) -> torch.Tensor:  # [c, k] fp32 -> [c, N] fp32
+            y = native_q4_1_gemm(weight, chunk)
+            return y if b is None else y.add_(b)
+
+        y = in_token_chunks(x.reshape(-1, k), q4_1_product, x.dtype)  # [tokens, N]
         return y.reshape(*x.shape[:-1], y.shape[-1])
     wide = cpu_prefers_fp32(x, weight, x.dtype)
     compute = torch.float32 if wide else x.dtype

@@ -225,6 +225,17 @@ def down_columns(codes: torch.Tensor, table: torch.Tensor, blocks: torch.Tensor,
     return torch.ops.partinfer_cpu.down_columns(codes, table, blocks, a, rows)
 
 
+def q4_1_gemm(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Q4_1 rows weight [N, row_bytes] (contiguous, or 2-D with a row stride), x [M, K] fp32 -> [M, N] fp32:
+    a prompt's product in integers (x quantized to 8 bits per 32, as the GEMV does), on AVX-512 VNNI."""
+    return torch.ops.partinfer_cpu.q4_1_gemm(weight, x)
+
+
+def q4_1_gemm_available() -> bool:
+    """Whether this process runs `q4_1_gemm`: the compiled kernels are built and take AVX-512 VNNI."""
+    return cpu_kernels() and torch.ops.partinfer_cpu.q4_1_gemm_available()
+
+
 def compact_kernel_path() -> str:
     """Which compact-weight kernels (Q4_1/Q8_0 rows and columns, Q4_K/Q6_K products) this process uses:
     "avx512-vnni", or "avx2" (also with PARTINFER_VNNI=0)."""

@@ -68,7 +68,7 @@ def test_down_columns_hold_the_rows_values_exactly(fmt):
 
 KERNEL_CHECK = r"""
 import json, sys, torch
-from partinfer.runtime.native import compact_kernel_path, cpu_kernels, down_columns, gemv
+from partinfer.runtime.native import compact_kernel_path, cpu_kernels, down_columns, gemv, q4_1_gemm, q4_1_gemm_available
 assert cpu_kernels()
 from partinfer.common.formats.blocks import BLOCK_FORMATS, Q4_1
 from partinfer.runtime.quant import (columns_from_rows, dequantize, dequantize_columns, dequantize_columns_reference,
@@ -116,6 +116,15 @@ for fmt in (BLOCK_FORMATS["Q4_1"], BLOCK_FORMATS["Q8_0"]):
             want = a_q.double() @ (values - mins) + a.double() @ mins
             got = down_columns(codes[ids].contiguous(), table, (ids // 32).contiguous(), a, pick)
             worst["down"] = max(worst["down"], (got.double() - want).abs().max().item() / (want.abs().max().item() + 1e-9))
+if q4_1_gemm_available():  # a prompt's Q4_1 product in integers: token and row tails, rows with a stride
+    worst["gemm"] = 0.0
+    for tokens, rows, cols in [(1, 1, 32), (5, 17, 64), (13, 37, 576), (70, 130, 1536)]:
+        pairs = torch.stack([Q4_1.quantize(torch.randn(rows, cols)), Q4_1.quantize(torch.randn(rows, cols))], dim=1)
+        x = torch.randn(tokens, cols)
+        for j in (0, 1):  # every other row of gate/up pairs, read in place
+            want = quantize_activation(x).double() @ Q4_1.dequantize(pairs[:, j].contiguous(), cols).double().t()
+            got = q4_1_gemm(pairs[:, j], x)
+            worst["gemm"] = max(worst["gemm"], (got.double() - want).abs().max().item() / want.abs().max().item())
 print(json.dumps({"path": compact_kernel_path(), "worst": worst, "unequal": unequal}))
 """
 
@@ -132,7 +141,8 @@ def run_kernel_check(env: dict) -> dict:
 def test_compact_gemv_equals_dequantize_then_matmul(path):
     """Each compiled path (AVX2; AVX-512 VNNI where the CPU has it) equals de-quantizing the weights and the
     8-bit input, then an fp64 matmul: all rows, a row subset, a bf16 input, tails of blocks and of rows.
-    Its de-quantizers (AVX2; AVX-512 BF16 where the CPU has it) give the reference's values bit for bit."""
+    Its de-quantizers (AVX2; AVX-512 BF16 where the CPU has it) give the reference's values bit for bit;
+    on the VNNI path, a prompt's Q4_1 product in integers equals the same fp64 product of 8-bit inputs."""
     if path == "avx512-vnni" and not {"avx512_vnni", "avx512vl"} <= cpu_flags():
         pytest.skip("this CPU has no AVX-512 VNNI")
     result = run_kernel_check({"PARTINFER_VNNI": "1" if path == "avx512-vnni" else "0"})
@@ -141,6 +151,7 @@ def test_compact_gemv_equals_dequantize_then_matmul(path):
     assert result["worst"]["bf16"] < 1e-2  # the output rounded to bf16
     assert result["worst"]["down"] < 1e-5  # down columns: fp32 sums in another order
     assert result["unequal"] == []
+    assert (result["worst"].get("gemm", 0.0) < 1e-5) and (("gemm" in result["worst"]) == (path == "avx512-vnni"))
 
 
 def test_quantize_activation_is_what_kernels_multiply():
