@@ -14,9 +14,11 @@ from torch import nn
 from partinfer.common.formats.blocks import BlockFormat
 from partinfer.runtime.config import ACTIVATIONS, ModelConfig
 from partinfer.runtime.decode_contract import FfnKind, FfnWeights
-from partinfer.runtime.kernels import in_token_chunks, k_product_kernel, linear
+from partinfer.runtime.kernels import in_token_chunks, k_product_kernel, linear, prompt_positions
 from partinfer.runtime.native import down_k as native_down_k
-from partinfer.runtime.quant import dequantize_columns, down_table_shape, neuron_scale_groups
+from partinfer.runtime.native import q4_1_columns_gemm as native_q4_1_columns_gemm
+from partinfer.runtime.native import q4_1_gemm_available
+from partinfer.runtime.quant import dequantize_columns, down_table_shape, neuron_blocks, neuron_scale_groups
 
 
 @dataclass(frozen=True)
@@ -138,8 +140,9 @@ COLUMN_TILE_BYTES = 4 << 20  # de-quantized down columns per tile of `column_lin
 def column_linear(a: torch.Tensor, codes: torch.Tensor, table: torch.Tensor, neuron_ids: torch.Tensor,
                   fmt: BlockFormat, rows: torch.Tensor | None = None) -> torch.Tensor:
     """a [B, T, j] activations of j neurons whose down columns are compact (`codes` [j, code_bytes],
-    their original ids `neuron_ids` [j], the layer's `table`) -> [B, T, D]: the columns de-quantized a
-    tile of neurons at a time into a's dtype (no transient larger than COLUMN_TILE_BYTES) and summed.
+    their original ids `neuron_ids` [j], the layer's `table`) -> [B, T, D]: K-quant and (on AVX-512 VNNI)
+    Q4_1 columns summed in integers by the compiled products; others de-quantized a tile of neurons at a
+    time into a's dtype (no transient larger than COLUMN_TILE_BYTES) and summed.
     `rows` [j]: the neurons are codes[rows] with ids neuron_ids[rows] (read in place where the compiled
     K-quant sum takes them, gathered otherwise)."""
     d = table.shape[-1]
@@ -151,6 +154,12 @@ def column_linear(a: torch.Tensor, codes: torch.Tensor, table: torch.Tensor, neu
         return y.reshape(*a.shape[:-1], d)
     if rows is not None:
         codes, neuron_ids = codes[rows], neuron_ids[rows]
+    if prompt_positions(a) and fmt.kernel == "q4_1" and a.device.type == "cpu" and q4_1_gemm_available():  # in integers
+        c, blocks = codes.contiguous(), neuron_blocks(neuron_ids, fmt).contiguous()
+        native = a.dtype in (torch.float32, torch.bfloat16)  # the product reads and writes these itself
+        y = in_token_chunks(a.reshape(-1, c.shape[0]), lambda chunk: native_q4_1_columns_gemm(c, table, blocks, chunk),
+                            a.dtype, fp32=not native)
+        return y.reshape(*a.shape[:-1], d)
     j = codes.shape[0]
     step = max(1, COLUMN_TILE_BYTES // (d * a.element_size()))
     if step >= j:

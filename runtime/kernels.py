@@ -65,19 +65,31 @@ def k_product_kernel(weight: torch.Tensor, fmt: BlockFormat) -> str | None:
     return fmt.dequant_kernel
 
 
-def in_token_chunks(x: torch.Tensor, fn, dtype: torch.dtype) -> torch.Tensor:
-    """fn over x [tokens, k] in chunks of K_PRODUCT_TOKENS tokens, each made a contiguous fp32 copy; the
-    results (fp32 [chunk, N]) written into one [tokens, N] tensor of `dtype`. A 512-token prompt's
-    transients stay one chunk's fp32 copies, not the whole prompt's (the peak during generation)."""
-    first = fn(x[:K_PRODUCT_TOKENS].float().contiguous())
+def in_token_chunks(x: torch.Tensor, fn, dtype: torch.dtype, fp32: bool = True) -> torch.Tensor:
+    """fn over x [tokens, k] in chunks of K_PRODUCT_TOKENS tokens, each made a contiguous fp32 copy (with
+    `fp32=False`: contiguous in x's own dtype, for products that take bf16 and answer in it); the results
+    ([chunk, N]) written into one [tokens, N] tensor of `dtype`. A 512-token prompt's transients stay one
+    chunk's copies, not the whole prompt's (the peak during generation)."""
+    def chunk(t: int) -> torch.Tensor:
+        part = x[t : t + K_PRODUCT_TOKENS]
+        return (part.float() if fp32 else part).contiguous()
+
+    first = fn(chunk(0))
     if x.shape[0] <= K_PRODUCT_TOKENS:
         return first.to(dtype)
     out = torch.empty(x.shape[0], first.shape[1], dtype=dtype, device=x.device)
     out[:K_PRODUCT_TOKENS] = first
     del first
     for t in range(K_PRODUCT_TOKENS, x.shape[0], K_PRODUCT_TOKENS):
-        out[t : t + K_PRODUCT_TOKENS] = fn(x[t : t + K_PRODUCT_TOKENS].float().contiguous())
+        out[t : t + K_PRODUCT_TOKENS] = fn(chunk(t))
     return out
+
+
+def prompt_positions(x: torch.Tensor) -> bool:
+    """x [..., T, k] holds several positions of a sequence (a prompt, T > 1): Q4_1 then runs on the
+    integer products, which quantize the input to 8 bits. A batch's eager decode step (T = 1) stays on
+    de-quantized weights, as the per-sequence copies of the sparse layers in that batch are."""
+    return x.dim() >= 2 and x.shape[-2] > 1
 
 
 def gather_rows(weight: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -118,15 +130,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
         y = in_token_chunks(x.reshape(-1, k), product, x.dtype)  # [tokens, N|R]
         return y.reshape(*x.shape[:-1], y.shape[-1])
-    if fmt.kernel == "q4_1" and weight.dim() == 2 and x.device.type == "cpu" and q4_1_gemm_available():
-        b = None if bias is None else bias.float()
-
-        def q4_1_product(chunk: torch.Tensor) -> torch.Tensor:  # [c, k] fp32 -> [c, N] fp32
-            y = native_q4_1_gemm(weight, chunk)
-            return y if b is None else y.add_(b)
-
-        y = in_token_chunks(x.reshape(-1, k), q4_1_product, x.dtype)  # [tokens, N]
-        return y.reshape(*x.shape[:-1], y.shape[-1])
+    if prompt_positions(x) and fmt.kernel == "q4_1" and weight.dim() == 2 and x.device.type == "cpu" and q4_1_gemm_available():
+        b = None if bias is None else bias.float().contiguous()
+        native = x.dtype in (torch.float32, torch.bfloat16)  # the product reads and writes these itself
+        y = in_token_chunks(x.reshape(-1, k), lambda chunk: native_q4_1_gemm(weight, chunk, b), x.dtype, fp32=not native)
+        return y.reshape(*x.shape[:-1], y.shape[-1])  # [..., N]
     wide = cpu_prefers_fp32(x, weight, x.dtype)
     compute = torch.float32 if wide else x.dtype
     xc = x.to(compute)

@@ -225,10 +225,17 @@ def down_columns(codes: torch.Tensor, table: torch.Tensor, blocks: torch.Tensor,
     return torch.ops.partinfer_cpu.down_columns(codes, table, blocks, a, rows)
 
 
-def q4_1_gemm(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Q4_1 rows weight [N, row_bytes] (contiguous, or 2-D with a row stride), x [M, K] fp32 -> [M, N] fp32:
-    a prompt's product in integers (x quantized to 8 bits per 32, as the GEMV does), on AVX-512 VNNI."""
-    return torch.ops.partinfer_cpu.q4_1_gemm(weight, x)
+def q4_1_gemm(weight: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Q4_1 rows weight [N, row_bytes] (contiguous, or 2-D with a row stride), x [M, K] fp32 or bf16, bias [N]
+    fp32 or None -> [M, N] in x's dtype: a prompt's product in integers (x quantized to 8 bits per 32, as the
+    GEMV does), on AVX-512 VNNI."""
+    return torch.ops.partinfer_cpu.q4_1_gemm(weight, x, bias)
+
+
+def q4_1_columns_gemm(codes: torch.Tensor, table: torch.Tensor, blocks: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """Q4_1 down columns (codes [n, d / 2], table, blocks [n] int64), a [M, n] fp32 or bf16 -> [M, d] in a's
+    dtype: a prompt's down product in integers (a quantized to 8 bits per block of neurons), on AVX-512 VNNI."""
+    return torch.ops.partinfer_cpu.q4_1_columns_gemm(codes, table, blocks, a)
 
 
 def q4_1_gemm_available() -> bool:

@@ -68,7 +68,8 @@ def test_down_columns_hold_the_rows_values_exactly(fmt):
 
 KERNEL_CHECK = r"""
 import json, sys, torch
-from partinfer.runtime.native import compact_kernel_path, cpu_kernels, down_columns, gemv, q4_1_gemm, q4_1_gemm_available
+from partinfer.runtime.native import (compact_kernel_path, cpu_kernels, down_columns, gemv, q4_1_columns_gemm, q4_1_gemm,
+                                      q4_1_gemm_available)
 assert cpu_kernels()
 from partinfer.common.formats.blocks import BLOCK_FORMATS, Q4_1
 from partinfer.runtime.quant import (columns_from_rows, dequantize, dequantize_columns, dequantize_columns_reference,
@@ -125,6 +126,23 @@ if q4_1_gemm_available():  # a prompt's Q4_1 product in integers: token and row 
             want = quantize_activation(x).double() @ Q4_1.dequantize(pairs[:, j].contiguous(), cols).double().t()
             got = q4_1_gemm(pairs[:, j], x)
             worst["gemm"] = max(worst["gemm"], (got.double() - want).abs().max().item() / want.abs().max().item())
+        bias = torch.randn(rows)  # a bf16 prompt, with a bias: the output rounded to bf16
+        want = quantize_activation(x.bfloat16().float()).double() @ Q4_1.dequantize(pairs[:, 0].contiguous(), cols).double().t()
+        got = q4_1_gemm(pairs[:, 0], x.bfloat16(), bias)
+        worst["bf16"] = max(worst["bf16"], (got.double() - want - bias.double()).abs().max().item() / want.abs().max().item())
+    worst["columns"] = 0.0
+    for tokens, d, n, loaded in [(1, 32, 32, 32), (5, 64, 96, 70), (70, 576, 1536, 1075)]:  # a loaded set out of order
+        codes, table = columns_from_rows(Q4_1.quantize(torch.randn(d, n)), Q4_1)
+        ids = torch.randperm(n)[:loaded]
+        a = torch.randn(tokens, loaded)
+        a_q = a.clone()  # 8-bit activations per block of neurons, both terms
+        for block in (ids // 32).unique():
+            mine = ids // 32 == block
+            unit = a[:, mine].abs().amax(1, keepdim=True) / 127
+            a_q[:, mine] = (a[:, mine] / unit).round() * unit
+        want = a_q.double() @ dequantize_columns_reference(codes[ids], table, ids, Q4_1).double()
+        got = q4_1_columns_gemm(codes[ids].contiguous(), table, (ids // 32).contiguous(), a)
+        worst["columns"] = max(worst["columns"], (got.double() - want).abs().max().item() / want.abs().max().item())
 print(json.dumps({"path": compact_kernel_path(), "worst": worst, "unequal": unequal}))
 """
 
@@ -142,7 +160,8 @@ def test_compact_gemv_equals_dequantize_then_matmul(path):
     """Each compiled path (AVX2; AVX-512 VNNI where the CPU has it) equals de-quantizing the weights and the
     8-bit input, then an fp64 matmul: all rows, a row subset, a bf16 input, tails of blocks and of rows.
     Its de-quantizers (AVX2; AVX-512 BF16 where the CPU has it) give the reference's values bit for bit;
-    on the VNNI path, a prompt's Q4_1 product in integers equals the same fp64 product of 8-bit inputs."""
+    on the VNNI path, a prompt's Q4_1 products in integers (rows, and down columns of a loaded set out of
+    order) equal the same fp64 products of 8-bit inputs."""
     if path == "avx512-vnni" and not {"avx512_vnni", "avx512vl"} <= cpu_flags():
         pytest.skip("this CPU has no AVX-512 VNNI")
     result = run_kernel_check({"PARTINFER_VNNI": "1" if path == "avx512-vnni" else "0"})
@@ -152,6 +171,7 @@ def test_compact_gemv_equals_dequantize_then_matmul(path):
     assert result["worst"]["down"] < 1e-5  # down columns: fp32 sums in another order
     assert result["unequal"] == []
     assert (result["worst"].get("gemm", 0.0) < 1e-5) and (("gemm" in result["worst"]) == (path == "avx512-vnni"))
+    assert result["worst"].get("columns", 0.0) < 1e-5
 
 
 def test_quantize_activation_is_what_kernels_multiply():

@@ -71,8 +71,9 @@ TORCH_LIBRARY(partinfer_cpu, m) {
   m.def("argmax(Tensor x) -> Tensor", argmax);
   m.def("dequantize(Tensor W, int cols, ScalarType dtype) -> Tensor", dequantize);
   m.def("dequantize_columns(Tensor codes, Tensor table, Tensor blocks, ScalarType dtype) -> Tensor", dequantize_columns);
-  m.def("q4_1_gemm(Tensor W, Tensor x) -> Tensor", q4_1_gemm);
+  m.def("q4_1_gemm(Tensor W, Tensor x, Tensor? bias=None) -> Tensor", q4_1_gemm);
   m.def("q4_1_gemm_available() -> bool", q4_1_gemm_available);
+  m.def("q4_1_columns_gemm(Tensor codes, Tensor table, Tensor blocks, Tensor a) -> Tensor", q4_1_columns_gemm);
   m.def("down_columns(Tensor codes, Tensor table, Tensor blocks, Tensor a, Tensor? rows=None) -> Tensor", down_columns);
   m.def("compact_kernel_path() -> str", compact_kernel_path);
   m.class_<DecodePlan>("DecodePlan")

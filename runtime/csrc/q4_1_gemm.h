@@ -19,6 +19,16 @@ namespace q4_1_gemm_vnni {
 constexpr int PANEL = 16;  // rows per panel: one per 32-bit lane
 constexpr int MAX_TOKENS = 8;  // tokens per pass over a panel: 8 int + 8 float accumulators in registers
 
+// 16 fp32 results to y (those of `live` lanes), as fp32 or rounded to bf16 (to nearest, ties to even,
+// as at::BFloat16 rounds), so that a bf16 prompt's product needs no conversion op after it.
+inline void store16(float* y, __mmask16 live, __m512 v) { _mm512_mask_storeu_ps(y, live, v); }
+inline void store16(at::BFloat16* y, __mmask16 live, __m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
+  _mm256_mask_storeu_epi16(y, live, _mm512_cvtepi32_epi16(rounded));
+}
+
 // A panel of up to 16 rows in VNNI order: per block, 8 vectors (4 weights of each row, 32 weights in
 // all), and the rows' scales and mins as floats.
 // (Plain arrays, read with unaligned loads: a std::vector of 512-bit vectors is not 64-byte aligned here.)
@@ -56,15 +66,18 @@ struct Tokens {
   int64_t M = 0, K = 0, nb = 0;
   std::vector<int8_t> q;
   std::vector<float> d, s;
-  void quantize(const float* x, int64_t m, int64_t k) {
+  template <class T>
+  void quantize(const T* x, int64_t m, int64_t k) {
     M = m, K = k, nb = k / 32;
     q.resize(M * K);
     d.resize(nb * M);
     s.resize(nb * M);
     at::parallel_for(0, M, 16, [&](int64_t t0, int64_t t1) {
       QuantizedInput one;
+      std::vector<float> row(K);
       for (int64_t t = t0; t < t1; ++t) {
-        one.quantize(x + t * K, K);
+        std::copy(x + t * K, x + (t + 1) * K, row.begin());  // bf16 widened here, not in a separate op
+        one.quantize(row.data(), K);
         std::copy(one.q.begin(), one.q.end(), q.begin() + t * K);
         for (int64_t b = 0; b < nb; ++b) d[b * M + t] = one.d[b], s[b * M + t] = one.s[b];
       }
@@ -73,10 +86,11 @@ struct Tokens {
 };
 
 // y rows [t0, t0 + NT) of columns [r0, r0 + rows) from one panel.
-template <int NT>
-void panel_tokens(const Panel& p, const Tokens& x, int64_t t0, float* y, int64_t ldy, int64_t r0, int rows) {
+template <int NT, class Out>
+void panel_tokens(const Panel& p, const Tokens& x, const float* bias, int64_t t0, Out* y, int64_t ldy, int64_t r0, int rows) {
+  const __mmask16 live = static_cast<__mmask16>((1u << rows) - 1);
   __m512 acc[NT];
-  for (int t = 0; t < NT; ++t) acc[t] = _mm512_setzero_ps();
+  for (int t = 0; t < NT; ++t) acc[t] = bias ? _mm512_maskz_loadu_ps(live, bias + r0) : _mm512_setzero_ps();
   const int8_t* q = x.q.data() + t0 * x.K;
   for (int64_t b = 0; b < x.nb; ++b, q += 32) {
     __m512i sums[NT];
@@ -97,12 +111,12 @@ void panel_tokens(const Panel& p, const Tokens& x, int64_t t0, float* y, int64_t
       acc[t] = _mm512_fmadd_ps(min, _mm512_set1_ps(s[t]), _mm512_fmadd_ps(scaled, scale, acc[t]));
     }
   }
-  const __mmask16 live = static_cast<__mmask16>((1u << rows) - 1);
-  for (int t = 0; t < NT; ++t) _mm512_mask_storeu_ps(y + (t0 + t) * ldy + r0, live, acc[t]);
+  for (int t = 0; t < NT; ++t) store16(y + (t0 + t) * ldy + r0, live, acc[t]);
 }
 
 // y [M, N] fp32 = x [M, K] . W^T for Q4_1 rows W (row r at w + r * stride), K a multiple of 32.
-void gemm(const uint8_t* w, int64_t stride, int64_t N, int64_t K, const float* x, int64_t M, float* y) {
+template <class In, class Out>
+void gemm(const uint8_t* w, int64_t stride, int64_t N, int64_t K, const In* x, int64_t M, const float* bias, Out* y) {
   Tokens tokens;
   tokens.quantize(x, M, K);
   const int64_t panels = (N + PANEL - 1) / PANEL, row_bytes = K / 32 * Q4_1_BYTES;
@@ -114,9 +128,131 @@ void gemm(const uint8_t* w, int64_t stride, int64_t N, int64_t K, const float* x
       panel.fill(w + r0 * stride, stride, rows, K / 32);
       for (int64_t r = r0 + PANEL; r < std::min(N, r0 + 2 * PANEL); ++r) prefetch_row(w + r * stride, row_bytes);  // the next panel's rows
       int64_t t = 0;
-      for (; t + 8 <= M; t += 8) panel_tokens<8>(panel, tokens, t, y, N, r0, rows);
-      for (; t + 4 <= M; t += 4) panel_tokens<4>(panel, tokens, t, y, N, r0, rows);
-      for (; t < M; ++t) panel_tokens<1>(panel, tokens, t, y, N, r0, rows);
+      for (; t + 8 <= M; t += 8) panel_tokens<8>(panel, tokens, bias, t, y, N, r0, rows);
+      for (; t + 4 <= M; t += 4) panel_tokens<4>(panel, tokens, bias, t, y, N, r0, rows);
+      for (; t < M; ++t) panel_tokens<1>(panel, tokens, bias, t, y, N, r0, rows);
+    }
+  });
+}
+
+// ---- Down columns: y [M, D] = a [M, n] . W, W's n neurons as Q4_1 column codes (ColumnMatrix) ----------
+//
+// Neuron r's weight for output o is d[b][o] q[r][o] + m[b][o], b its block of 32 neurons. Lanes are 16
+// outputs; a 32-bit lane holds 4 neurons' codes of its output, so the neurons of a block (sorted
+// together, padded to fours with zero codes) are summed in integers against the tokens' activations
+// quantized to 8 bits per block (unit max |a| / 127 over the block's neurons), scaled once per block.
+
+constexpr int OUTPUTS = 16;  // outputs per panel: one per 32-bit lane
+
+// The tokens' activations in block order: block g's rows (order[start[g] .. start[g + 1])) at
+// [32 g, 32 g + count) of every token's row, zeros after, quantized per 32 as the GEMV's input is: so a
+// block's unit is max |a| / 127 over its own rows, and u * sum(codes) is the minimum's term.
+struct ColumnTokens {
+  int64_t M = 0, width = 0, G = 0;
+  std::vector<int8_t> q;  // [M, 32 G]
+  std::vector<float> u, s;  // [G, M]
+  template <class T>
+  void quantize(const T* a, int64_t m, int64_t n, const RowGroups& groups) {
+    G = static_cast<int64_t>(groups.start.size()) - 1;
+    M = m, width = 32 * G;
+    q.resize(M * width);
+    u.resize(G * M);
+    s.resize(G * M);
+    at::parallel_for(0, M, 8, [&](int64_t t0, int64_t t1) {
+      std::vector<float> sorted(width);
+      QuantizedInput one;
+      for (int64_t t = t0; t < t1; ++t) {
+        std::fill(sorted.begin(), sorted.end(), 0.0f);
+        for (int64_t g = 0; g < G; ++g)
+          for (int64_t i = groups.start[g]; i < groups.start[g + 1]; ++i) sorted[32 * g + i - groups.start[g]] = static_cast<float>(a[t * n + groups.order[i]]);
+        one.quantize(sorted.data(), width);
+        std::copy(one.q.begin(), one.q.end(), q.begin() + t * width);
+        for (int64_t g = 0; g < G; ++g) u[g * M + t] = one.d[g], s[g * M + t] = one.s[g];
+      }
+    });
+  }
+};
+
+// 16 outputs [o0, o0 + 16) of 4 neuron rows as a VNNI vector: lane j holds output o0 + j of each row.
+inline __m512i four_rows(const ColumnMatrix& C, const int64_t* rows, int n, int64_t o0) {
+  const int64_t byte = o0 / 32 * 16;
+  const bool high = o0 % 32 != 0;
+  __m128i v[4];
+  for (int i = 0; i < 4; ++i) {
+    const __m128i c = i < n ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(C.row(rows[i]) + byte)) : _mm_setzero_si128();
+    v[i] = _mm_and_si128(high ? _mm_srli_epi16(c, 4) : c, _mm_set1_epi8(0x0F));
+  }
+  const __m128i p01l = _mm_unpacklo_epi8(v[0], v[1]), p01h = _mm_unpackhi_epi8(v[0], v[1]);
+  const __m128i p23l = _mm_unpacklo_epi8(v[2], v[3]), p23h = _mm_unpackhi_epi8(v[2], v[3]);
+  __m512i out = _mm512_castsi128_si512(_mm_unpacklo_epi16(p01l, p23l));
+  out = _mm512_inserti32x4(out, _mm_unpackhi_epi16(p01l, p23l), 1);
+  out = _mm512_inserti32x4(out, _mm_unpacklo_epi16(p01h, p23h), 2);
+  return _mm512_inserti32x4(out, _mm_unpackhi_epi16(p01h, p23h), 3);
+}
+
+template <int NT, class Out>
+void column_tokens(const std::vector<int32_t>& codes, const std::vector<float>& scales, const ColumnTokens& x,
+                   const RowGroups& groups, int64_t t0, Out* y, int64_t ldy, int64_t o0) {
+  const int64_t G = x.G;
+  __m512 acc[NT];
+  for (int t = 0; t < NT; ++t) acc[t] = _mm512_setzero_ps();
+  const int32_t* w = codes.data();
+  for (int64_t g = 0; g < G; ++g) {
+    __m512i sums[NT];
+    for (int t = 0; t < NT; ++t) sums[t] = _mm512_setzero_si512();
+    const int64_t end = 32 * g + groups.start[g + 1] - groups.start[g];  // the block's rows; zero codes after
+    for (int64_t k = 32 * g; k < end; k += 4, w += 16) {
+      const __m512i wk = _mm512_loadu_si512(w);
+      for (int t = 0; t < NT; ++t) {
+        int32_t four;
+        std::memcpy(&four, x.q.data() + (t0 + t) * x.width + k, 4);
+        sums[t] = _mm512_dpbusd_epi32(sums[t], wk, _mm512_set1_epi32(four));
+      }
+    }
+    const __m512 d = _mm512_loadu_ps(scales.data() + 32 * g), m = _mm512_loadu_ps(scales.data() + 32 * g + 16);
+    for (int t = 0; t < NT; ++t) {
+      const __m512 scaled = _mm512_mul_ps(_mm512_cvtepi32_ps(sums[t]), _mm512_set1_ps(x.u[g * x.M + t0 + t]));
+      acc[t] = _mm512_fmadd_ps(m, _mm512_set1_ps(x.s[g * x.M + t0 + t]), _mm512_fmadd_ps(scaled, d, acc[t]));
+    }
+  }
+  for (int t = 0; t < NT; ++t) store16(y + (t0 + t) * ldy + o0, 0xFFFF, acc[t]);
+}
+
+template <class In, class Out>
+void columns_gemm(const ColumnMatrix& C, const In* a, int64_t M, Out* y) {
+  RowGroups groups;
+  groups.sort(C.blocks, C.n_blocks, nullptr, 0, C.rows);
+  // only the blocks that hold rows
+  RowGroups used;
+  used.start.push_back(0);
+  std::vector<int64_t> block_of;
+  for (int64_t b = 0; b < C.n_blocks; ++b)
+    if (groups.start[b + 1] > groups.start[b]) {
+      for (int64_t i = groups.start[b]; i < groups.start[b + 1]; ++i) used.order.push_back(groups.order[i]);
+      used.start.push_back(static_cast<int64_t>(used.order.size()));
+      block_of.push_back(b);
+    }
+  const int64_t G = static_cast<int64_t>(block_of.size());
+  ColumnTokens x;
+  x.quantize(a, M, C.rows, used);
+  parallel_chunks(C.cols / OUTPUTS, 1, 2, [&](int64_t p0, int64_t p1, int64_t) {
+    std::vector<int32_t> codes((C.rows + 3 * G) / 4 * 16 + 16);  // each block's rows padded to fours
+    std::vector<float> scales(G * 32);
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t o0 = p * OUTPUTS;
+      int32_t* w = codes.data();
+      for (int64_t g = 0; g < G; ++g) {
+        const uint16_t* head = C.scales(block_of[g]);
+        _mm512_storeu_ps(scales.data() + 32 * g, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(head + o0))));
+        _mm512_storeu_ps(scales.data() + 32 * g + 16,
+                         _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(head + C.cols + o0))));
+        for (int64_t i = used.start[g]; i < used.start[g + 1]; i += 4, w += 16)
+          _mm512_storeu_si512(w, four_rows(C, used.order.data() + i, static_cast<int>(std::min<int64_t>(4, used.start[g + 1] - i)), o0));
+      }
+      int64_t t = 0;
+      for (; t + 8 <= M; t += 8) column_tokens<8>(codes, scales, x, used, t, y, C.cols, o0);
+      for (; t + 4 <= M; t += 4) column_tokens<4>(codes, scales, x, used, t, y, C.cols, o0);
+      for (; t < M; ++t) column_tokens<1>(codes, scales, x, used, t, y, C.cols, o0);
     }
   });
 }
@@ -124,18 +260,44 @@ void gemm(const uint8_t* w, int64_t stride, int64_t N, int64_t K, const float* x
 }  // namespace q4_1_gemm_vnni
 #pragma GCC pop_options
 
-// Compact Q4_1 rows W [N, row_bytes] (contiguous, or 2-D with a row stride) times x [M, K] fp32 ->
-// [M, N] fp32, on AVX-512 VNNI (`q4_1_gemm_available`).
+// Compact Q4_1 rows W [N, row_bytes] (contiguous, or 2-D with a row stride) times x [M, K] fp32 or bf16
+// (+ an fp32 bias [N]) -> [M, N] in x's dtype, on AVX-512 VNNI (`q4_1_gemm_available`).
 bool q4_1_gemm_available() { return vnni_allowed(); }
 
-at::Tensor q4_1_gemm(const at::Tensor& W, const at::Tensor& x) {
+at::Tensor q4_1_gemm(const at::Tensor& W, const at::Tensor& x, const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(q4_1_gemm_available(), "q4_1_gemm needs AVX-512 VNNI");
   TORCH_CHECK(W.dim() == 2 && W.device().is_cpu() && W.scalar_type() == at::kByte && W.stride(1) == 1 &&
               W.stride(0) >= W.size(1), "q4_1_gemm takes 2-D uint8 CPU rows, each contiguous");
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kFloat, "x must be a contiguous 2-D fp32 tensor");
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
+              "x must be a contiguous 2-D fp32 or bf16 tensor");
   const int64_t K = x.size(1), N = W.size(0), M = x.size(0);
   TORCH_CHECK(K % 32 == 0 && W.size(1) == K / 32 * Q4_1_BYTES, "W rows of ", W.size(1), " bytes are not Q4_1 for ", K, " weights");
+  TORCH_CHECK(!bias || (bias->dim() == 1 && bias->is_contiguous() && bias->scalar_type() == at::kFloat && bias->numel() == N),
+              "bias must be a contiguous fp32 vector of ", N);
   at::Tensor y = at::empty({M, N}, x.options());
-  if (M && N) q4_1_gemm_vnni::gemm(W.data_ptr<uint8_t>(), W.stride(0), N, K, x.data_ptr<float>(), M, y.data_ptr<float>());
+  if (!M || !N) return y;
+  const uint8_t* w = W.data_ptr<uint8_t>();
+  const float* b = bias ? bias->data_ptr<float>() : nullptr;
+  if (x.scalar_type() == at::kFloat)
+    q4_1_gemm_vnni::gemm(w, W.stride(0), N, K, x.data_ptr<float>(), M, b, y.data_ptr<float>());
+  else
+    q4_1_gemm_vnni::gemm(w, W.stride(0), N, K, x.data_ptr<at::BFloat16>(), M, b, y.data_ptr<at::BFloat16>());
+  return y;
+}
+
+// a [M, n] fp32 or bf16 times Q4_1 down columns (codes [n, D / 2], table [blocks, 2, D], blocks [n]: see
+// columns_of) -> [M, D] in a's dtype, in integers on AVX-512 VNNI.
+at::Tensor q4_1_columns_gemm(const at::Tensor& codes, const at::Tensor& table, const at::Tensor& blocks, const at::Tensor& a) {
+  TORCH_CHECK(q4_1_gemm_available(), "q4_1_columns_gemm needs AVX-512 VNNI");
+  const ColumnMatrix C = columns_of(codes, table, blocks, table.size(-1), "down").columns;
+  TORCH_CHECK(C.q4 && C.cols % 16 == 0, "q4_1_columns_gemm takes Q4_1 columns of a multiple of 16 outputs");
+  TORCH_CHECK(a.dim() == 2 && a.is_contiguous() && (a.scalar_type() == at::kFloat || a.scalar_type() == at::kBFloat16) &&
+              a.size(1) == C.rows, "a must be a contiguous fp32 or bf16 [tokens, ", C.rows, "] tensor");
+  at::Tensor y = at::empty({a.size(0), C.cols}, a.options());
+  if (!a.size(0)) return y;
+  if (a.scalar_type() == at::kFloat)
+    q4_1_gemm_vnni::columns_gemm(C, a.data_ptr<float>(), a.size(0), y.data_ptr<float>());
+  else
+    q4_1_gemm_vnni::columns_gemm(C, a.data_ptr<at::BFloat16>(), a.size(0), y.data_ptr<at::BFloat16>());
   return y;
 }
