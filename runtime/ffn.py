@@ -14,10 +14,9 @@ from torch import nn
 from partinfer.common.formats.blocks import BlockFormat
 from partinfer.runtime.config import ACTIVATIONS, ModelConfig
 from partinfer.runtime.decode_contract import FfnKind, FfnWeights
-from partinfer.runtime.kernels import in_token_chunks, k_product_kernel, linear, prompt_positions
+from partinfer.runtime.kernels import in_token_chunks, k_product_kernel, linear, prompt_gemm_kernel, prompt_positions
 from partinfer.runtime.native import down_k as native_down_k
 from partinfer.runtime.native import q4_1_columns_gemm as native_q4_1_columns_gemm
-from partinfer.runtime.native import q4_1_gemm_available
 from partinfer.runtime.quant import dequantize_columns, down_table_shape, neuron_blocks, neuron_scale_groups
 
 
@@ -123,12 +122,12 @@ def decode_kernels(*formats: BlockFormat | None) -> bool:
 def compact_gated_activations(x: torch.Tensor, gate_up: torch.Tensor, fmt: BlockFormat, act) -> torch.Tensor:
     """x [B, T, D], gate_up [m, 2, row_bytes] compact gate/up row pairs -> a = act(gate) * up [B, T, m].
 
-    K-quant pairs go through the compiled product as one interleaved matrix [2m, bytes] (read in place).
-    Other formats are de-quantized: the gate rows, then the up rows, each read in place with a row stride,
-    so that act and the product run on contiguous [B, T, m] halves (on the interleaved output they ran
-    5x slower, a tenth of a 64-token prompt on the default model)."""
+    The gate rows, then the up rows, each read in place with a row stride (by the prompt products, or
+    de-quantized), so that act and the product run on contiguous [B, T, m] halves (on the interleaved
+    output they ran 5x slower, a tenth of a 64-token prompt on the default model); K-quant pairs outside
+    a prompt product go through their compiled product as one interleaved matrix [2m, bytes] (in place)."""
     m = gate_up.shape[0]
-    if k_product_kernel(gate_up.view(2 * m, -1), fmt) is not None:
+    if prompt_gemm_kernel(x, gate_up[:, 0], fmt) is None and k_product_kernel(gate_up.view(2 * m, -1), fmt) is not None:
         h = linear(x, gate_up.view(2 * m, -1), fmt=fmt).unflatten(-1, (-1, 2))  # [B, T, m, 2]
         return act(h[..., 0]) * h[..., 1]
     return act(linear(x, gate_up[:, 0], fmt=fmt)) * linear(x, gate_up[:, 1], fmt=fmt)
@@ -154,7 +153,7 @@ def column_linear(a: torch.Tensor, codes: torch.Tensor, table: torch.Tensor, neu
         return y.reshape(*a.shape[:-1], d)
     if rows is not None:
         codes, neuron_ids = codes[rows], neuron_ids[rows]
-    if prompt_positions(a) and fmt.kernel == "q4_1" and a.device.type == "cpu" and q4_1_gemm_available():  # in integers
+    if prompt_positions(a) and fmt.kernel == "q4_1":  # in integers on AVX-512 VNNI
         c, blocks = codes.contiguous(), neuron_blocks(neuron_ids, fmt).contiguous()
         native = a.dtype in (torch.float32, torch.bfloat16)  # the product reads and writes these itself
         y = in_token_chunks(a.reshape(-1, c.shape[0]), lambda chunk: native_q4_1_columns_gemm(c, table, blocks, chunk),

@@ -20,8 +20,8 @@ from partinfer.runtime.checkpoint import contiguous_runs
 from partinfer.runtime.native import cpu_flags
 from partinfer.runtime.native import gemv as native_gemv
 from partinfer.runtime.native import gemv_k as native_gemv_k
-from partinfer.runtime.native import q4_1_gemm as native_q4_1_gemm
-from partinfer.runtime.native import q4_1_gemm_available
+from partinfer.runtime.native import prompt_gemm_available
+from partinfer.runtime.native import rows_gemm as native_rows_gemm
 from partinfer.runtime.quant import dequantize, native_kernel
 
 UPCAST_MIN_TOKENS = 32  # below it (e.g. batch-8 decode) the weight upcast costs more than it saves
@@ -86,10 +86,19 @@ def in_token_chunks(x: torch.Tensor, fn, dtype: torch.dtype, fp32: bool = True) 
 
 
 def prompt_positions(x: torch.Tensor) -> bool:
-    """x [..., T, k] holds several positions of a sequence (a prompt, T > 1): Q4_1 then runs on the
-    integer products, which quantize the input to 8 bits. A batch's eager decode step (T = 1) stays on
-    de-quantized weights, as the per-sequence copies of the sparse layers in that batch are."""
-    return x.dim() >= 2 and x.shape[-2] > 1
+    """x [..., T, k] holds several positions of a sequence (a prompt, T > 1) on the CPU, where AVX-512 VNNI
+    runs the prompt products (`prompt_gemm_kernel`, runtime/ffn.py `column_linear`), which quantize the
+    input to 8 bits. A batch's eager decode step (T = 1) stays where it was (de-quantized Q4_1 weights,
+    as the per-sequence copies of the sparse layers in that batch are)."""
+    return x.dim() >= 2 and x.shape[-2] > 1 and x.device.type == "cpu" and prompt_gemm_available()
+
+
+def prompt_gemm_kernel(x: torch.Tensor, weight: torch.Tensor, fmt: BlockFormat) -> str | None:
+    """The compiled prompt product ("q4_1" or "q4_k") for this input and weight, or None."""
+    kernel = fmt.kernel or fmt.dequant_kernel
+    if kernel not in ("q4_1", "q4_k") or weight.dim() != 2 or native_kernel(fmt, weight, torch.float32) is None:
+        return None
+    return kernel if prompt_positions(x) else None
 
 
 def gather_rows(weight: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -110,6 +119,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     `rows` [R] (no bias): multiply weight[rows] only -> [..., R]; K-quant rows are read in place by the
     compiled product, others gathered first (the token-wise method's chosen neurons)."""
     kernel = None if fmt is None else k_product_kernel(weight, fmt)
+    gemm = None if fmt is None else prompt_gemm_kernel(x, weight, fmt)
+    if gemm is not None:  # a prompt on 4-bit rows: in integers, the panels read in place (gathered first for `rows`)
+        w = weight if rows is None else gather_rows(weight, rows)
+        b = None if bias is None else bias.float().contiguous()
+        native = x.dtype in (torch.float32, torch.bfloat16)  # the product reads and writes these itself
+        y = in_token_chunks(x.reshape(-1, x.shape[-1]), lambda chunk: native_rows_gemm(w, chunk, gemm, b), x.dtype,
+                            fp32=not native)
+        return y.reshape(*x.shape[:-1], y.shape[-1])  # [..., N | R]
     if rows is not None and kernel is None:
         weight = gather_rows(weight, rows)
     if fmt is None:
@@ -130,11 +147,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
         y = in_token_chunks(x.reshape(-1, k), product, x.dtype)  # [tokens, N|R]
         return y.reshape(*x.shape[:-1], y.shape[-1])
-    if prompt_positions(x) and fmt.kernel == "q4_1" and weight.dim() == 2 and x.device.type == "cpu" and q4_1_gemm_available():
-        b = None if bias is None else bias.float().contiguous()
-        native = x.dtype in (torch.float32, torch.bfloat16)  # the product reads and writes these itself
-        y = in_token_chunks(x.reshape(-1, k), lambda chunk: native_q4_1_gemm(weight, chunk, b), x.dtype, fp32=not native)
-        return y.reshape(*x.shape[:-1], y.shape[-1])  # [..., N]
     wide = cpu_prefers_fp32(x, weight, x.dtype)
     compute = torch.float32 if wide else x.dtype
     xc = x.to(compute)

@@ -225,11 +225,11 @@ def down_columns(codes: torch.Tensor, table: torch.Tensor, blocks: torch.Tensor,
     return torch.ops.partinfer_cpu.down_columns(codes, table, blocks, a, rows)
 
 
-def q4_1_gemm(weight: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Q4_1 rows weight [N, row_bytes] (contiguous, or 2-D with a row stride), x [M, K] fp32 or bf16, bias [N]
-    fp32 or None -> [M, N] in x's dtype: a prompt's product in integers (x quantized to 8 bits per 32, as the
-    GEMV does), on AVX-512 VNNI."""
-    return torch.ops.partinfer_cpu.q4_1_gemm(weight, x, bias)
+def rows_gemm(weight: torch.Tensor, x: torch.Tensor, kernel: str, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """4-bit rows weight [N, row_bytes] (`kernel` "q4_1" or "q4_k"; contiguous, or 2-D with a row stride),
+    x [M, K] fp32 or bf16, bias [N] fp32 or None -> [M, N] in x's dtype: a prompt's product in integers (x
+    quantized to 8 bits per 32, as the GEMV quantizes it), on AVX-512 VNNI."""
+    return torch.ops.partinfer_cpu.rows_gemm(weight, x, kernel, bias)
 
 
 def q4_1_columns_gemm(codes: torch.Tensor, table: torch.Tensor, blocks: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
@@ -238,9 +238,10 @@ def q4_1_columns_gemm(codes: torch.Tensor, table: torch.Tensor, blocks: torch.Te
     return torch.ops.partinfer_cpu.q4_1_columns_gemm(codes, table, blocks, a)
 
 
-def q4_1_gemm_available() -> bool:
-    """Whether this process runs `q4_1_gemm`: the compiled kernels are built and take AVX-512 VNNI."""
-    return cpu_kernels() and torch.ops.partinfer_cpu.q4_1_gemm_available()
+def prompt_gemm_available() -> bool:
+    """Whether this process runs `rows_gemm` and `q4_1_columns_gemm`: the compiled kernels are built and
+    take AVX-512 VNNI."""
+    return cpu_kernels() and torch.ops.partinfer_cpu.prompt_gemm_available()
 
 
 def compact_kernel_path() -> str:

@@ -68,8 +68,8 @@ def test_down_columns_hold_the_rows_values_exactly(fmt):
 
 KERNEL_CHECK = r"""
 import json, sys, torch
-from partinfer.runtime.native import (compact_kernel_path, cpu_kernels, down_columns, gemv, q4_1_columns_gemm, q4_1_gemm,
-                                      q4_1_gemm_available)
+from partinfer.runtime.native import (compact_kernel_path, cpu_kernels, down_columns, gemv, prompt_gemm_available,
+                                      q4_1_columns_gemm, rows_gemm)
 assert cpu_kernels()
 from partinfer.common.formats.blocks import BLOCK_FORMATS, Q4_1
 from partinfer.runtime.quant import (columns_from_rows, dequantize, dequantize_columns, dequantize_columns_reference,
@@ -117,18 +117,18 @@ for fmt in (BLOCK_FORMATS["Q4_1"], BLOCK_FORMATS["Q8_0"]):
             want = a_q.double() @ (values - mins) + a.double() @ mins
             got = down_columns(codes[ids].contiguous(), table, (ids // 32).contiguous(), a, pick)
             worst["down"] = max(worst["down"], (got.double() - want).abs().max().item() / (want.abs().max().item() + 1e-9))
-if q4_1_gemm_available():  # a prompt's Q4_1 product in integers: token and row tails, rows with a stride
+if prompt_gemm_available():  # a prompt's Q4_1 product in integers: token and row tails, rows with a stride
     worst["gemm"] = 0.0
     for tokens, rows, cols in [(1, 1, 32), (5, 17, 64), (13, 37, 576), (70, 130, 1536)]:
         pairs = torch.stack([Q4_1.quantize(torch.randn(rows, cols)), Q4_1.quantize(torch.randn(rows, cols))], dim=1)
         x = torch.randn(tokens, cols)
         for j in (0, 1):  # every other row of gate/up pairs, read in place
             want = quantize_activation(x).double() @ Q4_1.dequantize(pairs[:, j].contiguous(), cols).double().t()
-            got = q4_1_gemm(pairs[:, j], x)
+            got = rows_gemm(pairs[:, j], x, "q4_1")
             worst["gemm"] = max(worst["gemm"], (got.double() - want).abs().max().item() / want.abs().max().item())
         bias = torch.randn(rows)  # a bf16 prompt, with a bias: the output rounded to bf16
         want = quantize_activation(x.bfloat16().float()).double() @ Q4_1.dequantize(pairs[:, 0].contiguous(), cols).double().t()
-        got = q4_1_gemm(pairs[:, 0], x.bfloat16(), bias)
+        got = rows_gemm(pairs[:, 0], x.bfloat16(), "q4_1", bias)
         worst["bf16"] = max(worst["bf16"], (got.double() - want - bias.double()).abs().max().item() / want.abs().max().item())
     worst["columns"] = 0.0
     for tokens, d, n, loaded in [(1, 32, 32, 32), (5, 64, 96, 70), (70, 576, 1536, 1075)]:  # a loaded set out of order

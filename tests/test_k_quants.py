@@ -122,12 +122,18 @@ def test_k_quant_weights_run_every_method_and_give_dense_tokens_at_full_budget(k
     from partinfer.runtime.kernels import MixedCompactLinear
 
     assert isinstance(dense.layers[0].self_attn.qkv_proj, MixedCompactLinear)  # Q4_K q, k with a Q6_K v
-    ids = torch.tensor([tiny_prompts(1, seed=5, vocab=VOCAB)[0]])
-    want = prefill(ref, ids, KVCache(ref.cfg, 1, 32, torch.float32, "cpu"), logits_for="all")
-    got = prefill(dense, ids, KVCache(dense.cfg, 1, 32, torch.float32, "cpu"), logits_for="all")
-    # prompts run on the integer products (inputs quantized to 8 bits per 256, as llama.cpp's): near the
-    # exact values; a long one in chunks of K_PRODUCT_TOKENS tokens, as near
-    assert (got - want).norm() < 0.1 * want.norm(), ((got - want).norm() / want.norm()).item()  # 5.7 % here: large biases make outliers
+    # prompts run on the integer products (inputs quantized to 8 bits): near the exact values. This random
+    # model's large q/k/v biases make attention so peaked that a 0.1 % difference in q can move a prompt's
+    # logits by half (one prompt in ten, whichever kernel), so the typical prompt is what is asked for:
+    # the median over ten (1.6-1.9 % here, for the per-32 prompt products and for the per-256 ones alike).
+    errors = []
+    for seed in range(10):
+        ids = torch.tensor([tiny_prompts(1, seed=seed, vocab=VOCAB)[0]])
+        want = prefill(ref, ids, KVCache(ref.cfg, 1, 32, torch.float32, "cpu"), logits_for="all")
+        got = prefill(dense, ids, KVCache(dense.cfg, 1, 32, torch.float32, "cpu"), logits_for="all")
+        errors.append(((got - want).norm() / want.norm()).item())
+    assert sorted(errors)[5] < 0.05, errors
+    # a long prompt, in chunks of K_PRODUCT_TOKENS tokens
     long_ids = torch.randint(3, VOCAB, (1, K_PRODUCT_TOKENS + 3), generator=torch.Generator().manual_seed(5))
     want = prefill(ref, long_ids, KVCache(ref.cfg, 1, 160, torch.float32, "cpu"), logits_for="all")
     got = prefill(dense, long_ids, KVCache(dense.cfg, 1, 160, torch.float32, "cpu"), logits_for="all")
@@ -245,6 +251,31 @@ def test_k_quant_row_products_equal_dequantize_then_fp64_matmul(name):
     subset = torch.tensor([30, 2, 2, 17, 0, 36])
     assert torch.allclose(gemv_k(rows, x, fmt.dequant_kernel, subset).double(), want[:, subset], rtol=1e-4,
                           atol=1e-4 * want.abs().max().item())
+
+
+@pytest.mark.skipif(not cpu_kernels(), reason="no compiled kernels on this CPU")
+def test_prompt_product_on_q4_k_rows_equals_dequantize_then_fp64_matmul():
+    """`rows_gemm` (AVX-512 VNNI): a prompt times Q4_K rows (every other row of gate/up pairs, read in
+    place) against de-quantized rows times the input quantized per 32 in fp64; token and row tails, a
+    bf16 prompt with a bias."""
+    from partinfer.runtime.native import prompt_gemm_available, rows_gemm
+    from partinfer.runtime.quant import quantize_activation
+
+    if not prompt_gemm_available():
+        pytest.skip("no AVX-512 VNNI here (or PARTINFER_VNNI=0)")
+    fmt = BLOCK_FORMATS["Q4_K"]
+    pairs = torch.stack([random_k_blocks(fmt, 37, 768, seed=5), random_k_blocks(fmt, 37, 768, seed=6)], dim=1)
+    for tokens in (1, 13):  # one pass of eight, four, then single tokens
+        x = torch.randn(tokens, 768) * torch.tensor([1.0, 1e-3, 40.0]).repeat_interleave(256)
+        for j in (0, 1):
+            want = quantize_activation(x, 32).double() @ fmt.dequantize(pairs[:, j].contiguous(), 768).double().t()
+            got = rows_gemm(pairs[:, j], x, "q4_k")
+            assert torch.allclose(got.double(), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+        bias = torch.randn(37)
+        want = quantize_activation(x.bfloat16().float(), 32).double() @ fmt.dequantize(pairs[:, 1].contiguous(), 768).double().t()
+        got = rows_gemm(pairs[:, 1], x.bfloat16(), "q4_k", bias)
+        assert got.dtype == torch.bfloat16
+        assert torch.allclose(got.double(), want + bias.double(), rtol=1e-2, atol=1e-2 * want.abs().max().item())
 
 
 @pytest.mark.skipif(not cpu_kernels(), reason="no compiled kernels on this CPU")

@@ -48,7 +48,7 @@ namespace {
 #include "matrix.h"
 #include "single_ops.h"
 #include "dequantize.h"
-#include "q4_1_gemm.h"
+#include "prompt_gemm.h"
 #include "decode_team.h"
 #include "decode_plan.h"
 
@@ -71,8 +71,8 @@ TORCH_LIBRARY(partinfer_cpu, m) {
   m.def("argmax(Tensor x) -> Tensor", argmax);
   m.def("dequantize(Tensor W, int cols, ScalarType dtype) -> Tensor", dequantize);
   m.def("dequantize_columns(Tensor codes, Tensor table, Tensor blocks, ScalarType dtype) -> Tensor", dequantize_columns);
-  m.def("q4_1_gemm(Tensor W, Tensor x, Tensor? bias=None) -> Tensor", q4_1_gemm);
-  m.def("q4_1_gemm_available() -> bool", q4_1_gemm_available);
+  m.def("rows_gemm(Tensor W, Tensor x, str kernel, Tensor? bias=None) -> Tensor", rows_gemm);
+  m.def("prompt_gemm_available() -> bool", prompt_gemm_available);
   m.def("q4_1_columns_gemm(Tensor codes, Tensor table, Tensor blocks, Tensor a) -> Tensor", q4_1_columns_gemm);
   m.def("down_columns(Tensor codes, Tensor table, Tensor blocks, Tensor a, Tensor? rows=None) -> Tensor", down_columns);
   m.def("compact_kernel_path() -> str", compact_kernel_path);

@@ -1,6 +1,6 @@
-// A prompt's product with Q4_1 rows in integers, on AVX-512 VNNI: y [M, N] = x [M, K] . W^T, W compact
-// Q4_1 rows (runtime/kernels.py `linear` for many tokens). Included by partinfer_cpu.cpp inside its
-// anonymous namespace, after compact_input.h.
+// A prompt's products with 4-bit rows (Q4_1, Q4_K) and Q4_1 down columns in integers, on AVX-512 VNNI:
+// y [M, N] = x [M, K] . W^T (runtime/kernels.py `linear`, runtime/ffn.py `column_linear` for a prompt).
+// Included by partinfer_cpu.cpp inside its anonymous namespace, after compact_input.h and k_quants.h.
 //
 // Why: de-quantizing a prompt's weights into bf16 tiles for the float GEMM cost a third as much as
 // the GEMM itself, and bf16 multiply-adds are 32 per 512-bit instruction where VNNI's u8 x s8 ones
@@ -9,12 +9,13 @@
 // every token's dot products with those rows are `vpdpbusd`s against the token's 8-bit codes broadcast
 // four at a time; a block's integer sums are scaled once per block, as the GEMV does:
 //   y[t][r] = sum_b d_w[r][b] d_x[t][b] sum(q_w q_x) + m_w[r][b] (d_x sum q_x)[t][b].
+// A Q4_K sub-block (32 weights) is such a block too: d_w = d sc, m_w = -dmin m from its 6-bit pair.
 // x is quantized per 32 as the decode's GEMV quantizes it (QuantizedInput), so a prompt's last token
 // and the decode steps after it see the same 8-bit inputs.
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni")
-namespace q4_1_gemm_vnni {
+namespace prompt_gemm_vnni {
 
 constexpr int PANEL = 16;  // rows per panel: one per 32-bit lane
 constexpr int MAX_TOKENS = 8;  // tokens per pass over a panel: 8 int + 8 float accumulators in registers
@@ -38,7 +39,8 @@ struct Panel {
   __m512i code(int64_t i) const { return _mm512_loadu_si512(codes.data() + 16 * i); }
   __m512 scale(int64_t b) const { return _mm512_loadu_ps(d.data() + 16 * b); }
   __m512 min(int64_t b) const { return _mm512_loadu_ps(m.data() + 16 * b); }
-  void fill(const uint8_t* w, int64_t stride, int rows, int64_t nb) {
+  void fill(const uint8_t* w, int64_t stride, int rows, int64_t nb, bool q4_k) {
+    if (q4_k) return fill_q4_k(w, stride, rows, nb);
     codes.resize(nb * 8 * 16);
     d.resize(nb * 16);
     m.resize(nb * 16);
@@ -56,6 +58,46 @@ struct Panel {
         _mm512_storeu_si512(codes.data() + 16 * (b * 8 + g), _mm512_and_si512(q, low));
         _mm512_storeu_si512(codes.data() + 16 * (b * 8 + 4 + g), _mm512_and_si512(_mm512_srli_epi16(q, 4), low));
       }
+    }
+  }
+  // Q4_K super-blocks (144 bytes: fp16 d, dmin; 12 bytes of 6-bit scale/min pairs; 128 bytes of codes,
+  // sub-blocks 2i and 2i + 1 the low and high nibbles of bytes 32 i ..), each as 8 blocks of 32.
+  void fill_q4_k(const uint8_t* w, int64_t stride, int rows, int64_t nb) {
+    codes.resize(nb * 8 * 16);
+    d.resize(nb * 16);
+    m.resize(nb * 16);
+    const __mmask16 live = static_cast<__mmask16>((1u << rows) - 1);
+    const __m512i offsets = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                               _mm512_set1_epi32(static_cast<int32_t>(stride)));
+    const __m512i low = _mm512_set1_epi8(0x0F), six = _mm512_set1_epi32(63);
+    auto gather = [&](const uint8_t* p) { return _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live, offsets, p, 1); };
+    auto byte = [](__m512i v, int i) { return _mm512_and_si512(_mm512_srli_epi32(v, 8 * i), _mm512_set1_epi32(255)); };
+    for (int64_t sb = 0; sb < nb / 8; ++sb) {
+      const uint8_t* blk = w + sb * Q4_K_BYTES;
+      const __m512i heads = gather(blk);
+      const __m512 dd = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(heads));
+      const __m512 dmin = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(heads, 16)));
+      const __m512i p0 = gather(blk + 4), p1 = gather(blk + 8), p2 = gather(blk + 12);  // scale bytes 0-3, 4-7, 8-11
+      for (int s = 0; s < 8; ++s) {
+        __m512i sc, mn;
+        if (s < 4) {
+          sc = _mm512_and_si512(byte(p0, s), six);
+          mn = _mm512_and_si512(byte(p1, s), six);
+        } else {
+          sc = _mm512_or_si512(_mm512_and_si512(byte(p2, s - 4), _mm512_set1_epi32(15)),
+                               _mm512_slli_epi32(_mm512_srli_epi32(byte(p0, s - 4), 6), 4));
+          mn = _mm512_or_si512(_mm512_srli_epi32(byte(p2, s - 4), 4), _mm512_slli_epi32(_mm512_srli_epi32(byte(p1, s - 4), 6), 4));
+        }
+        const int64_t b = sb * 8 + s;
+        _mm512_storeu_ps(d.data() + 16 * b, _mm512_mul_ps(dd, _mm512_cvtepi32_ps(sc)));
+        _mm512_storeu_ps(m.data() + 16 * b, _mm512_mul_ps(_mm512_set1_ps(-1.0f), _mm512_mul_ps(dmin, _mm512_cvtepi32_ps(mn))));
+      }
+      for (int pair = 0; pair < 4; ++pair)
+        for (int g = 0; g < 8; ++g) {  // bytes 32 pair + 4g ..: weights 4g.. of sub-blocks 2 pair (low), 2 pair + 1 (high)
+          const __m512i q = gather(blk + 16 + 32 * pair + 4 * g);
+          _mm512_storeu_si512(codes.data() + 16 * ((sb * 8 + 2 * pair) * 8 + g), _mm512_and_si512(q, low));
+          _mm512_storeu_si512(codes.data() + 16 * ((sb * 8 + 2 * pair + 1) * 8 + g), _mm512_and_si512(_mm512_srli_epi16(q, 4), low));
+        }
     }
   }
 };
@@ -116,16 +158,16 @@ void panel_tokens(const Panel& p, const Tokens& x, const float* bias, int64_t t0
 
 // y [M, N] fp32 = x [M, K] . W^T for Q4_1 rows W (row r at w + r * stride), K a multiple of 32.
 template <class In, class Out>
-void gemm(const uint8_t* w, int64_t stride, int64_t N, int64_t K, const In* x, int64_t M, const float* bias, Out* y) {
+void gemm(const uint8_t* w, int64_t stride, int64_t N, int64_t K, bool q4_k, const In* x, int64_t M, const float* bias, Out* y) {
   Tokens tokens;
   tokens.quantize(x, M, K);
-  const int64_t panels = (N + PANEL - 1) / PANEL, row_bytes = K / 32 * Q4_1_BYTES;
+  const int64_t panels = (N + PANEL - 1) / PANEL, row_bytes = q4_k ? K / QK_K * Q4_K_BYTES : K / 32 * Q4_1_BYTES;
   parallel_chunks(panels, 1, 4, [&](int64_t p0, int64_t p1, int64_t) {
     Panel panel;
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t r0 = p * PANEL;
       const int rows = static_cast<int>(std::min<int64_t>(PANEL, N - r0));
-      panel.fill(w + r0 * stride, stride, rows, K / 32);
+      panel.fill(w + r0 * stride, stride, rows, K / 32, q4_k);
       for (int64_t r = r0 + PANEL; r < std::min(N, r0 + 2 * PANEL); ++r) prefetch_row(w + r * stride, row_bytes);  // the next panel's rows
       int64_t t = 0;
       for (; t + 8 <= M; t += 8) panel_tokens<8>(panel, tokens, bias, t, y, N, r0, rows);
@@ -257,21 +299,24 @@ void columns_gemm(const ColumnMatrix& C, const In* a, int64_t M, Out* y) {
   });
 }
 
-}  // namespace q4_1_gemm_vnni
+}  // namespace prompt_gemm_vnni
 #pragma GCC pop_options
 
-// Compact Q4_1 rows W [N, row_bytes] (contiguous, or 2-D with a row stride) times x [M, K] fp32 or bf16
-// (+ an fp32 bias [N]) -> [M, N] in x's dtype, on AVX-512 VNNI (`q4_1_gemm_available`).
-bool q4_1_gemm_available() { return vnni_allowed(); }
+// Compact 4-bit rows W [N, row_bytes] (`kernel` "q4_1" or "q4_k"; contiguous, or 2-D with a row stride)
+// times x [M, K] fp32 or bf16 (+ an fp32 bias [N]) -> [M, N] in x's dtype, on AVX-512 VNNI.
+bool prompt_gemm_available() { return vnni_allowed(); }
 
-at::Tensor q4_1_gemm(const at::Tensor& W, const at::Tensor& x, const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK(q4_1_gemm_available(), "q4_1_gemm needs AVX-512 VNNI");
+at::Tensor rows_gemm(const at::Tensor& W, const at::Tensor& x, const std::string& kernel, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(prompt_gemm_available(), "rows_gemm needs AVX-512 VNNI");
+  TORCH_CHECK(kernel == "q4_1" || kernel == "q4_k", "rows_gemm takes q4_1 or q4_k rows, not ", kernel);
   TORCH_CHECK(W.dim() == 2 && W.device().is_cpu() && W.scalar_type() == at::kByte && W.stride(1) == 1 &&
-              W.stride(0) >= W.size(1), "q4_1_gemm takes 2-D uint8 CPU rows, each contiguous");
+              W.stride(0) >= W.size(1), "rows_gemm takes 2-D uint8 CPU rows, each contiguous");
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
               "x must be a contiguous 2-D fp32 or bf16 tensor");
-  const int64_t K = x.size(1), N = W.size(0), M = x.size(0);
-  TORCH_CHECK(K % 32 == 0 && W.size(1) == K / 32 * Q4_1_BYTES, "W rows of ", W.size(1), " bytes are not Q4_1 for ", K, " weights");
+  const bool q4_k = kernel == "q4_k";
+  const int64_t K = x.size(1), N = W.size(0), M = x.size(0), block = q4_k ? QK_K : 32;
+  TORCH_CHECK(K % block == 0 && W.size(1) == K / block * (q4_k ? Q4_K_BYTES : Q4_1_BYTES), "W rows of ", W.size(1),
+              " bytes are not ", kernel, " for ", K, " weights");
   TORCH_CHECK(!bias || (bias->dim() == 1 && bias->is_contiguous() && bias->scalar_type() == at::kFloat && bias->numel() == N),
               "bias must be a contiguous fp32 vector of ", N);
   at::Tensor y = at::empty({M, N}, x.options());
@@ -279,16 +324,16 @@ at::Tensor q4_1_gemm(const at::Tensor& W, const at::Tensor& x, const std::option
   const uint8_t* w = W.data_ptr<uint8_t>();
   const float* b = bias ? bias->data_ptr<float>() : nullptr;
   if (x.scalar_type() == at::kFloat)
-    q4_1_gemm_vnni::gemm(w, W.stride(0), N, K, x.data_ptr<float>(), M, b, y.data_ptr<float>());
+    prompt_gemm_vnni::gemm(w, W.stride(0), N, K, q4_k, x.data_ptr<float>(), M, b, y.data_ptr<float>());
   else
-    q4_1_gemm_vnni::gemm(w, W.stride(0), N, K, x.data_ptr<at::BFloat16>(), M, b, y.data_ptr<at::BFloat16>());
+    prompt_gemm_vnni::gemm(w, W.stride(0), N, K, q4_k, x.data_ptr<at::BFloat16>(), M, b, y.data_ptr<at::BFloat16>());
   return y;
 }
 
 // a [M, n] fp32 or bf16 times Q4_1 down columns (codes [n, D / 2], table [blocks, 2, D], blocks [n]: see
 // columns_of) -> [M, D] in a's dtype, in integers on AVX-512 VNNI.
 at::Tensor q4_1_columns_gemm(const at::Tensor& codes, const at::Tensor& table, const at::Tensor& blocks, const at::Tensor& a) {
-  TORCH_CHECK(q4_1_gemm_available(), "q4_1_columns_gemm needs AVX-512 VNNI");
+  TORCH_CHECK(prompt_gemm_available(), "q4_1_columns_gemm needs AVX-512 VNNI");
   const ColumnMatrix C = columns_of(codes, table, blocks, table.size(-1), "down").columns;
   TORCH_CHECK(C.q4 && C.cols % 16 == 0, "q4_1_columns_gemm takes Q4_1 columns of a multiple of 16 outputs");
   TORCH_CHECK(a.dim() == 2 && a.is_contiguous() && (a.scalar_type() == at::kFloat || a.scalar_type() == at::kBFloat16) &&
@@ -296,8 +341,8 @@ at::Tensor q4_1_columns_gemm(const at::Tensor& codes, const at::Tensor& table, c
   at::Tensor y = at::empty({a.size(0), C.cols}, a.options());
   if (!a.size(0)) return y;
   if (a.scalar_type() == at::kFloat)
-    q4_1_gemm_vnni::columns_gemm(C, a.data_ptr<float>(), a.size(0), y.data_ptr<float>());
+    prompt_gemm_vnni::columns_gemm(C, a.data_ptr<float>(), a.size(0), y.data_ptr<float>());
   else
-    q4_1_gemm_vnni::columns_gemm(C, a.data_ptr<at::BFloat16>(), a.size(0), y.data_ptr<at::BFloat16>());
+    prompt_gemm_vnni::columns_gemm(C, a.data_ptr<at::BFloat16>(), a.size(0), y.data_ptr<at::BFloat16>());
   return y;
 }
