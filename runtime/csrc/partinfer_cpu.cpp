@@ -21,9 +21,11 @@
 //
 // Compact weights (uint8 rows of Q4_1 or Q8_0 blocks, common/formats/blocks.py) are taken wherever a bf16
 // matrix is, by `gemv` and by `model_decode` (kernels in compact_rows.h, an AVX2 and an AVX-512
-// VNNI build chosen once per process: `compact_kernel_path()`); `dequantize` expands them for prefill.
-// K-quant rows (Q4_K, Q6_K) have their own products (k_quant_products.h: `gemv_k`, `down_k`, and inside
-// `model_decode`; AVX2, or 512-bit VNNI in k_quant_vnni.h, chosen by the same rule) and de-quantizers (k_quants.h).
+// VNNI build chosen once per process: `compact_kernel_path()`); `dequantize` expands them into tiles
+// for prompts (dequantize.h). K-quant rows (Q4_K, Q6_K) have their own products (k_quant_products.h:
+// `gemv_k`, `down_k`, and inside `model_decode`; AVX2, or 512-bit VNNI in k_quant_vnni.h, chosen by the
+// same rule) and de-quantizers (k_quants.h). On AVX-512 VNNI a prompt's Q4_1 and Q4_K rows and Q4_1
+// down columns run on integer GEMMs (prompt_gemm.h: `rows_gemm`, `q4_1_columns_gemm`).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/custom_class.h>

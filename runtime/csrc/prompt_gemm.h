@@ -33,44 +33,57 @@ inline void store16(at::BFloat16* y, __mmask16 live, __m512 v) {
 // A panel of up to 16 rows in VNNI order: per block, 8 vectors (4 weights of each row, 32 weights in
 // all), and the rows' scales and mins as floats.
 // (Plain arrays, read with unaligned loads: a std::vector of 512-bit vectors is not 64-byte aligned here.)
+// The 32-bit word at p + r * stride of each of a panel's rows r (one gather; lanes past `rows` are 0).
+struct RowWords {
+  __mmask16 live;
+  __m512i offsets;
+  RowWords(int64_t stride, int rows)
+      : live(static_cast<__mmask16>((1u << rows) - 1)),
+        offsets(_mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                   _mm512_set1_epi32(static_cast<int32_t>(stride)))) {}
+  __m512i at(const uint8_t* p) const { return _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live, offsets, p, 1); }
+};
+
 struct Panel {
   std::vector<int32_t> codes;  // [nb * 8][16]
   std::vector<float> d, m;     // [nb][16]
   __m512i code(int64_t i) const { return _mm512_loadu_si512(codes.data() + 16 * i); }
   __m512 scale(int64_t b) const { return _mm512_loadu_ps(d.data() + 16 * b); }
   __m512 min(int64_t b) const { return _mm512_loadu_ps(m.data() + 16 * b); }
-  void fill(const uint8_t* w, int64_t stride, int rows, int64_t nb, bool q4_k) {
-    if (q4_k) return fill_q4_k(w, stride, rows, nb);
+  void resize(int64_t nb) {
     codes.resize(nb * 8 * 16);
     d.resize(nb * 16);
     m.resize(nb * 16);
-    const __mmask16 live = static_cast<__mmask16>((1u << rows) - 1);
-    const __m512i offsets = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                               _mm512_set1_epi32(static_cast<int32_t>(stride)));
-    const __m512i low = _mm512_set1_epi8(0x0F);
+  }
+  // Four code bytes per row: their low nibbles are code vector `low`, their high nibbles vector `high`.
+  void put_codes(int64_t low, int64_t high, __m512i bytes) {
+    const __m512i mask = _mm512_set1_epi8(0x0F);
+    _mm512_storeu_si512(codes.data() + 16 * low, _mm512_and_si512(bytes, mask));
+    _mm512_storeu_si512(codes.data() + 16 * high, _mm512_and_si512(_mm512_srli_epi16(bytes, 4), mask));
+  }
+  void put_scales(int64_t b, __m512 scale, __m512 min) {
+    _mm512_storeu_ps(d.data() + 16 * b, scale);
+    _mm512_storeu_ps(m.data() + 16 * b, min);
+  }
+  void fill(const uint8_t* w, int64_t stride, int rows, int64_t nb, bool q4_k) {
+    if (q4_k) return fill_q4_k(w, stride, rows, nb);
+    resize(nb);
+    const RowWords words(stride, rows);
     for (int64_t b = 0; b < nb; ++b) {
       const uint8_t* blk = w + b * Q4_1_BYTES;
-      const __m512i heads = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live, offsets, blk, 1);  // (d, m) fp16 pairs
-      _mm512_storeu_ps(d.data() + 16 * b, _mm512_cvtph_ps(_mm512_cvtepi32_epi16(heads)));
-      _mm512_storeu_ps(m.data() + 16 * b, _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(heads, 16))));
-      for (int g = 0; g < 4; ++g) {  // bytes 4g..4g+3 of the codes: weights 4g.. (low nibbles), 16 + 4g.. (high)
-        const __m512i q = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live, offsets, blk + 4 + 4 * g, 1);
-        _mm512_storeu_si512(codes.data() + 16 * (b * 8 + g), _mm512_and_si512(q, low));
-        _mm512_storeu_si512(codes.data() + 16 * (b * 8 + 4 + g), _mm512_and_si512(_mm512_srli_epi16(q, 4), low));
-      }
+      const __m512i heads = words.at(blk);  // (d, m) fp16 pairs
+      put_scales(b, _mm512_cvtph_ps(_mm512_cvtepi32_epi16(heads)), _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(heads, 16))));
+      for (int g = 0; g < 4; ++g)  // bytes 4g..4g+3 of the codes: weights 4g.. (low nibbles), 16 + 4g.. (high)
+        put_codes(b * 8 + g, b * 8 + 4 + g, words.at(blk + 4 + 4 * g));
     }
   }
   // Q4_K super-blocks (144 bytes: fp16 d, dmin; 12 bytes of 6-bit scale/min pairs; 128 bytes of codes,
   // sub-blocks 2i and 2i + 1 the low and high nibbles of bytes 32 i ..), each as 8 blocks of 32.
   void fill_q4_k(const uint8_t* w, int64_t stride, int rows, int64_t nb) {
-    codes.resize(nb * 8 * 16);
-    d.resize(nb * 16);
-    m.resize(nb * 16);
-    const __mmask16 live = static_cast<__mmask16>((1u << rows) - 1);
-    const __m512i offsets = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                               _mm512_set1_epi32(static_cast<int32_t>(stride)));
-    const __m512i low = _mm512_set1_epi8(0x0F), six = _mm512_set1_epi32(63);
-    auto gather = [&](const uint8_t* p) { return _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live, offsets, p, 1); };
+    resize(nb);
+    const RowWords words(stride, rows);
+    const __m512i six = _mm512_set1_epi32(63);
+    auto gather = [&](const uint8_t* p) { return words.at(p); };
     auto byte = [](__m512i v, int i) { return _mm512_and_si512(_mm512_srli_epi32(v, 8 * i), _mm512_set1_epi32(255)); };
     for (int64_t sb = 0; sb < nb / 8; ++sb) {
       const uint8_t* blk = w + sb * Q4_K_BYTES;
@@ -88,16 +101,12 @@ struct Panel {
                                _mm512_slli_epi32(_mm512_srli_epi32(byte(p0, s - 4), 6), 4));
           mn = _mm512_or_si512(_mm512_srli_epi32(byte(p2, s - 4), 4), _mm512_slli_epi32(_mm512_srli_epi32(byte(p1, s - 4), 6), 4));
         }
-        const int64_t b = sb * 8 + s;
-        _mm512_storeu_ps(d.data() + 16 * b, _mm512_mul_ps(dd, _mm512_cvtepi32_ps(sc)));
-        _mm512_storeu_ps(m.data() + 16 * b, _mm512_mul_ps(_mm512_set1_ps(-1.0f), _mm512_mul_ps(dmin, _mm512_cvtepi32_ps(mn))));
+        put_scales(sb * 8 + s, _mm512_mul_ps(dd, _mm512_cvtepi32_ps(sc)),
+                   _mm512_mul_ps(_mm512_set1_ps(-1.0f), _mm512_mul_ps(dmin, _mm512_cvtepi32_ps(mn))));
       }
       for (int pair = 0; pair < 4; ++pair)
-        for (int g = 0; g < 8; ++g) {  // bytes 32 pair + 4g ..: weights 4g.. of sub-blocks 2 pair (low), 2 pair + 1 (high)
-          const __m512i q = gather(blk + 16 + 32 * pair + 4 * g);
-          _mm512_storeu_si512(codes.data() + 16 * ((sb * 8 + 2 * pair) * 8 + g), _mm512_and_si512(q, low));
-          _mm512_storeu_si512(codes.data() + 16 * ((sb * 8 + 2 * pair + 1) * 8 + g), _mm512_and_si512(_mm512_srli_epi16(q, 4), low));
-        }
+        for (int g = 0; g < 8; ++g)  // bytes 32 pair + 4g ..: weights 4g.. of sub-blocks 2 pair (low), 2 pair + 1 (high)
+          put_codes((sb * 8 + 2 * pair) * 8 + g, (sb * 8 + 2 * pair + 1) * 8 + g, gather(blk + 16 + 32 * pair + 4 * g));
     }
   }
 };
