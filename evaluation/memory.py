@@ -2,7 +2,8 @@
 
 Why a fresh process per configuration: RSS only grows within a process (freed pages often stay),
 and torch's code pages count as RssFile the first time a kernel runs. So every worker first imports
-torch and runs the same kinds of kernels on a tiny model-shaped input (the baseline), then loads the
+torch and runs the same kinds of kernels on a tiny model-shaped input, the prompt's GEMMs at the model's
+shapes and one short generation on a one-layer random model (the baseline), then loads the
 model (peak RSS during load = VmHWM), then generates a few tokens so that every loaded weight has
 been read, and reports RssAnon and RssFile from /proc/self/status. Model memory = RSS - baseline.
 
@@ -288,7 +289,7 @@ def format_memory(report: dict) -> str:
     lines = [f"model {report['model']} ({report['dtype']}, {report.get('weights', 'bf16')} weights, "
              f"{'packed' if report['packed'] else 'plain'} checkpoint for sparse rows, {report.get('prompt_tokens', 32)}-token "
              f"prompt + {report.get('new_tokens', 16)} new); "
-             "MiB; model = RSS - baseline (fresh process: interpreter + torch + tiny kernels)",
+             "MiB; model = RSS - baseline (fresh process: interpreter + torch + its kernels warmed up, no model)",
              f"{'configuration':<22}{'expected':>9}{'model':>8}{'vs exp':>8}{'peak load':>10}{'peak gen':>9}"
              f"{'RssAnon':>9}{'RssFile':>9}{'baseline':>9}"]
     for r in report["rows"]:
