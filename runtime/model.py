@@ -255,13 +255,6 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, cache: KVCache, start: int, logits_for: str = "all") -> torch.Tensor:
         """tokens [B, T] written to cache slots start..start+T; returns logits [B, T, V] or [B, 1, V]."""
-        x = self.hidden(tokens, cache, start)
-        if logits_for == "last":
-            x = x[:, -1:]
-        return self.logits(self.norm(x))
-
-    def hidden(self, tokens: torch.Tensor, cache: KVCache, start: int) -> torch.Tensor:
-        """tokens [B, T] through every layer, written to cache slots start..start+T -> [B, T, D] (no head)."""
         B, T = tokens.shape
         x = self.embed_tokens(tokens)
         slots = torch.arange(start, start + T, device=tokens.device)
@@ -270,31 +263,9 @@ class Transformer(nn.Module):
         mask = self.attention_mask(cache, start, T, slots)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, cache.k[i], cache.v[i], start, mask)
-        return x
-
-
-# A prompt longer than this runs through the layers this many tokens at a time (the keys and values of
-# the earlier chunks read from the cache, as a decode step reads them): its activations, the largest
-# transients of a long prompt, stay one chunk's. Sequences with padding run in one call (the sparse
-# layers' statistics weigh the prompt's positions by one mask).
-PREFILL_TOKENS = 128
-
-
-def prompt_logits(model: Transformer, tokens: torch.Tensor, cache: KVCache, start: int, logits_for: str,
-                  padded: bool) -> torch.Tensor:
-    """The model over tokens [B, T] at cache slots start.., in chunks of PREFILL_TOKENS unless padded:
-    logits [B, T, V] ("all", the chunks' concatenated) or [B, 1, V] ("last": only the last chunk's head)."""
-    T = tokens.shape[1]
-    if padded or T <= PREFILL_TOKENS:
-        return model(tokens, cache, start, logits_for)
-    parts = []
-    for c0 in range(0, T, PREFILL_TOKENS):
-        chunk = tokens[:, c0 : c0 + PREFILL_TOKENS]
-        if logits_for == "all" or c0 + PREFILL_TOKENS >= T:
-            parts.append(model(chunk, cache, start + c0, logits_for))
-        else:
-            model.hidden(chunk, cache, start + c0)
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        if logits_for == "last":
+            x = x[:, -1:]
+        return self.logits(self.norm(x))
 
 
 def prefill(
@@ -323,7 +294,7 @@ def prefill(
     if select:
         for block in model.layers:
             block.mlp.begin_prompt(attention_mask.bool() if attention_mask is not None else None)
-    logits = prompt_logits(model, tokens, cache, start, logits_for, padded=not bool(real.all()))
+    logits = model(tokens, cache, start, logits_for)
     cache.length = start + T
     if select:
         for block in model.layers:
