@@ -155,9 +155,8 @@ def column_linear(a: torch.Tensor, codes: torch.Tensor, table: torch.Tensor, neu
         codes, neuron_ids = codes[rows], neuron_ids[rows]
     if prompt_positions(a) and fmt.kernel == "q4_1":  # in integers on AVX-512 VNNI
         c, blocks = codes.contiguous(), neuron_blocks(neuron_ids, fmt).contiguous()
-        native = a.dtype in (torch.float32, torch.bfloat16)  # the product reads and writes these itself
         y = in_token_chunks(a.reshape(-1, c.shape[0]), lambda chunk: native_q4_1_columns_gemm(c, table, blocks, chunk),
-                            a.dtype, fp32=not native)
+                            a.dtype, takes_bf16=True)
         return y.reshape(*a.shape[:-1], d)
     j = codes.shape[0]
     step = max(1, COLUMN_TILE_BYTES // (d * a.element_size()))

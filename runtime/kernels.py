@@ -65,14 +65,16 @@ def k_product_kernel(weight: torch.Tensor, fmt: BlockFormat) -> str | None:
     return fmt.dequant_kernel
 
 
-def in_token_chunks(x: torch.Tensor, fn, dtype: torch.dtype, fp32: bool = True) -> torch.Tensor:
+def in_token_chunks(x: torch.Tensor, fn, dtype: torch.dtype, takes_bf16: bool = False) -> torch.Tensor:
     """fn over x [tokens, k] in chunks of K_PRODUCT_TOKENS tokens, each made a contiguous fp32 copy (with
-    `fp32=False`: contiguous in x's own dtype, for products that take bf16 and answer in it); the results
-    ([chunk, N]) written into one [tokens, N] tensor of `dtype`. A 512-token prompt's transients stay one
-    chunk's copies, not the whole prompt's (the peak during generation)."""
+    `takes_bf16`, for products that read fp32 or bf16 and answer in it: contiguous in x's own dtype when
+    it is one of those); the results ([chunk, N]) written into one [tokens, N] tensor of `dtype`. A
+    512-token prompt's transients stay one chunk's copies, not the whole prompt's (the peak during generation)."""
+    as_is = takes_bf16 and x.dtype in (torch.float32, torch.bfloat16)
+
     def chunk(t: int) -> torch.Tensor:
         part = x[t : t + K_PRODUCT_TOKENS]
-        return (part.float() if fp32 else part).contiguous()
+        return (part if as_is else part.float()).contiguous()
 
     first = fn(chunk(0))
     if x.shape[0] <= K_PRODUCT_TOKENS:
@@ -112,23 +114,22 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     The compiled one-token decode (runtime/decode.py) does not come through here.
 
     `fmt`: the block format of a compact `weight` (uint8 rows [N, row_bytes], common/formats/blocks.py),
-    which the module holding it names. Its output rows are de-quantized tile by tile (DEQUANT_TILE_BYTES)
-    into the compute dtype and multiplied at once, so the weights stay compact in memory and a call adds
-    at most one tile.
+    which the module holding it names. A prompt on Q4_1 or Q4_K rows runs on the integer prompt products
+    where the CPU has them (`prompt_gemm_kernel`), K-quant rows on their compiled products; otherwise
+    the output rows are de-quantized tile by tile (DEQUANT_TILE_BYTES) into the compute dtype and
+    multiplied at once. The weights stay compact in memory and a call adds at most one tile.
 
     `rows` [R] (no bias): multiply weight[rows] only -> [..., R]; K-quant rows are read in place by the
     compiled product, others gathered first (the token-wise method's chosen neurons)."""
     kernel = None if fmt is None else k_product_kernel(weight, fmt)
     gemm = None if fmt is None else prompt_gemm_kernel(x, weight, fmt)
-    if gemm is not None:  # a prompt on 4-bit rows: in integers, the panels read in place (gathered first for `rows`)
-        w = weight if rows is None else gather_rows(weight, rows)
+    if rows is not None and (kernel is None or gemm is not None):  # only the K-quant products read rows in place
+        weight, rows = gather_rows(weight, rows), None
+    if gemm is not None:  # a prompt on 4-bit rows: in integers, the panels read in place
         b = None if bias is None else bias.float().contiguous()
-        native = x.dtype in (torch.float32, torch.bfloat16)  # the product reads and writes these itself
-        y = in_token_chunks(x.reshape(-1, x.shape[-1]), lambda chunk: native_rows_gemm(w, chunk, gemm, b), x.dtype,
-                            fp32=not native)
+        y = in_token_chunks(x.reshape(-1, x.shape[-1]), lambda chunk: native_rows_gemm(weight, chunk, gemm, b), x.dtype,
+                            takes_bf16=True)
         return y.reshape(*x.shape[:-1], y.shape[-1])  # [..., N | R]
-    if rows is not None and kernel is None:
-        weight = gather_rows(weight, rows)
     if fmt is None:
         if weight.dtype == torch.uint8:
             raise TypeError("a compact weight needs its block format (fmt=...)")

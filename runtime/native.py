@@ -238,9 +238,10 @@ def q4_1_columns_gemm(codes: torch.Tensor, table: torch.Tensor, blocks: torch.Te
     return torch.ops.partinfer_cpu.q4_1_columns_gemm(codes, table, blocks, a)
 
 
+@functools.cache
 def prompt_gemm_available() -> bool:
     """Whether this process runs `rows_gemm` and `q4_1_columns_gemm`: the compiled kernels are built and
-    take AVX-512 VNNI."""
+    take AVX-512 VNNI (decided once per process, as the kernels are)."""
     return cpu_kernels() and torch.ops.partinfer_cpu.prompt_gemm_available()
 
 

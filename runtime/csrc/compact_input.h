@@ -170,10 +170,15 @@ struct CompactKernels {
   void (*axpy_columns)(const ColumnMatrix&, const float*, const int64_t*, const float*, float*, int64_t, int64_t);
 };
 
-// Whether this process runs the AVX-512 VNNI kernels: the CPU has them and PARTINFER_VNNI is not 0.
-bool vnni_allowed() {
+// PARTINFER_VNNI=0: this process runs the AVX2 kernels only, whatever the CPU has (tests check both paths).
+bool avx2_forced() {
   const char* env = std::getenv("PARTINFER_VNNI");
-  return !(env && std::string(env) == "0") && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl") &&
+  return env && std::string(env) == "0";
+}
+
+// Whether this process runs the AVX-512 VNNI kernels: the CPU has them and they are not forced off.
+bool vnni_allowed() {
+  return !avx2_forced() && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl") &&
          __builtin_cpu_supports("avx512bw");
 }
 

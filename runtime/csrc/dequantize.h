@@ -31,8 +31,7 @@ struct DequantizeKernels {
 
 const DequantizeKernels& dequantize_kernels() {
   static const DequantizeKernels chosen = [] {
-    const char* env = std::getenv("PARTINFER_VNNI");
-    if (!(env && std::string(env) == "0") && __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vl"))
+    if (!avx2_forced() && __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vl"))
       return DequantizeKernels{"avx512-bf16", avx512_bf16::dequantize_row<float>, avx512_bf16::dequantize_row<at::BFloat16>,
                                avx512_bf16::dequantize_column<float>, avx512_bf16::dequantize_column<at::BFloat16>};
     return DequantizeKernels{"avx2", avx2::dequantize_row<float>, avx2::dequantize_row<at::BFloat16>,

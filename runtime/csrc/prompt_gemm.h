@@ -20,6 +20,15 @@ namespace prompt_gemm_vnni {
 constexpr int PANEL = 16;  // rows per panel: one per 32-bit lane
 constexpr int MAX_TOKENS = 8;  // tokens per pass over a panel: 8 int + 8 float accumulators in registers
 
+// f(std::integral_constant<int, NT>, t0) over [0, M) in passes of MAX_TOKENS tokens, then 4, then 1.
+template <class F>
+void token_tiles(int64_t M, F&& f) {
+  int64_t t = 0;
+  for (; t + MAX_TOKENS <= M; t += MAX_TOKENS) f(std::integral_constant<int, MAX_TOKENS>{}, t);
+  for (; t + 4 <= M; t += 4) f(std::integral_constant<int, 4>{}, t);
+  for (; t < M; ++t) f(std::integral_constant<int, 1>{}, t);
+}
+
 // 16 fp32 results to y (those of `live` lanes), as fp32 or rounded to bf16 (to nearest, ties to even,
 // as at::BFloat16 rounds), so that a bf16 prompt's product needs no conversion op after it.
 inline void store16(float* y, __mmask16 live, __m512 v) { _mm512_mask_storeu_ps(y, live, v); }
@@ -30,9 +39,6 @@ inline void store16(at::BFloat16* y, __mmask16 live, __m512 v) {
   _mm256_mask_storeu_epi16(y, live, _mm512_cvtepi32_epi16(rounded));
 }
 
-// A panel of up to 16 rows in VNNI order: per block, 8 vectors (4 weights of each row, 32 weights in
-// all), and the rows' scales and mins as floats.
-// (Plain arrays, read with unaligned loads: a std::vector of 512-bit vectors is not 64-byte aligned here.)
 // The 32-bit word at p + r * stride of each of a panel's rows r (one gather; lanes past `rows` are 0).
 struct RowWords {
   __mmask16 live;
@@ -44,6 +50,9 @@ struct RowWords {
   __m512i at(const uint8_t* p) const { return _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live, offsets, p, 1); }
 };
 
+// A panel of up to 16 rows in VNNI order: per block, 8 vectors (4 weights of each row, 32 weights in
+// all), and the rows' scales and mins as floats. (Plain arrays, read with unaligned loads: a std::vector
+// of 512-bit vectors is not 64-byte aligned here.)
 struct Panel {
   std::vector<int32_t> codes;  // [nb * 8][16]
   std::vector<float> d, m;     // [nb][16]
@@ -83,14 +92,13 @@ struct Panel {
     resize(nb);
     const RowWords words(stride, rows);
     const __m512i six = _mm512_set1_epi32(63);
-    auto gather = [&](const uint8_t* p) { return words.at(p); };
     auto byte = [](__m512i v, int i) { return _mm512_and_si512(_mm512_srli_epi32(v, 8 * i), _mm512_set1_epi32(255)); };
     for (int64_t sb = 0; sb < nb / 8; ++sb) {
       const uint8_t* blk = w + sb * Q4_K_BYTES;
-      const __m512i heads = gather(blk);
+      const __m512i heads = words.at(blk);
       const __m512 dd = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(heads));
       const __m512 dmin = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(heads, 16)));
-      const __m512i p0 = gather(blk + 4), p1 = gather(blk + 8), p2 = gather(blk + 12);  // scale bytes 0-3, 4-7, 8-11
+      const __m512i p0 = words.at(blk + 4), p1 = words.at(blk + 8), p2 = words.at(blk + 12);  // scale bytes 0-3, 4-7, 8-11
       for (int s = 0; s < 8; ++s) {
         __m512i sc, mn;
         if (s < 4) {
@@ -106,29 +114,31 @@ struct Panel {
       }
       for (int pair = 0; pair < 4; ++pair)
         for (int g = 0; g < 8; ++g)  // bytes 32 pair + 4g ..: weights 4g.. of sub-blocks 2 pair (low), 2 pair + 1 (high)
-          put_codes((sb * 8 + 2 * pair) * 8 + g, (sb * 8 + 2 * pair + 1) * 8 + g, gather(blk + 16 + 32 * pair + 4 * g));
+          put_codes((sb * 8 + 2 * pair) * 8 + g, (sb * 8 + 2 * pair + 1) * 8 + g, words.at(blk + 16 + 32 * pair + 4 * g));
     }
   }
 };
 
 // The prompt's tokens as the panels read them: 8-bit codes [M, K], and per block b the scales d[b][t]
-// and d * sum(q) s[b][t], a block's tokens side by side.
+// and d * sum(q) s[b][t], a block's tokens side by side. `row(t, out)` writes token t's K inputs as
+// fp32 (bf16 widened, or a down product's activations put in block order), quantized per 32 as the
+// GEMV's input is.
 struct Tokens {
   int64_t M = 0, K = 0, nb = 0;
   std::vector<int8_t> q;
   std::vector<float> d, s;
-  template <class T>
-  void quantize(const T* x, int64_t m, int64_t k) {
+  template <class Row>
+  void quantize(int64_t m, int64_t k, Row&& row) {
     M = m, K = k, nb = k / 32;
     q.resize(M * K);
     d.resize(nb * M);
     s.resize(nb * M);
-    at::parallel_for(0, M, 16, [&](int64_t t0, int64_t t1) {
+    at::parallel_for(0, M, 8, [&](int64_t t0, int64_t t1) {
       QuantizedInput one;
-      std::vector<float> row(K);
+      std::vector<float> values(K);
       for (int64_t t = t0; t < t1; ++t) {
-        std::copy(x + t * K, x + (t + 1) * K, row.begin());  // bf16 widened here, not in a separate op
-        one.quantize(row.data(), K);
+        row(t, values.data());
+        one.quantize(values.data(), K);
         std::copy(one.q.begin(), one.q.end(), q.begin() + t * K);
         for (int64_t b = 0; b < nb; ++b) d[b * M + t] = one.d[b], s[b * M + t] = one.s[b];
       }
@@ -169,7 +179,7 @@ void panel_tokens(const Panel& p, const Tokens& x, const float* bias, int64_t t0
 template <class In, class Out>
 void gemm(const uint8_t* w, int64_t stride, int64_t N, int64_t K, bool q4_k, const In* x, int64_t M, const float* bias, Out* y) {
   Tokens tokens;
-  tokens.quantize(x, M, K);
+  tokens.quantize(M, K, [&](int64_t t, float* out) { std::copy(x + t * K, x + (t + 1) * K, out); });
   const int64_t panels = (N + PANEL - 1) / PANEL, row_bytes = q4_k ? K / QK_K * Q4_K_BYTES : K / 32 * Q4_1_BYTES;
   parallel_chunks(panels, 1, 4, [&](int64_t p0, int64_t p1, int64_t) {
     Panel panel;
@@ -178,10 +188,7 @@ void gemm(const uint8_t* w, int64_t stride, int64_t N, int64_t K, bool q4_k, con
       const int rows = static_cast<int>(std::min<int64_t>(PANEL, N - r0));
       panel.fill(w + r0 * stride, stride, rows, K / 32, q4_k);
       for (int64_t r = r0 + PANEL; r < std::min(N, r0 + 2 * PANEL); ++r) prefetch_row(w + r * stride, row_bytes);  // the next panel's rows
-      int64_t t = 0;
-      for (; t + 8 <= M; t += 8) panel_tokens<8>(panel, tokens, bias, t, y, N, r0, rows);
-      for (; t + 4 <= M; t += 4) panel_tokens<4>(panel, tokens, bias, t, y, N, r0, rows);
-      for (; t < M; ++t) panel_tokens<1>(panel, tokens, bias, t, y, N, r0, rows);
+      token_tiles(M, [&](auto nt, int64_t t) { panel_tokens<decltype(nt)::value>(panel, tokens, bias, t, y, N, r0, rows); });
     }
   });
 }
@@ -194,35 +201,6 @@ void gemm(const uint8_t* w, int64_t stride, int64_t N, int64_t K, bool q4_k, con
 // quantized to 8 bits per block (unit max |a| / 127 over the block's neurons), scaled once per block.
 
 constexpr int OUTPUTS = 16;  // outputs per panel: one per 32-bit lane
-
-// The tokens' activations in block order: block g's rows (order[start[g] .. start[g + 1])) at
-// [32 g, 32 g + count) of every token's row, zeros after, quantized per 32 as the GEMV's input is: so a
-// block's unit is max |a| / 127 over its own rows, and u * sum(codes) is the minimum's term.
-struct ColumnTokens {
-  int64_t M = 0, width = 0, G = 0;
-  std::vector<int8_t> q;  // [M, 32 G]
-  std::vector<float> u, s;  // [G, M]
-  template <class T>
-  void quantize(const T* a, int64_t m, int64_t n, const RowGroups& groups) {
-    G = static_cast<int64_t>(groups.start.size()) - 1;
-    M = m, width = 32 * G;
-    q.resize(M * width);
-    u.resize(G * M);
-    s.resize(G * M);
-    at::parallel_for(0, M, 8, [&](int64_t t0, int64_t t1) {
-      std::vector<float> sorted(width);
-      QuantizedInput one;
-      for (int64_t t = t0; t < t1; ++t) {
-        std::fill(sorted.begin(), sorted.end(), 0.0f);
-        for (int64_t g = 0; g < G; ++g)
-          for (int64_t i = groups.start[g]; i < groups.start[g + 1]; ++i) sorted[32 * g + i - groups.start[g]] = static_cast<float>(a[t * n + groups.order[i]]);
-        one.quantize(sorted.data(), width);
-        std::copy(one.q.begin(), one.q.end(), q.begin() + t * width);
-        for (int64_t g = 0; g < G; ++g) u[g * M + t] = one.d[g], s[g * M + t] = one.s[g];
-      }
-    });
-  }
-};
 
 // 16 outputs [o0, o0 + 16) of 4 neuron rows as a VNNI vector: lane j holds output o0 + j of each row.
 inline __m512i four_rows(const ColumnMatrix& C, const int64_t* rows, int n, int64_t o0) {
@@ -242,9 +220,9 @@ inline __m512i four_rows(const ColumnMatrix& C, const int64_t* rows, int n, int6
 }
 
 template <int NT, class Out>
-void column_tokens(const std::vector<int32_t>& codes, const std::vector<float>& scales, const ColumnTokens& x,
+void column_tokens(const std::vector<int32_t>& codes, const std::vector<float>& scales, const Tokens& x,
                    const RowGroups& groups, int64_t t0, Out* y, int64_t ldy, int64_t o0) {
-  const int64_t G = x.G;
+  const int64_t G = x.nb;
   __m512 acc[NT];
   for (int t = 0; t < NT; ++t) acc[t] = _mm512_setzero_ps();
   const int32_t* w = codes.data();
@@ -256,13 +234,13 @@ void column_tokens(const std::vector<int32_t>& codes, const std::vector<float>& 
       const __m512i wk = _mm512_loadu_si512(w);
       for (int t = 0; t < NT; ++t) {
         int32_t four;
-        std::memcpy(&four, x.q.data() + (t0 + t) * x.width + k, 4);
+        std::memcpy(&four, x.q.data() + (t0 + t) * x.K + k, 4);
         sums[t] = _mm512_dpbusd_epi32(sums[t], wk, _mm512_set1_epi32(four));
       }
     }
     const __m512 d = _mm512_loadu_ps(scales.data() + 32 * g), m = _mm512_loadu_ps(scales.data() + 32 * g + 16);
     for (int t = 0; t < NT; ++t) {
-      const __m512 scaled = _mm512_mul_ps(_mm512_cvtepi32_ps(sums[t]), _mm512_set1_ps(x.u[g * x.M + t0 + t]));
+      const __m512 scaled = _mm512_mul_ps(_mm512_cvtepi32_ps(sums[t]), _mm512_set1_ps(x.d[g * x.M + t0 + t]));
       acc[t] = _mm512_fmadd_ps(m, _mm512_set1_ps(x.s[g * x.M + t0 + t]), _mm512_fmadd_ps(scaled, d, acc[t]));
     }
   }
@@ -284,8 +262,15 @@ void columns_gemm(const ColumnMatrix& C, const In* a, int64_t M, Out* y) {
       block_of.push_back(b);
     }
   const int64_t G = static_cast<int64_t>(block_of.size());
-  ColumnTokens x;
-  x.quantize(a, M, C.rows, used);
+  // block g's rows at [32 g, 32 g + count) of every token's row, zeros after: a block's unit is then
+  // max |a| / 127 over its own rows, and u * sum(codes) is the minimum's term
+  Tokens x;
+  x.quantize(M, 32 * G, [&](int64_t t, float* out) {
+    std::fill(out, out + 32 * G, 0.0f);
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t i = used.start[g]; i < used.start[g + 1]; ++i)
+        out[32 * g + i - used.start[g]] = static_cast<float>(a[t * C.rows + used.order[i]]);
+  });
   parallel_chunks(C.cols / OUTPUTS, 1, 2, [&](int64_t p0, int64_t p1, int64_t) {
     std::vector<int32_t> codes((C.rows + 3 * G) / 4 * 16 + 16);  // each block's rows padded to fours
     std::vector<float> scales(G * 32);
@@ -300,10 +285,7 @@ void columns_gemm(const ColumnMatrix& C, const In* a, int64_t M, Out* y) {
         for (int64_t i = used.start[g]; i < used.start[g + 1]; i += 4, w += 16)
           _mm512_storeu_si512(w, four_rows(C, used.order.data() + i, static_cast<int>(std::min<int64_t>(4, used.start[g + 1] - i)), o0));
       }
-      int64_t t = 0;
-      for (; t + 8 <= M; t += 8) column_tokens<8>(codes, scales, x, used, t, y, C.cols, o0);
-      for (; t + 4 <= M; t += 4) column_tokens<4>(codes, scales, x, used, t, y, C.cols, o0);
-      for (; t < M; ++t) column_tokens<1>(codes, scales, x, used, t, y, C.cols, o0);
+      token_tiles(M, [&](auto nt, int64_t t) { column_tokens<decltype(nt)::value>(codes, scales, x, used, t, y, C.cols, o0); });
     }
   });
 }
