@@ -251,6 +251,11 @@ def test_k_quant_row_products_equal_dequantize_then_fp64_matmul(name):
     subset = torch.tensor([30, 2, 2, 17, 0, 36])
     assert torch.allclose(gemv_k(rows, x, fmt.dequant_kernel, subset).double(), want[:, subset], rtol=1e-4,
                           atol=1e-4 * want.abs().max().item())
+    for t in range(3):  # one token (decode): four rows per pass, then the row tail; all rows and the subset
+        assert torch.allclose(gemv_k(rows, x[t:t + 1], fmt.dequant_kernel).double(), want[t:t + 1], rtol=1e-4,
+                              atol=1e-4 * want.abs().max().item())
+        assert torch.allclose(gemv_k(rows, x[t:t + 1], fmt.dequant_kernel, subset).double(), want[t:t + 1, subset],
+                              rtol=1e-4, atol=1e-4 * want.abs().max().item())
 
 
 @pytest.mark.skipif(not cpu_kernels(), reason="no compiled kernels on this CPU")

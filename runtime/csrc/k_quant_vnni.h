@@ -47,29 +47,73 @@ inline __m512i block_sums(const __m512i* codes, const __m512i* scale, const int8
 
 // Q4_K: 64-weight product j covers sub-blocks (a, b) = (0, 2), (1, 3), (4, 6), (5, 7) (the nibbles of
 // code bytes 0-63, then 64-127); its vpermw index puts sub-block a's scale in lanes 0-15, b's in 16-31.
+// (Constants set in user-written constructors: an implicit one is not compiled for this file's target.)
+struct Q4KUnpack {
+  __m512i low4, pick[4];
+  __m512i codes[4], scale[4];
+  __m128i mins;  // the 8 sub-block minimums, int16
+  Q4KUnpack() : low4(_mm512_set1_epi8(0x0F)), pick{halves16(0, 2), halves16(1, 3), halves16(4, 6), halves16(5, 7)} {}
+  // block w -> codes, scale and mins; returns (d, dmin) as floats in lanes 0 and 1
+  __m128 operator()(const uint8_t* w) {
+    const __m256i sm = q4_k_scales_mins(w + 4);
+    const __m512i sc16 = _mm512_castsi256_si512(sm);
+    mins = _mm256_extracti128_si256(sm, 1);
+    const __m512i c0 = load64(w + 16), c1 = load64(w + 80);
+    codes[0] = _mm512_and_si512(c0, low4), codes[1] = _mm512_and_si512(_mm512_srli_epi16(c0, 4), low4);
+    codes[2] = _mm512_and_si512(c1, low4), codes[3] = _mm512_and_si512(_mm512_srli_epi16(c1, 4), low4);
+    for (int j = 0; j < 4; ++j) scale[j] = _mm512_permutexvar_epi16(pick[j], sc16);
+    int32_t d_dmin;  // the block's fp16 d and dmin
+    std::memcpy(&d_dmin, w, sizeof d_dmin);
+    return _mm_cvtph_ps(_mm_cvtsi32_si128(d_dmin));
+  }
+};
+
+// Q6_K: 64-weight product j covers weights 64j .. 64j + 63 in order: low code byte nibbles (ql) with
+// two high bits from qh moved to bits 4-5; sub-block scales 4j .. 4j + 3 over its 32 int16 lanes.
+struct Q6KUnpack {
+  __m512i low4, bits45, up, down, pick[4];
+  __m512i codes[4], scale[4];
+  __m256i sc256;  // the 16 sub-block scales, int16
+  Q6KUnpack()
+      : low4(_mm512_set1_epi8(0x0F)), bits45(_mm512_set1_epi8(0x30)),
+        up(_mm512_inserti64x4(_mm512_set1_epi16(4), _mm256_set1_epi16(2), 1)),     // qh bits 0-1 | 2-3 -> 4-5
+        down(_mm512_inserti64x4(_mm512_set1_epi16(0), _mm256_set1_epi16(2), 1)) {  // qh bits 4-5 | 6-7 -> 4-5
+    for (int j = 0; j < 4; ++j)
+      pick[j] = _mm512_inserti64x4(
+          _mm512_castsi256_si512(_mm256_set_m128i(_mm_set1_epi16(static_cast<int16_t>(4 * j + 1)), _mm_set1_epi16(static_cast<int16_t>(4 * j)))),
+          _mm256_set_m128i(_mm_set1_epi16(static_cast<int16_t>(4 * j + 3)), _mm_set1_epi16(static_cast<int16_t>(4 * j + 2))), 1);
+  }
+  // block w -> codes, scale and sc256; returns d
+  float operator()(const uint8_t* w) {
+    sc256 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 192)));
+    const __m512i sc16 = _mm512_castsi256_si512(sc256);
+    for (int h = 0; h < 2; ++h) {
+      const __m512i ql = load64(w + 64 * h);
+      const __m512i qh = _mm512_broadcast_i64x4(load32(w + 128 + 32 * h));
+      codes[2 * h] = _mm512_ternarylogic_epi32(_mm512_and_si512(ql, low4), _mm512_sllv_epi16(qh, up), bits45, 0xF8);
+      codes[2 * h + 1] = _mm512_ternarylogic_epi32(_mm512_and_si512(_mm512_srli_epi16(ql, 4), low4),
+                                                   _mm512_srlv_epi16(qh, down), bits45, 0xF8);  // a | (b & c)
+    }
+    for (int j = 0; j < 4; ++j) scale[j] = _mm512_permutexvar_epi16(pick[j], sc16);
+    return fp16_to_float(w + 208);
+  }
+};
+
+// One row . NT inputs (out[t] = row . in[t]): a block's codes and scales are unpacked once for all NT.
 template <int NT>
 inline void dots_q4_k(const uint8_t* w, int64_t nb, const Q8KInput* const* in, float* out) {
-  const __m512i low4 = _mm512_set1_epi8(0x0F);
-  const __m512i pick[4] = {halves16(0, 2), halves16(1, 3), halves16(4, 6), halves16(5, 7)};
+  Q4KUnpack unpack;
   __m512 acc[NT];
   __m128 mins[NT];  // dmin d_x sum_s m_s (sum of sub-block s's input codes), four lanes per token
   for (int t = 0; t < NT; ++t) acc[t] = _mm512_setzero_ps(), mins[t] = _mm_setzero_ps();
   for (int64_t b = 0; b < nb; ++b, w += Q4_K_BYTES) {
-    const __m256i sm = q4_k_scales_mins(w + 4);
-    const __m512i sc16 = _mm512_castsi256_si512(sm);
-    const __m128i m8 = _mm256_extracti128_si256(sm, 1);
-    const __m512i c0 = load64(w + 16), c1 = load64(w + 80);
-    const __m512i codes[4] = {_mm512_and_si512(c0, low4), _mm512_and_si512(_mm512_srli_epi16(c0, 4), low4),
-                              _mm512_and_si512(c1, low4), _mm512_and_si512(_mm512_srli_epi16(c1, 4), low4)};
-    __m512i scale[4];
-    for (int j = 0; j < 4; ++j) scale[j] = _mm512_permutexvar_epi16(pick[j], sc16);
-    const float d = fp16_to_float(w), dmin = fp16_to_float(w + 2);
+    const __m128 d_dmin = unpack(w);
     for (int t = 0; t < NT; ++t) {
-      const __m512i isum = block_sums(codes, scale, in[t]->q_pairs.data() + QK_K * b);
-      const float dx = in[t]->d[b];
-      acc[t] = _mm512_fmadd_ps(_mm512_set1_ps(d * dx), _mm512_cvtepi32_ps(isum), acc[t]);
-      const __m128i msum = _mm_madd_epi16(m8, _mm_loadu_si128(reinterpret_cast<const __m128i*>(in[t]->sums32.data() + 8 * b)));
-      mins[t] = _mm_fmadd_ps(_mm_set1_ps(dmin * dx), _mm_cvtepi32_ps(msum), mins[t]);
+      const __m512i isum = block_sums(unpack.codes, unpack.scale, in[t]->q_pairs.data() + QK_K * b);
+      const __m128 dd = _mm_mul_ps(d_dmin, _mm_set1_ps(in[t]->d[b]));  // d dx, dmin dx
+      acc[t] = _mm512_fmadd_ps(_mm512_broadcastss_ps(dd), _mm512_cvtepi32_ps(isum), acc[t]);
+      const __m128i msum = _mm_madd_epi16(unpack.mins, _mm_loadu_si128(reinterpret_cast<const __m128i*>(in[t]->sums32.data() + 8 * b)));
+      mins[t] = _mm_fmadd_ps(_mm_permute_ps(dd, 0x55), _mm_cvtepi32_ps(msum), mins[t]);
     }
   }
   for (int t = 0; t < NT; ++t) {
@@ -79,53 +123,102 @@ inline void dots_q4_k(const uint8_t* w, int64_t nb, const Q8KInput* const* in, f
   }
 }
 
-// Q6_K: 64-weight product j covers weights 64j .. 64j + 63 in order: low code byte nibbles (ql) with
-// two high bits from qh moved to bits 4-5; sub-block scales 4j .. 4j + 3 over its 32 int16 lanes.
 template <int NT>
 inline void dots_q6_k(const uint8_t* w, int64_t nb, const Q8KInput* const* in, float* out) {
-  const __m512i low4 = _mm512_set1_epi8(0x0F), bits45 = _mm512_set1_epi8(0x30);
-  const __m512i up = _mm512_inserti64x4(_mm512_set1_epi16(4), _mm256_set1_epi16(2), 1);    // qh bits 0-1 | 2-3 -> 4-5
-  const __m512i down = _mm512_inserti64x4(_mm512_set1_epi16(0), _mm256_set1_epi16(2), 1);  // qh bits 4-5 | 6-7 -> 4-5
-  __m512i pick[4];
-  for (int j = 0; j < 4; ++j)
-    pick[j] = _mm512_inserti64x4(
-        _mm512_castsi256_si512(_mm256_set_m128i(_mm_set1_epi16(static_cast<int16_t>(4 * j + 1)), _mm_set1_epi16(static_cast<int16_t>(4 * j)))),
-        _mm256_set_m128i(_mm_set1_epi16(static_cast<int16_t>(4 * j + 3)), _mm_set1_epi16(static_cast<int16_t>(4 * j + 2))), 1);
+  Q6KUnpack unpack;
   __m512 acc[NT];
   __m256 bias[NT];  // 32 d d_x sum_s sc_s (sum of sub-block s's input codes)
   for (int t = 0; t < NT; ++t) acc[t] = _mm512_setzero_ps(), bias[t] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nb; ++b, w += Q6_K_BYTES) {
-    const __m256i sc256 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 192)));
-    const __m512i sc16 = _mm512_castsi256_si512(sc256);
-    __m512i codes[4];
-    for (int h = 0; h < 2; ++h) {
-      const __m512i ql = load64(w + 64 * h);
-      const __m512i qh = _mm512_broadcast_i64x4(load32(w + 128 + 32 * h));
-      codes[2 * h] = _mm512_ternarylogic_epi32(_mm512_and_si512(ql, low4), _mm512_sllv_epi16(qh, up), bits45, 0xF8);
-      codes[2 * h + 1] = _mm512_ternarylogic_epi32(_mm512_and_si512(_mm512_srli_epi16(ql, 4), low4),
-                                                   _mm512_srlv_epi16(qh, down), bits45, 0xF8);  // a | (b & c)
-    }
-    __m512i scale[4];
-    for (int j = 0; j < 4; ++j) scale[j] = _mm512_permutexvar_epi16(pick[j], sc16);
-    const float d = fp16_to_float(w + 208);
+    const float d = unpack(w);
     for (int t = 0; t < NT; ++t) {
-      const __m512i isum = block_sums(codes, scale, in[t]->q.data() + QK_K * b);
+      const __m512i isum = block_sums(unpack.codes, unpack.scale, in[t]->q.data() + QK_K * b);
       const float dd = d * in[t]->d[b];
       acc[t] = _mm512_fmadd_ps(_mm512_set1_ps(dd), _mm512_cvtepi32_ps(isum), acc[t]);
-      const __m256i ssum = _mm256_madd_epi16(sc256, load32(in[t]->sums16.data() + 16 * b));
+      const __m256i ssum = _mm256_madd_epi16(unpack.sc256, load32(in[t]->sums16.data() + 16 * b));
       bias[t] = _mm256_fmadd_ps(_mm256_set1_ps(32.0f * dd), _mm256_cvtepi32_ps(ssum), bias[t]);
     }
   }
   for (int t = 0; t < NT; ++t) out[t] = _mm512_reduce_add_ps(acc[t]) - hsum(bias[t]);
 }
 
+// Four lanes' sums -> lane r of the result = the sum of v[r]'s lanes (a transposing reduction: three
+// adds and shuffles per pair instead of a whole reduction per row).
+inline __m128 sums4(const __m256* v) {
+  const __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+  return _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+}
+inline __m128 sums4(const __m512* v) {
+  __m256 h[4];
+  for (int r = 0; r < 4; ++r)
+    h[r] = _mm256_add_ps(_mm512_castps512_ps256(v[r]), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v[r]), 1)));
+  return sums4(h);
+}
+inline __m128 sums4(const __m128* v) { return _mm_hadd_ps(_mm_hadd_ps(v[0], v[1]), _mm_hadd_ps(v[2], v[3])); }
+
+// Decode: four rows . one input (out[r] = w[r] . in), one row after the other (in memory order: taking
+// their blocks side by side, four streams, was slower), with the constants set up once and one
+// transposing reduction for the four: per row, those of dots_q4_k<1> cost about as much as a block.
+// Prefetches row ahead[r] (or none) as row r starts, as rows_dots does one row at a time.
+inline void dots4_q4_k(const uint8_t* const* w, int64_t nb, const Q8KInput& in, float* out, const uint8_t* const* ahead,
+                       int64_t row_bytes) {
+  Q4KUnpack unpack;
+  __m512 acc[4];
+  __m128 mins[4];
+  for (int r = 0; r < 4; ++r) {
+    if (ahead[r]) prefetch_row(ahead[r], row_bytes);
+    acc[r] = _mm512_setzero_ps(), mins[r] = _mm_setzero_ps();
+    for (int64_t b = 0; b < nb; ++b) {
+      const __m128 dd = _mm_mul_ps(unpack(w[r] + Q4_K_BYTES * b), _mm_set1_ps(in.d[b]));
+      const __m512i isum = block_sums(unpack.codes, unpack.scale, in.q_pairs.data() + QK_K * b);
+      acc[r] = _mm512_fmadd_ps(_mm512_broadcastss_ps(dd), _mm512_cvtepi32_ps(isum), acc[r]);
+      const __m128i msum = _mm_madd_epi16(unpack.mins, _mm_loadu_si128(reinterpret_cast<const __m128i*>(in.sums32.data() + 8 * b)));
+      mins[r] = _mm_fmadd_ps(_mm_permute_ps(dd, 0x55), _mm_cvtepi32_ps(msum), mins[r]);
+    }
+  }
+  _mm_storeu_ps(out, _mm_sub_ps(sums4(acc), sums4(mins)));
+}
+
+inline void dots4_q6_k(const uint8_t* const* w, int64_t nb, const Q8KInput& in, float* out, const uint8_t* const* ahead,
+                       int64_t row_bytes) {
+  Q6KUnpack unpack;
+  __m512 acc[4];
+  __m256 bias[4];
+  for (int r = 0; r < 4; ++r) {
+    if (ahead[r]) prefetch_row(ahead[r], row_bytes);
+    acc[r] = _mm512_setzero_ps(), bias[r] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; ++b) {
+      const float dd = unpack(w[r] + Q6_K_BYTES * b) * in.d[b];
+      const __m512i isum = block_sums(unpack.codes, unpack.scale, in.q.data() + QK_K * b);
+      acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(dd), _mm512_cvtepi32_ps(isum), acc[r]);
+      const __m256i ssum = _mm256_madd_epi16(unpack.sc256, load32(in.sums16.data() + 16 * b));
+      bias[r] = _mm256_fmadd_ps(_mm256_set1_ps(32.0f * dd), _mm256_cvtepi32_ps(ssum), bias[r]);
+    }
+  }
+  _mm_storeu_ps(out, _mm_sub_ps(sums4(acc), sums4(bias)));
+}
+
 // y[t * stride + r] = row(r) . in[t] for r in [r0, r1) and t < T (as kq::rows_dots), eight (then four,
-// then one) tokens per pass over a row: a block's codes and scales are unpacked once for all of them.
+// then one) tokens per pass over a row: a block's codes and scales are unpacked once for all of them;
+// one token (decode) takes four rows per pass (dots4_*).
 void rows_dots(bool q4_k, const uint8_t* w, int64_t row_bytes, const int64_t* rows, int64_t r0, int64_t r1,
                const Q8KInput* const* in, int64_t T, float* y, int64_t stride) {
   const int64_t nb = row_bytes / (q4_k ? Q4_K_BYTES : Q6_K_BYTES), ahead = rows_ahead(row_bytes, rows != nullptr);
   float out[8];
-  for (int64_t r = r0; r < r1; ++r) {
+  int64_t r = r0;
+  if (T == 1) {
+    for (; r + 4 <= r1; r += 4) {
+      const uint8_t* w4[4];
+      const uint8_t* next[4];
+      for (int i = 0; i < 4; ++i) {
+        w4[i] = w + (rows ? rows[r + i] : r + i) * row_bytes;
+        next[i] = ahead && r + i + ahead < r1 ? w + (rows ? rows[r + i + ahead] : r + i + ahead) * row_bytes : nullptr;
+      }
+      q4_k ? vnni512::dots4_q4_k(w4, nb, *in[0], out, next, row_bytes) : vnni512::dots4_q6_k(w4, nb, *in[0], out, next, row_bytes);
+      for (int i = 0; i < 4; ++i) y[r + i] = out[i];
+    }
+  }
+  for (; r < r1; ++r) {
     if (ahead && r + ahead < r1) prefetch_row(w + (rows ? rows[r + ahead] : r + ahead) * row_bytes, row_bytes);
     const uint8_t* row = w + (rows ? rows[r] : r) * row_bytes;
     int64_t t = 0;
@@ -254,12 +347,22 @@ void axpy_columns_nt(const KColumns& W, const float* a, int64_t a_stride, const 
   const int64_t ob = W.q4_k ? 128 : 192;  // code bytes per 256 outputs
   const std::vector<int64_t>&start = groups.start, &order = groups.order;
   const uint8_t* ptr[32];
+  const uint8_t* row_of[2][32];  // this group's and the next group's neurons' code rows, found once per group
   alignas(64) int8_t qa[NT][32];
   float unit[NT], a_sum[NT];
+  auto find_rows = [&](int64_t g, const uint8_t** out) {
+    for (int64_t k = 0; k < start[g + 1] - start[g]; ++k) {
+      const int64_t r = order[start[g] + k];
+      out[k] = W.row(rows ? rows[r] : r);
+    }
+  };
+  int cur = 0;
+  bool found = false;  // row_of[cur] already holds group g's rows (found as the previous group's next)
   for (int64_t g = 0, next = 0; g < G; ++g) {
     if (start[g] == start[g + 1]) continue;
     for (next = std::max(next, g + 1); next < G && start[next] == start[next + 1];) ++next;
     const int64_t count = start[g + 1] - start[g];
+    if (!found) find_rows(g, row_of[cur]);
     for (int t = 0; t < NT; ++t) {
       unit[t] = units[t * G + g];
       const float inv = unit[t] != 0.0f ? 1.0f / unit[t] : 0.0f;
@@ -277,17 +380,18 @@ void axpy_columns_nt(const KColumns& W, const float* a, int64_t a_stride, const 
     // The next group's codes, whole rows, fetched in even shares while this group is summed (one share
     // per 64-output part): sequential lines of few rows, which the prefetchers and fill buffers keep up with.
     const int64_t next_count = next < G ? start[next + 1] - start[next] : 0, line_count = W.code_bytes / 64;
+    if (next_count) find_rows(next, row_of[1 - cur]);
+    found = next_count > 0;
+    const uint8_t* const* fetch_rows = row_of[1 - cur];
     const int64_t slots = d / QK_K * 4, lines = next_count * line_count;
-    int64_t slot = 0, fetched = 0;
+    int64_t slot = 0, fetched = 0, fetch_k = 0, fetch_line = 0;  // lines issued; the next one's neuron and line
     for (int64_t og = 0; og < d / QK_K; ++og) {
-      for (int64_t k = 0; k < count; ++k) {
-        const int64_t r = order[start[g] + k];
-        ptr[k] = W.row(rows ? rows[r] : r) + og * ob;
-      }
+      for (int64_t k = 0; k < count; ++k) ptr[k] = row_of[cur][k] + og * ob;
       for (int p = 0; p < 4; ++p) {
+        // (counters, not a division per line: an idiv per 64 bytes cost as much as the sums themselves)
         for (const int64_t until = lines * ++slot / slots; fetched < until; ++fetched) {
-          const int64_t r = order[start[next] + fetched / line_count];
-          _mm_prefetch(reinterpret_cast<const char*>(W.row(rows ? rows[r] : r) + 64 * (fetched % line_count)), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(fetch_rows[fetch_k] + 64 * fetch_line), _MM_HINT_T0);
+          if (++fetch_line == line_count) fetch_line = 0, ++fetch_k;
         }
         if (W.q4_k)
           group_part<true, NT>(ptr, qa, count, p, head, d, s, og * QK_K, unit, a_sum, out);
@@ -295,6 +399,7 @@ void axpy_columns_nt(const KColumns& W, const float* a, int64_t a_stride, const 
           group_part<false, NT>(ptr, qa, count, p, head, d, s, og * QK_K, unit, a_sum, out);
       }
     }
+    cur = 1 - cur;
   }
 }
 
