@@ -425,14 +425,18 @@ def test_pareto_grid_writes_table_and_chart(tiny_with_tokenizer, tmp_path, monke
 
 
 def random_k_blocks(fmt, rows: int, k: int, seed: int = 0) -> torch.Tensor:
-    """Real K-quant blocks: random codes and packed scales, finite fp16 super-block scales."""
+    """Real blocks of a GGUF format (the K-quants, and Q5_0/Q8_0 that a Q4_K_M file falls back to): random
+    codes and packed scales, finite fp16 scales."""
     g = torch.Generator().manual_seed(seed)
     blocks = torch.randint(0, 256, (rows, k // fmt.block, fmt.block_bytes), dtype=torch.uint8, generator=g)
     scales = (torch.rand(rows, k // fmt.block, 2, generator=g) * 0.02).half().view(torch.uint8)  # [.., 2 fp16] -> 4 bytes
-    if fmt.name == "Q4_K":
-        blocks[..., 0:4] = scales.reshape(rows, k // fmt.block, 4)
-    else:  # Q6_K: d is the last fp16
-        blocks[..., -2:] = scales.reshape(rows, k // fmt.block, 4)[..., :2]
+    scales = scales.reshape(rows, k // fmt.block, 4)
+    if fmt.name in ("Q4_K", "Q4_1"):  # d, then dmin (m)
+        blocks[..., 0:4] = scales
+    elif fmt.name == "Q6_K":  # d is the last fp16
+        blocks[..., -2:] = scales[..., :2]
+    else:  # Q5_0, Q8_0: d first
+        blocks[..., 0:2] = scales[..., :2]
     return blocks.reshape(rows, -1)
 
 

@@ -39,15 +39,14 @@ def k_format(proj: str, layer: int = 0) -> str:
     return "Q6_K" if proj == "lm_head" or (proj in ("v_proj", "down_proj") and layer % 2 == 0) else "Q4_K"
 
 
-@pytest.fixture(scope="module")
-def k_model(tmp_path_factory) -> dict:
-    """A Qwen2 checkpoint whose matrices are a GGUF's K-quant values (its `partinfer prepare` manifest
-    names that GGUF as the source, as a converted registry model's does)."""
+def gguf_qwen2_model(root: Path, d: int, n: int, format_of) -> dict:
+    """A Qwen2 checkpoint whose matrices are a GGUF's block values (`format_of(proj, layer)` names each
+    matrix's format; its `partinfer prepare` manifest names that GGUF as the source, as a converted
+    registry model's does), its neuron file and its `--weights q4` pack."""
     import gguf
     from transformers import AutoModelForCausalLM, Qwen2Config
 
-    root = tmp_path_factory.mktemp("kq")
-    config = Qwen2Config(vocab_size=VOCAB, hidden_size=D, intermediate_size=N, num_hidden_layers=LAYERS,
+    config = Qwen2Config(vocab_size=VOCAB, hidden_size=d, intermediate_size=n, num_hidden_layers=LAYERS,
                          num_attention_heads=HEADS, num_key_value_heads=KV, max_position_embeddings=256,
                          tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     torch.manual_seed(0)
@@ -72,9 +71,9 @@ def k_model(tmp_path_factory) -> dict:
         for proj, short in GGUF_NAMES.items():
             part = "mlp" if proj.endswith(("gate_proj", "up_proj", "down_proj")) else "self_attn"
             name = f"model.layers.{i}.{part}.{proj}.weight"
-            add(name, f"blk.{i}.{short}.weight", k_format(proj, i), *state[name].shape)
-    add("model.embed_tokens.weight", "token_embd.weight", "Q4_K", VOCAB, D)
-    add("lm_head.weight", "output.weight", "Q6_K", VOCAB, D)
+            add(name, f"blk.{i}.{short}.weight", format_of(proj, i), *state[name].shape)
+    add("model.embed_tokens.weight", "token_embd.weight", format_of("embed_tokens"), VOCAB, d)
+    add("lm_head.weight", "output.weight", format_of("lm_head"), VOCAB, d)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -86,6 +85,11 @@ def k_model(tmp_path_factory) -> dict:
     neurons = make_neuron_file(root / "model", root / "neurons.safetensors")
     return {"model": root / "model", "gguf": root / "tiny.gguf", "neurons": neurons,
             "q4": pack_checkpoint(root / "model", neurons, root / "q4", "q4")}
+
+
+@pytest.fixture(scope="module")
+def k_model(tmp_path_factory) -> dict:
+    return gguf_qwen2_model(tmp_path_factory.mktemp("kq"), D, N, k_format)
 
 
 def test_q4_pack_keeps_every_k_quant_block_bit_for_bit(k_model):
@@ -149,6 +153,74 @@ def test_k_quant_weights_run_every_method_and_give_dense_tokens_at_full_budget(k
             assert generate(model, prompts[:1], 5).tokens == generate(dense, prompts[:1], 5).tokens
     sparse = load_model(k_model["q4"], torch.bfloat16, "cpu", SparsityConfig(model_neurons=k_model["neurons"]))
     assert len(generate(sparse, prompts[:1], 4).tokens[0]) == 4  # the default method, bf16, on K-quant rows
+
+
+def fallback_format(proj: str, layer: int = 0) -> str:
+    """A Q4_K_M file of a model whose rows are not multiples of 256: Q5_0 where it would hold Q4_K, Q8_0
+    where it would hold Q6_K."""
+    return {"Q4_K": "Q5_0", "Q6_K": "Q8_0"}[k_format(proj, layer)]
+
+
+@pytest.fixture(scope="module")
+def fallback_model(tmp_path_factory) -> dict:
+    return gguf_qwen2_model(tmp_path_factory.mktemp("fallback"), 160, 320, fallback_format)
+
+
+def test_q5_0_equals_gguf_py_quantizer_and_de_quantizer():
+    """Q5_0 (a Q4_K_M file's stand-in for Q4_K): our quantizer writes gguf-py's bytes, and any blocks
+    de-quantize to its values; down split into columns keeps every value."""
+    import gguf.quants
+
+    fmt = BLOCK_FORMATS["Q5_0"]
+    x = torch.randn(12, 96) * torch.rand(12, 1) * 4
+    x[0], x[1, :32] = 0.0, -0.25  # an all-zero block, a constant one
+    assert np.array_equal(fmt.quantize(x).numpy(), gguf.quants.quantize(x.numpy(), gguf.GGMLQuantizationType.Q5_0))
+    rows = random_k_blocks(fmt, 64, 96, seed=3)
+    want = torch.from_numpy(gguf.quants.dequantize(rows.numpy(), gguf.GGMLQuantizationType.Q5_0).astype(np.float32))
+    assert torch.equal(fmt.dequantize(rows, 96), want)
+    from partinfer.runtime.quant import dequantize_columns
+
+    down = random_k_blocks(fmt, 96, 64, seed=4)  # [d, n]: blocks along the neurons
+    codes, table = columns_from_rows(down, fmt)
+    ids = torch.tensor([63, 0, 31, 32, 5])
+    assert torch.equal(dequantize_columns(codes[ids], table, ids, fmt), fmt.dequantize(down, 64).t()[ids])
+
+
+def test_q5_0_and_q8_0_fallbacks_pack_bit_for_bit_and_every_method_gives_dense_tokens(fallback_model):
+    """A Q4_K_M file of a 160-wide model (no row a multiple of 256) holds Q5_0 and Q8_0: `--weights q4`
+    keeps their blocks, the model runs as its fp32 values do, and φ = γ = 1 gives dense tokens for every method."""
+    import gguf
+
+    formats = PackManifest.read(fallback_model["q4"]).tensor_formats
+    assert formats["model.layers.0.mlp.gate_proj.weight"] == "Q5_0" and formats["lm_head.weight"] == "Q8_0"
+    assert formats["model.layers.0.mlp.down_proj.weight"] == "Q8_0" and formats["model.layers.1.mlp.down_proj.weight"] == "Q5_0"
+    source = {t.name: t for t in gguf.GGUFReader(fallback_model["gguf"]).tensors}
+    with CheckpointReader(fallback_model["q4"]) as packed:
+        for name, short in (("model.layers.1.self_attn.q_proj.weight", "blk.1.attn_q.weight"),
+                            ("model.embed_tokens.weight", "token_embd.weight"), ("lm_head.weight", "output.weight")):
+            assert np.array_equal(packed.get(name).numpy(), source[short].data)  # the same bytes
+        from partinfer.runtime.quant import dequantize_columns
+
+        for layer, fmt_name in ((0, "Q8_0"), (1, "Q5_0")):
+            fmt, perm = BLOCK_FORMATS[fmt_name], packed.get(f"model.layers.{layer}.mlp.perm").long()
+            bundle = packed.get(f"model.layers.{layer}.mlp.bundle")
+            g = BLOCK_FORMATS["Q5_0"].row_bytes(160)
+            down = dequantize_columns(bundle[:, 2 * g :], packed.get(f"model.layers.{layer}.mlp.down_table"), perm, fmt)
+            theirs = gguf.quants.dequantize(source[f"blk.{layer}.ffn_down.weight"].data,
+                                            getattr(gguf.GGMLQuantizationType, fmt_name))
+            assert torch.equal(down, torch.from_numpy(theirs.astype(np.float32)).t()[perm])
+    ref = load_model(fallback_model["model"], torch.float32, "cpu")
+    dense = load_model(fallback_model["q4"], torch.float32, "cpu")
+    ids = torch.tensor([tiny_prompts(1, seed=1, vocab=VOCAB)[0]])
+    want = prefill(ref, ids, KVCache(ref.cfg, 1, 32, torch.float32, "cpu"), logits_for="all")
+    got = prefill(dense, ids, KVCache(dense.cfg, 1, 32, torch.float32, "cpu"), logits_for="all")
+    assert (got - want).norm() < 1e-3 * want.norm(), ((got - want).norm() / want.norm()).item()
+    prompts = tiny_prompts(2, seed=6, vocab=VOCAB)
+    dense_tokens = generate(dense, prompts, 5).tokens
+    for method in METHODS[1:]:
+        full = SparsityConfig(method=method, gamma=1.0, delta=0.3 if method != "load-only" else 1.0, phi=1.0,
+                              model_neurons=fallback_model["neurons"], start_num=0, end_num=LAYERS - 1)
+        assert generate(load_model(fallback_model["q4"], torch.float32, "cpu", full), prompts, 5).tokens == dense_tokens, method
 
 
 # ---- a named model from its PyPI parts ----

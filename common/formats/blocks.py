@@ -12,8 +12,10 @@ byte count: every compact tensor is recorded by format name (common/formats/pack
   Q4_1  20 bytes per 32 weights: fp16 scale d, fp16 minimum m, 16 bytes of 4-bit codes q (byte j
         holds weight j in its low nibble and weight j + 16 in its high one); w = d·q + m.
   Q8_0  34 bytes per 32 weights: fp16 scale d, 32 int8 codes q; w = d·q.
-  Q4_K, Q6_K  llama.cpp's K-quants, super-blocks of 256 (below): what a Q4_K_M GGUF stores; a compiled
-        de-quantizer, but no compiled decode kernels yet: such a model runs the eager path.
+  Q5_0  22 bytes per 32 weights: fp16 scale d, 32 fifth bits, 16 bytes of 4-bit codes; w = d·(q − 16).
+        A Q4_K_M file's stand-in for Q4_K on rows that are not a multiple of 256; eager path only.
+  Q4_K, Q6_K  llama.cpp's K-quants, super-blocks of 256 (below): what a Q4_K_M GGUF stores; compiled
+        de-quantizers and products (rows, down columns, prompts) on AVX2 and AVX-512 VNNI.
 
 The byte layouts are ggml's, so a GGUF's blocks are kept bit for bit.
 
@@ -147,6 +149,35 @@ Q8_0 = BlockFormat("Q8_0", 32, 34, 2, *head_first(2), lambda c: c.view(torch.int
                    lambda q: q.to(torch.int8).view(torch.uint8), lambda h, q, pos: f16(h, 0) * q, _q8_0_quantize,
                    kernel="q8_0")
 
+_BIT = torch.arange(8, dtype=torch.uint8)
+
+
+def _q5_0_unpack(codes: Tensor) -> Tensor:  # qh [4] | qs [16] -> q [..., 32] in 0..31
+    high = ((codes[..., :4, None] >> _BIT) & 1).reshape(*codes.shape[:-1], 32)  # bit j of the 32-bit qh: weight j
+    return (_nibbles_unpack(codes[..., 4:]) + 16 * high).float()
+
+
+def _q5_0_pack(q: Tensor) -> Tensor:  # q [..., 32] in 0..31 -> qh | qs [..., 20]
+    q = q.to(torch.uint8)
+    bits = (q >> 4).reshape(*q.shape[:-1], 4, 8)
+    qh = (bits << _BIT).sum(-1, dtype=torch.uint8)  # distinct bits: the sum is their or
+    return torch.cat([qh, _nibbles_pack(q & 0x0F)], dim=-1)
+
+
+def _q5_0_quantize(x: Tensor) -> tuple[Tensor, Tensor]:
+    """ggml's reference: d = the signed value of largest magnitude / -16, q = trunc(x / d + 16.5) capped at 31."""
+    signed_max = x.gather(-1, x.abs().argmax(-1, keepdim=True))
+    d = signed_max / -16
+    inv = torch.where(d != 0, 1.0 / d, torch.zeros_like(d))
+    return fp16_head(d), (x * inv + 16.5).trunc().clamp(0, 31)
+
+
+# Q5_0, 22 bytes per 32 weights: fp16 d, 4 bytes qh (bit j: weight j's fifth bit), 16 bytes of nibbles
+# (as Q4_1's); w = d·(q − 16). What a Q4_K_M file holds instead of Q4_K where a row is not a multiple of
+# 256 (Q8_0 stands in for Q6_K there); no compiled kernels: the eager reference path.
+Q5_0 = BlockFormat("Q5_0", 32, 22, 2, *head_first(2), _q5_0_unpack, _q5_0_pack, lambda h, q, pos: f16(h, 0) * (q - 16),
+                   _q5_0_quantize)
+
 
 # ---- K-quants (super-blocks of 256) ------------------------------------------------------------------
 #
@@ -221,7 +252,7 @@ Q6_K = BlockFormat("Q6_K", QK, 210, 18, lambda b: (b[..., 192:], b[..., :192]),
                    lambda head, codes: torch.cat([codes, head], dim=-1), _q6_k_unpack, _q6_k_pack, _q6_k_values,
                    dequant_kernel="q6_k", scale_group=16)
 
-BLOCK_FORMATS: dict[str, BlockFormat] = {f.name: f for f in (Q4_1, Q8_0, Q4_K, Q6_K)}
+BLOCK_FORMATS: dict[str, BlockFormat] = {f.name: f for f in (Q4_1, Q8_0, Q5_0, Q4_K, Q6_K)}
 
 
 def block_format(name: object) -> BlockFormat:
