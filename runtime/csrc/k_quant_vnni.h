@@ -45,16 +45,23 @@ inline __m512i block_sums(const __m512i* codes, const __m512i* scale, const int8
   return _mm512_add_epi32(even, odd);
 }
 
+// A block's product with one input is block_sums (the codes times the input's 8-bit codes, weighted by
+// the sub-block scales) times d d_x, less a correction from the input's partial sums: Q4_K's minimums
+// (dmin d_x sum_s m_s sum of sub-block s's input codes), Q6_K's offset (32 d d_x sum_s sc_s sum ...).
+// Each format's unpacker decodes a block once (`operator()`), then adds its product with each input.
+// (Constants set in user-written constructors: an implicit one is not compiled for this file's target.)
+
 // Q4_K: 64-weight product j covers sub-blocks (a, b) = (0, 2), (1, 3), (4, 6), (5, 7) (the nibbles of
 // code bytes 0-63, then 64-127); its vpermw index puts sub-block a's scale in lanes 0-15, b's in 16-31.
-// (Constants set in user-written constructors: an implicit one is not compiled for this file's target.)
 struct Q4KUnpack {
+  static constexpr int64_t BYTES = Q4_K_BYTES;
+  using Correction = __m128;  // four lanes per input
   __m512i low4, pick[4];
   __m512i codes[4], scale[4];
-  __m128i mins;  // the 8 sub-block minimums, int16
+  __m128i mins;   // the 8 sub-block minimums, int16
+  __m128 d_dmin;  // d, dmin in lanes 0 and 1
   Q4KUnpack() : low4(_mm512_set1_epi8(0x0F)), pick{halves16(0, 2), halves16(1, 3), halves16(4, 6), halves16(5, 7)} {}
-  // block w -> codes, scale and mins; returns (d, dmin) as floats in lanes 0 and 1
-  __m128 operator()(const uint8_t* w) {
+  void operator()(const uint8_t* w) {
     const __m256i sm = q4_k_scales_mins(w + 4);
     const __m512i sc16 = _mm512_castsi256_si512(sm);
     mins = _mm256_extracti128_si256(sm, 1);
@@ -62,18 +69,30 @@ struct Q4KUnpack {
     codes[0] = _mm512_and_si512(c0, low4), codes[1] = _mm512_and_si512(_mm512_srli_epi16(c0, 4), low4);
     codes[2] = _mm512_and_si512(c1, low4), codes[3] = _mm512_and_si512(_mm512_srli_epi16(c1, 4), low4);
     for (int j = 0; j < 4; ++j) scale[j] = _mm512_permutexvar_epi16(pick[j], sc16);
-    int32_t d_dmin;  // the block's fp16 d and dmin
-    std::memcpy(&d_dmin, w, sizeof d_dmin);
-    return _mm_cvtph_ps(_mm_cvtsi32_si128(d_dmin));
+    int32_t bits;  // the block's fp16 d and dmin
+    std::memcpy(&bits, w, sizeof bits);
+    d_dmin = _mm_cvtph_ps(_mm_cvtsi32_si128(bits));
   }
+  // block b of `in`: acc += its product's sums, corr += its minimums' term
+  void add(const Q8KInput& in, int64_t b, __m512& acc, Correction& corr) const {
+    const __m512i isum = block_sums(codes, scale, in.q_pairs.data() + QK_K * b);
+    const __m128 dd = _mm_mul_ps(d_dmin, _mm_set1_ps(in.d[b]));  // d dx, dmin dx
+    acc = _mm512_fmadd_ps(_mm512_broadcastss_ps(dd), _mm512_cvtepi32_ps(isum), acc);
+    const __m128i msum = _mm_madd_epi16(mins, _mm_loadu_si128(reinterpret_cast<const __m128i*>(in.sums32.data() + 8 * b)));
+    corr = _mm_fmadd_ps(_mm_permute_ps(dd, 0x55), _mm_cvtepi32_ps(msum), corr);
+  }
+  static Correction zero() { return _mm_setzero_ps(); }
 };
 
 // Q6_K: 64-weight product j covers weights 64j .. 64j + 63 in order: low code byte nibbles (ql) with
 // two high bits from qh moved to bits 4-5; sub-block scales 4j .. 4j + 3 over its 32 int16 lanes.
 struct Q6KUnpack {
+  static constexpr int64_t BYTES = Q6_K_BYTES;
+  using Correction = __m256;
   __m512i low4, bits45, up, down, pick[4];
   __m512i codes[4], scale[4];
   __m256i sc256;  // the 16 sub-block scales, int16
+  float d;
   Q6KUnpack()
       : low4(_mm512_set1_epi8(0x0F)), bits45(_mm512_set1_epi8(0x30)),
         up(_mm512_inserti64x4(_mm512_set1_epi16(4), _mm256_set1_epi16(2), 1)),     // qh bits 0-1 | 2-3 -> 4-5
@@ -83,8 +102,7 @@ struct Q6KUnpack {
           _mm512_castsi256_si512(_mm256_set_m128i(_mm_set1_epi16(static_cast<int16_t>(4 * j + 1)), _mm_set1_epi16(static_cast<int16_t>(4 * j)))),
           _mm256_set_m128i(_mm_set1_epi16(static_cast<int16_t>(4 * j + 3)), _mm_set1_epi16(static_cast<int16_t>(4 * j + 2))), 1);
   }
-  // block w -> codes, scale and sc256; returns d
-  float operator()(const uint8_t* w) {
+  void operator()(const uint8_t* w) {
     sc256 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 192)));
     const __m512i sc16 = _mm512_castsi256_si512(sc256);
     for (int h = 0; h < 2; ++h) {
@@ -95,51 +113,37 @@ struct Q6KUnpack {
                                                    _mm512_srlv_epi16(qh, down), bits45, 0xF8);  // a | (b & c)
     }
     for (int j = 0; j < 4; ++j) scale[j] = _mm512_permutexvar_epi16(pick[j], sc16);
-    return fp16_to_float(w + 208);
+    d = fp16_to_float(w + 208);
   }
+  void add(const Q8KInput& in, int64_t b, __m512& acc, Correction& corr) const {
+    const __m512i isum = block_sums(codes, scale, in.q.data() + QK_K * b);
+    const float dd = d * in.d[b];
+    acc = _mm512_fmadd_ps(_mm512_set1_ps(dd), _mm512_cvtepi32_ps(isum), acc);
+    const __m256i ssum = _mm256_madd_epi16(sc256, load32(in.sums16.data() + 16 * b));
+    corr = _mm256_fmadd_ps(_mm256_set1_ps(32.0f * dd), _mm256_cvtepi32_ps(ssum), corr);
+  }
+  static Correction zero() { return _mm256_setzero_ps(); }
 };
 
-// One row . NT inputs (out[t] = row . in[t]): a block's codes and scales are unpacked once for all NT.
-template <int NT>
-inline void dots_q4_k(const uint8_t* w, int64_t nb, const Q8KInput* const* in, float* out) {
-  Q4KUnpack unpack;
-  __m512 acc[NT];
-  __m128 mins[NT];  // dmin d_x sum_s m_s (sum of sub-block s's input codes), four lanes per token
-  for (int t = 0; t < NT; ++t) acc[t] = _mm512_setzero_ps(), mins[t] = _mm_setzero_ps();
-  for (int64_t b = 0; b < nb; ++b, w += Q4_K_BYTES) {
-    const __m128 d_dmin = unpack(w);
-    for (int t = 0; t < NT; ++t) {
-      const __m512i isum = block_sums(unpack.codes, unpack.scale, in[t]->q_pairs.data() + QK_K * b);
-      const __m128 dd = _mm_mul_ps(d_dmin, _mm_set1_ps(in[t]->d[b]));  // d dx, dmin dx
-      acc[t] = _mm512_fmadd_ps(_mm512_broadcastss_ps(dd), _mm512_cvtepi32_ps(isum), acc[t]);
-      const __m128i msum = _mm_madd_epi16(unpack.mins, _mm_loadu_si128(reinterpret_cast<const __m128i*>(in[t]->sums32.data() + 8 * b)));
-      mins[t] = _mm_fmadd_ps(_mm_permute_ps(dd, 0x55), _mm_cvtepi32_ps(msum), mins[t]);
-    }
-  }
-  for (int t = 0; t < NT; ++t) {
-    __m128 m4 = _mm_add_ps(mins[t], _mm_movehl_ps(mins[t], mins[t]));
-    m4 = _mm_add_ss(m4, _mm_movehdup_ps(m4));
-    out[t] = _mm512_reduce_add_ps(acc[t]) - _mm_cvtss_f32(m4);
-  }
+// The sum of a correction's lanes (four for Q4_K, eight for Q6_K).
+inline float lanes_sum(__m128 v) {
+  v = _mm_add_ps(v, _mm_movehl_ps(v, v));
+  return _mm_cvtss_f32(_mm_add_ss(v, _mm_movehdup_ps(v)));
 }
+inline float lanes_sum(__m256 v) { return lanes_sum(_mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1))); }
 
-template <int NT>
-inline void dots_q6_k(const uint8_t* w, int64_t nb, const Q8KInput* const* in, float* out) {
-  Q6KUnpack unpack;
+// One row . NT inputs (out[t] = row . in[t]): a block is unpacked once for all NT tokens of a prompt.
+template <class Unpack, int NT>
+inline void dots(const uint8_t* w, int64_t nb, const Q8KInput* const* in, float* out) {
+  Unpack unpack;
   __m512 acc[NT];
-  __m256 bias[NT];  // 32 d d_x sum_s sc_s (sum of sub-block s's input codes)
-  for (int t = 0; t < NT; ++t) acc[t] = _mm512_setzero_ps(), bias[t] = _mm256_setzero_ps();
-  for (int64_t b = 0; b < nb; ++b, w += Q6_K_BYTES) {
-    const float d = unpack(w);
-    for (int t = 0; t < NT; ++t) {
-      const __m512i isum = block_sums(unpack.codes, unpack.scale, in[t]->q.data() + QK_K * b);
-      const float dd = d * in[t]->d[b];
-      acc[t] = _mm512_fmadd_ps(_mm512_set1_ps(dd), _mm512_cvtepi32_ps(isum), acc[t]);
-      const __m256i ssum = _mm256_madd_epi16(unpack.sc256, load32(in[t]->sums16.data() + 16 * b));
-      bias[t] = _mm256_fmadd_ps(_mm256_set1_ps(32.0f * dd), _mm256_cvtepi32_ps(ssum), bias[t]);
-    }
+  typename Unpack::Correction corr[NT];
+  for (int t = 0; t < NT; ++t) acc[t] = _mm512_setzero_ps(), corr[t] = Unpack::zero();
+  for (int64_t b = 0; b < nb; ++b, w += Unpack::BYTES) {
+    unpack(w);
+    for (int t = 0; t < NT; ++t) unpack.add(*in[t], b, acc[t], corr[t]);
   }
-  for (int t = 0; t < NT; ++t) out[t] = _mm512_reduce_add_ps(acc[t]) - hsum(bias[t]);
+  for (int t = 0; t < NT; ++t) out[t] = _mm512_reduce_add_ps(acc[t]) - lanes_sum(corr[t]);
 }
 
 // Four lanes' sums -> lane r of the result = the sum of v[r]'s lanes (a transposing reduction: three
@@ -158,49 +162,28 @@ inline __m128 sums4(const __m128* v) { return _mm_hadd_ps(_mm_hadd_ps(v[0], v[1]
 
 // Decode: four rows . one input (out[r] = w[r] . in), one row after the other (in memory order: taking
 // their blocks side by side, four streams, was slower), with the constants set up once and one
-// transposing reduction for the four: per row, those of dots_q4_k<1> cost about as much as a block.
+// transposing reduction for the four: per row, those of dots<., 1> cost about as much as a block.
 // Prefetches row ahead[r] (or none) as row r starts, as rows_dots does one row at a time.
-inline void dots4_q4_k(const uint8_t* const* w, int64_t nb, const Q8KInput& in, float* out, const uint8_t* const* ahead,
-                       int64_t row_bytes) {
-  Q4KUnpack unpack;
+template <class Unpack>
+inline void dots4(const uint8_t* const* w, int64_t nb, const Q8KInput& in, float* out, const uint8_t* const* ahead,
+                  int64_t row_bytes) {
+  Unpack unpack;
   __m512 acc[4];
-  __m128 mins[4];
+  typename Unpack::Correction corr[4];
   for (int r = 0; r < 4; ++r) {
     if (ahead[r]) prefetch_row(ahead[r], row_bytes);
-    acc[r] = _mm512_setzero_ps(), mins[r] = _mm_setzero_ps();
+    acc[r] = _mm512_setzero_ps(), corr[r] = Unpack::zero();
     for (int64_t b = 0; b < nb; ++b) {
-      const __m128 dd = _mm_mul_ps(unpack(w[r] + Q4_K_BYTES * b), _mm_set1_ps(in.d[b]));
-      const __m512i isum = block_sums(unpack.codes, unpack.scale, in.q_pairs.data() + QK_K * b);
-      acc[r] = _mm512_fmadd_ps(_mm512_broadcastss_ps(dd), _mm512_cvtepi32_ps(isum), acc[r]);
-      const __m128i msum = _mm_madd_epi16(unpack.mins, _mm_loadu_si128(reinterpret_cast<const __m128i*>(in.sums32.data() + 8 * b)));
-      mins[r] = _mm_fmadd_ps(_mm_permute_ps(dd, 0x55), _mm_cvtepi32_ps(msum), mins[r]);
+      unpack(w[r] + Unpack::BYTES * b);
+      unpack.add(in, b, acc[r], corr[r]);
     }
   }
-  _mm_storeu_ps(out, _mm_sub_ps(sums4(acc), sums4(mins)));
-}
-
-inline void dots4_q6_k(const uint8_t* const* w, int64_t nb, const Q8KInput& in, float* out, const uint8_t* const* ahead,
-                       int64_t row_bytes) {
-  Q6KUnpack unpack;
-  __m512 acc[4];
-  __m256 bias[4];
-  for (int r = 0; r < 4; ++r) {
-    if (ahead[r]) prefetch_row(ahead[r], row_bytes);
-    acc[r] = _mm512_setzero_ps(), bias[r] = _mm256_setzero_ps();
-    for (int64_t b = 0; b < nb; ++b) {
-      const float dd = unpack(w[r] + Q6_K_BYTES * b) * in.d[b];
-      const __m512i isum = block_sums(unpack.codes, unpack.scale, in.q.data() + QK_K * b);
-      acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(dd), _mm512_cvtepi32_ps(isum), acc[r]);
-      const __m256i ssum = _mm256_madd_epi16(unpack.sc256, load32(in.sums16.data() + 16 * b));
-      bias[r] = _mm256_fmadd_ps(_mm256_set1_ps(32.0f * dd), _mm256_cvtepi32_ps(ssum), bias[r]);
-    }
-  }
-  _mm_storeu_ps(out, _mm_sub_ps(sums4(acc), sums4(bias)));
+  _mm_storeu_ps(out, _mm_sub_ps(sums4(acc), sums4(corr)));
 }
 
 // y[t * stride + r] = row(r) . in[t] for r in [r0, r1) and t < T (as kq::rows_dots), eight (then four,
 // then one) tokens per pass over a row: a block's codes and scales are unpacked once for all of them;
-// one token (decode) takes four rows per pass (dots4_*).
+// one token (decode) takes four rows per pass (dots4).
 void rows_dots(bool q4_k, const uint8_t* w, int64_t row_bytes, const int64_t* rows, int64_t r0, int64_t r1,
                const Q8KInput* const* in, int64_t T, float* y, int64_t stride) {
   const int64_t nb = row_bytes / (q4_k ? Q4_K_BYTES : Q6_K_BYTES), ahead = rows_ahead(row_bytes, rows != nullptr);
@@ -214,7 +197,7 @@ void rows_dots(bool q4_k, const uint8_t* w, int64_t row_bytes, const int64_t* ro
         w4[i] = w + (rows ? rows[r + i] : r + i) * row_bytes;
         next[i] = ahead && r + i + ahead < r1 ? w + (rows ? rows[r + i + ahead] : r + i + ahead) * row_bytes : nullptr;
       }
-      q4_k ? vnni512::dots4_q4_k(w4, nb, *in[0], out, next, row_bytes) : vnni512::dots4_q6_k(w4, nb, *in[0], out, next, row_bytes);
+      q4_k ? dots4<Q4KUnpack>(w4, nb, *in[0], out, next, row_bytes) : dots4<Q6KUnpack>(w4, nb, *in[0], out, next, row_bytes);
       for (int i = 0; i < 4; ++i) y[r + i] = out[i];
     }
   }
@@ -223,15 +206,15 @@ void rows_dots(bool q4_k, const uint8_t* w, int64_t row_bytes, const int64_t* ro
     const uint8_t* row = w + (rows ? rows[r] : r) * row_bytes;
     int64_t t = 0;
     for (; t + 8 <= T; t += 8) {
-      q4_k ? vnni512::dots_q4_k<8>(row, nb, in + t, out) : vnni512::dots_q6_k<8>(row, nb, in + t, out);
+      q4_k ? dots<Q4KUnpack, 8>(row, nb, in + t, out) : dots<Q6KUnpack, 8>(row, nb, in + t, out);
       for (int i = 0; i < 8; ++i) y[(t + i) * stride + r] = out[i];
     }
     for (; t + 4 <= T; t += 4) {
-      q4_k ? vnni512::dots_q4_k<4>(row, nb, in + t, out) : vnni512::dots_q6_k<4>(row, nb, in + t, out);
+      q4_k ? dots<Q4KUnpack, 4>(row, nb, in + t, out) : dots<Q6KUnpack, 4>(row, nb, in + t, out);
       for (int i = 0; i < 4; ++i) y[(t + i) * stride + r] = out[i];
     }
     for (; t < T; ++t) {
-      q4_k ? vnni512::dots_q4_k<1>(row, nb, in + t, out) : vnni512::dots_q6_k<1>(row, nb, in + t, out);
+      q4_k ? dots<Q4KUnpack, 1>(row, nb, in + t, out) : dots<Q6KUnpack, 1>(row, nb, in + t, out);
       y[t * stride + r] = out[0];
     }
   }
