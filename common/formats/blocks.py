@@ -154,7 +154,7 @@ _BIT = torch.arange(8, dtype=torch.uint8)
 
 def _q5_0_unpack(codes: Tensor) -> Tensor:  # qh [4] | qs [16] -> q [..., 32] in 0..31
     high = ((codes[..., :4, None] >> _BIT) & 1).reshape(*codes.shape[:-1], 32)  # bit j of the 32-bit qh: weight j
-    return (_nibbles_unpack(codes[..., 4:]) + 16 * high).float()
+    return _nibbles_unpack(codes[..., 4:]) + 16 * high  # fp32
 
 
 def _q5_0_pack(q: Tensor) -> Tensor:  # q [..., 32] in 0..31 -> qh | qs [..., 20]

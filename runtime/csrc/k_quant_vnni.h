@@ -187,6 +187,7 @@ inline void dots4(const uint8_t* const* w, int64_t nb, const Q8KInput& in, float
 void rows_dots(bool q4_k, const uint8_t* w, int64_t row_bytes, const int64_t* rows, int64_t r0, int64_t r1,
                const Q8KInput* const* in, int64_t T, float* y, int64_t stride) {
   const int64_t nb = row_bytes / (q4_k ? Q4_K_BYTES : Q6_K_BYTES), ahead = rows_ahead(row_bytes, rows != nullptr);
+  const auto row_at = [&](int64_t r) { return w + (rows ? rows[r] : r) * row_bytes; };
   float out[8];
   int64_t r = r0;
   if (T == 1) {
@@ -194,16 +195,16 @@ void rows_dots(bool q4_k, const uint8_t* w, int64_t row_bytes, const int64_t* ro
       const uint8_t* w4[4];
       const uint8_t* next[4];
       for (int i = 0; i < 4; ++i) {
-        w4[i] = w + (rows ? rows[r + i] : r + i) * row_bytes;
-        next[i] = ahead && r + i + ahead < r1 ? w + (rows ? rows[r + i + ahead] : r + i + ahead) * row_bytes : nullptr;
+        w4[i] = row_at(r + i);
+        next[i] = ahead && r + i + ahead < r1 ? row_at(r + i + ahead) : nullptr;
       }
       q4_k ? dots4<Q4KUnpack>(w4, nb, *in[0], out, next, row_bytes) : dots4<Q6KUnpack>(w4, nb, *in[0], out, next, row_bytes);
       for (int i = 0; i < 4; ++i) y[r + i] = out[i];
     }
   }
   for (; r < r1; ++r) {
-    if (ahead && r + ahead < r1) prefetch_row(w + (rows ? rows[r + ahead] : r + ahead) * row_bytes, row_bytes);
-    const uint8_t* row = w + (rows ? rows[r] : r) * row_bytes;
+    if (ahead && r + ahead < r1) prefetch_row(row_at(r + ahead), row_bytes);
+    const uint8_t* row = row_at(r);
     int64_t t = 0;
     for (; t + 8 <= T; t += 8) {
       q4_k ? dots<Q4KUnpack, 8>(row, nb, in + t, out) : dots<Q6KUnpack, 8>(row, nb, in + t, out);

@@ -175,7 +175,8 @@ void panel_tokens(const Panel& p, const Tokens& x, const float* bias, int64_t t0
   for (int t = 0; t < NT; ++t) store16(y + (t0 + t) * ldy + r0, live, acc[t]);
 }
 
-// y [M, N] fp32 = x [M, K] . W^T for Q4_1 rows W (row r at w + r * stride), K a multiple of 32.
+// y [M, N] = x [M, K] . W^T (+ bias) for Q4_1 or Q4_K rows W (row r at w + r * stride), K a multiple of
+// the format's block; x and y fp32 or bf16.
 template <class In, class Out>
 void gemm(const uint8_t* w, int64_t stride, int64_t N, int64_t K, bool q4_k, const In* x, int64_t M, const float* bias, Out* y) {
   Tokens tokens;
@@ -293,10 +294,11 @@ void columns_gemm(const ColumnMatrix& C, const In* a, int64_t M, Out* y) {
 }  // namespace prompt_gemm_vnni
 #pragma GCC pop_options
 
-// Compact 4-bit rows W [N, row_bytes] (`kernel` "q4_1" or "q4_k"; contiguous, or 2-D with a row stride)
-// times x [M, K] fp32 or bf16 (+ an fp32 bias [N]) -> [M, N] in x's dtype, on AVX-512 VNNI.
+// Whether this process runs the prompt products: they are AVX-512 VNNI only (no AVX2 form).
 bool prompt_gemm_available() { return vnni_allowed(); }
 
+// Compact 4-bit rows W [N, row_bytes] (`kernel` "q4_1" or "q4_k"; contiguous, or 2-D with a row stride)
+// times x [M, K] fp32 or bf16 (+ an fp32 bias [N]) -> [M, N] in x's dtype, on AVX-512 VNNI.
 at::Tensor rows_gemm(const at::Tensor& W, const at::Tensor& x, const std::string& kernel, const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(prompt_gemm_available(), "rows_gemm needs AVX-512 VNNI");
   TORCH_CHECK(kernel == "q4_1" || kernel == "q4_k", "rows_gemm takes q4_1 or q4_k rows, not ", kernel);
