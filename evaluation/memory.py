@@ -17,6 +17,7 @@ selection reorders the loaded neurons in place).
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -85,6 +86,10 @@ def run_worker(spec: MemorySpec) -> dict:
     """Runs inside the fresh process: baseline, load, generate, measure."""
     import time
 
+    from partinfer.runtime.process_memory import fix_mmap_threshold
+
+    fix_mmap_threshold()  # as the command line does
+
     if spec.method == "llama.cpp":
         return llama_cpp_worker(spec)
     import torch
@@ -123,7 +128,7 @@ def run_worker(spec: MemorySpec) -> dict:
     with torch.device("meta"):
         Transformer(replace(cfg, n_layers=1, vocab_size=8, ffn_dim=8))
     warm_up_generation(cfg, dtype)
-    warm_up_gemms(cfg, dtype, spec.prompt_tokens)
+    warm_up_gemms(cfg, dtype, prompt_chunk_lengths(spec.prompt_tokens))
     baseline = proc_status()
     t0 = time.perf_counter()
     prompt = torch.randint(100, cfg.vocab_size - 100, (spec.prompt_tokens,), generator=torch.Generator().manual_seed(0)).tolist()
@@ -181,10 +186,19 @@ def warm_up_generation(cfg, dtype) -> None:
     release_free_heap()
 
 
-def warm_up_gemms(cfg, dtype, tokens: int) -> None:
-    """The prompt's float GEMMs at their shapes (x [tokens, k] times every weight shape a layer has, as
-    stored and transposed: attention, gate, up, fused gate/up, down columns): the GEMM library keeps
-    state per shape on first use (~2.5 MiB on the default model), the process's and not the model's."""
+def prompt_chunk_lengths(prompt_tokens: int) -> list[int]:
+    """The token counts of the chunks `prefill` runs a prompt of this length in."""
+    from partinfer.runtime.model import PREFILL_CHUNK_TOKENS
+
+    full, rest = divmod(prompt_tokens, PREFILL_CHUNK_TOKENS)
+    return ([PREFILL_CHUNK_TOKENS] if full else []) + ([rest] if rest else [])
+
+
+def warm_up_gemms(cfg, dtype, chunk_lengths: list[int]) -> None:
+    """The prompt's float GEMMs at their shapes (x [tokens, k], for each prompt chunk's length, times
+    every weight shape a layer has, as stored and transposed: attention, gate, up, fused gate/up, down
+    columns): the GEMM library keeps state per shape on first use (~2.5 MiB on the default model), the
+    process's and not the model's."""
     import torch
     import torch.nn.functional as F
 
@@ -194,7 +208,7 @@ def warm_up_gemms(cfg, dtype, tokens: int) -> None:
     shapes = {(q + 2 * kv, cfg.dim), (q, cfg.dim), (kv, cfg.dim), (cfg.dim, q), (cfg.ffn_dim, cfg.dim),
               (2 * cfg.ffn_dim, cfg.dim), (cfg.dim, cfg.ffn_dim)}
     with torch.inference_mode():
-        for n, k in sorted(shapes):
+        for (n, k), tokens in itertools.product(sorted(shapes), chunk_lengths):
             x = torch.randn(1, tokens, k, dtype=dtype)
             F.linear(x, torch.randn(n, k, dtype=dtype))
             F.linear(x, torch.randn(k, n, dtype=dtype).t())
@@ -220,7 +234,7 @@ def expected_bytes(model, sparse_cls) -> dict:
 # fp32 weight upcasts) stay in the heap and count as RSS. A fixed threshold returns them to the system;
 # every worker, the transformers peer included, runs with it, and with the MKL settings the command line
 # runs with (common/process_env.py).
-WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20), **MKL_SETTINGS}
+WORKER_ENV = MKL_SETTINGS  # and the command line's mmap threshold (run_worker)
 
 
 def measure(spec: MemorySpec) -> dict:
@@ -267,7 +281,18 @@ def run_memory(model_dir: Path, sparsity: SparsityConfig, gammas=DEFAULT_GAMMAS,
             progress(spec.name)
         rows.append(measure(spec))
     return {"model": str(model_dir), "packed": packed, "dtype": dtype, "weights": weights, "rows": rows, **lengths,
-            "ffn_layer_mib": ffn_layer_bytes(source, dtype) / MIB}
+            "ffn_layer_mib": ffn_layer_bytes(source, dtype) / MIB, "kv_cache_mib": kv_cache_mib(model_dir, dtype, lengths)}
+
+
+def kv_cache_mib(model_dir: Path, dtype: str, lengths: dict) -> float:
+    """Our runtime's KV cache for one sequence of the measured context (prompt + new tokens), which the
+    peak during generation holds and the model memory (measured after it) does not."""
+    from partinfer.runtime.config import ModelConfig
+    from partinfer.runtime.model import KVCache
+
+    context = lengths["prompt_tokens"] + lengths["new_tokens"]
+    element = 4 if dtype in ("fp32", "float32") else 2
+    return KVCache.nbytes(ModelConfig.from_dir(Path(model_dir)), 1, context, element) / MIB
 
 
 def ffn_layer_bytes(model_dir: Path, dtype: str) -> int:
@@ -303,6 +328,8 @@ def format_memory(report: dict) -> str:
         if "cuda_max_allocated_mib" in r:
             lines.append(f"{r['name']}: torch.cuda.max_memory_allocated {r['cuda_max_allocated_mib']:.1f} MiB")
     lines.append(f"one FFN layer = {report['ffn_layer_mib']:.1f} MiB; expected = non-FFN + loaded FFN (+ per-sequence copies in batches)")
+    if "kv_cache_mib" in report:
+        lines.append(f"peak gen includes our KV cache of the context, {report['kv_cache_mib']:.1f} MiB")
     peer = next((r for r in report["rows"] if r["method"] == "llama.cpp"), None)
     if peer is not None:
         ratios = ", ".join(f"{r['name']} {r['model_mib'] / peer['model_mib']:.2f}x" for r in report["rows"] if r is not peer)

@@ -34,11 +34,10 @@ class CompensationRecorder(FeedForward):
         self.xtx = torch.zeros(d, d, dtype=torch.float64)
         self.xtu = torch.zeros(d, d, dtype=torch.float64)
         self.tokens = 0
-        self.token_mask: torch.Tensor | None = None  # [B, T] real tokens of the current forward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, D]
         a = self.ffn.activations(x)  # [B, T, n]
-        real = self.token_mask.reshape(-1) if self.token_mask is not None else slice(None)
+        real = self.token_mask.reshape(-1) if self.token_mask is not None else slice(None)  # this chunk's real tokens
         xs = x.reshape(-1, x.shape[-1])[real].float()  # [N, D]
         u = linear(a[..., self.unloaded], self.ffn.down[:, self.unloaded]).reshape(-1, x.shape[-1])[real].float()
         self.xtx += (xs.T @ xs).double().cpu()  # one batch's sum in fp32, the running sums in fp64
@@ -79,8 +78,6 @@ def fit_compensation(engine: Engine, texts: dict[str, list[str]], plans: dict[in
     try:
         for start in tqdm(range(0, len(prompts), batch_size), desc="compensate", unit="batch"):
             tokens, mask = left_pad(prompts[start : start + batch_size], pad)
-            for r in recorders.values():
-                r.token_mask = mask.bool().to(device)
             cache = KVCache(model.cfg, tokens.shape[0], tokens.shape[1], dtype, device)
             prefill(model, tokens.to(device), cache, mask.to(device), select=False)
     finally:

@@ -92,9 +92,7 @@ def profile_prompts(model: Transformer, prompts: list[list[int]], cfg: ProfileCo
                 tokens, mask = left_pad(prompts[start : start + cfg.batch_size], pad_id)
                 tokens, mask = tokens.to(model.device), mask.to(model.device)
                 cache = KVCache(model.cfg, tokens.shape[0], tokens.shape[1] + cfg.gen_tokens, model.dtype, model.device)
-                stats.token_mask = mask.bool()  # padding does not count
-                logits = prefill(model, tokens, cache, mask)[:, -1]
-                stats.token_mask = None
+                logits = prefill(model, tokens, cache, mask)[:, -1]  # padding does not count (prompt_chunk)
                 for _ in range(cfg.gen_tokens):
                     logits = decode_step(model, logits.argmax(-1), cache)
                 bar.update(tokens.shape[0])

@@ -26,13 +26,12 @@ class ActivationStats:
         self.tokens = 0
         self.token_sparsity = token_sparsity
         self.core_score = core_score
-        self.token_mask: torch.Tensor | None = None  # [B, T] bool, real tokens of the current forward
 
-    def add(self, layer: int, a: torch.Tensor) -> None:
-        """a [B, T, n] activations of one forward; only tokens in `token_mask` count."""
+    def add(self, layer: int, a: torch.Tensor, token_mask: torch.Tensor | None) -> None:
+        """a [B, T, n] activations of one forward; only the real tokens of token_mask [B, T] count."""
         flat = a.reshape(-1, a.shape[-1])
-        if self.token_mask is not None:
-            flat = flat[self.token_mask.reshape(-1).to(flat.device)]
+        if token_mask is not None:
+            flat = flat[token_mask.reshape(-1).to(flat.device)]
         flat = flat.float()
         self.sum_abs[layer] += flat.abs().sum(0).double().cpu()
         self.core_count[layer] += token_core_mask(flat, self.token_sparsity, self.core_score).sum(0).double().cpu()
@@ -49,7 +48,7 @@ class RecordingFFN(FeedForward):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, D]
         a = self.ffn.activations(x)  # [B, T, n]
-        self.stats.add(self.layer, a)
+        self.stats.add(self.layer, a, self.token_mask)  # the prompt chunk's padding does not count
         return linear(a, self.ffn.down)
 
 

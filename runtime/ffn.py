@@ -14,7 +14,7 @@ from torch import nn
 from partinfer.common.formats.blocks import BlockFormat
 from partinfer.runtime.config import ACTIVATIONS, ModelConfig
 from partinfer.runtime.decode_contract import FfnKind, FfnWeights
-from partinfer.runtime.kernels import in_token_chunks, k_product_kernel, linear, prompt_gemm_kernel, prompt_positions
+from partinfer.runtime.kernels import K_PRODUCT_TOKENS, in_token_chunks, k_product_kernel, linear, prompt_gemm_kernel, prompt_positions
 from partinfer.runtime.native import down_k as native_down_k
 from partinfer.runtime.native import q4_1_columns_gemm as native_q4_1_columns_gemm
 from partinfer.runtime.quant import dequantize_columns, down_table_shape, neuron_blocks, neuron_scale_groups
@@ -47,14 +47,16 @@ class FeedForward(nn.Module):
 
     A sentence is bracketed by `begin_prompt` (before its prefill: compute every loaded neuron, record
     what selection needs) and `end_prompt` (select, lay out the weights for decode); `prefill(...,
-    select=True)` does both. `decode_weights` is this layer for the compiled decode, or None when it
-    cannot take it (the eager path then runs the step). A sparse layer may carry a compensation: a
+    select=True)` does both. `prefill` also names, by `prompt_chunk`, the real tokens of each chunk of
+    the prompt it runs (statistics skip padding). `decode_weights` is this layer for the compiled decode,
+    or None when it cannot take it (the eager path then runs the step). A sparse layer may carry a compensation: a
     low-rank map `comp_out(comp_in(x))` that stands in for what its unloaded neurons would add."""
 
     def __init__(self) -> None:
         super().__init__()
         self.register_parameter("comp_in", None)  # [r, d]
         self.register_parameter("comp_out", None)  # [d, r]
+        self.token_mask: torch.Tensor | None = None  # [B, t] real tokens of the prompt chunk being prefilled
 
     def set_compensation(self, a: torch.Tensor, b: torch.Tensor) -> None:
         """a [d, r], b [r, d] (fp32 from the file): y += (x @ a) @ b, kept in the layer's dtype and device."""
@@ -67,8 +69,31 @@ class FeedForward(nn.Module):
         """x [B, T, D], y [B, T, D] the computed neurons' output -> y plus the compensation, if any."""
         return y if self.comp_in is None else y + linear(linear(x, self.comp_in), self.comp_out)
 
-    def begin_prompt(self, token_mask: torch.Tensor | None) -> None:
-        pass
+    def in_token_slices(self, x: torch.Tensor, fn) -> torch.Tensor:
+        """fn over x [B, T, D] -> [B, T, D], K_PRODUCT_TOKENS tokens at a time (and `token_mask` sliced to
+        match): a compact layer's products run in such chunks anyway, so slicing the whole layer costs
+        nothing and its [T, n] intermediates (gate, up, their product) exist for one slice only, the
+        largest transients of a long prompt on compact weights. Exact: an FFN is per token."""
+        T = x.shape[1]
+        if T <= K_PRODUCT_TOKENS:
+            return fn(x)
+        mask, out = self.token_mask, None
+        try:
+            for s in range(0, T, K_PRODUCT_TOKENS):
+                self.token_mask = None if mask is None else mask[:, s : s + K_PRODUCT_TOKENS]
+                y = fn(x[:, s : s + K_PRODUCT_TOKENS])
+                out = x.new_empty(x.shape, dtype=y.dtype) if out is None else out
+                out[:, s : s + K_PRODUCT_TOKENS] = y
+        finally:
+            self.token_mask = mask
+        return out
+
+    def begin_prompt(self, batch: int) -> None:
+        """A new sentence's prefill of `batch` sequences starts: forget the last one's statistics."""
+
+    def prompt_chunk(self, token_mask: torch.Tensor | None) -> None:
+        """token_mask [B, t] (True = real token, None = all real): the prompt chunk the next forward gets."""
+        self.token_mask = token_mask
 
     def end_prompt(self) -> None:
         pass
@@ -211,7 +236,10 @@ class CompactFFN(FeedForward):
                           down_block=neuron_scale_groups(self.neuron_ids, self.down_format))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, D] -> [B, T, D]
-        a = compact_gated_activations(x, self.gate_up, self.gate_up_format, self.act)  # [B, T, n]
+        return self.in_token_slices(x, self._sliced)
+
+    def _sliced(self, x: torch.Tensor) -> torch.Tensor:  # [B, t, D] -> [B, t, D]
+        a = compact_gated_activations(x, self.gate_up, self.gate_up_format, self.act)  # [B, t, n]
         return column_linear(a, self.down_t, self.down_table, self.neuron_ids, self.down_format)
 
     def decode_bytes(self) -> int:

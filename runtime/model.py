@@ -20,6 +20,11 @@ from partinfer.runtime.ffn import FFN, FeedForward
 from partinfer.runtime.kernels import Embedding, Linear
 from partinfer.runtime.process_memory import release_free_heap
 
+# Prompt tokens per pass through the layers (`prefill`), llama.cpp's default micro-batch: a prompt's
+# activations at any moment are one chunk's, whatever its length. Shorter chunks slowed bf16 prompts
+# (docs/design.md, "Prefill in chunks").
+PREFILL_CHUNK_TOKENS = 512
+
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     """Inverse frequencies [head_dim/2] in fp32, with linear or Llama-3 scaling as transformers does."""
@@ -55,6 +60,11 @@ class KVCache:
         self.pad = torch.zeros(batch, dtype=torch.long, device=device)  # [B]
         self.length = 0  # slots used
         self.max_len = max_len
+
+    @staticmethod
+    def nbytes(cfg: ModelConfig, batch: int, max_len: int, element_bytes: int) -> int:
+        """What the keys and values of such a cache hold: part of a generation's steady state."""
+        return 2 * cfg.n_layers * batch * cfg.n_kv_heads * max_len * cfg.head_dim * element_bytes
 
     @property
     def batch(self) -> int:
@@ -253,8 +263,9 @@ class Transformer(nn.Module):
         # A left-pad query row sees no key at all; let it see itself so softmax stays finite.
         return mask | (key_slots[None, :] == slots[:, None])[None, None]
 
-    def forward(self, tokens: torch.Tensor, cache: KVCache, start: int, logits_for: str = "all") -> torch.Tensor:
-        """tokens [B, T] written to cache slots start..start+T; returns logits [B, T, V] or [B, 1, V]."""
+    def forward(self, tokens: torch.Tensor, cache: KVCache, start: int, logits_for: str = "all") -> torch.Tensor | None:
+        """tokens [B, T] written to cache slots start..start+T; returns logits [B, T, V] ("all"), [B, 1, V]
+        ("last") or None ("none")."""
         B, T = tokens.shape
         x = self.embed_tokens(tokens)
         slots = torch.arange(start, start + T, device=tokens.device)
@@ -263,6 +274,8 @@ class Transformer(nn.Module):
         mask = self.attention_mask(cache, start, T, slots)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, cache.k[i], cache.v[i], start, mask)
+        if logits_for == "none":  # an inner prompt chunk: only the cache is wanted
+            return None
         if logits_for == "last":
             x = x[:, -1:]
         return self.logits(self.norm(x))
@@ -270,15 +283,20 @@ class Transformer(nn.Module):
 
 def prefill(
     model: Transformer, tokens: torch.Tensor, cache: KVCache, attention_mask: torch.Tensor | None = None,
-    logits_for: str = "last", select: bool = True,
+    logits_for: str = "last", select: bool = True, chunk_tokens: int = PREFILL_CHUNK_TOKENS,
 ) -> torch.Tensor:
-    """Run a prompt chunk through the model, appending it to the cache.
+    """Run a prompt through the model, appending it to the cache.
 
-    tokens [B, T]; attention_mask [B, T] (1 = real token) marks left padding on the first chunk.
+    tokens [B, T]; attention_mask [B, T] (1 = real token) marks left padding on the first prompt.
     Returns logits [B, 1, V] (`logits_for="last"`) or [B, T, V] (`"all"`).
-    `select` (the default): the chunk is a new sentence — sparse layers compute every loaded neuron,
+    `select` (the default): the prompt is a new sentence — sparse layers compute every loaded neuron,
     then choose each sequence's active neurons for the decode that follows. `select=False` runs the
-    chunk with the neurons already chosen (teacher-forced scoring of a continuation, decode steps).
+    prompt with the neurons already chosen (teacher-forced scoring of a continuation, decode steps).
+
+    The prompt goes through the layers `chunk_tokens` tokens at a time (llama.cpp's micro-batch):
+    each chunk attends to the cache the earlier ones filled, so the activations a prefill holds at once
+    are one chunk's, whatever the prompt's length; the sparse layers' selection statistics are sums
+    over tokens, added chunk by chunk.
     """
     B, T = tokens.shape
     start = cache.length
@@ -288,14 +306,23 @@ def prefill(
             "shorten the prompt, lower --max-new-tokens, or start a new conversation"
         )
     real = torch.ones(B, T, dtype=torch.bool, device=tokens.device) if attention_mask is None else attention_mask.bool()
-    cache.valid[:, start : start + T] = real
     if start == 0:
         cache.pad.copy_((~real).long().sum(dim=1))
     if select:
         for block in model.layers:
-            block.mlp.begin_prompt(attention_mask.bool() if attention_mask is not None else None)
-    logits = model(tokens, cache, start, logits_for)
-    cache.length = start + T
+            block.mlp.begin_prompt(B)
+    pieces = []
+    for s in range(0, T, chunk_tokens):
+        e = min(T, s + chunk_tokens)
+        cache.valid[:, start + s : start + e] = real[:, s:e]
+        for block in model.layers:
+            block.mlp.prompt_chunk(real[:, s:e] if attention_mask is not None else None)
+        wanted = logits_for if e == T or logits_for == "all" else "none"
+        pieces.append(model(tokens[:, s:e], cache, start + s, wanted))
+        cache.length = start + e
+    for block in model.layers:
+        block.mlp.prompt_chunk(None)  # the prompt is over
+    logits = pieces[-1] if logits_for == "last" else torch.cat(pieces, dim=1)
     if select:
         for block in model.layers:
             block.mlp.end_prompt()

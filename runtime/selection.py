@@ -29,9 +29,12 @@ def token_core_mask(a: torch.Tensor, token_sparsity: float, score: str = "abs") 
 
 
 def real_token_weights(token_mask: torch.Tensor | None, T: int, device: torch.device) -> torch.Tensor | None:
-    """[B, T, 1] fp32: 1 for the real (non-padding) tokens among the last T prompt positions, 0 for
-    padding; None when there is no mask (every token is real). Per-sentence statistics multiply by it."""
-    return None if token_mask is None else token_mask[:, -T:, None].to(device, torch.float32)
+    """[B, T, 1] fp32 from the prompt chunk's token_mask [B, T]: 1 for real tokens, 0 for padding; None
+    when there is no mask (every token is real). Per-sentence statistics multiply by it."""
+    if token_mask is None:
+        return None
+    assert token_mask.shape[1] == T, "the mask is the chunk's (FeedForward.prompt_chunk)"
+    return token_mask[:, :, None].to(device, torch.float32)
 
 
 def loaded_order(base_rank: torch.Tensor, other_rank: torch.Tensor, n_base: int, k: int) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
 Life of a sentence (`begin_prompt` / `end_prompt`, which `prefill(..., select=True)` calls around the prompt):
   prefill  every loaded neuron is computed; for methods that select per sentence, each sequence's
-           token-wise core neurons are counted (padding excluded);
+           token-wise core neurons are counted (padding excluded), summed over the prompt's chunks;
   select   per sequence, active = base ∪ ε (`selection.sentence_active`);
   decode   only the active neurons' weights are read: φ of the FFN bytes per token.
 A new prompt (a chat turn) is a new sentence and re-selects; the KV cache is untouched.
@@ -78,7 +78,6 @@ class SparseFFN(FeedForward):
         self.core_score = sparsity.core_score
         self.selects = sparsity.method in SELECTING_METHODS
         self.phase = "prefill"
-        self.token_mask: torch.Tensor | None = None  # [B, T] real tokens of the prompt being prefilled
         self.core_counts: torch.Tensor | None = None  # [B, k]
         self.abs_sums: torch.Tensor | None = None  # [B, k]
         self.active: torch.Tensor | None = None  # [B, m] positions into the loaded set
@@ -102,8 +101,8 @@ class SparseFFN(FeedForward):
     def down(self) -> torch.Tensor:  # [d, k], a copy
         return torch.cat([self.down_head, self.down_tail], dim=1)
 
-    def begin_prompt(self, token_mask: torch.Tensor | None) -> None:
-        self.phase, self.token_mask = "prefill", token_mask
+    def begin_prompt(self, batch: int) -> None:
+        self.phase, self.token_mask = "prefill", None
         self.core_counts = self.abs_sums = None
 
     def end_prompt(self) -> None:
@@ -272,6 +271,9 @@ class CompactSparseFFN(SparseFFN):
     def _down_rows(self, j: int, dtype: torch.dtype) -> torch.Tensor:
         """The first j loaded neurons' down columns, de-quantized: [j, d]."""
         return dequantize_columns(self.down_t[:j], self.down_table, self.neuron_ids[:j], self.down_format, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, D]
+        return self.in_token_slices(x, super().forward)
 
     def end_prompt(self) -> None:
         super().end_prompt()

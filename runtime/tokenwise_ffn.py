@@ -63,7 +63,6 @@ class TokenwiseFFN(FeedForward):
         self.n_base, self.n_active = plan.n_base, plan.n_active
         self.phase = "prefill"
         self.token_score = token_score
-        self.token_mask: torch.Tensor | None = None  # [B, T] real tokens of the prompt being prefilled
         self.up_abs_sums: torch.Tensor | None = None  # [B, k] sum of |up_i| over the prompt's real tokens
         self.up_counts: torch.Tensor | None = None  # [B, 1] real tokens summed
         self.score_scale: torch.Tensor | None = None  # [B, k] fp32 s_i per sequence ("scaled"), set at end_prompt
@@ -113,8 +112,8 @@ class TokenwiseFFN(FeedForward):
             self.down_norm_cache = self._down_rows(slice(None), torch.float32).float().norm(dim=1)
         return self.down_norm_cache
 
-    def begin_prompt(self, token_mask: torch.Tensor | None) -> None:
-        self.phase, self.token_mask = "prefill", token_mask
+    def begin_prompt(self, batch: int) -> None:
+        self.phase, self.token_mask = "prefill", None
         self.up_abs_sums = self.up_counts = None
 
     def end_prompt(self) -> None:
@@ -176,6 +175,8 @@ class TokenwiseFFN(FeedForward):
         return self.decode_record if self.phase == "decode" else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, D]
+        if self.down_table is not None:  # compact rows: a long prompt a slice at a time (FeedForward.in_token_slices)
+            return self.in_token_slices(x, lambda part: self.compensate(part, self._computed(part)))
         return self.compensate(x, self._computed(x))
 
     def _computed(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, D]: the chosen neurons' output

@@ -200,3 +200,27 @@ def test_tokenwise_batch_equals_one_by_one(tiny_llama_dir, neurons, token_score)
     batched = generate(model, prompts, 10)
     for b, p in enumerate(prompts):
         assert generate(model, [p], 10).tokens[0] == batched.tokens[b]
+
+
+@pytest.mark.parametrize("method", ["dense", "partinfer", "tokenwise"])
+def test_a_prompt_in_chunks_equals_the_prompt_at_once(tiny_llama_dir, neurons, method):
+    """prefill runs a long prompt in chunks through the layers: the logits of every position, the cache
+    and each sequence's chosen neurons are those of one pass, left padding included."""
+    from partinfer.runtime.generate import KVCache, left_pad, prefill
+
+    model = load(tiny_llama_dir, neurons, method=method, gamma=0.7, delta=0.3, phi=0.4)
+    tokens, mask = left_pad([p * 4 for p in tiny_prompts(2, seed=11)], 0)  # two lengths: the shorter is padded
+    results = []
+    with torch.inference_mode():
+        for chunk in (tokens.shape[1], 7):
+            cache = KVCache(model.cfg, 2, tokens.shape[1], torch.float32, "cpu")
+            logits = prefill(model, tokens, cache, mask, logits_for="all", chunk_tokens=chunk)
+            active = [m.active_neuron_ids().clone() for m in sparse_modules(model)]
+            results.append((logits, cache.k[1].clone(), active))
+    (one, k_one, active_one), (chunked, k_chunked, active_chunked) = results
+    assert tokens.shape[1] > 14 and bool((mask == 0).any())
+    real = mask.bool()
+    torch.testing.assert_close(chunked[real], one[real], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(k_chunked, k_one, rtol=1e-4, atol=1e-4)
+    for a, b in zip(active_chunked, active_one):
+        assert torch.equal(a, b)
