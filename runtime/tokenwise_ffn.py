@@ -33,7 +33,7 @@ from torch import nn
 from partinfer.common.formats.blocks import BlockFormat
 from partinfer.runtime.config import ACTIVATIONS, ModelConfig
 from partinfer.runtime.decode_contract import FfnKind, FfnWeights
-from partinfer.runtime.ffn import FeedForward, FfnRows, column_linear, decode_kernels
+from partinfer.runtime.ffn import COLUMN_TILE_BYTES, FeedForward, FfnRows, column_linear, decode_kernels
 from partinfer.runtime.kernels import gather_rows, linear
 from partinfer.runtime.quant import dequantize_columns, down_table_shape, neuron_scale_groups
 from partinfer.runtime.selection import real_token_weights
@@ -107,9 +107,14 @@ class TokenwiseFFN(FeedForward):
 
     def down_norms(self) -> torch.Tensor:
         """‖down_i‖ of every loaded neuron [k] fp32: a property of the weights, computed on first use and
-        kept (de-quantizing every compact down column per sentence cost more than the prompt itself)."""
+        kept (de-quantizing every compact down column per sentence cost more than the prompt itself).
+        Compact columns are de-quantized a tile of neurons at a time: the whole layer at once was a 38 MB
+        transient on the 1.5B model, the largest of its first generation."""
         if self.down_norm_cache is None:
-            self.down_norm_cache = self._down_rows(slice(None), torch.float32).float().norm(dim=1)
+            k, d = self.down_t.shape[0], self.dim
+            step = max(1, COLUMN_TILE_BYTES // (4 * d))  # neurons per tile of fp32 columns
+            self.down_norm_cache = torch.cat([self._down_rows(slice(i, i + step), torch.float32).float().norm(dim=1)
+                                              for i in range(0, k, step)])
         return self.down_norm_cache
 
     def begin_prompt(self, batch: int) -> None:
