@@ -86,10 +86,6 @@ def run_worker(spec: MemorySpec) -> dict:
     """Runs inside the fresh process: baseline, load, generate, measure."""
     import time
 
-    from partinfer.runtime.process_memory import fix_mmap_threshold
-
-    fix_mmap_threshold()  # as the command line does
-
     if spec.method == "llama.cpp":
         return llama_cpp_worker(spec)
     import torch
@@ -234,7 +230,7 @@ def expected_bytes(model, sparse_cls) -> dict:
 # fp32 weight upcasts) stay in the heap and count as RSS. A fixed threshold returns them to the system;
 # every worker, the transformers peer included, runs with it, and with the MKL settings the command line
 # runs with (common/process_env.py).
-WORKER_ENV = MKL_SETTINGS  # and the command line's mmap threshold (run_worker)
+WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20), **MKL_SETTINGS}
 
 
 def measure(spec: MemorySpec) -> dict:

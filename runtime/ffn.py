@@ -14,7 +14,7 @@ from torch import nn
 from partinfer.common.formats.blocks import BlockFormat
 from partinfer.runtime.config import ACTIVATIONS, ModelConfig
 from partinfer.runtime.decode_contract import FfnKind, FfnWeights
-from partinfer.runtime.kernels import K_PRODUCT_TOKENS, in_token_chunks, k_product_kernel, linear, prompt_gemm_kernel, prompt_positions
+from partinfer.runtime.kernels import in_token_chunks, k_product_kernel, linear, prompt_gemm_kernel, prompt_positions
 from partinfer.runtime.native import down_k as native_down_k
 from partinfer.runtime.native import q4_1_columns_gemm as native_q4_1_columns_gemm
 from partinfer.runtime.quant import dequantize_columns, down_table_shape, neuron_blocks, neuron_scale_groups
@@ -68,25 +68,6 @@ class FeedForward(nn.Module):
     def compensate(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """x [B, T, D], y [B, T, D] the computed neurons' output -> y plus the compensation, if any."""
         return y if self.comp_in is None else y + linear(linear(x, self.comp_in), self.comp_out)
-
-    def in_token_slices(self, x: torch.Tensor, fn) -> torch.Tensor:
-        """fn over x [B, T, D] -> [B, T, D], K_PRODUCT_TOKENS tokens at a time (and `token_mask` sliced to
-        match): a compact layer's products run in such chunks anyway, so slicing the whole layer costs
-        nothing and its [T, n] intermediates (gate, up, their product) exist for one slice only, the
-        largest transients of a long prompt on compact weights. Exact: an FFN is per token."""
-        T = x.shape[1]
-        if T <= K_PRODUCT_TOKENS:
-            return fn(x)
-        mask, out = self.token_mask, None
-        try:
-            for s in range(0, T, K_PRODUCT_TOKENS):
-                self.token_mask = None if mask is None else mask[:, s : s + K_PRODUCT_TOKENS]
-                y = fn(x[:, s : s + K_PRODUCT_TOKENS])
-                out = x.new_empty(x.shape, dtype=y.dtype) if out is None else out
-                out[:, s : s + K_PRODUCT_TOKENS] = y
-        finally:
-            self.token_mask = mask
-        return out
 
     def begin_prompt(self, batch: int) -> None:
         """A new sentence's prefill of `batch` sequences starts: forget the last one's statistics."""
@@ -236,10 +217,7 @@ class CompactFFN(FeedForward):
                           down_block=neuron_scale_groups(self.neuron_ids, self.down_format))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, D] -> [B, T, D]
-        return self.in_token_slices(x, self._sliced)
-
-    def _sliced(self, x: torch.Tensor) -> torch.Tensor:  # [B, t, D] -> [B, t, D]
-        a = compact_gated_activations(x, self.gate_up, self.gate_up_format, self.act)  # [B, t, n]
+        a = compact_gated_activations(x, self.gate_up, self.gate_up_format, self.act)  # [B, T, n]
         return column_linear(a, self.down_t, self.down_table, self.neuron_ids, self.down_format)
 
     def decode_bytes(self) -> int:

@@ -25,8 +25,10 @@ from partinfer.runtime.kernels import CompactEmbedding, CompactHead, CompactLine
 from partinfer.runtime.load_plan import LoadPlan
 from partinfer.runtime.model import Transformer
 from partinfer.runtime.native import cpu_kernels
+from partinfer.runtime.process_memory import release_free_heap
 from partinfer.runtime.quant import down_table_shape
 from partinfer.runtime.sparsity import SparsityConfig
+from partinfer.runtime.tokenwise_ffn import TokenwiseFFN, compute_down_norms
 
 
 def read_ffn_rows(reader: CheckpointReader, plan: LoadPlan, layer: int, neurons: torch.Tensor, device: str) -> FfnRows:
@@ -147,6 +149,11 @@ def load_planned(plan: LoadPlan, dtype: torch.dtype = torch.bfloat16, device: st
     attach_compensation(model, plan)
     model.init_buffers(device)
     model.checkpoint_bytes_read = reader.bytes_read
+    scaled = [b.mlp for b in model.layers if isinstance(b.mlp, TokenwiseFFN) and b.mlp.token_score == "scaled"]
+    if scaled:
+        with torch.inference_mode():
+            compute_down_norms(scaled)  # a property of the weights, made while the heap is tidy
+        release_free_heap()
     model.backend = choose_backend(model)
     for block in model.layers:
         if hasattr(block.mlp, "neuron_ids"):

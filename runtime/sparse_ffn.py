@@ -272,9 +272,6 @@ class CompactSparseFFN(SparseFFN):
         """The first j loaded neurons' down columns, de-quantized: [j, d]."""
         return dequantize_columns(self.down_t[:j], self.down_table, self.neuron_ids[:j], self.down_format, dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, D]
-        return self.in_token_slices(x, super().forward)
-
     def end_prompt(self) -> None:
         super().end_prompt()
         if not decode_kernels(self.gate_up_format, self.down_format):

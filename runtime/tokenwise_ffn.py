@@ -106,15 +106,11 @@ class TokenwiseFFN(FeedForward):
                                   dtype or self.dtype)
 
     def down_norms(self) -> torch.Tensor:
-        """‖down_i‖ of every loaded neuron [k] fp32: a property of the weights, computed on first use and
-        kept (de-quantizing every compact down column per sentence cost more than the prompt itself).
-        Compact columns are de-quantized a tile of neurons at a time: the whole layer at once was a 38 MB
-        transient on the 1.5B model, the largest of its first generation."""
+        """‖down_i‖ of every loaded neuron [k] fp32: a property of the weights, computed once (by
+        `compute_down_norms` at load, or here on first use) and kept (de-quantizing every compact down
+        column per sentence cost more than the prompt itself)."""
         if self.down_norm_cache is None:
-            k, d = self.down_t.shape[0], self.dim
-            step = max(1, COLUMN_TILE_BYTES // (4 * d))  # neurons per tile of fp32 columns
-            self.down_norm_cache = torch.cat([self._down_rows(slice(i, i + step), torch.float32).float().norm(dim=1)
-                                              for i in range(0, k, step)])
+            compute_down_norms([self])
         return self.down_norm_cache
 
     def begin_prompt(self, batch: int) -> None:
@@ -180,8 +176,6 @@ class TokenwiseFFN(FeedForward):
         return self.decode_record if self.phase == "decode" else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, D]
-        if self.down_table is not None:  # compact rows: a long prompt a slice at a time (FeedForward.in_token_slices)
-            return self.in_token_slices(x, lambda part: self.compensate(part, self._computed(part)))
         return self.compensate(x, self._computed(x))
 
     def _computed(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, D]: the chosen neurons' output
@@ -214,3 +208,19 @@ class TokenwiseFFN(FeedForward):
         if self.down_table is None:
             return linear(a, self.down_t.t())
         return column_linear(a, self.down_t, self.down_table, self.neuron_ids, self.down_format)
+
+
+def compute_down_norms(layers: list[TokenwiseFFN]) -> None:
+    """Each layer's ‖down_i‖ (`TokenwiseFFN.down_norms`), compact columns de-quantized a tile of neurons
+    at a time (a whole layer at once was a 38 MB transient on the 1.5B model). Every layer's norms are
+    made before the first tile, so that the tiles, all freed, leave one free stretch at the heap's top:
+    made between tiles, each small tensor took a bite of a freed tile's space, the next tile no longer
+    fitted there: computed on first use, they left 30 MiB of holes in the default model's heap after
+    its first generation (7 MiB now), which later prefills touched again. The loader calls this."""
+    for layer in layers:
+        layer.down_norm_cache = torch.empty(layer.down_t.shape[0], device=layer.down_t.device)  # [k] fp32
+    for layer in layers:
+        step = max(1, COLUMN_TILE_BYTES // (4 * layer.dim))  # neurons per tile of fp32 columns
+        for i in range(0, layer.down_t.shape[0], step):
+            torch.linalg.vector_norm(layer._down_rows(slice(i, i + step), torch.float32), dim=1,
+                                     out=layer.down_norm_cache[i : i + step])

@@ -114,18 +114,20 @@ def memory_transients(prompt_tokens: int) -> dict[str, float]:
     return {r["name"]: r["peak_generate_mib"] - r["model_mib"] - report["kv_cache_mib"] for r in report["rows"]}
 
 
-def test_memory_peak_during_a_long_prompt_is_the_steady_state_plus_one_tile(default_model_dir):
-    """q4 weights, a 256-token prompt: the peak during generation is the steady state plus at most one
-    tile of 8 MiB — a de-quantization tile (4 MiB, where rows have no integer products) and one 128-token
-    slice's activations (a compact FFN runs a prompt slice by slice). A whole-matrix copy would not fit
-    (the tied 49,152 x 576 head alone is 54 MiB in bf16); nor did glibc's adaptive mmap threshold, whose
-    heap grew layer by layer (11-23 MiB). A 1024-token prompt (two chunks through the layers) adds only
-    its longer attention rows: the peak does not grow with the prompt's activations."""
-    tile_mib = 8.0
-    short, long = memory_transients(256), memory_transients(1024)
+def test_memory_peak_during_a_long_prompt_holds_no_whole_matrix_copy(default_model_dir):
+    """A 256-token prompt on q4 weights: the peak during generation stays well below one de-quantized
+    whole matrix over the steady state (the tied 49,152 x 576 head alone would be 54 MiB in bf16)."""
+    for name, over in memory_transients(256).items():
+        assert over < 21, name
+
+
+def test_memory_peak_does_not_grow_with_the_prompt(default_model_dir):
+    """Prompts go through the layers 512 tokens at a time: a 2048-token prompt's peak over its steady
+    state (model + KV cache) is a 512-token one's plus its longer attention rows; in one pass, the FFN
+    activations of the 1,536 more tokens alone (gate, up, their product: [T, 1536] each) would add 18 MiB."""
+    short, long = memory_transients(512), memory_transients(2048)
     for name, over in short.items():
-        assert over < tile_mib, (name, over)
-        assert long[name] < over + 4.0, (name, over, long[name])  # 768 more tokens: [T, n] activations would add 9+ MiB
+        assert long[name] < over + 8, (name, over, long[name])
 
 
 def test_bench_runs_on_tiny_model(tiny_llama_dir):
