@@ -222,5 +222,5 @@ def compute_down_norms(layers: list[TokenwiseFFN]) -> None:
     for layer in layers:
         step = max(1, COLUMN_TILE_BYTES // (4 * layer.dim))  # neurons per tile of fp32 columns
         for i in range(0, layer.down_t.shape[0], step):
-            torch.linalg.vector_norm(layer._down_rows(slice(i, i + step), torch.float32), dim=1,
+            torch.linalg.vector_norm(layer._down_rows(slice(i, i + step), torch.float32).float(), dim=1,
                                      out=layer.down_norm_cache[i : i + step])

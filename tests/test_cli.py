@@ -122,12 +122,13 @@ def test_memory_peak_during_a_long_prompt_holds_no_whole_matrix_copy(default_mod
 
 
 def test_memory_peak_does_not_grow_with_the_prompt(default_model_dir):
-    """Prompts go through the layers 512 tokens at a time: a 2048-token prompt's peak over its steady
-    state (model + KV cache) is a 512-token one's plus its longer attention rows; in one pass, the FFN
-    activations of the 1,536 more tokens alone (gate, up, their product: [T, 1536] each) would add 18 MiB."""
-    short, long = memory_transients(512), memory_transients(2048)
+    """Prompts go through the layers 512 tokens at a time: a 4096-token prompt's peak over its steady
+    state (model + KV cache) is a 512-token one's plus its longer attention rows (measured +7 to +8 MiB,
+    the chunk's [512, 4096] fp32 attention mask among them); in one pass, the FFN activations of the
+    3,584 more tokens alone (gate, up, their product: [T, 1536] bf16 each) would add 31 MiB."""
+    short, long = memory_transients(512), memory_transients(4096)
     for name, over in short.items():
-        assert long[name] < over + 8, (name, over, long[name])
+        assert long[name] < over + 16, (name, over, long[name])
 
 
 def test_bench_runs_on_tiny_model(tiny_llama_dir):
