@@ -48,9 +48,10 @@ class FeedForward(nn.Module):
     A sentence is bracketed by `begin_prompt` (before its prefill: compute every loaded neuron, record
     what selection needs) and `end_prompt` (select, lay out the weights for decode); `prefill(...,
     select=True)` does both. `prefill` also names, by `prompt_chunk`, the real tokens of each chunk of
-    the prompt it runs (statistics skip padding). `decode_weights` is this layer for the compiled decode,
-    or None when it cannot take it (the eager path then runs the step). A sparse layer may carry a compensation: a
-    low-rank map `comp_out(comp_in(x))` that stands in for what its unloaded neurons would add."""
+    the prompt it runs (statistics skip padding). `decode_weights` is this layer for the compiled
+    decode, or None when it cannot take it (the eager path then runs the step). A sparse layer may
+    carry a compensation: a low-rank map `comp_out(comp_in(x))` that stands in for what its unloaded
+    neurons would add."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -69,8 +70,8 @@ class FeedForward(nn.Module):
         """x [B, T, D], y [B, T, D] the computed neurons' output -> y plus the compensation, if any."""
         return y if self.comp_in is None else y + linear(linear(x, self.comp_in), self.comp_out)
 
-    def begin_prompt(self, batch: int) -> None:
-        """A new sentence's prefill of `batch` sequences starts: forget the last one's statistics."""
+    def begin_prompt(self) -> None:
+        """A new sentence's prefill starts: forget the last one's statistics."""
 
     def prompt_chunk(self, token_mask: torch.Tensor | None) -> None:
         """token_mask [B, t] (True = real token, None = all real): the prompt chunk the next forward gets."""

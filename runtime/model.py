@@ -310,7 +310,7 @@ def prefill(
         cache.pad.copy_((~real).long().sum(dim=1))
     if select:
         for block in model.layers:
-            block.mlp.begin_prompt(B)
+            block.mlp.begin_prompt()
     pieces = []
     for s in range(0, T, chunk_tokens):
         e = min(T, s + chunk_tokens)

@@ -20,10 +20,10 @@ def proc_status() -> dict[str, float]:
 
 
 @cache
-def _libc_function(name: str):
-    """A glibc function (malloc_trim), or None where the C library has none (macOS, musl)."""
+def _malloc_trim():
+    """glibc's malloc_trim, or None where the C library has none (macOS, musl)."""
     try:
-        return getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
     except (OSError, AttributeError):
         return None
 
@@ -32,6 +32,6 @@ def release_free_heap() -> None:
     """Give the heap pages that freed allocations left behind back to the system. A prefill allocates
     and frees many mid-sized buffers (activations, selection statistics, de-quantized matrices); glibc
     keeps the freed pages resident, so without this a prompt leaves the process megabytes larger."""
-    trim = _libc_function("malloc_trim")
+    trim = _malloc_trim()
     if trim is not None:
         trim(0)

@@ -101,7 +101,7 @@ class SparseFFN(FeedForward):
     def down(self) -> torch.Tensor:  # [d, k], a copy
         return torch.cat([self.down_head, self.down_tail], dim=1)
 
-    def begin_prompt(self, batch: int) -> None:
+    def begin_prompt(self) -> None:
         self.phase, self.token_mask = "prefill", None
         self.core_counts = self.abs_sums = None
 

@@ -113,7 +113,7 @@ class TokenwiseFFN(FeedForward):
             compute_down_norms([self])
         return self.down_norm_cache
 
-    def begin_prompt(self, batch: int) -> None:
+    def begin_prompt(self) -> None:
         self.phase, self.token_mask = "prefill", None
         self.up_abs_sums = self.up_counts = None
 
