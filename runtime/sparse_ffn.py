@@ -102,7 +102,7 @@ class SparseFFN(FeedForward):
         return torch.cat([self.down_head, self.down_tail], dim=1)
 
     def begin_prompt(self) -> None:
-        self.phase, self.token_mask = "prefill", None
+        self.phase = "prefill"
         self.core_counts = self.abs_sums = None
 
     def end_prompt(self) -> None:
@@ -110,7 +110,7 @@ class SparseFFN(FeedForward):
         if self.selects and self.core_counts is not None:
             # abs_sums orders ties like mean |a| does: the token count is the same for every neuron of a sequence.
             self.set_active(sentence_active(self.core_counts, self.abs_sums, self.n_base, self.n_active))
-        self.phase, self.token_mask = "decode", None
+        self.phase = "decode"
         self.core_counts = self.abs_sums = None
         self.decode_record = None
         if self.c_gate_up is None and self.act is F.silu:  # one active prefix (batch 1), SiLU

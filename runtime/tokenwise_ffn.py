@@ -114,14 +114,14 @@ class TokenwiseFFN(FeedForward):
         return self.down_norm_cache
 
     def begin_prompt(self) -> None:
-        self.phase, self.token_mask = "prefill", None
+        self.phase = "prefill"
         self.up_abs_sums = self.up_counts = None
 
     def end_prompt(self) -> None:
         """Turn the prompt's |up| sums into this sentence's score scale s_i = mean |up_i| · ‖down_i‖."""
         if self.token_score == "scaled" and self.up_abs_sums is not None:
             self.score_scale = self.up_abs_sums / self.up_counts.clamp(min=1) * self.down_norms()  # [B, k]
-        self.phase, self.token_mask = "decode", None
+        self.phase = "decode"
         self.up_abs_sums = self.up_counts = None
         self.decode_record = None
         single = self.score_scale is None or self.score_scale.shape[0] == 1
