@@ -121,8 +121,7 @@ def load_planned(plan: LoadPlan, dtype: torch.dtype = torch.bfloat16, device: st
     each FFN layer a module built from only its loaded rows, and read every other weight by name.
 
     Dense layers (outside --start-num..--end-num) load every neuron."""
-    if dtype == torch.bfloat16 and str(device).startswith("cpu"):
-        cpu_kernels()  # build or load the compiled decode kernels now, not inside a timed step
+    compiled_cpu = dtype == torch.bfloat16 and str(device).startswith("cpu") and cpu_kernels()  # built now, not in a timed step
     cfg = plan.cfg
     model = build_model(plan, dtype)
     with CheckpointReader(plan.checkpoint) as reader:
@@ -147,6 +146,8 @@ def load_planned(plan: LoadPlan, dtype: torch.dtype = torch.bfloat16, device: st
     if left:
         raise PartinferError(f"{plan.checkpoint}: no weights were read for {left[0]}; the checkpoint is incomplete")
     attach_compensation(model, plan)
+    if compiled_cpu:
+        model.use_compiled_ops()
     model.init_buffers(device)
     model.checkpoint_bytes_read = reader.bytes_read
     scaled = [b.mlp for b in model.layers if isinstance(b.mlp, TokenwiseFFN) and b.mlp.token_score == "scaled"]

@@ -18,6 +18,8 @@ from partinfer.common.errors import PartinferError
 from partinfer.runtime.config import ModelConfig
 from partinfer.runtime.ffn import FFN, FeedForward
 from partinfer.runtime.kernels import Embedding, Linear
+from partinfer.runtime.native import rms_norm as native_rms_norm
+from partinfer.runtime.native import rope as native_rope
 from partinfer.runtime.process_memory import release_free_heap
 
 # Prompt tokens per pass through the layers (`prefill`), llama.cpp's default micro-batch: a prompt's
@@ -88,6 +90,22 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
+def compiled_input(*tensors: torch.Tensor) -> bool:
+    """Whether the compiled elementwise ops take these tensors: bf16 on the CPU."""
+    return all(t.dtype == torch.bfloat16 and t.device.type == "cpu" for t in tensors)
+
+
+class CompiledRMSNorm(RMSNorm):
+    """RMSNorm of bf16 CPU rows in one compiled op: the same weight and rounding, one pass over x
+    instead of eight ops (a prompt runs two per layer). The loader builds it where the CPU kernels
+    are (`Transformer.use_compiled_ops`); the partial sums add in another order than torch's mean."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not compiled_input(x, self.weight):  # a model cast after loading (`.float()`, `.to`)
+            return super().forward(x)
+        return native_rms_norm(x.contiguous(), self.weight, self.eps)
+
+
 def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """The one rope helper: positions [B, T] -> cos, sin [B, 1, T, hd] in `dtype` (fp32 angles, as
     transformers computes them; the compiled decode computes the same in C++)."""
@@ -99,6 +117,23 @@ def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.d
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class Rope(nn.Module):
+    """Rotary position embedding of q and k heads: x [B, H, T, hd], cos, sin [B, 1, T, hd] -> [B, H, T, hd]."""
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        return x * cos + rotate_half(x) * sin
+
+
+class CompiledRope(Rope):
+    """`Rope` of bf16 CPU heads in one compiled op, rounded as the six eager ops round (the loader
+    builds it where the CPU kernels are, `Transformer.use_compiled_ops`)."""
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        if not compiled_input(x, cos):  # a model cast after loading
+            return super().forward(x, cos, sin)
+        return native_rope(x, cos, sin)
 
 
 class Attention(nn.Module):
@@ -113,6 +148,7 @@ class Attention(nn.Module):
         if cfg.qk_norm:
             self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+        self.rope: Rope = Rope()
 
     def forward(
         self,
@@ -157,7 +193,7 @@ class Attention(nn.Module):
             q, k = qk.split((cfg.n_heads, cfg.n_kv_heads), dim=2)
             qk = torch.cat([self.q_norm(q), self.k_norm(k)], dim=2)
         qk, v = qk.transpose(1, 2), v.transpose(1, 2)  # [B, H + Hkv, T, hd], [B, Hkv, T, hd]
-        qk = qk * cos + rotate_half(qk) * sin  # rope on q and k heads at once: fewer ops per decode step
+        qk = self.rope(qk, cos, sin)  # on q and k heads at once: fewer ops per decode step
         q, k = qk.split((cfg.n_heads, cfg.n_kv_heads), dim=1)
         return q, k, v
 
@@ -201,6 +237,21 @@ class Transformer(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
         self.checkpoint_bytes_read = 0  # set by the loader: tensor bytes it read from disk
         self.backend = None  # a decode backend (runtime/decode.py) the loader chooses; None: eager steps
+
+    def use_compiled_ops(self) -> None:
+        """Swap every residual-stream RMSNorm (two per block and the final one) for `CompiledRMSNorm`,
+        keeping its weight, and each layer's rope for `CompiledRope`: for a bf16 model on the CPU with
+        the kernels built (the loader decides). The same rounding in 2 + 6 fewer ops per layer."""
+        def compiled(norm: RMSNorm) -> CompiledRMSNorm:
+            swapped = CompiledRMSNorm(norm.weight.shape[0], norm.eps)
+            swapped.weight = norm.weight
+            return swapped
+
+        for block in self.layers:
+            block.input_layernorm = compiled(block.input_layernorm)
+            block.post_attention_layernorm = compiled(block.post_attention_layernorm)
+            block.self_attn.rope = CompiledRope()
+        self.norm = compiled(self.norm)
 
     def init_buffers(self, device: torch.device | str) -> None:
         """Recompute non-persistent buffers after the model was built on `meta` and weights assigned."""

@@ -159,6 +159,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.ops.partinfer_cpu.rms_norm(x, weight, eps)
 
 
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rope on bf16 heads x [B, H, T, hd] in one op, rounded as `x * cos + rotate_half(x) * sin` in bf16 rounds."""
+    return torch.ops.partinfer_cpu.rope(x, cos, sin)
+
+
 def decode_plan(dim: int, n_heads: int, n_kv_heads: int, head_dim: int, eps: float, inv_freq: torch.Tensor,
                 layers: dict[str, list]) -> object:
     """A `DecodePlan` (a C++ object, torch.classes.partinfer_cpu.DecodePlan): every layer's weights for

@@ -14,7 +14,8 @@ from pathlib import Path
 from partinfer.runtime.decode import CompiledCPUDecode, EagerDecode
 from partinfer.runtime.decode_contract import FfnKind
 from partinfer.runtime.loader import load_model
-from partinfer.runtime.model import KVCache, decode_step, prefill
+from partinfer.runtime.model import (CompiledRMSNorm, CompiledRope, KVCache, RMSNorm, Rope, decode_step, prefill,
+                                     rope_cos_sin)
 from partinfer.runtime.native import HEADERS, SOURCE, _cpu_has_avx2_fma, cpu_kernels, gemv, gemv_t
 from partinfer.runtime.sparse_ffn import sparse_modules
 from partinfer.runtime.sparsity import SparsityConfig, fraction_count
@@ -43,6 +44,49 @@ def test_gemv_and_gemv_t_match_fp32_reference(n_rows, k):
     a = torch.randn(rows.numel(), generator=g)
     torch.testing.assert_close(gemv_t(W, a, rows), a @ Wf[rows], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(gemv_t(W, torch.ones(n_rows)), Wf.sum(0), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(1, 64, 576), (2, 3, 83), (1, 1, 1536), (4, 17)])  # widths not /16: the tail
+def test_compiled_rms_norm_equals_the_eager_one(shape):
+    """The loader's compiled norm rounds as the eager RMSNorm: bf16 equal on random rows of any width,
+    threads splitting the rows."""
+    assert cpu_kernels()
+    g = torch.Generator().manual_seed(shape[-1])
+    eager = RMSNorm(shape[-1], 1e-5).bfloat16()
+    eager.weight.data = (torch.randn(shape[-1], generator=g) * 0.3 + 1).bfloat16()
+    compiled = CompiledRMSNorm(shape[-1], 1e-5)
+    compiled.weight = eager.weight
+    x = (torch.randn(*shape, generator=g) * 3).bfloat16()
+    with torch.inference_mode():
+        want, got = eager(x), compiled(x)
+        assert got.shape == want.shape and got.dtype == torch.bfloat16
+        assert (got != want).float().mean() < 0.001  # a partial-sum order may move a scale's last bit
+        torch.testing.assert_close(got, want, rtol=2 ** -7, atol=0)
+        strided = torch.cat([x, x], dim=-1)[..., : shape[-1]]  # the same rows, not contiguous
+        assert torch.equal(compiled(strided), got)
+
+
+@pytest.mark.parametrize("batch,cos_batch,tokens", [(1, 1, 64), (2, 2, 5), (3, 1, 1)])
+def test_compiled_rope_equals_the_eager_one(batch, cos_batch, tokens):
+    """On strided heads (a transposed [B, T, H, hd] view, as the attention makes them), per-sequence or
+    shared positions: bit for bit the eager rope."""
+    assert cpu_kernels()
+    g = torch.Generator().manual_seed(tokens)
+    heads = (torch.randn(batch, tokens, 11, 64, generator=g) * 4).bfloat16().transpose(1, 2)  # [B, H, T, hd]
+    positions = torch.randint(0, 4096, (cos_batch, tokens), generator=g)
+    cos, sin = rope_cos_sin(1.0 / (10000.0 ** (torch.arange(0, 64, 2).float() / 64)), positions, torch.bfloat16)
+    with torch.inference_mode():
+        want, got = Rope()(heads, cos, sin), CompiledRope()(heads, cos, sin)
+    assert got.is_contiguous() and torch.equal(got, want)
+
+
+def test_the_loader_builds_compiled_norms_and_rope_for_bf16_on_the_cpu(tiny_llama_dir):
+    model = load_model(tiny_llama_dir, torch.bfloat16, "cpu")
+    norms = [m for m in model.modules() if isinstance(m, RMSNorm)]
+    assert norms and all(isinstance(m, CompiledRMSNorm) for m in norms)
+    assert all(isinstance(b.self_attn.rope, CompiledRope) for b in model.layers)
+    fp32 = load_model(tiny_llama_dir, torch.float32, "cpu")
+    assert not any(isinstance(m, (CompiledRMSNorm, CompiledRope)) for m in fp32.modules())
 
 
 def test_ffn_kinds_are_the_same_in_python_and_cpp():

@@ -11,6 +11,8 @@
 //   gemv_t(W [N, K] bf16, a [R] fp32, rows [R] int64 or None)     -> y [K] fp32,       y = sum_r a_r W[rows[r]]
 //   rms_norm(x [..., K] bf16, w [K] bf16, eps)                    -> bf16, one op for the eight of the
 //       eager form (fp32 math, rounded to bf16 before * w as transformers' Llama RMSNorm does).
+//   rope(x [B, H, T, hd] bf16, cos, sin [B or 1, 1, T, hd])      -> [B, H, T, hd], one op for the six of
+//       the eager `x * cos + rotate_half(x) * sin`, rounded as it rounds.
 //   model_decode(x, plan, k_cache, v_cache, pos): every pre-norm layer (norms, attention, gated SiLU FFN,
 //       residuals) in one op, with the weights of a `DecodePlan` made and checked once per sentence.
 //       An eager decode step is ~60 small ops per layer, and at batch 1 their fixed costs rival the
@@ -71,6 +73,7 @@ TORCH_LIBRARY(partinfer_cpu, m) {
   m.def("gemv(Tensor W, Tensor x, Tensor? rows=None) -> Tensor", gemv);
   m.def("gemv_t(Tensor W, Tensor a, Tensor? rows=None) -> Tensor", gemv_t);
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor", rms_norm);
+  m.def("rope(Tensor x, Tensor cos, Tensor sin) -> Tensor", rope_heads);
   m.def("argmax(Tensor x) -> Tensor", argmax);
   m.def("dequantize(Tensor W, int cols, ScalarType dtype) -> Tensor", dequantize);
   m.def("dequantize_columns(Tensor codes, Tensor table, Tensor blocks, ScalarType dtype) -> Tensor", dequantize_columns);

@@ -1,4 +1,4 @@
-// The ops that run one kernel each (gemv, gemv_t, down_columns, rms_norm,
+// The ops that run one kernel each (gemv, gemv_t, down_columns, rms_norm, rope,
 // argmax), parallelised with at::parallel_for. Included by partinfer_cpu.cpp inside its anonymous namespace.
 
 void check_rows(const std::optional<at::Tensor>& rows, int64_t n) {
@@ -89,26 +89,84 @@ at::Tensor gemv_t(const at::Tensor& W, const at::Tensor& a, const std::optional<
   return y;
 }
 
+// One bf16 row of K: the sum of squares in 16 fp32 partial sums (so the compiler can keep them in
+// vector registers), the scale 1/sqrt(mean + eps), then x * scale rounded to bf16 and times w rounded
+// again, as transformers' Llama RMSNorm rounds. Partial sums add in another order than torch's mean:
+// the scale can differ from the eager form's in its last bit.
+void rms_norm_bf16_row(const at::BFloat16* x, const at::BFloat16* w, int64_t K, float eps, at::BFloat16* y) {
+  float part[16] = {};
+  int64_t i = 0;
+  for (; i + 16 <= K; i += 16)
+    for (int j = 0; j < 16; ++j) {
+      const float v = static_cast<float>(x[i + j]);
+      part[j] += v * v;
+    }
+  float ss = 0.0f;
+  for (; i < K; ++i) ss += static_cast<float>(x[i]) * static_cast<float>(x[i]);
+  for (int j = 0; j < 16; ++j) ss += part[j];
+  const float scale = 1.0f / std::sqrt(ss / static_cast<float>(K) + eps);
+  for (int64_t k = 0; k < K; ++k) {
+    const at::BFloat16 normed(static_cast<float>(x[k]) * scale);
+    y[k] = at::BFloat16(static_cast<float>(normed) * static_cast<float>(w[k]));
+  }
+}
+
+// The eager RMSNorm's eight ops (widen, square, mean, add, rsqrt, multiply, round, weight) in one pass
+// per row, rows split across threads: a prompt runs two per layer, and as eight ops each was ~60 us on
+// the development CPUs for a 64-token prompt of the default model.
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && weight.scalar_type() == at::kBFloat16 && x.is_contiguous() &&
               weight.is_contiguous() && x.device().is_cpu(), "rms_norm takes contiguous bf16 CPU tensors");
   const int64_t K = x.size(-1);
-  TORCH_CHECK(weight.numel() == K, "weight has ", weight.numel(), " elements for rows of ", K);
+  TORCH_CHECK(K > 0 && weight.numel() == K, "weight has ", weight.numel(), " elements for rows of ", K);
   const int64_t rows = x.numel() / K;
   at::Tensor y = at::empty_like(x);
   const at::BFloat16* xp = x.data_ptr<at::BFloat16>();
   const at::BFloat16* wp = weight.data_ptr<at::BFloat16>();
   at::BFloat16* yp = y.data_ptr<at::BFloat16>();
-  for (int64_t r = 0; r < rows; ++r) {
-    const at::BFloat16* xr = xp + r * K;
-    float ss = 0.0f;
-    for (int64_t i = 0; i < K; ++i) ss += static_cast<float>(xr[i]) * static_cast<float>(xr[i]);
-    const float scale = 1.0f / std::sqrt(ss / static_cast<float>(K) + static_cast<float>(eps));
-    for (int64_t i = 0; i < K; ++i) {
-      const at::BFloat16 normed(static_cast<float>(xr[i]) * scale);
-      yp[r * K + i] = at::BFloat16(static_cast<float>(normed) * static_cast<float>(wp[i]));
+  const int64_t grain = std::max<int64_t>(1, 16384 / K);  // a thread takes at least ~32 KB of rows
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) rms_norm_bf16_row(xp + r * K, wp, K, static_cast<float>(eps), yp + r * K);
+  });
+  return y;
+}
+
+// Rope on heads x [B, H, T, hd] (any strides, the last dimension contiguous) with cos, sin [B or 1, 1,
+// T, hd] -> contiguous [B, H, T, hd], rounded as the eager form `x * cos + rotate_half(x) * sin` in bf16
+// rounds: each product to bf16, then their sum. One pass instead of six ops (two products, two
+// slices, a negation, a concatenation and a sum), each with its own output, per layer of a prompt.
+at::Tensor rope_heads(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+  TORCH_CHECK(x.dim() == 4 && cos.dim() == 4 && sin.sizes() == cos.sizes() && x.device().is_cpu(),
+              "rope takes x [B, H, T, hd] and cos, sin [B or 1, 1, T, hd]");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && cos.scalar_type() == at::kBFloat16 && sin.scalar_type() == at::kBFloat16,
+              "rope takes bf16 tensors");
+  const int64_t B = x.size(0), H = x.size(1), T = x.size(2), hd = x.size(3), half = hd / 2;
+  TORCH_CHECK(hd % 2 == 0 && x.stride(3) == 1, "rope needs an even head size in a contiguous last dimension");
+  TORCH_CHECK((cos.size(0) == B || cos.size(0) == 1) && cos.size(1) == 1 && cos.size(2) == T && cos.size(3) == hd,
+              "cos and sin must be [B or 1, 1, T, hd] for x ", x.sizes());
+  const at::Tensor c = cos.contiguous(), sn = sin.contiguous();
+  at::Tensor y = at::empty({B, H, T, hd}, x.options());
+  const at::BFloat16* xp = x.data_ptr<at::BFloat16>();
+  const at::BFloat16* cp = c.data_ptr<at::BFloat16>();
+  const at::BFloat16* sp = sn.data_ptr<at::BFloat16>();
+  at::BFloat16* yp = y.data_ptr<at::BFloat16>();
+  const int64_t sb = x.stride(0), sh = x.stride(1), st = x.stride(2), cb = c.size(0) == 1 ? 0 : T * hd;
+  const int64_t grain = std::max<int64_t>(1, 8192 / hd);
+  at::parallel_for(0, B * H * T, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t b = r / (H * T), h = (r / T) % H, t = r % T;
+      const at::BFloat16* xr = xp + b * sb + h * sh + t * st;
+      const at::BFloat16* cr = cp + b * cb + t * hd;
+      const at::BFloat16* sr = sp + b * cb + t * hd;
+      at::BFloat16* yr = yp + r * hd;
+      for (int64_t i = 0; i < hd; ++i) {
+        const float rotated = i < half ? -static_cast<float>(xr[i + half]) : static_cast<float>(xr[i - half]);
+        const float a = static_cast<float>(at::BFloat16(static_cast<float>(xr[i]) * static_cast<float>(cr[i])));
+        const float s = static_cast<float>(at::BFloat16(rotated * static_cast<float>(sr[i])));
+        yr[i] = at::BFloat16(a + s);
+      }
     }
-  }
+  });
   return y;
 }
 
