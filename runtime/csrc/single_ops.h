@@ -112,8 +112,8 @@ void rms_norm_bf16_row(const at::BFloat16* x, const at::BFloat16* w, int64_t K, 
 }
 
 // The eager RMSNorm's eight ops (widen, square, mean, add, rsqrt, multiply, round, weight) in one pass
-// per row, rows split across threads: a prompt runs two per layer, and as eight ops each was ~60 us on
-// the development CPUs for a 64-token prompt of the default model.
+// per row, rows split across threads: a prompt runs two per layer, and eight small ops each cost more
+// in fixed overhead than the arithmetic (docs/benchmarks.md, "Compiled RMSNorm and rope").
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && weight.scalar_type() == at::kBFloat16 && x.is_contiguous() &&
               weight.is_contiguous() && x.device().is_cpu(), "rms_norm takes contiguous bf16 CPU tensors");
