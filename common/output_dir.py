@@ -161,3 +161,11 @@ class IncrementalOutput:
         with atomic_file(dest) as tmp:
             tmp.write_text(text, encoding="utf-8")
         return dest
+
+    def remove(self, relative: str) -> None:
+        """Remove a file this output wrote (and only such a file), then drop it from the manifest."""
+        if relative not in self.files:
+            raise ValueError(f"{relative} is not a file of this output")
+        (self.path / relative).unlink(missing_ok=True)
+        self.files.discard(relative)
+        _write_manifest(self.path, self.command, self.files)

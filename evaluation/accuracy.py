@@ -4,7 +4,8 @@ Each method runs lm-eval once through the `partinfer` model (evaluation/lm_eval_
 tasks under evaluation/tasks/ (the eval split of the built-in data; the shipped neuron files come
 from the profile split). Other lm-eval task names (`truthfulqa_gen`, `triviaqa`, `squadv2`, ...) are
 passed through to lm-eval's own registry and need the hub. A method's raw results are written as
-soon as it finishes and reused by a later run with the same settings, so a long evaluation resumes.
+soon as it finishes and reused by a later run with the same settings, so a long evaluation resumes;
+HumanEval's answers are also kept one by one as they come (evaluation/answer_journal.py).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from partinfer.common.files import read_json
 from partinfer.common.integrity import file_sha256
 from partinfer.common.output_dir import IncrementalOutput
 from partinfer.evaluation import humaneval
+from partinfer.evaluation.answer_journal import AnswerJournal
 from partinfer.evaluation.peers import llama_cpp_gguf
 from partinfer.runtime.sparsity import METHODS, SparsityConfig
 
@@ -118,8 +120,9 @@ def task_manager(include_path: Path | None = None, tasks: list[str] | None = Non
 
 def run_method(model_dir: Path, method: str, sparsity: SparsityConfig, tasks: list[str], limit: int | None,
                dtype: str, device: str, batch_size: int, include_path: Path | None = None,
-               weights: str | None = None) -> dict:
-    """Results for one method: {task: {metric: value}}, samples per task; HumanEval's samples and verdicts."""
+               weights: str | None = None, journal: AnswerJournal | None = None) -> dict:
+    """Results for one method: {task: {metric: value}}, samples per task; HumanEval's samples and verdicts
+    (its answers kept in `journal` as they come, when given)."""
     from partinfer.evaluation.lm_eval_adapter import PartinferLM
 
     lm = PartinferLM(model=str(model_dir), sparsity=replace(sparsity, method=method), dtype=dtype, device=device,
@@ -127,7 +130,7 @@ def run_method(model_dir: Path, method: str, sparsity: SparsityConfig, tasks: li
     lm_tasks = [t for t in tasks if t not in OWN_TASKS]
     run = run_lm_eval(lm, lm_tasks, limit, include_path) if lm_tasks else {"results": {}, "samples": {}}
     if humaneval.TASK in tasks:
-        code = humaneval.run_humaneval(lambda problems: humaneval.engine_answers(lm.engine, problems), limit)
+        code = humaneval.run_humaneval(lambda problems: humaneval.engine_answers(lm.engine, problems), limit, journal)
         run["results"].update(code["results"])
         run["samples"].update(code["samples"])
         run["humaneval_samples"] = code["humaneval_samples"]
@@ -216,13 +219,20 @@ def run_eval(
                 continue
         if table_only:
             continue
+        journal_name = f"raw/{name}.{humaneval.TASK}-answers.jsonl"
         if name == LLAMA_CPP:
+            journal = None  # the peer answers every problem in one child
             run = run_llama_cpp_humaneval(model_dir, gguf, limit)
         else:
-            run = run_method(model_dir, name, sparsity, tasks, limit, dtype, device, batch_size, include_path, weights)
+            journal = (AnswerJournal(output.reserve(journal_name), settings, resume)
+                       if humaneval.TASK in tasks else None)
+            run = run_method(model_dir, name, sparsity, tasks, limit, dtype, device, batch_size, include_path, weights,
+                             journal)
         runs[name] = {"settings": settings, **run}
         if "error" not in run:  # a peer that failed is shown, not kept: the next run tries it again
             output.write_text(f"raw/{name}.json", json.dumps(runs[name], indent=2))
+            if journal is not None:
+                output.remove(journal_name)  # every answer is in the raw results now
     if not runs:
         raise PartinferError(f"no results with these settings in {raw_dir}; run without --table-only first")
     report = {"model": str(model_dir), "tasks": tasks, "methods": [name for name, _ in jobs if name in runs], "limit": limit,

@@ -5,19 +5,22 @@ the program is the first fenced code block of the answer (or the whole answer wh
 after the prompt's own import lines, or the prompt followed by the answer when the answer does not
 define the function itself (a body only). Every program runs in a contained child
 (evaluation/sandbox.py) with the package's check. Generation stops at the end of the first code
-block, the model's end of turn, or `MAX_NEW_TOKENS`.
+block, the model's end of turn, or `MAX_NEW_TOKENS`. Answers are journaled as they come
+(evaluation/answer_journal.py): hours of decoding survive an interruption.
 """
 
 from __future__ import annotations
 
 import math
 import re
+import sys
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterable
 
 from tqdm import tqdm
 
 from partinfer.common.errors import PartinferError
+from partinfer.evaluation.answer_journal import AnswerJournal
 from partinfer.evaluation.sandbox import DEFAULT_TIMEOUT_S, Verdict, check_program, run_contained
 
 TASK = "humaneval"
@@ -129,7 +132,18 @@ def engine_answers(engine, problems: list[dict], max_new_tokens: int = MAX_NEW_T
         yield engine.tokenizer.decode(result.tokens[0], skip_special_tokens=True)
 
 
-def run_humaneval(answer_all: Callable[[list[dict]], Iterable[str]], limit: int | None) -> dict:
-    """Answer the first `limit` problems with `answer_all` and score them."""
+def run_humaneval(answer_all: Callable[[list[dict]], Iterable[str]], limit: int | None,
+                  journal: AnswerJournal | None = None) -> dict:
+    """Answer the first `limit` problems with `answer_all` and score them. With a `journal`, each answer is
+    kept as it comes and the problems it already holds are not asked again."""
     problems = load_problems(limit)
-    return score(list(answer_all(problems)), problems)
+    kept = dict(journal.answers) if journal is not None else {}
+    missing = [p for p in problems if p["task_id"] not in kept]
+    if kept and missing:
+        print(f"humaneval: {len(problems) - len(missing)} answers kept from an interrupted run, "
+              f"{len(missing)} to go", file=sys.stderr)
+    for problem, answer in zip(missing, answer_all(missing)):
+        kept[problem["task_id"]] = answer
+        if journal is not None:
+            journal.add(problem["task_id"], answer)
+    return score([kept[p["task_id"]] for p in problems], problems)

@@ -179,3 +179,46 @@ def test_pareto_takes_humaneval_as_its_second_axis(tiny_with_tokenizer, tmp_path
     assert all(p["score"] == 0.0 for p in report["points"])  # random weights write no working code
     assert "HumanEval pass@1 on 1 questions" in (tmp_path / "out" / "pareto.md").read_text()
     assert (tmp_path / "out" / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_an_interrupted_run_keeps_its_answers_and_asks_only_the_rest(tmp_path):
+    from partinfer.evaluation.answer_journal import AnswerJournal
+
+    path = tmp_path / "answers.jsonl"
+    settings = {"method": "dense", "limit": 3}
+    asked: list[str] = []
+
+    def answer_then_fail(problems):
+        for p in problems:
+            if len(asked) == 2:
+                raise KeyboardInterrupt  # the user stops the run after two answers
+            asked.append(p["task_id"])
+            yield "```python\nreturn None\n```"
+
+    with pytest.raises(KeyboardInterrupt):
+        humaneval.run_humaneval(answer_then_fail, 3, AnswerJournal(path, settings))
+    with path.open("a") as f:
+        f.write('{"id": "HumanEval/2", "ans')  # a line a crash cut off: asked again
+
+    def answer(problems):
+        asked.extend(p["task_id"] for p in problems)
+        return ["```python\nreturn None\n```"] * len(problems)
+
+    result = humaneval.run_humaneval(answer, 3, AnswerJournal(path, settings))
+    assert asked == ["HumanEval/0", "HumanEval/1", "HumanEval/2"]  # nothing asked twice
+    assert [s["task_id"] for s in result["humaneval_samples"]] == asked
+    assert len(AnswerJournal(path, settings).answers) == 3
+    assert AnswerJournal(path, {**settings, "method": "partinfer"}).answers == {}  # other settings: afresh
+    assert AnswerJournal(path, settings, resume=False).answers == {}
+
+
+def test_a_finished_method_leaves_its_raw_results_and_no_journal(tiny_with_tokenizer, tmp_path):
+    from partinfer.common.output_dir import manifest_name
+    from partinfer.evaluation.accuracy import run_eval
+    from partinfer.runtime.sparsity import SparsityConfig
+
+    out = tmp_path / "eval"
+    run_eval(tiny_with_tokenizer / "model", ["humaneval"], ("dense",), SparsityConfig(), out, limit=1, dtype="fp32",
+             peers=False)
+    assert sorted(p.name for p in (out / "raw").iterdir()) == ["dense.json"]
+    assert json.loads((out / manifest_name("eval")).read_text())["files"] == ["raw/dense.json", "results.md"]
