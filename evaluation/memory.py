@@ -124,7 +124,7 @@ def run_worker(spec: MemorySpec) -> dict:
     with torch.device("meta"):
         Transformer(replace(cfg, n_layers=1, vocab_size=8, ffn_dim=8))
     warm_up_generation(cfg, dtype)
-    warm_up_gemms(cfg, dtype, prompt_chunk_lengths(spec.prompt_tokens))
+    warm_up_gemms(cfg, dtype, prompt_chunk_lengths(spec.prompt_tokens))  # at both pass lengths a model may take
     baseline = proc_status()
     t0 = time.perf_counter()
     prompt = torch.randint(100, cfg.vocab_size - 100, (spec.prompt_tokens,), generator=torch.Generator().manual_seed(0)).tolist()
@@ -183,11 +183,16 @@ def warm_up_generation(cfg, dtype) -> None:
 
 
 def prompt_chunk_lengths(prompt_tokens: int) -> list[int]:
-    """The token counts of the chunks `prefill` runs a prompt of this length in."""
+    """The token counts of the chunks `prefill` may run a prompt of this length in: at the float
+    weights' pass length and at the compact prompt products' (`Transformer.prefill_chunk_tokens`)."""
+    from partinfer.runtime.kernels import K_PRODUCT_TOKENS
     from partinfer.runtime.model import PREFILL_CHUNK_TOKENS
 
-    full, rest = divmod(prompt_tokens, PREFILL_CHUNK_TOKENS)
-    return ([PREFILL_CHUNK_TOKENS] if full else []) + ([rest] if rest else [])
+    lengths = set()
+    for chunk in (PREFILL_CHUNK_TOKENS, K_PRODUCT_TOKENS):
+        full, rest = divmod(prompt_tokens, chunk)
+        lengths |= ({chunk} if full else set()) | ({rest} if rest else set())
+    return sorted(lengths)
 
 
 def warm_up_gemms(cfg, dtype, chunk_lengths: list[int]) -> None:

@@ -21,7 +21,8 @@ from partinfer.runtime.checkpoint import CheckpointReader, contiguous_runs, read
 from partinfer.runtime.decode import choose_backend
 from partinfer.runtime.ffn import FfnRows
 from partinfer.runtime.ffns import build_ffn
-from partinfer.runtime.kernels import CompactEmbedding, CompactHead, CompactLinear, DiskEmbedding, MixedCompactLinear
+from partinfer.runtime.kernels import (CompactEmbedding, CompactHead, CompactLinear, DiskEmbedding, MixedCompactLinear,
+                                       prompt_chunk_tokens)
 from partinfer.runtime.load_plan import LoadPlan
 from partinfer.runtime.model import Transformer
 from partinfer.runtime.native import cpu_kernels
@@ -146,6 +147,9 @@ def load_planned(plan: LoadPlan, dtype: torch.dtype = torch.bfloat16, device: st
     if left:
         raise PartinferError(f"{plan.checkpoint}: no weights were read for {left[0]}; the checkpoint is incomplete")
     attach_compensation(model, plan)
+    chunk = prompt_chunk_tokens(plan.layer_format(0, ("gate_proj", "up_proj"))) if cfg.n_layers else None
+    if chunk is not None:  # the compiled prompt products' own chunk: longer passes would only hold more
+        model.prefill_chunk_tokens = chunk
     if compiled_cpu:
         model.use_compiled_ops()
     model.init_buffers(device)

@@ -158,7 +158,7 @@ class Attention(nn.Module):
         k_cache: torch.Tensor,  # [B, Hkv, S, hd] (this layer's slice)
         v_cache: torch.Tensor,
         start: int,
-        mask: torch.Tensor,  # [B, 1, T, start+T] bool
+        mask: torch.Tensor | None,  # [B, 1, T, start+T] additive (0 or -inf, x's dtype); None: causal-exact
     ) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = self.project(x, cos, sin)
@@ -237,6 +237,7 @@ class Transformer(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
         self.checkpoint_bytes_read = 0  # set by the loader: tensor bytes it read from disk
         self.backend = None  # a decode backend (runtime/decode.py) the loader chooses; None: eager steps
+        self.prefill_chunk_tokens = PREFILL_CHUNK_TOKENS  # `prefill`'s pass length; the loader sets it for compact rows
 
     def use_compiled_ops(self) -> None:
         """Swap every residual-stream RMSNorm (two per block and the final one) for `CompiledRMSNorm`,
@@ -324,6 +325,8 @@ class Transformer(nn.Module):
         positions = (slots[None, :] - cache.pad[:, None]).clamp(min=0)  # [B, T]
         cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)  # [B, 1, T, hd]
         mask = self.attention_mask(cache, start, T, slots)
+        if mask is not None:  # additive, as SDPA turns a bool mask (-inf where False) in every layer's call
+            mask = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill_(~mask, float("-inf"))
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, cache.k[i], cache.v[i], start, mask)
         if logits_for == "none":  # an inner prompt chunk: only the cache is wanted
@@ -335,7 +338,7 @@ class Transformer(nn.Module):
 
 def prefill(
     model: Transformer, tokens: torch.Tensor, cache: KVCache, attention_mask: torch.Tensor | None = None,
-    logits_for: str = "last", select: bool = True, chunk_tokens: int = PREFILL_CHUNK_TOKENS,
+    logits_for: str = "last", select: bool = True, chunk_tokens: int | None = None,
 ) -> torch.Tensor:
     """Run a prompt through the model, appending it to the cache.
 
@@ -345,13 +348,15 @@ def prefill(
     then choose each sequence's active neurons for the decode that follows. `select=False` runs the
     prompt with the neurons already chosen (teacher-forced scoring of a continuation, decode steps).
 
-    The prompt goes through the layers `chunk_tokens` tokens at a time (llama.cpp's micro-batch):
+    The prompt goes through the layers `chunk_tokens` (default: the model's `prefill_chunk_tokens`)
+    tokens at a time (llama.cpp's micro-batch):
     each chunk attends to the cache the earlier ones filled, so the activations a prefill holds at once
     are one chunk's, whatever the prompt's length; the sparse layers' selection statistics are sums
     over tokens, added chunk by chunk.
     """
     B, T = tokens.shape
     start = cache.length
+    chunk_tokens = chunk_tokens or model.prefill_chunk_tokens
     if start + T > cache.max_len:
         raise PartinferError(
             f"the input needs {start + T} positions but the context holds {cache.max_len}; "
@@ -362,7 +367,7 @@ def prefill(
         cache.pad.copy_((~real).long().sum(dim=1))
     if select:
         for block in model.layers:
-            block.mlp.begin_prompt()
+            block.mlp.begin_prompt(B, tokens.device)
     pieces = []
     for s in range(0, T, chunk_tokens):
         e = min(T, s + chunk_tokens)

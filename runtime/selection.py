@@ -37,6 +37,21 @@ def real_token_weights(token_mask: torch.Tensor | None, T: int, device: torch.de
     return token_mask[:, :, None].to(device, torch.float32)
 
 
+STATISTICS_TOKENS = 64  # prompt tokens per step of a sentence's statistics: their fp32 copies stay this small
+
+
+def add_abs_sums(total: torch.Tensor, a: torch.Tensor, real: torch.Tensor | None) -> None:
+    """total [B, k] fp32 += Σ_t real[b, t] · |a[b, t, i]|, for a [B, T, k] and real [B, T, 1] or None (every
+    token real). STATISTICS_TOKENS tokens at a time, the fp32 copy of each made in place: a whole
+    chunk's fp32 |a| and its masked copy were the largest transients of a prompt's statistics."""
+    for t in range(0, a.shape[1], STATISTICS_TOKENS):
+        part = a[:, t : t + STATISTICS_TOKENS]
+        part = part.abs() if part.dtype == torch.float32 else part.float().abs_()  # [B, t', k] fp32, our own copy
+        if real is not None:
+            part.mul_(real[:, t : t + STATISTICS_TOKENS])
+        total.add_(part.sum(1))
+
+
 def loaded_order(base_rank: torch.Tensor, other_rank: torch.Tensor, n_base: int, k: int) -> torch.Tensor:
     """The loaded set, in order: the first n_base of base_rank, then other_rank's order skipping those, up to k."""
     base = base_rank[:n_base]

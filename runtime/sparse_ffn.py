@@ -31,14 +31,11 @@ from partinfer.runtime.ffn import FeedForward, FfnRows, column_linear, compact_g
 from partinfer.runtime.kernels import linear
 from partinfer.runtime.model import Transformer
 from partinfer.runtime.quant import dequantize, dequantize_columns, down_table_shape, neuron_scale_groups
-from partinfer.runtime.selection import real_token_weights, sentence_active, top_count_mask
+from partinfer.runtime.selection import STATISTICS_TOKENS, add_abs_sums, real_token_weights, sentence_active, top_count_mask
 from partinfer.runtime.sparsity import LayerPlan, SparsityConfig
 from partinfer.runtime.tokenwise_ffn import TokenwiseFFN
 
 SELECTING_METHODS = ("coreinfer", "partinfer")
-
-
-RECORD_TOKENS = 64  # prompt tokens per step of a sentence's statistics (SparseFFN._record)
 
 
 class SparseFFN(FeedForward):
@@ -101,20 +98,28 @@ class SparseFFN(FeedForward):
     def down(self) -> torch.Tensor:  # [d, k], a copy
         return torch.cat([self.down_head, self.down_tail], dim=1)
 
-    def begin_prompt(self) -> None:
+    def begin_prompt(self, batch: int, device: torch.device) -> None:
         self.phase = "prefill"
         self.core_counts = self.abs_sums = None
+        if self.selects:
+            self.core_counts, self.abs_sums = (torch.zeros(batch, self.n_loaded, device=device) for _ in range(2))
 
     def end_prompt(self) -> None:
         """Choose the active set (per sequence) and lay the weights out for decode."""
+        order = None
         if self.selects and self.core_counts is not None:
             # abs_sums orders ties like mean |a| does: the token count is the same for every neuron of a sequence.
-            self.set_active(sentence_active(self.core_counts, self.abs_sums, self.n_base, self.n_active))
+            order = self.set_active(sentence_active(self.core_counts, self.abs_sums, self.n_base, self.n_active))
         self.phase = "decode"
         self.core_counts = self.abs_sums = None
         self.decode_record = None
         if self.c_gate_up is None and self.act is F.silu:  # one active prefix (batch 1), SiLU
             self.decode_record = self._prefix_record()
+        if order is not None:
+            # Last, after every tensor this layer keeps was made: one made between the reorder's transients
+            # took a bite of their freed space, which the next layer's same-sized transients then no longer
+            # fitted (up to 9 MiB of heap touched by the end of a sentence on the default model).
+            self._reorder(order)
 
     def _prefix_record(self) -> FfnWeights:
         m = self.n_active
@@ -136,22 +141,25 @@ class SparseFFN(FeedForward):
             y = y + linear(a[..., self.n_active :], self.down_tail)
         return y
 
-    def set_active(self, active: torch.Tensor) -> None:
-        """active [B, m] positions into the loaded set (sorted, base first)."""
+    def set_active(self, active: torch.Tensor) -> torch.Tensor | None:
+        """active [B, m] positions into the loaded set (sorted, base first). One sequence: its neurons become
+        the loaded set's prefix; returns the order [k] the caller must then lay the weights out in
+        (`_reorder`), None when they already are. Several: per-sequence copies; returns None."""
         self.c_gate_up = self.c_down = None
         if active.shape[0] == 1:
-            self._move_to_front(active[0])
             self.active = torch.arange(self.n_active, device=active.device)[None]
-            return
+            return self._front_order(active[0])
         B, m = active.shape
         down = self.down
         self.active = active
         self.c_gate_up = self._gate_up_rows(active)  # [B, 2m, d], gate/up interleaved
         self.c_down = torch.stack([down[:, a] for a in active])  # [B, d, m]
+        return None
 
     @torch.no_grad()
-    def _move_to_front(self, active: torch.Tensor) -> None:
-        """Reorder loaded neurons in place so that `active` (sorted positions) becomes the prefix."""
+    def _front_order(self, active: torch.Tensor) -> torch.Tensor | None:
+        """The order [k] of the loaded neurons that makes `active` (sorted positions) the prefix, with
+        `neuron_ids` already in it; None when it is the present order. The weights follow in `_reorder`."""
         keep = torch.ones(self.n_loaded, dtype=torch.bool, device=active.device)
         keep[active] = False
         order = torch.cat([active, keep.nonzero()[:, 0]])
@@ -159,9 +167,9 @@ class SparseFFN(FeedForward):
         order[self.n_base : self.n_active] = chosen[torch.argsort(self.neuron_ids[chosen.to(self.neuron_ids.device)])
                                                     .to(chosen.device)]
         if torch.equal(order, torch.arange(self.n_loaded, device=order.device)):
-            return
-        self._reorder(order)
+            return None
         self.neuron_ids = self.neuron_ids[order.to(self.neuron_ids.device)]
+        return order
 
     def _reorder(self, order: torch.Tensor) -> None:
         """Permute the loaded neurons' weights by `order` [k], in their existing storage: reallocating
@@ -189,21 +197,17 @@ class SparseFFN(FeedForward):
 
     def _record(self, a: torch.Tensor) -> None:
         """Count each sequence's token-wise core neurons over real prompt tokens. a [B, T, k], taken
-        RECORD_TOKENS tokens at a time: the fp32 masks of a whole long prompt were the largest transient
+        STATISTICS_TOKENS tokens at a time: the fp32 masks of a whole long prompt were the largest transient
         of its prefill (about 50 MB for 512 tokens of the 1.5B model)."""
         T = a.shape[1]
         real = real_token_weights(self.token_mask, T, a.device)  # [B, T, 1] or None
-        counts = sums = None
-        for t in range(0, T, RECORD_TOKENS):
-            part = a[:, t : t + RECORD_TOKENS]
-            core = top_count_mask(part, self.n_core, self.core_score).float()  # [B, t', k]
-            absval = part.float().abs()
+        for t in range(0, T, STATISTICS_TOKENS):
+            core = top_count_mask(a[:, t : t + STATISTICS_TOKENS], self.n_core, self.core_score).float()  # [B, t', k]
             if real is not None:
-                core, absval = core * real[:, t : t + RECORD_TOKENS], absval * real[:, t : t + RECORD_TOKENS]
-            c, s = core.sum(1), absval.sum(1)
-            counts, sums = (c, s) if counts is None else (counts + c, sums + s)
-        self.core_counts = counts if self.core_counts is None else self.core_counts + counts
-        self.abs_sums = sums if self.abs_sums is None else self.abs_sums + sums
+                core.mul_(real[:, t : t + STATISTICS_TOKENS])
+            self.core_counts.add_(core.sum(1))
+            del core
+        add_abs_sums(self.abs_sums, a, real)
 
     def _act(self, h: torch.Tensor) -> torch.Tensor:
         """[..., 2m] interleaved gate/up pre-activations -> a [..., m]."""

@@ -36,7 +36,7 @@ from partinfer.runtime.decode_contract import FfnKind, FfnWeights
 from partinfer.runtime.ffn import COLUMN_TILE_BYTES, FeedForward, FfnRows, column_linear, decode_kernels
 from partinfer.runtime.kernels import gather_rows, linear
 from partinfer.runtime.quant import dequantize_columns, down_table_shape, neuron_scale_groups
-from partinfer.runtime.selection import real_token_weights
+from partinfer.runtime.selection import add_abs_sums, real_token_weights
 from partinfer.runtime.sparsity import LayerPlan, SparsityConfig
 
 
@@ -113,9 +113,12 @@ class TokenwiseFFN(FeedForward):
             compute_down_norms([self])
         return self.down_norm_cache
 
-    def begin_prompt(self) -> None:
+    def begin_prompt(self, batch: int, device: torch.device) -> None:
         self.phase = "prefill"
         self.up_abs_sums = self.up_counts = None
+        if self.token_score == "scaled":
+            self.up_abs_sums = torch.zeros(batch, self.n_loaded, device=device)
+            self.up_counts = torch.zeros(batch, 1, device=device)
 
     def end_prompt(self) -> None:
         """Turn the prompt's |up| sums into this sentence's score scale s_i = mean |up_i| · ‖down_i‖."""
@@ -134,13 +137,12 @@ class TokenwiseFFN(FeedForward):
     def _record_up(self, up: torch.Tensor) -> None:
         """Add |up| of the prompt's real tokens to the per-sequence sums. up [B, T, k]."""
         T = up.shape[1]
-        absval, count = up.float().abs(), torch.full((up.shape[0], 1), float(T), device=up.device)
         real = real_token_weights(self.token_mask, T, up.device)  # [B, T, 1] or None
-        if real is not None:
-            absval, count = absval * real, real.sum(1)
-        sums = absval.sum(1)
-        self.up_abs_sums = sums if self.up_abs_sums is None else self.up_abs_sums + sums
-        self.up_counts = count if self.up_counts is None else self.up_counts + count
+        add_abs_sums(self.up_abs_sums, up, real)
+        if real is None:
+            self.up_counts.add_(T)
+        else:
+            self.up_counts.add_(real.sum(1))
 
     def active_neuron_ids(self) -> torch.Tensor:
         """[B*T, m] original ids computed for each token of the last decode call (base first)."""
@@ -185,7 +187,7 @@ class TokenwiseFFN(FeedForward):
             up = self._rows_linear(x, self.up)  # [B, T, k]
             if self.token_score == "scaled":
                 self._record_up(up)
-            return self._down_linear(act_gate * up)
+            return self._down_linear(act_gate.mul_(up))  # in place: one [B, T, k] transient fewer
         selected = self.select(act_gate)  # [B, T, m]
         self.last_selected = selected
         if B == 1 and T == 1:
