@@ -22,6 +22,12 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
+def activate_in_place(act: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """act(x), written over x where torch has the in-place form (SiLU; the same values), else a new
+    tensor. For fresh pre-activations only: a prompt's peak holds one [B, T, m] tensor fewer."""
+    return F.silu(x, inplace=True) if act is F.silu else act(x)
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Everything the runtime needs to know about a checkpoint's architecture."""

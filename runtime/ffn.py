@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from partinfer.common.formats.blocks import BlockFormat
-from partinfer.runtime.config import ACTIVATIONS, ModelConfig
+from partinfer.runtime.config import ACTIVATIONS, ModelConfig, activate_in_place
 from partinfer.runtime.decode_contract import FfnKind, FfnWeights
 from partinfer.runtime.kernels import in_token_chunks, k_product_kernel, linear, prompt_gemm_kernel, prompt_positions
 from partinfer.runtime.native import down_k as native_down_k
@@ -140,7 +140,7 @@ def compact_gated_activations(x: torch.Tensor, gate_up: torch.Tensor, fmt: Block
     if prompt_gemm_kernel(x, gate_up[:, 0], fmt) is None and k_product_kernel(gate_up.view(2 * m, -1), fmt) is not None:
         h = linear(x, gate_up.view(2 * m, -1), fmt=fmt).unflatten(-1, (-1, 2))  # [B, T, m, 2]
         return act(h[..., 0]).mul_(h[..., 1])
-    a = act(linear(x, gate_up[:, 0], fmt=fmt))  # the product in place: one [B, T, m] transient fewer
+    a = activate_in_place(act, linear(x, gate_up[:, 0], fmt=fmt))  # act and the product in place
     return a.mul_(linear(x, gate_up[:, 1], fmt=fmt))
 
 

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from partinfer.common.formats.blocks import BlockFormat
-from partinfer.runtime.config import ACTIVATIONS, ModelConfig
+from partinfer.runtime.config import ACTIVATIONS, ModelConfig, activate_in_place
 from partinfer.runtime.decode_contract import FfnKind, FfnWeights
 from partinfer.runtime.ffn import COLUMN_TILE_BYTES, FeedForward, FfnRows, column_linear, decode_kernels
 from partinfer.runtime.kernels import gather_rows, linear
@@ -182,7 +182,7 @@ class TokenwiseFFN(FeedForward):
 
     def _computed(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, D]: the chosen neurons' output
         B, T, _ = x.shape
-        act_gate = self.act(self._rows_linear(x, self.gate))  # [B, T, k]
+        act_gate = activate_in_place(self.act, self._rows_linear(x, self.gate))  # [B, T, k]
         if self.phase == "prefill":
             up = self._rows_linear(x, self.up)  # [B, T, k]
             if self.token_score == "scaled":
