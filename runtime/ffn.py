@@ -73,8 +73,8 @@ class FeedForward(nn.Module):
     def begin_prompt(self, batch: int, device: torch.device) -> None:
         """A new sentence's prefill of `batch` sequences starts: forget the last one's statistics. A layer
         that keeps statistics makes their accumulators here, before the prompt's first transient: made
-        during the prefill, each small tensor kept from one layer to the end of the prompt pinned a freed
-        activation's heap space below it (6 MiB of holes by the last layer of the default model)."""
+        during the prefill, each small tensor kept from one layer to the end of the prompt took a bite of a
+        freed activation's heap space, and the holes grew layer by layer (docs/design.md, "Prefill in chunks")."""
 
     def prompt_chunk(self, token_mask: torch.Tensor | None) -> None:
         """token_mask [B, t] (True = real token, None = all real): the prompt chunk the next forward gets."""

@@ -61,9 +61,9 @@ HEAD_GEMV_TOKENS = 4
 def prompt_chunk_tokens(fmt: BlockFormat | None) -> int | None:
     """Prompt tokens per pass through the layers for FFN rows in `fmt`: K_PRODUCT_TOKENS where compiled
     products take the prompt (K-quants always, Q4_1 with AVX-512 VNNI), which run that many tokens at a
-    time anyway, so a longer pass only holds more activations (a 256-token pass on the default model's
-    q4 weights held 2 to 3 MiB more at its peak than two of 128, and ran no faster); None otherwise
-    (float GEMMs and de-quantized tiles, which longer passes make faster)."""
+    time anyway, so a longer pass only holds more activations and runs no faster (docs/benchmarks.md,
+    "Peak memory of a prompt"); None otherwise (float GEMMs and de-quantized tiles, which longer passes
+    make faster)."""
     if fmt is None:
         return None
     if fmt.kernel is None and fmt.dequant_kernel is not None:  # a K-quant: its compiled product, any ISA

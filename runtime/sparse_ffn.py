@@ -118,7 +118,7 @@ class SparseFFN(FeedForward):
         if order is not None:
             # Last, after every tensor this layer keeps was made: one made between the reorder's transients
             # took a bite of their freed space, which the next layer's same-sized transients then no longer
-            # fitted (up to 9 MiB of heap touched by the end of a sentence on the default model).
+            # fitted, and the heap grew layer by layer.
             self._reorder(order)
 
     def _prefix_record(self) -> FfnWeights:
