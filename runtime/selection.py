@@ -19,7 +19,8 @@ def core_score(a: torch.Tensor, score: str) -> torch.Tensor:
 
 def top_count_mask(a: torch.Tensor, count: int, score: str = "abs") -> torch.Tensor:
     """a [..., n] -> bool [..., n]: True where a neuron is among its token's top `count` by core score."""
-    top = torch.topk(core_score(a.float(), score), count, dim=-1).indices
+    # A mask needs the set, not its order: unsorted selection skips sorting each token's top `count`.
+    top = torch.topk(core_score(a.float(), score), count, dim=-1, sorted=False).indices
     return torch.zeros(a.shape, dtype=torch.bool, device=a.device).scatter_(-1, top, True)
 
 
