@@ -464,3 +464,19 @@ def test_k_quants_equal_gguf_py_on_random_blocks(name):
     assert torch.equal(dequantize_columns_reference(codes[ids], table, ids, fmt), values[ids])
     assert torch.equal(dequantize_columns(codes[ids], table, ids, fmt), values[ids])  # compiled where built
     assert torch.equal(dequantize_columns(codes[ids], table, ids, fmt, torch.bfloat16), values[ids].bfloat16())
+
+
+def test_prompts_pass_through_the_layers_at_the_prompt_products_length(tiny_llama_dir, compact):
+    """Compact rows whose compiled prompt products take a prompt (K-quants; Q4_1 with AVX-512 VNNI) pass
+    128 tokens at a time, as those products run anyway; float weights keep the longer default pass."""
+    from partinfer.common.formats.blocks import BLOCK_FORMATS
+    from partinfer.runtime.kernels import K_PRODUCT_TOKENS, prompt_chunk_tokens
+    from partinfer.runtime.model import PREFILL_CHUNK_TOKENS
+    from partinfer.runtime.native import prompt_gemm_available
+
+    assert prompt_chunk_tokens(None) is None and prompt_chunk_tokens(BLOCK_FORMATS["Q8_0"]) is None
+    assert prompt_chunk_tokens(BLOCK_FORMATS["Q4_K"]) == K_PRODUCT_TOKENS
+    q4 = K_PRODUCT_TOKENS if prompt_gemm_available() else None
+    assert prompt_chunk_tokens(BLOCK_FORMATS["Q4_1"]) == q4
+    assert load(tiny_llama_dir, compact["neurons"]).prefill_chunk_tokens == PREFILL_CHUNK_TOKENS
+    assert load(compact["q4"], compact["neurons"]).prefill_chunk_tokens == (q4 or PREFILL_CHUNK_TOKENS)
