@@ -48,7 +48,6 @@ class AnswerJournal:
         return answers
 
     def _rewrite(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         lines = [json.dumps({"settings": self.settings})]
         lines += [json.dumps({"id": key, "answer": answer}) for key, answer in self.answers.items()]
         with atomic_file(self.path) as tmp:
