@@ -150,7 +150,7 @@ COLUMN_TILE_BYTES = 4 << 20  # de-quantized down columns per tile of `column_lin
 def column_linear(a: torch.Tensor, codes: torch.Tensor, table: torch.Tensor, neuron_ids: torch.Tensor,
                   fmt: BlockFormat, rows: torch.Tensor | None = None) -> torch.Tensor:
     """a [B, T, j] activations of j neurons whose down columns are compact (`codes` [j, code_bytes],
-    their original ids `neuron_ids` [j], the layer's `table`) -> [B, T, D]: K-quant and (on AVX-512 VNNI)
+    their original ids `neuron_ids` [j], the layer's `table`) -> [B, T, D]: K-quant and (for a prompt)
     Q4_1 columns summed in integers by the compiled products; others de-quantized a tile of neurons at a
     time into a's dtype (no transient larger than COLUMN_TILE_BYTES) and summed.
     `rows` [j]: the neurons are codes[rows] with ids neuron_ids[rows] (read in place where the compiled
@@ -164,7 +164,7 @@ def column_linear(a: torch.Tensor, codes: torch.Tensor, table: torch.Tensor, neu
         return y.reshape(*a.shape[:-1], d)
     if rows is not None:
         codes, neuron_ids = codes[rows], neuron_ids[rows]
-    if prompt_positions(a) and fmt.kernel == "q4_1":  # in integers on AVX-512 VNNI
+    if prompt_positions(a) and fmt.kernel == "q4_1":  # a prompt: in integers
         c, blocks = codes.contiguous(), neuron_blocks(neuron_ids, fmt).contiguous()
         y = in_token_chunks(a.reshape(-1, c.shape[0]), lambda chunk: native_q4_1_columns_gemm(c, table, blocks, chunk),
                             a.dtype, takes_bf16=True)

@@ -60,7 +60,7 @@ HEAD_GEMV_TOKENS = 4
 
 def prompt_chunk_tokens(fmt: BlockFormat | None) -> int | None:
     """Prompt tokens per pass through the layers for FFN rows in `fmt`: K_PRODUCT_TOKENS where compiled
-    products take the prompt (K-quants always, Q4_1 with AVX-512 VNNI), which run that many tokens at a
+    products take the prompt (K-quants and Q4_1, on AVX2 or AVX-512 VNNI), which run that many tokens at a
     time anyway, so a longer pass only holds more activations and runs no faster (docs/benchmarks.md,
     "Peak memory of a prompt"); None otherwise (float GEMMs and de-quantized tiles, which longer passes
     make faster)."""
@@ -101,8 +101,8 @@ def in_token_chunks(x: torch.Tensor, fn, dtype: torch.dtype, takes_bf16: bool = 
 
 
 def prompt_positions(x: torch.Tensor) -> bool:
-    """x [..., T, k] holds several positions of a sequence (a prompt, T > 1) on the CPU, where AVX-512 VNNI
-    runs the prompt products (`prompt_gemm_kernel`, runtime/ffn.py `column_linear`), which quantize the
+    """x [..., T, k] holds several positions of a sequence (a prompt, T > 1) on the CPU, where the compiled
+    kernels run the prompt products (`prompt_gemm_kernel`, runtime/ffn.py `column_linear`), which quantize the
     input to 8 bits. A batch's eager decode step (T = 1) stays where it was (de-quantized Q4_1 weights,
     as the per-sequence copies of the sparse layers in that batch are)."""
     return x.dim() >= 2 and x.shape[-2] > 1 and x.device.type == "cpu" and prompt_gemm_available()

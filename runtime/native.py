@@ -233,21 +233,20 @@ def down_columns(codes: torch.Tensor, table: torch.Tensor, blocks: torch.Tensor,
 def rows_gemm(weight: torch.Tensor, x: torch.Tensor, kernel: str, bias: torch.Tensor | None = None) -> torch.Tensor:
     """4-bit rows weight [N, row_bytes] (`kernel` "q4_1" or "q4_k"; contiguous, or 2-D with a row stride),
     x [M, K] fp32 or bf16, bias [N] fp32 or None -> [M, N] in x's dtype: a prompt's product in integers (x
-    quantized to 8 bits per 32, as the GEMV quantizes it), on AVX-512 VNNI."""
+    quantized to 8 bits per 32, as the GEMV quantizes it), on AVX2 or AVX-512 VNNI."""
     return torch.ops.partinfer_cpu.rows_gemm(weight, x, kernel, bias)
 
 
 def q4_1_columns_gemm(codes: torch.Tensor, table: torch.Tensor, blocks: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """Q4_1 down columns (codes [n, d / 2], table, blocks [n] int64), a [M, n] fp32 or bf16 -> [M, d] in a's
-    dtype: a prompt's down product in integers (a quantized to 8 bits per block of neurons), on AVX-512 VNNI."""
+    dtype: a prompt's down product in integers (a quantized to 8 bits per block of neurons)."""
     return torch.ops.partinfer_cpu.q4_1_columns_gemm(codes, table, blocks, a)
 
 
-@functools.cache
 def prompt_gemm_available() -> bool:
-    """Whether this process runs `rows_gemm` and `q4_1_columns_gemm`: the compiled kernels are built and
-    take AVX-512 VNNI (decided once per process, as the kernels are)."""
-    return cpu_kernels() and torch.ops.partinfer_cpu.prompt_gemm_available()
+    """Whether this process runs `rows_gemm` and `q4_1_columns_gemm`: wherever the compiled kernels are
+    built (an AVX2 form, and an AVX-512 VNNI one chosen by `compact_kernel_path`'s rule)."""
+    return cpu_kernels()
 
 
 def compact_kernel_path() -> str:

@@ -332,14 +332,12 @@ def test_k_quant_row_products_equal_dequantize_then_fp64_matmul(name):
 
 @pytest.mark.skipif(not cpu_kernels(), reason="no compiled kernels on this CPU")
 def test_prompt_product_on_q4_k_rows_equals_dequantize_then_fp64_matmul():
-    """`rows_gemm` (AVX-512 VNNI): a prompt times Q4_K rows (every other row of gate/up pairs, read in
+    """`rows_gemm`: a prompt times Q4_K rows (every other row of gate/up pairs, read in
     place) against de-quantized rows times the input quantized per 32 in fp64; token and row tails, a
     bf16 prompt with a bias."""
-    from partinfer.runtime.native import prompt_gemm_available, rows_gemm
+    from partinfer.runtime.native import rows_gemm
     from partinfer.runtime.quant import quantize_activation
 
-    if not prompt_gemm_available():
-        pytest.skip("no AVX-512 VNNI here (or PARTINFER_VNNI=0)")
     fmt = BLOCK_FORMATS["Q4_K"]
     pairs = torch.stack([random_k_blocks(fmt, 37, 768, seed=5), random_k_blocks(fmt, 37, 768, seed=6)], dim=1)
     for tokens in (1, 13):  # one pass of eight, four, then single tokens
@@ -379,19 +377,20 @@ def test_k_quant_down_columns_sum_equals_the_fp64_sum(name):
 @pytest.mark.skipif(not cpu_kernels(), reason="no compiled kernels on this CPU")
 @pytest.mark.parametrize("path", ["avx2", "avx512-vnni"])
 def test_k_quant_products_on_each_isa_path(path):
-    """The row and column products above, in a process that runs the AVX2 kernels (PARTINFER_VNNI=0) or
+    """The row and column products above and a prompt's product on Q4_K rows, in a process that runs the AVX2 kernels (PARTINFER_VNNI=0) or
     the AVX-512 VNNI ones (where the CPU has them): the kernels are chosen once per process."""
     if path == "avx512-vnni" and not {"avx512_vnni", "avx512vl", "avx512bw"} <= cpu_flags():
         pytest.skip("this CPU has no AVX-512 VNNI")
     tests = [f"{__file__}::{name}" for name in ("test_k_quant_row_products_equal_dequantize_then_fp64_matmul",
-                                                 "test_k_quant_down_columns_sum_equals_the_fp64_sum")]
+                                                 "test_k_quant_down_columns_sum_equals_the_fp64_sum",
+                                                 "test_prompt_product_on_q4_k_rows_equals_dequantize_then_fp64_matmul")]
     child = ("import sys, pytest; from partinfer.runtime.native import compact_kernel_path, cpu_kernels; cpu_kernels(); "
              f"print('path', compact_kernel_path()); sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', *{tests!r}]))")
     done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PARTINFER_VNNI": "1" if path == "avx512-vnni" else "0"},
                           cwd=Path(__file__).resolve().parents[1])
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    assert f"path {path}" in done.stdout and "4 passed" in done.stdout
+    assert f"path {path}" in done.stdout and "5 passed" in done.stdout
 
 
 @pytest.mark.skipif(not cpu_kernels(), reason="no compiled kernels on this CPU")

@@ -26,8 +26,8 @@
 // VNNI build chosen once per process: `compact_kernel_path()`); `dequantize` expands them into tiles
 // for prompts (dequantize.h). K-quant rows (Q4_K, Q6_K) have their own products (k_quant_products.h:
 // `gemv_k`, `down_k`, and inside `model_decode`; AVX2, or 512-bit VNNI in k_quant_vnni.h, chosen by the
-// same rule) and de-quantizers (k_quants.h). On AVX-512 VNNI a prompt's Q4_1 and Q4_K rows and Q4_1
-// down columns run on integer GEMMs (prompt_gemm.h: `rows_gemm`, `q4_1_columns_gemm`).
+// same rule) and de-quantizers (k_quants.h). A prompt's Q4_1 and Q4_K rows and Q4_1 down columns run on
+// integer GEMMs (prompt_gemm.h: `rows_gemm`, `q4_1_columns_gemm`; AVX2, or AVX-512 VNNI by the same rule).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/custom_class.h>
@@ -78,7 +78,6 @@ TORCH_LIBRARY(partinfer_cpu, m) {
   m.def("dequantize(Tensor W, int cols, ScalarType dtype) -> Tensor", dequantize);
   m.def("dequantize_columns(Tensor codes, Tensor table, Tensor blocks, ScalarType dtype) -> Tensor", dequantize_columns);
   m.def("rows_gemm(Tensor W, Tensor x, str kernel, Tensor? bias=None) -> Tensor", rows_gemm);
-  m.def("prompt_gemm_available() -> bool", prompt_gemm_available);
   m.def("q4_1_columns_gemm(Tensor codes, Tensor table, Tensor blocks, Tensor a) -> Tensor", q4_1_columns_gemm);
   m.def("down_columns(Tensor codes, Tensor table, Tensor blocks, Tensor a, Tensor? rows=None) -> Tensor", down_columns);
   m.def("compact_kernel_path() -> str", compact_kernel_path);
