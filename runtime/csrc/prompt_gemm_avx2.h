@@ -3,7 +3,7 @@
 // groups of four u8 x s8 products are `vpmaddubsw` pairs summed in int16 (at most 8 * 2 * 15 * 127 =
 // 30,480, inside int16: 4-bit codes, inputs within +-127), then widened and pair-summed once per block
 // by `vpmaddwd` with ones. The integer sums are the VNNI form's, and the float steps after them are the
-// same operations in the same order, so both forms give the same results bit for bit.
+// same operations in the same order.
 //
 // Why: on an AVX2 CPU a prompt on Q4_1 rows was de-quantized into fp32 tiles for the float GEMM; those
 // copies and the de-quantization took a quarter of a prompt's time (docs/benchmarks.md).
