@@ -193,14 +193,13 @@ inline __m256i head_bytes8(const uint16_t* unit, int64_t d, int k, int64_t r) {
 
 inline __m256 fp16_8(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
 
-// y[r] += scale(r) * acc[r] - offset(r) * a_sum for the 32 outputs o0 .. o0 + 31 of one group of
-// neurons (block b's sub-block s), the scales decoded from the down table as k_scale_offset does.
-inline void fold_group(bool q4_k, const uint16_t* unit, int64_t d, int s, int64_t o0, const __m256* acc, float a_sum,
-                       float* y) {
-  const __m256 sum = _mm256_set1_ps(a_sum);
+// The scales and offsets (w = scale q - offset) of the 32 outputs o0 .. o0 + 31 for one group of neurons
+// (block b's sub-block s), eight outputs a vector, decoded from the down table as k_scale_offset does.
+inline void group_scales(bool q4_k, const uint16_t* unit, int64_t d, int s, int64_t o0, __m256* scales, __m256* offsets) {
   for (int64_t i = 0; i < 4; ++i) {
     const int64_t r = o0 + 8 * i;
-    __m256 scale, offset;
+    __m256& scale = scales[i];
+    __m256& offset = offsets[i];
     if (q4_k) {
       __m256i sc, m;
       if (s < 4) {
@@ -220,9 +219,23 @@ inline void fold_group(bool q4_k, const uint16_t* unit, int64_t d, int s, int64_
       scale = _mm256_mul_ps(fp16_8(unit + 8 * d + r), _mm256_cvtepi32_ps(signed_sc));
       offset = _mm256_mul_ps(scale, _mm256_set1_ps(32.0f));
     }
-    const __m256 v = _mm256_fmadd_ps(scale, acc[i], _mm256_loadu_ps(y + r));
-    _mm256_storeu_ps(y + r, _mm256_fnmadd_ps(offset, sum, v));
   }
+}
+
+// y[r] += scale(r) * acc[r] - offset(r) * a_sum for the 32 outputs y[0 .. 31] of one group (group_scales).
+inline void fold_scaled(const __m256* scales, const __m256* offsets, const __m256* acc, float a_sum, float* y) {
+  const __m256 sum = _mm256_set1_ps(a_sum);
+  for (int i = 0; i < 4; ++i) {
+    const __m256 v = _mm256_fmadd_ps(scales[i], acc[i], _mm256_loadu_ps(y + 8 * i));
+    _mm256_storeu_ps(y + 8 * i, _mm256_fnmadd_ps(offsets[i], sum, v));
+  }
+}
+
+inline void fold_group(bool q4_k, const uint16_t* unit, int64_t d, int s, int64_t o0, const __m256* acc, float a_sum,
+                       float* y) {
+  __m256 scales[4], offsets[4];
+  group_scales(q4_k, unit, d, s, o0, scales, offsets);
+  fold_scaled(scales, offsets, acc, a_sum, y + o0);
 }
 
 // The sums over one group's neurons of qa * their 32 codes at chunk c of an output group, qa the
@@ -329,11 +342,94 @@ void axpy_columns_k(const KColumns& W, const float* a, const int64_t* rows, cons
   }
 }
 
+// A group's codes at chunk c (32 outputs) of an output group, four neurons interleaved byte by byte per
+// step as group_chunk interleaves them (zero codes past count): u[step][0..3]; returns the steps.
+template <bool Q4K>
+inline int interleave_codes(const uint8_t* const* codes, int64_t count, int c, __m256i (*u)[4]) {
+  const __m256i zero = _mm256_setzero_si256();
+  int steps = 0;
+  for (int64_t k = 0; k < count; k += 4, ++steps) {
+    __m256i q[4];
+    for (int i = 0; i < 4; ++i) q[i] = k + i < count ? (Q4K ? q4_k_codes(codes[k + i], c) : q6_k_codes(codes[k + i], c)) : zero;
+    const __m256i t0 = _mm256_unpacklo_epi8(q[0], q[1]), t1 = _mm256_unpackhi_epi8(q[0], q[1]);
+    const __m256i t2 = _mm256_unpacklo_epi8(q[2], q[3]), t3 = _mm256_unpackhi_epi8(q[2], q[3]);
+    u[steps][0] = _mm256_unpacklo_epi16(t0, t2), u[steps][1] = _mm256_unpackhi_epi16(t0, t2);
+    u[steps][2] = _mm256_unpacklo_epi16(t1, t3), u[steps][3] = _mm256_unpackhi_epi16(t1, t3);
+  }
+  return steps;
+}
+
+// One token's sums of interleaved codes times its 8-bit activations qa (zero past count): out[0..3]
+// int32 for the 32 outputs in order, the sums group_chunk makes.
+inline void sum_interleaved(const __m256i (*u)[4], int steps, const int8_t* qa, __m256i* out) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i acc[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
+  for (int st = 0; st < steps; ++st) {
+    int32_t quad;
+    std::memcpy(&quad, qa + 4 * st, sizeof quad);
+    const __m256i act = _mm256_set1_epi32(quad);
+    for (int j = 0; j < 4; ++j) acc[j] = _mm256_add_epi32(acc[j], _mm256_madd_epi16(_mm256_maddubs_epi16(u[st][j], act), ones));
+  }
+  out[0] = _mm256_permute2x128_si256(acc[0], acc[1], 0x20);
+  out[1] = _mm256_permute2x128_si256(acc[2], acc[3], 0x20);
+  out[2] = _mm256_permute2x128_si256(acc[0], acc[1], 0x31);
+  out[3] = _mm256_permute2x128_si256(acc[2], acc[3], 0x31);
+}
+
 // The AVX2 column sums for T tokens: out + t * out_stride += those of a + t * a_stride (units + t * n_keys).
+// One token (decode) is axpy_columns_k. For a prompt, each group's codes for 32 outputs are read and
+// interleaved once and summed against every token's activations, the sums and the float steps those of
+// axpy_columns_k token by token (which read and unpacked the codes once per token: a 128-token pass
+// read each layer's down 128 times).
 void axpy_columns_tokens(const KColumns& W, const float* a, int64_t T, int64_t a_stride, const int64_t* rows,
                          const float* units, float* out, int64_t out_stride, int64_t r0, int64_t r1) {
-  for (int64_t t = 0; t < T; ++t)
-    axpy_columns_k(W, a + t * a_stride, rows, units + t * W.n_keys, out + t * out_stride, r0, r1);
+  if (T == 1) return axpy_columns_k(W, a, rows, units, out, r0, r1);
+  const int64_t G = W.n_keys, group = W.group(), halves = W.halves(), d = W.d;
+  const int64_t ob = (W.q4_k ? 128 : 192);  // code bytes per 256 outputs
+  thread_local RowGroups groups;
+  groups.sort(W.keys, G, rows, r0, r1);
+  const std::vector<int64_t>&start = groups.start, &order = groups.order;
+  std::vector<int8_t> qa(T * 32);  // [T][32]: each token's 8-bit activations of the group, zero past count
+  std::vector<float> a_sum(T);
+  const uint8_t* ptr[32];
+  __m256i u[8][4];
+  for (int64_t g = 0; g < G; ++g) {
+    if (start[g] == start[g + 1]) continue;
+    const int64_t count = start[g + 1] - start[g];
+    std::fill(qa.begin(), qa.end(), 0);
+    for (int64_t t = 0; t < T; ++t) {
+      const float unit = units[t * G + g], inv = unit != 0.0f ? 1.0f / unit : 0.0f;
+      int32_t qa_sum = 0;
+      for (int64_t k = 0; k < count; ++k) {
+        qa[32 * t + k] = static_cast<int8_t>(std::nearbyint(a[t * a_stride + order[start[g] + k]] * inv));  // half to even
+        qa_sum += qa[32 * t + k];
+      }
+      a_sum[t] = unit * static_cast<float>(qa_sum);
+    }
+    const int64_t b = g * group / QK_K;
+    const int s = static_cast<int>((g * group % QK_K) / group);
+    const uint16_t* head = W.table + b * halves * d;
+    for (int64_t og = 0; og < d / QK_K; ++og) {
+      for (int64_t k = 0; k < count; ++k) {
+        const int64_t r = order[start[g] + k];
+        ptr[k] = W.row(rows ? rows[r] : r) + og * ob;
+      }
+      for (int c = 0; c < 8; ++c) {
+        const int steps = W.q4_k ? interleave_codes<true>(ptr, count, c, u) : interleave_codes<false>(ptr, count, c, u);
+        const int64_t o0 = og * QK_K + 32 * c;
+        __m256 scales[4], offsets[4];
+        group_scales(W.q4_k, head, d, s, o0, scales, offsets);
+        for (int64_t t = 0; t < T; ++t) {
+          __m256i sums[4];
+          sum_interleaved(u, steps, qa.data() + 32 * t, sums);
+          const __m256 unit = _mm256_set1_ps(units[t * G + g]);
+          const __m256 acc[4] = {_mm256_mul_ps(unit, _mm256_cvtepi32_ps(sums[0])), _mm256_mul_ps(unit, _mm256_cvtepi32_ps(sums[1])),
+                                 _mm256_mul_ps(unit, _mm256_cvtepi32_ps(sums[2])), _mm256_mul_ps(unit, _mm256_cvtepi32_ps(sums[3]))};
+          fold_scaled(scales, offsets, acc, a_sum[t], out + t * out_stride + o0);
+        }
+      }
+    }
+  }
 }
 
 #pragma GCC push_options
