@@ -141,25 +141,6 @@ void panel_tokens(const Panel& p, const Tokens& x, const float* bias, int64_t t0
   for (int t = 0; t < NT; ++t) store8(y + (t0 + t) * ldy + r0, rows, acc[t]);
 }
 
-// y [M, N] = x [M, K] . W^T (+ bias) for Q4_1 or Q4_K rows W (row r at w + r * stride), K a multiple of
-// the format's block; x and y fp32 or bf16.
-template <class In, class Out>
-void gemm(const uint8_t* w, int64_t stride, int64_t N, int64_t K, bool q4_k, const In* x, int64_t M, const float* bias, Out* y) {
-  Tokens tokens;
-  tokens.quantize(M, K, [&](int64_t t, float* out) { std::copy(x + t * K, x + (t + 1) * K, out); });
-  const int64_t panels = (N + PANEL - 1) / PANEL, row_bytes = q4_k ? K / QK_K * Q4_K_BYTES : K / 32 * Q4_1_BYTES;
-  parallel_chunks(panels, 1, 4, [&](int64_t p0, int64_t p1, int64_t) {
-    Panel panel;
-    for (int64_t p = p0; p < p1; ++p) {
-      const int64_t r0 = p * PANEL;
-      const int rows = static_cast<int>(std::min<int64_t>(PANEL, N - r0));
-      panel.fill(w + r0 * stride, stride, rows, K / 32, q4_k);
-      for (int64_t r = r0 + PANEL; r < std::min(N, r0 + 2 * PANEL); ++r) prefetch_row(w + r * stride, row_bytes);  // the next panel's rows
-      token_tiles<MAX_TOKENS>(M, [&](auto nt, int64_t t) { panel_tokens<decltype(nt)::value>(panel, tokens, bias, t, y, N, r0, rows); });
-    }
-  });
-}
-
 // ---- Down columns (the layout is in prompt_gemm_vnni.h): lanes are 8 outputs ----------------------------
 
 constexpr int OUTPUTS = 8;  // outputs per panel: one per 32-bit lane
@@ -205,29 +186,20 @@ void column_tokens(const std::vector<int32_t>& codes, const std::vector<float>& 
   for (int t = 0; t < NT; ++t) store8(y + (t0 + t) * ldy + o0, OUTPUTS, acc[t]);
 }
 
-template <class In, class Out>
-void columns_gemm(const ColumnMatrix& C, const In* a, int64_t M, Out* y) {
-  const ColumnBlocks blocks(C, a, M);
-  const int64_t G = blocks.size();
-  parallel_chunks(C.cols / OUTPUTS, 1, 2, [&](int64_t p0, int64_t p1, int64_t) {
-    std::vector<int32_t> codes((C.rows + 3 * G) / 4 * OUTPUTS + OUTPUTS);  // each block's rows padded to fours
-    std::vector<float> scales(G * 2 * OUTPUTS);
-    for (int64_t p = p0; p < p1; ++p) {
-      const int64_t o0 = p * OUTPUTS;
-      int32_t* w = codes.data();
-      for (int64_t g = 0; g < G; ++g) {
-        const uint16_t* head = C.scales(blocks.block_of[g]);
-        _mm256_storeu_ps(scales.data() + 2 * OUTPUTS * g, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(head + o0))));
-        _mm256_storeu_ps(scales.data() + 2 * OUTPUTS * g + OUTPUTS,
-                         _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(head + C.cols + o0))));
-        const RowGroups& used = blocks.used;
-        for (int64_t i = used.start[g]; i < used.start[g + 1]; i += 4, w += OUTPUTS)
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(w),
-                              four_rows(C, used.order.data() + i, static_cast<int>(std::min<int64_t>(4, used.start[g + 1] - i)), o0));
-      }
-      token_tiles<MAX_TOKENS>(M, [&](auto nt, int64_t t) { column_tokens<decltype(nt)::value>(codes, scales, blocks.x, blocks.used, t, y, C.cols, o0); });
-    }
-  });
+// Output panel o0's column codes (each block's rows four to a vector, padded to fours) into w, and each
+// used block's scales d then m for its 8 outputs into scales [G][2][8].
+inline void fill_column_panel(const ColumnMatrix& C, const ColumnBlocks& blocks, int64_t o0, int32_t* w, float* scales) {
+  const RowGroups& used = blocks.used;
+  for (int64_t g = 0; g < blocks.size(); ++g) {
+    const uint16_t* head = C.scales(blocks.block_of[g]);
+    _mm256_storeu_ps(scales + 2 * OUTPUTS * g, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(head + o0))));
+    _mm256_storeu_ps(scales + 2 * OUTPUTS * g + OUTPUTS, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(head + C.cols + o0))));
+    for (int64_t i = used.start[g]; i < used.start[g + 1]; i += 4, w += OUTPUTS)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(w),
+                          four_rows(C, used.order.data() + i, static_cast<int>(std::min<int64_t>(4, used.start[g + 1] - i)), o0));
+  }
 }
+
+#include "prompt_gemm_drivers.h"
 
 }  // namespace prompt_gemm_avx2
