@@ -71,9 +71,9 @@ def neuron_scale_groups(neuron_ids: torch.Tensor, fmt: BlockFormat) -> torch.Ten
 
 def quantize_column_activations(a: torch.Tensor, neuron_ids: torch.Tensor, fmt: BlockFormat) -> torch.Tensor:
     """The activations the compiled K-quant down-column sums multiply with: a [..., j] of the neurons
-    `neuron_ids` [j], quantized to 8 bits per group of neurons that share a scale (`neuron_scale_groups`):
-    round(a / u) · u with u = max |a| / 127 over the group's entries, in fp32."""
-    groups = neuron_scale_groups(neuron_ids, fmt)  # [j]
+    `neuron_ids` [j], quantized to 8 bits per block of neurons (256, as llama.cpp's Q8_K quantizes down's
+    input): round(a / u) · u with u = max |a| / 127 over the block's entries, in fp32."""
+    groups = neuron_ids.long() // fmt.block  # [j]
     a = a.float()
     amax = torch.zeros(*a.shape[:-1], int(groups.max()) + 1 if groups.numel() else 1)
     amax = amax.scatter_reduce(-1, groups.expand_as(a), a.abs(), reduce="amax")

@@ -120,6 +120,32 @@ def test_q4_pack_keeps_every_k_quant_block_bit_for_bit(k_model):
         assert torch.equal(down, torch.from_numpy(theirs.astype(np.float32)).t()[perm])
 
 
+def forced_decode_logits(model, prompts: list[list[int]], tokens: list[list[int]]) -> list[torch.Tensor]:
+    """The logits [B, V] of the prompt's last position and of each decode step fed `tokens` (as `generate`
+    runs them), so that two models are compared on the same sequences."""
+    from partinfer.runtime.generate import left_pad
+    from partinfer.runtime.model import decode_step
+
+    ids, mask = left_pad(prompts, 0)
+    cache = KVCache(model.cfg, ids.shape[0], ids.shape[1] + len(tokens[0]), torch.float32, "cpu")
+    steps = [prefill(model, ids, cache, mask)[:, -1]]
+    for i in range(len(tokens[0]) - 1):
+        steps.append(decode_step(model, torch.tensor([t[i] for t in tokens]), cache))
+    return steps
+
+
+def assert_same_decisions(got: list[torch.Tensor], want: list[torch.Tensor], method: str) -> None:
+    """φ = γ = 1 computes dense's neurons: near dense's logits at every step and the same greedy token
+    wherever dense's choice is not a near tie. (The methods' arithmetic differs in rounding: a batch's
+    per-sequence sets are summed in fp32, dense in 8-bit integers; on this peaked random model that is
+    up to ~1 % of a logit, enough to swap two tokens whose logits lie within 0.4 % of each other.)"""
+    for step, (g, w) in enumerate(zip(got, want)):
+        assert (g - w).norm() < 0.03 * w.norm(), (method, step, ((g - w).norm() / w.norm()).item())
+        top = w.topk(2, dim=-1).values  # [B, 2]
+        clear = (top[:, 0] - top[:, 1]) > 0.02 * top[:, 0].abs()
+        assert torch.equal(g.argmax(-1)[clear], w.argmax(-1)[clear]), (method, step)
+
+
 def test_k_quant_weights_run_every_method_and_give_dense_tokens_at_full_budget(k_model):
     ref = load_model(k_model["model"], torch.float32, "cpu")  # the same values, as fp32 safetensors
     dense = load_model(k_model["q4"], torch.float32, "cpu")
@@ -144,13 +170,15 @@ def test_k_quant_weights_run_every_method_and_give_dense_tokens_at_full_budget(k
     assert (got - want).norm() < 0.2 * want.norm(), ((got - want).norm() / want.norm()).item()  # 13 %: more tokens, more outliers
     prompts = tiny_prompts(2, seed=6, vocab=VOCAB)
     dense_tokens = generate(dense, prompts, 5).tokens
+    dense_steps = forced_decode_logits(dense, prompts, dense_tokens)
     for method in METHODS[1:]:
         full = SparsityConfig(method=method, gamma=1.0, delta=0.3 if method != "load-only" else 1.0, phi=1.0,
                               model_neurons=k_model["neurons"], start_num=0, end_num=LAYERS - 1)
         model = load_model(k_model["q4"], torch.float32, "cpu", full)
-        assert generate(model, prompts, 5).tokens == dense_tokens, method
+        assert_same_decisions(forced_decode_logits(model, prompts, dense_tokens), dense_steps, method)
         if method == "tokenwise":  # one sequence: its chosen rows and columns read in place
-            assert generate(model, prompts[:1], 5).tokens == generate(dense, prompts[:1], 5).tokens
+            one = forced_decode_logits(dense, prompts[:1], dense_tokens[:1])
+            assert_same_decisions(forced_decode_logits(model, prompts[:1], dense_tokens[:1]), one, method)
     sparse = load_model(k_model["q4"], torch.bfloat16, "cpu", SparsityConfig(model_neurons=k_model["neurons"]))
     assert len(generate(sparse, prompts[:1], 4).tokens[0]) == 4  # the default method, bf16, on K-quant rows
 
@@ -357,7 +385,7 @@ def test_prompt_product_on_q4_k_rows_equals_dequantize_then_fp64_matmul():
 @pytest.mark.parametrize("name", ["Q4_K", "Q6_K"])
 def test_k_quant_down_columns_sum_equals_the_fp64_sum(name):
     """`down_k`: the down columns of any neuron subset, in any order, summed with per-token activations
-    (quantized to 8 bits per sub-block group, as the kernel does), against the de-quantized columns in fp64."""
+    (quantized to 8 bits per block of 256 neurons, as the kernel does), against the de-quantized columns in fp64."""
     from partinfer.runtime.native import down_k
 
     fmt = BLOCK_FORMATS[name]
@@ -368,7 +396,7 @@ def test_k_quant_down_columns_sum_equals_the_fp64_sum(name):
     for ids in (torch.arange(n), torch.tensor([700, 3, 256, 255, 4, 511, 300, 301, 17]), torch.randperm(n)[:333]):
         a = torch.randn(5, ids.numel())  # five tokens: four summed together, then one
         got = down_k(codes[ids].contiguous(), table, ids, a, fmt.dequant_kernel)
-        want = quantize_column_activations(a, ids, fmt).double() @ columns[ids]  # 8 bits per sub-block group
+        want = quantize_column_activations(a, ids, fmt).double() @ columns[ids]  # 8 bits per block of 256
         assert torch.allclose(got.double(), want, rtol=1e-4, atol=1e-4 * want.abs().max().item()), ids[:5]
         in_place = down_k(codes, table, ids, a, fmt.dequant_kernel, ids)  # rows read in place: the same sums
         assert torch.allclose(in_place, got, rtol=1e-5, atol=1e-5 * got.abs().max().item())

@@ -15,9 +15,10 @@
 // The u8 x s8 code products are `vpmaddubsw`, the scales multiply in with `vpmaddwd`. |partial sums| stay
 // far inside int16 (15 * 127 * 2, 63 * 127 * 2) and int32.
 // Down columns: the neurons are grouped by their block's sub-block (the neurons that share one scale
-// and offset per output: 32 for Q4_K, 16 for Q6_K), each group's activations quantized to 8 bits and
-// summed with its codes in integers, four neurons per multiply-add, and the group's scales applied
-// once per output (`axpy_columns_k`). `down_k`'s threads split the neurons into partial outputs.
+// and offset per output: 32 for Q4_K, 16 for Q6_K), a block's activations quantized to 8 bits with one
+// unit and summed with the codes in integers, four neurons per multiply-add, the sub-block scales
+// multiplied in as integers and the block's float scales applied once per output (`axpy_columns_k`).
+// `down_k`'s threads split the neurons into partial outputs.
 
 namespace kq {
 
@@ -184,93 +185,7 @@ void rows_dots(bool q4_k, const uint8_t* w, int64_t row_bytes, const int64_t* ro
   }
 }
 
-// Eight outputs' head byte k of one block's heads in the down table ([head_bytes / 2, d] 2-byte units of
-// this block; unit u of output r at unit[u * d + r]) -> 8 int32 lanes, 0..255.
-inline __m256i head_bytes8(const uint16_t* unit, int64_t d, int k, int64_t r) {
-  const __m256i u = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(unit + (k / 2) * d + r)));
-  return _mm256_and_si256(_mm256_srli_epi32(u, 8 * (k % 2)), _mm256_set1_epi32(0xFF));
-}
-
 inline __m256 fp16_8(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
-
-// The scales and offsets (w = scale q - offset) of the 32 outputs o0 .. o0 + 31 for one group of neurons
-// (block b's sub-block s), eight outputs a vector, decoded from the down table as k_scale_offset does.
-inline void group_scales(bool q4_k, const uint16_t* unit, int64_t d, int s, int64_t o0, __m256* scales, __m256* offsets) {
-  for (int64_t i = 0; i < 4; ++i) {
-    const int64_t r = o0 + 8 * i;
-    __m256& scale = scales[i];
-    __m256& offset = offsets[i];
-    if (q4_k) {
-      __m256i sc, m;
-      if (s < 4) {
-        sc = _mm256_and_si256(head_bytes8(unit, d, 4 + s, r), _mm256_set1_epi32(63));  // head byte 4 + s: p[s]
-        m = _mm256_and_si256(head_bytes8(unit, d, 8 + s, r), _mm256_set1_epi32(63));
-      } else {  // p = head + 4: sc = p[s + 4] & 15 | (p[s - 4] >> 6) << 4, m = p[s + 4] >> 4 | (p[s] >> 6) << 4
-        const __m256i hi = head_bytes8(unit, d, 8 + s, r);
-        sc = _mm256_or_si256(_mm256_and_si256(hi, _mm256_set1_epi32(15)),
-                             _mm256_slli_epi32(_mm256_srli_epi32(head_bytes8(unit, d, s, r), 6), 4));
-        m = _mm256_or_si256(_mm256_srli_epi32(hi, 4), _mm256_slli_epi32(_mm256_srli_epi32(head_bytes8(unit, d, 4 + s, r), 6), 4));
-      }
-      scale = _mm256_mul_ps(fp16_8(unit + r), _mm256_cvtepi32_ps(sc));
-      offset = _mm256_mul_ps(fp16_8(unit + d + r), _mm256_cvtepi32_ps(m));
-    } else {
-      const __m256i raw = head_bytes8(unit, d, s, r);
-      const __m256i signed_sc = _mm256_sub_epi32(_mm256_xor_si256(raw, _mm256_set1_epi32(0x80)), _mm256_set1_epi32(0x80));
-      scale = _mm256_mul_ps(fp16_8(unit + 8 * d + r), _mm256_cvtepi32_ps(signed_sc));
-      offset = _mm256_mul_ps(scale, _mm256_set1_ps(32.0f));
-    }
-  }
-}
-
-// y[r] += scale(r) * acc[r] - offset(r) * a_sum for the 32 outputs y[0 .. 31] of one group (group_scales).
-inline void fold_scaled(const __m256* scales, const __m256* offsets, const __m256* acc, float a_sum, float* y) {
-  const __m256 sum = _mm256_set1_ps(a_sum);
-  for (int i = 0; i < 4; ++i) {
-    const __m256 v = _mm256_fmadd_ps(scales[i], acc[i], _mm256_loadu_ps(y + 8 * i));
-    _mm256_storeu_ps(y + 8 * i, _mm256_fnmadd_ps(offsets[i], sum, v));
-  }
-}
-
-inline void fold_group(bool q4_k, const uint16_t* unit, int64_t d, int s, int64_t o0, const __m256* acc, float a_sum,
-                       float* y) {
-  __m256 scales[4], offsets[4];
-  group_scales(q4_k, unit, d, s, o0, scales, offsets);
-  fold_scaled(scales, offsets, acc, a_sum, y + o0);
-}
-
-// The sums over one group's neurons of qa * their 32 codes at chunk c of an output group, qa the
-// group's activations quantized to 8 bits: out[0..3] int32 for the 32 outputs in order. `codes[k]` points
-// at neuron k's code bytes of that output group. Four neurons at a time: their codes interleaved byte by
-// byte, so that one u8 x s8 multiply-add (`vpmaddubsw`, then `vpmaddwd` by ones) sums all four per
-// output; |partial sums| <= 2 * 63 * 127 in int16.
-template <bool Q4K>
-inline void group_chunk(const uint8_t* const* codes, const int8_t* qa, int64_t count, int c, __m256i* out) {
-  const __m256i ones = _mm256_set1_epi16(1), zero = _mm256_setzero_si256();
-  __m256i acc_a = zero, acc_b = zero, acc_c = zero, acc_d = zero;
-  for (int64_t k = 0; k < count; k += 4) {
-    __m256i q[4];
-    uint8_t quad[4] = {0, 0, 0, 0};
-    for (int i = 0; i < 4; ++i) {
-      const bool real = k + i < count;
-      q[i] = real ? (Q4K ? q4_k_codes(codes[k + i], c) : q6_k_codes(codes[k + i], c)) : zero;
-      quad[i] = real ? static_cast<uint8_t>(qa[k + i]) : 0;
-    }
-    int32_t packed;
-    std::memcpy(&packed, quad, sizeof packed);
-    const __m256i act = _mm256_set1_epi32(packed);
-    const __m256i t0 = _mm256_unpacklo_epi8(q[0], q[1]), t1 = _mm256_unpackhi_epi8(q[0], q[1]);
-    const __m256i t2 = _mm256_unpacklo_epi8(q[2], q[3]), t3 = _mm256_unpackhi_epi8(q[2], q[3]);
-    // per 128-bit lane: outputs 0-3 | 16-19, 4-7 | 20-23, 8-11 | 24-27, 12-15 | 28-31, four neurons each
-    acc_a = _mm256_add_epi32(acc_a, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_unpacklo_epi16(t0, t2), act), ones));
-    acc_b = _mm256_add_epi32(acc_b, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_unpackhi_epi16(t0, t2), act), ones));
-    acc_c = _mm256_add_epi32(acc_c, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_unpacklo_epi16(t1, t3), act), ones));
-    acc_d = _mm256_add_epi32(acc_d, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_unpackhi_epi16(t1, t3), act), ones));
-  }
-  out[0] = _mm256_permute2x128_si256(acc_a, acc_b, 0x20);
-  out[1] = _mm256_permute2x128_si256(acc_c, acc_d, 0x20);
-  out[2] = _mm256_permute2x128_si256(acc_a, acc_b, 0x31);
-  out[3] = _mm256_permute2x128_si256(acc_c, acc_d, 0x31);
-}
 
 // K-quant down columns as the kernels read them: `rows` neurons, each `code_bytes` of codes for `d`
 // outputs; neuron r's scales are those of its sub-block keys[r] = original id / group (the block is
@@ -286,149 +201,209 @@ struct KColumns {
   const uint8_t* row(int64_t r) const { return codes + r * code_bytes; }
 };
 
-// out[d] += sum_{r in [r0, r1)} a[r] * column(row(r)) (row(r) = rows[r], or r): the share grouped by
-// sub-block (a counting sort), a group's activations quantized to 8 bits with the unit units[group]
-// (`group_units`: from all of the product's activations, so a result does not depend on how rows
-// are split), its integer sums for 32 outputs kept in four registers while its neurons' codes stream
-// past, its scales applied once per output; the next group's codes are fetched while one is summed,
-// a 256-output slice at a time (the neurons of a group lie anywhere in hot-first order; asking for a
-// whole group at once stalled on full fill buffers). Reading each neuron front to back into sums
-// kept in L1 instead was slower (15.0 against 17.1 tok/s, dense decode of the 1.5B model).
-void axpy_columns_k(const KColumns& W, const float* a, const int64_t* rows, const float* units, float* out, int64_t r0,
-                    int64_t r1) {
-  const int64_t G = W.n_keys, group = W.group(), halves = W.halves(), d = W.d;
-  const int64_t ob = (W.q4_k ? 128 : 192);  // code bytes per 256 outputs
-  thread_local RowGroups groups;
-  groups.sort(W.keys, G, rows, r0, r1);
-  const std::vector<int64_t>&start = groups.start, &order = groups.order;
-  const uint8_t* ptr[32];
-  int8_t qa[32];
-  for (int64_t g = 0, next = 0; g < G; ++g) {
-    if (start[g] == start[g + 1]) continue;
-    for (next = std::max(next, g + 1); next < G && start[next] == start[next + 1];) ++next;
-    const int64_t count = start[g + 1] - start[g];
-    const float unit = units[g], inv = unit != 0.0f ? 1.0f / unit : 0.0f;
-    int32_t qa_sum = 0;  // the offsets multiply the quantized activations too, as the codes do
-    for (int64_t k = 0; k < count; ++k) {
-      qa[k] = static_cast<int8_t>(std::nearbyint(a[order[start[g] + k]] * inv));  // round half to even, as torch.round
-      qa_sum += qa[k];
-    }
-    const float a_sum = unit * static_cast<float>(qa_sum);
-    const int64_t b = g * group / QK_K;
-    const int s = static_cast<int>((g * group % QK_K) / group);
-    const uint16_t* head = W.table + b * halves * d;
-    const __m256 u = _mm256_set1_ps(unit);
-    for (int64_t og = 0; og < d / QK_K; ++og) {
-      for (int64_t k = 0; k < count; ++k) {
-        const int64_t r = order[start[g] + k];
-        ptr[k] = W.row(rows ? rows[r] : r) + og * ob;
-      }
-      if (next < G)  // the next group's codes for these outputs, spread over this group's work
-        for (int64_t k = start[next]; k < start[next + 1]; ++k) {
-          const int64_t r = order[k];
-          prefetch_row(W.row(rows ? rows[r] : r) + og * ob, ob);
-        }
-      for (int c = 0; c < 8; ++c) {
-        __m256i sums[4];
-        if (W.q4_k)
-          group_chunk<true>(ptr, qa, count, c, sums);
-        else
-          group_chunk<false>(ptr, qa, count, c, sums);
-        const __m256 acc[4] = {_mm256_mul_ps(u, _mm256_cvtepi32_ps(sums[0])), _mm256_mul_ps(u, _mm256_cvtepi32_ps(sums[1])),
-                               _mm256_mul_ps(u, _mm256_cvtepi32_ps(sums[2])), _mm256_mul_ps(u, _mm256_cvtepi32_ps(sums[3]))};
-        fold_group(W.q4_k, head, d, s, og * QK_K + 32 * c, acc, a_sum, out);
-      }
-    }
+// The 8-bit units of K-quant down columns' activations: max |a| / 127 over each block of 256 neurons (as
+// llama.cpp's Q8_K quantizes down's input), from all of the product's activations so that a result does
+// not depend on how rows are split; kept per sub-block group (each group holding its block's unit), the
+// column sums add a block's groups in integers. units [n_keys].
+void k_column_units(const KColumns& W, const float* a, const int64_t* rows, int64_t n, std::vector<float>& units) {
+  group_units(W.keys, W.n_keys, a, rows, n, units);
+  const int64_t per_block = QK_K / W.group();
+  for (int64_t g0 = 0; g0 < W.n_keys; g0 += per_block) {
+    const int64_t g1 = std::min(W.n_keys, g0 + per_block);
+    const float block = *std::max_element(units.begin() + g0, units.begin() + g1);
+    std::fill(units.begin() + g0, units.begin() + g1, block);
   }
 }
 
-// A group's codes at chunk c (32 outputs) of an output group, four neurons interleaved byte by byte per
-// step as group_chunk interleaves them (zero codes past count): u[step][0..3]; returns the steps.
+// Head byte k of the 16 outputs r .. r + 15 of one block's heads in the down table ([head_bytes / 2, d]
+// 2-byte units of this block; unit u of output r at unit[u * d + r]) as 16-bit lanes, 0..255.
+inline __m256i head_bytes16(const uint16_t* unit, int64_t d, int k, int64_t r) {
+  const __m256i u = load32(unit + (k / 2) * d + r);
+  return k % 2 ? _mm256_srli_epi16(u, 8) : _mm256_and_si256(u, _mm256_set1_epi16(0xFF));
+}
+
+// The integer scale of sub-block s for the 16 outputs r .. r + 15 (Q6_K: signed 8 bits; Q4_K: 6 bits) and,
+// for Q4_K, its 6-bit min, in 16-bit lanes, decoded from the down table as k_scale_offset does.
+inline void sub_block_scales16(bool q4_k, const uint16_t* unit, int64_t d, int s, int64_t r, __m256i* sc, __m256i* m) {
+  if (!q4_k) {
+    const __m256i raw = head_bytes16(unit, d, s, r), sign = _mm256_set1_epi16(0x80);
+    *sc = _mm256_sub_epi16(_mm256_xor_si256(raw, sign), sign);
+    return;
+  }
+  const __m256i low6 = _mm256_set1_epi16(63), low4 = _mm256_set1_epi16(15);
+  if (s < 4) {  // head byte 4 + s: p[s], 8 + s: p[s + 4]
+    *sc = _mm256_and_si256(head_bytes16(unit, d, 4 + s, r), low6);
+    *m = _mm256_and_si256(head_bytes16(unit, d, 8 + s, r), low6);
+  } else {  // p = head + 4: sc = p[s + 4] & 15 | (p[s - 4] >> 6) << 4, m = p[s + 4] >> 4 | (p[s] >> 6) << 4
+    const __m256i hi = head_bytes16(unit, d, 8 + s, r);
+    *sc = _mm256_or_si256(_mm256_and_si256(hi, low4), _mm256_slli_epi16(_mm256_srli_epi16(head_bytes16(unit, d, s, r), 6), 4));
+    *m = _mm256_or_si256(_mm256_srli_epi16(hi, 4), _mm256_slli_epi16(_mm256_srli_epi16(head_bytes16(unit, d, 4 + s, r), 6), 4));
+  }
+}
+
+// 16-bit values of 32 outputs (x0: outputs 0-15, x1: 16-31) -> each value twice in the 32-bit lanes of the
+// four sums quad_sums keeps, which hold outputs 0-3 | 16-19, 4-7 | 20-23, 8-11 | 24-27, 12-15 | 28-31.
+inline void in_sum_order(__m256i x0, __m256i x1, __m256i* out) {
+  const __m256i t = _mm256_permute2x128_si256(x0, x1, 0x20), u = _mm256_permute2x128_si256(x0, x1, 0x31);
+  out[0] = _mm256_unpacklo_epi16(t, t), out[1] = _mm256_unpackhi_epi16(t, t);
+  out[2] = _mm256_unpacklo_epi16(u, u), out[3] = _mm256_unpackhi_epi16(u, u);
+}
+
+// Four sums in sum order (in_sum_order) -> outputs 0-7, 8-15, 16-23, 24-31.
+inline void from_sum_order(const __m256i* v, __m256i* out) {
+  out[0] = _mm256_permute2x128_si256(v[0], v[1], 0x20), out[1] = _mm256_permute2x128_si256(v[2], v[3], 0x20);
+  out[2] = _mm256_permute2x128_si256(v[0], v[1], 0x31), out[3] = _mm256_permute2x128_si256(v[2], v[3], 0x31);
+}
+
+// Four neurons' codes at chunk c of an output group (32 outputs; codes[i] is neuron i's code bytes of the
+// output group, a row of zeros past a group's count) interleaved byte by byte: u[0..3] hold each output's
+// four codes in one 32-bit lane, outputs in sum order (in_sum_order).
 template <bool Q4K>
-inline int interleave_codes(const uint8_t* const* codes, int64_t count, int c, __m256i (*u)[4]) {
-  const __m256i zero = _mm256_setzero_si256();
-  int steps = 0;
-  for (int64_t k = 0; k < count; k += 4, ++steps) {
-    __m256i q[4];
-    for (int i = 0; i < 4; ++i) q[i] = k + i < count ? (Q4K ? q4_k_codes(codes[k + i], c) : q6_k_codes(codes[k + i], c)) : zero;
-    const __m256i t0 = _mm256_unpacklo_epi8(q[0], q[1]), t1 = _mm256_unpackhi_epi8(q[0], q[1]);
-    const __m256i t2 = _mm256_unpacklo_epi8(q[2], q[3]), t3 = _mm256_unpackhi_epi8(q[2], q[3]);
-    u[steps][0] = _mm256_unpacklo_epi16(t0, t2), u[steps][1] = _mm256_unpackhi_epi16(t0, t2);
-    u[steps][2] = _mm256_unpacklo_epi16(t1, t3), u[steps][3] = _mm256_unpackhi_epi16(t1, t3);
-  }
-  return steps;
+inline void interleave_quad(const uint8_t* const* codes, int c, __m256i* u) {
+  const __m256i q0 = Q4K ? q4_k_codes(codes[0], c) : q6_k_codes(codes[0], c);
+  const __m256i q1 = Q4K ? q4_k_codes(codes[1], c) : q6_k_codes(codes[1], c);
+  const __m256i q2 = Q4K ? q4_k_codes(codes[2], c) : q6_k_codes(codes[2], c);
+  const __m256i q3 = Q4K ? q4_k_codes(codes[3], c) : q6_k_codes(codes[3], c);
+  const __m256i t0 = _mm256_unpacklo_epi8(q0, q1), t1 = _mm256_unpackhi_epi8(q0, q1);
+  const __m256i t2 = _mm256_unpacklo_epi8(q2, q3), t3 = _mm256_unpackhi_epi8(q2, q3);
+  u[0] = _mm256_unpacklo_epi16(t0, t2), u[1] = _mm256_unpackhi_epi16(t0, t2);
+  u[2] = _mm256_unpacklo_epi16(t1, t3), u[3] = _mm256_unpackhi_epi16(t1, t3);
 }
 
-// One token's sums of interleaved codes times its 8-bit activations qa (zero past count): out[0..3]
-// int32 for the 32 outputs in order, the sums group_chunk makes.
-inline void sum_interleaved(const __m256i (*u)[4], int steps, const int8_t* qa, __m256i* out) {
-  const __m256i ones = _mm256_set1_epi16(1);
-  __m256i acc[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
-  for (int st = 0; st < steps; ++st) {
-    int32_t quad;
-    std::memcpy(&quad, qa + 4 * st, sizeof quad);
-    const __m256i act = _mm256_set1_epi32(quad);
-    for (int j = 0; j < 4; ++j) acc[j] = _mm256_add_epi32(acc[j], _mm256_madd_epi16(_mm256_maddubs_epi16(u[st][j], act), ones));
-  }
-  out[0] = _mm256_permute2x128_si256(acc[0], acc[1], 0x20);
-  out[1] = _mm256_permute2x128_si256(acc[2], acc[3], 0x20);
-  out[2] = _mm256_permute2x128_si256(acc[0], acc[1], 0x31);
-  out[3] = _mm256_permute2x128_si256(acc[2], acc[3], 0x31);
+// acc[0..3] += sc * (u . act) per output: one u8 x s8 multiply-add (`vpmaddubsw`) sums two of the four
+// neurons (|sum| <= 2 * 63 * 127), `vpmaddwd` multiplies both pairs by the output's sub-block scale.
+// act4: the four neurons' 8-bit activations in one word.
+inline void scaled_quad(const __m256i* u, int32_t act4, const __m256i* sc, __m256i* acc) {
+  const __m256i act = _mm256_set1_epi32(act4);
+  for (int j = 0; j < 4; ++j) acc[j] = _mm256_add_epi32(acc[j], _mm256_madd_epi16(_mm256_maddubs_epi16(u[j], act), sc[j]));
 }
 
-// The AVX2 column sums for T tokens: out + t * out_stride += those of a + t * a_stride (units + t * n_keys).
-// One token (decode) is axpy_columns_k. For a prompt, each group's codes for 32 outputs are read and
-// interleaved once and summed against every token's activations, the sums and the float steps those of
-// axpy_columns_k token by token (which read and unpacked the codes once per token: a 128-token pass
-// read each layer's down 128 times).
-void axpy_columns_tokens(const KColumns& W, const float* a, int64_t T, int64_t a_stride, const int64_t* rows,
-                         const float* units, float* out, int64_t out_stride, int64_t r0, int64_t r1) {
-  if (T == 1) return axpy_columns_k(W, a, rows, units, out, r0, r1);
-  const int64_t G = W.n_keys, group = W.group(), halves = W.halves(), d = W.d;
+// sums[0..31] += acc (sum order) less Q6_K's 32 sc qa_sum; Q4_K: mins[0..31] += m qa_sum. qa_sum16: the
+// sub-block's sum of 8-bit activations as (qa_sum, 0) in each pair of 16-bit lanes.
+inline void add_chunk(bool q4_k, __m256i* acc, const __m256i* sc, const __m256i* m, __m256i qa_sum16, int32_t* sums,
+                      int32_t* mins) {
+  for (int i = 0; i < 4; ++i) {
+    if (!q4_k)  // w = d sc (q - 32): sc * 32 * qa_sum as 32 * (sc * qa_sum)
+      acc[i] = _mm256_sub_epi32(acc[i], _mm256_slli_epi32(_mm256_madd_epi16(sc[i], qa_sum16), 5));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(sums + 8 * i), _mm256_add_epi32(load32(sums + 8 * i), acc[i]));
+    if (q4_k)  // w = d sc q - dmin m
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(mins + 8 * i),
+                          _mm256_add_epi32(load32(mins + 8 * i), _mm256_madd_epi16(m[i], qa_sum16)));
+  }
+}
+
+// out[d] += unit * (d * sums - dmin * mins) (Q6_K: unit * d * sums) for one block's integer sums [d] (sum
+// order per 32 outputs), head the block's heads in the down table.
+inline void fold_block(bool q4_k, const uint16_t* head, int64_t d, float unit, const int32_t* sums, const int32_t* mins,
+                       float* out) {
+  const __m256 u = _mm256_set1_ps(unit);
+  for (int64_t o0 = 0; o0 < d; o0 += 32) {
+    __m256i v[4], natural[4];
+    for (int i = 0; i < 4; ++i) v[i] = load32(sums + o0 + 8 * i);
+    from_sum_order(v, natural);
+    for (int i = 0; i < 4; ++i) {
+      const int64_t r = o0 + 8 * i;
+      const __m256 scale = _mm256_mul_ps(u, fp16_8(head + (q4_k ? 0 : 8 * d) + r));
+      _mm256_storeu_ps(out + r, _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(natural[i]), _mm256_loadu_ps(out + r)));
+    }
+    if (!q4_k) continue;
+    for (int i = 0; i < 4; ++i) v[i] = load32(mins + o0 + 8 * i);
+    from_sum_order(v, natural);
+    for (int i = 0; i < 4; ++i) {
+      const int64_t r = o0 + 8 * i;
+      const __m256 offset = _mm256_mul_ps(u, fp16_8(head + d + r));
+      _mm256_storeu_ps(out + r, _mm256_fnmadd_ps(offset, _mm256_cvtepi32_ps(natural[i]), _mm256_loadu_ps(out + r)));
+    }
+  }
+}
+
+// out + t * out_stride += sum_{r in [r0, r1)} a[t * a_stride + r] * column(row(r)) (row(r) = rows[r], or r)
+// for T tokens, summed in integers per block of 256 neurons as llama.cpp sums a Q4_K/Q6_K row against its
+// Q8_K input: the share grouped by sub-block (a counting sort); a block's activations quantized to 8
+// bits with one unit per token (`k_column_units`), each sub-block's codes times those activations
+// multiplied by its integer scales (`vpmaddwd`) into the block's int32 sums for all d outputs (Q6_K's -32
+// and Q4_K's mins as integer terms per sub-block), which meet the floats once per block and output
+// (fold_block). Per sub-block float scales (a decode, two multiplies and a fold per 32 outputs, before)
+// cost as much as the multiply-adds for a sparse 40 % of a group.
+// A group's 32 outputs at a time keep its codes in L1 over the eight chunks of an output group; the next
+// group's codes are fetched while one is summed, a 256-output slice at a time. One token (decode) sums
+// each quad of neurons as it is interleaved; a prompt's tokens share one interleaving per chunk (T
+// passes over the codes read each layer's down T times).
+void axpy_columns_k(const KColumns& W, const float* a, int64_t T, int64_t a_stride, const int64_t* rows,
+                    const float* units, float* out, int64_t out_stride, int64_t r0, int64_t r1) {
+  const int64_t G = W.n_keys, group = W.group(), per_block = QK_K / group, halves = W.halves(), d = W.d;
   const int64_t ob = (W.q4_k ? 128 : 192);  // code bytes per 256 outputs
+  alignas(32) static const uint8_t zero_codes[192] = {};
   thread_local RowGroups groups;
+  thread_local std::vector<int32_t> sums, mins, acts;  // sums, mins [T, d]: one block's; acts [T, 8]
+  thread_local std::vector<int8_t> qa;                // [T, 32]: a group's 8-bit activations, zero past count
+  std::vector<__m256i> qa_sum16(T);
+  acts.resize(8 * T);
+  qa.resize(32 * T);
   groups.sort(W.keys, G, rows, r0, r1);
   const std::vector<int64_t>&start = groups.start, &order = groups.order;
-  std::vector<int8_t> qa(T * 32);  // [T][32]: each token's 8-bit activations of the group, zero past count
-  std::vector<float> a_sum(T);
   const uint8_t* ptr[32];
   __m256i u[8][4];
-  for (int64_t g = 0; g < G; ++g) {
-    if (start[g] == start[g + 1]) continue;
-    const int64_t count = start[g + 1] - start[g];
-    std::fill(qa.begin(), qa.end(), 0);
-    for (int64_t t = 0; t < T; ++t) {
-      const float unit = units[t * G + g], inv = unit != 0.0f ? 1.0f / unit : 0.0f;
-      int32_t qa_sum = 0;
-      for (int64_t k = 0; k < count; ++k) {
-        qa[32 * t + k] = static_cast<int8_t>(std::nearbyint(a[t * a_stride + order[start[g] + k]] * inv));  // half to even
-        qa_sum += qa[32 * t + k];
-      }
-      a_sum[t] = unit * static_cast<float>(qa_sum);
-    }
-    const int64_t b = g * group / QK_K;
-    const int s = static_cast<int>((g * group % QK_K) / group);
+  for (int64_t b = 0, next = 0; b < G / per_block; ++b) {
+    const int64_t g0 = b * per_block;
+    if (start[g0] == start[g0 + per_block]) continue;
+    sums.assign(T * d, 0);
+    if (W.q4_k) mins.assign(T * d, 0);
     const uint16_t* head = W.table + b * halves * d;
-    for (int64_t og = 0; og < d / QK_K; ++og) {
-      for (int64_t k = 0; k < count; ++k) {
-        const int64_t r = order[start[g] + k];
-        ptr[k] = W.row(rows ? rows[r] : r) + og * ob;
+    for (int64_t g = g0; g < g0 + per_block; ++g) {
+      if (start[g] == start[g + 1]) continue;
+      for (next = std::max(next, g + 1); next < G && start[next] == start[next + 1];) ++next;
+      const int64_t count = start[g + 1] - start[g], quads = (count + 3) / 4;
+      std::fill(qa.begin(), qa.end(), 0);
+      for (int64_t t = 0; t < T; ++t) {
+        const float unit = units[t * G + g], inv = unit != 0.0f ? 1.0f / unit : 0.0f;
+        int32_t qa_sum = 0;  // Q6_K's -32 and Q4_K's mins multiply the quantized activations too
+        for (int64_t k = 0; k < count; ++k) {
+          const int8_t q = static_cast<int8_t>(std::nearbyint(a[t * a_stride + order[start[g] + k]] * inv));  // half to even
+          qa[32 * t + k] = q;
+          qa_sum += q;
+        }
+        std::memcpy(acts.data() + 8 * t, qa.data() + 32 * t, 32);
+        qa_sum16[t] = _mm256_set1_epi32(qa_sum & 0xFFFF);
       }
-      for (int c = 0; c < 8; ++c) {
-        const int steps = W.q4_k ? interleave_codes<true>(ptr, count, c, u) : interleave_codes<false>(ptr, count, c, u);
-        const int64_t o0 = og * QK_K + 32 * c;
-        __m256 scales[4], offsets[4];
-        group_scales(W.q4_k, head, d, s, o0, scales, offsets);
-        for (int64_t t = 0; t < T; ++t) {
-          __m256i sums[4];
-          sum_interleaved(u, steps, qa.data() + 32 * t, sums);
-          const __m256 unit = _mm256_set1_ps(units[t * G + g]);
-          const __m256 acc[4] = {_mm256_mul_ps(unit, _mm256_cvtepi32_ps(sums[0])), _mm256_mul_ps(unit, _mm256_cvtepi32_ps(sums[1])),
-                                 _mm256_mul_ps(unit, _mm256_cvtepi32_ps(sums[2])), _mm256_mul_ps(unit, _mm256_cvtepi32_ps(sums[3]))};
-          fold_scaled(scales, offsets, acc, a_sum[t], out + t * out_stride + o0);
+      const int s = static_cast<int>(g - g0);
+      for (int64_t og = 0; og < d / QK_K; ++og) {
+        for (int64_t k = 0; k < 4 * quads; ++k) {
+          ptr[k] = k < count ? W.row(rows ? rows[order[start[g] + k]] : order[start[g] + k]) + og * ob : zero_codes;
+        }
+        if (next < G)  // the next group's codes for these outputs, spread over this group's work
+          for (int64_t k = start[next]; k < start[next + 1]; ++k) {
+            const int64_t r = order[k];
+            prefetch_row(W.row(rows ? rows[r] : r) + og * ob, ob);
+          }
+        for (int c = 0; c < 8; ++c) {
+          const int64_t o0 = og * QK_K + 32 * c;
+          __m256i sc0, sc1, m0, m1, sc[4], m[4];
+          sub_block_scales16(W.q4_k, head, d, s, o0, &sc0, &m0);
+          sub_block_scales16(W.q4_k, head, d, s, o0 + 16, &sc1, &m1);
+          in_sum_order(sc0, sc1, sc);
+          if (W.q4_k) in_sum_order(m0, m1, m);
+          if (T == 1) {
+            __m256i acc[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
+            for (int64_t q = 0; q < quads; ++q) {
+              W.q4_k ? interleave_quad<true>(ptr + 4 * q, c, u[0]) : interleave_quad<false>(ptr + 4 * q, c, u[0]);
+              scaled_quad(u[0], acts[q], sc, acc);
+            }
+            add_chunk(W.q4_k, acc, sc, m, qa_sum16[0], sums.data() + o0, mins.data() + o0);
+            continue;
+          }
+          for (int64_t q = 0; q < quads; ++q)
+            W.q4_k ? interleave_quad<true>(ptr + 4 * q, c, u[q]) : interleave_quad<false>(ptr + 4 * q, c, u[q]);
+          for (int64_t t = 0; t < T; ++t) {
+            __m256i acc[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
+            for (int64_t q = 0; q < quads; ++q) scaled_quad(u[q], acts[8 * t + q], sc, acc);
+            add_chunk(W.q4_k, acc, sc, m, qa_sum16[t], sums.data() + t * d + o0, mins.data() + t * d + o0);
+          }
         }
       }
     }
+    for (int64_t t = 0; t < T; ++t)  // one unit per block (k_column_units)
+      fold_block(W.q4_k, head, d, units[t * G + g0], sums.data() + t * d, mins.data() + t * d, out + t * out_stride);
   }
 }
 
@@ -449,7 +424,7 @@ struct KQuantKernels {
 const KQuantKernels& k_quant_kernels() {
   static const KQuantKernels chosen = [] {
     if (vnni_allowed()) return KQuantKernels{"avx512-vnni", vnni512::rows_dots, vnni512::axpy_columns};
-    return KQuantKernels{"avx2", rows_dots, axpy_columns_tokens};
+    return KQuantKernels{"avx2", rows_dots, axpy_columns_k};
   }();
   return chosen;
 }
@@ -535,7 +510,7 @@ at::Tensor down_k(const at::Tensor& codes, const at::Tensor& table, const at::Te
   std::vector<float> units(T * W.n_keys);  // [T, n_keys]
   std::vector<float> one;
   for (int64_t t = 0; t < T; ++t) {
-    group_units(W.keys, W.n_keys, a.data_ptr<float>() + t * j, rp, j, one);
+    k_column_units(W, a.data_ptr<float>() + t * j, rp, j, one);
     std::copy(one.begin(), one.end(), units.begin() + t * W.n_keys);
   }
   // The threads take chunks of the neurons (whole sub-block groups: the sorted order keeps a group's rows

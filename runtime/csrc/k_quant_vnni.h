@@ -243,7 +243,7 @@ inline int64_t part_output(int p, int m) {
   return 128 * (p / 2) + 32 * (p % 2) + (m < 2 ? 16 * m : 64 + 16 * (m - 2));
 }
 
-// 16 outputs' head byte k of one block's heads in the down table (see head_bytes8) -> 16 int32 lanes, 0..255.
+// 16 outputs' head byte k of one block's heads in the down table (see kq::head_bytes16) -> 16 int32 lanes, 0..255.
 inline __m512i head_bytes16(const uint16_t* unit, int64_t d, int k, int64_t r) {
   const __m512i u = _mm512_cvtepu16_epi32(load32(unit + (k / 2) * d + r));
   return _mm512_and_si512(_mm512_srli_epi32(u, 8 * (k % 2)), _mm512_set1_epi32(0xFF));
@@ -387,7 +387,7 @@ void axpy_columns_nt(const KColumns& W, const float* a, int64_t a_stride, const 
   }
 }
 
-// out + t * out_stride += the column sums of token t < T (see kq::axpy_columns_tokens), four tokens at a time.
+// out + t * out_stride += the column sums of token t < T (see kq::axpy_columns_k), four tokens at a time.
 void axpy_columns(const KColumns& W, const float* a, int64_t T, int64_t a_stride, const int64_t* rows, const float* units,
                   float* out, int64_t out_stride, int64_t r0, int64_t r1) {
   thread_local RowGroups groups;

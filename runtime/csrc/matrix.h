@@ -100,10 +100,11 @@ void matrix_gemv(const Matrix& W, const GemvInput& in, const int64_t* rows, floa
 }
 
 // The 8-bit scale of each scale group's activations for the column sums in integers (Q4_1 blocks,
-// K-quant sub-blocks; `group_units`); zeros for the others. `units` is resized to the group count.
+// K-quant sub-blocks, each holding its block's unit: `kq::k_column_units`); zeros for the others.
+// `units` is resized to the group count.
 void column_block_units(const Matrix& W, const float* a, const int64_t* rows, int64_t n, std::vector<float>& units) {
   if (W.k_columns.codes)  // per K-quant sub-block
-    return group_units(W.k_columns.keys, W.k_columns.n_keys, a, rows, n, units);
+    return kq::k_column_units(W.k_columns, a, rows, n, units);
   if (W.bf16 || !W.columns.q4) return units.assign(W.columns.n_blocks, 0.0f);
   group_units(W.columns.blocks, W.columns.n_blocks, a, rows, n, units);
 }
