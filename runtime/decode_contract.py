@@ -19,7 +19,7 @@ class FfnKind(IntEnum):
     pins the two to the same values)."""
 
     GATED = 0  # w1 = [gate; up] [2n, d], w2 = down [d, n]
-    INTERLEAVED = 1  # w1 rows g0, u0, g1, u1, ... [2m, d] (the active prefix), w2 = down [d, m]
+    INTERLEAVED = 1  # w1 rows g0, u0, g1, u1, ... [2m, d] (the active prefix), w2 = down [d, m]; bf16, or K-quant rows (dense)
     TOKENWISE = 2  # w1 = gate, w2 = down_t, w3 = up, all [k, d]; per token base + top by score
     ROWS = 3  # w1 rows g0, u0, g1, u1, ... [2m, d], w2 = down_t [m, d]: every matrix per neuron rows (compact)
 

@@ -17,7 +17,8 @@ from partinfer.runtime.decode_contract import FfnKind, FfnWeights
 from partinfer.runtime.kernels import in_token_chunks, k_product_kernel, linear, prompt_gemm_kernel, prompt_positions
 from partinfer.runtime.native import down_k as native_down_k
 from partinfer.runtime.native import q4_1_columns_gemm as native_q4_1_columns_gemm
-from partinfer.runtime.quant import dequantize_columns, down_table_shape, neuron_blocks, neuron_scale_groups
+from partinfer.runtime.quant import (dequantize_columns, down_table_shape, neuron_blocks, neuron_scale_groups,
+                                     rows_from_columns)
 
 
 @dataclass(frozen=True)
@@ -104,7 +105,8 @@ class FFN(FeedForward):
     def from_rows(cls, cfg: ModelConfig, rows: "FfnRows", dtype: torch.dtype) -> FeedForward:
         """The dense layer from every neuron's rows (in original order): float rows, or compact ones."""
         if rows.compact:
-            return CompactFFN.from_rows(cfg, rows, dtype)
+            family = CompactRowsFFN if rows_down(rows.gate_up_format, rows.down_format) else CompactFFN
+            return family.from_rows(cfg, rows, dtype)
         with torch.device("meta"):
             ffn = cls(cfg)
         ffn.gate_up = nn.Parameter(torch.cat([rows.gate, rows.up]).to(dtype), requires_grad=False)
@@ -142,6 +144,13 @@ def compact_gated_activations(x: torch.Tensor, gate_up: torch.Tensor, fmt: Block
         return act(h[..., 0]).mul_(h[..., 1])
     a = activate_in_place(act, linear(x, gate_up[:, 0], fmt=fmt))  # act and the product in place
     return a.mul_(linear(x, gate_up[:, 1], fmt=fmt))
+
+
+def rows_down(gate_up_format: BlockFormat, down_format: BlockFormat) -> bool:
+    """Whether a dense layer keeps its down as rows along the neurons (the source's own blocks) rather
+    than per-neuron columns: for the K-quants, whose row products stream as fast as memory while their
+    column sums, which a sparse layer needs, read about two thirds as fast (docs/benchmarks.md, session 20)."""
+    return gate_up_format.dequant_kernel is not None and down_format.dequant_kernel is not None
 
 
 COLUMN_TILE_BYTES = 4 << 20  # de-quantized down columns per tile of `column_linear`
@@ -228,3 +237,47 @@ class CompactFFN(FeedForward):
     def decode_bytes(self) -> int:
         table = self.down_table.numel() * self.down_table.element_size()
         return self.gate_up.numel() + self.down_t.numel() + table
+
+
+class CompactRowsFFN(FeedForward):
+    """The dense gated FFN on K-quant rows, down included (every neuron, original order):
+
+      gate_up  [n, 2, row_bytes(d)] uint8  neuron i's gate and up rows side by side, in `gate_up_format`,
+      down     [d, row_bytes(n)] uint8     output o's row of blocks along the neurons, in `down_format`:
+                                           the source's own blocks, put back together from the pack's
+                                           columns (`rows_from_columns`, bit for bit), the same bytes.
+    The one-token decode reads both as row products (FfnKind.INTERLEAVED, the activations quantized per
+    256 as the column sums quantize them); a prompt runs the compiled K-quant products."""
+
+    def __init__(self, cfg: ModelConfig, gate_up_format: BlockFormat, down_format: BlockFormat,
+                 dtype: torch.dtype = torch.bfloat16):
+        super().__init__()
+        n, d = cfg.ffn_dim, cfg.dim
+        self.dim, self.dtype = d, dtype
+        self.gate_up_format, self.down_format = gate_up_format, down_format
+        self.gate_up = nn.Parameter(torch.empty(n, 2, gate_up_format.row_bytes(d), dtype=torch.uint8), requires_grad=False)
+        self.down = nn.Parameter(torch.empty(d, down_format.row_bytes(n), dtype=torch.uint8), requires_grad=False)
+        self.act = ACTIVATIONS[cfg.hidden_act]
+
+    @classmethod
+    def from_rows(cls, cfg: ModelConfig, rows: FfnRows, dtype: torch.dtype) -> "CompactRowsFFN":
+        if not torch.equal(rows.neuron_ids, torch.arange(cfg.ffn_dim)):
+            raise ValueError("a dense layer's rows come in original order, every neuron")
+        with torch.device("meta"):
+            ffn = cls(cfg, rows.gate_up_format, rows.down_format, dtype)
+        ffn.gate_up = nn.Parameter(torch.stack([rows.gate, rows.up], dim=1), requires_grad=False)  # [n, 2, bytes]
+        ffn.down = nn.Parameter(rows_from_columns(rows.down_t, rows.down_table, rows.down_format), requires_grad=False)
+        return ffn
+
+    def decode_weights(self) -> FfnWeights | None:
+        if self.act is not F.silu or not decode_kernels(self.gate_up_format, self.down_format):
+            return None
+        gate_up = self.gate_up.view(2 * self.gate_up.shape[0], -1)  # [2n, bytes], gate/up rows interleaved
+        return FfnWeights(FfnKind.INTERLEAVED, gate_up, self.down, gate_up)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, D] -> [B, T, D]
+        a = compact_gated_activations(x, self.gate_up, self.gate_up_format, self.act)  # [B, T, n]
+        return linear(a, self.down, fmt=self.down_format)
+
+    def decode_bytes(self) -> int:
+        return self.gate_up.numel() + self.down.numel()

@@ -102,6 +102,19 @@ def columns_from_rows(rows: torch.Tensor, fmt: BlockFormat) -> tuple[torch.Tenso
     return fmt.pack(q).reshape(nb * fmt.block, fmt.column_code_bytes(d)).contiguous(), table
 
 
+def rows_from_columns(codes: torch.Tensor, table: torch.Tensor, fmt: BlockFormat) -> torch.Tensor:
+    """Every neuron's down columns (codes [n, column_code_bytes(d)] in id order, the layer's table) ->
+    the compact rows [d, n / block · block_bytes] they were split from (`columns_from_rows`), bit for bit:
+    a dense layer reads its down as the source's rows (runtime/ffn.py `CompactFFN`)."""
+    n, d = codes.shape[0], table.shape[-1]
+    fmt.check_width(n)
+    nb = n // fmt.block
+    q = fmt.unpack(codes.reshape(n, d // fmt.block, fmt.code_bytes)).to(torch.uint8).reshape(n, d)  # [n, d] codes
+    row_codes = fmt.pack(q.t().reshape(d, nb, fmt.block))  # [d, nb, code_bytes]: a quarter of the bytes through the transpose
+    head = table.permute(2, 0, 1).contiguous().view(torch.uint8)  # [d, nb, head_bytes]
+    return fmt.join(head, row_codes).reshape(d, nb * fmt.block_bytes).contiguous()
+
+
 def dequantize_columns(codes: torch.Tensor, table: torch.Tensor, neuron_ids: torch.Tensor, fmt: BlockFormat,
                        dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Down columns: codes [k, code_bytes] of the neurons `neuron_ids` [k] (original ids) with the layer's

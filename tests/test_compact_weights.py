@@ -20,7 +20,7 @@ from partinfer.runtime.native import cpu_flags, cpu_kernels
 from partinfer.runtime.pack import pack_checkpoint
 from partinfer.common.formats.blocks import BLOCK_FORMATS, Q4_1
 from partinfer.runtime.quant import (columns_from_rows, dequantize, dequantize_columns, dequantize_columns_reference,
-                                     quantize_activation)
+                                     quantize_activation, rows_from_columns)
 from partinfer.runtime.sparse_ffn import CompactSparseFFN, sparse_modules
 from partinfer.runtime.sparsity import METHODS, SparsityConfig, fraction_count
 from tests.helpers import make_neuron_file, tiny_prompts
@@ -464,6 +464,7 @@ def test_k_quants_equal_gguf_py_on_random_blocks(name):
     assert torch.equal(dequantize_columns_reference(codes[ids], table, ids, fmt), values[ids])
     assert torch.equal(dequantize_columns(codes[ids], table, ids, fmt), values[ids])  # compiled where built
     assert torch.equal(dequantize_columns(codes[ids], table, ids, fmt, torch.bfloat16), values[ids].bfloat16())
+    assert torch.equal(rows_from_columns(codes, table, fmt), down)  # and back: the source's rows, byte for byte
 
 
 def test_prompts_pass_through_the_layers_at_the_prompt_products_length(tiny_llama_dir, compact):

@@ -152,6 +152,14 @@ def test_k_quant_weights_run_every_method_and_give_dense_tokens_at_full_budget(k
     from partinfer.runtime.kernels import MixedCompactLinear
 
     assert isinstance(dense.layers[0].self_attn.qkv_proj, MixedCompactLinear)  # Q4_K q, k with a Q6_K v
+    import gguf
+
+    from partinfer.runtime.ffn import CompactRowsFFN
+
+    source = {t.name: t for t in gguf.GGUFReader(k_model["gguf"]).tensors}
+    for i, layer in enumerate(dense.layers):  # dense reads down as the GGUF's own rows, byte for byte
+        assert isinstance(layer.mlp, CompactRowsFFN) and layer.mlp.down_format.name == k_format("down_proj", i)
+        assert np.array_equal(layer.mlp.down.numpy(), source[f"blk.{i}.ffn_down.weight"].data)
     # prompts run on the integer products (inputs quantized to 8 bits): near the exact values. This random
     # model's large q/k/v biases make attention so peaked that a 0.1 % difference in q can move a prompt's
     # logits by half (one prompt in ten, whichever kernel), so the typical prompt is what is asked for:

@@ -165,7 +165,8 @@ const float* attention_team(const AttentionArgs& a, const GemvInput& h, SharedSc
 
 inline float silu(float g) { return g / (1.0f + std::exp(-g)); }
 
-// down @ (silu(gate h) * (up h)) by the whole team (kinds kGated, kInterleaved: bf16); gate_up [2m, D]
+// down @ (silu(gate h) * (up h)) by the whole team (kinds kGated, kInterleaved: bf16, or K-quant rows
+// along the input, down's blocks along the neurons as the source stores them); gate_up [2m, D]
 // rows g0..g_{m-1}, u0.. (or g0, u0, g1, u1, ... when interleaved), down [D, m]. Each thread computes
 // the gate/up rows of its share of the m neurons and their activations. Returns the output [D],
 // shared. act: this thread's scratch.
@@ -266,9 +267,11 @@ const float* tokenwise_ffn_team(const Matrix& gate, const Matrix& up, const Matr
 // A layer's FFN as model_decode sees it. kind 0: gated, w1 = [gate; up] [2n, D], w2 = down [D, n];
 // kind 1: the same with w1's gate/up rows interleaved; kind 2: token-wise, w1 = gate, w3 = up,
 // w2 = down_t (all [k, D]), scale [k] fp32 or empty (rank by |silu(gate h)| alone); kind 3: rows,
-// w1 = interleaved gate/up rows [2m, D], w2 = down_t [m, D]. Kinds 0 and 1 take bf16 weights; kinds
-// 2 and 3 also compact rows (Q4_1 or Q8_0), their down_t then compact columns with the layer's
-// down_table and the rows' down_block (see columns_of; empty tensors for bf16).
+// w1 = interleaved gate/up rows [2m, D], w2 = down_t [m, D]. Kinds 0 and 1 take bf16 weights, or
+// (kind 1) K-quant rows for both, down [D, m] rows of blocks along the neurons (a dense layer: m a
+// multiple of 256, the width the activations' 8-bit blocks need); kinds 2 and 3 also compact rows,
+// their down_t then compact columns with the layer's down_table and the rows' down_block (see
+// columns_of; empty tensors for bf16).
 // Mirrors runtime/decode_contract.py's FfnKind and the fields of its FfnWeights (tests pin the values).
 enum FfnKind : int64_t { kGated = 0, kInterleaved = 1, kTokenwise = 2, kRows = 3 };
 
@@ -285,9 +288,11 @@ FfnArgs check_ffn(int64_t kind, const at::Tensor& w1, const at::Tensor& w2, cons
   TORCH_CHECK(kind >= kGated && kind <= kRows, "unknown FFN kind ", kind);
   FfnArgs f{kind, matrix_of(w1, D, "gate_up/gate"), {}, {}, n_base, n_active, nullptr};
   if (kind == kGated || kind == kInterleaved) {
-    TORCH_CHECK(f.w1.bf16 != nullptr, "FFN kinds 0 and 1 take bf16 weights");
+    const bool k_rows = kind == kInterleaved && f.w1.k_rows != nullptr;
+    TORCH_CHECK(f.w1.bf16 != nullptr || k_rows, "FFN kind 0 takes bf16 weights, kind 1 bf16 or K-quant rows");
     f.w2 = matrix_of(w2, f.w1.rows / 2, "down");
-    TORCH_CHECK(f.w2.bf16 != nullptr && f.w2.rows == D, "down must be bf16 with ", D, " rows");
+    TORCH_CHECK(f.w2.rows == D && (k_rows ? f.w2.k_rows != nullptr : f.w2.bf16 != nullptr),
+                "down must be ", D, " rows in the format family of gate_up (bf16, or K-quant rows)");
     return f;
   }
   if (w2.scalar_type() == at::kBFloat16) {
