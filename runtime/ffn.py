@@ -190,10 +190,36 @@ def column_linear(a: torch.Tensor, codes: torch.Tensor, table: torch.Tensor, neu
     return y
 
 
-class CompactFFN(FeedForward):
-    """The dense gated FFN on compact rows (every neuron, original order):
+class CompactGatedFFN(FeedForward):
+    """What the dense gated FFNs on compact rows share: every neuron's gate and up rows, in original order,
 
-      gate_up     [n, 2, row_bytes] uint8  neuron i's gate and up rows side by side, in `gate_up_format`,
+      gate_up  [n, 2, row_bytes(d)] uint8  neuron i's gate and up rows side by side, in `gate_up_format`,
+    and a down matrix in `down_format`, laid out by the subclass (per-neuron columns, or rows)."""
+
+    def __init__(self, cfg: ModelConfig, gate_up_format: BlockFormat, down_format: BlockFormat,
+                 dtype: torch.dtype = torch.bfloat16):
+        super().__init__()
+        self.dim, self.dtype = cfg.dim, dtype
+        self.gate_up_format, self.down_format = gate_up_format, down_format
+        self.gate_up = nn.Parameter(torch.empty(cfg.ffn_dim, 2, gate_up_format.row_bytes(cfg.dim), dtype=torch.uint8),
+                                    requires_grad=False)
+        self.act = ACTIVATIONS[cfg.hidden_act]
+
+    def decodable(self) -> bool:
+        """Whether the compiled decode takes this layer: SiLU, and both formats with compiled kernels."""
+        return self.act is F.silu and decode_kernels(self.gate_up_format, self.down_format)
+
+    def interleaved_gate_up(self) -> torch.Tensor:
+        """[2n, row_bytes] gate and up rows interleaved (g0, u0, g1, ...), a view."""
+        return self.gate_up.view(2 * self.gate_up.shape[0], -1)
+
+    def activations(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, D] -> a [B, T, n]
+        return compact_gated_activations(x, self.gate_up, self.gate_up_format, self.act)
+
+
+class CompactFFN(CompactGatedFFN):
+    """The dense gated FFN on compact rows, down as per-neuron columns:
+
       down_t      [n, code_bytes] uint8    neuron i's down column codes, in `down_format`,
       down_table  [n / block, head / 2, d] the layer's down block heads (2-byte units).
     The eager path de-quantizes tile by tile into `dtype`; the compiled decode reads the rows as
@@ -201,16 +227,12 @@ class CompactFFN(FeedForward):
 
     def __init__(self, cfg: ModelConfig, gate_up_format: BlockFormat, down_format: BlockFormat,
                  dtype: torch.dtype = torch.bfloat16):
-        super().__init__()
+        super().__init__(cfg, gate_up_format, down_format, dtype)
         n, d = cfg.ffn_dim, cfg.dim
-        self.dim, self.dtype = d, dtype
-        self.gate_up_format, self.down_format = gate_up_format, down_format
-        self.gate_up = nn.Parameter(torch.empty(n, 2, gate_up_format.row_bytes(d), dtype=torch.uint8), requires_grad=False)
         self.down_t = nn.Parameter(torch.empty(n, down_format.column_code_bytes(d), dtype=torch.uint8), requires_grad=False)
         self.down_table = nn.Parameter(torch.empty(down_table_shape(down_format, n, d), dtype=torch.float16),
                                        requires_grad=False)
         self.register_buffer("neuron_ids", torch.arange(n), persistent=False)
-        self.act = ACTIVATIONS[cfg.hidden_act]
 
     @classmethod
     def from_rows(cls, cfg: ModelConfig, rows: FfnRows, dtype: torch.dtype) -> "CompactFFN":
@@ -223,41 +245,35 @@ class CompactFFN(FeedForward):
         return ffn
 
     def decode_weights(self) -> FfnWeights | None:
-        """Every neuron as compact rows, when both formats have compiled kernels and the layer is SiLU."""
-        if self.act is not F.silu or not decode_kernels(self.gate_up_format, self.down_format):
+        """Every neuron as compact rows, when the compiled decode takes the layer."""
+        if not self.decodable():
             return None
-        gate_up = self.gate_up.view(2 * self.gate_up.shape[0], -1)  # [2n, bytes], gate/up rows interleaved
+        gate_up = self.interleaved_gate_up()
         return FfnWeights(FfnKind.ROWS, gate_up, self.down_t, gate_up, down_table=self.down_table,
                           down_block=neuron_scale_groups(self.neuron_ids, self.down_format))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, D] -> [B, T, D]
-        a = compact_gated_activations(x, self.gate_up, self.gate_up_format, self.act)  # [B, T, n]
-        return column_linear(a, self.down_t, self.down_table, self.neuron_ids, self.down_format)
+        return column_linear(self.activations(x), self.down_t, self.down_table, self.neuron_ids, self.down_format)
 
     def decode_bytes(self) -> int:
         table = self.down_table.numel() * self.down_table.element_size()
         return self.gate_up.numel() + self.down_t.numel() + table
 
 
-class CompactRowsFFN(FeedForward):
-    """The dense gated FFN on K-quant rows, down included (every neuron, original order):
+class CompactRowsFFN(CompactGatedFFN):
+    """The dense gated FFN on K-quant rows, down included:
 
-      gate_up  [n, 2, row_bytes(d)] uint8  neuron i's gate and up rows side by side, in `gate_up_format`,
-      down     [d, row_bytes(n)] uint8     output o's row of blocks along the neurons, in `down_format`:
-                                           the source's own blocks, put back together from the pack's
-                                           columns (`rows_from_columns`, bit for bit), the same bytes.
+      down  [d, row_bytes(n)] uint8  output o's row of blocks along the neurons, in `down_format`: the
+                                     source's own blocks, put back together from the pack's columns
+                                     (`rows_from_columns`, bit for bit), the same bytes.
     The one-token decode reads both as row products (FfnKind.INTERLEAVED, the activations quantized per
     256 as the column sums quantize them); a prompt runs the compiled K-quant products."""
 
     def __init__(self, cfg: ModelConfig, gate_up_format: BlockFormat, down_format: BlockFormat,
                  dtype: torch.dtype = torch.bfloat16):
-        super().__init__()
-        n, d = cfg.ffn_dim, cfg.dim
-        self.dim, self.dtype = d, dtype
-        self.gate_up_format, self.down_format = gate_up_format, down_format
-        self.gate_up = nn.Parameter(torch.empty(n, 2, gate_up_format.row_bytes(d), dtype=torch.uint8), requires_grad=False)
-        self.down = nn.Parameter(torch.empty(d, down_format.row_bytes(n), dtype=torch.uint8), requires_grad=False)
-        self.act = ACTIVATIONS[cfg.hidden_act]
+        super().__init__(cfg, gate_up_format, down_format, dtype)
+        self.down = nn.Parameter(torch.empty(cfg.dim, down_format.row_bytes(cfg.ffn_dim), dtype=torch.uint8),
+                                 requires_grad=False)
 
     @classmethod
     def from_rows(cls, cfg: ModelConfig, rows: FfnRows, dtype: torch.dtype) -> "CompactRowsFFN":
@@ -270,14 +286,13 @@ class CompactRowsFFN(FeedForward):
         return ffn
 
     def decode_weights(self) -> FfnWeights | None:
-        if self.act is not F.silu or not decode_kernels(self.gate_up_format, self.down_format):
+        if not self.decodable():
             return None
-        gate_up = self.gate_up.view(2 * self.gate_up.shape[0], -1)  # [2n, bytes], gate/up rows interleaved
+        gate_up = self.interleaved_gate_up()
         return FfnWeights(FfnKind.INTERLEAVED, gate_up, self.down, gate_up)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, D] -> [B, T, D]
-        a = compact_gated_activations(x, self.gate_up, self.gate_up_format, self.act)  # [B, T, n]
-        return linear(a, self.down, fmt=self.down_format)
+        return linear(self.activations(x), self.down, fmt=self.down_format)
 
     def decode_bytes(self) -> int:
         return self.gate_up.numel() + self.down.numel()
