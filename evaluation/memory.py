@@ -251,7 +251,7 @@ def measure(spec: MemorySpec) -> dict:
 def run_memory(model_dir: Path, sparsity: SparsityConfig, gammas=DEFAULT_GAMMAS, methods=("load-only", "partinfer"),
                dtype: str = "bf16", device: str = "cpu", packed: bool = True, peers: bool = True,
                progress=None, weights: str | None = None, prompt_tokens: int = 32, new_tokens: int = 16) -> dict:
-    """Measure dense, each method at each γ (the rest of `sparsity` as given), and the transformers peer;
+    """Measure dense, each method at each γ (the rest of `sparsity` as given, φ and δ at most γ), and the transformers peer;
     one fresh process each, all on the weight scheme `weights` (None: bf16), generating `new_tokens`
     after a `prompt_tokens` prompt. Every configuration is validated here, before the first worker starts."""
     from partinfer.evaluation.peers import llama_cpp_gguf
@@ -269,7 +269,9 @@ def run_memory(model_dir: Path, sparsity: SparsityConfig, gammas=DEFAULT_GAMMAS,
                         dtype=dtype, device=device, **lengths)]
     for method in methods:
         for g in gammas:
-            config = replace(sparsity, method=method, gamma=g)  # raises on a δ or φ that γ cannot hold
+            # what stays resident depends on γ alone: a φ or δ above a swept γ (a model's default φ 0.9
+            # against γ 0.7) is held at γ for that row rather than refusing the sweep
+            config = replace(sparsity, method=method, gamma=g, phi=min(sparsity.phi, g), delta=min(sparsity.delta, g))
             specs.append(MemorySpec(f"{method} γ={g}", str(source), method, config.to_dict(), dtype, device, **lengths))
     if peers:
         specs.append(MemorySpec("transformers", str(model_dir), "transformers", dtype=dtype, device=device, **lengths))

@@ -95,10 +95,12 @@ def test_predefined_prompts_json(default_model_dir):
 
 
 def test_memory_command(default_model_dir):
-    result = runner.invoke(app, ["memory", "--gamma", "0.7", "--methods", "partinfer", "--no-peers", "--json"])
+    # φ 0.6 above the swept γ 0.5 (as a model's default φ can be): the row holds φ at γ instead of refusing
+    result = runner.invoke(app, ["memory", "--gamma", "0.5", "--phi", "0.6", "--methods", "partinfer", "--no-peers", "--json"])
     assert result.exit_code == 0, result.output
     rows = {r["name"]: r for r in json.loads(result.stdout)["rows"]}
-    dense, sparse = rows["dense"], rows["partinfer γ=0.7"]
+    dense, sparse = rows["dense"], rows["partinfer γ=0.5"]
+    assert sparse["phi"] == 0.5
     assert sparse["expected_bytes"]["weights"] < dense["expected_bytes"]["weights"]
     assert sparse["model_mib"] < dense["model_mib"]  # a real saving, measured in fresh processes
 
