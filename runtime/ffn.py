@@ -148,8 +148,8 @@ def compact_gated_activations(x: torch.Tensor, gate_up: torch.Tensor, fmt: Block
 
 def rows_down(gate_up_format: BlockFormat, down_format: BlockFormat) -> bool:
     """Whether a dense layer keeps its down as rows along the neurons (the source's own blocks) rather
-    than per-neuron columns: for the K-quants, whose row products stream as fast as memory while their
-    column sums, which a sparse layer needs, read about two thirds as fast (docs/benchmarks.md, session 20)."""
+    than per-neuron columns: for the K-quants, whose row products stream faster than their column sums,
+    which only a sparse layer needs (measured: docs/benchmarks.md, "A dense layer's down as rows")."""
     return gate_up_format.dequant_kernel is not None and down_format.dequant_kernel is not None
 
 

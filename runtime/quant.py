@@ -105,7 +105,7 @@ def columns_from_rows(rows: torch.Tensor, fmt: BlockFormat) -> tuple[torch.Tenso
 def rows_from_columns(codes: torch.Tensor, table: torch.Tensor, fmt: BlockFormat) -> torch.Tensor:
     """Every neuron's down columns (codes [n, column_code_bytes(d)] in id order, the layer's table) ->
     the compact rows [d, n / block · block_bytes] they were split from (`columns_from_rows`), bit for bit:
-    a dense layer reads its down as the source's rows (runtime/ffn.py `CompactFFN`)."""
+    a dense layer reads its down as the source's rows (runtime/ffn.py `CompactRowsFFN`)."""
     n, d = codes.shape[0], table.shape[-1]
     fmt.check_width(n)
     nb = n // fmt.block
