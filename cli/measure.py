@@ -132,7 +132,7 @@ def pareto(
     dataset: Annotated[str, typer.Option("--dataset", "-d", help="Built-in task (its eval split) or a local text file.")] = "xsum",
     num_samples: Annotated[int, typer.Option("--num-samples", "-n", min=1, max=10_000_000, help="Texts to score per configuration.")] = 16,
     mc2: Annotated[int, typer.Option("--mc2", min=0, max=10_000_000, help="Also score this many TruthfulQA MC2 questions per configuration (through lm-eval); 0: perplexity only.")] = 0,
-    humaneval: Annotated[int, typer.Option("--humaneval", min=0, max=164, help="Also score pass@1 on this many HumanEval problems per configuration (a chat model for code); 0: none.")] = 0,
+    humaneval: Annotated[int, typer.Option("--humaneval", min=0, max=164, help="Also score pass@1 on this many HumanEval problems per configuration (a chat model for code; with a compact format in --weights, its rows and dense bf16 only); 0: none.")] = 0,
     dtype: DtypeOpt = "bf16",
     device: DeviceOpt = "cpu",
     *,

@@ -53,6 +53,9 @@ SPARSITY_OPTIONS: dict[str, tuple[Any, tuple[str, ...], str]] = {
                      "compensate`, fit for the same γ, δ and neuron files); methods that load every neuron ignore it."),
     "budget": (str, ("--budget",), "uniform (every sparse layer loads γ and computes φ) or profiled (the same total "
                "neurons, spread by layer by the sensitivities in the neuron file: `partinfer neurons sensitivity`)."),
+    "refit_tokens": (int, ("--refit-tokens",), "static, coreinfer, partinfer: at the end of each prompt, fit a ridge map from "
+                     "its last N tokens' FFN inputs to what the loaded neurons the sentence does not compute add, and add "
+                     "it at decode (2·N·d multiply-adds per layer and token); 0: off."),
 }
 assert set(SPARSITY_OPTIONS) == {f.name for f in fields(SparsityConfig)}, "every SparsityConfig field is an option"
 # The fields a named model's registry entry may choose (common/model_registry.py `NamedModel.defaults`).

@@ -52,6 +52,7 @@ def build_decode_plan(model: Transformer) -> object | None:
     if any(r is None for r in records):
         return None
     none = torch.empty(0)
+    maps = [block.mlp.decode_compensation() for block in model.layers]  # offline and per-sentence maps
     qkv = [attention_matrices(b.self_attn.qkv_proj) for b in model.layers]
     layers = {
         "norm1": [b.input_layernorm.weight for b in model.layers], "qkv": [m[0] for m in qkv],
@@ -64,8 +65,7 @@ def build_decode_plan(model: Transformer) -> object | None:
         "scale": [none if r.score_scale is None else r.score_scale for r in records],
         "down_table": [none if r.down_table is None else r.down_table for r in records],
         "down_block": [none if r.down_block is None else r.down_block for r in records],
-        "comp_in": [none if b.mlp.comp_in is None else b.mlp.comp_in for b in model.layers],
-        "comp_out": [none if b.mlp.comp_out is None else b.mlp.comp_out for b in model.layers],
+        "comp_in": [none if c is None else c[0] for c in maps], "comp_out": [none if c is None else c[1] for c in maps],
     }
     cfg = model.cfg
     return decode_plan(cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.norm_eps, model.inv_freq, layers)

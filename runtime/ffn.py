@@ -71,6 +71,10 @@ class FeedForward(nn.Module):
         """x [B, T, D], y [B, T, D] the computed neurons' output -> y plus the compensation, if any."""
         return y if self.comp_in is None else y + linear(linear(x, self.comp_in), self.comp_out)
 
+    def decode_compensation(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The low-rank map the compiled decode adds, ([r, d], [d, r]), or None."""
+        return None if self.comp_in is None else (self.comp_in, self.comp_out)
+
     def begin_prompt(self, batch: int, device: torch.device) -> None:
         """A new sentence's prefill of `batch` sequences starts: forget the last one's statistics. A layer
         that keeps statistics makes their accumulators here, before the prompt's first transient: made

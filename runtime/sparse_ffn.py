@@ -5,6 +5,8 @@ Life of a sentence (`begin_prompt` / `end_prompt`, which `prefill(..., select=Tr
            token-wise core neurons are counted (padding excluded), summed over the prompt's chunks;
   select   per sequence, active = base ∪ ε (`selection.sentence_active`);
   decode   only the active neurons' weights are read: φ of the FFN bytes per token.
+With `--refit-tokens N` (batch 1), the prefill also keeps the last N tokens' inputs, and the end of the
+prompt fits a map for what the loaded but inactive neurons add (runtime/sentence_refit.py).
 A new prompt (a chat turn) is a new sentence and re-selects; the KV cache is untouched.
 
 Layout, chosen by measurement (docs/design.md §7: a GEMV streams a contiguous [out, in] weight many
@@ -31,6 +33,7 @@ from partinfer.runtime.ffn import FeedForward, FfnRows, column_linear, compact_g
 from partinfer.runtime.kernels import linear
 from partinfer.runtime.model import Transformer
 from partinfer.runtime.quant import dequantize, dequantize_columns, down_table_shape, neuron_scale_groups
+from partinfer.runtime.sentence_refit import PromptInputs, fit_sentence_map
 from partinfer.runtime.selection import STATISTICS_TOKENS, add_abs_sums, real_token_weights, sentence_active, top_count_mask
 from partinfer.runtime.sparsity import LayerPlan, SparsityConfig
 from partinfer.runtime.tokenwise_ffn import TokenwiseFFN
@@ -81,6 +84,9 @@ class SparseFFN(FeedForward):
         self.c_gate_up: torch.Tensor | None = None  # [B, 2m, d] per-sequence copies (batches only)
         self.c_down: torch.Tensor | None = None  # [B, d, m]
         self.decode_record: FfnWeights | None = None  # built at end_prompt for the compiled decode
+        self.model_dim, self.refit_tokens = cfg.dim, sparsity.refit_tokens
+        self.prompt_inputs: PromptInputs | None = None  # the prompt's last refit_tokens FFN inputs (batch 1)
+        self.sentence_map: tuple[torch.Tensor, torch.Tensor] | None = None  # (X [t, D], Aᵀ [D, t]), this sentence's
 
     @property
     def n_loaded(self) -> int:
@@ -98,9 +104,16 @@ class SparseFFN(FeedForward):
     def down(self) -> torch.Tensor:  # [d, k], a copy
         return torch.cat([self.down_head, self.down_tail], dim=1)
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.gate_up.dtype
+
     def begin_prompt(self, batch: int, device: torch.device) -> None:
         self.phase = "prefill"
         self.core_counts = self.abs_sums = None
+        self.sentence_map = self.prompt_inputs = None
+        if self.refit_tokens and batch == 1 and self.n_active < self.n_loaded:
+            self.prompt_inputs = PromptInputs(self.refit_tokens, self.model_dim, self.compute_dtype, device)
         if self.selects:
             self.core_counts, self.abs_sums = (torch.zeros(batch, self.n_loaded, device=device) for _ in range(2))
 
@@ -120,6 +133,30 @@ class SparseFFN(FeedForward):
             # took a bite of their freed space, which the next layer's same-sized transients then no longer
             # fitted, and the heap grew layer by layer.
             self._reorder(order)
+        if self.prompt_inputs is not None and self.prompt_inputs.count and self.c_gate_up is None:
+            self.sentence_map = self._fit_sentence_map(self.prompt_inputs.tokens())
+        self.prompt_inputs = None
+
+    @torch.no_grad()
+    def _fit_sentence_map(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """inputs [t, D] of the prompt -> the refit map (runtime/sentence_refit.py) for what the loaded
+        neurons after the active prefix add to them."""
+        a = self._activations(inputs[None], self.n_loaded)  # [1, t, k]
+        a[..., : self.n_active] = 0  # the computed prefix is computed at decode: only what it leaves out
+        return fit_sentence_map(inputs, self._down_of(a)[0], self.compute_dtype)
+
+    def compensate(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        y = super().compensate(x, y)
+        if self.sentence_map is None:
+            return y
+        inputs, outputs = self.sentence_map
+        return y + linear(linear(x, inputs), outputs)
+
+    def decode_compensation(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        offline = super().decode_compensation()
+        if self.sentence_map is None or offline is None:
+            return self.sentence_map or offline
+        return torch.cat([offline[0], self.sentence_map[0]]), torch.cat([offline[1], self.sentence_map[1]], dim=1)
 
     def _prefix_record(self) -> FfnWeights:
         m = self.n_active
@@ -227,6 +264,9 @@ class SparseFFN(FeedForward):
         a = self._activations(x, self.n_loaded)  # [B, T, k]
         if self.phase == "prefill" and self.selects:
             self._record(a)
+        if self.phase == "prefill" and self.prompt_inputs is not None:
+            real = None if self.token_mask is None else self.token_mask[0].to(torch.bool)
+            self.prompt_inputs.add(x[0] if real is None else x[0][real])
         return self._down_of(a)
 
 
@@ -264,6 +304,10 @@ class CompactSparseFFN(SparseFFN):
         ffn.down_table = nn.Parameter(rows.down_table, requires_grad=False)
         ffn.neuron_ids = rows.neuron_ids.clone()
         return ffn
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.dtype
 
     @property
     def down(self) -> torch.Tensor:  # [d, k], a de-quantized copy

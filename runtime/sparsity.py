@@ -62,6 +62,7 @@ class SparsityConfig:
     dataset_neurons: Path | None = None
     compensation: Path | None = None  # a compensation file for the unloaded neurons (`partinfer compensate`)
     budget: str = "uniform"  # how γ and φ are spread over the sparse layers, see BUDGETS
+    refit_tokens: int = 0  # per-sentence refit of what is loaded but not computed, from this many prompt tokens; 0: off
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -88,6 +89,11 @@ class SparsityConfig:
             raise PartinferError("--base-neurons-type must be model or dataset")
         if self.budget not in BUDGETS:
             raise PartinferError(f"--budget must be one of {', '.join(BUDGETS)}, got {self.budget!r}")
+        if self.refit_tokens < 0:
+            raise PartinferError(f"--refit-tokens must be 0 (off) or a number of prompt tokens, got {self.refit_tokens}")
+        if self.refit_tokens and self.method == "tokenwise":
+            raise PartinferError("--refit-tokens fits one map per sentence: it is for static, coreinfer and partinfer, "
+                                 "not tokenwise (whose computed set changes per token); leave it 0")
         if self.base_neurons_type == "dataset" and self.method != "dense" and self.dataset_neurons is None:
             raise PartinferError("--base-neurons-type dataset needs --dataset-neurons FILE")
 

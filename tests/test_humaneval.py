@@ -172,12 +172,15 @@ def test_pareto_takes_humaneval_as_its_second_axis(tiny_with_tokenizer, tmp_path
     text = tmp_path / "text.txt"
     text.write_text("\n".join(f"def f{i}(x): return x * {i} + {i * 7} if x > {i} else x - {i} ; " * 3 for i in range(4)))
     sparsity = SparsityConfig(model_neurons=tiny_with_tokenizer / "neurons.safetensors", start_num=0, end_num=3)
-    report = run_pareto(tiny_with_tokenizer / "model", ("load-only",), (0.5,), ("bf16",), sparsity, tmp_path / "out",
+    report = run_pareto(tiny_with_tokenizer / "model", ("load-only",), (0.5,), ("int8",), sparsity, tmp_path / "out",
                         str(text), num_samples=2, prompt_tokens=8, cont_tokens=8, dtype="fp32", task="humaneval",
                         task_limit=1)
     assert report["task_label"] == "HumanEval pass@1" and report["task_questions"] == 1
-    assert all(p["score"] == 0.0 for p in report["points"])  # random weights write no working code
-    assert "HumanEval pass@1 on 1 questions" in (tmp_path / "out" / "pareto.md").read_text()
+    scored = {(p["method"], p["weights"]): p["score"] for p in report["points"]}
+    # with a compact format in the grid, HumanEval scores its rows and the dense bf16 reference only
+    assert scored == {("dense", "bf16"): 0.0, ("load-only", "bf16"): None, ("dense", "int8"): 0.0, ("load-only", "int8"): 0.0}
+    table = (tmp_path / "out" / "pareto.md").read_text()  # random weights write no working code
+    assert "HumanEval pass@1 on 1 questions" in table and "| load-only | bf16 | 0.50 |" in table and "| – | – |" in table
     assert (tmp_path / "out" / "pareto.png").read_bytes()[:4] == b"\x89PNG"
 
 
