@@ -49,3 +49,23 @@ def write_offline_data(home: Path) -> None:
     (home / "data").mkdir(parents=True)
     for task, records in rows.items():
         (home / "data" / f"{task}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def bf16_decode_steps(model_dir: Path, sparsity, prompt: torch.Tensor, eager: bool, tokens=(11, 250, 4)) -> torch.Tensor:
+    """Logits [steps, 1, V] of a few decode steps after `prompt` [1, T] on a bf16 model, through the
+    eager path or (asserted) the compiled one-op decode with a plan for every layer."""
+    from partinfer.runtime.decode import CompiledCPUDecode, EagerDecode, build_decode_plan
+    from partinfer.runtime.loader import load_model
+    from partinfer.runtime.model import KVCache, decode_step, prefill
+
+    model = load_model(model_dir, torch.bfloat16, "cpu", sparsity)
+    if eager:
+        model.backend = EagerDecode()
+    else:
+        assert isinstance(model.backend, CompiledCPUDecode)
+    cache = KVCache(model.cfg, 1, 32, torch.bfloat16, "cpu")
+    with torch.inference_mode():
+        prefill(model, prompt, cache)
+        if not eager:
+            assert build_decode_plan(model) is not None  # every layer has a record: no eager fallback
+        return torch.stack([decode_step(model, torch.tensor([t]), cache).float() for t in tokens])

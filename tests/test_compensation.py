@@ -16,6 +16,7 @@ from partinfer.runtime.generate import generate
 from partinfer.runtime.loader import load_model
 from partinfer.runtime.model import KVCache, prefill
 from partinfer.runtime.sparsity import SparsityConfig, loaded_digest, plan_layers
+from tests.helpers import bf16_decode_steps
 from tests.test_cli import assert_clean_error
 
 TEXTS = {"calib": [f"Sentence number {i} tells of rivers, mountains, kings and the weights of small models." for i in range(8)]}
@@ -119,8 +120,6 @@ def test_compensation_is_added_and_moves_logits_toward_dense(tiny_with_tokenizer
 def test_compiled_decode_adds_the_compensation_as_eager_does(tiny_with_tokenizer, tmp_path, method):
     """The one-op decode takes the map (no eager fallback): its steps match the eager path's, and differ
     from the same model without the map."""
-    from partinfer.runtime.decode import CompiledCPUDecode, EagerDecode, build_decode_plan
-    from partinfer.runtime.model import decode_step
     from partinfer.runtime.native import cpu_kernels
 
     if not cpu_kernels():
@@ -133,17 +132,7 @@ def test_compiled_decode_adds_the_compensation_as_eager_does(tiny_with_tokenizer
     ids = torch.tensor([[5, 17, 300, 42, 7, 99, 1000, 3]])
 
     def steps(sparsity, eager):
-        model = load_model(model_dir, torch.bfloat16, "cpu", sparsity)
-        if eager:
-            model.backend = EagerDecode()
-        else:
-            assert isinstance(model.backend, CompiledCPUDecode)
-        cache = KVCache(model.cfg, 1, 32, torch.bfloat16, "cpu")
-        with torch.inference_mode():
-            prefill(model, ids, cache)
-            if not eager:
-                assert build_decode_plan(model) is not None  # the compensated layers have a record
-            return torch.stack([decode_step(model, torch.tensor([t]), cache).float() for t in (11, 250, 4)])
+        return bf16_decode_steps(model_dir, sparsity, ids, eager)
 
     with_map = SparsityConfig(**base, compensation=tmp_path / "c.safetensors")
     compiled, eager = steps(with_map, False), steps(with_map, True)

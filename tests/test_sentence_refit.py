@@ -15,6 +15,7 @@ from partinfer.runtime.model import KVCache, prefill
 from partinfer.runtime.sentence_refit import RIDGE, PromptInputs, fit_sentence_map
 from partinfer.runtime.sparse_ffn import SparseFFN
 from partinfer.runtime.sparsity import SparsityConfig
+from tests.helpers import bf16_decode_steps
 from tests.test_cli import assert_clean_error
 
 PROMPT = torch.tensor([[5, 17, 300, 42, 7, 99, 1000, 3, 250, 11, 64, 800, 23, 4]])
@@ -76,8 +77,6 @@ def test_the_map_is_fitted_to_what_the_sentence_leaves_out(tiny_with_tokenizer):
 
 
 def test_compiled_decode_adds_the_refit_as_eager_does(tiny_with_tokenizer):
-    from partinfer.runtime.decode import CompiledCPUDecode, EagerDecode, build_decode_plan
-    from partinfer.runtime.model import decode_step
     from partinfer.runtime.native import cpu_kernels
 
     if not cpu_kernels():
@@ -85,17 +84,7 @@ def test_compiled_decode_adds_the_refit_as_eager_does(tiny_with_tokenizer):
     model_dir, neurons = tiny_with_tokenizer / "model", tiny_with_tokenizer / "neurons.safetensors"
 
     def steps(sparsity, eager):
-        model = load_model(model_dir, torch.bfloat16, "cpu", sparsity)
-        if eager:
-            model.backend = EagerDecode()
-        else:
-            assert isinstance(model.backend, CompiledCPUDecode)
-        cache = KVCache(model.cfg, 1, 32, torch.bfloat16, "cpu")
-        with torch.inference_mode():
-            prefill(model, PROMPT, cache)
-            if not eager:
-                assert build_decode_plan(model) is not None
-            return torch.stack([decode_step(model, torch.tensor([t]), cache).float() for t in (11, 250, 4)])
+        return bf16_decode_steps(model_dir, sparsity, PROMPT, eager)
 
     with_map = _sparsity(neurons, refit_tokens=16)
     compiled, eager = steps(with_map, False), steps(with_map, True)
