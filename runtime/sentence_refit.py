@@ -10,8 +10,8 @@ U [t, d], are known. A ridge regression from one to the other in kernel form,
 
 adds (x Xᵀ) A at each decode token x: 2·t·d multiply-adds per layer, in the same low-rank slot as the
 offline compensation (`comp_in` = X, `comp_out` = Aᵀ). Kernel form because t (tens of tokens) is far
-below d; the relative ridge keeps the t × t solve well conditioned whatever the inputs' scale, and 1.0
-measured best of 0.01–3 when the method was emulated on the small model (docs/results.md).
+below d; the relative ridge keeps the t × t solve well conditioned whatever the inputs' scale (its
+value, 1.0, is the emulation's choice: docs/results.md).
 """
 
 from __future__ import annotations
