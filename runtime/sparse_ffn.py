@@ -133,17 +133,17 @@ class SparseFFN(FeedForward):
             # took a bite of their freed space, which the next layer's same-sized transients then no longer
             # fitted, and the heap grew layer by layer.
             self._reorder(order)
-        if self.prompt_inputs is not None and self.prompt_inputs.count and self.c_gate_up is None:
-            self.sentence_map = self._fit_sentence_map(self.prompt_inputs.tokens())
+        if self.prompt_inputs is not None and self.prompt_inputs.count:  # batch 1: one active prefix
+            inputs = self.prompt_inputs.tokens()  # [t, D]
+            with torch.no_grad():
+                self.sentence_map = fit_sentence_map(inputs, self._inactive_output(inputs[None])[0], self.compute_dtype)
         self.prompt_inputs = None
 
-    @torch.no_grad()
-    def _fit_sentence_map(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """inputs [t, D] of the prompt -> the refit map (runtime/sentence_refit.py) for what the loaded
-        neurons after the active prefix add to them."""
-        a = self._activations(inputs[None], self.n_loaded)  # [1, t, k]
-        a[..., : self.n_active] = 0  # the computed prefix is computed at decode: only what it leaves out
-        return fit_sentence_map(inputs, self._down_of(a)[0], self.compute_dtype)
+    def _inactive_output(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, T, D] -> what the loaded neurons after the active prefix add [B, T, D] (one sequence's layout)."""
+        tail = self.n_loaded - self.n_active
+        a = self._act(linear(x, self.gate_up[self.n_active :].view(2 * tail, -1)))  # [B, T, tail]
+        return linear(a, self.down_tail)
 
     def compensate(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         y = super().compensate(x, y)
@@ -333,6 +333,11 @@ class CompactSparseFFN(SparseFFN):
 
     def _gate_up_rows(self, active: torch.Tensor) -> torch.Tensor:
         return dequantize(super()._gate_up_rows(active), self.gate_up_format, self.dim, self.dtype)
+
+    def _inactive_output(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.n_active
+        a = compact_gated_activations(x, self.gate_up[m:], self.gate_up_format, self.act)  # [B, T, k - m]
+        return column_linear(a, self.down_t[m:], self.down_table, self.neuron_ids[m:], self.down_format)
 
     def _activations(self, x: torch.Tensor, m: int) -> torch.Tensor:
         return compact_gated_activations(x, self.gate_up[:m], self.gate_up_format, self.act)

@@ -49,10 +49,13 @@ def _sparsity(neurons, **kw) -> SparsityConfig:
                              "start_num": 1, "end_num": 2, **kw})
 
 
-def test_the_map_is_fitted_to_what_the_sentence_leaves_out(tiny_with_tokenizer):
+@pytest.mark.parametrize("weights", [None, "int8"])
+def test_the_map_is_fitted_to_what_the_sentence_leaves_out(tiny_with_tokenizer, weights):
+    """On float rows and on compact ones (`CompactSparseFFN`: its own tail product)."""
     model_dir, neurons = tiny_with_tokenizer / "model", tiny_with_tokenizer / "neurons.safetensors"
-    model = load_model(model_dir, torch.float32, "cpu", _sparsity(neurons, refit_tokens=8))
+    model = load_model(model_dir, torch.float32, "cpu", _sparsity(neurons, refit_tokens=8), weights)
     layers = [b.mlp for b in model.layers if isinstance(b.mlp, SparseFFN)]
+    assert all((type(m).__name__ == "CompactSparseFFN") == (weights is not None) for m in layers)
     inputs = {id(m): [] for m in layers}
     hooks = [m.register_forward_pre_hook(lambda m, args: inputs[id(m)].append(args[0][0])) for m in layers]
     with torch.inference_mode():
