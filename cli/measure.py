@@ -20,6 +20,7 @@ def bench(
     prompt_len: Annotated[int, typer.Option("--prompt-len", min=1, max=1_048_576, help="Prompt tokens.")] = 64,
     new_tokens: Annotated[int, typer.Option("--new-tokens", min=2, max=1_048_576, help="Tokens to decode per run.")] = 64,
     repeats: Annotated[int, typer.Option("--repeats", min=1, max=1000, help="Timed runs after one warm-up; the median is shown.")] = 3,
+    rounds: Annotated[int, typer.Option("--rounds", min=1, max=100, help="Time every row this many times over, all rows per round, and show the median of the rounds, each round's decode, and ratios to llama.cpp within each round (a shared machine's speed drifts between rows timed minutes apart).")] = 1,
     peers: Annotated[bool, typer.Option("--peers/--no-peers", help="Also time transformers generate() (and llama.cpp where installed) in the same run.")] = True,
     dtype: DtypeOpt = "bf16",
     device: DeviceOpt = "cpu",
@@ -31,7 +32,8 @@ def bench(
     """Prefill and decode tokens/s per method and of transformers, beside the memory-bandwidth floor, in one run."""
     from partinfer.evaluation.bench import format_bench, run_bench
 
-    report = run_bench(model, split_list(methods), sparsity, dtype, device, prompt_len, new_tokens, repeats, peers, weights)
+    report = run_bench(model, split_list(methods), sparsity, dtype, device, prompt_len, new_tokens, repeats, peers, weights,
+                        rounds=rounds)
     typer.echo(json.dumps(report, indent=2) if as_json else format_bench(report))
 
 
@@ -64,6 +66,7 @@ def memory(
     gamma: Annotated[Optional[list[float]], typer.Option("--gamma", min=0.0, max=1.0, help="γ values to measure (repeat); default 0.9 0.8 0.7 0.5.")] = None,
     methods: MethodsOpt = "load-only,partinfer,tokenwise",
     packed: Annotated[bool, typer.Option("--packed/--plain", help="Read sparse configurations from a packed copy (made once in the cache).")] = True,
+    rounds: Annotated[int, typer.Option("--rounds", min=1, max=100, help="Time every row this many times over, all rows per round, and show the median of the rounds, each round's decode, and ratios to llama.cpp within each round (a shared machine's speed drifts between rows timed minutes apart).")] = 1,
     peers: Annotated[bool, typer.Option("--peers/--no-peers", help="Also measure transformers on the same weights.")] = True,
     dtype: DtypeOpt = "bf16",
     device: DeviceOpt = "cpu",
@@ -103,6 +106,7 @@ def evaluate(
     resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Reuse a method's raw results from an earlier run with the same settings.")] = True,
     table_only: Annotated[bool, typer.Option("--table-only", help="Run nothing: rewrite the table from the raw results in --out.")] = False,
     include_path: Annotated[Optional[Path], typer.Option("--include-path", help="A directory of your own lm-eval task YAMLs (as lm_eval --include_path); --tasks may then name them.")] = None,
+    rounds: Annotated[int, typer.Option("--rounds", min=1, max=100, help="Time every row this many times over, all rows per round, and show the median of the rounds, each round's decode, and ratios to llama.cpp within each round (a shared machine's speed drifts between rows timed minutes apart).")] = 1,
     peers: Annotated[bool, typer.Option("--peers/--no-peers", help="With humaneval: also llama.cpp on the model's GGUF, same prompts, greedy (when installed).")] = True,
     dtype: DtypeOpt = "bf16",
     device: DeviceOpt = "cpu",

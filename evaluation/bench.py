@@ -10,7 +10,7 @@ import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
@@ -33,6 +33,7 @@ class BenchRow:
     bandwidth_gbs: float  # the copy tests around this row's runs
     floor_tps: float
     note: str | None = None  # a peer that gave no numbers: what happened (its speeds are 0)
+    decode_rounds: list[float] = field(default_factory=list)  # decode tok/s of each round (0: no numbers that round)
 
     @property
     def share_of_floor(self) -> float:
@@ -119,12 +120,17 @@ def bench_ours(model: Transformer, prompt: list[int], new_tokens: int, repeats: 
 def run_bench(
     model: str | None = None, methods: tuple[str, ...] = ("dense", "partinfer"), sparsity: SparsityConfig | None = None,
     dtype: str = "bf16", device: str = "cpu", prompt_len: int = 64, new_tokens: int = 64, repeats: int = 3,
-    peers: bool = True, weights: str | None = None, peer_module: str = PEER_MODULE,
+    peers: bool = True, weights: str | None = None, peer_module: str = PEER_MODULE, rounds: int = 1,
 ) -> dict:
     """Measure every method and the peers in one process, on the same prompt, and return a JSON-able
     report; `weights`: the weight scheme every method runs on (None: as stored). Each peer runs in a
     child process (`peer_module`, evaluation/peers.py): one that fails or crashes becomes a row that
-    says so, and the others are still measured."""
+    says so, and the others are still measured.
+
+    `rounds`: time every row, in order, that many times over. A shared machine's speed moves in phases
+    of seconds to minutes, and a peer timed once after all our rows can land in another phase than
+    they did; each round times all rows within a few minutes, so a ratio taken within a round compares
+    rows under the same conditions. Rows show the median over rounds, `decode_rounds` each round's."""
     sparsity = sparsity or SparsityConfig()
     model_dir = resolve_model(model)
     torch_dtype, device = parse_dtype(dtype), parse_device(device)
@@ -133,40 +139,68 @@ def run_bench(
     prompt = torch.randint(min(100, dense.cfg.vocab_size // 4), dense.cfg.vocab_size - 1, (prompt_len,), generator=g).tolist()
     on_cpu_bf16 = device.startswith("cpu") and torch_dtype == torch.bfloat16
     gemv_rate = measure_gemv_rate(max(dense.cfg.dim, 256)) if on_cpu_bf16 else None  # model width; tiny test models: 256
-    # The memory bandwidth of a shared machine moves in phases lasting seconds (docs/design.md §7), so
-    # each row's floor comes from copy tests taken just before and just after its own timed runs.
-    copies: list[float] = []  # one before each row's timing, and one at the end
-    timed = []  # (name, prefill tok/s, decode tok/s, bytes per token)
-    for method in methods:
-        m = dense if method == "dense" else load_model(model_dir, torch_dtype, device, replace(sparsity, method=method), weights)
-        copies.append(measure_bandwidth(device=device))
-        pre, dec = bench_ours(m, prompt, new_tokens, repeats)
-        timed.append((method, pre, dec, weight_bytes_per_token(m)))  # bytes after a generation: active sets held
-        del m
-    notes: dict[int, str] = {}  # row -> why a peer gave no numbers
     specs = peer_specs(model_dir, dtype, device, prompt, new_tokens, repeats) if peers else []
-    for name, spec, nbytes in specs:
-        copies.append(measure_bandwidth(device=device))
-        outcome = run_peer(spec, peer_module)  # its own process: a peer that crashes takes only its row
-        if outcome.error is not None:
-            notes[len(timed)] = outcome.error
-        timed.append((name, outcome.prefill_tps, outcome.decode_tps, nbytes or weight_bytes_per_token(dense)))
-    copies.append(measure_bandwidth(device=device))
-    rows = []
-    for i, (name, pre, dec, nbytes) in enumerate(timed):
-        bandwidth = row_bandwidth(copies, i)
-        rows.append(BenchRow(name, pre, dec, nbytes, bandwidth / 1e9, floor_tps(bandwidth, nbytes), notes.get(i)))
+    dense_bytes = weight_bytes_per_token(dense)  # the peers' rows read what dense reads (unless they say)
+
+    def load(method: str) -> Transformer:
+        return dense if method == "dense" else load_model(model_dir, torch_dtype, device, replace(sparsity, method=method), weights)
+
+    all_copies: list[list[float]] = []
+    measured = [bench_round(methods, load, prompt, new_tokens, repeats, specs, dense_bytes, peer_module, device,
+                            all_copies)
+                for _ in range(rounds)]
+    rows = [combine_rounds([one[i] for one in measured]) for i in range(len(measured[0]))]
+    copies = [c for one in all_copies for c in one]
     return {
         "model": str(model_dir), "dtype": dtype, "device": device, "threads": torch.get_num_threads(),
         "weights": weights or "as stored",
         "decode_kernels": (f"compiled AVX2 GEMV, compact rows: {compact_kernel_path()}" if on_cpu_bf16 and cpu_kernels()
                            else "stock PyTorch, one CUDA graph per step" if device.startswith("cuda") else "stock PyTorch"),
-        "prompt_len": prompt_len, "new_tokens": new_tokens, "repeats": repeats,
+        "prompt_len": prompt_len, "new_tokens": new_tokens, "repeats": repeats, "rounds": rounds,
         "bandwidth_gbs": statistics.median(copies) / 1e9, "bandwidth_copies_gbs": [c / 1e9 for c in copies],
         "gemv_gbs": None if gemv_rate is None else gemv_rate / 1e9,
         "gamma": sparsity.gamma, "delta": sparsity.delta, "phi": sparsity.phi, "token_score": sparsity.token_score,
         "rows": [asdict(r) | {"share_of_floor": r.share_of_floor} for r in rows],
     }
+
+
+def bench_round(methods: tuple[str, ...], load: Callable[[str], Transformer], prompt: list[int], new_tokens: int,
+                repeats: int, specs: list[tuple[str, dict, int | None]], dense_bytes: int, peer_module: str,
+                device: str, all_copies: list[list[float]]) -> list[BenchRow]:
+    """One round: every method, then every peer, each between two copy tests (appended to all_copies as
+    this round's list: one before each row and one at the end)."""
+    # The memory bandwidth of a shared machine moves in phases lasting seconds (docs/design.md §7), so
+    # each row's floor comes from copy tests taken just before and just after its own timed runs.
+    copies: list[float] = []
+    timed = []  # (name, prefill tok/s, decode tok/s, bytes per token, why a peer gave no numbers)
+    for method in methods:
+        m = load(method)
+        copies.append(measure_bandwidth(device=device))
+        pre, dec = bench_ours(m, prompt, new_tokens, repeats)
+        timed.append((method, pre, dec, weight_bytes_per_token(m), None))  # bytes after a generation: active sets held
+        del m
+    for name, spec, nbytes in specs:
+        copies.append(measure_bandwidth(device=device))
+        outcome = run_peer(spec, peer_module)  # its own process: a peer that crashes takes only its row
+        timed.append((name, outcome.prefill_tps, outcome.decode_tps, nbytes or dense_bytes, outcome.error))
+    copies.append(measure_bandwidth(device=device))
+    all_copies.append(copies)
+    rows = []
+    for i, (name, pre, dec, nbytes, note) in enumerate(timed):
+        bandwidth = row_bandwidth(copies, i)
+        rows.append(BenchRow(name, pre, dec, nbytes, bandwidth / 1e9, floor_tps(bandwidth, nbytes), note, [dec]))
+    return rows
+
+
+def combine_rounds(rounds: list[BenchRow]) -> BenchRow:
+    """One row's rounds as one row: the medians of the rounds that gave numbers (all of them for our
+    methods), each round's decode kept; a peer that failed in every round keeps its first reason."""
+    ok = [r for r in rounds if r.note is None] or rounds[:1]
+    bandwidth = statistics.median(r.bandwidth_gbs for r in ok)
+    first = rounds[0]
+    return BenchRow(first.name, statistics.median(r.prefill_tps for r in ok), statistics.median(r.decode_tps for r in ok),
+                    first.bytes_per_token, bandwidth, floor_tps(bandwidth * 1e9, first.bytes_per_token), ok[0].note,
+                    [r.decode_tps for r in rounds])
 
 
 def format_bench(report: dict) -> str:
@@ -195,4 +229,22 @@ def format_bench(report: dict) -> str:
         )
     lines.append(f"γ {report['gamma']}, δ {report['delta']}, φ {report['phi']}, tokenwise ranking "
                  f"{report.get('token_score', 'not recorded')}; ideal = dense bytes/token ÷ method bytes/token")
+    if report.get("rounds", 1) > 1:
+        lines += format_rounds(report["rows"])
     return "\n".join(lines)
+
+
+def format_rounds(rows: list[dict]) -> list[str]:
+    """Each round's decode tok/s per row and, where llama.cpp has a row, each row's ratio to llama.cpp's
+    decode in the same round and the median of those ratios."""
+    n = len(rows[0]["decode_rounds"])
+    peer = next((r for r in rows if r["name"].startswith("llama.cpp")), None)
+    head = f"{'decode tok/s by round':<26}" + "".join(f"{i + 1:>8}" for i in range(n))
+    lines = [head + (f"{'× llama.cpp, by round':>{8 * n + 4}}{'median':>9}" if peer else "")]
+    for r in rows:
+        line = f"{r['name']:<26}" + "".join(f"{d:>8.1f}" for d in r["decode_rounds"])
+        if peer is not None:
+            ratios = [d / p for d, p in zip(r["decode_rounds"], peer["decode_rounds"]) if d and p]
+            line += "    " + "".join(f"{x:>7.2f}x" for x in ratios) + (f"{statistics.median(ratios):>8.2f}x" if ratios else "")
+        lines.append(line)
+    return lines

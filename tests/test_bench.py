@@ -1,4 +1,4 @@
-"""The bench's arithmetic: bytes per token and the bandwidth floor."""
+"""The bench: bytes per token, the bandwidth floor, rounds, and a peer that crashes."""
 
 from __future__ import annotations
 
@@ -86,3 +86,27 @@ def test_the_peer_child_measures_transformers(tiny_llama_dir):
     (name, spec, _), *_ = peer_specs(tiny_llama_dir, "fp32", "cpu", [5, 6, 7, 8], 3, 1)
     outcome = run_peer(spec)
     assert name == "transformers generate()" and outcome.error is None and outcome.decode_tps > 0
+
+
+def test_rounds_time_every_row_each_round_and_show_the_medians(tiny_llama_dir):
+    """--rounds: every row timed once per round (the crashed peer in each too), the median shown."""
+    from partinfer.evaluation.bench import format_bench, run_bench
+
+    report = run_bench(str(tiny_llama_dir), ("dense",), None, "fp32", "cpu", 8, 4, 1, True,
+                       peer_module="tests.crash_peer", rounds=3)
+    ours, peer = report["rows"]
+    assert len(ours["decode_rounds"]) == 3 and all(d > 0 for d in ours["decode_rounds"])
+    assert sorted(ours["decode_rounds"])[1] == ours["decode_tps"]
+    assert peer["decode_rounds"] == [0.0, 0.0, 0.0] and "crashed (SIGILL)" in peer["note"]
+    assert len(report["bandwidth_copies_gbs"]) == 3 * 3  # per round: one before each row, one at its end
+    assert "decode tok/s by round" in format_bench(report)
+
+
+def test_ratios_to_llama_cpp_are_taken_within_each_round():
+    from partinfer.evaluation.bench import format_rounds
+
+    rows = [{"name": "partinfer", "decode_rounds": [30.0, 20.0, 26.0]},
+            {"name": "llama.cpp (model.gguf)", "decode_rounds": [15.0, 16.0, 13.0]}]
+    ours, peer = format_rounds(rows)[1:]
+    assert ours.split()[-4:] == ["2.00x", "1.25x", "2.00x", "2.00x"]  # 30/15, 20/16, 26/13; median 2.00
+    assert peer.split()[-1] == "1.00x"
