@@ -203,7 +203,13 @@ def combine_rounds(rounds: list[BenchRow]) -> BenchRow:
                     [r.decode_tps for r in rounds])
 
 
+def name_width(rows: list[dict]) -> int:
+    """The name column's width: the longest row name (a peer's names its file) and two spaces."""
+    return max(26, *(len(r["name"]) + 2 for r in rows))
+
+
 def format_bench(report: dict) -> str:
+    w = name_width(report["rows"])
     lines = [
         f"model {report['model']}  {report['dtype']} ({report.get('weights', 'as stored')} weights) on {report['device']} ({report['threads']} threads), "
         f"prompt {report['prompt_len']}, {report['new_tokens']} new tokens, median of {report['repeats']}, "
@@ -213,18 +219,18 @@ def format_bench(report: dict) -> str:
         f"{report['bandwidth_gbs']:.1f}; each row's floor uses the tests just before and after its runs"
         + (f"; our bf16 GEMV alone streams {report['gemv_gbs']:.1f} GB/s ({report['gemv_gbs'] / report['bandwidth_gbs']:.0%})"
            if report.get("gemv_gbs") else ""),
-        f"{'method':<26}{'prefill tok/s':>14}{'decode tok/s':>14}{'MB/token':>10}{'copy GB/s':>11}{'floor tok/s':>13}{'of floor':>10}"
+        f"{'method':<{w}}{'prefill tok/s':>14}{'decode tok/s':>14}{'MB/token':>10}{'copy GB/s':>11}{'floor tok/s':>13}{'of floor':>10}"
         f"{'vs dense':>10}{'ideal':>8}{'of ideal':>10}",
     ]
     first = report["rows"][0]
     for r in report["rows"]:
         if r.get("note"):
-            lines.append(f"{r['name']:<26}{'':>14}{'':>14}{r['bytes_per_token'] / 1e6:>10.1f}  no result: {r['note']}")
+            lines.append(f"{r['name']:<{w}}{'':>14}{'':>14}{r['bytes_per_token'] / 1e6:>10.1f}  no result: {r['note']}")
             continue
         ratio = r["decode_tps"] / first["decode_tps"]
         ideal = first["bytes_per_token"] / r["bytes_per_token"]
         lines.append(
-            f"{r['name']:<26}{r['prefill_tps']:>14.1f}{r['decode_tps']:>14.1f}{r['bytes_per_token'] / 1e6:>10.1f}"
+            f"{r['name']:<{w}}{r['prefill_tps']:>14.1f}{r['decode_tps']:>14.1f}{r['bytes_per_token'] / 1e6:>10.1f}"
             f"{r['bandwidth_gbs']:>11.1f}{r['floor_tps']:>13.1f}{r['share_of_floor']:>9.0%}{ratio:>9.2f}x{ideal:>7.2f}x{ratio / ideal:>9.0%}"
         )
     lines.append(f"γ {report['gamma']}, δ {report['delta']}, φ {report['phi']}, tokenwise ranking "
@@ -239,10 +245,11 @@ def format_rounds(rows: list[dict]) -> list[str]:
     decode in the same round and the median of those ratios."""
     n = len(rows[0]["decode_rounds"])
     peer = next((r for r in rows if r["name"].startswith("llama.cpp")), None)
-    head = f"{'decode tok/s by round':<26}" + "".join(f"{i + 1:>8}" for i in range(n))
+    w = name_width(rows)
+    head = f"{'decode tok/s by round':<{w}}" + "".join(f"{i + 1:>8}" for i in range(n))
     lines = [head + (f"{'× llama.cpp, by round':>{8 * n + 4}}{'median':>9}" if peer else "")]
     for r in rows:
-        line = f"{r['name']:<26}" + "".join(f"{d:>8.1f}" for d in r["decode_rounds"])
+        line = f"{r['name']:<{w}}" + "".join(f"{d:>8.1f}" for d in r["decode_rounds"])
         if peer is not None:
             ratios = [d / p for d, p in zip(r["decode_rounds"], peer["decode_rounds"]) if d and p]
             line += "    " + "".join(f"{x:>7.2f}x" for x in ratios) + (f"{statistics.median(ratios):>8.2f}x" if ratios else "")
