@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from partinfer.common.errors import PartinferError
+
 PEER_MODULE = "partinfer.evaluation.peers"
 PEER_TIMEOUT_S = 1800.0
 
@@ -43,8 +45,22 @@ def peer_specs(model_dir: Path, dtype: str, device: str, prompt: list[int], new_
     gguf = llama_cpp_gguf(model_dir)
     if gguf is not None and device.startswith("cpu"):
         specs.append((f"llama.cpp ({gguf.name})", {"kind": "llama.cpp", "model": str(gguf), **common},
-                      gguf.stat().st_size))
+                      gguf_decode_bytes(gguf)))
     return specs
+
+
+def gguf_decode_bytes(path: Path) -> int:
+    """The bytes of a GGUF's tensors that llama.cpp reads per decoded token: all of them, less the token
+    embedding where the model has its own output head (a token reads one embedding row): counting the
+    whole file put llama.cpp above its bandwidth floor on an untied model."""
+    import gguf
+
+    try:
+        tensors = {t.name: int(t.n_bytes) for t in gguf.GGUFReader(path).tensors}
+    except (OSError, ValueError) as e:
+        raise PartinferError(f"cannot read the GGUF {path} ({e}); set the model up again with `partinfer prepare`") from e
+    total = sum(tensors.values())
+    return total - tensors["token_embd.weight"] if "output.weight" in tensors and "token_embd.weight" in tensors else total
 
 
 def run_child(spec: dict, module: str = PEER_MODULE, timeout: float = PEER_TIMEOUT_S,

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
+from partinfer.common.errors import PartinferError
 from partinfer.evaluation.bench import floor_tps, weight_bytes_per_token
 from partinfer.runtime.generate import generate
 from partinfer.runtime.loader import load_dense_model, load_model
@@ -110,3 +112,31 @@ def test_ratios_to_llama_cpp_are_taken_within_each_round():
     ours, peer = format_rounds(rows)[1:]
     assert ours.split()[-4:] == ["2.00x", "1.25x", "2.00x", "2.00x"]  # 30/15, 20/16, 26/13; median 2.00
     assert peer.split()[-1] == "1.00x"
+
+
+def test_llama_cpp_bytes_per_token_leave_out_an_untied_embedding(tmp_path):
+    import gguf
+    import numpy as np
+
+    from partinfer.evaluation.peers import gguf_decode_bytes
+
+    def write(name: str, tensors: dict[str, tuple[int, int]]):
+        writer = gguf.GGUFWriter(str(tmp_path / name), "qwen2")
+        for tensor, shape in tensors.items():
+            writer.add_tensor(tensor, np.ones(shape, dtype=np.float32))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        return tmp_path / name
+
+    layer, embd = {"blk.0.ffn_up.weight": (16, 8)}, {"token_embd.weight": (32, 8)}
+    untied = write("untied.gguf", {**layer, **embd, "output.weight": (32, 8)})
+    tied = write("tied.gguf", {**layer, **embd})
+    assert gguf_decode_bytes(untied) == 4 * (16 * 8 + 32 * 8)  # the head, not the embedding
+    assert gguf_decode_bytes(tied) == 4 * (16 * 8 + 32 * 8)  # the embedding is the head
+    assert gguf_decode_bytes(untied) < untied.stat().st_size
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"not a gguf")
+    with pytest.raises(PartinferError, match="cannot read the GGUF"):
+        gguf_decode_bytes(broken)
